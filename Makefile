@@ -1,0 +1,60 @@
+# qnwb developer commands. Every target sets up the local virtual environment (.venv) when it
+# is missing or when settings.ini / setup.py changed since it was made, and reuses it otherwise.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.qnwb-installed
+# The CPU build on this machine; install it before anything that depends on torch, or pip
+# pulls the multi-GB CUDA build.
+TORCH := torch==2.13.0
+# Extra arguments for `make lab`, e.g. LAB_ARGS="--no-browser --port 8890".
+LAB_ARGS ?=
+# nbdev_test runs `#| cuda` cells when the kernel sees a GPU; `#| slow` cells only in test-slow.
+CUDA_FLAG = $$($(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else '')")
+
+.PHONY: help setup test test-slow lab sync readme clean-venv
+
+help:
+	@echo "make test       set up .venv if needed, check notebooks/library/README are in sync, run nbdev_test and pytest"
+	@echo "make lab        set up .venv if needed and start JupyterLab with the 'Python (qnwb)' kernel"
+	@echo "make test-slow  also run the cells and tests marked slow"
+	@echo "make sync       nbdev_export + nbdev_clean + make readme, in place"
+	@echo "make readme     regenerate README.md from nbs/index.ipynb"
+	@echo "make clean-venv remove .venv"
+
+setup: $(STAMP)
+
+$(STAMP): settings.ini setup.py
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "qnwb needs Python >= 3.11: run make with PYTHON=python3.11")'
+	@echo "Setting up $(VENV) (torch first, then qnwb in editable mode with its dev extras)..."
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name qnwb --display-name "Python (qnwb)" >/dev/null
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python tools/nbsync.py check
+	$(BIN)/nbdev_test --timing --flags "$(CUDA_FLAG)"
+	$(BIN)/python -m pytest tests
+
+test-slow: $(STAMP)
+	$(BIN)/python tools/nbsync.py check
+	$(BIN)/nbdev_test --timing --flags "slow $(CUDA_FLAG)"
+	$(BIN)/python -m pytest tests --runslow
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=. $(LAB_ARGS)
+
+sync: $(STAMP)
+	$(BIN)/python tools/nbsync.py fix
+
+readme: $(STAMP)
+	$(BIN)/python tools/nbsync.py readme
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,46 @@
+"""The `qnwb` console script, run as a user runs it: a real process from the environment's bin/."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import qnwb
+
+QNWB = Path(sys.executable).parent / "qnwb"
+
+
+def run(*args, **env):
+    assert QNWB.exists(), f"{QNWB} is missing: install qnwb in this environment (make setup)"
+    return subprocess.run([str(QNWB), *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+
+
+def test_help_lists_the_commands():
+    done = run("--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: qnwb") and "info" in done.stdout
+
+
+def test_version():
+    done = run("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"qnwb {qnwb.__version__}"
+
+
+def test_info_json_reports_this_environment():
+    done = run("info", "--json", QNWB_DEVICE="cpu")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["torch"] == torch.__version__ and info["default device"] == "cpu"
+
+
+def test_info_explains_an_unusable_device_instead_of_crashing():
+    done = run("info", QNWB_DEVICE="cuda:99")
+    assert done.returncode == 0, done.stderr
+    assert "unavailable" in done.stdout and "cuda:99" in done.stdout
+
+
+def test_unknown_command_is_a_usage_error():
+    done = run("frobnicate")
+    assert done.returncode == 2 and "invalid choice" in done.stderr

@@ -1,0 +1,100 @@
+"""The project's own plumbing: the notebook/library/README sync check, and the Jupyter kernel of `make lab`."""
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_nbsync():
+    spec = importlib.util.spec_from_file_location("nbsync", ROOT / "tools" / "nbsync.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A copy of the project's sources, to break on purpose."""
+    for name in ("settings.ini", "README.md"):
+        shutil.copy2(ROOT / name, tmp_path)
+    for name in ("nbs", "qnwb", "tools"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+    return tmp_path
+
+
+def check(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/nbsync.py", "check"], cwd=root, capture_output=True, text=True, timeout=300)
+
+
+def edit_notebook(path: Path, edit) -> None:
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    edit(nb["cells"])
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def test_sync_check_passes_on_an_untouched_copy(project):
+    done = check(project)
+    assert done.returncode == 0, done.stderr
+    assert "in sync" in done.stdout
+
+
+def test_sync_check_names_every_kind_of_drift_and_changes_nothing(project):
+    def edit_exported_cell(cells):
+        cell = next(c for c in cells if "def flat_params" in "".join(c["source"]))
+        cell["source"] = [line.replace("one detached 1-D tensor", "ONE detached 1-D tensor") for line in cell["source"]]
+        next(c for c in cells if c["cell_type"] == "code")["execution_count"] = 7  # an unclean notebook too
+
+    edit_notebook(project / "nbs" / "00_core.ipynb", edit_exported_cell)
+    (project / "qnwb" / "stale.py").write_text("x = 1\n")
+    with (project / "README.md").open("a") as readme:
+        readme.write("hand edit\n")
+    before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+
+    done = check(project)
+    assert done.returncode == 1
+    assert "qnwb/core.py: differs" in done.stderr and "library is out of sync" in done.stderr
+    assert "ONE detached" in done.stderr  # the diff shows what the notebook now says
+    assert "qnwb/stale.py: no notebook exports it" in done.stderr
+    assert "nbs/00_core.ipynb: differs" in done.stderr and "not clean" in done.stderr
+    assert "README.md is out of date" in done.stderr
+    assert before == {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+
+
+def test_readme_keeps_markdown_and_visible_code_and_drops_hidden_cells(tmp_path):
+    cells = [
+        {"cell_type": "markdown", "metadata": {}, "source": ["# Title\n", "\n", "Text."]},
+        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": ["#| hide\n", "secret = 1"]},
+        {"cell_type": "code", "metadata": {}, "execution_count": None, "source": ["#| eval: false\n", "print(2)"],
+         "outputs": [{"output_type": "stream", "name": "stdout", "text": ["2\n"]}]},
+    ]
+    notebook = tmp_path / "index.ipynb"
+    notebook.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    readme = load_nbsync().render_readme(notebook)
+    assert "# Title\n\nText." in readme
+    assert "secret" not in readme and "#|" not in readme
+    assert "```python\nprint(2)\n```\n\n```\n2\n```\n" in readme
+
+
+def test_the_lab_kernel_imports_qnwb():
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import start_new_kernel
+
+    assert "qnwb" in KernelSpecManager().find_kernel_specs(), "no 'qnwb' kernel: run make setup"
+    manager, client = start_new_kernel(kernel_name="qnwb", startup_timeout=120)
+    try:
+        outputs = []
+        client.execute_interactive(
+            "import qnwb, qnwb.core; print(qnwb.__file__)",
+            timeout=120,
+            output_hook=lambda msg: outputs.append(msg["content"].get("text", "")),
+        )
+        assert str(ROOT / "qnwb" / "__init__.py") in "".join(outputs)
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
