@@ -13,6 +13,8 @@ STAMP := $(VENV)/.qnwb-installed
 TORCH := torch==2.13.0
 # Extra arguments for `make lab`, e.g. LAB_ARGS="--no-browser --port 8890".
 LAB_ARGS ?=
+# Jupyter refuses to start as root (as on containers and CI machines) without this flag.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 # nbdev_test runs `#| cuda` cells when the kernel sees a GPU; `#| slow` cells only in test-slow.
 CUDA_FLAG = $$($(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else '')")
 
@@ -48,7 +50,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest tests --runslow
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=. $(LAB_ARGS)
+	$(BIN)/jupyter lab --notebook-dir=. $(ROOT_FLAG) $(LAB_ARGS)
 
 sync: $(STAMP)
 	$(BIN)/python tools/nbsync.py fix
