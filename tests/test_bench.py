@@ -1,0 +1,97 @@
+"""`qnwb bench curvature`, run as a user runs it, and `bench_curvature` in-process. Never asserts on a timing."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qnwb.bench import bench_curvature
+
+QNWB = Path(sys.executable).parent / "qnwb"
+TINY = ["--batch", "8", "--steps", "4", "--hidden", "5", "--repeat", "2"]
+KEYS = {"route", "grad_s", "ggn_mv_s", "ratio", "setup_s", "setups", "setup_bytes", "parameters", "batch", "steps",
+        "hidden", "device", "dtype", "repeat", "structural_weight", "torch", "torch_threads"}
+
+
+def run(*args, **env):
+    assert QNWB.exists(), f"{QNWB} is missing: install qnwb in this environment (make setup)"
+    return subprocess.run([str(QNWB), *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_json_result_of_the_model_route():
+    done = run("bench", "curvature", *TINY, "--json")
+    assert done.returncode == 0, done.stderr
+    result = last_json(done.stdout)
+    assert set(result) == KEYS
+    assert result["ratio"] == pytest.approx(result["ggn_mv_s"] / result["grad_s"], rel=1e-12)
+    assert result["route"] == "model"  # what auto picks for TanhRNN
+    assert (result["batch"], result["steps"], result["hidden"], result["repeat"]) == (8, 4, 5, 2)
+    assert (result["device"], result["dtype"], result["structural_weight"]) == ("cpu", "float32", 0.0)
+    assert result["torch"] == torch.__version__ and result["torch_threads"] >= 1
+    assert result["parameters"] == 5 * 2 + 5 * 5 + 5 + 5 + 5 + 1
+    assert result["setups"] == 2 and result["setup_bytes"] > 0
+    assert all(result[key] > 0 for key in ("grad_s", "ggn_mv_s", "setup_s"))
+
+
+def test_table_without_json():
+    done = run("bench", "curvature", *TINY, "--dtype", "float64", "--structural-weight", "0.5")
+    assert done.returncode == 0, done.stderr
+    assert "GGN-vector product" in done.stdout and "ratio" in done.stdout and "float64" in done.stdout
+    with pytest.raises(json.JSONDecodeError):
+        last_json(done.stdout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "argument --batch: must be a positive int"),
+    (["--steps", "-3"], "argument --steps: must be a positive int"),
+    (["--hidden", "many"], "argument --hidden: must be a positive int"),
+    (["--repeat", "0"], "argument --repeat: must be a positive int"),
+    (["--route", "nonsense"], "argument --route: invalid choice: 'nonsense'"),
+    (["--structural-weight", "-1"], "argument --structural-weight: must be a finite number"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice"),
+    (["--device", "cuda:99"], "argument --device: device: 'cuda:99'"),
+    (["--device", "toaster"], "argument --device: device: 'toaster'"),
+])
+def test_bad_arguments_are_usage_errors_naming_the_argument(args, message):
+    done = run("bench", "curvature", *args, "--json")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert done.stdout == ""
+
+
+def test_bench_without_a_benchmark_is_a_usage_error():
+    done = run("bench")
+    assert done.returncode == 2 and "BENCHMARK" in done.stderr
+
+
+def test_jvp_route_with_structural_damping_in_process():
+    result = bench_curvature(batch=6, steps=3, hidden=4, device="cpu", repeat=2, route="jvp", structural_weight=0.25)
+    assert set(result) == KEYS
+    assert (result["route"], result["structural_weight"]) == ("jvp", 0.25)
+    assert result["setup_bytes"] is None  # graph-saved tensors of torch.func routes are not counted
+    assert result["ratio"] == result["ggn_mv_s"] / result["grad_s"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch": 0}, "batch: must be a positive int"),
+    ({"repeat": 1.5}, "repeat: must be a positive int"),
+    ({"route": "nonsense"}, "route: 'nonsense'"),
+    ({"structural_weight": float("inf")}, "structural_weight: must be a finite number"),
+    ({"dtype": torch.float16}, "dtype: must be one of"),
+    ({"device": "cuda:99"}, "device: 'cuda:99'"),
+])
+def test_bench_curvature_checks_its_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bench_curvature(**kwargs)
+
+
+@pytest.mark.cuda
+def test_cuda_device():
+    result = bench_curvature(batch=6, steps=3, hidden=4, device="cuda", repeat=2)
+    assert result["device"].startswith("cuda") and result["route"] == "model"

@@ -1,0 +1,323 @@
+"""qnwb.curvature against dense float64 references built from torch.func, on tiny random models.
+
+Every reference here is independent of the code under test: Jacobians from torch.func.jacrev on a
+function of one flat vector, loss Hessians from torch.func.hessian, per-case gradients from a plain
+loop over cases with torch.autograd.grad.
+"""
+import gc
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+from qnwb.core import flat_params
+from qnwb.curvature import GGN, EmpiricalFisher, Hessian, finite_difference_check, ggn_diagonal_estimate
+from qnwb.losses import matching_loss
+from qnwb.models import MLP, TanhRNN
+
+NAN = float("nan")
+LOSS_NAMES = ("squared_error", "sigmoid_cross_entropy", "softmax_cross_entropy")
+RNN_ROUTES = ("model", "linearize", "jvp")
+MLP_ROUTES = ("linearize", "jvp")
+
+
+def tiny_model(kind, device="cpu", seed=0):
+    """A float64 model whose units are neither linear nor saturated (checked, not assumed)."""
+    g = torch.Generator().manual_seed(seed)
+    model = TanhRNN(3, 4, 3, dtype=torch.float64, generator=g) if kind == "rnn" else MLP([3, 5, 3], dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.7 if p.dim() == 2 else 0.3))
+    return model.to(device)
+
+
+def tiny_batch(kind, loss_name, mask, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((4, 5, 3) if kind == "rnn" else (6, 3), generator=g, dtype=torch.float64)
+    shape = (4, 5, 3) if kind == "rnn" else (6, 3)
+    raw = torch.randn(shape, generator=g, dtype=torch.float64)
+    t = {"squared_error": raw, "sigmoid_cross_entropy": torch.sigmoid(raw), "softmax_cross_entropy": torch.softmax(raw, -1)}[loss_name]
+    if mask == "last step":  # the pathological problems: a target only at the end
+        t = t.clone()
+        if kind == "rnn":
+            t[:, :-1] = NAN
+        else:
+            t[: len(t) // 2] = NAN
+    elif mask == "scattered":
+        t = t.masked_fill(torch.rand(shape, generator=g) < 0.3, NAN)
+    return x.to(device), t.to(device)
+
+
+def flat_function(model, inputs, **kwargs):
+    """The model's outputs as a function of one flat parameter vector (an independent unflatten)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def f(theta):
+        tensors = [chunk.view(shape) for chunk, shape in zip(theta.split(sizes), shapes)]
+        return functional_call(model, dict(zip(names, tensors)), (inputs,), kwargs)
+
+    return f
+
+
+def theta_of(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def explicit_ggn(model, loss_name, batch):
+    """J^T L'' J from torch.func: J by jacrev (m × n), L'' by torch.func.hessian of the loss (m × m)."""
+    x, t = batch
+    f = flat_function(model, x)
+    theta = theta_of(model)
+    z = f(theta).detach()
+    J = jacrev(f)(theta).reshape(z.numel(), -1)
+    L = hessian(lambda q: matching_loss(loss_name)(q, t))(z).reshape(z.numel(), z.numel())
+    return J.T @ L @ J
+
+
+def explicit_structural(model, batch, distance):
+    """J_t^T diag(block) J_t with J_t the Jacobian of the hidden pre-activations, block = (1-h^2)/B or (1-h^2)^2/B."""
+    x, _ = batch
+    f = flat_function(model, x, return_preactivations=True)
+    theta = theta_of(model)
+    _, t = f(theta)
+    Jt = jacrev(lambda th: f(th)[1])(theta).reshape(t.numel(), -1)
+    slope = 1 - torch.tanh(t.detach()).square()
+    block = (slope if distance == "tanh" else slope.square()).reshape(-1) / x.shape[0]
+    return Jt.T @ (block[:, None] * Jt)
+
+
+def check_units_engaged(model, x):
+    with torch.no_grad():
+        h = torch.tanh(model(x, return_preactivations=True)[1]) if isinstance(model, TanhRNN) else torch.tanh(model[0](x))
+    engaged = ((h.abs() > 0.05) & (h.abs() < 0.97)).double().mean()
+    assert engaged > 0.7, f"only {engaged:.0%} of the units are in their nonlinear, unsaturated range"
+
+
+grid = [(kind, loss, mask, route) for kind, routes in (("rnn", RNN_ROUTES), ("mlp", MLP_ROUTES))
+        for loss in LOSS_NAMES for mask in ("none", "last step", "scattered") for route in routes]
+
+
+@pytest.mark.parametrize("kind, loss_name, mask, route", grid)
+def test_ggn_equals_explicit_jacobian_product(kind, loss_name, mask, route):
+    model = tiny_model(kind)
+    batch = tiny_batch(kind, loss_name, mask)
+    check_units_engaged(model, batch[0])
+    ggn = GGN(model, loss_name, batch, route=route)
+    reference = explicit_ggn(model, loss_name, batch)
+    dense = ggn.dense()
+    torch.testing.assert_close(dense, reference, rtol=1e-9, atol=1e-12)
+    v = torch.randn(ggn.n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ggn.mv(v), reference @ v, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dense, dense.T, rtol=1e-10, atol=1e-13)  # symmetric
+    assert torch.linalg.eigvalsh(reference).min() > -1e-10 * reference.abs().max()  # PSD
+
+
+@pytest.mark.parametrize("route", RNN_ROUTES)
+@pytest.mark.parametrize("distance", ["tanh", "squared"])
+def test_structural_damping_adds_w_times_explicit_hidden_gauss_newton(route, distance):
+    model = tiny_model("rnn")
+    batch = tiny_batch("rnn", "squared_error", "last step")
+    w = 0.37
+    ggn = GGN(model, "squared_error", batch, structural_damping=distance, structural_weight=w, route=route)
+    G = explicit_ggn(model, "squared_error", batch)
+    G_S = explicit_structural(model, batch, distance)
+    torch.testing.assert_close(ggn.dense(), G + w * G_S, rtol=1e-9, atol=1e-12)
+    ggn.structural_weight = 2.0  # the optimizer changes λμ between CG runs: no rebuild needed
+    torch.testing.assert_close(ggn.dense(), G + 2.0 * G_S, rtol=1e-9, atol=1e-12)
+    ggn.structural_weight = 0.0
+    torch.testing.assert_close(ggn.dense(), G, rtol=1e-9, atol=1e-12)
+    assert torch.linalg.eigvalsh(G_S).min() > -1e-12  # the matching distance keeps G_S PSD
+
+
+@pytest.mark.parametrize("kind", ["rnn", "mlp"])
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_hessian_equals_torch_func_hessian_of_the_objective(kind, loss_name):
+    model = tiny_model(kind)
+    batch = tiny_batch(kind, loss_name, "scattered")
+    f = flat_function(model, batch[0])
+    reference = hessian(lambda th: matching_loss(loss_name)(f(th), batch[1]))(theta_of(model))
+    H = Hessian(model, loss_name, batch)
+    torch.testing.assert_close(H.dense(), reference, rtol=1e-9, atol=1e-12)
+    assert torch.linalg.eigvalsh(reference).min() < 0  # the Hessian is indefinite here, unlike G
+
+
+@pytest.mark.parametrize("kind", ["rnn", "mlp"])
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_empirical_fisher_is_the_mean_of_per_case_gradient_outer_products(kind, loss_name):
+    model = tiny_model(kind)
+    x, t = tiny_batch(kind, loss_name, "scattered")
+    loss = matching_loss(loss_name)
+    per_case = []
+    for i in range(len(x)):  # a plain loop, independent of vmap
+        model.zero_grad()
+        loss(model(x[i : i + 1]), t[i : i + 1]).backward()
+        per_case.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    g = torch.stack(per_case)
+    reference = g.T @ g / len(x)
+    fisher = EmpiricalFisher(model, loss_name, (x, t))
+    torch.testing.assert_close(fisher.dense(), reference, rtol=1e-10, atol=1e-13)
+    v = torch.randn(fisher.n, dtype=torch.float64)
+    torch.testing.assert_close(fisher.mv(v), reference @ v, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(fisher.diagonal(), reference.diagonal(), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(g.sum(0) / len(x), torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(loss(model(x), t), list(model.parameters()))]))
+
+
+@pytest.mark.parametrize("kind, structural", [("mlp", None), ("rnn", None), ("rnn", "tanh")])
+def test_chapelle_erhan_estimate_converges_to_the_ggn_diagonal(kind, structural):
+    model = tiny_model(kind)
+    batch = tiny_batch(kind, "softmax_cross_entropy", "scattered")
+    w = 0.5 if structural else 0.0
+    exact = GGN(model, "softmax_cross_entropy", batch, structural_damping=structural, structural_weight=w).dense().diagonal()
+
+    def error(samples, seed):
+        estimate = ggn_diagonal_estimate(model, "softmax_cross_entropy", batch, samples=samples, structural_damping=structural,
+                                         structural_weight=w, generator=torch.Generator().manual_seed(seed))
+        assert (estimate >= 0).all()
+        return float((estimate - exact).norm() / exact.norm())
+
+    few, many = error(8, 0), error(800, 1)
+    assert many < 0.05, many
+    assert many < few / 3  # unbiased: the error shrinks like 1/sqrt(samples)
+
+
+@pytest.mark.parametrize("kind, routes", [("rnn", RNN_ROUTES), ("mlp", MLP_ROUTES)])
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_finite_difference_checks_agree_to_1e_6(kind, routes, loss_name):
+    model = tiny_model(kind)
+    batch = tiny_batch(kind, loss_name, "last step")
+    for route in routes:
+        report = finite_difference_check(model, loss_name, batch, route=route, generator=torch.Generator().manual_seed(5))
+        assert report["coordinates"] == report["parameters"] == flat_params(model).numel()
+        assert max(report["jvp"], report["vjp"], report["ggn"]) < 1e-6, (route, report)
+
+
+def test_finite_difference_check_catches_a_wrong_linearization(monkeypatch):
+    """The check can fail: break the hand-written R-forward (drop the W_hh R h term) and it must notice."""
+    from qnwb import models
+
+    model = tiny_model("rnn")
+    batch = tiny_batch("rnn", "squared_error", "none")
+    original = models.TanhRNNLinearization.jvp
+
+    def broken(self, tangents):
+        W_hh = self.W_hh
+        self.W_hh = torch.zeros_like(W_hh)
+        try:
+            return original(self, tangents)
+        finally:
+            self.W_hh = W_hh
+
+    monkeypatch.setattr(models.TanhRNNLinearization, "jvp", broken)
+    report = finite_difference_check(model, "squared_error", batch, route="model")
+    assert report["jvp"] > 1e-2 and report["ggn"] > 1e-2
+
+
+def test_operators_are_bound_to_the_parameters_they_were_built_with():
+    model = tiny_model("rnn")
+    batch = tiny_batch("rnn", "squared_error", "none")
+    operators = [GGN(model, "squared_error", batch), Hessian(model, "squared_error", batch), EmpiricalFisher(model, "squared_error", batch)]
+    v = torch.randn(operators[0].n, dtype=torch.float64)
+    before = [op.mv(v) for op in operators]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # an optimizer step taken while CG still runs on the old batch
+    for op, expected in zip(operators, before):
+        torch.testing.assert_close(op.mv(v), expected, rtol=0, atol=0)
+
+
+def resident_bytes():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no /proc/self/status here")
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda m, b: GGN(m, "squared_error", b, structural_damping="tanh", structural_weight=0.1),
+        lambda m, b: GGN(m, "squared_error", b, route="jvp"),
+        lambda m, b: Hessian(m, "squared_error", b),
+        lambda m, b: EmpiricalFisher(m, "squared_error", b),
+    ],
+    ids=["ggn-model-structural", "ggn-jvp", "hessian", "fisher"],
+)
+def test_building_many_operators_does_not_grow_memory(build):
+    g = torch.Generator().manual_seed(0)
+    model = TanhRNN(3, 48, 2, dtype=torch.float64, generator=g)
+    x = torch.randn(128, 40, 3, generator=g, dtype=torch.float64)
+    batch = (x, torch.randn(128, 40, 2, generator=g, dtype=torch.float64))
+    v = torch.randn(flat_params(model).numel(), dtype=torch.float64)
+    op = build(model, batch)
+    op.mv(v)
+    alive = weakref.ref(op)
+    del op
+    gc.collect()
+    assert alive() is None  # nothing keeps an operator (and its cached graph or states) alive
+    start = resident_bytes()
+    peak_growth = 0
+    for _ in range(12):
+        op = build(model, batch)
+        op.mv(v)
+        del op
+        peak_growth = max(peak_growth, resident_bytes() - start)
+    gc.collect()
+    one_batch_of_states = 128 * 40 * 48 * 8
+    # A leak would add several batches' worth of states per operator, 12 times over.
+    assert resident_bytes() - start < 40 * one_batch_of_states, (resident_bytes() - start, peak_growth)
+
+
+def test_bad_input_gets_clear_errors():
+    rnn, mlp = tiny_model("rnn"), tiny_model("mlp")
+    x, t = tiny_batch("rnn", "squared_error", "none")
+    with pytest.raises(ValueError, match=r"targets of shape \(4, 5, 2\) do not match outputs of shape \(4, 5, 3\)"):
+        GGN(rnn, "squared_error", (x, t[..., :2]))
+    with pytest.raises(ValueError, match=r"inputs: expected shape \(cases, time, 3\)"):
+        GGN(rnn, "squared_error", (x[..., :2], t))
+    ggn = GGN(rnn, "squared_error", (x, t))
+    with pytest.raises(ValueError, match=f"1-D tensor of {ggn.n} elements"):
+        ggn.mv(torch.zeros(ggn.n - 1, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float32"):
+        ggn.mv(torch.zeros(ggn.n))
+    one_output = MLP([3, 1], dtype=torch.float64)
+    with pytest.raises(ValueError, match="at least 2 output units"):
+        GGN(one_output, "softmax_cross_entropy", (torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64)))
+    xm, tm = tiny_batch("mlp", "squared_error", "none")
+    with pytest.raises(ValueError, match="such as qnwb.models.TanhRNN"):
+        GGN(mlp, "squared_error", (xm, tm), structural_damping="tanh", structural_weight=0.1)
+    with pytest.raises(ValueError, match="structural_damping"):
+        GGN(rnn, "squared_error", (x, t), structural_damping="cosine")
+    with pytest.raises(ValueError, match="structural_weight"):
+        GGN(rnn, "squared_error", (x, t), structural_damping="tanh", structural_weight=-1.0)
+    with pytest.raises(ValueError, match="route"):
+        GGN(rnn, "squared_error", (x, t), route="symbolic")
+    with pytest.raises(ValueError, match="own linearize"):
+        GGN(mlp, "squared_error", (xm, tm), route="model")
+    with pytest.raises(TypeError, match="pair"):
+        GGN(rnn, "squared_error", x)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        GGN(lambda q: q, "squared_error", (x, t))
+    with pytest.raises(ValueError, match="samples"):
+        ggn_diagonal_estimate(rnn, "squared_error", (x, t), samples=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("route", RNN_ROUTES)
+def test_gpu_operators_match_the_cpu_reference(route):
+    cpu_model = tiny_model("rnn")
+    gpu_model = tiny_model("rnn", device="cuda")
+    batch = tiny_batch("rnn", "softmax_cross_entropy", "last step")
+    gpu_batch = tuple(b.cuda() for b in batch)
+    w = 0.2
+    reference = explicit_ggn(cpu_model, "softmax_cross_entropy", batch) + w * explicit_structural(cpu_model, batch, "tanh")
+    ggn = GGN(gpu_model, "softmax_cross_entropy", gpu_batch, structural_damping="tanh", structural_weight=w, route=route)
+    torch.testing.assert_close(ggn.dense().cpu(), reference, rtol=1e-9, atol=1e-12)
+    fisher = EmpiricalFisher(gpu_model, "softmax_cross_entropy", gpu_batch).dense().cpu()
+    torch.testing.assert_close(fisher, EmpiricalFisher(cpu_model, "softmax_cross_entropy", batch).dense(), rtol=1e-9, atol=1e-12)
+    H = Hessian(gpu_model, "softmax_cross_entropy", gpu_batch).dense().cpu()
+    torch.testing.assert_close(H, Hessian(cpu_model, "softmax_cross_entropy", batch).dense(), rtol=1e-9, atol=1e-12)
