@@ -120,7 +120,7 @@ def test_sigmoid_loss_is_finite_for_large_outputs():
         (SquaredError(), torch.zeros(3, 2), [[0.0, 0.0]] * 3, TypeError, "targets must be a tensor"),
         (SoftmaxCrossEntropy(), torch.zeros(3, 1), torch.zeros(3, 1), ValueError, "at least 2 output units"),
         (SoftmaxCrossEntropy(), torch.zeros(3, 4), torch.zeros(4, dtype=torch.int64), ValueError, "class-index targets"),
-        (SoftmaxCrossEntropy(), torch.zeros(3, 4), torch.tensor([0, 1, 4]), ValueError, "class index is 4"),
+        (SoftmaxCrossEntropy(), torch.zeros(3, 4), torch.tensor([0, 1, 4]), ValueError, r"class indices must be in \[-1, 3\].*got 0\.\.4"),
     ],
 )
 def test_bad_outputs_and_targets_get_clear_errors(loss, z, t, error, words):
@@ -140,3 +140,50 @@ def test_matching_loss_by_name():
 def test_targets_on_another_device_are_refused():
     with pytest.raises(ValueError, match="targets are on cpu"):
         SquaredError()(torch.zeros(2, 2, device="cuda"), torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_softmax_with_soft_targets_that_do_not_sum_to_one(shape):
+    """Rows summing to s != 1: the closed forms become s·p − t and s·(diag p − ppᵀ); autograd and torch.func agree."""
+    loss = SoftmaxCrossEntropy()
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(shape, generator=g, dtype=torch.float64)
+    t = torch.rand(shape, generator=g, dtype=torch.float64) * 1.5  # row sums anywhere in (0, 1.5·units)
+    t[0] = NAN  # and a missing row
+    zz = z.clone().requires_grad_()
+    loss(zz, t).backward()
+    torch.testing.assert_close(loss.grad(z, t), zz.grad, rtol=1e-12, atol=1e-14)
+    reference = hessian(lambda q: loss(q, t))(z).reshape(z.numel(), z.numel())
+    H = loss.hessian(z, t)
+    torch.testing.assert_close(dense(H.mv, z), reference, rtol=1e-10, atol=1e-13)
+    S = dense(H.sqrt_mv, z)
+    torch.testing.assert_close(S @ S.T, reference, rtol=1e-10, atol=1e-13)
+
+
+@cases
+def test_huge_outputs_where_there_is_no_target_do_not_make_nan(loss_name):
+    loss = matching_loss(loss_name)
+    z = torch.tensor([[1e20, 0.5], [0.3, -0.2]], dtype=torch.float32)
+    t = torch.tensor([[NAN, NAN], [0.2, 0.8]], dtype=torch.float32)
+    zz = z.clone().requires_grad_()
+    value = loss(zz, t)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(zz.grad).all() and torch.isfinite(loss.grad(z, t)).all()
+    torch.testing.assert_close(value, loss(z[1:], t[1:]) / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_softmax_takes_class_indices_of_any_integer_dtype(dtype):
+    loss = SoftmaxCrossEntropy()
+    z = torch.randn(4, 3, dtype=torch.float64)
+    classes = torch.tensor([0, 2, 1, 2])
+    torch.testing.assert_close(loss(z, classes.to(dtype)), loss(z, classes))
+
+
+def test_softmax_refuses_bool_and_out_of_range_class_indices():
+    loss = SoftmaxCrossEntropy()
+    z = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="class indices"):
+        loss(z, torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match=r"\[-1, 3\]"):
+        loss(z, torch.tensor([0, -2, 1]))
