@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .core import default_device, make_generator
-from .curvature import GGN, FuncLinearization
+from .curvature import GGN, FuncLinearization, _check_structural
 from .losses import matching_loss
 from .models import TanhRNN
 
@@ -109,9 +109,7 @@ def bench_curvature(
         _positive_int(name, value)
     if route not in ROUTES:
         raise ValueError(f"route: {route!r} is not one of {', '.join(ROUTES)}")
-    if isinstance(structural_weight, bool) or not isinstance(structural_weight, (int, float)) \
-            or not math.isfinite(structural_weight) or structural_weight < 0:
-        raise ValueError(f"structural_weight: must be a finite number ≥ 0, got {structural_weight!r}")
+    structural_weight = _check_structural("tanh", structural_weight)  # the GGN's own check, before any work
     dtype = DTYPES.get(dtype, dtype)
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -8,7 +8,6 @@ __all__ = ['environment_info', 'build_parser', 'main']
 # %% ../nbs/90_cli.ipynb #4e79f1ce
 import argparse
 import json
-import math
 import platform
 
 import numpy as np
@@ -16,6 +15,8 @@ import torch
 
 import qnwb
 from .bench import DTYPES, ROUTES, bench_curvature, summary
+from .bench import _positive_int as _check_positive_int
+from .curvature import _check_structural
 from .core import default_device
 
 # %% ../nbs/90_cli.ipynb #511de602
@@ -51,22 +52,16 @@ def _info(args: argparse.Namespace) -> int:
 
 def _positive_int(text: str) -> int:
     try:
-        value = int(text)
+        return _check_positive_int("value", int(text))
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
 
 
 def _weight(text: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+        return _check_structural("tanh", float(text))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}") from None
 
 
 def _device(text: str) -> str:
