@@ -1,0 +1,94 @@
+"""qnwb.models: stacked TanhRNN layers against dense references, the autoencoders and LeNet-like nets of the papers."""
+import pytest
+import torch
+from test_curvature import explicit_ggn, explicit_structural  # the dense torch.func references
+
+from qnwb.core import make_generator
+from qnwb.curvature import GGN, finite_difference_check
+from qnwb.init import esn_init_
+from qnwb.models import AUTOENCODERS, DeepAutoencoder, LeNet, TanhRNN
+
+
+def stacked(layers, device="cpu"):
+    g = make_generator(layers)
+    model = TanhRNN(3, 4, 2, n_layers=layers, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.7 if p.dim() == 2 else 0.3))
+    return model.to(device)
+
+
+def batch(device="cpu"):
+    g = make_generator(9)
+    x = torch.randn(3, 5, 3, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 5, 2, generator=g, dtype=torch.float64)
+    t[:, :2] = float("nan")
+    return x.to(device), t.to(device)
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+@pytest.mark.parametrize("route", ["model", "linearize", "jvp"])
+def test_stacked_ggn_with_structural_damping_equals_the_explicit_reference(layers, route, device):
+    model, data = stacked(layers), batch()
+    reference = explicit_ggn(model, "squared_error", data) + 0.2 * explicit_structural(model, data, "tanh")
+    ggn = GGN(stacked(layers, device), "squared_error", batch(device), structural_damping="tanh", structural_weight=0.2, route=route)
+    torch.testing.assert_close(ggn.dense().cpu(), reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_stacked_finite_differences(layers):
+    # Central differences err by O(eps^2 * third derivative); three stacked tanh layers have larger third
+    # derivatives than one, so eps = 1e-5 here (round-off stays near 1e-11). Exactness is the dense test above.
+    report = finite_difference_check(stacked(layers), "squared_error", batch(), eps=1e-5, route="model", generator=make_generator(0))
+    assert max(report["jvp"], report["vjp"], report["ggn"]) < 1e-6, report
+
+
+def test_stacked_layout_and_names():
+    model = TanhRNN(3, 4, 2, n_layers=3)
+    names = [n for n, _ in model.named_parameters()]
+    assert names == ["W_hx", "W_hh", "b_h", "h0", "W_hx_1", "W_hh_1", "b_h_1", "h0_1", "W_hx_2", "W_hh_2", "b_h_2", "h0_2", "W_zh", "b_z"]
+    assert model.W_hx_1.shape == (4, 4) and model.W_hx.shape == (4, 3)
+    z, h, t = model(torch.randn(2, 6, 3), return_hidden=True, return_preactivations=True)
+    assert z.shape == (2, 6, 2) and h.shape == t.shape == (2, 6, 12)
+    torch.testing.assert_close(h, torch.tanh(t))
+    single = TanhRNN(3, 4, 2)
+    assert [n for n, _ in single.named_parameters()] == ["W_hx", "W_hh", "b_h", "h0", "W_zh", "b_z"]
+    with pytest.raises(ValueError, match="n_layers"):
+        TanhRNN(3, 4, 2, n_layers=0)
+
+
+def test_esn_init_reaches_every_stacked_layer_it_names():
+    model = esn_init_(TanhRNN(2, 30, 1, n_layers=2, dtype=torch.float64), generator=make_generator(0))
+    assert abs(torch.linalg.eigvals(model.W_hh).abs().max().item() - 1.1) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(AUTOENCODERS))
+def test_autoencoders_of_table_6(name):
+    model, loss = DeepAutoencoder.preset(name)
+    sizes, expected_loss = AUTOENCODERS[name]
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    widths = [linears[0].in_features] + [m.out_features for m in linears]
+    assert widths == list(sizes) + list(sizes[-2::-1])  # encoder, then its mirror
+    assert loss == expected_loss
+    kinds = [type(m).__name__ for m in model]
+    code = 2 * (len(sizes) - 1) - 2  # position of the code layer's Linear
+    assert kinds[code] == "Linear" and kinds[code + 1] == "Linear"  # a linear code: no sigmoid after it
+    assert kinds[-1] == "Linear" and kinds.count("Sigmoid") == 2 * (len(sizes) - 1) - 2
+    x = torch.rand(3, sizes[0])
+    assert model(x).shape == x.shape and model.encode(x).shape == (3, sizes[-1])
+
+
+@pytest.mark.parametrize("dataset, shape, parameters", [("mnist", (1, 28, 28), 431_080), ("cifar10", (3, 32, 32), 145_578)])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_lenet_like_nets_of_the_lsr1_appendix(dataset, shape, parameters, batch_norm):
+    model = LeNet(dataset, batch_norm=batch_norm, generator=make_generator(0))
+    assert model(torch.rand(4, *shape)).shape == (4, 10)
+    norms = [m for m in model if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+    assert len(norms) == ((3 if dataset == "mnist" else 4) if batch_norm else 0)
+    if not batch_norm:
+        assert sum(p.numel() for p in model.parameters()) == parameters
+    convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
+    expected_std = 0.1 if dataset == "mnist" else 0.01
+    assert all(abs(c.weight.std().item() - expected_std) < 0.3 * expected_std for c in convs)
+    with pytest.raises(ValueError, match="dataset"):
+        LeNet("imagenet")
