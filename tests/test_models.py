@@ -57,7 +57,7 @@ def test_stacked_layout_and_names():
         TanhRNN(3, 4, 2, n_layers=0)
 
 
-def test_esn_init_reaches_every_stacked_layer_it_names():
+def test_esn_init_layer_zero_radius():
     model = esn_init_(TanhRNN(2, 30, 1, n_layers=2, dtype=torch.float64), generator=make_generator(0))
     assert abs(torch.linalg.eigvals(model.W_hh).abs().max().item() - 1.1) < 1e-6
 
@@ -92,3 +92,16 @@ def test_lenet_like_nets_of_the_lsr1_appendix(dataset, shape, parameters, batch_
     assert all(abs(c.weight.std().item() - expected_std) < 0.3 * expected_std for c in convs)
     with pytest.raises(ValueError, match="dataset"):
         LeNet("imagenet")
+
+
+def test_esn_init_initialises_every_stacked_layer():
+    model = esn_init_(TanhRNN(2, 30, 1, n_layers=3, dtype=torch.float64), input_scale=0.1, generator=make_generator(0))
+    for index in range(3):
+        W_hx, W_hh, b_h, h0 = model.layer(index)
+        assert abs(torch.linalg.eigvals(W_hh).abs().max().item() - 1.1) < 1e-6 and ((W_hh != 0).sum(1) == 15).all()
+        assert abs(W_hx.std().item() - 0.1) < 0.03 and (b_h == 0).all() and (h0 == 0).all()
+
+
+def test_language_model_shape():
+    model = TanhRNN.language_model(40)
+    assert (model.n_in, model.n_out, model.n_hidden, model.n_layers) == (40, 40, 100, 5)
