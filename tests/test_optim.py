@@ -162,6 +162,10 @@ def test_a_smaller_curvature_batch_and_the_counts():
         ({"curvature": "hessian", "structural_damping": 0.1}, "structural_damping"),
         ({"structural_distance": "cosine"}, "structural_distance"),
         ({"cg_min_iterations": 300}, "cg_min_iterations"),
+        ({"preconditioner": "jacobi"}, "preconditioner"),
+        ({"preconditioner_exponent": 0.0}, "preconditioner_exponent"),
+        ({"preconditioner_exponent": 1.5}, "preconditioner_exponent"),
+        ({"preconditioner_shift": -1.0}, "preconditioner_shift"),
     ],
 )
 def test_bad_hyperparameters_get_clear_errors(options, words):
@@ -192,3 +196,37 @@ def test_the_next_cg_run_starts_from_zeta_times_the_chosen_update():
     delta = flat_params(model) - before
     stored = hf.state[hf.param_groups[0]["params"][0]]["previous_update"]
     torch.testing.assert_close(stored, delta, rtol=1e-12, atol=1e-14)
+
+
+def test_the_preconditioner_follows_lambda_and_is_on_for_feed_forward_nets_only():
+    from qnwb.curvature import EmpiricalFisher
+
+    model, X, Y = least_squares(4)
+    hf = HessianFree(model, "squared_error", damping=0.5)  # "auto": a feed-forward net gets the Fisher diagonal
+    for _ in range(2):
+        before = copy.deepcopy(model)
+        hf.step((X, Y))
+        λ = hf.stats["damping"]
+        expected = (EmpiricalFisher(before, "squared_error", (X, Y)).diagonal() + λ).pow(0.75)
+        torch.testing.assert_close(hf.last_preconditioner, expected)
+    assert hf.stats["damping"] != 0.5  # λ moved, and the preconditioner moved with it
+    rnn, batch = addition_rnn()
+    assert HessianFree(rnn, "squared_error").options["preconditioner"] is None  # M&S 2011: off for RNNs
+    estimated = HessianFree(rnn, "squared_error", structural_damping=0.1, preconditioner="chapelle_erhan")
+    estimated.step(batch)
+    assert estimated.last_preconditioner.shape == flat_params(rnn).shape and (estimated.last_preconditioner > 0).all()
+
+
+def test_a_good_diagonal_preconditioner_speeds_up_a_badly_scaled_problem():
+    g = make_generator(5)
+    scales = torch.logspace(-2, 2, 6, dtype=torch.float64)
+    X = torch.randn(300, 6, generator=g, dtype=torch.float64) * scales
+    Y = X @ torch.randn(6, 1, generator=g, dtype=torch.float64)
+    iterations = {}
+    for kind in (None, "fisher"):
+        torch.manual_seed(0)
+        model = nn.Linear(6, 1, dtype=torch.float64)
+        hf = HessianFree(model, "squared_error", damping=1e-6, preconditioner=kind, preconditioner_exponent=1.0, cg_tolerance=1e-10)
+        hf.step((X, Y))
+        iterations[kind] = hf.stats["cg_iterations"]
+    assert iterations["fisher"] < iterations[None]
