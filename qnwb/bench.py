@@ -23,7 +23,7 @@ from .models import TanhRNN
 
 # %% auto #0
 __all__ = ['ROUTES', 'DTYPES', 'SETUP_CAP', 'SLOW_SETUP_S', 'timed', 'median_seconds', 'setup_bytes', 'reference_problem',
-           'bench_curvature', 'summary']
+           'bench_curvature', 'summary', 'bench_hf']
 
 # %% ../nbs/85_bench.ipynb #219d5632
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
@@ -191,3 +191,52 @@ def summary(result: dict[str, Any]) -> str:
     }
     width = max(map(len, rows))
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows.items())
+
+# %% ../nbs/85_bench.ipynb #ecd40375
+def bench_hf(
+    task: str = "addition",  # a name of qnwb.tasks.TASKS
+    T: int = 30,  # the minimal time lag
+    seed: int = 0,
+    hidden: int = 100,  # M&S 2011 use 100 hidden units
+    structural_damping: float = 1 / 30,  # μ
+    damping: float = 1.0,  # initial λ
+    batch: int = 1000,  # sequences per step (M&S 2011, Figure 3)
+    cg_max_iterations: int = 250,
+    budget_s: float = 600.0,  # wall-clock budget
+    check_every: int = 5,  # steps between held-out checks
+    device=None,
+    progress: bool = False,  # a line per check on stderr
+) -> dict[str, Any]:
+    """Train a TanhRNN with HessianFree on one pathological task until the H&S criterion holds or the budget ends."""
+    from qnwb.init import esn_init_
+    from qnwb.optim import HessianFree
+    from qnwb.tasks import input_independent_outputs, make_task
+
+    problem = make_task(task, T)
+    device = default_device(device)
+    mean_target = input_independent_outputs(problem, cases=2000, seed=seed)[-1]
+    model = TanhRNN(problem.n_in, hidden, problem.n_out, device=device)
+    esn_init_(model, input_scale=problem.input_scale, generator=make_generator(seed),
+              output_bias=mean_target if problem.loss == "squared_error" else 0.0)
+    hf = HessianFree(model, problem.loss, damping=damping, structural_damping=structural_damping, cg_max_iterations=cg_max_iterations)
+    held_x, held_y = problem.held_out(seed, device=device)
+    stream = make_generator(seed + 1)
+    counts = {"gradient_evaluations": 0, "curvature_products": 0, "loss_evaluations": 0}
+    start, step, error, solved = time.perf_counter(), 0, math.nan, False
+    while time.perf_counter() - start < budget_s:
+        step += 1
+        hf.step(problem.batch(batch, stream, device=device))
+        for key in counts:
+            counts[key] += hf.stats[key]
+        if step % check_every == 0:
+            with torch.no_grad():
+                error = problem.error(model(held_x), held_y)
+            if progress:
+                print(f"step {step}: held-out error {error:.4f}, λ {hf.stats['damping']:.3g}, CG {hf.stats['cg_iterations']}, "
+                      f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            if error == 0.0:
+                solved = True
+                break
+    return {"task": task, "T": T, "seed": seed, "solved": solved, "steps": step, "held_out_error": error, **counts,
+            "seconds": time.perf_counter() - start, "structural_damping": structural_damping, "hidden": hidden, "batch": batch,
+            "device": str(device), "torch": torch.__version__}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import qnwb
-from .bench import DTYPES, ROUTES, bench_curvature, summary
+from .bench import DTYPES, ROUTES, bench_curvature, bench_hf, summary
 from .bench import _positive_int as _check_positive_int
 from .curvature import _check_structural
 from .tasks import TASKS, input_independent_error, make_task
@@ -80,6 +80,15 @@ def _bench_curvature(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_hf(args: argparse.Namespace) -> int:
+    result = bench_hf(args.task, args.T, args.seed, structural_damping=args.mu, budget_s=args.budget, device=args.device, progress=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(f"{key:<22} {value}" for key, value in result.items()))
+    return 0 if result["solved"] else 1
+
+
 def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="time the workbench's building blocks",
                                 description="Benchmarks; each prints a table, or a JSON object with --json.")
@@ -100,6 +109,18 @@ def _add_bench(commands) -> None:
     curvature.add_argument("--dtype", choices=list(DTYPES), default="float32", help="default float32")
     curvature.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout) instead of a table")
     curvature.set_defaults(handler=_bench_curvature)
+    hf = benchmarks.add_parser(
+        "hf", help="Hessian-free on one pathological task until it is solved: evaluations and wall-clock",
+        description="Train a 100-unit TanhRNN (ESN initialisation) with HessianFree and structural damping on one task of "
+        "Martens & Sutskever 2011, section 4.1, until every held-out sequence is right or the budget runs out.")
+    hf.add_argument("--task", choices=sorted(TASKS), default="addition")
+    hf.add_argument("--T", type=_positive_int, default=30, help="minimal time lag (default 30)")
+    hf.add_argument("--seed", type=int, default=0)
+    hf.add_argument("--budget", type=float, default=600.0, help="wall-clock budget in seconds (default 600)")
+    hf.add_argument("--mu", type=_weight, default=1 / 30, help="structural damping strength mu (default 1/30)")
+    hf.add_argument("--device", type=_device, default="cpu")
+    hf.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
+    hf.set_defaults(handler=_bench_hf)
 
 
 # Sutskever et al. 2013, Table 5, "biases" column: (task, T) -> error

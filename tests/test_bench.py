@@ -95,3 +95,14 @@ def test_bench_curvature_checks_its_arguments(kwargs, message):
 def test_cuda_device():
     result = bench_curvature(batch=6, steps=3, hidden=4, device="cuda", repeat=2)
     assert result["device"].startswith("cuda") and result["route"] == "model"
+
+
+def test_bench_hf_reports_counts_and_says_whether_it_solved_the_task():
+    done = subprocess.run([str(QNWB), "bench", "hf", "--task", "addition", "--T", "10", "--budget", "2", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == (0 if result["solved"] else 1)
+    assert result["task"] == "addition" and result["T"] == 10 and result["steps"] >= 1
+    assert result["gradient_evaluations"] == result["steps"] and result["curvature_products"] > result["steps"]
+    bad = subprocess.run([str(QNWB), "bench", "hf", "--task", "parity"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
