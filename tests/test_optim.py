@@ -155,6 +155,7 @@ def test_a_smaller_curvature_batch_and_the_counts():
         ({"structural_damping": -0.1}, "structural_damping"),
         ({"warm_start": 1.01}, "warm_start"),
         ({"warm_start": -0.5}, "warm_start"),
+        ({"learning_rate": 0.0}, "learning_rate"),
         ({"cg_max_iterations": 0}, "cg_max_iterations"),
         ({"cg_tolerance": 0.0}, "cg_tolerance"),
         ({"rho": "optimistic"}, "rho"),
@@ -230,3 +231,28 @@ def test_a_good_diagonal_preconditioner_speeds_up_a_badly_scaled_problem():
         hf.step((X, Y))
         iterations[kind] = hf.stats["cg_iterations"]
     assert iterations["fisher"] < iterations[None]
+
+
+def test_presets_of_section_13():
+    model, X, Y = least_squares(5)
+    original = HessianFree.preset("martens2010", model, "squared_error")
+    assert original.options["backtracking"] and original.options["line_search"] and original.options["preconditioner"] == "fisher"
+    rnn, batch = addition_rnn()
+    assert HessianFree.preset("rnn2011", rnn, "squared_error").param_groups[0]["structural_damping"] == pytest.approx(1 / 30)
+    hybrid = HessianFree.preset("hybrid2013", model, "squared_error", cg_max_iterations=20)  # any argument can be changed
+    assert not hybrid.options["line_search"] and hybrid.param_groups[0]["cg_max_iterations"] == 20
+    with pytest.raises(ValueError, match="preset"):
+        HessianFree.preset("newton", model, "squared_error")
+
+
+def test_the_learning_rate_scales_the_update_when_there_is_no_line_search():
+    updates = {}
+    for rate in (1.0, 0.25):
+        model, X, Y = least_squares(6)
+        before = flat_params(model).clone()
+        hf = HessianFree(model, "squared_error", damping=0.1, learning_rate=rate, line_search=False, backtracking=False,
+                         preconditioner=None, cg_max_iterations=5)
+        hf.step((X, Y))
+        updates[rate] = flat_params(model) - before
+        assert hf.stats["step_size"] == rate
+    torch.testing.assert_close(updates[0.25], 0.25 * updates[1.0])
