@@ -353,3 +353,16 @@ def test_structural_weight_accepts_numbers_of_any_kind_and_refuses_the_rest():
         finite_difference_check(model, "squared_error", batch, coordinates=0)
     with pytest.raises(ValueError, match="inputs: are torch.float32 on cpu, the network.s parameters torch.float64"):
         GGN(model, "squared_error", (batch[0].float(), batch[1]))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize("kind", ["rnn", "mlp"])
+def test_streamed_empirical_fisher_diagonal_equals_the_full_one(chunk, kind):
+    from qnwb.curvature import empirical_fisher_diagonal
+
+    model = tiny_model(kind)
+    batch = tiny_batch(kind, "softmax_cross_entropy", "scattered")
+    torch.testing.assert_close(empirical_fisher_diagonal(model, "softmax_cross_entropy", batch, chunk=chunk),
+                               EmpiricalFisher(model, "softmax_cross_entropy", batch).diagonal(), rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="chunk"):
+        empirical_fisher_diagonal(model, "softmax_cross_entropy", batch, chunk=0)

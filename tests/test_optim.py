@@ -256,3 +256,22 @@ def test_the_learning_rate_scales_the_update_when_there_is_no_line_search():
         updates[rate] = flat_params(model) - before
         assert hf.stats["step_size"] == rate
     torch.testing.assert_close(updates[0.25], 0.25 * updates[1.0])
+
+
+def test_an_error_during_the_step_leaves_the_parameters_where_they_were(monkeypatch):
+    model, X, Y = least_squares(7)
+    hf = HessianFree(model, "squared_error", damping=0.1)
+    before = flat_params(model).clone()
+    calls = []
+    original = hf._objective
+
+    def failing(batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # e.g. the user stops a notebook cell during backtracking
+        return original(batch)
+
+    monkeypatch.setattr(hf, "_objective", failing)
+    with pytest.raises(KeyboardInterrupt):
+        hf.step((X, Y))
+    torch.testing.assert_close(flat_params(model), before, rtol=0, atol=0)
