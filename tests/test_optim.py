@@ -188,7 +188,9 @@ def test_a_step_with_no_acceptable_length_is_rejected_and_theta_stays():
     assert hf.stats["next_damping"] == pytest.approx(1.5e-2)
 
 
-def test_the_next_cg_run_starts_from_zeta_times_the_chosen_update():
+def test_the_next_cg_run_starts_from_zeta_times_the_chosen_update(monkeypatch):
+    import qnwb.optim
+
     model, X, Y = least_squares(3)
     hf = HessianFree(model, "squared_error", damping=0.5, warm_start=0.9, cg_max_iterations=3)
     before = flat_params(model).clone()
@@ -197,6 +199,26 @@ def test_the_next_cg_run_starts_from_zeta_times_the_chosen_update():
     delta = flat_params(model) - before
     stored = hf.state[hf.param_groups[0]["params"][0]]["previous_update"]
     torch.testing.assert_close(stored, delta, rtol=1e-12, atol=1e-14)
+    starts, original = [], qnwb.optim.conjugate_gradient
+    def recording(A, b, x0=None, **kwargs):
+        starts.append(x0)
+        return original(A, b, x0, **kwargs)
+    monkeypatch.setattr(qnwb.optim, "conjugate_gradient", recording)
+    hf.step((X, Y))
+    torch.testing.assert_close(starts[0], 0.9 * delta, rtol=1e-12, atol=1e-14)
+
+
+def test_a_step_that_raised_the_loss_raises_lambda_even_when_the_model_predicted_an_increase():
+    model, X, Y = least_squares(8)
+    hf = HessianFree(model, "squared_error", damping=1.0, warm_start=1.0, cg_max_iterations=1, backtracking=False,
+                     line_search=False, preconditioner=None)
+    far = 20.0 * torch.randn(14, generator=make_generator(0), dtype=torch.float64)
+    hf.state[hf.param_groups[0]["params"][0]]["previous_update"] = far  # a warm start far away: M(δ) > 0 after one CG step
+    # (measured: M(δ) = +11.0, f 5.3 → 16.3; Δf/M would be +1.0 and would have lowered λ)
+    hf.step((X, Y))
+    s = hf.stats
+    assert s["model_reduction_undamped"] > 0 and s["loss_after"] > s["loss"]
+    assert s["rho"] == -math.inf and s["next_damping"] == pytest.approx(1.5)
 
 
 def test_the_preconditioner_follows_lambda_and_is_on_for_feed_forward_nets_only():

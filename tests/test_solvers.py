@@ -74,7 +74,7 @@ def test_warm_start_counts_its_extra_product_and_converges_sooner():
 
 
 def relative_progress(q, j):
-    k = max(10, j // 10)
+    k = max(10, math.ceil(j / 10))
     return ((q[j] - q[j - k]) / q[j]).item() if j >= k and q[j] < 0 else math.inf
 
 
@@ -131,7 +131,7 @@ def test_negative_curvature_stops_or_goes_to_the_boundary():
     A = torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64))
     b = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     plain = conjugate_gradient(lambda v: A @ v, b)
-    assert plain.stop == "negative_curvature" and (plain.x == 0).all()  # no step along a direction of negative curvature
+    assert plain.stop == "negative_curvature" and (plain.x == 0).all() and plain.iterations == 0  # no step along it
     bounded = conjugate_gradient(lambda v: A @ v, b, radius=2.0)
     assert bounded.stop == "negative_curvature"
     torch.testing.assert_close(bounded.x, torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64))
@@ -145,7 +145,7 @@ def test_a_non_finite_product_stops_cg_without_touching_x():
         calls.append(1)
         return A @ v if len(calls) < 4 else torch.full_like(v, float("nan"))
     result = conjugate_gradient(flaky, b)
-    assert result.stop == "non_finite" and torch.isfinite(result.x).all() and result.iterations == 4
+    assert result.stop == "non_finite" and torch.isfinite(result.x).all() and result.iterations == 3  # the NaN step moved nothing
     torch.testing.assert_close(result.x, conjugate_gradient(lambda v: A @ v, b, max_iterations=3, tolerance=None).x)
 
 
@@ -186,3 +186,24 @@ def test_min_iterations_holds_the_progress_test_back():
     natural = conjugate_gradient(lambda v: A @ v, b, tolerance=1e-2).iterations
     held = conjugate_gradient(lambda v: A @ v, b, tolerance=1e-2, min_iterations=natural + 15)
     assert held.iterations >= natural + 15 and held.stop == "progress"
+
+
+@pytest.mark.parametrize("tolerance", [1e-2, 1e-3])
+def test_the_lagged_stop_of_the_gpu_path_returns_the_same_result_and_counts_its_spare_product(tolerance):
+    A, b = spd(200, 1e-3, 1.0, seed=7)
+    now = conjugate_gradient(lambda v: A @ v, b, tolerance=tolerance)
+    late = conjugate_gradient(lambda v: A @ v, b, tolerance=tolerance, _lagged=True)
+    assert (late.iterations, late.stop, late.products) == (now.iterations, now.stop, now.products)
+    assert now.discarded == 0 and late.discarded == 1  # one product computed past the stop, and said so
+    torch.testing.assert_close(late.x, now.x, rtol=0, atol=0)
+    torch.testing.assert_close(late.q, now.q, rtol=0, atol=0)
+    assert [s for s, _ in late.saved] == [s for s, _ in now.saved]
+    negative = torch.diag(torch.tensor([-1.0, 2.0], dtype=torch.float64))
+    lagged_negative = conjugate_gradient(lambda v: negative @ v, torch.tensor([1.0, 0.0], dtype=torch.float64), _lagged=True)
+    assert lagged_negative.stop == "negative_curvature" and (lagged_negative.x == 0).all()
+
+
+def test_an_overflowing_step_size_is_treated_like_non_finite_curvature():
+    b = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    result = conjugate_gradient(lambda v: 1e-320 * v, b)
+    assert result.stop == "non_finite" and torch.isfinite(result.x).all()
