@@ -106,3 +106,13 @@ def test_bench_hf_reports_counts_and_says_whether_it_solved_the_task():
     assert result["gradient_evaluations"] == result["steps"] and result["curvature_products"] > result["steps"]
     bad = subprocess.run([str(QNWB), "bench", "hf", "--task", "parity"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+@pytest.mark.slow
+def test_hessian_free_with_structural_damping_solves_addition_at_T_30():
+    """M&S 2011 §4.1: measured on this project's 2-core CPU — solved at step 105 (105 gradients, 25,687 curvature
+    products, ~30 minutes). The budget leaves room for a slower machine."""
+    from qnwb.bench import bench_hf
+
+    result = bench_hf("addition", T=30, seed=0, budget_s=5400.0)
+    assert result["solved"] and result["held_out_error"] == 0.0, result
