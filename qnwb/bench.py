@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .core import default_device, make_generator
+from .core import check_positive_int, default_device, make_generator
 from .curvature import GGN, FuncLinearization, _check_structural
 from .losses import matching_loss
 from .models import TanhRNN
@@ -76,12 +76,6 @@ SETUP_CAP = 3  # set-ups timed when their median is over SLOW_SETUP_S seconds
 SLOW_SETUP_S = 1.0
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be a positive int, got {value!r}")
-    return value
-
-
 def reference_problem(batch: int, steps: int, hidden: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """`(model, inputs, targets)`: a seeded `TanhRNN(2, hidden, 1)` and addition-problem-shaped data (a target at the last step only)."""
     generator = make_generator(seed)
@@ -106,7 +100,7 @@ def bench_curvature(
 ) -> dict[str, Any]:
     """Median seconds of a gradient, a GGN-vector product and a GGN set-up on the reference RNN problem, with their ratio."""
     for name, value in (("batch", batch), ("steps", steps), ("hidden", hidden), ("repeat", repeat)):
-        _positive_int(name, value)
+        check_positive_int(name, value)
     if route not in ROUTES:
         raise ValueError(f"route: {route!r} is not one of {', '.join(ROUTES)}")
     structural_weight = _check_structural("tanh", structural_weight)  # the GGN's own check, before any work

@@ -15,10 +15,9 @@ import torch
 
 import qnwb
 from .bench import DTYPES, ROUTES, bench_curvature, bench_hf, summary
-from .bench import _positive_int as _check_positive_int
 from .curvature import _check_structural
 from .tasks import TASKS, input_independent_error, make_task
-from .core import default_device
+from .core import check_positive_int, default_device
 
 # %% ../nbs/90_cli.ipynb #511de602
 def environment_info() -> dict[str, str]:
@@ -53,7 +52,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _positive_int(text: str) -> int:
     try:
-        return _check_positive_int("value", int(text))
+        return check_positive_int("value", int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
 

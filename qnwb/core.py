@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['ParamsLike', 'param_list', 'flat_params', 'flat_grads', 'unflatten', 'assign_flat_', 'FlatBuffer', 'default_device',
-           'seed_everything', 'make_generator', 'rng_state', 'set_rng_state']
+           'check_positive_int', 'seed_everything', 'make_generator', 'rng_state', 'set_rng_state']
 
 # %% ../nbs/00_core.ipynb #acd443b6
 ParamsLike = nn.Module | Iterable[Tensor] | Iterable[Mapping]
@@ -169,6 +169,13 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     return chosen
 
 # %% ../nbs/00_core.ipynb #d67651c6
+def check_positive_int(name: str, value) -> int:
+    """`value` if it is an int ≥ 1, else a ValueError naming the parameter `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    return value
+
+
 def _check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, linearize, vjp, vmap
 
-from .core import _check_vector, param_list, unflatten
+from .core import _check_vector, _flatten, check_positive_int, flat_params, param_list, unflatten
 from .losses import MatchingLoss, matching_loss
 
 # %% auto #0
@@ -107,9 +107,6 @@ class CurvatureOperator:
     def _views(self, v: Tensor) -> list[Tensor]:
         _check_vector(v, self.params, "v")
         return unflatten(v, self.params)
-
-    def _flat(self, tensors: Sequence[Tensor]) -> Tensor:
-        return torch.cat([t.reshape(-1) for t in tensors])
 
     def mv(self, v: Tensor) -> Tensor:
         raise NotImplementedError
@@ -205,7 +202,7 @@ class GGN(CurvatureOperator):
         "`(G + w G_S) v` for a flat `v` (the structural block is applied on the fly from the cached slopes)."
         jz, jt = self.linearization.jvp(self._views(v))
         dt = hidden_block_mv(self.linearization.hidden_slope, self.structural_damping, jt, self._w) if self.structural_damping and self._w else None
-        return self._flat(self.linearization.vjp(self.loss_hessian.mv(jz), dt))
+        return _flatten(self.linearization.vjp(self.loss_hessian.mv(jz), dt))
 
 # %% ../nbs/20_curvature.ipynb #fd2cced4
 class Hessian(CurvatureOperator):
@@ -222,7 +219,7 @@ class Hessian(CurvatureOperator):
     def mv(self, v: Tensor) -> Tensor:
         "`H v` for a flat `v`."
         hv = torch.autograd.grad(self._grads, self._leaves, self._views(v), retain_graph=True, materialize_grads=True)
-        return self._flat(hv).detach()
+        return _flatten(list(hv))
 
 
 def _case_function(model: nn.Module, preactivations: bool = False):
@@ -278,8 +275,7 @@ class EmpiricalFisher(CurvatureOperator):
 # %% ../nbs/20_curvature.ipynb #1ab5db7c
 def empirical_fisher_diagonal(model: nn.Module, loss: str | MatchingLoss, batch: tuple[Tensor, Tensor], chunk: int = 64) -> Tensor:
     """`diag(F) = (1/B) Σ_i sq(g_i)` (M&S 2012 §11.3), streaming `chunk` cases at a time."""
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk: must be a positive int, got {chunk!r}")
+    check_positive_int("chunk", chunk)
     params = [p.detach() for p in param_list(model)]
     total = None
     for gradients in _case_gradients(model, matching_loss(loss), params, batch, chunk):
@@ -304,8 +300,7 @@ def ggn_diagonal_estimate(
     generator: torch.Generator | None = None,  # a CPU generator, for reproducible draws
 ) -> Tensor:
     """Chapelle–Erhan estimate of `diag(G + w G_S)` as a flat vector (M&S 2012 §11.4, Algorithm 7)."""
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples: must be a positive int, got {samples!r}")
+    check_positive_int("samples", samples)
     structural_weight = _check_structural(structural_damping, structural_weight)
     loss = matching_loss(loss)
     inputs, targets = _split_batch(batch)
@@ -358,7 +353,7 @@ def finite_difference_check(
         raise ValueError(f"coordinates: must be a positive int or None, got {coordinates!r}")
     ggn = GGN(model, loss, batch, route=route)
     inputs, targets = _split_batch(batch)
-    theta = torch.cat([p.reshape(-1) for p in ggn.params])
+    theta = flat_params(ggn.params)
     n = theta.numel()
 
     def outputs(vector):
@@ -384,7 +379,7 @@ def finite_difference_check(
         jtw_fd.append((w * column).sum())
         gv_fd.append((l_jv_fd * column).sum())
     jtw_fd, gv_fd = torch.stack(jtw_fd), torch.stack(gv_fd)
-    jtw = ggn._flat(ggn.linearization.vjp(w))[chosen.to(theta.device)]
+    jtw = _flatten(ggn.linearization.vjp(w))[chosen.to(theta.device)]
     gv = ggn.mv(v)[chosen.to(theta.device)]
     return {"jvp": _relative_error(jv, jv_fd), "vjp": _relative_error(jtw, jtw_fd), "ggn": _relative_error(gv, gv_fd),
             "eps": eps, "coordinates": count, "parameters": n}

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .core import check_positive_int
 from .curvature import Linearization
 
 # %% auto #0
@@ -23,8 +24,7 @@ class TanhRNN(nn.Module):
                  generator: torch.Generator | None = None):
         super().__init__()
         for name, size in (("n_in", n_in), ("n_hidden", n_hidden), ("n_out", n_out), ("n_layers", n_layers)):
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"{name}: must be a positive int, got {size!r}")
+            check_positive_int(name, size)
         self.n_in, self.n_hidden, self.n_out, self.n_layers = n_in, n_hidden, n_out, n_layers
         options = {"device": device, "dtype": dtype}
         for layer in range(n_layers):

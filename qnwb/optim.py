@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .core import assign_flat_, flat_params
+from .core import _flatten, assign_flat_, flat_params
 from .curvature import GGN, STRUCTURAL_DISTANCES, Hessian, empirical_fisher_diagonal, ggn_diagonal_estimate
 from .losses import MatchingLoss, matching_loss
 from .solvers import conjugate_gradient
@@ -149,7 +148,7 @@ class HessianFree(torch.optim.Optimizer):
             value = self.loss(self.model(batch[0]), batch[1])
             grads = torch.autograd.grad(value, params, materialize_grads=True)
         f0 = float(value.detach())
-        g = torch.cat([gr.reshape(-1) for gr in grads])
+        g = _flatten(list(grads))
         theta = flat_params(params).clone()
         gradient_s = time.perf_counter() - clock
         state = self.state[params[0]]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .core import check_positive_int
+
 # %% auto #0
 __all__ = ['backtracking_grid', 'CGResult', 'conjugate_gradient']
 
@@ -64,8 +66,7 @@ def _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius
         raise TypeError("b: expected a 1-D floating-point tensor")
     if x0 is not None and (not isinstance(x0, Tensor) or x0.shape != b.shape or x0.dtype != b.dtype or x0.device != b.device):
         raise ValueError(f"x0: must be a tensor like b ({tuple(b.shape)}, {b.dtype}, {b.device})")
-    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
-        raise ValueError(f"max_iterations: must be a positive int, got {max_iterations!r}")
+    check_positive_int("max_iterations", max_iterations)
     if isinstance(min_iterations, bool) or not isinstance(min_iterations, int) or not 0 <= min_iterations <= max_iterations:
         raise ValueError(f"min_iterations: must be an int in [0, max_iterations], got {min_iterations!r}")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import default_device, make_generator
-from .losses import matching_loss
+from .core import check_positive_int, default_device, make_generator
 
 # %% auto #0
 __all__ = ['NOISE', 'X_SYMBOL', 'START', 'TRIGGER', 'TASKS', 'Task', 'task_figure', 'Addition', 'Multiplication', 'Xor',
@@ -49,8 +48,7 @@ class Task:
 
     def batch(self, cases: int, generator: torch.Generator | None = None, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
         """`(inputs, targets)` for `cases` sequences drawn with `generator` (a CPU generator; None: torch's global one)."""
-        if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
-            raise ValueError(f"cases: must be a positive int, got {cases!r}")
+        check_positive_int("cases", cases)
         inputs, targets = self._generate(cases, generator)
         device = torch.device("cpu") if device is None else default_device(device)
         return inputs.to(device, dtype), targets.to(device, dtype)
