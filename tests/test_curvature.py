@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from qnwb.core import flat_params

@@ -1,6 +1,5 @@
 """qnwb.data: IDX / MNIST / CIFAR-10 readers on files written here, corpora, CURVES, bouncing balls, pixel MNIST."""
 import ast
-import gzip
 import math
 import pickle
 from pathlib import Path
