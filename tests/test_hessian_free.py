@@ -189,7 +189,7 @@ def test_a_step_with_no_acceptable_length_is_rejected_and_theta_stays():
 
 
 def test_the_next_cg_run_starts_from_zeta_times_the_chosen_update(monkeypatch):
-    import qnwb.optim
+    import qnwb.optim.hessian_free
 
     model, X, Y = least_squares(3)
     hf = HessianFree(model, "squared_error", damping=0.5, warm_start=0.9, cg_max_iterations=3)
@@ -199,11 +199,11 @@ def test_the_next_cg_run_starts_from_zeta_times_the_chosen_update(monkeypatch):
     delta = flat_params(model) - before
     stored = hf.state[hf.param_groups[0]["params"][0]]["previous_update"]
     torch.testing.assert_close(stored, delta, rtol=1e-12, atol=1e-14)
-    starts, original = [], qnwb.optim.conjugate_gradient
+    starts, original = [], qnwb.optim.hessian_free.conjugate_gradient
     def recording(A, b, x0=None, **kwargs):
         starts.append(x0)
         return original(A, b, x0, **kwargs)
-    monkeypatch.setattr(qnwb.optim, "conjugate_gradient", recording)
+    monkeypatch.setattr(qnwb.optim.hessian_free, "conjugate_gradient", recording)
     hf.step((X, Y))
     torch.testing.assert_close(starts[0], 0.9 * delta, rtol=1e-12, atol=1e-14)
 
