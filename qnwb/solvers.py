@@ -34,11 +34,12 @@ class CGResult:
 
     x: Tensor  # the last iterate (on the trust-region boundary when that stopped CG)
     iterations: int  # CG steps taken
-    stop: str  # "progress", "max_iterations", "boundary", "negative_curvature", "converged" or "non_finite"
+    stop: str  # "progress", "max_iterations", "boundary", "negative_curvature", "converged", "non_finite" or "objective"
     products: int  # matrix-vector products computed (one more than the steps when x0 ≠ 0)
     q: Tensor  # q(x_i) for i = 0 … iterations, from the residual (a device tensor)
     saved: list[tuple[int, Tensor]] = field(default_factory=list)  # (step, iterate) at the backtracking grid and the last step
     discarded: int = 0  # products computed but not used (the lagged stop on a GPU reads its flag one product late)
+    monitored: list[tuple[int, float]] = field(default_factory=list)  # (step, monitor(x_step)) where the monitor was read
 
     @property
     def value(self) -> float:
@@ -61,7 +62,7 @@ def _solver_for(preconditioner) -> tuple[Callable[[Tensor], Tensor], Tensor | No
     raise TypeError(f"preconditioner: expected None, a 1-D tensor or a function, got {type(preconditioner).__name__}")
 
 
-def _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius):
+def _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius, monitor, monitor_every, monitor_window, monitor_tolerance):
     if not isinstance(b, Tensor) or b.dim() != 1 or not b.is_floating_point():
         raise TypeError("b: expected a 1-D floating-point tensor")
     if x0 is not None and (not isinstance(x0, Tensor) or x0.shape != b.shape or x0.dtype != b.dtype or x0.device != b.device):
@@ -73,6 +74,12 @@ def _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius
         raise ValueError(f"tolerance: must be None or in (0, 1), got {tolerance!r}")
     if radius is not None and not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
         raise ValueError(f"radius: must be None or a positive number, got {radius!r}")
+    if monitor is not None and not callable(monitor):
+        raise TypeError(f"monitor: expected None or a function x ↦ objective, got {type(monitor).__name__}")
+    check_positive_int("monitor_every", monitor_every)
+    check_positive_int("monitor_window", monitor_window)
+    if isinstance(monitor_tolerance, bool) or not isinstance(monitor_tolerance, (int, float)) or not 0 <= monitor_tolerance < math.inf:
+        raise ValueError(f"monitor_tolerance: must be a finite number ≥ 0, got {monitor_tolerance!r}")
 
 # %% ../nbs/30_solvers.ipynb #2bc6fd0a
 def conjugate_gradient(
@@ -86,10 +93,14 @@ def conjugate_gradient(
     tolerance: float | None = 1e-4,  # eq. 2's threshold on s_j; None: no progress test (and no reads)
     radius: float | None = None,  # Steihaug–Toint trust region ‖x‖_P ≤ radius (x0 must be zero)
     save_iterates: bool = True,  # keep the iterates at the backtracking grid ⌈5·1.3^j⌉ (§8.7)
+    monitor=None,  # a function x ↦ objective (HF: f(θ + x) on the curvature batch, §13's second recipe); None: off
+    monitor_every: int = 5,  # read the monitor every this many steps (§13: "do not need to be computed at every step")
+    monitor_window: int = 10,  # compare with the value read at least this many steps earlier (§13: "e.g. 10")
+    monitor_tolerance: float = 1e-3,  # stop when the value exceeds that one by this fraction of its magnitude
     _lagged: bool | None = None,  # read the stop flag one step late (default: on CUDA); settable for tests
 ) -> CGResult:
     """Preconditioned CG (M&S 2012 Algorithm 2) with relative-progress termination (eq. 2) and optional Steihaug–Toint truncation."""
-    _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius)
+    _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius, monitor, monitor_every, monitor_window, monitor_tolerance)
     mv = A.mv if hasattr(A, "mv") else A
     solve, diagonal = _solver_for(preconditioner)
     if radius is not None and preconditioner is not None and diagonal is None:
@@ -110,7 +121,7 @@ def conjugate_gradient(
     q = torch.empty(max_iterations + 1, dtype=b.dtype, device=b.device)
     q[0] = 0.5 * (r - b) @ x
     grid = set(backtracking_grid(max_iterations)) if save_iterates else set()
-    saved, stop, steps, previous, discarded = [], "max_iterations", 0, None, 0
+    saved, stop, steps, previous, discarded, monitored = [], "max_iterations", 0, None, 0, []
     zero = torch.zeros((), dtype=b.dtype, device=b.device)
 
     def norm2(v):  # ‖v‖²_P
@@ -147,6 +158,11 @@ def conjugate_gradient(
         q[steps] = 0.5 * (r - b) @ x
         if steps in grid:
             saved.append((steps, x))
+        if monitor is not None and steps % monitor_every == 0 and bool(ok):  # a host read, only on monitored steps
+            monitored.append((steps, float(monitor(x))))
+            if steps >= min_iterations and _worse(monitored, monitor_window, monitor_tolerance):
+                stop = "objective"
+                break
         flag = _stop_flag(q, steps, ok, ry, min_iterations, tolerance)
         state = (flag, q, steps, pAp, ry)
         if lagged:
@@ -163,7 +179,17 @@ def conjugate_gradient(
     q = q[: steps + 1]
     if save_iterates and (not saved or saved[-1][0] != steps):
         saved.append((steps, x))
-    return CGResult(x=x, iterations=steps, stop=stop, products=products, q=q, saved=saved if save_iterates else [], discarded=discarded)
+    return CGResult(x=x, iterations=steps, stop=stop, products=products, q=q, saved=saved if save_iterates else [], discarded=discarded,
+                    monitored=monitored)
+
+
+def _worse(monitored: list[tuple[int, float]], window: int, tolerance: float) -> bool:
+    "Whether the newest monitored value is worse than the newest one read at least `window` steps before it (§13), or not finite."
+    step, value = monitored[-1]
+    if not math.isfinite(value):
+        return True
+    earlier = [v for s, v in monitored if s <= step - window]
+    return bool(earlier) and value > earlier[-1] + tolerance * abs(earlier[-1])
 
 
 def _stop_flag(q: Tensor, j: int, ok: Tensor, ry: Tensor, min_iterations: int, tolerance: float | None) -> Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from qnwb.core import flat_params, make_generator
+from qnwb.core import assign_flat_, flat_params, make_generator
 from qnwb.curvature import GGN
 from qnwb.init import esn_init_
 from qnwb.models import TanhRNN
@@ -86,7 +86,7 @@ def test_state_dict_round_trips_mid_run_and_the_resumed_run_continues_identicall
 def first_update(**options):
     model, batch = addition_rnn(seed=3)
     before = flat_params(model).clone()
-    hf = HessianFree(model, "squared_error", damping=0.1, cg_max_iterations=20, line_search=False, backtracking=False, **options)
+    hf = HessianFree(model, "squared_error", damping=0.1, cg_max_iterations=20, line_search=False, iterate_selection="last", **options)
     hf.step(batch)
     return flat_params(model) - before, hf.stats
 
@@ -167,6 +167,13 @@ def test_a_smaller_curvature_batch_and_the_counts():
         ({"preconditioner_exponent": 0.0}, "preconditioner_exponent"),
         ({"preconditioner_exponent": 1.5}, "preconditioner_exponent"),
         ({"preconditioner_shift": -1.0}, "preconditioner_shift"),
+        ({"iterate_selection": "best"}, "iterate_selection"),
+        ({"warm_start_from": "first"}, "warm_start_from"),
+        ({"cg_objective_window": 0}, "cg_objective_window"),
+        ({"cg_objective_every": 0}, "cg_objective_every"),
+        ({"cg_objective_tolerance": -1e-3}, "cg_objective_tolerance"),
+        ({"learning_rate": lambda t: 0.0}, "learning_rate.*schedule at step 0"),
+        ({"warm_start": lambda t: 2.0}, "warm_start.*schedule at step 0"),
     ],
 )
 def test_bad_hyperparameters_get_clear_errors(options, words):
@@ -210,7 +217,7 @@ def test_the_next_cg_run_starts_from_zeta_times_the_chosen_update(monkeypatch):
 
 def test_a_step_that_raised_the_loss_raises_lambda_even_when_the_model_predicted_an_increase():
     model, X, Y = least_squares(8)
-    hf = HessianFree(model, "squared_error", damping=1.0, warm_start=1.0, cg_max_iterations=1, backtracking=False,
+    hf = HessianFree(model, "squared_error", damping=1.0, warm_start=1.0, cg_max_iterations=1, iterate_selection="last",
                      line_search=False, preconditioner=None)
     far = 20.0 * torch.randn(14, generator=make_generator(0), dtype=torch.float64)
     hf.state[hf.param_groups[0]["params"][0]]["previous_update"] = far  # a warm start far away: M(δ) > 0 after one CG step
@@ -258,7 +265,7 @@ def test_a_good_diagonal_preconditioner_speeds_up_a_badly_scaled_problem():
 def test_presets_of_section_13():
     model, X, Y = least_squares(5)
     original = HessianFree.preset("martens2010", model, "squared_error")
-    assert original.options["backtracking"] and original.options["line_search"] and original.options["preconditioner"] == "fisher"
+    assert original.options["iterate_selection"] == "backtracking" and original.options["line_search"] and original.options["preconditioner"] == "fisher"
     rnn, batch = addition_rnn()
     assert HessianFree.preset("rnn2011", rnn, "squared_error").param_groups[0]["structural_damping"] == pytest.approx(1 / 30)
     hybrid = HessianFree.preset("hybrid2013", model, "squared_error", cg_max_iterations=20)  # any argument can be changed
@@ -272,7 +279,7 @@ def test_the_learning_rate_scales_the_update_when_there_is_no_line_search():
     for rate in (1.0, 0.25):
         model, X, Y = least_squares(6)
         before = flat_params(model).clone()
-        hf = HessianFree(model, "squared_error", damping=0.1, learning_rate=rate, line_search=False, backtracking=False,
+        hf = HessianFree(model, "squared_error", damping=0.1, learning_rate=rate, line_search=False, iterate_selection="last",
                          preconditioner=None, cg_max_iterations=5)
         hf.step((X, Y))
         updates[rate] = flat_params(model) - before
@@ -297,3 +304,137 @@ def test_an_error_during_the_step_leaves_the_parameters_where_they_were(monkeypa
     with pytest.raises(KeyboardInterrupt):
         hf.step((X, Y))
     torch.testing.assert_close(flat_params(model), before, rtol=0, atol=0)
+
+
+def tanh_regression(seed=0):
+    """A small tanh network on noisy targets, with a gradient, a (small) curvature and a selection batch."""
+    g = make_generator(seed)
+    X = torch.randn(256, 8, generator=g, dtype=torch.float64)
+    Y = torch.sin(3 * X[:, :2]) + 0.3 * torch.randn(256, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 20), nn.Tanh(), nn.Linear(20, 2)).double()
+    return model, (X[:128], Y[:128]), (X[:16], Y[:16]), (X[128:], Y[128:])
+
+
+def recording_cg(monkeypatch):
+    """Record every CG call's starting point, monitor and result."""
+    import qnwb.optim.hessian_free as module
+    calls, original = [], module.conjugate_gradient
+    def recording(A, b, x0=None, **kwargs):
+        result = original(A, b, x0, **kwargs)
+        calls.append({"x0": x0, "monitor": kwargs.get("monitor"), "result": result})
+        return result
+    monkeypatch.setattr(module, "conjugate_gradient", recording)
+    return calls
+
+
+@torch.no_grad()
+def loss_at(model, params, x, batch):
+    saved = flat_params(model).clone()
+    assign_flat_(list(model.parameters()), params + x)
+    value = float(nn.functional.mse_loss(model(batch[0]), batch[1], reduction="sum") / (2 * len(batch[0])))
+    assign_flat_(list(model.parameters()), saved)
+    return value
+
+
+def test_the_objective_recipe_stops_cg_on_the_curvature_batch_and_picks_the_least_f_on_other_data(monkeypatch):
+    calls = recording_cg(monkeypatch)
+    model, batch, curvature, selection = tanh_regression()
+    hf = HessianFree.preset("objective2012", model, "squared_error", damping=1e-4)
+    hf.step(batch, curvature)  # a first step without selection data: its iterate becomes the next warm start
+    stops = []
+    for _ in range(3):
+        theta = flat_params(model).clone()
+        hf.step(batch, curvature, selection)
+        call, stats = calls[-1], hf.stats
+        stops.append(stats["cg_stop"])
+        # the warm start is zeta times the LAST iterate of the previous run, not the update taken
+        torch.testing.assert_close(call["x0"], 0.95 * calls[-2]["result"].x, rtol=0, atol=0)
+        # the monitor is f(theta + x) on the curvature batch, and reading it leaves the model where it was
+        x = 1e-2 * torch.randn(theta.shape, dtype=theta.dtype, generator=make_generator(1))
+        after = flat_params(model).clone()
+        assert call["monitor"](x) == pytest.approx(loss_at(model, theta, x, curvature), rel=1e-12)
+        assign_flat_(list(model.parameters()), after)
+        # the chosen iterate has the least f on the selection data among the kept iterates
+        values = {step: loss_at(model, theta, it, selection) for step, it in call["result"].saved}
+        assert stats["chosen_iterate"] == min(values, key=values.get)
+        assert stats["loss_evaluations"] >= len(call["result"].monitored) + len(values)
+        # rho and the line search measure f on the gradient batch, not on the selection data
+        assert stats["loss_after"] == pytest.approx(loss_at(model, flat_params(model), 0.0, batch), rel=1e-12)
+    assert "objective" in stops  # with a curvature batch of 16 cases CG overfits it and the test fires
+
+
+def test_a_step_without_the_objective_recipe_passes_no_monitor_and_warm_starts_from_the_update(monkeypatch):
+    calls = recording_cg(monkeypatch)
+    model, batch, curvature, selection = tanh_regression()
+    hf = HessianFree(model, "squared_error", damping=1e-4, iterate_selection="minimum")
+    for _ in range(2):
+        hf.step(batch, curvature, selection)
+    assert calls[-1]["monitor"] is None and calls[-1]["result"].monitored == []
+    stored = hf.state[hf.param_groups[0]["params"][0]]["previous_update"]
+    chosen = dict(calls[-1]["result"].saved)[hf.stats["chosen_iterate"]]
+    torch.testing.assert_close(stored, chosen, rtol=0, atol=0)
+
+
+def test_schedules_set_the_learning_rate_and_warm_start_of_every_step(monkeypatch):
+    calls = recording_cg(monkeypatch)
+    model, X, Y = least_squares(1)
+    seen = []
+    def rate(t):
+        seen.append(t)
+        return 1.0 / (t + 1)
+    hf = HessianFree(model, "squared_error", damping=0.1, learning_rate=rate, warm_start=lambda t: 0.5 if t < 2 else 0.9,
+                     line_search=False, iterate_selection="last", cg_max_iterations=3)
+    for t in range(4):
+        before = flat_params(model).clone()
+        hf.step((X, Y))
+        assert hf.stats["learning_rate"] == 1.0 / (t + 1) and hf.stats["warm_start"] == (0.5 if t < 2 else 0.9)
+        update = dict(calls[-1]["result"].saved)[hf.stats["chosen_iterate"]]
+        torch.testing.assert_close(flat_params(model) - before, update / (t + 1))
+        if t > 0:
+            torch.testing.assert_close(calls[-1]["x0"], hf.stats["warm_start"] * calls[-2]["result"].x)
+    assert seen[-4:] == [0, 1, 2, 3]
+    saved = copy.deepcopy(hf.state_dict())
+    assert "learning_rate" not in saved["options"]  # schedules are code: the constructor brings them back
+
+
+def test_state_dict_carries_the_options_and_the_chapelle_erhan_generator():
+    model, batch = addition_rnn()
+    options = dict(damping=0.5, structural_damping=0.3, cg_max_iterations=20, preconditioner="chapelle_erhan", seed=7,
+                   iterate_selection="minimum", warm_start_from="last")
+    hf = HessianFree(model, "squared_error", **options)
+    hf.step(batch)
+    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(hf.state_dict())
+    for _ in range(2):
+        hf.step(batch)
+    expected = flat_params(model).clone()
+
+    resumed_model, _ = addition_rnn()
+    resumed_model.load_state_dict(saved_model)
+    resumed = HessianFree(resumed_model, "squared_error", damping=0.5, structural_damping=0.3, cg_max_iterations=20,
+                          preconditioner="chapelle_erhan", seed=99)  # other options and seed: the state brings them back
+    resumed.load_state_dict(saved_optimizer)
+    assert resumed.options["iterate_selection"] == "minimum" and resumed.options["warm_start_from"] == "last"
+    for _ in range(2):
+        resumed.step(batch)
+    torch.testing.assert_close(flat_params(resumed_model), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how, expected", [("backtracking", 9), ("minimum", 5), ("last", 11)])
+def test_the_iterate_selection_rules(how, expected):
+    from types import SimpleNamespace
+    model, _, _ = least_squares()
+    hf = HessianFree(model, "squared_error", iterate_selection=how)
+    values = {5: 1.0, 7: 3.0, 9: 2.0, 11: 2.5}  # walking back from 11: 9 improves, 7 does not (§8.7 stops there)
+    iterates = {step: torch.full((3,), float(step)) for step in values}
+    cg = SimpleNamespace(saved=list(iterates.items()))
+    step, delta, f = hf._choose(cg, lambda x, data: values[int(x[0])], None)
+    assert (step, f) == (expected, values[expected]) and delta is iterates[expected]
+
+
+def test_selection_data_only_choose_the_iterate_rho_and_the_line_search_use_the_gradient_batch():
+    model, X, Y = least_squares(2)
+    hf = HessianFree(model, "squared_error", damping=0.1, iterate_selection="minimum", cg_max_iterations=20)
+    hf.step((X, Y), selection_batch=(X, Y + 10.0))  # f on the selection data is far above f on the gradient batch
+    assert hf.stats["rho"] == pytest.approx(1.0, abs=0.05)  # a linear model: the quadratic is exact
+    assert hf.stats["loss_after"] == pytest.approx(loss_at(model, flat_params(model), 0.0, (X, Y)), rel=1e-12)

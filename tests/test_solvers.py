@@ -171,6 +171,10 @@ def test_cg_on_a_damped_curvature_operator():
         ({"preconditioner": "diag"}, TypeError, "preconditioner"),
         ({"x0": torch.zeros(3, dtype=torch.float64)}, ValueError, "x0"),
         ({"x0": torch.ones(4, dtype=torch.float64), "radius": 1.0}, ValueError, "x0 = 0"),
+        ({"monitor": 3.0}, TypeError, "monitor"),
+        ({"monitor_every": 0}, ValueError, "monitor_every"),
+        ({"monitor_window": 0}, ValueError, "monitor_window"),
+        ({"monitor_tolerance": -0.1}, ValueError, "monitor_tolerance"),
     ],
 )
 def test_bad_arguments_get_clear_errors(kwargs, error, words):
@@ -207,3 +211,47 @@ def test_an_overflowing_step_size_is_treated_like_non_finite_curvature():
     b = torch.tensor([1.0, 1.0], dtype=torch.float64)
     result = conjugate_gradient(lambda v: 1e-320 * v, b)
     assert result.stop == "non_finite" and torch.isfinite(result.x).all()
+
+
+def scripted_monitor(values):
+    """A monitor that returns `values` in turn and records the iterates it was shown."""
+    shown = []
+    def monitor(x):
+        shown.append(x.clone())
+        return values[len(shown) - 1]
+    return monitor, shown
+
+
+@pytest.mark.parametrize("lagged", [False, True])
+def test_the_monitor_stops_cg_when_the_objective_is_worse_than_a_window_earlier(lagged):
+    A, b = spd(60, 1e-3, 1.0, seed=4)
+    # read at steps 3, 6, 9, 12, 15, 18: step 15 (1.0) is not worse than step 9 (1.0) within 10 %, step 18 (1.2) is
+    monitor, shown = scripted_monitor([3.0, 2.0, 1.0, 0.9, 1.0 + 0.09, 1.2, 0.1])
+    result = conjugate_gradient(lambda v: A @ v, b, tolerance=None, monitor=monitor, monitor_every=3, monitor_window=9,
+                                monitor_tolerance=0.1, _lagged=lagged)
+    assert result.stop == "objective" and result.iterations == 18 and len(shown) == 6
+    assert [step for step, _ in result.monitored] == [3, 6, 9, 12, 15, 18]
+    plain = conjugate_gradient(lambda v: A @ v, b, tolerance=None, max_iterations=18)
+    torch.testing.assert_close(result.x, plain.x)  # the monitor only reads: the iterates are CG's own
+    torch.testing.assert_close(shown[-1], plain.x)
+    assert result.saved[-1][0] == 18 and result.products == 18
+
+
+def test_the_monitor_respects_min_iterations_and_stops_on_a_non_finite_value():
+    A, b = spd(60, 1e-3, 1.0, seed=4)
+    monitor, _ = scripted_monitor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    held = conjugate_gradient(lambda v: A @ v, b, tolerance=None, monitor=monitor, monitor_every=2, monitor_window=2,
+                              min_iterations=9)
+    assert held.stop == "objective" and held.iterations == 10  # worse from step 4 on, but not before step 9
+    monitor, _ = scripted_monitor([1.0, math.nan])
+    broken = conjugate_gradient(lambda v: A @ v, b, tolerance=None, monitor=monitor, monitor_every=5)
+    assert broken.stop == "objective" and broken.iterations == 10
+
+
+def test_a_monitor_on_the_quadratic_itself_never_stops_cg():
+    A, b = spd(40, seed=5)
+    result = conjugate_gradient(lambda v: A @ v, b, tolerance=None, max_iterations=40, monitor=lambda x: q_of(A, b, x),
+                                monitor_every=1, monitor_window=1, monitor_tolerance=1e-9)
+    assert result.stop == "max_iterations" and len(result.monitored) == 40
+    values = [v for _, v in result.monitored]
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(values, values[1:]))

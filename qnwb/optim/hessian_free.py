@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..core import _flatten, assign_flat_, flat_params
+from ..core import _flatten, assign_flat_, check_positive_int, flat_params, make_generator
 from ..curvature import GGN, STRUCTURAL_DISTANCES, Hessian, empirical_fisher_diagonal, ggn_diagonal_estimate
 from ..losses import MatchingLoss, matching_loss
 from ..solvers import conjugate_gradient
@@ -57,9 +58,13 @@ class HessianFree(torch.optim.Optimizer):
         cg_max_iterations: int = 250,  # §8.7
         cg_min_iterations: int = 1,
         cg_tolerance: float = 1e-4,  # eq. 2
-        warm_start: float = 0.95,  # ζ: CG starts from ζ·δ_{k−1} (§10); may change between steps
-        learning_rate: float = 1.0,  # ε: θ ← θ + εδ (the line search starts there); the hybrid of A.6 schedules it
-        backtracking: bool = True,  # choose among the kept CG iterates by the objective (§8.7)
+        warm_start: float | Callable[[int], float] = 0.95,  # ζ: CG starts from ζ·δ_{k−1} (§10); or a schedule t ↦ ζ
+        learning_rate: float | Callable[[int], float] = 1.0,  # ε: θ ← θ + εδ (the line search starts there); or t ↦ ε (A.6)
+        iterate_selection: str = "backtracking",  # "backtracking" (§8.7), "minimum" (least f of the kept iterates, §13) or "last"
+        warm_start_from: str = "chosen",  # "chosen": the update taken (§10); "last": CG's last iterate (Martens' code, §13)
+        cg_objective_window: int | None = None,  # §13's second recipe: stop CG when f on the curvature batch is worse than
+        cg_objective_every: int = 5,  # ... its value this many CG steps earlier (read every cg_objective_every steps)
+        cg_objective_tolerance: float = 1e-3,  # ... by more than this fraction of its magnitude
         line_search: bool = True,  # backtracking Armijo search on the chosen update (§8.8)
         armijo: float = 1e-2,  # c in f(θ + αδ) ≤ f(θ) + cα∇fᵀδ
         line_search_factor: float = 0.8,  # α ← α·factor
@@ -70,13 +75,14 @@ class HessianFree(torch.optim.Optimizer):
         preconditioner_shift: float = 0.0,  # κ
         preconditioner_samples: int = 1,  # Chapelle–Erhan draws per step
         route: str = "auto",  # the curvature engine's linearisation route
+        seed: int | None = None,  # the Chapelle–Erhan draws come from a generator seeded with this (saved in state_dict)
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         _check_number("damping", damping, 0.0, low_open=True)  # the LM rule is multiplicative: λ = 0 could never rise
         _check_number("structural_damping", structural_damping, 0.0)
-        _check_number("warm_start", warm_start, 0.0, 1.0)
-        _check_number("learning_rate", learning_rate, 0.0, low_open=True)
+        self.schedules = {name: value for name, value in (("warm_start", warm_start), ("learning_rate", learning_rate)) if callable(value)}
+        warm_start, learning_rate = (_scheduled(name, value, 0) for name, value in (("warm_start", warm_start), ("learning_rate", learning_rate)))
         _check_number("cg_tolerance", cg_tolerance, 0.0, 1.0, low_open=True, high_open=True)
         _check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
         _check_number("line_search_factor", line_search_factor, 0.0, 1.0, low_open=True, high_open=True)
@@ -92,6 +98,14 @@ class HessianFree(torch.optim.Optimizer):
             raise ValueError(f"curvature: {curvature!r} is not 'ggn' or 'hessian'")
         if curvature == "hessian" and structural_damping > 0:
             raise ValueError("structural_damping: needs curvature='ggn' (it is a Gauss-Newton term)")
+        if iterate_selection not in ("backtracking", "minimum", "last"):
+            raise ValueError(f"iterate_selection: {iterate_selection!r} is not 'backtracking', 'minimum' or 'last'")
+        if warm_start_from not in ("chosen", "last"):
+            raise ValueError(f"warm_start_from: {warm_start_from!r} is not 'chosen' or 'last'")
+        if cg_objective_window is not None:
+            check_positive_int("cg_objective_window", cg_objective_window)
+        check_positive_int("cg_objective_every", cg_objective_every)
+        _check_number("cg_objective_tolerance", cg_objective_tolerance, 0.0)
         if rho not in ("undamped", "damped"):
             raise ValueError(f"rho: {rho!r} is not 'undamped' or 'damped'")
         if preconditioner not in (None, "auto", "fisher", "chapelle_erhan"):
@@ -105,11 +119,17 @@ class HessianFree(torch.optim.Optimizer):
                         learning_rate=float(learning_rate),
                         cg_max_iterations=cg_max_iterations, cg_min_iterations=cg_min_iterations, cg_tolerance=cg_tolerance)
         super().__init__(model.parameters(), defaults)
-        self.options = dict(structural_distance=structural_distance, curvature=curvature, backtracking=backtracking,
+        self.options = dict(structural_distance=structural_distance, curvature=curvature, iterate_selection=iterate_selection,
+                            warm_start_from=warm_start_from, cg_objective_window=cg_objective_window,
+                            cg_objective_every=cg_objective_every, cg_objective_tolerance=cg_objective_tolerance,
                             line_search=line_search, armijo=armijo, line_search_factor=line_search_factor,
                             line_search_tries=line_search_tries, rho=rho, route=route, preconditioner=preconditioner,
                             preconditioner_exponent=preconditioner_exponent, preconditioner_shift=preconditioner_shift,
                             preconditioner_samples=preconditioner_samples)
+        if seed is not None:
+            self.generator = make_generator(seed)
+        else:  # drawn from torch's global stream, so qnwb.core.seed_everything makes it reproducible
+            self.generator = make_generator(int(torch.randint(0, 2**32, ())))
         self.last_preconditioner: Tensor | None = None
         self.stats: dict[str, float | int | str] = {}
 
@@ -135,13 +155,21 @@ class HessianFree(torch.optim.Optimizer):
         else:
             distance = self.options["structural_distance"] if μ > 0 else None
             diagonal = ggn_diagonal_estimate(self.model, self.loss, batch, samples=self.options["preconditioner_samples"],
-                                             structural_damping=distance, structural_weight=λ * μ)
+                                             structural_damping=distance, structural_weight=λ * μ, generator=self.generator)
         return (diagonal + λ + self.options["preconditioner_shift"]).pow(self.options["preconditioner_exponent"])
 
-    def step(self, batch: tuple[Tensor, Tensor], curvature_batch: tuple[Tensor, Tensor] | None = None) -> float:
-        """One HF step on the gradient `batch` (and `curvature_batch`, default the same); returns the loss before it."""
+    def step(
+        self,
+        batch: tuple[Tensor, Tensor],  # (inputs, targets) for the gradient, ρ and the line search
+        curvature_batch: tuple[Tensor, Tensor] | None = None,  # for the curvature products (§12.1); default: batch
+        selection_batch: tuple[Tensor, Tensor] | None = None,  # data that chooses among CG's iterates (§13); default: batch
+    ) -> float:
+        """One HF step; returns the loss on `batch` before it."""
         group = self.param_groups[0]
         params: list[Tensor] = group["params"]
+        state = self.state[params[0]]
+        for name, schedule in self.schedules.items():  # the schedules see t = the number of steps taken so far
+            group[name] = _scheduled(name, schedule, state.get("step", 0))
         λ, ζ = group["damping"], group["warm_start"]
         clock = time.perf_counter()
         with torch.enable_grad():
@@ -151,49 +179,64 @@ class HessianFree(torch.optim.Optimizer):
         g = _flatten(list(grads))
         theta = flat_params(params).clone()
         gradient_s = time.perf_counter() - clock
-        state = self.state[params[0]]
         if not math.isfinite(f0) or not bool(torch.isfinite(g).all()):
             raise FloatingPointError(f"HessianFree: the loss or its gradient is not finite at the current parameters (loss {f0})")
 
-        clock = time.perf_counter()
-        curvature_batch = batch if curvature_batch is None else curvature_batch
-        op = self._curvature(curvature_batch, group)
-        self.last_preconditioner = P = self._preconditioner(curvature_batch, group)
-        previous = state.get("previous_update")
-        x0 = ζ * previous if previous is not None and ζ > 0 else None
-        cg = conjugate_gradient(lambda v: op.mv(v) + λ * v, -g, x0, preconditioner=P, max_iterations=group["cg_max_iterations"],
-                                min_iterations=min(group["cg_min_iterations"], group["cg_max_iterations"]), tolerance=group["cg_tolerance"])
-        cg_s = time.perf_counter() - clock
-
         try:
-            return self._finish(batch, params, group, state, theta, f0, g, op, cg, λ, gradient_s, cg_s)
+            clock = time.perf_counter()
+            curvature_batch = batch if curvature_batch is None else curvature_batch
+            op = self._curvature(curvature_batch, group)
+            self.last_preconditioner = P = self._preconditioner(curvature_batch, group)
+            previous = state.get("previous_update")
+            x0 = ζ * previous if previous is not None and ζ > 0 else None
+            monitor = None
+            if self.options["cg_objective_window"] is not None:  # §13's second recipe: f(θ + x) on the curvature batch
+                def monitor(x: Tensor) -> float:
+                    assign_flat_(params, theta + x)
+                    return self._objective(curvature_batch)
+            cg = conjugate_gradient(lambda v: op.mv(v) + λ * v, -g, x0, preconditioner=P, max_iterations=group["cg_max_iterations"],
+                                    min_iterations=min(group["cg_min_iterations"], group["cg_max_iterations"]),
+                                    tolerance=group["cg_tolerance"], monitor=monitor,
+                                    monitor_every=self.options["cg_objective_every"],
+                                    monitor_window=self.options["cg_objective_window"] or 10,
+                                    monitor_tolerance=self.options["cg_objective_tolerance"])
+            cg_s = time.perf_counter() - clock
+            return self._finish(batch, selection_batch, params, group, state, theta, f0, g, op, cg, λ, gradient_s, cg_s)
         except BaseException:
             assign_flat_(params, theta)  # never leave the model at a trial point
             raise
 
-    def _finish(self, batch, params, group, state, theta, f0, g, op, cg, λ, gradient_s, cg_s) -> float:
-        "Choose the update among CG's iterates, adapt λ, search along it and apply it (the second half of `step`)."
-        clock = time.perf_counter()
-        evaluations = 0
-
-        def f_at(x: Tensor) -> float:
-            nonlocal evaluations
-            evaluations += 1
-            assign_flat_(params, theta + x)
-            return self._objective(batch)
-
-        candidates = cg.saved if self.options["backtracking"] else cg.saved[-1:]
+    def _choose(self, cg, f_at, selection_batch) -> tuple[int, Tensor, float]:
+        "(step, iterate, f) chosen among CG's kept iterates by `iterate_selection` (f on `selection_batch`, default the gradient batch)."
+        how = self.options["iterate_selection"]
+        candidates = cg.saved[-1:] if how == "last" else cg.saved
         chosen_step, delta, f_new = None, None, math.inf
-        # From the last kept iterate back, while the objective keeps improving (§8.7). The next CG run starts from the
-        # iterate chosen here (§10's "previous update"); Martens' code starts from CG's last iterate instead.
+        # "backtracking": from the last kept iterate back, while the objective keeps improving (§8.7);
+        # "minimum": every kept iterate, the least f (§13's second recipe, on data outside the curvature batch)
         for step_index, x in reversed(candidates):
-            f_x = f_at(x)
+            f_x = f_at(x, selection_batch)
             if math.isfinite(f_x) and f_x < f_new:
                 chosen_step, delta, f_new = step_index, x, f_x
-            elif delta is not None:
+            elif delta is not None and how == "backtracking":
                 break
         if delta is None:  # every candidate was non-finite
             chosen_step, delta = cg.saved[-1]
+        return chosen_step, delta, f_new
+
+    def _finish(self, batch, selection_batch, params, group, state, theta, f0, g, op, cg, λ, gradient_s, cg_s) -> float:
+        "Choose the update among CG's iterates, adapt λ, search along it and apply it (the second half of `step`)."
+        clock = time.perf_counter()
+        evaluations = len(cg.monitored)
+
+        def f_at(x: Tensor, data=None) -> float:
+            nonlocal evaluations
+            evaluations += 1
+            assign_flat_(params, theta + x)
+            return self._objective(batch if data is None else data)
+
+        chosen_step, delta, f_new = self._choose(cg, f_at, selection_batch)
+        if selection_batch is not None and math.isfinite(f_new):
+            f_new = f_at(delta)  # ρ and the line search measure f on the gradient batch
         weight = getattr(op, "structural_weight", 0.0)
         if isinstance(op, GGN):
             op.structural_weight = 0.0
@@ -226,25 +269,56 @@ class HessianFree(torch.optim.Optimizer):
                 alpha, f_new = 0.0, f0  # reject the step: θ stays, λ rises
         assign_flat_(params, theta + alpha * delta if alpha > 0 else theta)
         group["damping"] = levenberg_marquardt(λ, rho)  # after the search: an interrupted step leaves λ as it was
-        finite = bool(torch.isfinite(delta).all())
-        state["previous_update"] = delta.clone() if finite else torch.zeros_like(delta)
+        start = delta if self.options["warm_start_from"] == "chosen" else cg.x
+        state["previous_update"] = start.clone() if bool(torch.isfinite(start).all()) else torch.zeros_like(start)
         state["step"] = state.get("step", 0) + 1
         self.stats = {
             "step": state["step"], "loss": f0, "loss_after": f_new, "rho": rho, "damping": λ, "next_damping": group["damping"],
-            "structural_weight": weight, "cg_iterations": cg.iterations, "cg_stop": cg.stop, "chosen_iterate": chosen_step,
+            "structural_weight": weight, "learning_rate": group["learning_rate"], "warm_start": group["warm_start"],
+            "cg_iterations": cg.iterations, "cg_stop": cg.stop, "chosen_iterate": chosen_step,
             "step_size": alpha, "line_search_tries": tries, "model_reduction_undamped": undamped, "model_reduction_damped": damped,
             "gradient_evaluations": 1, "loss_evaluations": evaluations, "curvature_products": cg.products + cg.discarded + 1,
             "gradient_s": gradient_s, "cg_s": cg_s, "evaluation_s": time.perf_counter() - clock,
         }
         return f0
 
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus the options and the Chapelle–Erhan generator, so a resumed run continues identically."""
+        return {**super().state_dict(), "options": dict(self.options), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore `state_dict()`'s contents (options included; schedules are code and come from the constructor)."""
+        state_dict = dict(state_dict)
+        options, generator = state_dict.pop("options", None), state_dict.pop("generator", None)
+        super().load_state_dict(state_dict)
+        if options is not None:
+            self.options = dict(options)
+        if generator is not None:
+            self.generator.set_state(generator)
+
+
+def _scheduled(name: str, value, t: int) -> float:
+    "The value of a hyperparameter that is a number or a schedule t ↦ number, checked against its range."
+    number = value(t) if callable(value) else value
+    where = f" (its schedule at step {t})" if callable(value) else ""
+    try:
+        if name == "warm_start":
+            _check_number(name, number, 0.0, 1.0)
+        else:
+            _check_number(name, number, 0.0, low_open=True)
+    except ValueError as error:
+        raise ValueError(f"{error}{where}") from None
+    return float(number)
+
 # %% ../../nbs/40_hessian_free.ipynb #aa92b3b5
 PRESETS = {
-    "martens2010": dict(backtracking=True, line_search=True, cg_max_iterations=250, preconditioner="fisher",
+    "martens2010": dict(iterate_selection="backtracking", line_search=True, cg_max_iterations=250, preconditioner="fisher",
                         preconditioner_exponent=0.75, preconditioner_shift=0.0, warm_start=0.95),
-    "rnn2011": dict(backtracking=True, line_search=True, cg_max_iterations=250, preconditioner=None,
+    "rnn2011": dict(iterate_selection="backtracking", line_search=True, cg_max_iterations=250, preconditioner=None,
                     structural_damping=1 / 30, warm_start=0.95),
-    "hybrid2013": dict(backtracking=False, line_search=False, learning_rate=1.0, cg_max_iterations=50, warm_start=0.95,
+    "objective2012": dict(iterate_selection="minimum", warm_start_from="last", cg_objective_window=10, cg_objective_every=5,
+                          line_search=True, cg_max_iterations=250, preconditioner="fisher", warm_start=0.95),
+    "hybrid2013": dict(iterate_selection="last", line_search=False, learning_rate=1.0, cg_max_iterations=50, warm_start=0.95,
                        preconditioner="fisher"),
 }
 
