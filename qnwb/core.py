@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb #1938fb5f
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Iterable, Mapping
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['ParamsLike', 'param_list', 'flat_params', 'flat_grads', 'unflatten', 'assign_flat_', 'FlatBuffer', 'default_device',
-           'check_positive_int', 'seed_everything', 'make_generator', 'rng_state', 'set_rng_state']
+           'check_positive_int', 'check_number', 'seed_everything', 'make_generator', 'rng_state', 'set_rng_state']
 
 # %% ../nbs/00_core.ipynb #acd443b6
 ParamsLike = nn.Module | Iterable[Tensor] | Iterable[Mapping]
@@ -174,6 +175,17 @@ def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: must be a positive int, got {value!r}")
     return value
+
+
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """`value` as a float if it is a finite number in the range, else a ValueError naming `name` and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+        raise ValueError(f"{name}: must be in {left}{low}, {high}{right}, got {value!r}")
+    return float(value)
 
 
 def _check_seed(seed: int) -> None:

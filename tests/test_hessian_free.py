@@ -172,8 +172,8 @@ def test_a_smaller_curvature_batch_and_the_counts():
         ({"cg_objective_window": 0}, "cg_objective_window"),
         ({"cg_objective_every": 0}, "cg_objective_every"),
         ({"cg_objective_tolerance": -1e-3}, "cg_objective_tolerance"),
-        ({"learning_rate": lambda t: 0.0}, "learning_rate.*schedule at step 0"),
-        ({"warm_start": lambda t: 2.0}, "warm_start.*schedule at step 0"),
+        ({"learning_rate": lambda t: 0.0}, "learning_rate.*schedule at update 0"),
+        ({"warm_start": lambda t: 2.0}, "warm_start.*schedule at update 0"),
     ],
 )
 def test_bad_hyperparameters_get_clear_errors(options, words):

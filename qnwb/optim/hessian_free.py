@@ -12,9 +12,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..core import _flatten, assign_flat_, check_positive_int, flat_params, make_generator
+from ..core import _flatten, assign_flat_, check_number, check_positive_int, flat_params, make_generator
 from ..curvature import GGN, STRUCTURAL_DISTANCES, Hessian, empirical_fisher_diagonal, ggn_diagonal_estimate
 from ..losses import MatchingLoss, matching_loss
+from .schedules import evaluate_schedule
 from ..solvers import conjugate_gradient
 
 # %% auto #0
@@ -31,14 +32,6 @@ def levenberg_marquardt(damping: float, rho: float, decrease: float = 2 / 3, inc
     return damping
 
 # %% ../../nbs/40_hessian_free.ipynb #c700b839
-def _check_number(name: str, value, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
-    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
-        left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
-        raise ValueError(f"{name}: must be in {left}{low}, {high}{right}, got {value!r}")
-
-
 def _recurrent(model: nn.Module) -> bool:
     "Whether `model` contains a recurrent layer (torch's, or one with a hidden-to-hidden matrix W_hh like qnwb's TanhRNN)."
     return any(isinstance(m, nn.RNNBase) or hasattr(m, "W_hh") for m in model.modules())
@@ -79,13 +72,13 @@ class HessianFree(torch.optim.Optimizer):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        _check_number("damping", damping, 0.0, low_open=True)  # the LM rule is multiplicative: λ = 0 could never rise
-        _check_number("structural_damping", structural_damping, 0.0)
+        check_number("damping", damping, 0.0, low_open=True)  # the LM rule is multiplicative: λ = 0 could never rise
+        check_number("structural_damping", structural_damping, 0.0)
         self.schedules = {name: value for name, value in (("warm_start", warm_start), ("learning_rate", learning_rate)) if callable(value)}
-        warm_start, learning_rate = (_scheduled(name, value, 0) for name, value in (("warm_start", warm_start), ("learning_rate", learning_rate)))
-        _check_number("cg_tolerance", cg_tolerance, 0.0, 1.0, low_open=True, high_open=True)
-        _check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
-        _check_number("line_search_factor", line_search_factor, 0.0, 1.0, low_open=True, high_open=True)
+        warm_start, learning_rate = (self._hyperparameter(name, value, 0) for name, value in (("warm_start", warm_start), ("learning_rate", learning_rate)))
+        check_number("cg_tolerance", cg_tolerance, 0.0, 1.0, low_open=True, high_open=True)
+        check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
+        check_number("line_search_factor", line_search_factor, 0.0, 1.0, low_open=True, high_open=True)
         for name, value, low in (("cg_max_iterations", cg_max_iterations, 1), ("cg_min_iterations", cg_min_iterations, 0),
                                  ("line_search_tries", line_search_tries, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -105,13 +98,13 @@ class HessianFree(torch.optim.Optimizer):
         if cg_objective_window is not None:
             check_positive_int("cg_objective_window", cg_objective_window)
         check_positive_int("cg_objective_every", cg_objective_every)
-        _check_number("cg_objective_tolerance", cg_objective_tolerance, 0.0)
+        check_number("cg_objective_tolerance", cg_objective_tolerance, 0.0)
         if rho not in ("undamped", "damped"):
             raise ValueError(f"rho: {rho!r} is not 'undamped' or 'damped'")
         if preconditioner not in (None, "auto", "fisher", "chapelle_erhan"):
             raise ValueError(f"preconditioner: {preconditioner!r} is not None, 'auto', 'fisher' or 'chapelle_erhan'")
-        _check_number("preconditioner_exponent", preconditioner_exponent, 0.0, 1.0, low_open=True)
-        _check_number("preconditioner_shift", preconditioner_shift, 0.0)
+        check_number("preconditioner_exponent", preconditioner_exponent, 0.0, 1.0, low_open=True)
+        check_number("preconditioner_shift", preconditioner_shift, 0.0)
         if preconditioner == "auto":  # M&S 2011 §3: no diagonal preconditioning for RNNs; §13: on for feed-forward nets
             preconditioner = None if _recurrent(model) else "fisher"
         self.model, self.loss = model, matching_loss(loss)
@@ -132,6 +125,11 @@ class HessianFree(torch.optim.Optimizer):
             self.generator = make_generator(int(torch.randint(0, 2**32, ())))
         self.last_preconditioner: Tensor | None = None
         self.stats: dict[str, float | int | str] = {}
+
+    @staticmethod
+    def _hyperparameter(name: str, value, t: int) -> float:
+        "ζ ∈ [0, 1] or ε > 0, given as a number or a schedule evaluated at update t."
+        return evaluate_schedule(name, value, t, 0.0, 1.0) if name == "warm_start" else evaluate_schedule(name, value, t, 0.0, low_open=True)
 
     @torch.no_grad()
     def _objective(self, batch) -> float:
@@ -169,7 +167,7 @@ class HessianFree(torch.optim.Optimizer):
         params: list[Tensor] = group["params"]
         state = self.state[params[0]]
         for name, schedule in self.schedules.items():  # the schedules see t = the number of steps taken so far
-            group[name] = _scheduled(name, schedule, state.get("step", 0))
+            group[name] = self._hyperparameter(name, schedule, state.get("step", 0))
         λ, ζ = group["damping"], group["warm_start"]
         clock = time.perf_counter()
         with torch.enable_grad():
@@ -295,20 +293,6 @@ class HessianFree(torch.optim.Optimizer):
             self.options = dict(options)
         if generator is not None:
             self.generator.set_state(generator)
-
-
-def _scheduled(name: str, value, t: int) -> float:
-    "The value of a hyperparameter that is a number or a schedule t ↦ number, checked against its range."
-    number = value(t) if callable(value) else value
-    where = f" (its schedule at step {t})" if callable(value) else ""
-    try:
-        if name == "warm_start":
-            _check_number(name, number, 0.0, 1.0)
-        else:
-            _check_number(name, number, 0.0, low_open=True)
-    except ValueError as error:
-        raise ValueError(f"{error}{where}") from None
-    return float(number)
 
 # %% ../../nbs/40_hessian_free.ipynb #aa92b3b5
 PRESETS = {
