@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import assign_flat_, check_positive_int, flat_grads, flat_params, param_list
-from .hessian_free import _check_number
+from ..core import assign_flat_, check_number, check_positive_int, flat_grads, flat_params, param_list
 from .memory import CURVATURE_RULES, DIAGONAL_KINDS, DiagonalScaling, PairMemory, curvature_condition, powell_damping, two_loop
 
 # %% auto #0
@@ -188,7 +187,7 @@ class LBFGS(torch.optim.Optimizer):
         full_batch: bool = False,  # the closure is deterministic: reuse the evaluation at the accepted point
     ):
         tensors = _one_group(params)
-        _check_number("lr", lr, 0.0, low_open=True)
+        check_number("lr", lr, 0.0, low_open=True)
         check_positive_int("memory", memory)
         if line_search not in LINE_SEARCHES:
             raise ValueError(f"line_search: {line_search!r} is not one of {LINE_SEARCHES}")
@@ -196,18 +195,18 @@ class LBFGS(torch.optim.Optimizer):
             check_positive_int("forget_every", forget_every)
         if h0 not in LBFGS_H0:
             raise ValueError(f"h0: {h0!r} is not one of {LBFGS_H0}")
-        _check_number("curvature_skip", curvature_skip, 0.0)
+        check_number("curvature_skip", curvature_skip, 0.0)
         if curvature_rule not in CURVATURE_RULES:
             raise ValueError(f"curvature_rule: {curvature_rule!r} is not one of {CURVATURE_RULES}")
         for name, flag in (("powell_damping", powell_damping), ("full_batch", full_batch)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}: expected a bool, got {flag!r}")
-        _check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
-        _check_number("wolfe", wolfe, armijo, 1.0, low_open=True, high_open=True)
-        _check_number("backtrack", backtrack, 0.0, 1.0, low_open=True, high_open=True)
+        check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
+        check_number("wolfe", wolfe, armijo, 1.0, low_open=True, high_open=True)
+        check_number("backtrack", backtrack, 0.0, 1.0, low_open=True, high_open=True)
         check_positive_int("max_evaluations", max_evaluations)
-        _check_number("h0_epsilon", h0_epsilon, 0.0, low_open=True)
-        _check_number("rmsprop_decay", rmsprop_decay, 0.0, 1.0, low_open=True, high_open=True)
+        check_number("h0_epsilon", h0_epsilon, 0.0, low_open=True)
+        check_number("rmsprop_decay", rmsprop_decay, 0.0, 1.0, low_open=True, high_open=True)
         defaults = dict(lr=float(lr), memory=memory, line_search=line_search, forget_every=forget_every, h0=h0,
                         curvature_skip=float(curvature_skip), curvature_rule=curvature_rule, powell_damping=powell_damping,
                         armijo=float(armijo), wolfe=float(wolfe), backtrack=float(backtrack), max_evaluations=max_evaluations,

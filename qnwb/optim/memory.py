@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core import check_positive_int
-from .hessian_free import _check_number
+from ..core import check_number, check_positive_int
 
 # %% auto #0
 __all__ = ['H0_KINDS', 'DIAGONAL_KINDS', 'CURVATURE_RULES', 'PairMemory', 'two_loop', 'DiagonalScaling', 'curvature_condition',
@@ -186,7 +185,7 @@ def _initial_matrix(memory: PairMemory, h0, check: bool) -> Tensor | float | Non
         if h0 == "scaling":
             return memory.newest_scaling()
     elif isinstance(h0, (int, float)) and not isinstance(h0, bool):
-        _check_number("h0", h0, 0.0, low_open=True)
+        check_number("h0", h0, 0.0, low_open=True)
         return float(h0)
     elif isinstance(h0, Tensor):
         if not h0.is_floating_point() or h0.shape not in ((), (memory.n,)):
@@ -252,8 +251,8 @@ class DiagonalScaling:
         check_positive_int("n", n)
         if kind not in DIAGONAL_KINDS:
             raise ValueError(f"kind: {kind!r} is not one of {DIAGONAL_KINDS}")
-        _check_number("epsilon", epsilon, 0.0, low_open=True)
-        _check_number("decay", decay, 0.0, 1.0, low_open=True, high_open=True)
+        check_number("epsilon", epsilon, 0.0, low_open=True)
+        check_number("decay", decay, 0.0, 1.0, low_open=True, high_open=True)
         self.kind, self.epsilon, self.decay = kind, float(epsilon), float(decay)
         self.accumulator = torch.zeros(n, dtype=dtype, device=device)  # Σ g² (adagrad) or the average of g² (rmsprop)
 
@@ -319,7 +318,7 @@ def curvature_condition(
 ) -> Tensor:
     """Whether a BFGS memory may store (s, y): a 0-dim device bool, false for sᵀy ≤ 0 and for non-finite pairs."""
     _check_pair(s, y)
-    _check_number("epsilon", epsilon, 0.0)
+    check_number("epsilon", epsilon, 0.0)
     if rule not in CURVATURE_RULES:
         raise ValueError(f"rule: {rule!r} is not one of {CURVATURE_RULES}")
     s64, y64 = s.double(), y.double()
@@ -339,7 +338,7 @@ def powell_damping(
 ) -> tuple[Tensor, Tensor]:
     """`(ŷ, damped)` by N&W Procedure 18.2: ŷ = θy + (1 − θ)Bs with sᵀŷ ≥ threshold·sᵀBs; y itself where no damping is needed."""
     _check_pair(s, y, Bs)
-    _check_number("threshold", threshold, 0.0, 1.0, low_open=True, high_open=True)
+    check_number("threshold", threshold, 0.0, 1.0, low_open=True, high_open=True)
     sy, sBs = _dot64(s, y), _dot64(s, Bs)
     damped = (sBs > 0) & (sy < threshold * sBs)
     theta = torch.where(damped, (1 - threshold) * sBs / torch.where(damped, sBs - sy, 1.0), 1.0)
@@ -422,7 +421,7 @@ def sr1_condition(
 ) -> Tensor:
     """Whether an L-SR1 memory may store (s, y): |sᵀ(y − Bs)| ≥ r‖s‖‖y − Bs‖ and sᵀ(y − Bs) ≠ 0, as a 0-dim device bool."""
     _check_pair(s, y, Bs)
-    _check_number("r", r, 0.0, 1.0, low_open=True, high_open=True)
+    check_number("r", r, 0.0, 1.0, low_open=True, high_open=True)
     s64, w = s.double(), y.double() - Bs.double()
     denominator = torch.dot(s64, w).abs()
     bound = r * (torch.linalg.vector_norm(s64) * torch.linalg.vector_norm(w))
@@ -457,7 +456,7 @@ def sr1_compact(
     gamma = _check_scalar("gamma", gamma)
     if rcond is None:
         rcond = math.sqrt(torch.finfo(memory.dtype).eps)
-    _check_number("rcond", rcond, 0.0, 1.0, high_open=True)
+    check_number("rcond", rcond, 0.0, 1.0, high_open=True)
     S, Y = memory.pairs()
     if inverse:  # self-duality: swap the roles of s and y
         S, Y = Y, S
