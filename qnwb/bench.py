@@ -5,11 +5,13 @@
 # %% ../nbs/85_bench.ipynb #d10d63ff
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,8 +24,9 @@ from .losses import matching_loss
 from .models import TanhRNN
 
 # %% auto #0
-__all__ = ['ROUTES', 'DTYPES', 'SETUP_CAP', 'SLOW_SETUP_S', 'timed', 'median_seconds', 'setup_bytes', 'reference_problem',
-           'bench_curvature', 'summary', 'bench_hf']
+__all__ = ['ROUTES', 'DTYPES', 'SETUP_CAP', 'SLOW_SETUP_S', 'DEFAULT_LRS', 'timed', 'median_seconds', 'setup_bytes',
+           'reference_problem', 'bench_curvature', 'summary', 'bench_hf', 'bench_optimizers', 'optimizers_summary',
+           'optimizers_figure']
 
 # %% ../nbs/85_bench.ipynb #219d5632
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
@@ -234,3 +237,130 @@ def bench_hf(
     return {"task": task, "T": T, "seed": seed, "solved": solved, "steps": step, "held_out_error": error, **counts,
             "seconds": time.perf_counter() - start, "structural_damping": structural_damping, "hidden": hidden, "batch": batch,
             "device": str(device), "torch": torch.__version__}
+
+# %% ../nbs/85_bench.ipynb #7f0b1e02
+DEFAULT_LRS = {"sgd": 0.1, "adagrad": 0.05, "adam": 1e-3, "adaqn": 0.05, "lbfgs": 0.05, "cm": 0.005, "nag": 0.005}
+
+
+def bench_optimizers(
+    names: Sequence[str] = ("adagrad", "adam", "adaqn"),  # names in qnwb.optim.OPTIMIZERS
+    steps: int = 100,  # steps of each optimizer
+    lrs: dict[str, float] | None = None,  # learning rates by name (default DEFAULT_LRS)
+    hidden: int = 100, layers: int = 5,  # adaQN §4: 5 recurrent layers of 100 units
+    length: int = 50, batch: int = 32,  # characters per sequence (adaQN: 50) and sequences per batch
+    evaluate_every: int = 10,  # steps between validation losses
+    seed: int = 0,
+    corpus=None,  # a qnwb.data.CharCorpus (default: default_corpus())
+    device=None,
+    progress: bool = False,  # a progress bar on stderr
+) -> dict[str, Any]:
+    """Train the same character RNN with each optimizer for `steps` steps; losses per step and optimizer work per step."""
+    from qnwb.data import default_corpus
+    from qnwb.init import dense_init_
+    from qnwb.optim import OPTIMIZERS
+
+    check_positive_int("steps", steps)
+    check_positive_int("evaluate_every", evaluate_every)
+    unknown = [name for name in names if name not in OPTIMIZERS]
+    if not names or unknown:
+        raise ValueError(f"names: {unknown or 'none given'}; choose from {sorted(OPTIMIZERS)}")
+    rates = {**DEFAULT_LRS, **(lrs or {})}
+    corpus = default_corpus() if corpus is None else corpus
+    device = default_device(device)
+    loss = matching_loss("softmax_cross_entropy")
+    torch.manual_seed(seed)
+    initial = dense_init_(TanhRNN.language_model(len(corpus.vocabulary), hidden, layers), std=0.01, generator=make_generator(seed))
+    stream = make_generator(seed + 1)
+    batches = [tuple(t.to(device) for t in corpus.batch(batch, length, generator=stream, one_hot_targets=False)) for _ in range(steps)]
+    monitor_batch, valid_batch = (tuple(t.to(device) for t in corpus.batch(batch, length, split=split, generator=make_generator(seed + 2),
+                                                                           one_hot_targets=False)) for split in ("train", "validation"))
+    runs = {}
+    for name in names:
+        model = copy.deepcopy(initial).to(device)
+        if name not in rates:
+            raise ValueError(f"lrs: no learning rate for {name!r}")
+        optimizer = OPTIMIZERS[name](model.parameters(), lr=rates[name])
+        runs[name] = {"model": model, "optimizer": optimizer, "train": [], "valid": [], "optimizer_s": [], "closure_s": [],
+                      "monitor": "monitor" in inspect.signature(optimizer.step).parameters}
+
+    def per_character(value) -> float:
+        value = value.detach() if isinstance(value, Tensor) else value
+        return float(value) / length  # the matching loss sums over time steps and averages over cases
+
+    bar = tqdm(total=steps * len(names), desc="bench optimizers", disable=not progress, file=sys.stderr)
+    for t in range(steps):
+        x, y = batches[t]
+        for name, run in runs.items():
+            model, optimizer, inside = run["model"], run["optimizer"], [0.0]
+
+            def timed_call(fn):
+                def call():
+                    seconds, value = timed(fn, device)
+                    inside[0] += seconds
+                    return value
+                return call
+
+            def closure():
+                optimizer.zero_grad()
+                value = loss(model(x), y)
+                value.backward()
+                return value
+
+            @torch.no_grad()
+            def monitor():
+                return loss(model(monitor_batch[0]), monitor_batch[1])
+
+            extra = {"monitor": timed_call(monitor)} if run["monitor"] else {}
+            seconds, value = timed(lambda: optimizer.step(timed_call(closure), **extra), device)
+            run["train"].append(per_character(value))
+            run["optimizer_s"].append(seconds - inside[0])
+            run["closure_s"].append(inside[0])
+            if (t + 1) % evaluate_every == 0 or t + 1 == steps:
+                with torch.no_grad():
+                    run["valid"].append((t + 1, per_character(loss(model(valid_batch[0]), valid_batch[1]))))
+            bar.update()
+    bar.close()
+    base = statistics.median(runs["adagrad"]["optimizer_s"]) if "adagrad" in runs else None
+    result = {"steps": steps, "hidden": hidden, "layers": layers, "length": length, "batch": batch, "seed": seed,
+              "device": str(device), "torch": torch.__version__, "parameters": sum(p.numel() for p in initial.parameters()),
+              "optimizers": {}}
+    for name, run in runs.items():
+        work = statistics.median(run["optimizer_s"])
+        result["optimizers"][name] = {
+            "lr": rates[name], "train": run["train"], "valid": run["valid"], "final_train": run["train"][-1],
+            "final_valid": run["valid"][-1][1], "optimizer_s_median": work, "closure_s_median": statistics.median(run["closure_s"]),
+            "work_vs_adagrad": work / base if base else None}
+    return result
+
+# %% ../nbs/85_bench.ipynb #7f0b1e03
+def optimizers_summary(result: dict[str, Any]) -> str:
+    """The table `qnwb bench optimizers` prints: final losses and the optimizer work per step against Adagrad's."""
+    lines = [f"{result['layers']}×{result['hidden']} tanh RNN, {result['parameters']:,} parameters, {result['steps']} steps of "
+             f"{result['batch']}×{result['length']} characters on {result['device']} (losses in nats per character)",
+             f"{'optimizer':<10} {'lr':>8} {'train':>8} {'valid':>8} {'work/step':>11} {'vs adagrad':>11} {'closures/step':>14}"]
+    for name, r in result["optimizers"].items():
+        ratio = f"{r['work_vs_adagrad']:.2f}×" if r["work_vs_adagrad"] is not None else "—"
+        lines.append(f"{name:<10} {r['lr']:>8.3g} {r['final_train']:>8.3f} {r['final_valid']:>8.3f} "
+                     f"{1e3 * r['optimizer_s_median']:>9.2f}ms {ratio:>11} {1e3 * r['closure_s_median']:>12.1f}ms")
+    return "\n".join(lines)
+
+
+def optimizers_figure(result: dict[str, Any], smooth: int = 10):
+    """Training loss (moving average over `smooth` steps) and validation loss per optimizer, one colour each."""
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+
+    figure = go.Figure()
+    for i, (name, r) in enumerate(result["optimizers"].items()):
+        colour = qualitative.Plotly[i % len(qualitative.Plotly)]
+        train = r["train"]
+        window = max(1, min(smooth, len(train)))
+        average = [sum(train[max(0, t - window + 1): t + 1]) / len(train[max(0, t - window + 1): t + 1]) for t in range(len(train))]
+        figure.add_scatter(x=list(range(1, len(train) + 1)), y=average, mode="lines", name=f"{name} train", line_color=colour,
+                           hovertemplate="step %{x}<br>train %{y:.3f} nats/char<extra>" + name + "</extra>")
+        steps_, values = zip(*r["valid"])
+        figure.add_scatter(x=list(steps_), y=list(values), mode="markers+lines", name=f"{name} validation", line_color=colour,
+                           line_dash="dot", hovertemplate="step %{x}<br>validation %{y:.3f} nats/char<extra>" + name + "</extra>")
+    figure.update_layout(title=f"Character RNN ({result['layers']}×{result['hidden']} tanh), {result['steps']} steps, seed {result['seed']}",
+                         xaxis_title="step", yaxis_title="loss (nats per character)", template="plotly_white")
+    return figure

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 import qnwb
-from .bench import DTYPES, ROUTES, bench_curvature, bench_hf, summary
+from .bench import DTYPES, ROUTES, bench_curvature, bench_hf, bench_optimizers, optimizers_figure, optimizers_summary, summary
 from .curvature import _check_structural
 from .tasks import TASKS, input_independent_error, make_task
-from .core import check_positive_int, default_device
+from .core import check_number, check_positive_int, default_device
 
 # %% ../nbs/90_cli.ipynb #511de602
 def environment_info() -> dict[str, str]:
@@ -88,6 +88,23 @@ def _bench_hf(args: argparse.Namespace) -> int:
     return 0 if result["solved"] else 1
 
 
+def _learning_rate(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    try:
+        return name, check_number("lr", float(value), 0.0, low_open=True)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=RATE with RATE > 0, got {text!r}") from None
+
+
+def _bench_optimizers(args: argparse.Namespace) -> int:
+    result = bench_optimizers(args.optimizers, steps=args.steps, lrs=dict(args.lr), hidden=args.hidden, layers=args.layers,
+                              length=args.length, batch=args.batch, seed=args.seed, device=args.device, progress=True)
+    if args.html:
+        optimizers_figure(result).write_html(args.html, include_plotlyjs="cdn")
+    print(json.dumps(result) if args.json else optimizers_summary(result))
+    return 0
+
+
 def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="time the workbench's building blocks",
                                 description="Benchmarks; each prints a table, or a JSON object with --json.")
@@ -120,6 +137,24 @@ def _add_bench(commands) -> None:
     hf.add_argument("--device", type=_device, default="cpu")
     hf.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
     hf.set_defaults(handler=_bench_hf)
+    optimizers = benchmarks.add_parser(
+        "optimizers", help="optimizers side by side on a character RNN: losses and optimizer work per step",
+        description="Train the same 5-layer character RNN (adaQN section 4) with each optimizer for STEPS steps on the same "
+        "batches; print final losses and the median optimizer work per step (step time minus closure time) against Adagrad's.")
+    optimizers.add_argument("--optimizers", nargs="+", default=["adagrad", "adam", "adaqn"], metavar="NAME",
+                            help="names from qnwb.optim.OPTIMIZERS (default: adagrad adam adaqn)")
+    optimizers.add_argument("--steps", type=_positive_int, default=100, help="steps per optimizer (default 100)")
+    optimizers.add_argument("--lr", type=_learning_rate, action="append", default=[], metavar="NAME=RATE",
+                            help="a learning rate, e.g. --lr adaqn=0.02 (repeatable; defaults: qnwb.bench.DEFAULT_LRS)")
+    optimizers.add_argument("--hidden", type=_positive_int, default=100, help="units per layer (default 100)")
+    optimizers.add_argument("--layers", type=_positive_int, default=5, help="recurrent layers (default 5)")
+    optimizers.add_argument("--length", type=_positive_int, default=50, help="characters per sequence (default 50)")
+    optimizers.add_argument("--batch", type=_positive_int, default=32, help="sequences per batch (default 32)")
+    optimizers.add_argument("--seed", type=int, default=0)
+    optimizers.add_argument("--device", type=_device, default="cpu")
+    optimizers.add_argument("--html", metavar="PATH", help="write the loss figure (plotly) to this HTML file")
+    optimizers.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
+    optimizers.set_defaults(handler=_bench_optimizers)
 
 
 # Sutskever et al. 2013, Table 5, "biases" column: (task, T) -> error

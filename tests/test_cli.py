@@ -44,3 +44,16 @@ def test_info_explains_an_unusable_device_instead_of_crashing():
 def test_unknown_command_is_a_usage_error():
     done = run("frobnicate")
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_bench_optimizers_prints_json_and_writes_the_figure(tmp_path):
+    html = tmp_path / "optimizers.html"
+    result = run("bench", "optimizers", "--optimizers", "adagrad", "adam", "--steps", "4", "--hidden", "6", "--layers", "2",
+                 "--length", "8", "--batch", "3", "--lr", "adam=0.01", "--html", str(html), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert list(data["optimizers"]) == ["adagrad", "adam"] and data["optimizers"]["adam"]["lr"] == 0.01
+    assert len(data["optimizers"]["adagrad"]["train"]) == 4 and data["optimizers"]["adagrad"]["work_vs_adagrad"] == 1.0
+    assert html.exists() and "plotly" in html.read_text()
+    bad = run("bench", "optimizers", "--lr", "adam=-1")
+    assert bad.returncode == 2 and "NAME=RATE" in bad.stderr
