@@ -10,15 +10,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+import math
+
 from ..core import assign_flat_, check_positive_int, flat_grads, flat_params
 from ..curvature import GGN, Hessian
 from ..losses import MatchingLoss, matching_loss
 from .hessian_free import _check_number
-from .lbfgs import _number
-from .memory import CURVATURE_RULES, H0_KINDS, PairMemory, curvature_condition, two_loop
+from .lbfgs import _number, _one_group
+from .memory import (CURVATURE_RULES, H0_KINDS, DiagonalScaling, PairMemory, _check_flat, _device_flag, curvature_condition,
+                               two_loop)
 
 # %% auto #0
-__all__ = ['CURVATURES', 'SQN']
+__all__ = ['CURVATURES', 'FISHER_NORMALIZATIONS', 'ACCEPTANCE_TESTS', 'SQN', 'GradientFIFO', 'AdaQN']
 
 # %% ../../nbs/44_sqn_adaqn.ipynb #9a5da49a
 CURVATURES = ("hessian", "ggn")
@@ -166,5 +169,288 @@ class SQN(torch.optim.Optimizer):
                      memory_size=memory.count.clone(), cycles=state["cycles"], function_evaluations=1, gradient_evaluations=1,
                      total_function_evaluations=state["function_evaluations"], total_gradient_evaluations=state["function_evaluations"],
                      total_curvature_products=state["curvature_products"])
+        self._raw_stats, self._stats = stats, None
+        return f
+
+# %% ../../nbs/44_sqn_adaqn.ipynb #4ea1d49a
+class GradientFIFO:
+    """The last `size` stochastic gradients in a ring buffer: adaQN's container F̃ of the accumulated Fisher matrix (§3.3)."""
+
+    def __init__(
+        self,
+        size: int,  # m_F (100 in adaQN)
+        n: int,  # the length of the flat parameter vector
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        check_positive_int("size", size)
+        check_positive_int("n", n)
+        self.size, self.n = size, n
+        self.G = torch.zeros(size, n, dtype=dtype, device=device)  # row j: the gradient in slot j
+        self.head = torch.zeros((), dtype=torch.int64, device=self.G.device)
+        self.count = torch.zeros((), dtype=torch.int64, device=self.G.device)
+        self._slots = torch.arange(size, device=self.G.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.G.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.G.dtype
+
+    def __len__(self) -> int:
+        "The number of gradients held (a host sync)."
+        return int(self.count)
+
+    def held(self) -> Tensor:
+        "Which slots hold a gradient (a device bool per slot)."
+        return torch.remainder(self._slots - self.head + self.count, self.size) < self.count
+
+    @torch.no_grad()
+    def push(self, g: Tensor, accept: Tensor | bool = True) -> None:
+        """Store `g` in place of the oldest gradient (where the 0-dim device bool `accept` holds)."""
+        _check_flat(g, self.n, self.device, self.dtype, "g")
+        accept = _device_flag(accept, self.device, "accept")
+        if accept is False:
+            return
+        slot = self.head.view(1)
+        row = g if accept is True else torch.where(accept, g, self.G.index_select(0, slot)[0])
+        self.G.index_copy_(0, slot, row.unsqueeze(0))
+        step = 1 if accept is True else accept.long()
+        self.count.copy_(torch.clamp(self.count + step, max=self.size))
+        self.head.copy_(torch.remainder(self.head + step, self.size))
+
+    @torch.no_grad()
+    def clear(self, where: Tensor | bool = True) -> None:
+        "Forget every gradient (where the 0-dim device bool `where` holds)."
+        where = _device_flag(where, self.device, "where")
+        if where is True:
+            self.count.zero_()
+            self.head.zero_()
+        elif where is not False:
+            self.count.copy_(torch.where(where, 0, self.count))
+            self.head.copy_(torch.where(where, 0, self.head))
+
+    def gradients(self) -> Tensor:
+        "The gradients held, oldest first, as a `(count, n)` copy (a host sync)."
+        order = torch.remainder(self.head - self.count + self._slots, self.size)[: len(self)]
+        return self.G.index_select(0, order)
+
+    def product(self, s: Tensor, normalization: str = "count") -> Tensor:
+        """`F̃ s = (1/|F̃|) Σᵢ gᵢ (gᵢᵀ s)` (Algorithm 1 line 18) without forming F̃; "none" leaves out the 1/|F̃|."""
+        _check_flat(s, self.n, self.device, self.dtype, "s")
+        if normalization not in FISHER_NORMALIZATIONS:
+            raise ValueError(f"normalization: {normalization!r} is not one of {FISHER_NORMALIZATIONS}")
+        coefficients = torch.where(self.held(), self.G @ s, 0.0)
+        y = coefficients @ self.G
+        if normalization == "count":
+            y = y / torch.clamp(self.count, min=1).to(y.dtype)
+        return y
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"G": self.G.clone(), "head": self.head.clone(), "count": self.count.clone()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for name, shape in (("G", (self.size, self.n)), ("head", ()), ("count", ())):
+            value = state.get(name) if isinstance(state, dict) else None
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                raise ValueError(f"state[{name!r}]: expected a tensor of shape {shape}")
+        if not 0 <= int(state["head"]) < self.size or not 0 <= int(state["count"]) <= self.size:
+            raise ValueError(f"state: head and count must lie in [0, {self.size}) and [0, {self.size}]")
+        for name in ("G", "head", "count"):
+            getattr(self, name).copy_(state[name])
+
+# %% ../../nbs/44_sqn_adaqn.ipynb #785c8f09
+FISHER_NORMALIZATIONS = ("count", "none")
+ACCEPTANCE_TESTS = ("ratio", "relative")
+
+
+class AdaQN(torch.optim.Optimizer):
+    """adaQN, Algorithm 1 of Keskar & Berahas (2016): Adagrad-scaled L-BFGS with Fisher pairs from averaged iterates and step rejection."""
+
+    def __init__(
+        self,
+        params,  # a module, an iterable of tensors, or one parameter group
+        lr: float = 0.01,  # α ("the same step-length as used for Adagrad", §3.4)
+        L: int = 5,  # aggregation length (§3.4: from {2, 5, 10, 20}, often 5)
+        memory: int = 10,  # m_L
+        fisher_memory: int = 100,  # m_F
+        epsilon: float = 1e-4,  # ε of the curvature test (line 19)
+        gamma: float = 1.01,  # γ ≥ 1 of the rejection test (line 12)
+        adagrad_epsilon: float = 1e-8,  # ε inside the square root of eq. 9
+        curvature_rule: str = "adaqn",  # "adaqn": sᵀy > ε sᵀs (line 19); "cosine": sᵀy > ε‖s‖‖y‖
+        fisher_normalization: str = "count",  # "count": y = F̃s/|F̃| (line 18); "none"
+        clear_fisher_on_reject: bool = True,  # line 13 clears F̃ with the memory
+        advance_on_skip: bool = False,  # False: w̄ₒ stays after a skipped pair (§3.2); True: SQN's rule
+        acceptance: str = "ratio",  # "ratio": reject if f_M(w̄ₙ) > γ f_M(w̄ₒ); "relative": if the relative increase > γ̃
+        relative_threshold: float = 0.01,  # γ̃ ∈ (0, 1) of acceptance="relative"
+    ):
+        tensors = _one_group(params)
+        _check_number("lr", lr, 0.0, low_open=True)
+        check_positive_int("L", L)
+        check_positive_int("memory", memory)
+        check_positive_int("fisher_memory", fisher_memory)
+        _check_number("epsilon", epsilon, 0.0)
+        _check_number("gamma", gamma, 1.0)
+        _check_number("adagrad_epsilon", adagrad_epsilon, 0.0, low_open=True)
+        if curvature_rule not in CURVATURE_RULES:
+            raise ValueError(f"curvature_rule: {curvature_rule!r} is not one of {CURVATURE_RULES}")
+        if fisher_normalization not in FISHER_NORMALIZATIONS:
+            raise ValueError(f"fisher_normalization: {fisher_normalization!r} is not one of {FISHER_NORMALIZATIONS}")
+        for name, flag in (("clear_fisher_on_reject", clear_fisher_on_reject), ("advance_on_skip", advance_on_skip)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {flag!r}")
+        if acceptance not in ACCEPTANCE_TESTS:
+            raise ValueError(f"acceptance: {acceptance!r} is not one of {ACCEPTANCE_TESTS}")
+        _check_number("relative_threshold", relative_threshold, 0.0, 1.0, low_open=True, high_open=True)
+        defaults = dict(lr=float(lr), L=L, memory=memory, fisher_memory=fisher_memory, epsilon=float(epsilon), gamma=float(gamma),
+                        adagrad_epsilon=float(adagrad_epsilon), curvature_rule=curvature_rule,
+                        fisher_normalization=fisher_normalization, clear_fisher_on_reject=clear_fisher_on_reject,
+                        advance_on_skip=advance_on_skip, acceptance=acceptance, relative_threshold=float(relative_threshold))
+        super().__init__(tensors, defaults)
+        first, n = tensors[0], sum(t.numel() for t in tensors)
+        options = dict(device=first.device, dtype=first.dtype)
+        self.memory = PairMemory(memory, n, **options)
+        self.fisher = GradientFIFO(fisher_memory, n, **options)
+        self.scaling = DiagonalScaling(n, "adagrad", epsilon=adagrad_epsilon, **options)
+        self._raw_stats: dict = {}
+        self._stats: dict | None = {}
+
+    def _state(self) -> dict:
+        params = self.param_groups[0]["params"]
+        state = self.state[params[0]]
+        if not state:
+            device = params[0].device
+            state.update(step=0, cycles=0, function_evaluations=0, monitor_evaluations=0, epoch_steps=0)
+            state["iterate_sum"] = torch.zeros(self.memory.n, dtype=params[0].dtype, device=device)
+            for name in ("pairs_stored", "pairs_skipped", "rejections", "epoch_memory"):
+                state[name] = torch.zeros((), dtype=torch.int64, device=device)
+        return state
+
+    def new_epoch(self) -> None:
+        "Restart the running mean of the L-BFGS memory size (`stats['memory_average']`, adaQN Fig. 2)."
+        state = self._state()
+        state["epoch_memory"].zero_()
+        state["epoch_steps"] = 0
+
+    def state_dict(self) -> dict:
+        "torch's optimizer state plus the pair memory, the Fisher FIFO and the Adagrad accumulator."
+        saved = super().state_dict()
+        saved.update(memory=self.memory.state_dict(), fisher=self.fisher.state_dict(), h0_accumulator=self.scaling.state_dict())
+        return saved
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        parts = {name: state_dict.pop(name, None) for name in ("memory", "fisher", "h0_accumulator")}
+        missing = [name for name, part in parts.items() if part is None]
+        if missing:
+            raise ValueError(f"state_dict: no {missing} entries: not the state of an AdaQN optimizer")
+        saved_group = state_dict["param_groups"][0]
+        for name in ("memory", "fisher_memory"):
+            if saved_group.get(name) != self.param_groups[0][name]:
+                raise ValueError(f"state_dict: saved with {name}={saved_group.get(name)!r}, this optimizer has {self.param_groups[0][name]!r}")
+        super().load_state_dict(state_dict)
+        self.memory.load_state_dict(parts["memory"])
+        self.fisher.load_state_dict(parts["fisher"])
+        self.scaling.load_state_dict(parts["h0_accumulator"])
+        self._raw_stats, self._stats = {}, {}
+
+    @property
+    def stats(self) -> dict[str, float | int | str]:
+        "The last step's statistics as Python numbers (read from the device on first access)."
+        if self._stats is None:
+            self._stats = {key: _number(value) for key, value in self._raw_stats.items()}
+        return self._stats
+
+    def _monitor(self, monitor: Callable, point: Tensor) -> float:
+        "f_M at `point`, the parameters put back afterwards bit for bit."
+        params = self.param_groups[0]["params"]
+        current = flat_params(params).clone()
+        try:
+            assign_flat_(params, point)
+            value = monitor()
+        finally:
+            assign_flat_(params, current)
+        return float(value)
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], Tensor],  # zeroes the gradients, computes the loss on this step's batch, calls backward, returns it
+        monitor: Callable[[], Tensor | float] | None = None,  # f_M at the current parameters; needed at cycle ends after the first
+    ) -> Tensor:
+        """One adaQN iteration (Algorithm 1 lines 5–7); every L-th also the cycle of lines 8–27."""
+        if not callable(closure):
+            raise TypeError("closure: AdaQN needs a closure that computes the loss and its gradients")
+        group = self.param_groups[0]
+        params: list[Tensor] = group["params"]
+        state, memory, fisher = self._state(), self.memory, self.fisher
+        k, L = state["step"] + 1, group["L"]
+        cycle_ends = k % L == 0
+        test_due = cycle_ends and state["cycles"] > 0
+        if test_due and not callable(monitor):
+            raise ValueError(f"monitor: step {k} ends a cycle (every L = {L} steps) and needs the monitoring-set loss")
+
+        theta = flat_params(params).clone()
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError("closure: must return the scalar loss as a tensor")
+        f, g = loss.detach().reshape(()), flat_grads(params).clone()
+        finite = torch.isfinite(f) & torch.isfinite(g).all()
+        state["iterate_sum"] += theta  # line 5
+        self.scaling.update(g, finite)  # eq. 9 sums every gradient, the current one included
+        state["epoch_memory"] += memory.count  # the pairs this step's direction uses (Fig. 2)
+        state["epoch_steps"] += 1
+        theta_new = torch.add(theta, two_loop(memory, g, self.scaling.diagonal(), check=False), alpha=-group["lr"])  # line 6
+        ok = finite & torch.isfinite(theta_new).all()
+        theta_new = torch.where(ok, theta_new, theta)
+        assign_flat_(params, theta_new)
+        fisher.push(g, finite)  # line 7
+
+        stats = {"step": k, "loss": f, "step_size": torch.where(ok, group["lr"], 0.0), "non_finite": ~ok, "cycle_end": int(cycle_ends),
+                 "rejected": 0, "monitor_new": math.nan, "monitor_old": math.nan, "pair_formed": 0, "pair_stored": False,
+                 "pair_skipped": False, "sy": math.nan, "monitor_evaluations": 0}
+        if cycle_ends:
+            average = state["iterate_sum"] / L  # line 9
+            state["iterate_sum"].zero_()  # line 10
+            if test_due:
+                f_new, f_old = self._monitor(monitor, average), self._monitor(monitor, state["previous_average"])
+                state["monitor_evaluations"] += 2
+                if group["acceptance"] == "ratio":
+                    reject = not f_new <= group["gamma"] * f_old
+                else:  # (f_new − f_old)/|f_old| > γ̃, written without dividing (f_old may be 0)
+                    reject = not f_new - f_old <= group["relative_threshold"] * abs(f_old)
+                stats.update(monitor_new=f_new, monitor_old=f_old, monitor_evaluations=2, rejected=int(reject))
+                if reject:  # lines 12–15
+                    memory.clear()
+                    if group["clear_fisher_on_reject"]:
+                        fisher.clear()
+                    assign_flat_(params, state["previous_average"])  # back to w̄ₒ
+                    state["rejections"] += 1
+                else:
+                    s = average - state["previous_average"]  # line 17
+                    y = fisher.product(s, group["fisher_normalization"])  # line 18
+                    accept = curvature_condition(s, y, group["epsilon"], group["curvature_rule"])  # line 19
+                    memory.push(s, y, accept)  # line 20
+                    state["pairs_stored"] += accept.long()
+                    state["pairs_skipped"] += (~accept).long()
+                    advance = accept | group["advance_on_skip"]
+                    state["previous_average"] = torch.where(advance, average, state["previous_average"])  # line 21
+                    state["cycles"] += 1
+                    stats.update(pair_formed=1, pair_stored=accept, pair_skipped=~accept, sy=torch.dot(s.double(), y.double()))
+            else:
+                state["previous_average"] = average  # line 24
+                state["cycles"] += 1
+        state["step"] = k
+        state["function_evaluations"] += 1
+        stats.update(memory_size=memory.count.clone(), fisher_size=fisher.count.clone(), pairs_stored=state["pairs_stored"].clone(),
+                     pairs_skipped=state["pairs_skipped"].clone(), rejections=state["rejections"].clone(), cycles=state["cycles"],
+                     memory_average=state["epoch_memory"].double() / state["epoch_steps"],
+                     function_evaluations=1, gradient_evaluations=1, total_function_evaluations=state["function_evaluations"],
+                     total_gradient_evaluations=state["function_evaluations"], total_monitor_evaluations=state["monitor_evaluations"])
         self._raw_stats, self._stats = stats, None
         return f
