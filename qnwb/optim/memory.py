@@ -18,6 +18,27 @@ __all__ = ['H0_KINDS', 'DIAGONAL_KINDS', 'CURVATURE_RULES', 'PairMemory', 'two_l
            'powell_damping', 'CompactForm', 'sr1_condition', 'sr1_compact', 'bfgs_compact']
 
 # %% ../../nbs/42_qn_memory.ipynb #95c444cc
+def _device_flag(flag, device: torch.device, name: str) -> Tensor | bool:
+    "A Python bool as it is, or a 0-dim bool tensor on `device` (a decision made on the device)."
+    if isinstance(flag, bool):
+        return flag
+    if not isinstance(flag, Tensor) or flag.dtype != torch.bool or flag.dim() != 0:
+        raise TypeError(f"{name}: expected a bool or a 0-dim torch.bool tensor, got {flag!r}")
+    if flag.device != device:
+        raise ValueError(f"{name}: is on {flag.device}, the buffers on {device}")
+    return flag
+
+
+def _check_flat(v, n: int, device: torch.device, dtype: torch.dtype, name: str) -> None:
+    "Raise a clear error unless `v` is a 1-D tensor of `n` elements on `device` with `dtype`."
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name}: expected a 1-D torch.Tensor, got {type(v).__name__}")
+    if v.shape != (n,):
+        raise ValueError(f"{name}: expected a 1-D tensor of {n} elements, got shape {tuple(v.shape)}")
+    if v.device != device or v.dtype != dtype:
+        raise TypeError(f"{name}: is {v.dtype} on {v.device}, the buffers hold {dtype} on {device}")
+
+
 class PairMemory:
     """The `size` most recent curvature pairs (s, y) in preallocated ring buffers, filled without host syncs."""
 
@@ -66,22 +87,10 @@ class PairMemory:
         return f"PairMemory(size={self.size}, n={self.n}, {self.dtype} on {self.device})"
 
     def _check_vector(self, v, name: str) -> None:
-        if not isinstance(v, Tensor):
-            raise TypeError(f"{name}: expected a 1-D torch.Tensor, got {type(v).__name__}")
-        if v.shape != (self.n,):
-            raise ValueError(f"{name}: expected a 1-D tensor of {self.n} elements, got shape {tuple(v.shape)}")
-        if v.device != self.device or v.dtype != self.dtype:
-            raise TypeError(f"{name}: is {v.dtype} on {v.device}, the memory holds {self.dtype} on {self.device}")
+        _check_flat(v, self.n, self.device, self.dtype, name)
 
     def _flag(self, flag, name: str) -> Tensor | bool:
-        "A Python bool as it is, or a 0-dim bool tensor on the memory's device."
-        if isinstance(flag, bool):
-            return flag
-        if not isinstance(flag, Tensor) or flag.dtype != torch.bool or flag.dim() != 0:
-            raise TypeError(f"{name}: expected a bool or a 0-dim torch.bool tensor, got {flag!r}")
-        if flag.device != self.device:
-            raise ValueError(f"{name}: is on {flag.device}, the memory on {self.device}")
-        return flag
+        return _device_flag(flag, self.device, name)
 
     def order(self) -> tuple[Tensor, Tensor]:
         """`(slots, held)`: the slot of the i-th oldest pair for i = 0 … size−1, and whether position i holds a pair (i < count)."""

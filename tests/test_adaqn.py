@@ -1,0 +1,292 @@
+"""qnwb.optim.adaqn.AdaQN, Algorithm 1 of Keskar & Berahas: a regression test for each reference defect of issue 6."""
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from host_reads import no_host_reads
+from torch import nn
+
+from qnwb.core import flat_grads, flat_params, make_generator
+from qnwb.init import esn_init_
+from qnwb.losses import matching_loss
+from qnwb.models import TanhRNN
+from qnwb.optim.adaqn import AdaQN, GradientFIFO
+from qnwb.tasks import Addition
+
+F64 = torch.float64
+SQUARED = matching_loss("squared_error")
+
+
+def regression(seed=0, n=300, d=5):
+    g = make_generator(seed)
+    X = torch.randn(n, d, generator=g, dtype=F64)
+    Y = torch.tanh(X @ torch.randn(d, 1, generator=g, dtype=F64)) + 0.05 * torch.randn(n, 1, generator=g, dtype=F64)
+    torch.manual_seed(seed)
+    return nn.Linear(d, 1, dtype=F64), X, Y
+
+
+class Driver:
+    """Steps an AdaQN on mini-batches of a regression problem, recording iterates and gradients."""
+
+    def __init__(self, seed=0, monitor_values=None, **options):
+        self.model, self.X, self.Y = regression(seed)
+        self.optimizer = AdaQN(self.model.parameters(), **options)
+        self.generator = make_generator(seed + 100)
+        self.iterates, self.gradients, self.monitor_calls = [], [], 0
+        self.monitor_values = iter(monitor_values) if monitor_values is not None else None
+
+    def closure(self, rows):
+        def closure():
+            self.optimizer.zero_grad()
+            value = SQUARED(self.model(self.X[rows]), self.Y[rows])
+            value.backward()
+            return value
+        return closure
+
+    def monitor(self):
+        self.monitor_calls += 1
+        if self.monitor_values is not None:
+            return next(self.monitor_values)
+        return SQUARED(self.model(self.X[:100]), self.Y[:100])
+
+    def step(self, count=1):
+        for _ in range(count):
+            rows = torch.randperm(len(self.X), generator=self.generator)[:25]
+            closure = self.closure(rows)
+            closure()
+            self.iterates.append(flat_params(self.model).clone())
+            self.gradients.append(flat_grads(self.model).clone())
+            self.optimizer.step(closure, self.monitor)
+        return self.optimizer.stats
+
+    @property
+    def state(self):
+        return self.optimizer.state[self.model.weight]
+
+
+# --- the reference defects of issue 6 --------------------------------------------------------------------------------
+
+def test_the_adagrad_accumulator_accumulates_on_every_step_even_across_a_rejection():
+    # cycles of L = 2: tests at steps 4 (accept: 1 ≤ 1.01·1), 6 (reject: 5 > 1.01·1) and 8 (accept)
+    run = Driver(1, monitor_values=[1.0, 1.0, 5.0, 1.0, 1.0, 1.0], lr=0.05, L=2)
+    run.step(8)
+    assert run.optimizer.stats["rejections"] == 1
+    squares = torch.stack(run.gradients).pow(2).sum(0)
+    torch.testing.assert_close(run.optimizer.scaling.accumulator, squares, rtol=1e-14, atol=0)
+
+
+def test_the_first_two_cycles_are_adagrad_steps_with_epsilon_inside_the_root():
+    run = Driver(2, lr=0.1, L=3, adagrad_epsilon=1e-6)
+    squares = torch.zeros(6, dtype=F64)
+    for _ in range(6):
+        run.step()
+        squares += run.gradients[-1] ** 2
+        expected = run.iterates[-1] - 0.1 * run.gradients[-1] / torch.sqrt(squares + 1e-6)
+        torch.testing.assert_close(flat_params(run.model), expected, rtol=1e-14, atol=0)
+
+
+def test_a_rejection_restores_the_average_clears_memory_and_fifo_and_restarts_the_window():
+    run = Driver(3, monitor_values=[1.0, 1.0, 1.0, 1.0, 2.0, 1.0], lr=0.05, L=3, fisher_memory=50)
+    run.step(9)  # tests at steps 6 and 9: pairs
+    assert run.optimizer.stats["memory_size"] == 2
+    previous = run.state["previous_average"].clone()
+    run.step(3)  # step 12: 2.0 > 1.01·1.0
+    s = run.optimizer.stats
+    assert s["rejected"] == 1 and s["rejections"] == 1 and s["memory_size"] == 0 and s["fisher_size"] == 0
+    assert torch.equal(flat_params(run.model), previous) and torch.equal(run.state["previous_average"], previous)
+    assert torch.equal(run.state["iterate_sum"], torch.zeros_like(previous))
+    run.monitor_values = iter([1.0, 1.0])
+    run.step(3)  # the next window: steps 13–15, starting from w̄ₒ
+    assert run.iterates[12].equal(previous)
+    (s_new,), _ = run.optimizer.memory.pairs()
+    torch.testing.assert_close(s_new, torch.stack(run.iterates[12:15]).mean(0) - previous, rtol=1e-12, atol=1e-15)
+    assert run.optimizer.stats["fisher_size"] == 3  # only the gradients since the rejection
+
+
+def test_the_fifo_switch_keeps_the_gradients_across_a_rejection():
+    run = Driver(4, monitor_values=[1.0, 1.0, 2.0, 1.0], lr=0.05, L=3, fisher_memory=50, clear_fisher_on_reject=False)
+    run.step(9)
+    assert run.optimizer.stats["rejected"] == 1 and run.optimizer.stats["memory_size"] == 0
+    assert run.optimizer.stats["fisher_size"] == 9
+
+
+def test_the_fifo_holds_exactly_the_last_m_F_gradients():
+    run = Driver(5, lr=0.05, L=100, fisher_memory=4)
+    for count in range(1, 8):
+        run.step()
+        held = run.optimizer.fisher.gradients()
+        assert held.shape[0] == min(count, 4)
+        assert torch.equal(held, torch.stack(run.gradients[-4:]))
+
+
+@pytest.mark.parametrize("normalization, divide", [("count", True), ("none", False)])
+def test_y_equals_the_explicit_accumulated_fisher_product(normalization, divide):
+    run = Driver(6, lr=0.05, L=3, fisher_memory=5, fisher_normalization=normalization, curvature_rule="cosine", epsilon=0.0)
+    run.step(6)
+    (s,), (y,) = run.optimizer.memory.pairs()
+    G = torch.stack(run.gradients[-5:])
+    expected = G.T @ (G @ s) / (5 if divide else 1)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-15)
+    averages = [torch.stack(run.iterates[i : i + 3]).mean(0) for i in (0, 3)]
+    torch.testing.assert_close(s, averages[1] - averages[0], rtol=1e-12, atol=1e-15)  # s from averaged iterates
+
+
+@pytest.mark.parametrize("advance", [False, True])
+def test_a_skipped_pair_does_not_advance_the_old_average_unless_asked(advance):
+    run = Driver(7, lr=0.05, L=2, epsilon=1e9, advance_on_skip=advance)  # sᵀy > 10⁹ sᵀs never holds
+    run.step(2)
+    first = run.state["previous_average"].clone()
+    run.step(2)
+    assert run.optimizer.stats["pair_skipped"] is True and run.optimizer.stats["memory_size"] == 0
+    newest = torch.stack(run.iterates[2:4]).mean(0)
+    assert torch.equal(run.state["previous_average"], newest if advance else first)
+
+
+# --- the acceptance tests --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("values, options, rejected", [
+    ([1.0101, 1.0], dict(), 1), ([1.0099, 1.0], dict(), 0), ([1.0, 1.0], dict(), 0),
+    ([math.nan, 1.0], dict(), 1), ([1.3, 1.0], dict(gamma=1.5), 0),
+    ([1.04, 1.0], dict(acceptance="relative", relative_threshold=0.05), 0),
+    ([1.06, 1.0], dict(acceptance="relative", relative_threshold=0.05), 1),
+    ([0.0, 0.0], dict(acceptance="relative"), 0), ([1e-9, 0.0], dict(acceptance="relative"), 1),
+    ([-0.96, -1.0], dict(acceptance="relative", relative_threshold=0.05), 0),
+])
+def test_rejection_tests(values, options, rejected):
+    run = Driver(8, monitor_values=values, lr=0.05, L=2, **options)
+    run.step(4)
+    assert run.optimizer.stats["rejected"] == rejected and run.monitor_calls == 2
+
+
+def test_the_monitor_is_needed_and_called_only_at_cycle_ends_after_the_first():
+    run = Driver(9, lr=0.05, L=3)
+    run.step(3)
+    assert run.monitor_calls == 0  # the first cycle end has nothing to compare with
+    run.step(2)
+    assert run.monitor_calls == 0
+    rows = torch.arange(25)
+    with pytest.raises(ValueError, match="monitor"):
+        run.optimizer.step(run.closure(rows))
+    assert run.state["step"] == 5
+    run.step()
+    assert run.monitor_calls == 2 and run.optimizer.stats["total_monitor_evaluations"] == 2
+
+
+def test_memory_average_per_epoch():
+    run = Driver(10, lr=0.05, L=2, epsilon=0.0, curvature_rule="cosine")
+    sizes = []
+    for _ in range(8):
+        before = len(run.optimizer.memory)
+        run.step()
+        sizes.append(before)  # the pairs the step's direction used
+    assert run.optimizer.stats["memory_average"] == pytest.approx(sum(sizes) / 8)
+    run.optimizer.new_epoch()
+    before = len(run.optimizer.memory)
+    run.step()
+    assert run.optimizer.stats["memory_average"] == before
+
+
+def test_steps_between_cycle_ends_never_read_a_tensor_on_the_host():
+    run = Driver(11, lr=0.05, L=4)
+    run.step(8)
+    rows = torch.arange(25)
+    with no_host_reads():
+        for _ in range(3):
+            run.optimizer.step(run.closure(rows))  # steps 9–11: no cycle end
+    assert run.optimizer.stats["step"] == 11
+
+
+# --- convergence, state, errors --------------------------------------------------------------------------------------
+
+def test_adaqn_reduces_the_loss_of_a_regression_and_of_a_small_tanh_rnn():
+    run = Driver(12, lr=0.1, L=5)
+    start = float(SQUARED(run.model(run.X), run.Y).detach())
+    run.step(60)
+    assert float(SQUARED(run.model(run.X), run.Y).detach()) < 0.3 * start
+    assert run.optimizer.stats["pairs_stored"] >= 5
+
+    model = esn_init_(TanhRNN(2, 6, 1, dtype=F64), input_scale=0.1, generator=make_generator(13))
+    X, Y = Addition(10).batch(200, make_generator(14), dtype=F64)
+    adaqn = AdaQN(model.parameters(), lr=0.05, L=5)
+    generator = make_generator(15)
+    start = float(SQUARED(model(X), Y).detach())
+    for _ in range(40):
+        rows = torch.randperm(200, generator=generator)[:50]
+
+        def closure():
+            adaqn.zero_grad()
+            value = SQUARED(model(X[rows]), Y[rows])
+            value.backward()
+            return value
+
+        adaqn.step(closure, lambda: SQUARED(model(X[:100]), Y[:100]))
+    assert float(SQUARED(model(X), Y).detach()) < 0.5 * start
+
+
+def test_state_dict_mid_cycle_continues_identically():
+    run = Driver(16, lr=0.05, L=3, memory=2, fisher_memory=4)
+    run.step(10)  # mid-cycle, pairs, a full FIFO
+    saved_model = copy.deepcopy(run.model.state_dict())
+    saved_optimizer = copy.deepcopy(run.optimizer.state_dict())
+    saved_generator = run.generator.get_state()
+    run.step(7)
+    expected, expected_stats = flat_params(run.model).clone(), dict(run.optimizer.stats)
+
+    resumed = Driver(0, lr=9.0, L=3, memory=2, fisher_memory=4)
+    resumed.X, resumed.Y = run.X, run.Y
+    resumed.model.load_state_dict(saved_model)
+    resumed.optimizer.load_state_dict(saved_optimizer)
+    resumed.generator.set_state(saved_generator)
+    resumed.step(7)
+    assert torch.equal(flat_params(resumed.model), expected) and resumed.optimizer.stats == expected_stats
+    with pytest.raises(ValueError, match="fisher_memory"):
+        AdaQN(run.model.parameters(), L=3, memory=2, fisher_memory=5).load_state_dict(saved_optimizer)
+
+
+@pytest.mark.parametrize("options, error, name", [
+    (dict(lr=0.0), ValueError, "lr"), (dict(L=0), ValueError, "L:"), (dict(memory=0), ValueError, "memory"),
+    (dict(fisher_memory=0), ValueError, "fisher_memory"), (dict(gamma=0.99), ValueError, "gamma"),
+    (dict(epsilon=-1e-4), ValueError, "epsilon"), (dict(adagrad_epsilon=0.0), ValueError, "adagrad_epsilon"),
+    (dict(curvature_rule="angle"), ValueError, "curvature_rule"), (dict(fisher_normalization="batch"), ValueError, "fisher_normalization"),
+    (dict(acceptance="improvement"), ValueError, "acceptance"), (dict(relative_threshold=1.0), ValueError, "relative_threshold"),
+    (dict(clear_fisher_on_reject=0), TypeError, "clear_fisher_on_reject"), (dict(advance_on_skip="no"), TypeError, "advance_on_skip"),
+])
+def test_bad_hyperparameters_name_the_parameter(options, error, name):
+    with pytest.raises(error, match=name):
+        AdaQN([torch.zeros(3, requires_grad=True)], **options)
+
+
+# --- the FIFO itself -------------------------------------------------------------------------------------------------
+
+@given(st.integers(1, 5), st.lists(st.booleans(), max_size=15))
+def test_gradient_fifo_matches_a_bounded_deque_and_masks_stale_slots(size, accepts):
+    fifo, model = GradientFIFO(size, 3, dtype=F64), []
+    for i, accept in enumerate(accepts):
+        fifo.push(torch.full((3,), float(i + 1), dtype=F64), torch.tensor(accept))
+        if accept:
+            model = (model + [i + 1])[-size:]
+        assert fifo.gradients()[:, 0].tolist() == [float(v) for v in model]
+    s = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    expected = sum(v * v for v in model) / max(len(model), 1)
+    torch.testing.assert_close(fifo.product(s), torch.full((3,), float(expected), dtype=F64))
+    fifo.clear()
+    assert torch.equal(fifo.product(s), torch.zeros(3, dtype=F64))  # stale rows contribute nothing
+
+
+def test_gradient_fifo_errors_and_state():
+    fifo = GradientFIFO(2, 3, dtype=F64)
+    with pytest.raises(ValueError, match="size"):
+        GradientFIFO(0, 3)
+    with pytest.raises(ValueError, match="g: expected"):
+        fifo.push(torch.zeros(4, dtype=F64))
+    with pytest.raises(ValueError, match="normalization"):
+        fifo.product(torch.zeros(3, dtype=F64), "batch")
+    fifo.push(torch.ones(3, dtype=F64))
+    copy_ = GradientFIFO(2, 3, dtype=F64)
+    copy_.load_state_dict(fifo.state_dict())
+    assert torch.equal(copy_.gradients(), fifo.gradients())
+    with pytest.raises(ValueError, match="count"):
+        copy_.load_state_dict(dict(fifo.state_dict(), count=torch.tensor(3)))
