@@ -17,7 +17,7 @@ from .optim.momentum import CM, NAG
 
 # %% auto #0
 __all__ = ['Quadratic', 'MomentumRun', 'run_momentum', 'iteration_matrix', 'spectral_radius', 'rate_map', 'trajectories_figure',
-           'oblong_quadratic', 'eigendirection_figure', 'rate_map_figure']
+           'oblong_quadratic', 'eigendirection_figure', 'rate_map_figure', 'convergence_figure']
 
 # %% ../nbs/80_quadratic.ipynb #48eb6520
 @dataclass
@@ -253,4 +253,17 @@ def rate_map_figure(eigenvalues, lrs, momenta, title: str = "Convergence rate ov
     figure.update_xaxes(title_text="learning rate ε", type="log")
     figure.update_yaxes(title_text="momentum μ", row=1, col=1)
     figure.update_layout(title=title, template="plotly_white")
+    return figure
+
+# %% ../nbs/80_quadratic.ipynb #9a1c0e02
+def convergence_figure(runs: dict[str, MomentumRun], title: str = "q(x_t) − q(x*)"):
+    """The optimality gap q(x_t) − q(x*) of each labelled run over t, on a log axis."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure()
+    for label, run in runs.items():
+        figure.add_scatter(y=run.values.clamp_min(1e-300).tolist(), mode="lines", name=label,
+                           hovertemplate="step %{x}<br>gap %{y:.3g}<extra>" + label + "</extra>")
+    figure.update_layout(title=title, xaxis_title="step t", yaxis_title="q(x_t) − q(x*)", yaxis_type="log",
+                         template="plotly_white")
     return figure

@@ -99,3 +99,14 @@ def test_figures():
     assert len(rates.data) == 4
     directions = eigendirection_figure(oblong, runs[1:], directions=2)
     assert len(directions.data) == 4 and directions.layout.yaxis.type == "log"
+
+
+def test_the_convergence_figure_and_the_schedules_story():
+    from qnwb.optim.schedules import SutskeverMomentum
+    from qnwb.quadratic import convergence_figure
+    hard = Quadratic.log_uniform(20, 1e-3, 1.0, seed=2)
+    runs = {"constant 0.9": run_momentum(hard, "nag", 1.0, 0.9, 400),
+            "eq. 5": run_momentum(hard, "nag", 1.0, SutskeverMomentum(0.99, period=10), 400)}
+    assert runs["eq. 5"].values[-1] < runs["constant 0.9"].values[-1]  # more momentum reaches the flat directions
+    figure = convergence_figure(runs)
+    assert [t.name for t in figure.data] == list(runs) and len(figure.data[0].y) == 401
