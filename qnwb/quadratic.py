@@ -16,8 +16,8 @@ from .core import check_number, check_positive_int, make_generator
 from .optim.momentum import CM, NAG
 
 # %% auto #0
-__all__ = ['Quadratic', 'MomentumRun', 'run_momentum', 'iteration_matrix', 'spectral_radius', 'rate_map', 'trajectories_figure',
-           'oblong_quadratic', 'eigendirection_figure', 'rate_map_figure', 'convergence_figure']
+__all__ = ['Quadratic', 'MomentumRun', 'run_momentum', 'iteration_matrix', 'spectral_radius', 'rate_map', 'observed_rates',
+           'trajectories_figure', 'oblong_quadratic', 'eigendirection_figure', 'rate_map_figure', 'convergence_figure']
 
 # %% ../nbs/80_quadratic.ipynb #48eb6520
 @dataclass
@@ -177,6 +177,22 @@ def rate_map(eigenvalues, lrs, momenta, method: str = "nag") -> Tensor:
         raise ValueError("momenta: must lie in [0, 1)")
     radius = spectral_radius(method, lrs[None, :, None], momenta[:, None, None], lam[None, None, :])
     return radius.amax(-1)
+
+# %% ../nbs/80_quadratic.ipynb #9a1c0e12
+def observed_rates(run: MomentumRun, steps: int = 40) -> Tensor:
+    """Per eigendirection, the asymptotic rate read off the first `steps` simulated errors (a recurrence fit)."""
+    check_positive_int("steps", steps)
+    e = run.errors[: steps + 1]
+    if len(e) < 4:
+        raise ValueError("run: needs at least 3 steps to fit a second-order recurrence")
+    rates = []
+    for i in range(e.shape[1]):
+        x = e[:, i] / e[:, i].abs().max().clamp_min(1e-300)
+        design = torch.stack([x[1:-1], -x[:-2]], 1)  # e_{t+1} = τ e_t − d e_{t−1}
+        tau, det = torch.linalg.lstsq(design, x[2:].unsqueeze(1)).solution.flatten()
+        roots = torch.linalg.eigvals(torch.tensor([[tau, -det], [1.0, 0.0]], dtype=torch.float64))
+        rates.append(roots.abs().max())
+    return torch.stack(rates)
 
 # %% ../nbs/80_quadratic.ipynb #84e592b0
 def trajectories_figure(quadratic: Quadratic, runs: list[MomentumRun], title: str = "GD, CM and NAG on a 2-D quadratic"):

@@ -459,3 +459,28 @@ def test_bad_params_and_closures():
 
     with pytest.raises(ValueError, match="closure: must return the scalar loss"):
         optimizer.step(vector_loss)
+
+
+@pytest.mark.parametrize("make", ["lbfgs", "adaqn", "lsr1"])
+def test_loading_a_state_keeps_the_counters_integers_and_the_buffers_dtypes(make):
+    """torch's Optimizer.load_state_dict casts every state tensor to the parameters' dtype; qnwb's loader must not."""
+    import copy as copy_module
+    from qnwb.optim import LSR1, AdaQN
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6))  # float32 parameters
+    build = {"lbfgs": lambda: LBFGS([p], lr=0.1), "adaqn": lambda: AdaQN([p], lr=0.1, L=2), "lsr1": lambda: LSR1([p])}[make]
+    optimizer = build()
+    def closure():
+        optimizer.zero_grad()
+        value = (p**2 * torch.arange(1.0, 7.0)).sum()
+        value.backward()
+        return value
+    for _ in range(5):
+        optimizer.step(closure, monitor=lambda: (p**2).sum()) if make == "adaqn" else optimizer.step(closure)
+    saved = copy_module.deepcopy(optimizer.state_dict())
+    before = {k: v.dtype for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+    resumed = build()
+    optimizer = resumed
+    resumed.load_state_dict(saved)
+    after = {k: v.dtype for k, v in resumed.state[p].items() if torch.is_tensor(v)}
+    assert after == before and any(dtype == torch.int64 for dtype in after.values())

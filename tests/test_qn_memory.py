@@ -366,7 +366,10 @@ def test_compact_sr1_satisfies_every_secant_equation_for_pairs_from_a_quadratic(
     g = torch.Generator().manual_seed(seed)
     A = symmetric_indefinite(n, g)
     pairs = [(s, A @ s) for s in torch.randn(k, n, generator=g, dtype=F64)]
-    form = sr1_compact(filled(k, n, pairs), 1.0, drop_singular=False)
+    try:
+        form = sr1_compact(filled(k, n, pairs), 1.0, drop_singular=False)
+    except ValueError:  # a (near-)singular middle matrix: the SR1 update of these pairs is not defined
+        assume(False)
     assume(form.M_inv.abs().max() < 1e6 and torch.linalg.cond(form.M_inv) < 1e6)
     for s, y in pairs:
         assert rel(form.mv(s), y) < 1e-8

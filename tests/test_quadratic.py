@@ -110,3 +110,12 @@ def test_the_convergence_figure_and_the_schedules_story():
     assert runs["eq. 5"].values[-1] < runs["constant 0.9"].values[-1]  # more momentum reaches the flat directions
     figure = convergence_figure(runs)
     assert [t.name for t in figure.data] == list(runs) and len(figure.data[0].y) == 401
+
+
+@pytest.mark.parametrize("method", ["cm", "nag"])
+@pytest.mark.parametrize("lr, mu", [(0.5, 0.8), (1.2, 0.95), (0.1, 0.5), (1.0, 0.99)])
+def test_the_simulated_rate_equals_the_closed_form_radius_within_1e_6(method, lr, mu):
+    from qnwb.quadratic import observed_rates
+    q = Quadratic.from_spectrum([0.02, 0.3, 0.9], seed=6)
+    run = run_momentum(q, method, lr=lr, momentum=mu, steps=40)
+    torch.testing.assert_close(observed_rates(run), spectral_radius(method, lr, mu, q.eigenvalues), rtol=0, atol=1e-6)

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'optimizer_class', 'HessianFree', 'PRESETS', 'hessian_free_preset', 'levenberg_marquardt', 'LBFGS',
-           'SQN', 'AdaQN', 'CM', 'NAG', 'schedules']
+           'SQN', 'AdaQN', 'LSR1', 'CM', 'NAG', 'schedules']
 
 # %% ../../nbs/49_optim.ipynb #0b1e4a04
 import torch
@@ -13,9 +13,10 @@ from . import schedules
 from .hessian_free import PRESETS, HessianFree, hessian_free_preset, levenberg_marquardt
 from .adaqn import SQN, AdaQN
 from .lbfgs import LBFGS
+from .lsr1 import LSR1
 from .momentum import CM, NAG
 
-_all_ = ["HessianFree", "PRESETS", "hessian_free_preset", "levenberg_marquardt", "LBFGS", "SQN", "AdaQN", "CM", "NAG", "schedules"]
+_all_ = ["HessianFree", "PRESETS", "hessian_free_preset", "levenberg_marquardt", "LBFGS", "SQN", "AdaQN", "LSR1", "CM", "NAG", "schedules"]
 
 # %% ../../nbs/49_optim.ipynb #0b1e4a05
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -23,6 +24,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "lbfgs": LBFGS,
     "sqn": SQN,
     "adaqn": AdaQN,
+    "lsr1": LSR1,
     "cm": CM,
     "nag": NAG,
     "sgd": torch.optim.SGD,  # baselines: torch's own

@@ -15,7 +15,7 @@ import math
 from ..core import assign_flat_, check_number, check_positive_int, flat_grads, flat_params
 from ..curvature import GGN, Hessian
 from ..losses import MatchingLoss, matching_loss
-from .lbfgs import _number, _one_group
+from .lbfgs import FlatOptimizer, _one_group
 from .memory import (CURVATURE_RULES, H0_KINDS, DiagonalScaling, PairMemory, _check_flat, _device_flag, curvature_condition,
                                two_loop)
 
@@ -26,7 +26,7 @@ __all__ = ['CURVATURES', 'FISHER_NORMALIZATIONS', 'ACCEPTANCE_TESTS', 'SQN', 'Gr
 CURVATURES = ("hessian", "ggn")
 
 
-class SQN(torch.optim.Optimizer):
+class SQN(FlatOptimizer):
     """Stochastic quasi-Newton (Byrd et al. 2016; adaQN eqs. 6–7): L-BFGS steps, pairs every L iterations from averaged iterates."""
 
     def __init__(
@@ -80,23 +80,7 @@ class SQN(torch.optim.Optimizer):
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        memory = state_dict.pop("memory", None)
-        if memory is None:
-            raise ValueError("state_dict: no 'memory' entry: not the state of an SQN optimizer")
-        if state_dict["param_groups"][0].get("memory") != self.param_groups[0]["memory"]:
-            raise ValueError(f"state_dict: saved with memory={state_dict['param_groups'][0].get('memory')!r}, "
-                             f"this optimizer has memory={self.param_groups[0]['memory']!r}")
-        super().load_state_dict(state_dict)
-        self.memory.load_state_dict(memory)
-        self._raw_stats, self._stats = {}, {}
-
-    @property
-    def stats(self) -> dict[str, float | int | str]:
-        "The last step's statistics as Python numbers (read from the device on first access)."
-        if self._stats is None:
-            self._stats = {key: _number(value) for key, value in self._raw_stats.items()}
-        return self._stats
+        self._load(state_dict, {"memory": self.memory}, same=("memory",))
 
     def _curvature_product(self, average: Tensor, s: Tensor, batch, group) -> Tensor:
         "`∇²f(w̄) s` (or the GGN's) on `batch`, with the parameters at `w̄` only while the operator is built."
@@ -267,7 +251,7 @@ FISHER_NORMALIZATIONS = ("count", "none")
 ACCEPTANCE_TESTS = ("ratio", "relative")
 
 
-class AdaQN(torch.optim.Optimizer):
+class AdaQN(FlatOptimizer):
     """adaQN, Algorithm 1 of Keskar & Berahas (2016): Adagrad-scaled L-BFGS with Fisher pairs from averaged iterates and step rejection."""
 
     def __init__(
@@ -342,27 +326,8 @@ class AdaQN(torch.optim.Optimizer):
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        parts = {name: state_dict.pop(name, None) for name in ("memory", "fisher", "h0_accumulator")}
-        missing = [name for name, part in parts.items() if part is None]
-        if missing:
-            raise ValueError(f"state_dict: no {missing} entries: not the state of an AdaQN optimizer")
-        saved_group = state_dict["param_groups"][0]
-        for name in ("memory", "fisher_memory"):
-            if saved_group.get(name) != self.param_groups[0][name]:
-                raise ValueError(f"state_dict: saved with {name}={saved_group.get(name)!r}, this optimizer has {self.param_groups[0][name]!r}")
-        super().load_state_dict(state_dict)
-        self.memory.load_state_dict(parts["memory"])
-        self.fisher.load_state_dict(parts["fisher"])
-        self.scaling.load_state_dict(parts["h0_accumulator"])
-        self._raw_stats, self._stats = {}, {}
-
-    @property
-    def stats(self) -> dict[str, float | int | str]:
-        "The last step's statistics as Python numbers (read from the device on first access)."
-        if self._stats is None:
-            self._stats = {key: _number(value) for key, value in self._raw_stats.items()}
-        return self._stats
+        self._load(state_dict, {"memory": self.memory, "fisher": self.fisher, "h0_accumulator": self.scaling},
+                   same=("memory", "fisher_memory"))
 
     def _monitor(self, monitor: Callable, point: Tensor) -> float:
         "f_M at `point`, the parameters put back afterwards bit for bit."

@@ -5,6 +5,7 @@
 # %% ../../nbs/43_lbfgs.ipynb #613faaf3
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from ..core import assign_flat_, check_number, check_positive_int, flat_grads, f
 from .memory import CURVATURE_RULES, DIAGONAL_KINDS, DiagonalScaling, PairMemory, curvature_condition, powell_damping, two_loop
 
 # %% auto #0
-__all__ = ['LINE_SEARCHES', 'LBFGS_H0', 'LineSearchResult', 'cubic_minimizer', 'strong_wolfe', 'armijo_backtracking', 'LBFGS']
+__all__ = ['LINE_SEARCHES', 'LBFGS_H0', 'LineSearchResult', 'cubic_minimizer', 'strong_wolfe', 'armijo_backtracking',
+           'FlatOptimizer', 'LBFGS']
 
 # %% ../../nbs/43_lbfgs.ipynb #c3861c60
 @dataclass
@@ -164,7 +166,56 @@ def _one_group(params) -> list[Tensor]:
     return param_list(params)
 
 
-class LBFGS(torch.optim.Optimizer):
+class FlatOptimizer(torch.optim.Optimizer):
+    """What qnwb's quasi-Newton optimizers share: one flat parameter vector, the closure protocol, statistics kept on
+    the device during a step and read on first access of `stats`, and a `state_dict` whose parts (memories, buffers)
+    and counters come back with their own dtypes (torch's loader would cast every state tensor to the parameters')."""
+
+    _raw_stats: dict
+    _stats: dict | None
+
+    @property
+    def stats(self) -> dict[str, float | int | str]:
+        "The last step's statistics as Python numbers (read from the device on first access)."
+        if self._stats is None:
+            self._stats = {key: _number(value) for key, value in self._raw_stats.items()}
+        return self._stats
+
+    def _evaluate(self, closure) -> tuple[Tensor, Tensor]:
+        "(loss, flat gradient) from one closure call."
+        params = self.param_groups[0]["params"]
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor):
+            loss = torch.as_tensor(loss, dtype=params[0].dtype, device=params[0].device)
+        if loss.numel() != 1:
+            raise ValueError(f"closure: must return the scalar loss, got a tensor of shape {tuple(loss.shape)}")
+        return loss.detach().reshape(()), flat_grads(params).clone()
+
+    def _load(self, state_dict: dict, parts: dict, same: tuple[str, ...]) -> None:
+        """Load `state_dict`: check the settings `same` agree, restore torch's state with its dtypes, then each of
+        `parts` (name ↦ an object with `load_state_dict`, or None where this optimizer has no such part)."""
+        state_dict = dict(state_dict)
+        saved_parts = {name: state_dict.pop(name, None) for name in parts}
+        missing = [name for name, part in parts.items() if part is not None and saved_parts[name] is None]
+        if missing:
+            raise ValueError(f"state_dict: no {missing} entries: not the state of a {type(self).__name__} optimizer")
+        saved_group, group = state_dict["param_groups"][0], self.param_groups[0]
+        for name in same:
+            if saved_group.get(name) != group[name]:
+                raise ValueError(f"state_dict: saved with {name}={saved_group.get(name)!r}, this optimizer has {name}={group[name]!r}")
+        saved_state = next(iter(state_dict["state"].values()), {})
+        super().load_state_dict(state_dict)
+        params = group["params"]
+        self.state[params[0]] = {key: value.to(params[0].device, copy=True) if isinstance(value, Tensor) else copy.deepcopy(value)
+                                 for key, value in saved_state.items()}
+        for name, part in parts.items():
+            if part is not None:
+                part.load_state_dict(saved_parts[name])
+        self._raw_stats, self._stats = {}, {}
+
+
+class LBFGS(FlatOptimizer):
     """Stochastic or full-batch L-BFGS, one iteration per `step(closure)`, with pairs from consecutive iterates on the same closure."""
 
     def __init__(
@@ -240,41 +291,9 @@ class LBFGS(torch.optim.Optimizer):
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        memory, accumulator = state_dict.pop("memory", None), state_dict.pop("h0_accumulator", None)
-        if memory is None:
-            raise ValueError("state_dict: no 'memory' entry: not the state of an LBFGS optimizer")
-        saved_group = state_dict["param_groups"][0]
-        group = self.param_groups[0]
-        for name in ("memory", "h0"):
-            if saved_group.get(name) != group[name]:
-                raise ValueError(f"state_dict: saved with {name}={saved_group.get(name)!r}, this optimizer has {name}={group[name]!r}")
-        if self.scaling is not None and accumulator is None:
-            raise ValueError("state_dict: no 'h0_accumulator' entry for the diagonal H0")
-        super().load_state_dict(state_dict)
-        self.memory.load_state_dict(memory)
-        if self.scaling is not None:
-            self.scaling.load_state_dict(accumulator)
-        self._raw_stats, self._stats = {}, {}
-
-    @property
-    def stats(self) -> dict[str, float | int | str]:
-        "The last step's statistics as Python numbers (read from the device on first access)."
-        if self._stats is None:
-            self._stats = {key: _number(value) for key, value in self._raw_stats.items()}
-        return self._stats
+        self._load(state_dict, {"memory": self.memory, "h0_accumulator": self.scaling}, same=("memory", "h0"))
 
     # -- one iteration ----------------------------------------------------------------------------------------------
-    def _evaluate(self, closure) -> tuple[Tensor, Tensor]:
-        "(loss, flat gradient) from one closure call."
-        params = self.param_groups[0]["params"]
-        with torch.enable_grad():
-            loss = closure()
-        if not isinstance(loss, Tensor):
-            loss = torch.as_tensor(loss, dtype=params[0].dtype, device=params[0].device)
-        if loss.numel() != 1:
-            raise ValueError(f"closure: must return the scalar loss, got a tensor of shape {tuple(loss.shape)}")
-        return loss.detach().reshape(()), flat_grads(params).clone()
 
     def _h0(self):
         "H0 for `two_loop`: the diagonal of adaQN eq. 9, or the name of a scalar choice."

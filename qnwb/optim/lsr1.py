@@ -5,7 +5,6 @@
 # %% ../../nbs/45_lsr1.ipynb #0045a004
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 
@@ -13,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..core import assign_flat_, check_number, check_positive_int, flat_params
-from .lbfgs import LBFGS, _number, _one_group, armijo_backtracking, strong_wolfe
+from .lbfgs import FlatOptimizer, _one_group, armijo_backtracking, strong_wolfe
 from .memory import CompactForm, PairMemory, sr1_compact, sr1_condition
 from ..trust_region import solve_trust_region_compact
 
@@ -64,7 +63,7 @@ LSR1_LINE_SEARCHES = ("armijo", "strong_wolfe")
 _COUNTERS = ("pairs_stored", "pairs_skipped", "pairs_dropped", "rejections", "descent_fallbacks", "resets")
 
 
-class LSR1(torch.optim.Optimizer):
+class LSR1(FlatOptimizer):
     """L-SR1 (Ramamurthy & Duffy 2017), one iteration of the appendix's Algorithm 1 (trust region) or 2 (line search) per `step(closure)`."""
 
     def __init__(
@@ -159,34 +158,11 @@ class LSR1(torch.optim.Optimizer):
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore from `state_dict()`; the state's tensors keep their dtypes (torch would cast them to the parameters')."""
-        state_dict = dict(state_dict)
-        memory = state_dict.pop("memory", None)
-        if memory is None:
-            raise ValueError("state_dict: no 'memory' entry: not the state of an LSR1 optimizer")
-        saved_group, group = state_dict["param_groups"][0], self.param_groups[0]
-        for name in ("memory", "method", "gamma"):
-            if saved_group.get(name) != group[name]:
-                raise ValueError(f"state_dict: saved with {name}={saved_group.get(name)!r}, this optimizer has {name}={group[name]!r}")
-        saved_state = next(iter(state_dict["state"].values()), {})
-        super().load_state_dict(state_dict)
-        params = self.param_groups[0]["params"]
-        self.state[params[0]] = {key: value.to(params[0].device, copy=True) if isinstance(value, Tensor) else copy.deepcopy(value)
-                                 for key, value in saved_state.items()}
-        self.memory.load_state_dict(memory)
-        self._form, self._raw_stats, self._stats = None, {}, {}
-
-    @property
-    def stats(self) -> dict[str, float | int | str]:
-        "The last step's statistics as Python numbers (read from the device on first access)."
-        if self._stats is None:
-            self._stats = {key: _number(value) for key, value in self._raw_stats.items()}
-        return self._stats
+        """Restore from `state_dict()` (the state's tensors keep their dtypes)."""
+        self._load(state_dict, {"memory": self.memory}, same=("memory", "method", "gamma"))
+        self._form = None
 
     # -- pieces -----------------------------------------------------------------------------------------------------
-    def _evaluate(self, closure) -> tuple[Tensor, Tensor]:
-        "(loss, flat gradient) from one closure call: the closure protocol of `LBFGS`."
-        return LBFGS._evaluate(self, closure)
 
     def _compact(self) -> tuple[CompactForm, int]:
         """`(form, dropped)`: the compact SR1 form of the memory — `B = γI + ΨMΨᵀ` (trust region) or `H = I/γ + ΨMΨᵀ`
