@@ -329,7 +329,8 @@ def bench_optimizers(
         result["optimizers"][name] = {
             "lr": rates[name], "train": run["train"], "valid": run["valid"], "final_train": run["train"][-1],
             "final_valid": run["valid"][-1][1], "optimizer_s_median": work, "closure_s_median": statistics.median(run["closure_s"]),
-            "work_vs_adagrad": work / base if base else None}
+            "work_vs_adagrad": work / base if base else None,
+            "last_stats": dict(getattr(run["optimizer"], "stats", {}))}  # qnwb optimizers: memory, rejections, counts
     return result
 
 # %% ../nbs/85_bench.ipynb #7f0b1e03
