@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 import math
 
-from ..core import assign_flat_, check_number, check_positive_int, flat_grads, flat_params
+from ..core import assign_flat_, check_number, check_positive_int, flat_params
 from ..curvature import GGN, Hessian
 from ..losses import MatchingLoss, matching_loss
 from .lbfgs import FlatOptimizer, _one_group
@@ -60,8 +60,6 @@ class SQN(FlatOptimizer):
         super().__init__(model.parameters(), defaults)
         params = self.param_groups[0]["params"]
         self.memory = PairMemory(memory, sum(p.numel() for p in params), device=params[0].device, dtype=params[0].dtype)
-        self._raw_stats: dict = {}
-        self._stats: dict | None = {}
 
     def _state(self) -> dict:
         params = self.param_groups[0]["params"]
@@ -73,14 +71,6 @@ class SQN(FlatOptimizer):
                 state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
         return state
 
-    def state_dict(self) -> dict:
-        "torch's optimizer state (step, cycle count, running sum, previous average, counters) plus the pair memory."
-        saved = super().state_dict()
-        saved["memory"] = self.memory.state_dict()
-        return saved
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._load(state_dict, {"memory": self.memory}, same=("memory",))
 
     def _curvature_product(self, average: Tensor, s: Tensor, batch, group) -> Tensor:
         "`∇²f(w̄) s` (or the GGN's) on `batch`, with the parameters at `w̄` only while the operator is built."
@@ -116,11 +106,7 @@ class SQN(FlatOptimizer):
             raise ValueError(f"curvature_batch: step {k + 1} forms a curvature pair (every L = {L} steps) and needs a batch")
 
         theta = flat_params(params).clone()
-        with torch.enable_grad():
-            loss = closure()
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError("closure: must return the scalar loss as a tensor")
-        f, g = loss.detach().reshape(()), flat_grads(params).clone()
+        f, g = self._evaluate(closure)
         state["iterate_sum"] += theta  # eq. 6: the iterates at which this cycle's gradients are taken
         theta_new = torch.add(theta, two_loop(memory, g, group["h0"], check=False), alpha=-group["lr"])
         ok = torch.isfinite(f) & torch.isfinite(g).all() & torch.isfinite(theta_new).all()
@@ -299,8 +285,6 @@ class AdaQN(FlatOptimizer):
         self.memory = PairMemory(memory, n, **options)
         self.fisher = GradientFIFO(fisher_memory, n, **options)
         self.scaling = DiagonalScaling(n, "adagrad", epsilon=adagrad_epsilon, **options)
-        self._raw_stats: dict = {}
-        self._stats: dict | None = {}
 
     def _state(self) -> dict:
         params = self.param_groups[0]["params"]
@@ -319,15 +303,11 @@ class AdaQN(FlatOptimizer):
         state["epoch_memory"].zero_()
         state["epoch_steps"] = 0
 
-    def state_dict(self) -> dict:
-        "torch's optimizer state plus the pair memory, the Fisher FIFO and the Adagrad accumulator."
-        saved = super().state_dict()
-        saved.update(memory=self.memory.state_dict(), fisher=self.fisher.state_dict(), h0_accumulator=self.scaling.state_dict())
-        return saved
+    _same = ("memory", "fisher_memory")
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._load(state_dict, {"memory": self.memory, "fisher": self.fisher, "h0_accumulator": self.scaling},
-                   same=("memory", "fisher_memory"))
+    def _parts(self) -> dict:
+        "The pair memory, the Fisher FIFO and the Adagrad accumulator."
+        return {"memory": self.memory, "fisher": self.fisher, "h0_accumulator": self.scaling}
 
     def _monitor(self, monitor: Callable, point: Tensor) -> float:
         "f_M at `point`, the parameters put back afterwards bit for bit."
@@ -359,11 +339,7 @@ class AdaQN(FlatOptimizer):
             raise ValueError(f"monitor: step {k} ends a cycle (every L = {L} steps) and needs the monitoring-set loss")
 
         theta = flat_params(params).clone()
-        with torch.enable_grad():
-            loss = closure()
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError("closure: must return the scalar loss as a tensor")
-        f, g = loss.detach().reshape(()), flat_grads(params).clone()
+        f, g = self._evaluate(closure)
         finite = torch.isfinite(f) & torch.isfinite(g).all()
         state["iterate_sum"] += theta  # line 5
         self.scaling.update(g, finite)  # eq. 9 sums every gradient, the current one included

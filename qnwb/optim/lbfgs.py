@@ -171,8 +171,22 @@ class FlatOptimizer(torch.optim.Optimizer):
     the device during a step and read on first access of `stats`, and a `state_dict` whose parts (memories, buffers)
     and counters come back with their own dtypes (torch's loader would cast every state tensor to the parameters')."""
 
-    _raw_stats: dict
-    _stats: dict | None
+    _same: tuple[str, ...] = ("memory",)  # settings a saved state must share with the optimizer that loads it
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        self._raw_stats: dict = {}
+        self._stats: dict | None = {}
+
+    def _parts(self) -> dict:
+        "What a state_dict carries besides torch's state: name ↦ an object with state_dict / load_state_dict (or None)."
+        return {"memory": self.memory}
+
+    def state_dict(self) -> dict:
+        "torch's optimizer state plus each of `_parts()`."
+        saved = super().state_dict()
+        saved.update({name: part.state_dict() for name, part in self._parts().items() if part is not None})
+        return saved
 
     @property
     def stats(self) -> dict[str, float | int | str]:
@@ -192,9 +206,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise ValueError(f"closure: must return the scalar loss, got a tensor of shape {tuple(loss.shape)}")
         return loss.detach().reshape(()), flat_grads(params).clone()
 
-    def _load(self, state_dict: dict, parts: dict, same: tuple[str, ...]) -> None:
-        """Load `state_dict`: check the settings `same` agree, restore torch's state with its dtypes, then each of
-        `parts` (name ↦ an object with `load_state_dict`, or None where this optimizer has no such part)."""
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load `state_dict()`: the settings `_same` must agree; torch's state comes back with its dtypes, then each part."""
+        parts, same = self._parts(), self._same
         state_dict = dict(state_dict)
         saved_parts = {name: state_dict.pop(name, None) for name in parts}
         missing = [name for name, part in parts.items() if part is not None and saved_parts[name] is None]
@@ -268,8 +282,6 @@ class LBFGS(FlatOptimizer):
         self.memory = PairMemory(memory, n, device=first.device, dtype=first.dtype)
         self.scaling = (DiagonalScaling(n, h0, epsilon=h0_epsilon, decay=rmsprop_decay, device=first.device, dtype=first.dtype)
                         if h0 in DIAGONAL_KINDS else None)
-        self._raw_stats: dict = {}
-        self._stats: dict | None = {}
 
     # -- state ------------------------------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -282,16 +294,11 @@ class LBFGS(FlatOptimizer):
                 state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
         return state
 
-    def state_dict(self) -> dict:
-        "torch's optimizer state plus the pair memory and the diagonal accumulator."
-        saved = super().state_dict()
-        saved["memory"] = self.memory.state_dict()
-        if self.scaling is not None:
-            saved["h0_accumulator"] = self.scaling.state_dict()
-        return saved
+    _same = ("memory", "h0")
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._load(state_dict, {"memory": self.memory, "h0_accumulator": self.scaling}, same=("memory", "h0"))
+    def _parts(self) -> dict:
+        "The pair memory and, for a diagonal H0, its accumulator."
+        return {"memory": self.memory, "h0_accumulator": self.scaling}
 
     # -- one iteration ----------------------------------------------------------------------------------------------
 

@@ -135,8 +135,6 @@ class LSR1(FlatOptimizer):
         first = tensors[0]
         self.memory = PairMemory(memory, sum(t.numel() for t in tensors), device=first.device, dtype=first.dtype)
         self._form: CompactForm | None = None  # the compact form of `memory`, made at the end of the last step
-        self._raw_stats: dict = {}
-        self._stats: dict | None = {}
 
     # -- state ------------------------------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -151,15 +149,11 @@ class LSR1(FlatOptimizer):
                 state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
         return state
 
-    def state_dict(self) -> dict:
-        "torch's optimizer state plus the pair memory."
-        saved = super().state_dict()
-        saved["memory"] = self.memory.state_dict()
-        return saved
+    _same = ("memory", "method", "gamma")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore from `state_dict()` (the state's tensors keep their dtypes)."""
-        self._load(state_dict, {"memory": self.memory}, same=("memory", "method", "gamma"))
+        super().load_state_dict(state_dict)
         self._form = None
 
     # -- pieces -----------------------------------------------------------------------------------------------------
