@@ -484,3 +484,31 @@ def test_loading_a_state_keeps_the_counters_integers_and_the_buffers_dtypes(make
     resumed.load_state_dict(saved)
     after = {k: v.dtype for k, v in resumed.state[p].items() if torch.is_tensor(v)}
     assert after == before and any(dtype == torch.int64 for dtype in after.values())
+
+
+@pytest.mark.parametrize("make", ["lbfgs", "adaqn"])
+def test_a_state_dict_is_a_snapshot_that_later_steps_do_not_change(make):
+    from qnwb.optim import AdaQN
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    optimizer = LBFGS([p], lr=0.1) if make == "lbfgs" else AdaQN([p], lr=0.1, L=2)
+    def closure():
+        optimizer.zero_grad()
+        value = (p**4).sum()
+        value.backward()
+        return value
+    def step():
+        optimizer.step(closure, monitor=lambda: (p**4).sum()) if make == "adaqn" else optimizer.step(closure)
+    for _ in range(3):
+        step()
+    saved, theta = optimizer.state_dict(), p.detach().clone()
+    expected = []
+    for _ in range(3):
+        step()
+        expected.append(p.detach().clone())
+    with torch.no_grad():
+        p.copy_(theta)
+    optimizer.load_state_dict(saved)  # the in-memory snapshot, not a deep copy of it
+    for e in expected:
+        step()
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=0)

@@ -217,3 +217,13 @@ def test_nag_trains_addition_at_T30_below_a_tenth_zero_one_error():
             if error < 0.1:
                 break
     assert error < 0.1, f"held-out zero-one error {error} after {t} updates"
+
+
+def test_a_schedule_inside_a_parameter_group_is_that_groups_own():
+    a, b = (torch.zeros(1, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    optimizer = CM([{"params": [a], "lr": lambda t: 1.0 / (t + 1)}, {"params": [b]}], lr=0.5, momentum=0.0)
+    for t in range(3):
+        a.grad, b.grad = -torch.ones(1, dtype=torch.float64), -torch.ones(1, dtype=torch.float64)
+        optimizer.step()
+        assert optimizer.param_groups[0]["lr"] == 1.0 / (t + 1) and optimizer.param_groups[1]["lr"] == 0.5
+    assert float(a.detach()) == pytest.approx(1 + 1 / 2 + 1 / 3) and float(b.detach()) == pytest.approx(1.5)

@@ -5,6 +5,7 @@
 # %% ../../nbs/40_hessian_free.ipynb #10c206d9
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -282,7 +283,8 @@ class HessianFree(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """torch's optimizer state plus the options and the Chapelle–Erhan generator, so a resumed run continues identically."""
-        return {**super().state_dict(), "options": dict(self.options), "generator": self.generator.get_state()}
+        saved = copy.deepcopy(super().state_dict())  # a snapshot: torch's holds the live per-parameter state dict
+        return {**saved, "options": dict(self.options), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore `state_dict()`'s contents (options included; schedules are code and come from the constructor)."""

@@ -183,8 +183,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         return {"memory": self.memory}
 
     def state_dict(self) -> dict:
-        "torch's optimizer state plus each of `_parts()`."
-        saved = super().state_dict()
+        "A snapshot (later steps do not change it) of torch's optimizer state plus each of `_parts()`."
+        saved = copy.deepcopy(super().state_dict())  # torch's holds the live per-parameter state dict
         saved.update({name: part.state_dict() for name, part in self._parts().items() if part is not None})
         return saved
 

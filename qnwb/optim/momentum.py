@@ -21,6 +21,12 @@ class _Momentum(torch.optim.Optimizer):
         self.schedules = {name: value for name, value in (("lr", lr), ("momentum", momentum)) if callable(value)}
         defaults = dict(lr=self._checked("lr", lr, 0), momentum=self._checked("momentum", momentum, 0))
         super().__init__(params, defaults)
+        # a schedule given inside a parameter group is that group's own; the group holds its current value
+        self.group_schedules = [{name: group[name] for name in ("lr", "momentum") if callable(group[name])}
+                                for group in self.param_groups]
+        for group, own in zip(self.param_groups, self.group_schedules):
+            for name, schedule in own.items():
+                group[name] = self._checked(name, schedule, 0)
         self.updates = 0  # t: the number of updates taken (saved in state_dict)
         self.stats: dict[str, float | int] = {}
 
@@ -32,9 +38,11 @@ class _Momentum(torch.optim.Optimizer):
 
     def _begin(self) -> None:
         "Evaluate the schedules for update t and check every group's values (they may have been changed by hand)."
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
+            own = self.group_schedules[i] if i < len(self.group_schedules) else {}
             for name in ("lr", "momentum"):
-                group[name] = self._checked(name, self.schedules.get(name, group[name]), self.updates)
+                schedule = own.get(name, self.schedules.get(name))
+                group[name] = self._checked(name, schedule if schedule is not None else group[name], self.updates)
 
     def _velocity(self, p: Tensor) -> Tensor:
         state = self.state[p]
