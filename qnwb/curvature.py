@@ -198,10 +198,11 @@ class GGN(CurvatureOperator):
     def structural_weight(self, w: float) -> None:
         self._w = _check_structural(self.structural_damping, w)
 
-    def mv(self, v: Tensor) -> Tensor:
-        "`(G + w G_S) v` for a flat `v` (the structural block is applied on the fly from the cached slopes)."
+    def mv(self, v: Tensor, structural: bool = True) -> Tensor:
+        "`(G + w G_S) v` for a flat `v` (the structural block applied on the fly from the cached slopes); `G v` with structural=False."
         jz, jt = self.linearization.jvp(self._views(v))
-        dt = hidden_block_mv(self.linearization.hidden_slope, self.structural_damping, jt, self._w) if self.structural_damping and self._w else None
+        use = structural and self.structural_damping and self._w
+        dt = hidden_block_mv(self.linearization.hidden_slope, self.structural_damping, jt, self._w) if use else None
         return _flatten(self.linearization.vjp(self.loss_hessian.mv(jz), dt))
 
 # %% ../nbs/20_curvature.ipynb #fd2cced4

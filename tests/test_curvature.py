@@ -129,6 +129,8 @@ def test_structural_damping_adds_w_times_explicit_hidden_gauss_newton(route, dis
     torch.testing.assert_close(ggn.dense().cpu(), G + w * G_S, rtol=1e-9, atol=1e-12)
     ggn.structural_weight = 2.0  # the optimizer changes λμ between CG runs: no rebuild needed
     torch.testing.assert_close(ggn.dense().cpu(), G + 2.0 * G_S, rtol=1e-9, atol=1e-12)
+    v = torch.randn(G.shape[0], dtype=G.dtype, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ggn.mv(v.to(ggn.params[0].device), structural=False).cpu(), G @ v, rtol=1e-9, atol=1e-12)  # ρ's B
     ggn.structural_weight = 0.0
     torch.testing.assert_close(ggn.dense().cpu(), G, rtol=1e-9, atol=1e-12)
     assert torch.linalg.eigvalsh(G_S).min() > -1e-12  # the matching distance keeps G_S PSD

@@ -438,3 +438,20 @@ def test_selection_data_only_choose_the_iterate_rho_and_the_line_search_use_the_
     hf.step((X, Y), selection_batch=(X, Y + 10.0))  # f on the selection data is far above f on the gradient batch
     assert hf.stats["rho"] == pytest.approx(1.0, abs=0.05)  # a linear model: the quadratic is exact
     assert hf.stats["loss_after"] == pytest.approx(loss_at(model, flat_params(model), 0.0, (X, Y)), rel=1e-12)
+
+
+def test_the_undamped_model_of_rho_leaves_out_the_structural_term(monkeypatch):
+    calls = recording_cg(monkeypatch)
+    model, batch = addition_rnn()
+    theta = flat_params(model).clone()
+    grads = torch.autograd.grad(HessianFree(model, "squared_error").loss(model(batch[0]), batch[1]), list(model.parameters()))
+    g = torch.cat([t.flatten() for t in grads])
+    plain = GGN(model, "squared_error", batch)  # G at θ, no structural damping
+    hf = HessianFree(model, "squared_error", damping=0.5, structural_damping=0.5, cg_max_iterations=10, line_search=False,
+                     iterate_selection="last")
+    hf.step(batch)
+    delta = calls[-1]["result"].x
+    expected = float(g @ delta + 0.5 * delta @ plain.mv(delta))
+    assert hf.stats["structural_weight"] == 0.25
+    assert hf.stats["model_reduction_undamped"] == pytest.approx(expected, rel=1e-9)
+    assert torch.equal(flat_params(model), theta + delta)

@@ -237,11 +237,8 @@ class HessianFree(torch.optim.Optimizer):
         if selection_batch is not None and math.isfinite(f_new):
             f_new = f_at(delta)  # ρ and the line search measure f on the gradient batch
         weight = getattr(op, "structural_weight", 0.0)
-        if isinstance(op, GGN):
-            op.structural_weight = 0.0
-        undamped = float(g @ delta + 0.5 * delta @ op.mv(delta))
-        if isinstance(op, GGN):
-            op.structural_weight = weight
+        curvature = op.mv(delta, structural=False) if isinstance(op, GGN) else op.mv(delta)  # B without λμ G_S (eq. 10)
+        undamped = float(g @ delta + 0.5 * delta @ curvature)
         damped = float(cg.q[chosen_step])
         reduction = undamped if self.options["rho"] == "undamped" else damped
         # eq. 10; f went up: a bad step whatever the model said (with a warm start M(δ) may be > 0, §8.5, and
