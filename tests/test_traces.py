@@ -481,3 +481,26 @@ def test_figures_refuse_empty_or_wrong_traces():
     model, _ = addition_rnn()
     with pytest.raises(ValueError, match="no steps"):
         hf_trace_figure(HFTraceRecorder(HessianFree(model, "squared_error")).trace())
+
+
+def test_pair_curvatures_are_s_y_over_s_s_of_the_pairs_held_oldest_first_after_wrapping():
+    S, Y = random_pairs(5, 6, seed=4)
+    memory = PairMemory(3, 6, dtype=F64)
+    for s, y in zip(S, Y):
+        memory.push(s, y)
+    held_S, held_Y = S[2:], Y[2:]  # the ring kept the three newest
+    expected = [float(s @ y / (s @ s)) for s, y in zip(held_S, held_Y)]
+    np.testing.assert_allclose(pair_curvatures(memory), expected, rtol=1e-14)
+
+
+def test_skipped_pairs_count_as_offered_and_enter_the_skipped_ratio():
+    model, X, T = regression(11)
+    opt = LBFGS(model, memory=3, line_search="armijo", curvature_skip=0.9)  # cosine rule: most pairs fail sᵀy > 0.9‖s‖‖y‖
+    recorder = MemoryRecorder(opt)
+    for _ in range(8):
+        recorder.step(closure_for(opt, model, X, T))
+    trace = recorder.trace()
+    assert trace.pair_skipped.any() and trace.pair_stored.any()
+    assert trace.pair_formed.tolist() == (trace.pair_stored | trace.pair_skipped).tolist()
+    assert trace.skipped_ratio()[-1] == pytest.approx(trace.pair_skipped.sum() / trace.pair_formed.sum())
+    assert np.isnan(trace.new_pair_curvature[trace.pair_skipped]).all()
