@@ -35,12 +35,12 @@ def operator_size(A, n: int | None = None) -> int:
 
 def matvec(A) -> Callable[[Tensor], Tensor]:
     "`v ↦ A v` for an object with `.mv`, a square matrix, or a function."
-    if hasattr(A, "mv"):
-        return A.mv
-    if isinstance(A, Tensor):
+    if isinstance(A, Tensor):  # before .mv: a tensor has its own (unchecked) Tensor.mv
         if A.dim() != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"A: a matrix operator must be square, got shape {tuple(A.shape)}")
         return lambda v: A @ v
+    if hasattr(A, "mv"):
+        return A.mv
     if callable(A):
         return A
     raise TypeError(f"A: expected an object with .mv, a square tensor or a function, got {type(A).__name__}")
