@@ -26,7 +26,7 @@ from .models import TanhRNN
 # %% auto #0
 __all__ = ['ROUTES', 'DTYPES', 'SETUP_CAP', 'SLOW_SETUP_S', 'DEFAULT_LRS', 'timed', 'median_seconds', 'setup_bytes',
            'reference_problem', 'bench_curvature', 'summary', 'bench_hf', 'bench_optimizers', 'optimizers_summary',
-           'optimizers_figure']
+           'optimizers_figure', 'bench_lanczos', 'lanczos_summary']
 
 # %% ../nbs/85_bench.ipynb #219d5632
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
@@ -365,3 +365,84 @@ def optimizers_figure(result: dict[str, Any], smooth: int = 10):
     figure.update_layout(title=f"Character RNN ({result['layers']}×{result['hidden']} tanh), {result['steps']} steps, seed {result['seed']}",
                          xaxis_title="step", yaxis_title="loss (nats per character)", template="plotly_white")
     return figure
+
+# %% ../nbs/85_bench.ipynb #b1a2c3d5
+def bench_lanczos(
+    k: int = 5,  # top eigenvalues wanted
+    tolerance: float = 1e-3,  # relative residual ‖G y − θ y‖ / θ both methods stop at
+    batch: int = 100,  # cases in the batch
+    steps: int = 50,  # time steps per case
+    hidden: int = 50,  # hidden units of the TanhRNN
+    device: str | torch.device | None = None,  # as in qnwb.core.default_device
+    dtype: str | torch.dtype = torch.float32,  # float32 or float64
+    repeat: int = 3,  # timed runs of each method (medians reported), after one warm-up
+    max_products: int = 2000,  # the most products either method may use
+    seed: int = 0,  # seeds the weights, data and start vectors
+    progress: bool = False,  # show a progress bar on stderr
+) -> dict[str, Any]:
+    """Products and median seconds for the top-k eigenvalues of the reference GGN: Lanczos against block power iteration."""
+    from qnwb.lanczos import lanczos, power_iteration
+
+    for name, value in (("k", k), ("batch", batch), ("steps", steps), ("hidden", hidden), ("repeat", repeat), ("max_products", max_products)):
+        check_positive_int(name, value)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise ValueError(f"tolerance: must be in (0, 1), got {tolerance!r}")
+    if max_products < k:
+        raise ValueError(f"max_products: {max_products} is fewer than k = {k} (one block of power iteration)")
+    dtype = DTYPES.get(dtype, dtype)
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    device = default_device(device)
+    model, x, y = reference_problem(batch, steps, hidden, device, dtype, seed)
+    ggn = GGN(model, matching_loss("squared_error"), (x, y))
+    if k > ggn.n:
+        raise ValueError(f"k: {k} eigenvalues exceed the dimension {ggn.n}")
+
+    def run_lanczos():
+        return lanczos(ggn, max_products, k=k, tolerance=tolerance, seed=seed, history=False)
+
+    def run_power():
+        return power_iteration(ggn, max_products // k, k=k, tolerance=tolerance, seed=seed)
+
+    def true_relative(values: Tensor, vectors: Tensor) -> list[float]:
+        products = torch.stack([ggn.mv(v.contiguous()) for v in vectors.T], dim=1)
+        return (torch.linalg.vector_norm(products - vectors * values, dim=0) / values.abs()).flip(0).tolist()
+
+    bar = tqdm(total=2 + 2 * repeat, desc="bench lanczos", file=sys.stderr, disable=not progress, leave=False)
+    with bar:
+        first = run_lanczos()  # warm-ups, whose results are reported
+        bar.update()
+        power = run_power()
+        bar.update()
+        medians = median_seconds({"lanczos": run_lanczos, "power": run_power}, repeat, device, bar)
+    values, residuals, vectors = first.ritz(vectors=True)
+    budget = 2 * k + 10
+    return {
+        "k": k, "tolerance": tolerance, "budget": budget,
+        "lanczos_products": first.products, "lanczos_stop": first.stop, "lanczos_s": medians["lanczos"],
+        "lanczos_within_budget": first.stop in ("converged", "invariant") and first.products <= budget,
+        "lanczos_values": values[-k:].flip(0).tolist(),
+        "lanczos_estimated_relative": (residuals[-k:] / values[-k:].abs()).flip(0).tolist(),
+        "lanczos_true_relative": true_relative(values[-k:], vectors[:, -k:]),
+        "power_products": power.products, "power_stop": power.stop, "power_s": medians["power"],
+        "power_values": power.values.flip(0).tolist(),
+        "power_true_relative": true_relative(power.values, power.vectors),
+        "parameters": ggn.n, "batch": batch, "steps": steps, "hidden": hidden, "seed": seed, "repeat": repeat,
+        "max_products": max_products, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    }
+
+# %% ../nbs/85_bench.ipynb #b1a2c3d6
+def lanczos_summary(result: dict[str, Any]) -> str:
+    """The table `qnwb bench lanczos` prints: products, median time and worst true relative residual of each method."""
+    lines = [f"top {result['k']} eigenvalues of the GGN of TanhRNN(2, {result['hidden']}, 1), {result['batch']} cases × {result['steps']} "
+             f"steps, {result['parameters']} parameters; tolerance {result['tolerance']:g} on {result['device']}, {result['dtype']}, "
+             f"medians of {result['repeat']}",
+             f"{'method':<18} {'products':>9} {'stop':>10} {'median':>10} {'worst true rel. residual':>25}  top values"]
+    for name, key in (("Lanczos", "lanczos"), ("power iteration", "power")):
+        top = ", ".join(f"{v:.5g}" for v in result[f"{key}_values"][:3]) + (", …" if result["k"] > 3 else "")
+        lines.append(f"{name:<18} {result[f'{key}_products']:>9} {result[f'{key}_stop']:>10} {1e3 * result[f'{key}_s']:>8.1f}ms "
+                     f"{max(result[f'{key}_true_relative']):>25.2e}  {top}")
+    verdict = "yes" if result["lanczos_within_budget"] else "NO"
+    lines.append(f"Lanczos within 2k + 10 = {result['budget']} products: {verdict} ({result['lanczos_products']})")
+    return "\n".join(lines)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 import qnwb
-from .bench import DTYPES, ROUTES, bench_curvature, bench_hf, bench_optimizers, optimizers_figure, optimizers_summary, summary
+from .bench import (DTYPES, ROUTES, bench_curvature, bench_hf, bench_lanczos, bench_optimizers, lanczos_summary, optimizers_figure,
+                        optimizers_summary, summary)
 from .curvature import _check_structural
 from .tasks import TASKS, input_independent_error, make_task
 from .core import check_number, check_positive_int, default_device
@@ -105,6 +106,21 @@ def _bench_optimizers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tolerance(text: str) -> float:
+    try:
+        return check_number("tolerance", float(text), 0.0, 1.0, low_open=True, high_open=True)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}") from None
+
+
+def _bench_lanczos(args: argparse.Namespace) -> int:
+    result = bench_lanczos(k=args.k, tolerance=args.tolerance, batch=args.batch, steps=args.steps, hidden=args.hidden,
+                           device=args.device, dtype=args.dtype, repeat=args.repeat, max_products=args.max_products,
+                           seed=args.seed, progress=True)
+    print(json.dumps(result) if args.json else lanczos_summary(result))
+    return 0
+
+
 def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="time the workbench's building blocks",
                                 description="Benchmarks; each prints a table, or a JSON object with --json.")
@@ -155,6 +171,23 @@ def _add_bench(commands) -> None:
     optimizers.add_argument("--html", metavar="PATH", help="write the loss figure (plotly) to this HTML file")
     optimizers.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
     optimizers.set_defaults(handler=_bench_optimizers)
+    spectrum = benchmarks.add_parser(
+        "lanczos", help="top-k eigenvalues of the reference GGN: Lanczos against block power iteration",
+        description="Products, median wall-clock and true relative residuals for the top K eigenvalues of the GGN of a "
+        "TanhRNN(2, HIDDEN, 1) on the reference problem, by Lanczos with full reorthogonalisation and by block power "
+        "iteration, both until relative residual TOLERANCE; says whether Lanczos needed at most 2K + 10 products.")
+    spectrum.add_argument("--k", type=_positive_int, default=5, help="top eigenvalues wanted (default 5)")
+    spectrum.add_argument("--tolerance", type=_tolerance, default=1e-3, help="relative residual to reach (default 1e-3)")
+    spectrum.add_argument("--batch", type=_positive_int, default=100, help="cases in the batch (default 100)")
+    spectrum.add_argument("--steps", type=_positive_int, default=50, help="time steps per case (default 50)")
+    spectrum.add_argument("--hidden", type=_positive_int, default=50, help="hidden units (default 50)")
+    spectrum.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
+    spectrum.add_argument("--dtype", choices=list(DTYPES), default="float32", help="default float32")
+    spectrum.add_argument("--repeat", type=_positive_int, default=3, help="timed runs of each method; medians are reported (default 3)")
+    spectrum.add_argument("--max-products", type=_positive_int, default=2000, help="the most products per method (default 2000)")
+    spectrum.add_argument("--seed", type=int, default=0)
+    spectrum.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout) instead of a table")
+    spectrum.set_defaults(handler=_bench_lanczos)
 
 
 # Sutskever et al. 2013, Table 5, "biases" column: (task, T) -> error

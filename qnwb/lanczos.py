@@ -35,12 +35,12 @@ def operator_size(A, n: int | None = None) -> int:
 
 def matvec(A) -> Callable[[Tensor], Tensor]:
     "`v ↦ A v` for an object with `.mv`, a square matrix, or a function."
-    if hasattr(A, "mv"):
-        return A.mv
-    if isinstance(A, Tensor):
+    if isinstance(A, Tensor):  # before .mv: a tensor has its own (unchecked) Tensor.mv
         if A.dim() != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"A: a matrix operator must be square, got shape {tuple(A.shape)}")
         return lambda v: A @ v
+    if hasattr(A, "mv"):
+        return A.mv
     if callable(A):
         return A
     raise TypeError(f"A: expected an object with .mv, a square tensor or a function, got {type(A).__name__}")
@@ -120,12 +120,16 @@ def _ritz_history(alpha: Tensor, beta: Tensor, beta_last: Tensor) -> list[tuple[
     return history
 
 
-def _converged(alpha, beta, j: int, k: int, which: str, tolerance: float) -> bool:
+def _converged(alpha, beta, j: int, k: int, which: str, tolerance: float, floor: float) -> bool:
+    "Stop after step j? When the k wanted Ritz values (k at each end for \"both\") have converged, or on an invariant subspace (β_j ≤ floor·scale)."
     a, b = alpha[:j].to("cpu", torch.float64), beta[:j].to("cpu", torch.float64)
+    if b[j - 1] <= floor * max(float(a.abs().max()), float(b.max())):
+        return True  # the Krylov space is exhausted: every Ritz value is exact (labelled "invariant" after the loop)
+    if j < (2 * k if which == "both" else k):
+        return False  # fewer Ritz values than wanted: one converged value (a start vector near an eigenvector) is not k
     T = torch.diag(a) + torch.diag(b[: j - 1], 1) + torch.diag(b[: j - 1], -1)
     values, s = torch.linalg.eigh(T)
     relative = (b[j - 1] * s[-1]).abs() / values.abs().clamp_min(torch.finfo(torch.float64).tiny)
-    k = min(k, j)
     wanted = {"largest": relative[-k:], "smallest": relative[:k], "both": torch.cat([relative[:k], relative[-k:]])}[which]
     return bool((wanted <= tolerance).all())
 
@@ -178,6 +182,7 @@ def lanczos(
         raise ValueError(f"k: {k} eigenvalues {'at each end ' if which == 'both' else ''}exceed the dimension {size}")
 
     op_dtype = getattr(A, "dtype", None)
+    floor = 1e3 * torch.finfo(dtype).eps  # β below floor × the largest |α|, β seen: breakdown (an invariant subspace)
     V = torch.zeros(m, size, dtype=dtype, device=device)
     alpha = torch.zeros(m, dtype=dtype, device=device)
     beta = torch.zeros(m, dtype=dtype, device=device)  # beta[j] couples v_{j+1} and v_{j+2}; beta[m-1] is β_m
@@ -194,10 +199,10 @@ def lanczos(
         scale = torch.maximum(scale, torch.maximum(alpha[j].abs(), beta[j]))
         if j + 1 < m:
             V[j + 1] = w / torch.where(beta[j] > 0, beta[j], torch.ones_like(beta[j]))
-        if tolerance is not None and (j + 1) % check_every == 0 and _converged(alpha, beta, j + 1, k, which, tolerance):
+        if tolerance is not None and (j + 1) % check_every == 0 and _converged(alpha, beta, j + 1, k, which, tolerance, floor):
             stop, steps = "converged", j + 1
             break
-    tiny = 1e3 * torch.finfo(dtype).eps * torch.clamp_min(scale, torch.finfo(dtype).tiny)
+    tiny = floor * torch.clamp_min(scale, torch.finfo(dtype).tiny)
     breakdown = (beta[:steps] <= tiny).nonzero()  # one host read, after the loop
     if breakdown.numel():
         steps, stop = int(breakdown[0]) + 1, "invariant"

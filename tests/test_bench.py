@@ -1,6 +1,7 @@
 """`qnwb bench curvature`, run as a user runs it, and `bench_curvature` in-process. Never asserts on a timing."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qnwb.bench import bench_curvature
+from qnwb.bench import bench_curvature, bench_lanczos
 
 QNWB = Path(sys.executable).parent / "qnwb"
 TINY = ["--batch", "8", "--steps", "4", "--hidden", "5", "--repeat", "2"]
@@ -116,3 +117,80 @@ def test_hessian_free_with_structural_damping_solves_addition_at_T_30():
 
     result = bench_hf("addition", T=30, seed=0, budget_s=5400.0)
     assert result["solved"] and result["held_out_error"] == 0.0, result
+
+
+LANCZOS_KEYS = {"k", "tolerance", "budget", "lanczos_products", "lanczos_stop", "lanczos_s", "lanczos_within_budget", "lanczos_values",
+                "lanczos_estimated_relative", "lanczos_true_relative", "power_products", "power_stop", "power_s", "power_values",
+                "power_true_relative", "parameters", "batch", "steps", "hidden", "seed", "repeat", "max_products", "device", "dtype",
+                "torch", "torch_threads"}
+TINY_LANCZOS = ["--k", "3", "--batch", "12", "--steps", "4", "--hidden", "6", "--repeat", "2"]
+
+
+def test_bench_lanczos_json_compares_the_methods():
+    done = run("bench", "lanczos", *TINY_LANCZOS, "--json")
+    assert done.returncode == 0, done.stderr
+    result = last_json(done.stdout)
+    assert set(result) == LANCZOS_KEYS
+    assert (result["k"], result["tolerance"], result["budget"], result["dtype"], result["device"]) == (3, 1e-3, 16, "float32", "cpu")
+    assert result["parameters"] == 6 * 2 + 6 * 6 + 6 + 6 + 6 + 1
+    assert result["lanczos_stop"] == "converged" and result["power_stop"] == "converged"
+    assert result["power_products"] % 3 == 0 and result["lanczos_products"] < result["power_products"]
+    assert result["lanczos_within_budget"] == (result["lanczos_products"] <= result["budget"])
+    for key in ("lanczos", "power"):
+        assert len(result[f"{key}_values"]) == 3 and result[f"{key}_values"] == sorted(result[f"{key}_values"], reverse=True)
+        assert max(result[f"{key}_true_relative"]) < 2e-3  # the tolerance, up to float32 rounding
+        assert result[f"{key}_s"] > 0
+    assert max(result["lanczos_estimated_relative"]) <= 1e-3
+    for a, b in zip(result["lanczos_values"], result["power_values"]):
+        assert abs(a - b) <= 2e-3 * abs(b)
+
+
+def test_bench_lanczos_table():
+    done = run("bench", "lanczos", *TINY_LANCZOS, "--dtype", "float64", "--tolerance", "1e-6")
+    assert done.returncode == 0, done.stderr
+    assert "Lanczos" in done.stdout and "power iteration" in done.stdout and "2k + 10 = 16 products" in done.stdout
+    assert "float64" in done.stdout and "tolerance 1e-06" in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--k", "0"], "argument --k: must be a positive int"),
+    (["--tolerance", "0"], "argument --tolerance: must be a number in (0, 1)"),
+    (["--tolerance", "1"], "argument --tolerance: must be a number in (0, 1)"),
+    (["--max-products", "-1"], "argument --max-products: must be a positive int"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice"),
+    (["--device", "toaster"], "argument --device: device: 'toaster'"),
+])
+def test_bench_lanczos_bad_arguments_are_usage_errors(args, message):
+    done = run("bench", "lanczos", *args, "--json")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"k": 0}, "k: must be a positive int"),
+    ({"tolerance": 0.0}, "tolerance: must be in (0, 1)"),
+    ({"tolerance": True}, "tolerance: must be in (0, 1)"),
+    ({"max_products": 2, "k": 3}, "max_products: 2 is fewer than k = 3"),
+    ({"dtype": "float16"}, "dtype: must be one of"),
+    ({"k": 100, "batch": 2, "steps": 2, "hidden": 2}, "k: 100 eigenvalues exceed the dimension 15"),
+])
+def test_bench_lanczos_checks_its_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench_lanczos(**kwargs)
+
+
+def test_bench_lanczos_in_process_float64_agrees_with_the_dense_ggn():
+    from qnwb.bench import reference_problem
+    from qnwb.curvature import GGN
+
+    result = bench_lanczos(k=2, tolerance=1e-8, batch=6, steps=3, hidden=4, dtype="float64", repeat=1, device="cpu")
+    model, x, y = reference_problem(6, 3, 4, torch.device("cpu"), torch.float64, 0)
+    exact = torch.linalg.eigvalsh(GGN(model, "squared_error", (x, y)).dense()).flip(0)[:2].tolist()
+    assert result["lanczos_values"] == pytest.approx(exact, rel=1e-8)
+    assert result["power_values"] == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.cuda
+def test_bench_lanczos_on_cuda():
+    result = bench_lanczos(k=2, batch=8, steps=3, hidden=5, device="cuda", repeat=1)
+    assert result["device"].startswith("cuda") and result["lanczos_stop"] == "converged"

@@ -57,3 +57,17 @@ def test_bench_optimizers_prints_json_and_writes_the_figure(tmp_path):
     assert html.exists() and "plotly" in html.read_text()
     bad = run("bench", "optimizers", "--lr", "adam=-1")
     assert bad.returncode == 2 and "NAME=RATE" in bad.stderr
+
+
+def test_bench_help_lists_every_benchmark():
+    done = run("bench", "--help")
+    assert done.returncode == 0, done.stderr
+    for name in ("curvature", "hf", "optimizers", "lanczos"):
+        assert name in done.stdout
+
+
+def test_bench_lanczos_prints_its_table():
+    done = run("bench", "lanczos", "--k", "2", "--batch", "8", "--steps", "3", "--hidden", "4", "--repeat", "1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("top 2 eigenvalues of the GGN of TanhRNN(2, 4, 1)")
+    assert "Lanczos within 2k + 10 = 14 products" in done.stdout
