@@ -121,6 +121,18 @@ def test_hessian_curvature_against_torch_func():
                                rtol=1e-9, atol=1e-12)
 
 
+def test_a_step_cg_takes_back_on_negative_curvature_is_not_recorded():
+    model, batch, _ = mlp_problem(1)
+    trace = cg_trace(model, "squared_error", batch, damping=0.0, curvature="hessian", max_iterations=50, tolerance=None,
+                     keep_iterates=True)
+    assert trace.stop == "negative_curvature" and trace.settings["products"] == trace.iterations + 1
+    m = trace.iterations
+    assert trace.steps.tolist() == list(range(m + 1)) and trace.iterates.shape[0] == m + 1
+    for values in (trace.damped, trace.undamped, trace.norms, trace.cg_q, *trace.objectives.values()):
+        assert values.shape == (m + 1,)
+    torch.testing.assert_close(trace.cg_q, trace.damped, rtol=1e-9, atol=1e-12)
+
+
 def _loss_of(model, flat, batch):
     views, offset = {}, 0
     for name, p in model.named_parameters():
@@ -162,8 +174,8 @@ def test_cg_trace_for_traces_the_quadratic_of_the_optimizer_s_next_step(precondi
 
 
 def test_backtracking_choice_walks_back_while_f_improves():
-    values = torch.tensor([0.0, 5, 4, 3, 2.5, 2.0, 2.2, 2.1])
-    assert backtracking_choice(values, [1, 3, 5, 7]) == 5  # 2.1 (7) → 2.0 (5) → 3 (3) is worse: stop
+    values = torch.tensor([0.0, 1.0, 4, 3, 2.5, 2.0, 2.2, 2.1])
+    assert backtracking_choice(values, [1, 3, 5, 7]) == 5  # 2.1 (7) → 2.0 (5) → 3 (3) is worse: stop (the better 1 is not seen)
     assert backtracking_choice(values, [6, 7]) == 7  # 2.2 is worse than 2.1 already
     assert backtracking_choice(torch.tensor([0.0, math.inf, math.nan]), [1, 2]) == 2
 
