@@ -8,7 +8,7 @@ from torch.func import functional_call
 from qnwb.core import assign_flat_, flat_params, make_generator
 from qnwb.curvature import GGN
 from qnwb.diagnostics.cg import (backtracking_choice, cg_trace, cg_trace_figure, cg_trace_for, cg_vs_nag, cg_vs_nag_figure,
-                                 eigendirection_errors, eigendirection_figure)
+                                 eigendirection_errors, eigendirection_error_figure)
 from qnwb.init import esn_init_
 from qnwb.losses import matching_loss
 from qnwb.models import MLP, TanhRNN
@@ -412,24 +412,24 @@ def test_cg_trace_figure_draws_the_models_the_objectives_and_the_choice():
 def test_eigendirection_figure_heatmap_and_lines():
     A, b = spd(30, 0.01, 10.0, seed=7)
     split = eigendirection_errors(A, b, iterations=12)
-    heat = eigendirection_figure(split)
+    heat = eigendirection_error_figure(split)
     (trace,) = heat.data
     assert trace.type == "heatmap" and len(trace.z) == 30 and len(trace.z[0]) == 13
     torch.testing.assert_close(torch.as_tensor(trace.z), torch.log10(split.polynomial.clamp_min(1e-16)).T)
     assert trace.customdata[29][4][0] == pytest.approx(float(split.eigenvalues[29]))
     assert "λ =" in trace.hovertemplate and heat.layout.xaxis.title.text == "CG step i"
-    absolute = eigendirection_figure(split, relative=False)
+    absolute = eigendirection_error_figure(split, relative=False)
     torch.testing.assert_close(torch.as_tensor(absolute.data[0].z), torch.log10(split.errors.clamp_min(1e-16)).T)
-    lines = eigendirection_figure(split, kind="lines", iterations=[0, 4, 12])
+    lines = eigendirection_error_figure(split, kind="lines", iterations=[0, 4, 12])
     assert [t.name for t in lines.data] == ["step 0", "step 4", "step 12"]
     assert list(lines.data[1].y) == pytest.approx(split.polynomial[4].clamp_min(1e-16).tolist())
     assert list(lines.data[1].x) == pytest.approx(split.eigenvalues.tolist()) and lines.layout.xaxis.type == "log"
     ritz = eigendirection_errors(A, b, iterations=5, method="ritz")
-    assert "approximate" in eigendirection_figure(ritz).layout.title.text
+    assert "approximate" in eigendirection_error_figure(ritz).layout.title.text
     with pytest.raises(ValueError, match="iterations"):
-        eigendirection_figure(split, kind="lines", iterations=[13])
+        eigendirection_error_figure(split, kind="lines", iterations=[13])
     with pytest.raises(ValueError, match="kind"):
-        eigendirection_figure(split, kind="surface")
+        eigendirection_error_figure(split, kind="surface")
 
 
 def test_cg_vs_nag_figure_draws_every_run():

@@ -21,7 +21,7 @@ from ..solvers import backtracking_grid, conjugate_gradient
 
 # %% auto #0
 __all__ = ['CGTrace', 'backtracking_choice', 'cg_trace', 'cg_trace_figure', 'cg_trace_for', 'EigendirectionErrors',
-           'eigendirection_errors', 'eigendirection_figure', 'CGvsNAG', 'cg_vs_nag', 'cg_vs_nag_figure']
+           'eigendirection_errors', 'eigendirection_error_figure', 'CGvsNAG', 'cg_vs_nag', 'cg_vs_nag_figure']
 
 # %% ../../nbs/82_cg_probes.ipynb #f566d81a
 @dataclass
@@ -347,7 +347,7 @@ def eigendirection_errors(
     return EigendirectionErrors(values, eta, omega, errors, polynomial, cg.q.detach().clone(), reference, method, residuals, settings)
 
 # %% ../../nbs/82_cg_probes.ipynb #3391d998
-def eigendirection_figure(result: EigendirectionErrors, kind: str = "heatmap", relative: bool = True,
+def eigendirection_error_figure(result: EigendirectionErrors, kind: str = "heatmap", relative: bool = True,
                           iterations: list[int] | None = None, floor: float = 1e-16,
                           title: str = "CG error per eigendirection (M&S 2012 §9, eq. 13)"):
     """Heatmap (CG step × eigendirection) or lines (over λ_j, for chosen steps) of p_i(λ_j)² or ω_j p_i(λ_j)², log scale."""
