@@ -97,10 +97,13 @@ def conjugate_gradient(
     monitor_every: int = 5,  # read the monitor every this many steps (§13: "do not need to be computed at every step")
     monitor_window: int = 10,  # compare with the value read at least this many steps earlier (§13: "e.g. 10")
     monitor_tolerance: float = 1e-3,  # stop when the value exceeds that one by this fraction of its magnitude
+    on_step: Callable[[int, Tensor], None] | None = None,  # on_step(i, x_i) for the start (i = 0) and every step (diagnostics)
     _lagged: bool | None = None,  # read the stop flag one step late (default: on CUDA); settable for tests
 ) -> CGResult:
     """Preconditioned CG (M&S 2012 Algorithm 2) with relative-progress termination (eq. 2) and optional Steihaug–Toint truncation."""
     _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius, monitor, monitor_every, monitor_window, monitor_tolerance)
+    if on_step is not None and not callable(on_step):
+        raise TypeError(f"on_step: expected None or a function (step, iterate) ↦ None, got {type(on_step).__name__}")
     mv = A.mv if hasattr(A, "mv") else A
     solve, diagonal = _solver_for(preconditioner)
     if radius is not None and preconditioner is not None and diagonal is None:
@@ -123,6 +126,8 @@ def conjugate_gradient(
     grid = set(backtracking_grid(max_iterations)) if save_iterates else set()
     saved, stop, steps, previous, discarded, monitored = [], "max_iterations", 0, None, 0, []
     zero = torch.zeros((), dtype=b.dtype, device=b.device)
+    if on_step is not None:
+        on_step(0, x)
 
     def norm2(v):  # ‖v‖²_P
         return v @ (diagonal * v) if diagonal is not None else v @ v
@@ -146,6 +151,8 @@ def conjugate_gradient(
             x, r = x + tau * p, r + tau * Ap
             steps, stop = i + 1, "boundary" if bool(pAp > 0) else "negative_curvature"
             q[steps] = 0.5 * (r - b) @ x
+            if on_step is not None:
+                on_step(steps, x)
             break
         step_size = ry / pAp
         ok = (pAp > 0) & torch.isfinite(step_size)  # non-positive curvature or an overflow: this step moves nothing,
@@ -156,6 +163,8 @@ def conjugate_gradient(
         ry = ry_next
         steps = i + 1
         q[steps] = 0.5 * (r - b) @ x
+        if on_step is not None:  # x is a new tensor every step: the callback may keep it
+            on_step(steps, x)
         if steps in grid:
             saved.append((steps, x))
         if monitor is not None and steps % monitor_every == 0 and bool(ok):  # a host read, only on monitored steps

@@ -175,6 +175,7 @@ def test_cg_on_a_damped_curvature_operator():
         ({"monitor_every": 0}, ValueError, "monitor_every"),
         ({"monitor_window": 0}, ValueError, "monitor_window"),
         ({"monitor_tolerance": -0.1}, ValueError, "monitor_tolerance"),
+        ({"on_step": 1}, TypeError, "on_step"),
     ],
 )
 def test_bad_arguments_get_clear_errors(kwargs, error, words):
@@ -255,3 +256,31 @@ def test_a_monitor_on_the_quadratic_itself_never_stops_cg():
     assert result.stop == "max_iterations" and len(result.monitored) == 40
     values = [v for _, v in result.monitored]
     assert all(later <= earlier + 1e-12 for earlier, later in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("warm, lagged", [(False, False), (True, False), (True, True)])
+def test_on_step_sees_the_start_and_every_iterate_as_shorter_runs_return_them(warm, lagged):
+    A, b = spd(30, 0.01, 10.0, seed=11)
+    x0 = 0.1 * torch.randn(30, generator=torch.Generator().manual_seed(2), dtype=torch.float64) if warm else None
+    seen = []
+    result = conjugate_gradient(lambda v: A @ v, b, x0, tolerance=1e-3, on_step=lambda i, x: seen.append((i, x)), _lagged=lagged)
+    assert [i for i, _ in seen] == list(range(result.iterations + 1)) and result.stop == "progress"
+    torch.testing.assert_close(seen[0][1], torch.zeros(30, dtype=torch.float64) if x0 is None else x0, rtol=0, atol=0)
+    for i, x in seen[1:]:  # the recorded tensors were not overwritten by later steps
+        shorter = conjugate_gradient(lambda v: A @ v, b, x0, max_iterations=i, tolerance=None, save_iterates=False)
+        torch.testing.assert_close(x, shorter.x, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack([q_of(A, b, x) for _, x in seen]), result.q, rtol=1e-9, atol=1e-12)
+
+
+def test_on_step_reports_the_boundary_point_and_a_retracted_step():
+    A, b = spd(30, 0.01, 5.0, seed=8)
+    seen = []
+    bounded = conjugate_gradient(lambda v: A @ v, b, radius=0.3, on_step=lambda i, x: seen.append((i, x)))
+    assert bounded.stop == "boundary" and seen[-1][0] == bounded.iterations
+    torch.testing.assert_close(seen[-1][1], bounded.x, rtol=0, atol=0)
+    negative = torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64))
+    calls = []
+    plain = conjugate_gradient(lambda v: negative @ v, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
+                               on_step=lambda i, x: calls.append((i, x.clone())))
+    assert plain.iterations == 0 and [i for i, _ in calls] == [0, 1]  # the step taken back is reported, unchanged
+    assert (calls[1][1] == 0).all()
