@@ -182,7 +182,10 @@ def lanczos(
         raise ValueError(f"k: {k} eigenvalues {'at each end ' if which == 'both' else ''}exceed the dimension {size}")
 
     op_dtype = getattr(A, "dtype", None)
-    floor = 1e3 * torch.finfo(dtype).eps  # β below floor × the largest |α|, β seen: breakdown (an invariant subspace)
+    # β below floor × the largest |α|, β seen: breakdown (an invariant subspace). After two Gram–Schmidt passes what is left of
+    # a vector inside the basis is rounding of size ≈ eps·‖A‖·√j, so the floor is a small multiple of that, not more: 1e3·eps
+    # cut float32 runs short on ill-conditioned GGNs (κ ≈ 1e5) whose small eigenvalues were still being found.
+    floor = 10 * math.sqrt(m) * torch.finfo(dtype).eps
     V = torch.zeros(m, size, dtype=dtype, device=device)
     alpha = torch.zeros(m, dtype=dtype, device=device)
     beta = torch.zeros(m, dtype=dtype, device=device)  # beta[j] couples v_{j+1} and v_{j+2}; beta[m-1] is β_m

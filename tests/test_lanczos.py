@@ -276,3 +276,13 @@ def test_operator_helpers():
     assert torch.equal(matvec(2 * torch.eye(3, dtype=F64))(v), 2 * v)
     r = random_unit_vector(16, seed=0, kind="rademacher", dtype=F64)
     torch.testing.assert_close(r.abs(), torch.full((16,), 0.25, dtype=F64))
+
+
+def test_float32_ill_conditioned_operator_is_not_cut_short_as_invariant():
+    # A GGN-like float32 spectrum: a few large eigenvalues over a cluster 1e4 times smaller. β of order 1e-4 ‖A‖ is real
+    # progress into the cluster, not rounding (float32's eps is 1.2e-7): Lanczos must go on and find the cluster's ends.
+    values = torch.cat([torch.tensor([1e4, 1e3, 1e2]), torch.linspace(1.0, 3.0, 200)]).to(torch.float32)
+    result = lanczos(torch.diag(values), 40, seed=3)
+    assert result.stop == "iterations" and result.steps == 40
+    ritz = result.ritz()[0].double()
+    assert abs(float(ritz[0]) - 1.0) < 0.05 and abs(float(ritz[-1]) - 1e4) < 1e4 * 1e-5
