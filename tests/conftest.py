@@ -1,4 +1,6 @@
-"""Shared pytest set-up: the `slow` and `cuda` markers, a `device` fixture, hypothesis settings."""
+"""Shared pytest set-up: the `slow`, `cuda` and `browser` markers, a `device` fixture, hypothesis settings."""
+import shutil
+
 import pytest
 import torch
 from hypothesis import settings
@@ -15,11 +17,19 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow (make test-slow)")
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is false)")
+    skip_browser = pytest.mark.skip(reason="needs headless Chromium (Debian's chromium package; .ci/run installs it)")
     for item in items:
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+        if "browser" in item.keywords and chromium() is None:
+            item.add_marker(skip_browser)
+
+
+def chromium() -> str | None:
+    """The headless Chromium on this machine, if any."""
+    return next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

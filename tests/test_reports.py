@@ -1,0 +1,111 @@
+"""Report machinery: parameters read from the template, checked before running, real papermill execution and HTML."""
+import json
+import re
+
+import pytest
+
+from qnwb.reports import check_parameters, parse_value, render_report, report_names, template_parameters, template_path, to_html
+
+
+def _template(folder, parameters: str, body: list[str]):
+    cells = [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": parameters, "outputs": [], "execution_count": None}]
+    cells += [{"cell_type": "code", "metadata": {}, "source": src, "outputs": [], "execution_count": None} for src in body]
+    nb = {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    (folder / "demo.ipynb").write_text(json.dumps(nb))
+    return folder / "demo.ipynb"
+
+
+FIGURES = ["from qnwb.reports import use_static_figures, report_results\nuse_static_figures()\nimport plotly.graph_objects as go",
+           "go.Figure(go.Scatter(y=list(range(steps)), name='line'), layout=dict(title=title))",
+           "go.Figure(go.Bar(y=[1, 2, 3], name='bars'))",
+           "report_results({'steps': steps, 'title': title})"]
+
+
+@pytest.fixture
+def templates(tmp_path, monkeypatch):
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    _template(folder, "steps = 3\ntitle = 'demo'\nrate = 0.5", FIGURES)
+    monkeypatch.setenv("QNWB_REPORTS", str(folder))
+    return folder
+
+
+def test_parameters_are_read_without_running_the_template(templates):
+    assert report_names() == ["demo"]
+    assert template_parameters(template_path("demo")) == {"steps": 3, "title": "demo", "rate": 0.5}
+
+
+def test_a_parameters_cell_with_code_is_refused(tmp_path):
+    path = _template(tmp_path, "steps = 3\nimport os", [])
+    with pytest.raises(ValueError, match="may only assign literals"):
+        template_parameters(path)
+    path = _template(tmp_path, "steps = len('abc')", [])
+    with pytest.raises(ValueError, match="steps is not a literal"):
+        template_parameters(path)
+
+
+def test_unknown_report_and_bad_names(templates):
+    with pytest.raises(ValueError, match="unknown report 'nope'; available: demo"):
+        template_path("nope")
+    with pytest.raises(ValueError, match="a name is letters"):
+        template_path("../demo")
+
+
+def test_parameter_checks():
+    defaults = {"steps": 10, "rate": 0.1, "names": ["a"], "seed": None, "flag": False}
+    assert check_parameters(defaults, {"rate": 1, "names": ("b",), "seed": 3, "flag": True}) == {
+        "steps": 10, "rate": 1, "names": ["b"], "seed": 3, "flag": True}
+    for given, message in [({"step": 1}, "unknown step"), ({"steps": 2.5}, "steps must be a int"), ({"steps": True}, "steps must be a int"),
+                           ({"rate": "fast"}, "rate must be a float"), ({"flag": 1}, "flag must be a bool"), ({"names": "a"}, "names must be a list")]:
+        with pytest.raises(ValueError, match=message):
+            check_parameters(defaults, given)
+    assert [parse_value(s) for s in ["3", "-0.5", "[1, 2]", "True", "None", "adam", "1e-3"]] == [3, -0.5, [1, 2], True, None, "adam", 1e-3]
+
+
+def test_render_runs_papermill_with_the_given_parameters(templates, tmp_path):
+    report = render_report("demo", {"steps": 5}, out=tmp_path / "out", progress=False)
+    assert report.parameters == {"steps": 5, "title": "demo", "rate": 0.5}
+    assert json.loads(report.results.read_text()) == {"steps": 5, "title": "demo"}
+    html = report.html.read_text()
+    assert re.findall(r'<script[^>]*\ssrc=', html) == []  # nothing loaded from elsewhere: not a CDN, not an empty src
+    assert len(re.findall(r"plotly\.js v\d", html)) == 1  # plotly.js inlined once for both figures
+    assert html.count("Plotly.newPlot") >= 2 and report.html.stem == report.notebook.stem == report.results.stem
+
+
+def test_bad_parameters_fail_before_anything_is_written(templates, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="unknown colour"):
+        render_report("demo", {"colour": "red"}, out=out, progress=False)
+    with pytest.raises(ValueError, match="steps must be a int"):
+        render_report("demo", {"steps": "many"}, out=out, progress=False)
+    assert not out.exists()
+
+
+def test_an_unwritable_report_folder_is_a_clear_error(templates, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="cannot create the report folder"):
+        render_report("demo", out=blocker / "reports", progress=False)
+
+
+def test_a_failing_template_raises_and_keeps_the_executed_notebook(tmp_path, monkeypatch):
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    _template(folder, "steps = 3", ["raise RuntimeError('template broke at step ' + str(steps))"])
+    monkeypatch.setenv("QNWB_REPORTS", str(folder))
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError, match="template broke at step 3"):
+        render_report("demo", out=tmp_path / "out", progress=False)
+    assert list((tmp_path / "out").glob("demo-*.ipynb"))
+
+
+@pytest.mark.browser
+def test_rendered_html_draws_every_figure_offline_in_chromium(templates, tmp_path):
+    from browser import drawn_plots, open_in_chromium, script_errors
+
+    report = render_report("demo", out=tmp_path / "out", progress=False)
+    dom, console = open_in_chromium(report.html)
+    assert drawn_plots(dom) == 2, console
+    assert script_errors(console) == []
