@@ -15,7 +15,8 @@ from torch import Tensor
 from .core import check_positive_int
 
 # %% auto #0
-__all__ = ['WHICH', 'operator_size', 'matvec', 'random_unit_vector', 'LanczosResult', 'lanczos', 'PowerResult', 'power_iteration']
+__all__ = ['WHICH', 'operator_size', 'matvec', 'random_unit_vector', 'LanczosResult', 'relative_residuals', 'lanczos',
+           'PowerResult', 'power_iteration']
 
 # %% ../nbs/32_lanczos.ipynb #b17d1bff
 def operator_size(A, n: int | None = None) -> int:
@@ -120,6 +121,17 @@ def _ritz_history(alpha: Tensor, beta: Tensor, beta_last: Tensor) -> list[tuple[
     return history
 
 
+def relative_residuals(values: Tensor, residuals: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Residuals relative to |θ|, with |θ| floored at √eps·max|θ| (eps of `dtype`, the working precision).
+
+    A Ritz value of a singular operator (a GGN of low rank) converges to 0 and its residual to rounding of size eps·‖A‖:
+    divided by |θ| itself that never falls below a tolerance. Below √eps·‖A‖ an eigenvalue is zero to working
+    accuracy, and its residual is measured against that level instead."""
+    scale = values.abs().max() if values.numel() else values.new_zeros(())
+    floor = math.sqrt(torch.finfo(dtype).eps) * scale
+    return residuals / torch.maximum(values.abs(), floor).clamp_min(torch.finfo(values.dtype).tiny)
+
+
 def _converged(alpha, beta, j: int, k: int, which: str, tolerance: float, floor: float) -> bool:
     "Stop after step j? When the k wanted Ritz values (k at each end for \"both\") have converged, or on an invariant subspace (β_j ≤ floor·scale)."
     a, b = alpha[:j].to("cpu", torch.float64), beta[:j].to("cpu", torch.float64)
@@ -129,7 +141,7 @@ def _converged(alpha, beta, j: int, k: int, which: str, tolerance: float, floor:
         return False  # fewer Ritz values than wanted: one converged value (a start vector near an eigenvector) is not k
     T = torch.diag(a) + torch.diag(b[: j - 1], 1) + torch.diag(b[: j - 1], -1)
     values, s = torch.linalg.eigh(T)
-    relative = (b[j - 1] * s[-1]).abs() / values.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    relative = relative_residuals(values, (b[j - 1] * s[-1]).abs(), alpha.dtype)
     wanted = {"largest": relative[-k:], "smallest": relative[:k], "both": torch.cat([relative[:k], relative[-k:]])}[which]
     return bool((wanted <= tolerance).all())
 

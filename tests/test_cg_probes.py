@@ -248,15 +248,61 @@ def test_cg_converges_along_large_eigenvalues_first():
 
 def test_the_ritz_split_is_exact_for_iterates_inside_the_krylov_space_and_says_what_it_measures():
     A, b = spd(80, 0.5, 5.0, seed=4)
-    ritz = eigendirection_errors(lambda v: A @ v, b, iterations=12, n=80, method="ritz")
+    ritz = eigendirection_errors(lambda v: A @ v, b, iterations=12, n=80, method="ritz", ritz_steps=12)
     assert ritz.method == "ritz" and ritz.eigenvalues.numel() == 12 and ritz.settings["lanczos_products"] == 12
     torch.testing.assert_close(ritz.errors.sum(1), ritz.gap, rtol=1e-9, atol=1e-12)
-    assert abs(float(ritz.gap[-1])) < 1e-10 * float(ritz.gap[0])  # x_12 of CG is the minimiser over K_12
+    assert abs(float(ritz.gap[-1])) < 1e-10 * float(ritz.gap[0])  # x_12 of CG is the minimiser over K_12: all "solved"
     true = torch.linalg.eigvalsh(A)
     assert float(ritz.eigenvalues.max()) <= float(true.max()) + 1e-12 and float(ritz.eigenvalues.min()) >= float(true.min()) - 1e-12
     assert ritz.ritz_residuals is not None and ritz.ritz_residuals.shape == (12,)
     longer = eigendirection_errors(lambda v: A @ v, b, iterations=12, n=80, method="ritz", ritz_steps=30)
     assert longer.reference < ritz.reference  # q(x_30) < q(x_12)
+
+
+def test_the_default_ritz_run_is_long_enough_to_measure_the_analysed_iterates_against_q_star():
+    # the default m = 3 × iterations: the last analysed iterate is not "solved" by construction, and the gaps are q* ones
+    A, b = spd(80, 0.5, 5.0, seed=4)
+    ritz = eigendirection_errors(lambda v: A @ v, b, iterations=5, n=80, method="ritz")
+    dense = eigendirection_errors(A, b, iterations=5, method="dense")
+    assert ritz.settings["lanczos_products"] == 15 and ritz.eigenvalues.numel() == 15
+    torch.testing.assert_close(ritz.errors.sum(1), ritz.gap, rtol=1e-9, atol=1e-12)
+    assert float(ritz.gap[-1]) > 1e-6 * float(ritz.gap[0])
+    torch.testing.assert_close(ritz.gap, dense.gap, rtol=1e-4, atol=1e-10 * float(dense.gap[0]))
+
+
+def test_function_operators_follow_the_right_hand_sides_dtype():
+    A, b = spd(30, 0.5, 5.0, seed=5)
+    A32, b32 = A.float(), b.float()
+    split = eigendirection_errors(lambda v: A32 @ v, b32, iterations=10, n=30)
+    duel = cg_vs_nag(lambda v: A32 @ v, b32, iterations=10, n=30)
+    assert split.q.dtype == torch.float32 and split.method == "dense" and duel.cg.numel() == 11
+
+
+def test_cg_vs_nag_figure_leaves_rounding_level_gaps_out_of_the_log_axis():
+    A, b = spd(12, 0.5, 5.0, seed=6)
+    duel = cg_vs_nag(A, b, iterations=30, momenta=(0.9,))
+    cg_line = cg_vs_nag_figure(duel).data[0].y
+    assert any(y is None for y in cg_line) and all(y is None or y > 0 for y in cg_line)  # CG converged: rounding is not drawn
+
+
+def test_cg_trace_for_leaves_the_optimizers_random_stream_alone():
+    from qnwb.optim import HessianFree
+
+    def run(probe: bool):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        x = torch.randn(20, 3, dtype=torch.float64)
+        batch = (x, torch.randn(20, 2, dtype=torch.float64))
+        hf = HessianFree(net, "squared_error", preconditioner="chapelle_erhan", seed=3, cg_max_iterations=10)
+        hf.step(batch)
+        if probe:
+            traced = cg_trace_for(hf, batch, tolerance=None, max_iterations=5)
+            assert traced.settings["preconditioner"] is not None
+        hf.step(batch)
+        return torch.cat([p.detach().reshape(-1) for p in net.parameters()]), hf.last_preconditioner
+
+    (theta, P), (theta_probed, P_probed) = run(False), run(True)
+    assert torch.equal(theta, theta_probed) and torch.equal(P, P_probed)
 
 
 def test_the_split_works_on_a_curvature_operator_and_auto_picks_dense_or_ritz():

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from qnwb.curvature import GGN, Hessian
-from qnwb.lanczos import lanczos, matvec, operator_size, power_iteration, random_unit_vector
+from qnwb.lanczos import lanczos, matvec, operator_size, power_iteration, random_unit_vector, relative_residuals
 from qnwb.models import MLP, TanhRNN
 
 F64 = torch.float64
@@ -286,3 +286,21 @@ def test_float32_ill_conditioned_operator_is_not_cut_short_as_invariant():
     assert result.stop == "iterations" and result.steps == 40
     ritz = result.ritz()[0].double()
     assert abs(float(ritz[0]) - 1.0) < 0.05 and abs(float(ritz[-1]) - 1e4) < 1e4 * 1e-5
+
+
+def test_zero_eigenvalues_of_a_singular_operator_converge_under_a_tolerance():
+    # a GGN-like singular matrix: its zero Ritz values' residuals are rounding (eps·‖A‖); measured against |θ| ≈ 0 they never
+    # pass a tolerance, so relative residuals floor |θ| at √eps·‖A‖
+    g = torch.Generator().manual_seed(2)
+    B = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    A = B @ B.T  # rank 8
+    result = lanczos(A, 60, k=2, which="smallest", tolerance=1e-6)
+    assert result.stop in ("converged", "invariant") and result.steps < 60
+    assert abs(float(result.ritz()[0][0])) < 1e-10  # the null space shows as one Ritz value at 0 (Krylov sees one direction of it)
+
+
+def test_relative_residuals_floor_small_values_at_the_working_precision():
+    values = torch.tensor([1e-18, 0.5, 2.0], dtype=torch.float64)
+    residuals = torch.tensor([1e-15, 1e-3, 1e-3], dtype=torch.float64)
+    relative = relative_residuals(values, residuals)
+    torch.testing.assert_close(relative, torch.tensor([1e-15 / (2.0 * 2**-26), 2e-3, 5e-4], dtype=torch.float64))

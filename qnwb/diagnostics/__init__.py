@@ -5,14 +5,16 @@
 # %% auto #0
 __all__ = ['PROBES']
 
-# %% ../../nbs/89_diagnostics.ipynb #741113e0
+# %% ../../nbs/89_diagnostics.ipynb #8d94914f
 from .spectrum import *
 from .cg import *
 from .traces import *
 from .hidden import *
 from . import cg, hidden, spectrum, traces
 
-# %% ../../nbs/89_diagnostics.ipynb #da376870
+__all__ = ["PROBES", *spectrum.__all__, *cg.__all__, *traces.__all__, *hidden.__all__]  # `import *` gives every probe
+
+# %% ../../nbs/89_diagnostics.ipynb #1849769b
 PROBES = {  # probe ↦ its figure builder(s), the map of the package
     "spectrum_probe": ("ritz_figure", "extremes_figure"),
     "slq": ("density_figure",),

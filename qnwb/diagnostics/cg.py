@@ -234,7 +234,9 @@ def cg_trace_for(
     previous = optimizer.state[group["params"][0]].get("previous_update")
     zeta = group["warm_start"]
     if optimizer.options["preconditioner"] is not None and "preconditioner" not in changes:
+        generator = optimizer.generator.get_state()  # Chapelle–Erhan draws from it: the probe must not move the run's stream,
         changes["preconditioner"] = optimizer._preconditioner(batch if curvature_batch is None else curvature_batch, group)
+        optimizer.generator.set_state(generator)  # so the next step builds exactly this P
     settings = dict(damping=group["damping"], structural_damping=group["structural_damping"],
                     structural_distance=options["structural_distance"], curvature=options["curvature"],
                     x0=zeta * previous if previous is not None and zeta > 0 else None, max_iterations=group["cg_max_iterations"],
@@ -270,7 +272,7 @@ def _check_operator(A, n: int | None) -> int:
     return operator_size(A, n)
 
 
-def _dense_matrix(A, n: int, dense_limit: int) -> Tensor:
+def _dense_matrix(A, n: int, dense_limit: int, like: Tensor) -> Tensor:
     if isinstance(A, Tensor):
         return A
     if n > dense_limit:
@@ -278,7 +280,7 @@ def _dense_matrix(A, n: int, dense_limit: int) -> Tensor:
     if hasattr(A, "dense"):
         return A.dense()
     mv = matvec(A)
-    eye = torch.eye(n, dtype=getattr(A, "dtype", torch.float64), device=getattr(A, "device", None))
+    eye = torch.eye(n, dtype=getattr(A, "dtype", like.dtype), device=getattr(A, "device", like.device))  # a function: b's dtype and device
     return torch.stack([mv(e) for e in eye], dim=1)
 
 
@@ -299,7 +301,7 @@ def eigendirection_errors(
     n: int | None = None,  # the dimension of a function operator
     x0: Tensor | None = None,  # CG's start; None: zero
     method: str = "auto",  # "dense" (exact), "ritz" (Lanczos on K_m(A, r_0), approximate) or "auto": dense up to dense_limit
-    ritz_steps: int | None = None,  # m, the Lanczos steps for "ritz"; None: `iterations` (then every iterate lies in K_m)
+    ritz_steps: int | None = None,  # m, the Lanczos steps for "ritz"; None: min(3 × iterations, n) (see below)
     dense_limit: int = 2000,  # the largest n "auto" treats densely
 ) -> EigendirectionErrors:
     """The per-eigendirection split `q(x_i) − q(x*) = Σ_j ω_j p(λ_j)²` (M&S 2012 §9 eq. 13) along one CG run."""
@@ -315,10 +317,12 @@ def eigendirection_errors(
     r0 = mv(start) - b if x0 is not None else -b
     residuals = None
     if method == "dense":
-        values, vectors = torch.linalg.eigh(_dense_matrix(A, size, dense_limit).to(b.dtype))
+        values, vectors = torch.linalg.eigh(_dense_matrix(A, size, dense_limit, b).to(b.dtype))
         steps = None
     else:
-        steps = iterations if ritz_steps is None else check_positive_int("ritz_steps", ritz_steps)
+        # With m = iterations, x_m is the exact minimiser over K_m, so every direction would look solved at the last step:
+        # a longer Lanczos run makes the reference q(x_m) a fair stand-in for q(x*) for the iterates analysed.
+        steps = min(3 * iterations, size) if ritz_steps is None else check_positive_int("ritz_steps", ritz_steps)
         if steps > size:
             raise ValueError(f"ritz_steps: {steps} Lanczos steps exceed the dimension {size}")
         run = lanczos(A, steps, n=size, start=r0, history=False, dtype=b.dtype, device=b.device)
@@ -359,7 +363,7 @@ def eigendirection_error_figure(result: EigendirectionErrors, kind: str = "heatm
     label = "p_i(λ_j)²" if relative else "ω_j p_i(λ_j)²"
     lam = result.eigenvalues.to("cpu", torch.float64)
     m = values.shape[0] - 1
-    approx = "" if result.method == "dense" else " — Ritz values, approximate"
+    approx = "" if result.method == "dense" else f" — Ritz pairs of K_{result.settings.get('ritz_steps')}, reference q(x_m), approximate"
     figure = go.Figure()
     if kind == "heatmap":
         z = torch.log10(values.clamp_min(floor)).T.numpy()  # rows: eigendirections (ascending λ), columns: CG steps
@@ -431,7 +435,7 @@ def cg_vs_nag(
             check_number("momenta", mu, 0.0, 1.0, high_open=True)
     dense = isinstance(A, Tensor) or size <= dense_limit
     if dense:
-        matrix = _dense_matrix(A, size, max(dense_limit, size)).to(b.dtype)
+        matrix = _dense_matrix(A, size, max(dense_limit, size), b).to(b.dtype)
         spectrum = torch.linalg.eigvalsh(matrix)
         low, high = float(spectrum[0]), float(spectrum[-1])
     else:
@@ -485,15 +489,24 @@ def cg_vs_nag(
 
 # %% ../../nbs/82_cg_probes.ipynb #535204b6
 def cg_vs_nag_figure(result: CGvsNAG, title: str = "CG vs NAG on one damped quadratic (Sutskever et al. 2013, Fig. 5)",
-                     floor: float = 1e-300):
-    """q(x) − q(x*) of CG and each NAG run against matrix-vector products, log scale."""
+                     floor: float | None = None):
+    """q(x) − q(x*) of CG and each NAG run against matrix-vector products, log scale; gaps ≤ floor are left out.
+
+    `floor` (None: 10·eps·max(|q*|, q(x₀) − q*)) is the rounding level of q − q*: below it a gap is noise around 0,
+    which a log axis would otherwise draw at its clamp (1e-300) and squash the other curves."""
     import plotly.graph_objects as go
 
     figure = go.Figure()
-    figure.add_scatter(x=result.cg_products.tolist(), y=result.cg.clamp_min(floor).tolist(), mode="lines", name="CG",
+    if floor is None:
+        floor = 10 * torch.finfo(result.cg.dtype).eps * max(abs(float(result.q_star)), float(result.cg[0]))
+
+    def shown(gaps: Tensor) -> list:  # a converged gap is rounding around 0: a gap in the line, not a point at 1e-300
+        return [float(g) if g > floor else None for g in gaps]
+
+    figure.add_scatter(x=result.cg_products.tolist(), y=shown(result.cg), mode="lines", name="CG",
                        line=dict(color="black", width=3), hovertemplate="products %{x}<br>q − q* = %{y:.3g}<extra>CG</extra>")
     for label, gaps in result.nag.items():
-        figure.add_scatter(x=result.nag_products.tolist(), y=gaps.clamp_min(floor).tolist(), mode="lines", name=label,
+        figure.add_scatter(x=result.nag_products.tolist(), y=shown(gaps), mode="lines", name=label,
                            hovertemplate="products %{x}<br>q − q* = %{y:.3g}<extra>" + label + "</extra>")
     low, high = result.eigenvalue_range
     subtitle = f"ε = 1/λ_max = {result.lr:.3g}, κ = {high / low:.3g}, q* by {result.optimum}"

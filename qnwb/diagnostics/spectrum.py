@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..core import check_number, check_positive_int
 from ..curvature import GGN, EmpiricalFisher, Hessian
-from ..lanczos import WHICH, _checked_product, lanczos, matvec, operator_size, random_unit_vector
+from ..lanczos import WHICH, _checked_product, lanczos, matvec, operator_size, random_unit_vector, relative_residuals
 
 # %% auto #0
 __all__ = ['OPERATOR_KINDS', 'curvature_operators', 'describe_operator', 'SpectrumRun', 'SpectrumProbe', 'spectrum_probe',
@@ -207,18 +207,19 @@ def spectrum_probe(
                          n=size, dtype=str(used_dtype).removeprefix("torch."), device=str(used_device))
 
 # %% ../../nbs/81_spectrum.ipynb #21f04a62
-def _track(run: SpectrumRun, label: str) -> tuple[list[int], list[float], list[float]]:
-    "Iterations, Ritz values and residuals of one labelled Ritz value ('largest 2', 'smallest 1') over a run."
+def _track(run: SpectrumRun, label: str, dtype: torch.dtype = torch.float64) -> tuple[list[int], list[float], list[float], list[float]]:
+    "Iterations, Ritz values, residuals and relative residuals (`qnwb.lanczos.relative_residuals`) of one labelled Ritz value."
     end, position = label.split()
     i = int(position)
-    steps, values, residuals = [], [], []
+    steps, values, residuals, relative = [], [], [], []
     for j, (v, r) in enumerate(run.history, start=1):
         if v.numel() >= i:
             index = -i if end == "largest" else i - 1
             steps.append(j)
             values.append(float(v[index]))
             residuals.append(float(r[index]))
-    return steps, values, residuals
+            relative.append(float(relative_residuals(v, r, dtype)[index]))
+    return steps, values, residuals, relative
 
 
 def ritz_figure(
@@ -239,8 +240,7 @@ def ritz_figure(
     figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.6, 0.4])
     for c, label in enumerate(probe.labels):
         colour = qualitative.Plotly[c % len(qualitative.Plotly)]
-        steps, values, residuals = _track(r, label)
-        relative = [res / abs(v) if v != 0 else math.inf for v, res in zip(values, residuals)]
+        steps, values, residuals, relative = _track(r, label, getattr(torch, probe.dtype.removeprefix("torch.")))
         figure.add_scatter(x=steps, y=values, customdata=residuals, mode="lines+markers", name=label, legendgroup=label,
                            line_color=colour, row=1, col=1,
                            hovertemplate="iteration %{x}<br>Ritz value %{y:.6g}<br>residual %{customdata:.2e}<extra>" + label + "</extra>")
