@@ -249,11 +249,11 @@ WRITER = textwrap.dedent("""
     from qnwb.store import RunStore
     path, tag, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     folder = pathlib.Path(path).parent
-    (folder / f"ready-{tag}").touch()
-    while len(list(folder.glob("ready-*"))) < 2:  # start writing together
-        time.sleep(0.01)
     with RunStore(path, timeout=120) as s:
         rid = s.create_run({"tag": tag}, name=tag)
+        (folder / f"ready-{tag}").touch()
+        while len(list(folder.glob("ready-*"))) < 2:  # start writing steps together
+            time.sleep(0.001)
         for t in range(1, steps + 1):
             s.log_step(rid, t, {"loss": float(t), "time": time.time()}, {"tag": tag})
             if t % 10 == 0:
@@ -265,18 +265,18 @@ WRITER = textwrap.dedent("""
 def test_two_processes_write_one_store_at_once(tmp_path):
     path = tmp_path / "shared.sqlite"
     RunStore(path).close()  # the schema exists; both writers race on rows
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag, "300"], stderr=subprocess.PIPE, text=True)
-               for tag in ("a", "b")]
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag, "1000"], stderr=subprocess.PIPE, text=True)
+               for tag in ("a", "b")]  # 1000 steps each
     errors = [w.communicate()[1] for w in writers]
     assert [w.returncode for w in writers] == [0, 0], errors
     with RunStore(path) as s:
         runs = s.runs()
         assert sorted(r["name"] for r in runs) == ["a", "b"]
-        assert all(r["status"] == "finished" and r["steps"] == 300 for r in runs)
+        assert all(r["status"] == "finished" and r["steps"] == 1000 for r in runs)
         for r in runs:
             steps = s.steps(r["id"])
-            assert [x["step"] for x in steps] == list(range(1, 301))
+            assert [x["step"] for x in steps] == list(range(1, 1001))
             assert {x["stats"]["tag"] for x in steps} == {r["name"]}
-            assert len(s.evaluations(r["id"])) == 30
+            assert len(s.evaluations(r["id"])) == 100
         spans = [(s.steps(r["id"])[0]["time"], s.steps(r["id"])[-1]["time"]) for r in runs]
         assert max(a for a, _ in spans) < min(b for _, b in spans)  # the two runs wrote at the same time
