@@ -13,14 +13,18 @@ STAMP := $(VENV)/.qnwb-installed
 TORCH := torch==2.13.0
 # Extra arguments for `make lab`, e.g. LAB_ARGS="--no-browser --port 8890".
 LAB_ARGS ?=
+# `make report` renders this report (a template of nbs/reports) with these extra arguments.
+REPORT ?= tour
+REPORT_ARGS ?=
 # Jupyter refuses to start as root (as on containers and CI machines) without this flag.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 # nbdev_test runs `#| cuda` cells when the kernel sees a GPU; `#| slow` cells only in test-slow.
 CUDA_FLAG = $$($(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else '')")
 
-.PHONY: help setup test test-slow lab sync readme clean-venv
+.PHONY: help setup test test-slow report lab sync readme clean-venv
 
 help:
+	@echo "make report     set up .venv if needed and render the tour report to data/reports/tour-*.html (REPORT=name, REPORT_ARGS=\"-p key value\")"
 	@echo "make test       set up .venv if needed, check notebooks/library/README are in sync, run nbdev_test and pytest"
 	@echo "make lab        set up .venv if needed and start JupyterLab with the 'Python (qnwb)' kernel"
 	@echo "make test-slow  also run the cells and tests marked slow"
@@ -39,15 +43,21 @@ $(STAMP): settings.ini setup.py
 	$(BIN)/python -m ipykernel install --sys-prefix --name qnwb --display-name "Python (qnwb)" >/dev/null
 	touch $@
 
+# Tests write their runs to a throw-away store, never to the developer's data/qnwb.sqlite.
+TEST_STORE = QNWB_STORE=$$(mktemp -d)/test.sqlite
+
+report: $(STAMP)
+	$(BIN)/qnwb report $(REPORT) $(REPORT_ARGS)
+
 test: $(STAMP)
 	$(BIN)/python tools/nbsync.py check
-	$(BIN)/nbdev_test --timing --flags "$(CUDA_FLAG)"
-	$(BIN)/python -m pytest tests
+	$(TEST_STORE) $(BIN)/nbdev_test --timing --flags "$(CUDA_FLAG)"
+	$(TEST_STORE) $(BIN)/python -m pytest tests
 
 test-slow: $(STAMP)
 	$(BIN)/python tools/nbsync.py check
-	$(BIN)/nbdev_test --timing --flags "slow $(CUDA_FLAG)"
-	$(BIN)/python -m pytest tests --runslow
+	$(TEST_STORE) $(BIN)/nbdev_test --timing --flags "slow $(CUDA_FLAG)"
+	$(TEST_STORE) $(BIN)/python -m pytest tests --runslow
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=. $(ROOT_FLAG) $(LAB_ARGS)

@@ -9,6 +9,7 @@ __all__ = ['PAPER_BIASES', 'environment_info', 'build_parser', 'main']
 import argparse
 import json
 import platform
+import sys
 
 import numpy as np
 import torch
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=_info)
     _add_bench(commands)
     _add_tasks(commands)
+    _add_report(commands)
+    _add_run(commands)
+    _add_runs(commands)
     return parser
 
 
@@ -254,3 +258,177 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     return args.handler(args)
+
+# %% ../nbs/90_cli.ipynb #a7c1e0d2
+def _user_errors(handler):
+    "Run a command handler; a user's mistake (ValueError, TypeError, a missing file) becomes one line on stderr and status 2."
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (ValueError, TypeError, FileNotFoundError, PermissionError) as e:
+            print(f"qnwb {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+def _pairs(pairs: list[list[str]] | None, what: str) -> dict:
+    "`[[key, value], …]` from repeated two-argument options, values read as Python literals where they are one."
+    from .reports import parse_value
+
+    result = {}
+    for key, value in pairs or []:
+        if key in result:
+            raise ValueError(f"{what}: {key} is given twice")
+        result[key] = parse_value(value)
+    return result
+
+
+@_user_errors
+def _report(args: argparse.Namespace) -> int:
+    from .reports import render_report, report_names, template_parameters, template_path
+
+    if args.list or args.name is None:
+        for name in report_names():
+            defaults = template_parameters(template_path(name))
+            print(f"{name}: " + ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
+        return 0
+    report = render_report(args.name, _pairs(args.parameter, "parameter"), out=args.out, progress=not args.quiet)
+    print(f"report {args.name}: {report.html} ({report.seconds:.0f} s)")
+    return 0
+
+
+def _add_report(commands) -> None:
+    report = commands.add_parser("report", help="render a papermill report to HTML (qnwb report --list shows them)",
+                                 description="Execute a report template of nbs/reports with papermill and render it to one HTML file "
+                                             "that opens without network access.")
+    report.add_argument("name", nargs="?", help="the report (see --list)")
+    report.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                        help="override a parameter of the template (repeatable; VALUE is read as a Python literal where it is one)")
+    report.add_argument("--out", default="data/reports", help="the folder for the HTML, the executed notebook and the JSON results")
+    report.add_argument("--list", action="store_true", help="list the reports and their parameters")
+    report.add_argument("--quiet", action="store_true", help="no progress bar")
+    report.set_defaults(handler=_report)
+
+
+# %% ../nbs/90_cli.ipynb #a7c1e0d3
+@_user_errors
+def _run(args: argparse.Namespace) -> int:
+    from .runs import check_config, load_config, run_config
+
+    if args.config is not None:
+        if args.problem or args.optimizer or args.hyperparameter or args.budget:
+            raise ValueError("config: give a configuration file or flags (--problem, --optimizer, ...), not both")
+        config = load_config(args.config)
+    else:
+        if not args.problem or not args.optimizer or not args.budget:
+            raise ValueError("run: give a configuration file, or --problem, --optimizer and --budget")
+        config = check_config({"problem": args.problem, "optimizer": args.optimizer, "problem_options": _pairs(args.option, "option"),
+                               "hyperparameters": _pairs(args.hyperparameter, "hyperparameter"), "budget": _pairs(args.budget, "budget"),
+                               "seed": args.seed, "device": args.device, "evaluate_every": args.evaluate_every, "name": args.name})
+    summary = run_config(config, store=args.store, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        last = summary["last_evaluation"] or {}
+        print(f"run {summary['run_id']}: {summary['status']}, {summary['steps']} steps, held-out error "
+              f"{last.get('validation_error', float('nan')):.4g}, loss {last.get('validation_loss', float('nan')):.4g}, "
+              f"{summary['seconds']:.1f} s")
+    return 0 if summary["status"] in ("finished", "stopped") else 1
+
+
+def _add_run(commands) -> None:
+    run = commands.add_parser("run", help="train one configuration into the run store",
+                              description="Train one model with one optimizer under a budget, from a JSON / YAML configuration "
+                                          "or from flags, recording every step and evaluation in the run store.")
+    run.add_argument("config", nargs="?", help="a JSON or YAML configuration file (keys: see qnwb.runs.check_config)")
+    run.add_argument("--problem", help="a problem of qnwb.runs.PROBLEMS (addition, curves, char_lm, quadratic, ...)")
+    run.add_argument("--optimizer", help="a name of qnwb.optim.OPTIMIZERS (hessian_free, nag, adaqn, lsr1, adam, ...)")
+    run.add_argument("-o", "--option", nargs=2, action="append", metavar=("KEY", "VALUE"), help="a problem option (repeatable)")
+    run.add_argument("-H", "--hyperparameter", nargs=2, action="append", metavar=("KEY", "VALUE"), help="an optimizer hyperparameter (repeatable)")
+    run.add_argument("-b", "--budget", nargs=2, action="append", metavar=("UNIT", "LIMIT"),
+                     help="a budget: steps, gradient_evaluations, curvature_products, evaluations, epochs or seconds (repeatable)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: QNWB_DEVICE or the best available)")
+    run.add_argument("--evaluate-every", type=float, default=10, help="evaluate on held-out data every this many steps")
+    run.add_argument("--name", default=None, help="a name for the run in the store")
+    run.add_argument("--store", default=None, help="the run store (default: $QNWB_STORE or data/qnwb.sqlite)")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(handler=_run)
+
+
+# %% ../nbs/90_cli.ipynb #a7c1e0d4
+def _open_store(path):
+    from .store import RunStore, store_path
+
+    location = store_path(path)
+    if not location.exists():
+        raise FileNotFoundError(f"store: {location} does not exist (runs create it; --store or QNWB_STORE pick another)")
+    return RunStore(location, create=False)
+
+
+@_user_errors
+def _runs_list(args: argparse.Namespace) -> int:
+    store = _open_store(args.store)
+    runs = store.runs(status=args.status)
+    if args.json:
+        print(json.dumps([{k: r[k] for k in ("id", "name", "problem", "optimizer", "seed", "status", "steps", "created")} for r in runs],
+                         indent=2, default=str))
+        return 0
+    print(f"{'id':>4}  {'status':<9} {'problem':<14} {'optimizer':<13} {'seed':>4} {'steps':>7}  name")
+    for r in runs:
+        print(f"{r['id']:>4}  {r['status']:<9} {r['problem']:<14} {r['optimizer']:<13} {r['seed']:>4} {r['steps'] or 0:>7}  {r['name'] or ''}")
+    return 0
+
+
+@_user_errors
+def _runs_show(args: argparse.Namespace) -> int:
+    store = _open_store(args.store)
+    run = store.run(args.id)
+    evaluations = store.evaluations(args.id)
+    if args.json:
+        print(json.dumps({**run, "evaluations": evaluations, "steering": store.steering_events(args.id)}, indent=2, default=str))
+        return 0
+    for key in ("id", "name", "status", "problem", "optimizer", "seed", "device", "steps", "created", "ended", "git", "error"):
+        print(f"{key:>10}: {run.get(key)}")
+    print(f"{'config':>10}: {json.dumps(run['config'])}")
+    if evaluations:
+        last = evaluations[-1]
+        print(f"{'last eval':>10}: step {last['step']}, held-out loss {last['validation_loss']}, error {last['validation_error']}")
+    return 0
+
+
+@_user_errors
+def _runs_export(args: argparse.Namespace) -> int:
+    from .store import export_csv, export_json
+
+    store = _open_store(args.store)
+    runs = args.ids or None
+    if args.format == "csv":
+        rows = export_csv(store, args.out, runs=runs, kind=args.kind)
+        print(f"{rows} rows written to {args.out}", file=sys.stderr)
+    else:
+        data = export_json(store, args.out, runs=runs)
+        print(f"{len(data['runs'])} runs written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _add_runs(commands) -> None:
+    runs = commands.add_parser("runs", help="list, show and export the runs in the run store")
+    actions = runs.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="one line per run")
+    listing.add_argument("--status", choices=["running", "finished", "stopped", "failed", "killed"])
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=_runs_list)
+    show = actions.add_parser("show", help="one run: configuration, versions, status and its last evaluation")
+    show.add_argument("id", type=_positive_int)
+    show.add_argument("--json", action="store_true", help="everything, with every evaluation and steering event")
+    show.set_defaults(handler=_runs_show)
+    export = actions.add_parser("export", help="write runs as CSV (AlgoPerf-style evaluation columns + stats) or JSON")
+    export.add_argument("ids", nargs="*", type=_positive_int, help="run ids (default: every run)")
+    export.add_argument("--format", choices=["csv", "json"], default="csv")
+    export.add_argument("--kind", choices=["evaluations", "steps"], default="evaluations", help="CSV rows: evaluations or steps")
+    export.add_argument("--out", required=True, help="the file to write")
+    export.set_defaults(handler=_runs_export)
+    for action in (listing, show, export):
+        action.add_argument("--store", default=None, help="the run store (default: $QNWB_STORE or data/qnwb.sqlite)")

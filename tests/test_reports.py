@@ -109,3 +109,31 @@ def test_rendered_html_draws_every_figure_offline_in_chromium(templates, tmp_pat
     dom, console = open_in_chromium(report.html)
     assert drawn_plots(dom) == 2, console
     assert script_errors(console) == []
+
+
+def _small_tour(tmp_path):
+    parameters = {"budget": 300, "evaluate_every": 100, "optimizers": ["hessian_free", "nag"], "store": str(tmp_path / "tour.sqlite")}
+    return render_report("tour", parameters, out=tmp_path / "reports", progress=False)
+
+
+def test_the_tour_runs_with_overridden_parameters_and_writes_store_json_and_html(tmp_path):
+    from qnwb.store import RunStore
+
+    report = _small_tour(tmp_path)
+    results = json.loads(report.results.read_text())
+    assert results["parameters"]["budget"] == 300 and sorted(results["runs"]) == ["hessian_free seed 0", "nag seed 0"]
+    assert [row["label"] for row in results["summary"]] == ["hessian_free", "nag"]
+    runs = RunStore(tmp_path / "tour.sqlite").runs()
+    assert [(r["optimizer"], r["status"]) for r in runs] == [("hessian_free", "finished"), ("nag", "finished")]
+    assert all(r["steps"] > 0 for r in runs)
+    assert report.html.name.startswith("tour-") and report.html.stat().st_size > 1_000_000  # plotly.js inlined
+
+
+@pytest.mark.browser
+def test_the_tour_html_draws_every_figure_offline_in_chromium(tmp_path):
+    from browser import drawn_plots, open_in_chromium, script_errors
+
+    report = _small_tour(tmp_path)
+    dom, console = open_in_chromium(report.html)
+    assert drawn_plots(dom) == 5, console  # two learning curves, the spectrum, the CG run, CM vs NAG
+    assert script_errors(console) == []
