@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PROBES']
 
-# %% ../../nbs/89_diagnostics.ipynb #8d94914f
+# %% ../../nbs/89_diagnostics.ipynb #d8bc3a6a
 from .spectrum import *
 from .cg import *
 from .traces import *
@@ -14,7 +14,7 @@ from . import cg, hidden, spectrum, traces
 
 __all__ = ["PROBES", *spectrum.__all__, *cg.__all__, *traces.__all__, *hidden.__all__]  # `import *` gives every probe
 
-# %% ../../nbs/89_diagnostics.ipynb #1849769b
+# %% ../../nbs/89_diagnostics.ipynb #5a6b1351
 PROBES = {  # probe ↦ its figure builder(s), the map of the package
     "spectrum_probe": ("ritz_figure", "extremes_figure"),
     "slq": ("density_figure",),
