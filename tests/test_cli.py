@@ -71,3 +71,55 @@ def test_bench_lanczos_prints_its_table():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("top 2 eigenvalues of the GGN of TanhRNN(2, 4, 1)")
     assert "Lanczos within 2k + 10 = 14 products" in done.stdout
+
+
+def test_run_then_runs_list_show_and_export(tmp_path):
+    store = str(tmp_path / "runs.sqlite")
+    done = run("run", "--problem", "addition", "--optimizer", "adam", "-o", "T", "12", "-o", "hidden", "8", "-H", "lr", "0.01",
+               "-b", "steps", "20", "--evaluate-every", "10", "--quiet", "--json", "--store", store, OMP_NUM_THREADS="1")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "finished" and summary["steps"] == 20
+    listing = run("runs", "list", "--json", "--store", store)
+    assert [(r["id"], r["optimizer"], r["status"], r["steps"]) for r in json.loads(listing.stdout)] == [(summary["run_id"], "adam", "finished", 20)]
+    shown = json.loads(run("runs", "show", str(summary["run_id"]), "--json", "--store", store).stdout)
+    assert shown["config"]["hyperparameters"] == {"lr": 0.01} and [e["step"] for e in shown["evaluations"]] == [0, 10, 20]
+    out = tmp_path / "runs.csv"
+    exported = run("runs", "export", "--out", str(out), "--store", store)
+    assert exported.returncode == 0, exported.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 4 and "validation/error" in lines[0].split(",")
+
+
+def test_a_run_from_a_yaml_config(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("problem: quadratic\noptimizer: lbfgs\nbudget: {steps: 5}\nevaluate_every: 5\n")
+    done = run("run", str(config), "--quiet", "--store", str(tmp_path / "s.sqlite"), OMP_NUM_THREADS="1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("run 1: finished, 5 steps")
+
+
+def test_user_mistakes_end_with_one_line_and_status_2(tmp_path):
+    assert run("report", "nope").returncode == 2  # and once through the console script
+    store = str(tmp_path / "none.sqlite")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{bad")
+    cases = [(("report", "nope"), "unknown report 'nope'"),
+             (("report", "tour", "-p", "bogus", "1"), "unknown bogus"),
+             (("report", "tour", "-p", "budget", "many"), "budget must be a int"),
+             (("run", "--problem", "addition", "--optimizer", "adamm", "-b", "steps", "5", "--store", store), "'adamm' is not one of"),
+             (("run", "--problem", "additio", "--optimizer", "adam", "-b", "steps", "5", "--store", store), "'additio' is not one of"),
+             (("run", "--problem", "addition", "--optimizer", "adam", "-b", "steps", "0", "--store", store), "must be a positive int"),
+             (("run", str(bad), "--store", store), "is not valid JSON"),
+             (("run", str(tmp_path / "missing.yaml"), "--store", store), "cannot read"),
+             (("runs", "list", "--store", store), "does not exist")]
+    from contextlib import redirect_stderr
+    from io import StringIO
+
+    from qnwb.cli import main
+
+    for args, message in cases:  # in-process: the same handlers as the console script, without a process start each
+        with redirect_stderr(StringIO()) as err:
+            status = main(list(args))
+        assert status == 2 and message in err.getvalue() and err.getvalue().count("\n") == 1, (args, err.getvalue())
+    assert not (tmp_path / "none.sqlite").exists()  # no store was created by any of those mistakes
