@@ -102,7 +102,7 @@ def use_static_figures() -> None:
 
 
 def report_output(name: str) -> Path:
-    "The path for a template's output file `name` (in the report's folder when run by `render_report`)."
+    "The path for a template's output file `name`: in the report's folder when run by `render_report`, else here."
     folder = Path(os.environ.get("QNWB_REPORT_DIR", "."))
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name
@@ -176,11 +176,15 @@ def render_report(
                   seconds=time.perf_counter() - start)
 
 # %% ../nbs/92_reports.ipynb #f796c668
-def report_results(results: dict, name: str | None = None) -> Path:
-    "Write a template's results as JSON beside its HTML (`STEM.json`); returns the path."
-    stem = os.environ.get("QNWB_REPORT_STEM") or name or "report"
+def report_results(results: dict) -> Path | None:
+    """Write a template's results as JSON beside its HTML (`STEM.json`) and return the path; outside `render_report`
+    (a template opened in Jupyter, or run by nbdev_test) only check that they are JSON and write nothing."""
+    text = json.dumps(results, indent=2, default=_jsonable)
+    stem = os.environ.get("QNWB_REPORT_STEM")
+    if stem is None or "QNWB_REPORT_DIR" not in os.environ:
+        return None
     path = report_output(f"{stem}.json")
-    path.write_text(json.dumps(results, indent=2, default=_jsonable), encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     return path
 
 
