@@ -292,7 +292,14 @@ def _report(args: argparse.Namespace) -> int:
             defaults = template_parameters(template_path(name))
             print(f"{name}: " + ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
         return 0
-    report = render_report(args.name, _pairs(args.parameter, "parameter"), out=args.out, progress=not args.quiet)
+    import papermill
+
+    try:
+        report = render_report(args.name, _pairs(args.parameter, "parameter"), out=args.out, progress=not args.quiet)
+    except papermill.PapermillExecutionError as e:  # the template itself failed: say where, keep the executed notebook
+        print(f"qnwb report: the template {args.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
+              f"(the executed notebook is in {args.out})", file=sys.stderr)
+        return 1
     print(f"report {args.name}: {report.html} ({report.seconds:.0f} s)")
     return 0
 
@@ -316,8 +323,11 @@ def _run(args: argparse.Namespace) -> int:
     from .runs import check_config, load_config, run_config
 
     if args.config is not None:
-        if args.problem or args.optimizer or args.hyperparameter or args.budget:
-            raise ValueError("config: give a configuration file or flags (--problem, --optimizer, ...), not both")
+        flags = {"--problem": args.problem, "--optimizer": args.optimizer, "-H": args.hyperparameter, "-b": args.budget, "-o": args.option,
+                 "--seed": args.seed != 0, "--device": args.device, "--evaluate-every": args.evaluate_every != 10, "--name": args.name}
+        given = [flag for flag, value in flags.items() if value]
+        if given:
+            raise ValueError(f"config: a configuration file says everything; {', '.join(given)} would be ignored (put them in the file)")
         config = load_config(args.config)
     else:
         if not args.problem or not args.optimizer or not args.budget:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import datetime as _dt
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -158,6 +159,10 @@ def render_report(
     if not os.access(folder, os.W_OK):
         raise ValueError(f"out: the report folder {folder} is not writable")
     stem = f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    for count in range(2, 1000):  # two renderings in one second: -2, -3, ... rather than overwriting
+        if not any((folder / f"{stem}{suffix}").exists() for suffix in (".ipynb", ".html", ".json")):
+            break
+        stem = f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{count}"
     executed, html, results = folder / f"{stem}.ipynb", folder / f"{stem}.html", folder / f"{stem}.json"
     start = time.perf_counter()
     previous = os.environ.get("QNWB_REPORT_DIR")
@@ -203,6 +208,12 @@ def _jsonable(value):
     raise TypeError(f"results: cannot write a {type(value).__name__} as JSON")
 
 # %% ../nbs/92_reports.ipynb #7d4cf0be
+def _number(row: dict, key: str) -> float:
+    "A metric of an evaluation row; the store keeps NaN and ±inf as NULL (None): they come back as NaN."
+    value = row[key]
+    return math.nan if value is None else float(value)
+
+
 def _work(row: dict, x: str) -> float:
     if x == "evaluations":
         return float(row["gradient_evaluations"]) + float(row["curvature_products"])
@@ -236,7 +247,7 @@ def learning_curves_figure(
         colour = qualitative.Plotly[c % len(qualitative.Plotly)]
         length = min(len(rows) for rows in seeds)
         xs = [sum(_work(rows[k], x) for rows in seeds) / len(seeds) for k in range(length)]
-        values = [[float(rows[k][y]) for rows in seeds] for k in range(length)]
+        values = [[_number(rows[k], y) for rows in seeds] for k in range(length)]
         if len(seeds) > 1:
             figure.add_scatter(x=xs + xs[::-1], y=[max(v) for v in values] + [min(v) for v in values][::-1], fill="toself",
                                fillcolor=colour, opacity=0.2, line_width=0, name=f"{label} range", legendgroup=label, showlegend=False,
@@ -293,11 +304,12 @@ def summary_table(
 
     rows = []
     for label, seeds in _check_curves(curves).items():
-        finals = [float(runs[-1][metric]) for runs in seeds]
-        reach = [next((_work(row, x) for row in runs if float(row[metric]) <= target), None) for runs in seeds] if target is not None else []
+        finals = [_number(runs[-1], metric) for runs in seeds]
+        reach = [next((_work(row, x) for row in runs if _number(row, metric) <= target), None) for runs in seeds] if target is not None else []
         reached = [w for w in reach if w is not None]
         rows.append({"label": label, "seeds": len(seeds), "final": statistics.fmean(finals), "final_min": min(finals), "final_max": max(finals),
-                     "best": min(float(row[metric]) for runs in seeds for row in runs), "reached": len(reached),
+                     "best": min((v for runs in seeds for row in runs if not math.isnan(v := _number(row, metric))), default=math.nan),
+                     "reached": len(reached),
                      "speed": statistics.median(reached) if reached else None,
                      "work": statistics.fmean(_work(runs[-1], x) for runs in seeds)})
     return SummaryTable(rows, metric, target, x)

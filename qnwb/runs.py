@@ -29,7 +29,7 @@ from .store import RunStore, _method
 
 # %% auto #0
 __all__ = ['DTYPES', 'PROBLEMS', 'DEFAULT_HYPERPARAMETERS', 'CURVATURE_OPTIMIZERS', 'BUDGET_UNITS', 'TARGET_METRICS',
-           'CONFIG_DEFAULTS', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem', 'curves_problem',
+           'CONFIG_DEFAULTS', 'STRUCTURAL', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem', 'curves_problem',
            'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options', 'make_problem', 'make_schedule',
            'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner', 'run_config']
 
@@ -456,8 +456,17 @@ class Runner:
             raise ValueError(f"budget: {c['problem']!r} draws fresh training data every batch and has no epochs; "
                              f"use steps, gradient_evaluations, curvature_products, evaluations or seconds")
         if c["curvature_batch_size"] is not None:
-            self.problem.curvature_stream.batch_size = c["curvature_batch_size"]
-            self.problem.curvature_stream.draw = self._resized_draw(c["curvature_batch_size"])
+            if c["optimizer"] not in CURVATURE_OPTIMIZERS:
+                raise ValueError(f"curvature_batch_size: {c['optimizer']!r} computes no curvature-vector products; "
+                                 f"only {CURVATURE_OPTIMIZERS} take a curvature batch")
+            stream = self.problem.curvature_stream
+            if isinstance(stream, EpochStream):  # a fixed training set: the stream's own (checkpointed) order, smaller batches
+                if c["curvature_batch_size"] > stream.epoch_size:
+                    raise ValueError(f"curvature_batch_size: {c['curvature_batch_size']} exceeds the {stream.epoch_size} training cases")
+                stream.batch_size = c["curvature_batch_size"]
+            else:  # fresh draws from the distribution: a draw of the new size (stateless apart from the stream's generator)
+                stream.batch_size = c["curvature_batch_size"]
+                stream.draw = self._resized_draw(c["curvature_batch_size"])
         if c["optimizer"] not in CURVATURE_OPTIMIZERS:
             if set(c["budget"]) == {"curvature_products"}:
                 raise ValueError(f"budget: {c['optimizer']!r} computes no curvature-vector products, so a budget of curvature_products "
@@ -525,8 +534,9 @@ def __step(self: Runner) -> tuple[float, dict]:
         value.backward()
         return value
 
-    if self._takes_batch:
-        value = optimizer.step((x, y))
+    if self._takes_batch:  # Hessian-free: its curvature products on a batch of their own when one is configured (§12.1)
+        curvature = self.problem.curvature_stream.next() if self.config["curvature_batch_size"] is not None else None
+        value = optimizer.step((x, y), curvature_batch=curvature)
     else:
         extra = {}
         if "curvature_batch" in self._extra:
@@ -573,7 +583,8 @@ def _evaluate(self: Runner) -> dict:
     if self.device.type == "cuda":
         torch.cuda.synchronize(self.device)
     self.eval_time += time.perf_counter() - start
-    row = {"step": self.step, "time": self.elapsed + time.perf_counter() - self._clock, "train_time": self.train_time,
+    clock = getattr(self, "_clock", None)  # evaluate() may also be called outside run()
+    row = {"step": self.step, "time": self.elapsed + (time.perf_counter() - clock if clock else 0.0), "train_time": self.train_time,
            "eval_time": self.eval_time, **self.counts, "epoch": self.problem.stream.epoch,
            "train_loss": train_loss, "train_error": train_error, "validation_loss": validation_loss, "validation_error": validation_error}
     self.history["evaluations"].append(row)
@@ -586,12 +597,16 @@ def _evaluate(self: Runner) -> dict:
     return row
 
 # %% ../nbs/87_runs.ipynb #5c5df980
+STRUCTURAL = ("memory", "fisher_memory", "L")  # sizes of buffers allocated at construction: changing the number changes nothing
+
+
 @_method(Runner)
 def _steerable(self: Runner) -> list[str]:
-    """The hyperparameters `steer` can change: the numeric entries of the optimizer's parameter groups, minus scheduled ones."""
+    """The hyperparameters `steer` can change: the numeric entries of the optimizer's parameter groups, minus scheduled
+    ones and the buffer sizes of STRUCTURAL (the memory of L-BFGS / SQN / adaQN is allocated once)."""
     scheduled = set(getattr(self.optimizer, "schedules", {}) or {})
     return sorted(k for k, v in self.optimizer.param_groups[0].items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in scheduled)
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in scheduled and k not in STRUCTURAL)
 
 
 @_method(Runner)
@@ -600,6 +615,12 @@ def _steer(self: Runner, parameter: str, value: float) -> None:
     if parameter not in self.steerable():
         raise ValueError(f"parameter: {parameter!r} cannot be steered; steerable: {self.steerable()}")
     value = check_number("value", value)
+    current = {k: v for k, v in self.optimizer.param_groups[0].items() if k in self.steerable()}
+    try:  # the constructor's own range checks (λ > 0, ε ≥ 0, μ in [0, 1), ...) on the changed settings; the built copy is dropped
+        make_optimizer(self.config["optimizer"], self.model, self.loss, {**self.config["hyperparameters"], **current, parameter: value},
+                       self.config["seed"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"value: {parameter} = {value!r} is refused: {e}") from None
     with self._steering_lock:
         self._steering.append((parameter, value))
 
@@ -680,6 +701,8 @@ def _run(self: Runner,
         self.stop_event = stop
     c, every, unit = self.config, self.config["evaluate_every"], self.config["evaluate_unit"]
     bar_unit, bar_total = next(iter(c["budget"].items()))
+    if self.store is not None and self.status not in ("created", "running"):  # run() again (e.g. a raised budget): running again
+        self.store.resume_run(self.run_id, self.step, preempted=False)
     self._clock, self.status = time.perf_counter(), "running"
     bar = tqdm(total=bar_total, initial=self.counter(bar_unit), desc=f"{c['optimizer']} on {c['problem']}", unit=bar_unit.replace("_", " "),
                disable=not self.progress, leave=False, file=sys.stderr)

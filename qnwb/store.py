@@ -361,16 +361,17 @@ def _finish_run(self: RunStore, run_id: int,
 @_method(RunStore)
 def _resume_run(self: RunStore, run_id: int,
                step: int,  # the checkpoint's step: rows after it are dropped
+               preempted: bool = True,  # count a preemption (False: the same runner continues, e.g. with a raised budget)
                ) -> None:
-    """Mark `run_id` running again in this process, one more preemption, without the rows stored after `step`."""
+    """Mark `run_id` running again in this process (one more preemption when `preempted`), without the rows stored after `step`."""
     _run_check(self, run_id)
     pid = os.getpid()
     with self.transaction() as db:
         db.execute("DELETE FROM steps WHERE run_id = ? AND step > ?", (run_id, step))
         db.execute("DELETE FROM evaluations WHERE run_id = ? AND step > ?", (run_id, step))
         db.execute("UPDATE runs SET status = 'running', ended = NULL, error = NULL, summary = NULL, steps = ?, heartbeat = ?, "
-                   "preemption_count = preemption_count + 1, pid = ?, host = ?, process_start = ? WHERE id = ?",
-                   (step, time.time(), pid, socket.gethostname(), _process_start(pid), run_id))
+                   "preemption_count = preemption_count + ?, pid = ?, host = ?, process_start = ? WHERE id = ?",
+                   (step, time.time(), int(preempted), pid, socket.gethostname(), _process_start(pid), run_id))
 
 # %% ../nbs/86_store.ipynb #f96841c9
 @_method(RunStore)

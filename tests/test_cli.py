@@ -104,6 +104,8 @@ def test_user_mistakes_end_with_one_line_and_status_2(tmp_path):
     store = str(tmp_path / "none.sqlite")
     bad = tmp_path / "bad.json"
     bad.write_text("{bad")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"problem": "quadratic", "optimizer": "adam", "budget": {"steps": 2}}))
     cases = [(("report", "nope"), "unknown report 'nope'"),
              (("report", "tour", "-p", "bogus", "1"), "unknown bogus"),
              (("report", "tour", "-p", "budget", "many"), "budget must be a int"),
@@ -112,7 +114,8 @@ def test_user_mistakes_end_with_one_line_and_status_2(tmp_path):
              (("run", "--problem", "addition", "--optimizer", "adam", "-b", "steps", "0", "--store", store), "must be a positive int"),
              (("run", str(bad), "--store", store), "is not valid JSON"),
              (("run", str(tmp_path / "missing.yaml"), "--store", store), "cannot read"),
-             (("runs", "list", "--store", store), "does not exist")]
+             (("runs", "list", "--store", store), "does not exist"),
+             (("run", str(good), "--seed", "7", "-o", "n", "5", "--store", store), "-o, --seed would be ignored")]
     from contextlib import redirect_stderr
     from io import StringIO
 

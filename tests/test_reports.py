@@ -1,5 +1,6 @@
 """Report machinery: parameters read from the template, checked before running, real papermill execution and HTML."""
 import json
+import math
 import re
 
 import pytest
@@ -137,3 +138,32 @@ def test_the_tour_html_draws_every_figure_offline_in_chromium(tmp_path):
     dom, console = open_in_chromium(report.html)
     assert drawn_plots(dom) == 5, console  # two learning curves, the spectrum, the CG run, CM vs NAG
     assert script_errors(console) == []
+
+
+def test_tables_and_curves_take_diverged_runs_whose_metrics_the_store_kept_as_null():
+    from qnwb.reports import learning_curves_figure, summary_table
+
+    rows = lambda errors: [{"gradient_evaluations": 10 * k, "curvature_products": 0, "validation_error": e} for k, e in enumerate(errors)]
+    curves = {"diverged": [rows([0.9, None])], "fine": [rows([0.9, 0.2])]}
+    table = summary_table(curves, target=0.5)
+    assert math.isnan(table.rows[0]["final"]) and table.rows[0]["best"] == 0.9 and table.rows[0]["reached"] == 0
+    assert table.rows[1]["speed"] == 10.0
+    figure = learning_curves_figure(curves)
+    assert math.isnan(figure.data[0].y[1]) and list(figure.data[1].y) == [0.9, 0.2]
+
+
+def test_two_renderings_in_one_second_do_not_overwrite_each_other(templates, tmp_path, monkeypatch):
+    import datetime
+
+    import qnwb.reports
+
+    class Frozen(datetime.datetime):  # the clock stands still: both renderings get the same second
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, 22, 12, 0, 0)
+
+    monkeypatch.setattr(qnwb.reports._dt, "datetime", Frozen)
+    first = render_report("demo", out=tmp_path / "out", progress=False)
+    second = render_report("demo", out=tmp_path / "out", progress=False)
+    assert first.html.name == "demo-20261122-120000.html" and second.html.name == "demo-20261122-120000-2.html"
+    assert json.loads(first.results.read_text()) == json.loads(second.results.read_text())

@@ -441,3 +441,64 @@ def test_two_runs_in_two_processes_write_one_store_at_once(tmp_path):
         a, b = (s.steps(r["id"]) for r in runs)
         assert max(r["started"] for r in runs) < min(r["ended"] for r in runs)  # they ran at the same time (the barrier)
     assert [x["loss"] for x in a] != [x["loss"] for x in b]  # different seeds, different runs
+
+
+# Review fixes: each of these was a silent misbehaviour.
+_SMALL = {"problem": "addition", "problem_options": {"T": 10, "hidden": 8, "batch_size": 50}, "budget": {"steps": 3}, "evaluate_every": 3}
+
+
+def test_hessian_free_gets_its_own_curvature_batch_when_one_is_configured():
+    runner = Runner({**_SMALL, "optimizer": "hessian_free", "curvature_batch_size": 10}, store=False, progress=False)
+    sizes, step = [], runner.optimizer.step
+
+    def spy(batch, curvature_batch=None, **options):
+        sizes.append(None if curvature_batch is None else curvature_batch[0].shape[0])
+        return step(batch, curvature_batch=curvature_batch, **options)
+
+    runner.optimizer.step = spy
+    runner.run()
+    assert sizes == [10, 10, 10]
+    with pytest.raises(ValueError, match="'adam' computes no curvature-vector products"):
+        Runner({**_SMALL, "optimizer": "adam", "curvature_batch_size": 10}, store=False, progress=False)
+
+
+def test_running_again_with_a_raised_budget_marks_the_run_running(tmp_path):
+    store = RunStore(tmp_path / "s.sqlite")
+    runner = Runner({**_SMALL, "optimizer": "adam"}, store=store, progress=False)
+    runner.run()
+    seen = []
+    runner.on_step = lambda info: seen.append(store.run(runner.run_id)["status"])
+    runner.config["budget"] = {"steps": 6}
+    runner.run()
+    row = store.run(runner.run_id)
+    assert seen == ["running"] * 3 and row["status"] == "finished" and row["steps"] == 6 and row["preemption_count"] == 0
+
+
+def test_steering_refuses_buffer_sizes_and_values_the_constructor_refuses():
+    lbfgs = Runner({**_SMALL, "optimizer": "lbfgs"}, store=False, progress=False)
+    assert "memory" not in lbfgs.steerable() and "lr" in lbfgs.steerable()
+    with pytest.raises(ValueError, match="cannot be steered"):
+        lbfgs.steer("memory", 2)
+    hf = Runner({**_SMALL, "optimizer": "hessian_free"}, store=False, progress=False)
+    with pytest.raises(ValueError, match="damping = -1.0 is refused"):
+        hf.steer("damping", -1.0)
+    hf.steer("damping", 0.5)
+    hf.run()
+    assert [e["new_value"] for e in hf.history["steering"]] == [0.5]
+
+
+def test_resume_is_bit_for_bit_with_a_curvature_batch_on_a_fixed_training_set(tmp_path):
+    config = {"problem": "curves", "problem_options": {"size": 8, "train": 200, "test": 50, "batch_size": 50}, "optimizer": "sqn",
+              "budget": {"steps": 8}, "evaluate_every": 4, "curvature_batch_size": 20}
+    whole = Runner(config, store=False, progress=False)
+    whole.run()
+    first = Runner({**config, "budget": {"steps": 4}, "checkpoint": str(tmp_path / "ck.pt")}, store=False, progress=False)
+    first.run()
+    rest = Runner.resume(tmp_path / "ck.pt", store=False, budget={"steps": 8}, progress=False)
+    rest.run()
+    assert all(torch.equal(p, q) for p, q in zip(whole.model.parameters(), rest.model.parameters()))
+
+
+def test_evaluate_works_outside_run():
+    runner = Runner({**_SMALL, "optimizer": "adam"}, store=False, progress=False)
+    assert runner.evaluate()["step"] == 0
