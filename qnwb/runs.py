@@ -535,8 +535,8 @@ def __step(self: Runner) -> tuple[float, dict]:
         return value
 
     if self._takes_batch:  # Hessian-free: its curvature products on a batch of their own when one is configured (§12.1)
-        curvature = self.problem.curvature_stream.next() if self.config["curvature_batch_size"] is not None else None
-        value = optimizer.step((x, y), curvature_batch=curvature)
+        extra = {"curvature_batch": self.problem.curvature_stream.next()} if self.config["curvature_batch_size"] is not None else {}
+        value = optimizer.step((x, y), **extra)
     else:
         extra = {}
         if "curvature_batch" in self._extra:
