@@ -36,3 +36,15 @@ def chromium() -> str | None:
 def device(request) -> torch.device:
     """Run a test once per device: always on the CPU, and on CUDA where a GPU is present."""
     return torch.device(request.param)
+
+
+def render_with_store(name: str, parameters: dict, folder):
+    """Render report `name` with `parameters` into `folder`, its runs in a store of their own there: (report, results, store)."""
+    import json
+
+    from qnwb.reports import render_report
+    from qnwb.store import RunStore
+
+    store = folder / f"{name}.sqlite"
+    report = render_report(name, {**parameters, "store": str(store)}, out=folder / "reports", progress=False)
+    return report, json.loads(report.results.read_text()), RunStore(store)

@@ -1,12 +1,11 @@
 """The character-model report: adaQN, Adagrad and Adam under one budget, rendered by papermill with overridden parameters."""
-import json
 import math
 
 import papermill
 import pytest
+from conftest import render_with_store
 
 from qnwb.reports import render_report
-from qnwb.store import RunStore
 
 SMALL = {"hidden": 8, "length": 10, "batch_size": 8, "budget": 60, "evaluate_every": 20, "average_every": 20, "L": 3,
          "optimizers": ["adaqn", "adagrad", "adam"], "target_bpc": 6.0}
@@ -14,9 +13,7 @@ SMALL = {"hidden": 8, "length": 10, "batch_size": 8, "budget": 60, "evaluate_eve
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("charlm")
-    rendered = render_report("charlm", SMALL | {"store": str(folder / "runs.sqlite")}, out=folder / "reports", progress=False)
-    return rendered, json.loads(rendered.results.read_text()), RunStore(folder / "runs.sqlite")
+    return render_with_store("charlm", SMALL, tmp_path_factory.mktemp("charlm"))
 
 
 def test_each_optimizer_runs_the_same_budget_through_the_store(report):

@@ -1,13 +1,12 @@
 """The curvature report: probes at checkpoints of one run, rendered by papermill with overridden parameters."""
-import json
 import math
 
 import papermill
 import pytest
+from conftest import render_with_store
 
 from qnwb.reports import render_report
 from qnwb.runs import Runner
-from qnwb.store import RunStore
 
 SMALL = {"problem_options": {"T": 10, "hidden": 8}, "budget": 4, "checkpoints": [4, 0, 2, 2], "evaluate_every": 2,
          "spectrum_iterations": 20, "cg_iterations": 15, "sequences": 3}
@@ -15,9 +14,7 @@ SMALL = {"problem_options": {"T": 10, "hidden": 8}, "budget": 4, "checkpoints": 
 
 @pytest.fixture(scope="module")
 def hf_report(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("curvature")
-    report = render_report("curvature", SMALL | {"store": str(folder / "runs.sqlite")}, out=folder / "reports", progress=False)
-    return report, json.loads(report.results.read_text()), RunStore(folder / "runs.sqlite")
+    return render_with_store("curvature", SMALL, tmp_path_factory.mktemp("curvature"))
 
 
 def test_every_checkpoint_is_probed_once_in_order_and_the_run_is_stored(hf_report):
@@ -72,9 +69,8 @@ def test_the_html_draws_every_figure_offline_in_chromium(hf_report):
 
 
 def test_another_optimizer_gets_a_cg_probe_with_the_given_damping(tmp_path):
-    parameters = SMALL | {"optimizer": "adam", "budget": 3, "checkpoints": [0, 3], "cg_damping": 0.5, "store": str(tmp_path / "r.sqlite")}
-    report = render_report("curvature", parameters, out=tmp_path / "reports", progress=False)
-    results = json.loads(report.results.read_text())
+    parameters = SMALL | {"optimizer": "adam", "budget": 3, "checkpoints": [0, 3], "cg_damping": 0.5}
+    report, results, store = render_with_store("curvature", parameters, tmp_path)
     assert [r["step"] for r in results["checkpoints"]] == [0, 3]
     assert [r["damping"] for r in results["checkpoints"]] == [0.5, 0.5]
     assert results["run"]["steps"] == 3 and results["run"]["status"] == "finished"

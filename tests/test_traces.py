@@ -18,6 +18,7 @@ from qnwb.models import MLP, TanhRNN
 from qnwb.optim import SQN, AdaQN, HessianFree, LBFGS, LSR1
 from qnwb.optim.memory import PairMemory, bfgs_compact, sr1_compact
 from qnwb.tasks import Addition
+from test_lsr1 import recursive_sr1  # the dense SR1 reference, one copy
 
 F64 = torch.float64
 
@@ -76,13 +77,6 @@ def recursive_bfgs(S, Y, b0):
     return B
 
 
-def recursive_sr1(S, Y, gamma):
-    """B by the SR1 recursion B ← B + wwᵀ/(wᵀs), w = y − Bs, oldest pair first, from γI."""
-    B = gamma * torch.eye(S.shape[1], dtype=F64)
-    for s, y in zip(S, Y):
-        w = y - B @ s
-        B = B + torch.outer(w, w) / (w @ s)
-    return B
 
 
 def eigvals(B):
