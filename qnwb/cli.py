@@ -423,6 +423,17 @@ def _runs_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors
+def _runs_replay(args: argparse.Namespace) -> int:
+    from .runs import replay
+
+    again = replay(args.id, _open_store(args.store), into=args.store if args.record else False, progress=not args.quiet)
+    events = len(again.history["steering"])
+    print(f"replayed run {args.id}: {again.summary['steps']} steps, {events} steering event(s) applied, status {again.summary['status']}"
+          + (f", recorded as run {again.run_id}" if args.record else ""))
+    return 0
+
+
 def _add_runs(commands) -> None:
     runs = commands.add_parser("runs", help="list, show and export the runs in the run store")
     actions = runs.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -440,5 +451,10 @@ def _add_runs(commands) -> None:
     export.add_argument("--kind", choices=["evaluations", "steps"], default="evaluations", help="CSV rows: evaluations or steps")
     export.add_argument("--out", required=True, help="the file to write")
     export.set_defaults(handler=_runs_export)
-    for action in (listing, show, export):
+    replaying = actions.add_parser("replay", help="run a stored run again with its steering events applied after the same steps")
+    replaying.add_argument("id", type=_positive_int)
+    replaying.add_argument("--record", action="store_true", help="store the replay as a new run of the same store")
+    replaying.add_argument("--quiet", action="store_true", help="no progress bar")
+    replaying.set_defaults(handler=_runs_replay)
+    for action in (listing, show, export, replaying):
         action.add_argument("--store", default=None, help="the run store (default: $QNWB_STORE or data/qnwb.sqlite)")

@@ -31,7 +31,7 @@ from .store import RunStore, _method
 __all__ = ['DTYPES', 'PROBLEMS', 'DEFAULT_HYPERPARAMETERS', 'CURVATURE_OPTIMIZERS', 'BUDGET_UNITS', 'TARGET_METRICS',
            'CONFIG_DEFAULTS', 'STRUCTURAL', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem', 'curves_problem',
            'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options', 'make_problem', 'make_schedule',
-           'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner', 'run_config']
+           'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner', 'run_config', 'replay']
 
 # %% ../nbs/87_runs.ipynb #700021b2
 def stream_seed(*parts) -> int:
@@ -809,3 +809,28 @@ def run_config(config: Mapping[str, Any] | str | os.PathLike,  # a configuration
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
     return Runner(config, store=store, on_step=on_step, progress=progress).run(stop)
+
+# %% ../nbs/87_runs.ipynb #c9e1a0b2
+def replay(run_id: int,  # a run of `store`
+           store: RunStore | str | os.PathLike | None = None,  # the store holding it (None: store_path())
+           into: RunStore | str | os.PathLike | None | bool = False,  # where the replay is recorded (False: nowhere)
+           progress: bool = False) -> Runner:
+    """Run stored run `run_id` again from its configuration, applying its steering events after the same steps."""
+    source = store if isinstance(store, RunStore) else RunStore(store)
+    row = source.run(run_id)
+    if not row["steps"]:
+        raise ValueError(f"run_id: run {run_id} took no steps; there is nothing to replay")
+    pending = list(source.steering_events(run_id))
+    config = {**row["config"], "budget": {"steps": row["steps"]}, "name": f"replay of run {run_id}", "checkpoint": None,
+              "checkpoint_every": None}
+    runner = Runner(config, store=into, progress=progress)
+
+    def queue(done: int) -> None:  # the events applied when `done` steps were done: before the next step, as in the original
+        while pending and pending[0]["step"] == done:
+            event = pending.pop(0)
+            runner._steering.append((event["parameter"], event["new_value"]))
+
+    queue(0)
+    runner.on_step = lambda info: queue(info["step"])
+    runner.run()
+    return runner

@@ -126,3 +126,21 @@ def test_user_mistakes_end_with_one_line_and_status_2(tmp_path):
             status = main(list(args))
         assert status == 2 and message in err.getvalue() and err.getvalue().count("\n") == 1, (args, err.getvalue())
     assert not (tmp_path / "none.sqlite").exists()  # no store was created by any of those mistakes
+
+
+def test_runs_replay_reruns_a_steered_run(tmp_path):
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from qnwb.cli import main
+    from qnwb.runs import Runner
+    from qnwb.store import RunStore
+
+    store = RunStore(tmp_path / "s.sqlite")
+    steered = Runner({"problem": "quadratic", "optimizer": "adam", "hyperparameters": {"lr": 0.01}, "budget": {"steps": 4}},
+                     store=store, progress=False)
+    steered.on_step = lambda info: steered.steer("lr", 0.05) if info["step"] == 1 else None
+    steered.run()
+    with redirect_stdout(StringIO()) as out:
+        assert main(["runs", "replay", str(steered.run_id), "--record", "--quiet", "--store", str(tmp_path / "s.sqlite")]) == 0
+    assert out.getvalue().startswith(f"replayed run {steered.run_id}: 4 steps, 1 steering event(s) applied, status finished, recorded as run 2")

@@ -59,3 +59,24 @@ def test_an_exception_in_the_training_thread_is_shown_not_lost():
     board.buttons["start"].click()
     board.thread.join(120)
     assert isinstance(board.error, FloatingPointError) and "error" in board.message.value and board.runner.status == "failed"
+
+
+def test_a_run_steered_from_the_dashboard_replays_to_the_same_parameters(tmp_path):
+    import torch
+
+    from qnwb.runs import replay
+
+    store = RunStore(tmp_path / "s.sqlite")
+    board = Dashboard({**SMALL, "optimizer": "hessian_free", "hyperparameters": {"cg_max_iterations": 10}, "budget": {"steps": 5}},
+                      store=store)
+    board.buttons["step"].click()
+    board.controls["damping"].value = 0.3
+    board.buttons["step"].click()
+    board.buttons["step"].click()
+    board.controls["structural_damping"].value = board.controls["structural_damping"].value + 0.01
+    board.buttons["start"].click()
+    board.thread.join(120)
+    assert board.runner.step == 5 and len(store.steering_events(board.runner.run_id)) == 2
+    again = replay(board.runner.run_id, store, into=store)
+    assert all(torch.equal(p, q) for p, q in zip(board.runner.model.parameters(), again.model.parameters()))
+    assert [(e["step"], e["parameter"]) for e in store.steering_events(again.run_id)] == [(1, "damping"), (3, "structural_damping")]
