@@ -29,9 +29,10 @@ from .store import RunStore, _method
 
 # %% auto #0
 __all__ = ['DTYPES', 'PROBLEMS', 'DEFAULT_HYPERPARAMETERS', 'CURVATURE_OPTIMIZERS', 'BUDGET_UNITS', 'TARGET_METRICS',
-           'CONFIG_DEFAULTS', 'STRUCTURAL', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem', 'curves_problem',
-           'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options', 'make_problem', 'make_schedule',
-           'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner', 'run_config', 'replay']
+           'CONFIG_DEFAULTS', 'STRUCTURAL', 'SCHEDULABLE', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem',
+           'curves_problem', 'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options',
+           'make_problem', 'make_schedule', 'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner',
+           'run_config', 'replay']
 
 # %% ../nbs/87_runs.ipynb #700021b2
 def stream_seed(*parts) -> int:
@@ -481,6 +482,7 @@ class Runner:
         self.on_step, self.progress = on_step, progress
         self.stop_event = threading.Event()
         self._steering, self._steering_lock = [], threading.Lock()
+        self.schedule_specs: dict[str, Any] = {}  # lr / momentum steered to a schedule spec or a number (CM, NAG)
         self.step, self.train_time, self.eval_time, self.elapsed, self.preemptions = 0, 0.0, 0.0, 0.0, 0
         self.counts = {"gradient_evaluations": 0, "curvature_products": 0, "loss_evaluations": 0}
         self.next_evaluation = c["evaluate_every"]
@@ -600,22 +602,48 @@ def _evaluate(self: Runner) -> dict:
 STRUCTURAL = ("memory", "fisher_memory", "L")  # sizes of buffers allocated at construction: changing the number changes nothing
 
 
+SCHEDULABLE = ("lr", "momentum")  # what CM and NAG (optimizers with a `schedules` map) accept as schedules
+
+
 @_method(Runner)
 def _steerable(self: Runner) -> list[str]:
-    """The hyperparameters `steer` can change: the numeric entries of the optimizer's parameter groups, minus scheduled
-    ones and the buffer sizes of STRUCTURAL (the memory of L-BFGS / SQN / adaQN is allocated once)."""
-    scheduled = set(getattr(self.optimizer, "schedules", {}) or {})
+    """The hyperparameters `steer` can change: the numeric entries of the optimizer's parameter groups (a scheduled one
+    holds its current value), minus the buffer sizes of STRUCTURAL."""
     return sorted(k for k, v in self.optimizer.param_groups[0].items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in scheduled and k not in STRUCTURAL)
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in STRUCTURAL)
 
 
 @_method(Runner)
-def _steer(self: Runner, parameter: str, value: float) -> None:
+def _schedulable(self: Runner) -> list[str]:
+    "The hyperparameters that may be steered to a schedule spec (CM's and NAG's lr and momentum)."
+    return [k for k in SCHEDULABLE if hasattr(self.optimizer, "schedules") and k in self.optimizer.param_groups[0]]
+
+
+@_method(Runner)
+def _in_force(self: Runner, parameter: str):
+    "What governs `parameter` now: its schedule spec (steered in or configured) or its current number."
+    spec = self.schedule_specs.get(parameter, self.config["hyperparameters"].get(parameter))
+    return dict(spec) if isinstance(spec, Mapping) else self.optimizer.param_groups[0][parameter]
+
+
+@_method(Runner)
+def _steer(self: Runner, parameter: str,
+           value: float | Mapping[str, Any],  # a number, or a schedule spec for a parameter of `schedulable()`
+           ) -> None:
     """Change `parameter` of the optimizer to `value` before the next step (thread-safe); recorded as a steering event."""
     if parameter not in self.steerable():
         raise ValueError(f"parameter: {parameter!r} cannot be steered; steerable: {self.steerable()}")
-    value = check_number("value", value)
-    current = {k: v for k, v in self.optimizer.param_groups[0].items() if k in self.steerable()}
+    if isinstance(value, Mapping):
+        if parameter not in self.schedulable():
+            raise ValueError(f"value: {parameter} of {self.config['optimizer']!r} takes a number, not a schedule")
+        value = dict(value)
+        try:
+            make_schedule(value)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"value: the schedule {value!r} is refused: {e}") from None
+    else:
+        value = check_number("value", value)
+    current = {k: self.in_force(k) for k in self.steerable()}
     try:  # the constructor's own range checks (λ > 0, ε ≥ 0, μ in [0, 1), ...) on the changed settings; the built copy is dropped
         make_optimizer(self.config["optimizer"], self.model, self.loss, {**self.config["hyperparameters"], **current, parameter: value},
                        self.config["seed"])
@@ -626,14 +654,26 @@ def _steer(self: Runner, parameter: str, value: float) -> None:
 
 
 @_method(Runner)
+def __set_hyperparameter(self: Runner, parameter: str, value) -> None:
+    "Put `value` (a number, or a schedule spec) into the optimizer: every parameter group, or its schedules map."
+    if parameter in self.schedulable():
+        self.schedule_specs[parameter] = value
+        if isinstance(value, Mapping):  # the optimizer evaluates it at the next step
+            self.optimizer.schedules[parameter] = make_schedule(value)
+            return
+        self.optimizer.schedules.pop(parameter, None)
+    for group in self.optimizer.param_groups:
+        if parameter in group:
+            group[parameter] = type(group[parameter])(value) if isinstance(group[parameter], int) and float(value).is_integer() else value
+
+
+@_method(Runner)
 def __apply_steering(self: Runner) -> None:
     with self._steering_lock:
         pending, self._steering = self._steering, []
     for parameter, value in pending:
-        old = self.optimizer.param_groups[0][parameter]
-        for group in self.optimizer.param_groups:
-            if parameter in group:
-                group[parameter] = type(group[parameter])(value) if isinstance(group[parameter], int) and float(value).is_integer() else value
+        old = self.in_force(parameter)
+        self._set_hyperparameter(parameter, value)
         event = {"time": time.time(), "step": self.step, "parameter": parameter, "old_value": old, "new_value": value}
         self.history["steering"].append(event)
         if self.store is not None:
@@ -657,7 +697,7 @@ def _state(self: Runner) -> dict:
         "next_evaluation": self.next_evaluation, "preemptions": self.preemptions, "reached_target": self.reached_target,
         "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
         "streams": {"train": self.problem.stream.state_dict(), "curvature": self.problem.curvature_stream.state_dict()},
-        "rng": rng_state(),
+        "rng": rng_state(), "schedule_specs": self.schedule_specs,
     })
 
 
@@ -676,6 +716,8 @@ def _load_state(self: Runner, saved: Mapping[str, Any]) -> None:
     self.train_time, self.eval_time, self.elapsed = saved["train_time"], saved["eval_time"], saved["elapsed"]
     self.next_evaluation, self.preemptions = saved["next_evaluation"], saved["preemptions"]
     self.reached_target = saved["reached_target"]
+    for parameter, value in saved.get("schedule_specs", {}).items():  # schedules are code: rebuilt from their specs
+        self._set_hyperparameter(parameter, value)
 
 
 @_method(Runner)

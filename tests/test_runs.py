@@ -279,7 +279,62 @@ def test_a_background_run_stops_on_its_event_and_records_steering(tmp_path):
     assert [(e["parameter"], e["old_value"], e["new_value"]) for e in events] == [("lr", 0.01, 0.005), ("momentum", 0.9, 0.5)]
     assert events[0]["step"] == events[1]["step"] >= 3
     with pytest.raises(ValueError, match="steerable"):
-        Runner(config("nag"), store=False, progress=False).steer("momentum", 0.5)  # it follows a schedule
+        runner.steer("momentun", 0.5)
+
+
+def test_a_scheduled_momentum_is_steered_to_another_schedule_and_to_a_number(tmp_path):
+    from qnwb.optim.schedules import SutskeverMomentum
+    c = config("nag", steps=9)  # momentum: SutskeverMomentum with period 3 (μ_max 0.999)
+    runner = Runner(c, store=tmp_path / "s.sqlite", progress=False)
+    spec = {"schedule": "SutskeverMomentum", "mu_max": 0.8, "period": 1}
+    runner.on_step = lambda info: (info["step"] == 3 and runner.steer("momentum", spec)) or (info["step"] == 6 and runner.steer("momentum", 0.3))
+    seen = []
+    runner.on_step, steer = (lambda info: (seen.append(runner.optimizer.param_groups[0]["momentum"]), steer(info))), runner.on_step
+    runner.run()
+    configured, steered = SutskeverMomentum(period=3), SutskeverMomentum(mu_max=0.8, period=1)
+    # the momentum of update t (t = 0, 1, ...): the configured schedule, then the steered one at the same t, then the number
+    assert seen == [configured(t) for t in range(3)] + [steered(t) for t in range(3, 6)] + [0.3] * 3
+    assert steered(5) == 0.8 and configured(5) == 0.75  # the two schedules differ where it is checked
+    with RunStore(tmp_path / "s.sqlite") as s:
+        events = s.steering_events(runner.run_id)
+    assert [(e["step"], e["old_value"], e["new_value"]) for e in events] == [
+        (3, {"schedule": "SutskeverMomentum", "period": 3}, spec), (6, spec, 0.3)]
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"schedule": "Bogus"}, "is not one of"), ({"schedule": "SutskeverMomentum", "mu_max": 1.5}, "mu_max"),
+    ({"schedule": "RNNMomentum", "mu_zero": 0.9}, "refused"), (1.0, "momentum = 1.0 is refused")])
+def test_bad_momentum_schedules_are_refused_and_change_nothing(value, message):
+    runner = Runner(config("nag"), store=False, progress=False)
+    with pytest.raises(ValueError, match=message):
+        runner.steer("momentum", value)
+    assert runner._steering == [] and "momentum" in runner.optimizer.schedules
+
+
+def test_only_cm_and_nag_take_schedules():
+    hf = Runner({**_SMALL, "optimizer": "hessian_free"}, store=False, progress=False)
+    assert hf.schedulable() == [] and Runner(config("cm"), store=False, progress=False).schedulable() == ["lr", "momentum"]
+    with pytest.raises(ValueError, match="takes a number, not a schedule"):
+        hf.steer("damping", {"schedule": "Constant", "value": 1.0})
+
+
+def test_a_steered_schedule_survives_a_checkpoint_and_a_replay(tmp_path):
+    from qnwb.runs import replay
+    c = config("nag", steps=8)
+    spec = {"schedule": "RNNMomentum", "mu0": 0.5, "switch": 5, "initial": 0.2}
+    whole = Runner(c, store=tmp_path / "s.sqlite", progress=False)
+    whole.on_step = lambda info: info["step"] == 2 and whole.steer("momentum", spec)
+    whole.run()
+    part = Runner(c, store=tmp_path / "s.sqlite", progress=False)
+    part.on_step = lambda info: (info["step"] == 2 and part.steer("momentum", spec)) or stop_at(4)(info)
+    first = part.run()
+    resumed = Runner.resume(first["checkpoint"], progress=False)
+    assert resumed.schedule_specs == {"momentum": spec}
+    resumed.run()
+    again = replay(whole.run_id, tmp_path / "s.sqlite")
+    for other in (resumed, again):
+        assert all(torch.equal(a, b) for a, b in zip(params(whole), params(other)))
+    assert whole.optimizer.param_groups[0]["momentum"] == 0.5
 
 
 def test_a_diverging_run_is_marked_failed(tmp_path):

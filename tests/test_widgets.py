@@ -1,8 +1,12 @@
 """The dashboard, headless: widgets built and clicked without a browser or a kernel, a real runner in a real thread."""
 import time
 
+import pytest
+import torch
+
+from qnwb.optim.schedules import SutskeverMomentum
 from qnwb.store import RunStore
-from qnwb.widgets import Dashboard
+from qnwb.widgets import MOMENTUM_SCHEDULES, Dashboard
 
 SMALL = {"problem": "addition", "problem_options": {"T": 10, "hidden": 8, "batch_size": 50}, "evaluate_every": 2}
 
@@ -21,10 +25,12 @@ def test_start_pause_step_and_stop_drive_a_run_in_a_thread_and_the_figures_grow(
     wait_for(lambda: board.runner.step >= 5)
     board.buttons["pause"].click()
     assert not board.thread.is_alive() and "paused" in board.message.value
-    paused_at = board.runner.step
-    assert len(board.loss_figure.data[0].x) == paused_at and board.loss_figure.data[1].x  # loss and held-out error drawn
+    paused_at, progress = board.runner.step, board.figures["progress"]
+    assert len(progress.data[0].x) == paused_at and progress.data[2].x  # training loss and held-out error drawn
     board.buttons["step"].click()
-    assert board.runner.step == paused_at + 1 and len(board.loss_figure.data[0].x) == paused_at + 1
+    assert board.runner.step == paused_at + 1 and len(progress.data[0].x) == paused_at + 1
+    assert [t.name for t in board.figures["optimizer"].data] == ["learning_rate", "momentum"]  # NAG: its ε and μ per step
+    assert len(board.figures["optimizer"].data[1].y) == paused_at + 1
     board.buttons["start"].click()
     wait_for(lambda: board.runner.step >= paused_at + 4)
     board.buttons["stop"].click()
@@ -33,20 +39,26 @@ def test_start_pause_step_and_stop_drive_a_run_in_a_thread_and_the_figures_grow(
 
 def test_a_changed_control_reaches_the_optimizer_at_the_next_step_and_is_stored(tmp_path):
     store = RunStore(tmp_path / "s.sqlite")
-    board = Dashboard({**SMALL, "optimizer": "hessian_free", "hyperparameters": {"cg_max_iterations": 10}, "budget": {"steps": 3}},
+    board = Dashboard({**SMALL, "optimizer": "hessian_free", "hyperparameters": {"cg_max_iterations": 10}, "budget": {"steps": 20}},
                       store=store)
-    assert set(board.controls) == {"damping", "structural_damping", "cg_max_iterations"}
+    assert list(board.controls) == ["damping", "structural_damping", "cg_max_iterations"]
     board.buttons["step"].click()
     board.controls["damping"].value = 0.25
     board.buttons["step"].click()
     assert board.runner.history["steps"][1]["stats"]["damping"] == 0.25
     events = store.steering_events(board.runner.run_id)
     assert [(e["step"], e["parameter"], e["new_value"]) for e in events] == [(1, "damping", 0.25)]
+    # HF's own λ update shows in the box, and showing it is not a steering event
+    while board.runner.optimizer.param_groups[0]["damping"] == 0.25 and board.runner.step < 20:  # until ρ moves λ
+        board.buttons["step"].click()
+    chosen = board.runner.optimizer.param_groups[0]["damping"]
+    assert chosen != 0.25 and board.controls["damping"].value == chosen and len(store.steering_events(board.runner.run_id)) == 1
+    assert [t.name for t in board.figures["optimizer"].data][2:4] == ["ρ", "λ"]  # hf_trace_figure, fed by HFTraceRecorder
+    assert list(board.figures["optimizer"].data[3].y) == [s["stats"]["damping"] for s in board.runner.history["steps"]]
 
 
 def test_bad_control_values_show_a_message_and_leave_the_optimizer_unchanged():
-    board = Dashboard({**SMALL, "optimizer": "lbfgs", "budget": {"steps": 2}})
-    assert "memory" not in board.controls and set(board.controls) == {"lr"}
+    board = Dashboard({**SMALL, "optimizer": "lbfgs", "budget": {"steps": 2}}, store=False)
     before = board.runner.optimizer.param_groups[0]["lr"]
     board.controls["lr"].value = -1.0
     assert "refused" in board.message.value and board.controls["lr"].value == before
@@ -54,16 +66,84 @@ def test_bad_control_values_show_a_message_and_leave_the_optimizer_unchanged():
     assert board.runner.optimizer.param_groups[0]["lr"] == before and board.runner.history["steering"] == []
 
 
+def test_the_momentum_schedule_control_steers_a_schedule_spec_and_refuses_a_bad_mu_max(tmp_path):
+    store = RunStore(tmp_path / "s.sqlite")
+    board = Dashboard({**SMALL, "optimizer": "nag", "hyperparameters": {"lr": 0.01}, "budget": {"steps": 6}}, store=store)
+    assert set(board.controls) == {"lr", "momentum_schedule", "mu_max"}
+    assert (board.controls["momentum_schedule"].value, board.controls["mu_max"].value) == ("constant μ", 0.9)
+    board.buttons["step"].click()
+    board.controls["mu_max"].value = 0.95
+    board.controls["momentum_schedule"].value = "Sutskever eq. 5"
+    board.controls["mu_max"].value = 1.5  # μ_max must be < 1: refused, put back, nothing queued
+    assert "refused" in board.message.value and board.controls["mu_max"].value == 0.95
+    board.buttons["start"].click()
+    board.thread.join(120)
+    momenta = [s["stats"]["momentum"] for s in board.runner.history["steps"]]
+    assert momenta == [0.9] + [SutskeverMomentum(mu_max=0.95)(t) for t in range(1, 6)]
+    events = [(e["step"], e["new_value"]) for e in store.steering_events(board.runner.run_id)]
+    assert events == [(1, 0.95), (1, {"schedule": "SutskeverMomentum", "mu_max": 0.95})]
+    assert set(MOMENTUM_SCHEDULES) >= {"constant μ", "Sutskever eq. 5"}
+
+
 def test_an_exception_in_the_training_thread_is_shown_not_lost():
-    board = Dashboard({**SMALL, "optimizer": "sgd", "hyperparameters": {"lr": 1e30}, "budget": {"steps": 50}})
+    board = Dashboard({**SMALL, "optimizer": "sgd", "hyperparameters": {"lr": 1e30}, "budget": {"steps": 50}}, store=False)
     board.buttons["start"].click()
     board.thread.join(120)
     assert isinstance(board.error, FloatingPointError) and "error" in board.message.value and board.runner.status == "failed"
 
 
-def test_a_run_steered_from_the_dashboard_replays_to_the_same_parameters(tmp_path):
-    import torch
+def test_reset_starts_a_new_run_from_the_pickers_and_stops_the_old_one(tmp_path):
+    store = RunStore(tmp_path / "s.sqlite")
+    board = Dashboard({**SMALL, "optimizer": "hessian_free", "budget": {"steps": 100_000}}, store=store, refresh_s=0.0)
+    board.buttons["start"].click()
+    wait_for(lambda: board.runner.step >= 2)
+    first, old_thread = board.runner, board.thread
+    board.pickers["problem"].value = "xor"
+    board.pickers["T"].value, board.pickers["hidden"].value, board.pickers["seed"].value = 12, 5, 7
+    board.pickers["optimizer"].value = "adaqn"
+    board.buttons["reset"].click()
+    assert not old_thread.is_alive() and store.run(first.run_id)["status"] == "stopped"
+    config = board.runner.config
+    assert (config["problem"], config["problem_options"]["T"], config["problem_options"]["hidden"], config["optimizer"], config["seed"]) == (
+        "xor", 12, 5, "adaqn", 7)
+    assert board.runner.model.n_hidden == 5 and board.runner.step == 0 and board.runner.run_id != first.run_id
+    assert "lr" in board.controls and "damping" not in board.controls
+    assert not board.figures["progress"].data[0].x  # the old run's curves are gone
+    for _ in range(3):
+        board.buttons["step"].click()
+    memory = board.figures["optimizer"]  # memory_figure, fed by MemoryRecorder
+    assert memory.layout.title.text == "AdaQN: the pair memory" and memory.data[0].name == "pairs used by the step"
+    assert len(memory.data[0].y) == 3
+    assert board.figures["hidden"].data[0].type == "heatmap"
 
+
+def test_a_refused_reset_keeps_the_current_run():
+    board = Dashboard({**SMALL, "optimizer": "adam", "budget": {"steps": 3}}, store=False)
+    runner = board.runner
+    board.pickers["problem"].value = "curves"
+    board.pickers["optimizer"].value = "hessian_free"
+    board.config = {**board.config, "evaluate_every": -1}  # a configuration the runner refuses
+    board.buttons["reset"].click()
+    assert board.runner is runner and "error" in board.message.value and "evaluate_every" in board.message.value
+
+
+def test_a_spectrum_snapshot_is_taken_between_steps_and_does_not_change_the_run(tmp_path):
+    from qnwb.runs import replay
+
+    store = RunStore(tmp_path / "s.sqlite")
+    board = Dashboard({**SMALL, "optimizer": "adam", "hyperparameters": {"lr": 0.01}, "budget": {"steps": 40}}, store=store)
+    board.buttons["start"].click()
+    wait_for(lambda: board.runner.step >= 1)
+    board.buttons["spectrum"].click()  # while running: the training thread takes it after its step
+    board.thread.join(120)
+    step, kind, probe = board.spectrum_snapshot
+    assert 1 <= step < 40 and kind == "hessian" and probe.runs[0].values.numel() == 5
+    assert board.figures["spectrum"].data and f"at step {step}" in board.figures["spectrum"].layout.title.text
+    again = replay(board.runner.run_id, store)
+    assert all(torch.equal(p, q) for p, q in zip(board.runner.model.parameters(), again.model.parameters()))
+
+
+def test_a_run_steered_from_the_dashboard_replays_to_the_same_parameters(tmp_path):
     from qnwb.runs import replay
 
     store = RunStore(tmp_path / "s.sqlite")
@@ -80,3 +160,44 @@ def test_a_run_steered_from_the_dashboard_replays_to_the_same_parameters(tmp_pat
     again = replay(board.runner.run_id, store, into=store)
     assert all(torch.equal(p, q) for p, q in zip(board.runner.model.parameters(), again.model.parameters()))
     assert [(e["step"], e["parameter"]) for e in store.steering_events(again.run_id)] == [(1, "damping"), (3, "structural_damping")]
+
+
+def test_the_default_store_records_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("QNWB_STORE", str(tmp_path / "default.sqlite"))
+    board = Dashboard({**SMALL, "optimizer": "adam", "budget": {"steps": 2}})
+    board.buttons["step"].click()
+    with RunStore(tmp_path / "default.sqlite") as store:
+        assert store.run(board.runner.run_id)["steps"] == 1
+
+
+def test_running_its_cell_again_closes_the_old_dashboard_and_joins_its_thread():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        shell.user_ns["config"] = {**SMALL, "optimizer": "adam", "budget": {"steps": 1_000_000}}
+        code = "from qnwb.widgets import Dashboard\nBOARD = Dashboard(config, store=False)\nBOARD.start()"
+        shell.run_cell(code, cell_id="cell-a").raise_error()
+        first = shell.user_ns["BOARD"]
+        shell.run_cell(code.replace("BOARD", "other"), cell_id="cell-b").raise_error()
+        other = shell.user_ns["other"]
+        wait_for(lambda: first.runner.step >= 1)
+        assert first.thread.is_alive() and first.cell == "cell-a"
+        shell.run_cell(code, cell_id="cell-a").raise_error()  # the same cell again: its old dashboard stops
+        assert first.closed and not first.thread.is_alive() and first.runner.status == "stopped"
+        assert not other.closed and other.thread.is_alive()  # another cell's dashboard runs on
+        for board in (shell.user_ns["BOARD"], other):
+            board.close()
+            assert not board.thread.is_alive()
+    finally:
+        InteractiveShell.clear_instance()
+
+
+def test_close_stops_the_thread_and_refuses_to_start_again():
+    board = Dashboard({**SMALL, "optimizer": "adam", "budget": {"steps": 1_000_000}}, store=False)
+    board.buttons["start"].click()
+    wait_for(lambda: board.runner.step >= 1)
+    board.close()
+    assert board.closed and not board.thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        board.start()
