@@ -242,8 +242,9 @@ def test_state_dict_mid_cycle_continues_identically():
     resumed.generator.set_state(saved_generator)
     resumed.step(7)
     assert torch.equal(flat_params(resumed.model), expected) and resumed.optimizer.stats == expected_stats
-    with pytest.raises(ValueError, match="fisher_memory"):
-        AdaQN(run.model.parameters(), L=3, memory=2, fisher_memory=5).load_state_dict(saved_optimizer)
+    other = AdaQN(run.model.parameters(), L=3, memory=2, fisher_memory=5)
+    other.load_state_dict(saved_optimizer)  # buffer sizes are no longer fixed at construction: the saved ones are taken
+    assert other.fisher.size == other.param_groups[0]["fisher_memory"] == 4
 
 
 @pytest.mark.parametrize("options, error, name", [
@@ -290,3 +291,181 @@ def test_gradient_fifo_errors_and_state():
     assert torch.equal(copy_.gradients(), fifo.gradients())
     with pytest.raises(ValueError, match="count"):
         copy_.load_state_dict(dict(fifo.state_dict(), count=torch.tensor(3)))
+
+
+@given(st.integers(1, 5), st.lists(st.one_of(st.booleans(), st.integers(1, 6)), max_size=20))
+def test_gradient_fifo_resized_between_pushes_matches_a_bounded_list(size, operations):
+    """An operation is a push (True: accepted, False: refused) or a resize to an int."""
+    fifo, model = GradientFIFO(size, 3, dtype=F64), []
+    for i, op in enumerate(operations):
+        if isinstance(op, bool):
+            fifo.push(torch.full((3,), float(i + 1), dtype=F64), torch.tensor(op))
+            if op:
+                model = (model + [i + 1])[-size:]
+        else:
+            fifo.resize(op)
+            size, model = op, model[-op:]
+        assert fifo.size == size and len(fifo) == len(model)
+        assert fifo.gradients()[:, 0].tolist() == [float(v) for v in model]
+        assert fifo.held().sum().item() == len(model)
+    s = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    expected = sum(v * v for v in model) / max(len(model), 1)
+    torch.testing.assert_close(fifo.product(s), torch.full((3,), float(expected), dtype=F64), rtol=1e-15, atol=0)
+
+
+def test_gradient_fifo_resize_errors_no_op_and_device(device):
+    fifo = GradientFIFO(3, 2, device=device)
+    for v in (1.0, 2.0, 3.0, 4.0):
+        fifo.push(torch.full((2,), v, device=device))
+    G = fifo.G
+    fifo.resize(3)
+    assert fifo.G is G
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="size"):
+            fifo.resize(bad)
+    with no_host_reads():
+        fifo.resize(2)
+    assert fifo.G.device.type == device.type and fifo.G.dtype == torch.float32
+    assert fifo.gradients()[:, 0].tolist() == [3.0, 4.0]
+    saved = fifo.state_dict()
+    other = GradientFIFO(5, 2, device=device)
+    other.resize(other.saved_size(saved))
+    other.load_state_dict(saved)
+    assert torch.equal(other.gradients(), fifo.gradients())
+
+
+# --- memory, fisher_memory and L set between steps (the dashboard steers param_groups[0]) ----------------------------
+
+from resizing import optimizer_state, same, twin  # noqa: E402
+
+
+def trajectory(optimizer, model, X, Y, steps, generator, calls=None):
+    """Steps on mini-batches of 25 with the monitoring loss on the first 100 cases; (θ, stats) after every step."""
+    out = []
+
+    def monitor():
+        if calls is not None:
+            calls.append(optimizer.stats.get("step", 0) + 1)
+        return SQUARED(model(X[:100]), Y[:100])
+
+    for _ in range(steps):
+        rows = torch.randperm(len(X), generator=generator)[:25]
+
+        def closure():
+            optimizer.zero_grad()
+            value = SQUARED(model(X[rows]), Y[rows])
+            value.backward()
+            return value
+
+        optimizer.step(closure, monitor)
+        out.append((flat_params(model).clone(), dict(optimizer.stats)))
+    return out
+
+
+def generator_copy(generator):
+    copied = torch.Generator()
+    copied.set_state(generator.get_state())
+    return copied
+
+
+def test_memory_and_fisher_memory_set_in_the_group_resize_at_the_next_step_like_fresh_buffers_of_the_newest_entries():
+    model, X, Y = regression(40)
+    adaqn = AdaQN(model.parameters(), lr=0.05, L=2, memory=4, fisher_memory=6, epsilon=0.0, curvature_rule="cosine")
+    generator = make_generator(41)
+    trajectory(adaqn, model, X, Y, 13, generator)
+    assert adaqn.stats["memory_size"] == 4 and adaqn.stats["fisher_size"] == adaqn.stats["fisher_capacity"] == 6
+    build = lambda m, **sizes: AdaQN(m.parameters(), L=2, **sizes)  # noqa: E731
+    for memory, fisher in ((2, 3), (3, 9), (1, 1)):  # shrink both, grow both, to one entry each
+        copy_model, reference = twin(model, adaqn, build, memory=memory, fisher_memory=fisher)
+        adaqn.param_groups[0].update(memory=memory, fisher_memory=fisher)
+        copy_generator = generator_copy(generator)
+        got = trajectory(adaqn, model, X, Y, 7, generator)
+        assert (adaqn.memory.size, adaqn.fisher.size) == (memory, fisher)
+        assert (got[0][1]["memory_capacity"], got[0][1]["fisher_capacity"]) == (memory, fisher)
+        for (a, stats_a), (b, stats_b) in zip(got, trajectory(reference, copy_model, X, Y, 7, copy_generator)):
+            assert torch.equal(a, b) and same(stats_a, stats_b)
+
+
+@pytest.mark.parametrize("name", ["memory", "fisher_memory", "L"])
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_a_bad_size_set_in_the_group_is_refused_at_the_step_with_nothing_changed(name, bad):
+    model, X, Y = regression(42)
+    adaqn = AdaQN(model.parameters(), lr=0.05, L=3, memory=3, fisher_memory=4)
+    generator = make_generator(43)
+    trajectory(adaqn, model, X, Y, 8, generator)
+    theta, state = flat_params(model).clone(), optimizer_state(adaqn)
+    calls = []
+    adaqn.param_groups[0][name] = bad
+    with pytest.raises(ValueError, match=rf"{name}: must be a positive int.*param_groups\[0\]\['{name}'\]"):
+        adaqn.step(lambda: calls.append(1), lambda: calls.append(2))
+    assert calls == [] and torch.equal(flat_params(model), theta) and same(optimizer_state(adaqn), state)
+    assert (adaqn.memory.size, adaqn.fisher.size) == (3, 4)
+
+
+def test_a_new_L_takes_effect_at_the_next_cycle_boundary():
+    """L = 5, set to 2 before step 7: the cycle of steps 6–10 keeps its length (the test and a pair at step 10), then
+    cycles of two steps (tests and pairs at 12, 14, 16), the first averaging the iterates of steps 11 and 12."""
+    model, X, Y = regression(44)
+    adaqn = AdaQN(model.parameters(), lr=0.05, L=5, gamma=1e9, epsilon=0.0, curvature_rule="cosine")  # no rejection
+    generator, calls, iterates, out = make_generator(45), [], [], []
+    for step in range(1, 17):
+        if step == 7:
+            adaqn.param_groups[0]["L"] = 2
+        iterates.append(flat_params(model).clone())  # iterates[step − 1]: the iterate of that step
+        out += trajectory(adaqn, model, X, Y, 1, generator, calls)
+    stats = [s for _, s in out]
+    assert [s["step"] for s in stats if s["cycle_end"]] == [5, 10, 12, 14, 16]
+    assert [s["step"] for s in stats if s["pair_stored"]] == [10, 12, 14, 16]
+    assert calls == [10, 10, 12, 12, 14, 14, 16, 16]  # the monitor: twice at every cycle end after the first
+    assert [s["cycle_length"] for s in stats] == [5] * 10 + [2] * 6
+    S, _ = adaqn.memory.pairs()
+    first, second, third = (torch.stack(iterates[a:b]).mean(0) for a, b in ((0, 5), (5, 10), (10, 12)))
+    torch.testing.assert_close(S[0], second - first, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(S[1], third - second, rtol=1e-12, atol=1e-15)  # the first cycle of two: over 2 iterates
+
+
+def test_a_rejection_ends_a_cycle_of_the_length_it_started_with():
+    model, X, Y = regression(46)
+    values = iter([1.0, 1.0, 5.0, 1.0])  # cycle ends at 3 (none), 6 (accept), 9 (reject)
+    adaqn = AdaQN(model.parameters(), lr=0.05, L=3)
+    generator, out = make_generator(47), []
+    for step in range(1, 14):
+        if step == 8:
+            adaqn.param_groups[0]["L"] = 2
+        rows = torch.randperm(len(X), generator=generator)[:25]
+
+        def closure():
+            adaqn.zero_grad()
+            value = SQUARED(model(X[rows]), Y[rows])
+            value.backward()
+            return value
+
+        adaqn.step(closure, lambda: next(values, 1.0))
+        out.append(dict(adaqn.stats))
+    assert [s["step"] for s in out if s["cycle_end"]] == [3, 6, 9, 11, 13]
+    assert [s["step"] for s in out if s["rejected"]] == [9]
+
+
+@pytest.mark.parametrize("between", [False, True])
+def test_a_checkpoint_after_resizes_and_a_new_L_resumes_in_an_optimizer_built_with_the_constructor_sizes(between):
+    """As qnwb.runs resumes: AdaQN(params, **configuration) with L = 5, m_L = 10, m_F = 100, then load_state_dict."""
+    model, X, Y = regression(48)
+    adaqn = AdaQN(model.parameters(), lr=0.05)
+    generator = make_generator(49)
+    trajectory(adaqn, model, X, Y, 17, generator)
+    adaqn.param_groups[0].update(memory=2, fisher_memory=3, L=2)
+    if not between:
+        trajectory(adaqn, model, X, Y, 7, generator)  # the cycle of 16–20 ends, then cycles of two
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(adaqn.state_dict())
+    saved_generator = generator.get_state()
+    expected = trajectory(adaqn, model, X, Y, 9, generator)
+
+    resumed_model, _, _ = regression(0)
+    resumed_model.load_state_dict(saved_model)
+    resumed = AdaQN(resumed_model.parameters(), lr=0.05)
+    resumed.load_state_dict(saved)
+    assert (resumed.memory.size, resumed.fisher.size) == ((10, 100) if between else (2, 3))
+    generator.set_state(saved_generator)
+    for (a, stats_a), (b, stats_b) in zip(expected, trajectory(resumed, resumed_model, X, Y, 9, generator)):
+        assert torch.equal(a, b) and same(stats_a, stats_b)
+    assert expected[-1][1]["fisher_capacity"] == 3 and expected[-1][1]["cycle_length"] == 2

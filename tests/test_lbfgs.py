@@ -416,8 +416,9 @@ def test_loading_a_mismatched_state_is_refused():
     optimizer = LBFGS(model.parameters(), memory=3, h0="adagrad", lr=0.1)
     optimizer.step(closure_for(optimizer, lambda: logistic_loss(model, X, Y)))
     state = optimizer.state_dict()
-    with pytest.raises(ValueError, match="memory"):
-        LBFGS(model.parameters(), memory=4, h0="adagrad").load_state_dict(state)
+    other = LBFGS(model.parameters(), memory=4, h0="adagrad")
+    other.load_state_dict(state)  # a memory size is no longer fixed at construction: the saved one is taken
+    assert other.memory.size == other.param_groups[0]["memory"] == 3
     with pytest.raises(ValueError, match="h0"):
         LBFGS(model.parameters(), memory=3, h0="scaling").load_state_dict(state)
     with pytest.raises(ValueError, match="memory"):
@@ -512,3 +513,116 @@ def test_a_state_dict_is_a_snapshot_that_later_steps_do_not_change(make):
     for e in expected:
         step()
         torch.testing.assert_close(p.detach(), e, rtol=0, atol=0)
+
+
+# --- a memory size set between steps (the dashboard steers param_groups[0]["memory"]) ---------------------------------
+
+from resizing import optimizer_state, same, twin  # noqa: E402
+from test_qn_memory import dense_bfgs_inverse  # noqa: E402  the dense float64 reference, one copy
+
+
+def generator_copy(generator):
+    twin = torch.Generator()
+    twin.set_state(generator.get_state())
+    return twin
+
+
+@pytest.mark.parametrize("options", [dict(lr=0.3), dict(lr=1.0, line_search="strong_wolfe", h0="adagrad"),
+                                     dict(lr=0.5, full_batch=True, powell_damping=True)])
+def test_a_memory_set_in_the_group_resizes_at_the_next_step_like_a_fresh_memory_of_the_newest_pairs(options):
+    model, X, Y = logistic_problem(21)
+    optimizer = LBFGS(model.parameters(), memory=5, **options)
+    generator = make_generator(22)
+    stochastic_run(model, optimizer, X, Y, 8, generator)
+    assert optimizer.stats["memory_size"] == optimizer.stats["memory_capacity"] == 5
+    for size in (2, 4, 1):  # shrink, grow, shrink to one pair
+        twin_model, reference = twin(model, optimizer, lambda m, memory: LBFGS(m.parameters(), memory=memory, **options),
+                                     memory=size)
+        optimizer.param_groups[0]["memory"] = size
+        assert optimizer.memory.size != size  # nothing happens before the next step
+        twin_generator = generator_copy(generator)
+        got = stochastic_run(model, optimizer, X, Y, 4, generator)
+        expected = stochastic_run(twin_model, reference, X, Y, 4, twin_generator)
+        assert optimizer.memory.size == size and got[0][1]["memory_capacity"] == size and got[0][1]["memory_size"] <= size
+        for (a, stats_a), (b, stats_b) in zip(got, expected):
+            assert torch.equal(a, b) and stats_a == stats_b
+
+
+def test_a_steered_memory_follows_a_dense_float64_l_bfgs_with_the_same_schedule():
+    """Full-batch logistic regression, fixed step, H0 = sᵀy/yᵀy·I: the reference keeps a list of pairs, cut to the newest
+    m(k) at every step, and applies the dense BFGS inverse; memory 5, then 2 from step 7, then 4 from step 11."""
+    g = make_generator(27)
+    X = torch.randn(200, 5, generator=g, dtype=F64)
+    Y = (torch.rand(200, generator=g, dtype=F64) < torch.sigmoid(X @ torch.randn(5, generator=g, dtype=F64))).to(F64)
+
+    def loss_and_gradient(w):
+        w = w.detach().requires_grad_(True)
+        value = nn.functional.binary_cross_entropy_with_logits(X @ w, Y)
+        return value.detach(), torch.autograd.grad(value, w)[0]
+
+    schedule = {6: 2, 10: 4}  # steps are counted from 0: the 7th step is k = 6
+    w = torch.zeros(5, dtype=F64, requires_grad=True)
+    optimizer = LBFGS([w], lr=0.8, memory=5)
+    closure = closure_for(optimizer, lambda: nn.functional.binary_cross_entropy_with_logits(X @ w, Y))
+    reference, pairs, m = torch.zeros(5, dtype=F64), [], 5
+    for k in range(16):
+        if k in schedule:
+            optimizer.param_groups[0]["memory"] = m = schedule[k]
+        optimizer.step(closure)
+        pairs = pairs[-m:]
+        _, grad = loss_and_gradient(reference)
+        H0 = float(pairs[-1][0] @ pairs[-1][1] / (pairs[-1][1] @ pairs[-1][1])) if pairs else 1.0
+        new = reference - 0.8 * dense_bfgs_inverse(pairs, H0 * torch.eye(5, dtype=F64)) @ grad
+        s, y = new - reference, loss_and_gradient(new)[1] - grad
+        if s @ y > 1e-8 * s.norm() * y.norm():
+            pairs = (pairs + [(s, y)])[-m:]
+        reference = new
+        assert optimizer.stats["memory_size"] == len(pairs) and optimizer.stats["memory_capacity"] == m
+        torch.testing.assert_close(w.detach(), reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, None])
+def test_a_bad_memory_set_in_the_group_is_refused_at_the_step_with_nothing_changed(bad):
+    model, X, Y = logistic_problem(23)
+    optimizer = LBFGS(model.parameters(), memory=3, lr=0.3, h0="adagrad")
+    generator = make_generator(24)
+    stochastic_run(model, optimizer, X, Y, 4, generator)
+    twin_model, reference = twin(model, optimizer, lambda m: LBFGS(m.parameters(), memory=3, h0="adagrad"))
+    theta, state = flat_params(model).clone(), optimizer_state(optimizer)
+    calls = []
+    optimizer.param_groups[0]["memory"] = bad
+    with pytest.raises(ValueError, match=r"memory: must be a positive int.*param_groups\[0\]\['memory'\]"):
+        optimizer.step(lambda: calls.append(1))
+    assert calls == [] and torch.equal(flat_params(model), theta) and same(optimizer_state(optimizer), state)
+    assert optimizer.memory.size == 3
+    optimizer.param_groups[0]["memory"] = 3  # put right: the run goes on as if nothing had happened
+    twin_generator = generator_copy(generator)
+    for (a, stats_a), (b, stats_b) in zip(stochastic_run(model, optimizer, X, Y, 3, generator),
+                                          stochastic_run(twin_model, reference, X, Y, 3, twin_generator)):
+        assert torch.equal(a, b) and stats_a == stats_b
+
+
+@pytest.mark.parametrize("between", [False, True])
+def test_a_checkpoint_after_a_resize_resumes_in_an_optimizer_built_with_the_constructor_sizes(between):
+    """As qnwb.runs resumes: the constructor from the configuration (memory = the default 10), then load_state_dict.
+    `between`: saved after the group's memory changed but before the step that resizes."""
+    model, X, Y = logistic_problem(25)
+    optimizer = LBFGS(model.parameters(), lr=0.3, h0="rmsprop")
+    generator = make_generator(26)
+    stochastic_run(model, optimizer, X, Y, 12, generator)
+    optimizer.param_groups[0]["memory"] = 3
+    if not between:
+        stochastic_run(model, optimizer, X, Y, 2, generator)
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    saved_generator = generator.get_state()
+    expected = stochastic_run(model, optimizer, X, Y, 6, generator)
+
+    resumed_model, _, _ = logistic_problem(0)
+    resumed_model.load_state_dict(saved_model)
+    resumed = LBFGS(resumed_model.parameters(), lr=0.3, h0="rmsprop")
+    assert resumed.memory.size == 10
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["memory"] == 3 and resumed.memory.size == (10 if between else 3)
+    generator.set_state(saved_generator)
+    for (a, stats_a), (b, stats_b) in zip(expected, stochastic_run(resumed_model, resumed, X, Y, 6, generator)):
+        assert torch.equal(a, b) and stats_a == stats_b

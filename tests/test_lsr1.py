@@ -606,10 +606,12 @@ def test_loading_a_mismatched_state_is_refused():
     optimizer = LSR1(model.parameters(), memory=3)
     optimizer.step(closure_for(optimizer, lambda: logistic_loss(model, X, Y)))
     state = optimizer.state_dict()
-    for options, name in [(dict(memory=4), "memory"), (dict(memory=3, method="line_search"), "method"),
-                          (dict(memory=3, gamma=2.0), "gamma")]:
+    for options, name in [(dict(memory=3, method="line_search"), "method"), (dict(memory=3, gamma=2.0), "gamma")]:
         with pytest.raises(ValueError, match=name):
             LSR1(model.parameters(), **options).load_state_dict(state)
+    other = LSR1(model.parameters(), memory=4)
+    other.load_state_dict(state)  # a memory size is no longer fixed at construction: the saved one is taken
+    assert other.memory.size == other.param_groups[0]["memory"] == 3
     with pytest.raises(ValueError, match="memory"):
         LSR1(model.parameters(), memory=3).load_state_dict({k: v for k, v in state.items() if k != "memory"})
 
@@ -648,3 +650,85 @@ def test_bad_params_and_closures():
     optimizer = LSR1([x])
     with pytest.raises(TypeError, match="closure"):
         optimizer.step(None)
+
+
+# --- a memory size set between steps (the dashboard steers param_groups[0]["memory"]) ---------------------------------
+
+from resizing import optimizer_state, twin  # noqa: E402
+from resizing import same as same_state  # noqa: E402
+
+
+def generator_copy(generator):
+    copied = torch.Generator()
+    copied.set_state(generator.get_state())
+    return copied
+
+
+@pytest.mark.parametrize("options", [dict(), dict(method="line_search"), dict(full_batch=True, empty_step="trust_region")])
+def test_a_memory_set_in_the_group_resizes_at_the_next_step_like_a_fresh_memory_of_the_newest_pairs(options):
+    model, X, Y = logistic_problem(50)
+    optimizer = LSR1(model.parameters(), memory=5, **options)
+    generator, full = make_generator(51), options.get("full_batch", False)
+    stochastic_run(model, optimizer, X, Y, 9, generator, full)
+    assert optimizer.stats["memory_capacity"] == 5 and optimizer.stats["memory_size"] >= 3
+    build = lambda m, memory: LSR1(m.parameters(), memory=memory, **options)  # noqa: E731
+    for size in (2, 4, 1):  # shrink, grow, shrink to one pair
+        copy_model, reference = twin(model, optimizer, build, memory=size)
+        optimizer.param_groups[0]["memory"] = size
+        copy_generator = generator_copy(generator)
+        got = stochastic_run(model, optimizer, X, Y, 5, generator, full)
+        assert optimizer.memory.size == got[0][1]["memory_capacity"] == size and got[0][1]["memory_size"] <= size
+        for (a, stats_a), (b, stats_b) in zip(got, stochastic_run(copy_model, reference, X, Y, 5, copy_generator, full)):
+            assert torch.equal(a, b) and same(stats_a, stats_b)
+
+
+def test_the_first_step_after_a_shrink_uses_the_sr1_matrix_of_the_kept_pairs():
+    model, X, Y = logistic_problem(52)
+    optimizer = LSR1(model.parameters(), memory=4, method="line_search")
+    stochastic_run(model, optimizer, X, Y, 6, make_generator(53))
+    S, Y_ = optimizer.memory.pairs()
+    optimizer.param_groups[0]["memory"] = 2
+    record = []
+    optimizer.step(closure_for(optimizer, lambda: logistic_loss(model, X, Y), record))
+    theta, g = record[0]
+    assert optimizer.stats["step_size"] > 0 and not optimizer.stats["descent_fallback"] and optimizer.stats["memory_capacity"] == 2
+    H = recursive_sr1(Y_[-2:], S[-2:], 1.0)  # the inverse form: s and y swap roles (self-duality), H₀ = I
+    direction = -H @ g
+    torch.testing.assert_close(flat_params(model) - theta, optimizer.stats["step_size"] * direction, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_a_bad_memory_set_in_the_group_is_refused_at_the_step_with_nothing_changed(bad):
+    model, X, Y = logistic_problem(54)
+    optimizer = LSR1(model.parameters(), memory=3)
+    stochastic_run(model, optimizer, X, Y, 5, make_generator(55))
+    theta, state = flat_params(model).clone(), optimizer_state(optimizer)
+    calls = []
+    optimizer.param_groups[0]["memory"] = bad
+    with pytest.raises(ValueError, match=r"memory: must be a positive int.*param_groups\[0\]\['memory'\]"):
+        optimizer.step(lambda: calls.append(1))
+    assert calls == [] and torch.equal(flat_params(model), theta) and same_state(optimizer_state(optimizer), state)
+    assert optimizer.memory.size == 3
+
+
+@pytest.mark.parametrize("between", [False, True])
+def test_a_checkpoint_after_a_resize_resumes_in_an_optimizer_built_with_the_constructor_sizes(between):
+    model, X, Y = logistic_problem(56)
+    optimizer = LSR1(model.parameters())  # memory: the default 10
+    generator = make_generator(57)
+    stochastic_run(model, optimizer, X, Y, 12, generator)
+    optimizer.param_groups[0]["memory"] = 3
+    if not between:
+        stochastic_run(model, optimizer, X, Y, 2, generator)
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    saved_generator = generator.get_state()
+    expected = stochastic_run(model, optimizer, X, Y, 6, generator)
+
+    resumed_model, _, _ = logistic_problem(0)
+    resumed_model.load_state_dict(saved_model)
+    resumed = LSR1(resumed_model.parameters())
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["memory"] == 3 and resumed.memory.size == (10 if between else 3)
+    generator.set_state(saved_generator)
+    for (a, stats_a), (b, stats_b) in zip(expected, stochastic_run(resumed_model, resumed, X, Y, 6, generator)):
+        assert torch.equal(a, b) and same(stats_a, stats_b)

@@ -485,3 +485,116 @@ def test_adagrad_diagonal_accumulates_every_gradient_and_rmsprop_averages():
         DiagonalScaling(6, "rmsprop", decay=1.0)
     with pytest.raises(ValueError, match="g: expected"):
         adagrad.update(torch.zeros(5, dtype=F64))
+
+
+# --- resizing (a memory size steered between steps) ------------------------------------------------------------------
+
+def indefinite_pairs(n, count, g):
+    A = symmetric_indefinite(n, g)
+    return [(s, A @ s) for s in torch.randn(count, n, generator=g, dtype=F64)]
+
+
+@pytest.mark.parametrize("kind", ["identity", "scaling", "number", "diagonal"])
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 6), count=st.integers(0, 12), size=st.integers(1, 7))
+def test_resize_keeps_the_newest_pairs_as_a_memory_built_from_them(kind, seed, m, count, size):
+    n = 6
+    g = torch.Generator().manual_seed(seed)
+    pairs = convex_pairs(n, count, g)
+    memory = filled(m, n, pairs)  # wrapped around when count > m
+    memory.resize(size)
+    kept = pairs[-min(m, size):] if pairs else []
+    fresh = filled(size, n, kept)
+    assert memory.size == size and len(memory) == len(kept) and memory.S.shape == (size, n) and memory.sy.shape == (size,)
+    S, Y = memory.pairs()
+    assert torch.equal(S, fresh.pairs()[0]) and torch.equal(Y, fresh.pairs()[1])
+    if size != m:  # reallocated: slots 0 … count−1 hold the kept pairs oldest first, exactly as in the fresh memory
+        assert int(memory.head) == len(kept) % size
+        assert all(torch.equal(a, b) for a, b in zip(memory.state_dict().values(), fresh.state_dict().values()))
+    h0, H0 = h0_matrix(kind, kept, n, g)
+    v = torch.randn(n, generator=g, dtype=F64)
+    assert torch.equal(two_loop(memory, v, h0), two_loop(fresh, v, h0))  # bit for bit
+    assert rel(two_loop(memory, v, h0), dense_bfgs_inverse(kept, H0) @ v) < 1e-10  # the float64 reference
+    assert torch.equal(bfgs_compact(memory, h0).dense(), bfgs_compact(fresh, h0).dense())
+
+
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 5), count=st.integers(1, 9), size=st.integers(1, 4))
+def test_resize_keeps_the_compact_sr1_form_of_the_newest_pairs(seed, m, count, size):
+    n = 7  # more dimensions than pairs: M⁻¹ of generic pairs is nonsingular, nothing is dropped
+    g = torch.Generator().manual_seed(seed)
+    pairs = indefinite_pairs(n, count, g)
+    memory = filled(m, n, pairs)
+    memory.resize(size)
+    kept = pairs[-min(m, size):]
+    form, fresh = sr1_compact(memory, 1.5), sr1_compact(filled(size, n, kept), 1.5)
+    assert form.dropped == fresh.dropped == 0
+    assert torch.equal(form.dense(), fresh.dense())
+    B = dense_sr1(kept, 1.5 * torch.eye(n, dtype=F64))
+    assert rel(form.dense(), B) < 1e-9
+
+
+def test_grow_then_push_fills_the_new_slots_and_shrink_to_one_keeps_the_newest():
+    g = torch.Generator().manual_seed(11)
+    pairs = convex_pairs(4, 9, g)
+    memory = filled(3, 4, pairs[:5])  # holds pairs 2, 3, 4, wrapped around (head = 2)
+    assert int(memory.head) == 2
+    memory.resize(5)
+    assert torch.equal(memory.pairs()[0], torch.stack([s for s, _ in pairs[2:5]]))
+    for s, y in pairs[5:7]:  # the two new slots
+        memory.push(s, y)
+    assert len(memory) == 5 and torch.equal(memory.pairs()[0], torch.stack([s for s, _ in pairs[2:7]]))
+    memory.push(*pairs[7])  # full again: the oldest goes
+    assert torch.equal(memory.pairs()[0], torch.stack([s for s, _ in pairs[3:8]]))
+    memory.resize(1)
+    (s,), (y,) = memory.pairs()
+    assert torch.equal(s, pairs[7][0]) and torch.equal(y, pairs[7][1]) and int(memory.head) == 0
+    memory.push(*pairs[8])
+    assert torch.equal(memory.pairs()[0][0], pairs[8][0]) and len(memory) == 1
+    v = torch.randn(4, generator=g, dtype=F64)
+    assert torch.equal(two_loop(memory, v), two_loop(filled(1, 4, pairs[8:]), v))
+    memory.clear()
+    memory.resize(3)  # an empty memory stays empty
+    assert len(memory) == 0 and torch.equal(memory.S, torch.zeros(3, 4, dtype=F64))
+
+
+def test_resize_to_the_same_size_is_a_no_op_and_bad_sizes_change_nothing():
+    g = torch.Generator().manual_seed(12)
+    memory = filled(3, 4, convex_pairs(4, 5, g))
+    buffers = (memory.S, memory.Y, memory.sy, memory.yy)
+    before = memory.state_dict()
+    memory.resize(3)
+    assert all(a is b for a, b in zip(buffers, (memory.S, memory.Y, memory.sy, memory.yy)))  # not even reallocated
+    assert all(torch.equal(before[k], v) for k, v in memory.state_dict().items())
+    for size in (0, -3, 2.5, True, None):
+        with pytest.raises(ValueError, match="size"):
+            memory.resize(size)
+    assert memory.size == 3 and all(torch.equal(before[k], v) for k, v in memory.state_dict().items())
+
+
+def test_resize_keeps_dtype_and_device_and_reads_nothing_on_the_host(device):
+    g = torch.Generator().manual_seed(13)
+    memory = PairMemory(4, 5, device=device)  # float32
+    with no_host_reads():
+        for s, y in convex_pairs(5, 6, g):
+            memory.push(s.float().to(device), y.float().to(device), torch.tensor(True, device=device))
+        memory.resize(2)
+        memory.resize(6)
+        memory.push(torch.ones(5, device=device), torch.ones(5, device=device))
+    assert memory.S.dtype == memory.Y.dtype == torch.float32 and memory.sy.dtype == torch.float64
+    assert {t.device.type for t in (memory.S, memory.Y, memory.sy, memory.yy, memory.head, memory.count)} == {device.type}
+    assert len(memory) == 3 and memory.size == 6
+
+
+def test_a_state_saved_at_another_size_loads_after_a_resize_to_it():
+    g = torch.Generator().manual_seed(14)
+    memory = filled(5, 4, convex_pairs(4, 7, g))
+    memory.resize(2)
+    saved = memory.state_dict()
+    restored = PairMemory(5, 4, dtype=F64)
+    assert restored.saved_size(saved) == 2
+    with pytest.raises(ValueError, match=r"state\['S'\]"):
+        restored.load_state_dict(saved)  # loading itself never changes the size
+    restored.resize(restored.saved_size(saved))
+    restored.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(memory.state_dict().values(), restored.state_dict().values()))
+    with pytest.raises(ValueError, match=r"state\['S'\]"):
+        restored.saved_size({"S": torch.zeros(0, 4)})

@@ -220,8 +220,9 @@ def test_state_dict_mid_run_continues_identically():
     generator.set_state(saved_generator)
     run(resumed, resumed_model, X, Y, 8, generator)
     assert torch.equal(flat_params(resumed_model), expected) and resumed.stats == expected_stats
-    with pytest.raises(ValueError, match="memory"):
-        SQN(resumed_model, "squared_error", memory=4).load_state_dict(saved_optimizer)
+    other = SQN(resumed_model, "squared_error", memory=4)
+    other.load_state_dict(saved_optimizer)  # a memory size is no longer fixed at construction: the saved one is taken
+    assert other.memory.size == other.param_groups[0]["memory"] == 3
 
 
 @pytest.mark.parametrize("options, error, name", [
@@ -234,3 +235,140 @@ def test_bad_hyperparameters_name_the_parameter(options, error, name):
         SQN(nn.Linear(2, 1), "squared_error", **options)
     with pytest.raises(TypeError, match="model"):
         SQN([torch.zeros(2, requires_grad=True)], "squared_error")
+
+
+# --- memory and L set between steps (the dashboard steers param_groups[0]) -------------------------------------------
+
+from resizing import optimizer_state, same, twin  # noqa: E402
+
+
+def trajectory(optimizer, model, X, Y, steps, generator):
+    """`run`, recording (θ, stats) after every step."""
+    out = []
+    for _ in range(steps):
+        run(optimizer, model, X, Y, 1, generator)
+        out.append((flat_params(model).clone(), dict(optimizer.stats)))
+    return out
+
+
+def generator_copy(generator):
+    copied = torch.Generator()
+    copied.set_state(generator.get_state())
+    return copied
+
+
+def test_a_memory_set_in_the_group_resizes_at_the_next_step_like_a_fresh_memory_of_the_newest_pairs():
+    model, X, Y = regression(30, model=MLP([5, 4, 2], dtype=F64))
+    sqn = SQN(model, "squared_error", lr=0.1, memory=4, L=2)
+    generator = make_generator(31)
+    run(sqn, model, X, Y, 13, generator)  # six pairs formed: the memory is full and has wrapped around
+    assert sqn.stats["memory_size"] == sqn.stats["memory_capacity"] == 4
+    for size in (2, 3, 1):  # shrink, grow, shrink to one pair
+        copy_model, reference = twin(model, sqn, lambda m, memory: SQN(m, "squared_error", memory=memory), memory=size)
+        sqn.param_groups[0]["memory"] = size
+        copy_generator = generator_copy(generator)
+        got = trajectory(sqn, model, X, Y, 6, generator)
+        assert sqn.memory.size == got[0][1]["memory_capacity"] == size and got[0][1]["memory_size"] <= size
+        for (a, stats_a), (b, stats_b) in zip(got, trajectory(reference, copy_model, X, Y, 6, copy_generator)):
+            assert torch.equal(a, b) and same(stats_a, stats_b)
+
+
+@pytest.mark.parametrize("name, bad", [("memory", 0), ("memory", -3), ("memory", 2.5), ("memory", True), ("L", 0),
+                                       ("L", -3), ("L", 2.5), ("L", True), ("L", None)])
+def test_a_bad_memory_or_L_set_in_the_group_is_refused_at_the_step_with_nothing_changed(name, bad):
+    model, X, Y = regression(32)
+    sqn = SQN(model, "squared_error", lr=0.05, memory=3, L=3)
+    generator = make_generator(33)
+    run(sqn, model, X, Y, 7, generator)
+    theta, state = flat_params(model).clone(), optimizer_state(sqn)
+    calls = []
+    sqn.param_groups[0][name] = bad
+    with pytest.raises(ValueError, match=rf"{name}: must be a positive int.*param_groups\[0\]\['{name}'\]"):
+        sqn.step(lambda: calls.append(1), lambda: calls.append(2))
+    assert calls == [] and torch.equal(flat_params(model), theta) and same(optimizer_state(sqn), state)
+
+
+def test_a_new_L_takes_effect_at_the_next_cycle_boundary():
+    """L = 5, set to 2 before step 7: the cycle of steps 6–10 keeps its length 5 (a pair at step 10), then cycles of two
+    steps (pairs at 12, 14, 16), the first of which averages the iterates of steps 11 and 12."""
+    model, X, Y = regression(34, model=MLP([5, 4, 2], dtype=F64))
+    sqn = SQN(model, "squared_error", lr=0.05, memory=10, L=5)
+    generator, iterates, formed, lengths = make_generator(35), [], [], []
+    for step in range(1, 17):
+        if step == 7:
+            sqn.param_groups[0]["L"] = 2
+        run(sqn, model, X, Y, 1, generator, record=iterates)  # iterates[step − 1]: the iterate of that step
+        formed.append(sqn.stats["pair_formed"])
+        lengths.append(sqn.stats["cycle_length"])
+    assert [step for step, f in enumerate(formed, 1) if f] == [10, 12, 14, 16]
+    assert lengths == [5] * 10 + [2] * 6
+    assert sqn.stats["cycles"] == 5 and sqn.stats["memory_size"] == 4
+    S, _ = sqn.memory.pairs()
+    averages = {10: torch.stack(iterates[5:10]).mean(0), 12: torch.stack(iterates[10:12]).mean(0),
+                14: torch.stack(iterates[12:14]).mean(0)}
+    torch.testing.assert_close(S[0], averages[10] - torch.stack(iterates[0:5]).mean(0), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(S[1], averages[12] - averages[10], rtol=1e-12, atol=1e-15)  # over 2 iterates
+    torch.testing.assert_close(S[2], averages[14] - averages[12], rtol=1e-12, atol=1e-15)
+
+
+def test_an_L_changed_and_changed_back_within_a_cycle_changes_nothing():
+    runs = []
+    for steer in (False, True):
+        model, X, Y = regression(36)
+        sqn = SQN(model, "squared_error", lr=0.05, memory=3, L=3)
+        generator = make_generator(37)
+        out = []
+        for step in range(1, 14):
+            if steer and step in (5, 11):
+                sqn.param_groups[0]["L"] = 7  # mid-cycle (cycles: 1–3, 4–6, 7–9, 10–12)
+            if steer and step in (6, 12):
+                sqn.param_groups[0]["L"] = 3  # back before the cycle ends
+            out += trajectory(sqn, model, X, Y, 1, generator)
+        runs.append(out)
+    for (a, stats_a), (b, stats_b) in zip(*runs):
+        assert torch.equal(a, b) and same(stats_a, stats_b)
+
+
+@pytest.mark.parametrize("between", [False, True])
+def test_a_checkpoint_after_a_resize_and_a_new_L_resumes_in_an_optimizer_built_with_the_constructor_sizes(between):
+    """As qnwb.runs resumes: SQN(model, loss, **configuration) with memory and L the defaults 10, then load_state_dict."""
+    model, X, Y = regression(38)
+    sqn = SQN(model, "squared_error", lr=0.05)
+    generator = make_generator(39)
+    run(sqn, model, X, Y, 33, generator)  # 3 cycles of 10 and a bit
+    sqn.param_groups[0].update(memory=2, L=3)
+    if not between:
+        run(sqn, model, X, Y, 10, generator)  # the 4th cycle ends at step 40; cycles of 3 from step 41
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(sqn.state_dict())
+    saved_generator = generator.get_state()
+    expected = trajectory(sqn, model, X, Y, 8, generator)
+    assert expected[-1][1]["memory_capacity"] == 2 and expected[-1][1]["cycle_length"] == 3
+
+    resumed_model, _, _ = regression(0)
+    resumed_model.load_state_dict(saved_model)
+    resumed = SQN(resumed_model, "squared_error", lr=0.05)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["memory"] == 2 and resumed.memory.size == (10 if between else 2)
+    generator.set_state(saved_generator)
+    for (a, stats_a), (b, stats_b) in zip(expected, trajectory(resumed, resumed_model, X, Y, 8, generator)):
+        assert torch.equal(a, b) and same(stats_a, stats_b)
+
+
+def test_a_state_saved_before_cycles_were_recorded_resumes_identically():
+    """Checkpoints written before L could change lack `cycle_start` and `cycle_length`: cycles of the group's L."""
+    model, X, Y = regression(40)
+    sqn = SQN(model, "squared_error", lr=0.05, memory=3, L=4)
+    generator = make_generator(41)
+    run(sqn, model, X, Y, 10, generator)
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(sqn.state_dict())
+    for state in saved["state"].values():
+        del state["cycle_start"], state["cycle_length"]
+    saved_generator = generator.get_state()
+    expected = trajectory(sqn, model, X, Y, 7, generator)
+    resumed_model, _, _ = regression(0)
+    resumed_model.load_state_dict(saved_model)
+    resumed = SQN(resumed_model, "squared_error", memory=3, L=4)
+    resumed.load_state_dict(saved)
+    generator.set_state(saved_generator)
+    for (a, stats_a), (b, stats_b) in zip(expected, trajectory(resumed, resumed_model, X, Y, 7, generator)):
+        assert torch.equal(a, b) and same(stats_a, stats_b)

@@ -295,6 +295,22 @@ def test_lbfgs_memory_trace_equals_stats_and_forgetting_zeroes_the_memory_used()
     assert trace.capacity == 3 and trace.settings["forget_every"] == 4
 
 
+def test_a_memory_resized_during_the_recording_pads_the_held_curvatures_to_the_largest_size():
+    model, X, T = regression(7)
+    opt = LBFGS(model, memory=3, line_search="armijo")
+    recorder = MemoryRecorder(opt)
+    sizes = []
+    for k in range(9):
+        if k in (3, 6):
+            opt.param_groups[0]["memory"] = {3: 1, 6: 4}[k]  # steered between steps, as a dashboard does
+        recorder.step(closure_for(opt, model, X, T))
+        sizes.append(opt.stats["memory_size"])
+    trace = recorder.trace()
+    assert trace.capacity == 4 and trace.held_curvature.shape == (9, 4)
+    assert np.isfinite(trace.held_curvature).sum(1).tolist() == sizes == trace.memory_size.tolist()
+    assert max(sizes[3:6]) == 1
+
+
 def test_average_memory_per_epoch_is_the_mean_of_the_pairs_each_step_used_by_hand():
     model, X, T = regression(8)
     opt = LBFGS(model, memory=2, line_search="armijo")

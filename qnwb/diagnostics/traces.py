@@ -290,7 +290,7 @@ class MemoryTrace:
     """Per-step records of a limited-memory quasi-Newton run (arrays of length T; `held_curvature` is T × m)."""
 
     optimizer: str  # the optimizer's class name
-    capacity: int  # m, the pairs the memory can hold
+    capacity: int  # m, the pairs the memory can hold (the largest m of the run when `memory` was changed during it)
     step: np.ndarray  # the optimizer's step number
     epoch: np.ndarray  # the epoch each step belongs to (0, 1, …)
     loss: np.ndarray  # the loss the step's closure returned
@@ -307,7 +307,7 @@ class MemoryTrace:
     forgot: np.ndarray  # the memory was cleared by `forget_every` at the start of the step
     sy: np.ndarray  # sᵀy of the pair offered this step (NaN: none)
     new_pair_curvature: np.ndarray  # sᵀy/sᵀs of the pair stored this step (NaN: none stored)
-    held_curvature: np.ndarray  # (T, m): sᵀy/sᵀs of each pair held after the step, oldest first, NaN-padded
+    held_curvature: np.ndarray  # (T, capacity): sᵀy/sᵀs of each pair held after the step, oldest first, NaN-padded
     step_size: np.ndarray  # the step length (L-BFGS, SQN, adaQN, L-SR1 line search; NaN where none)
     radius: np.ndarray  # L-SR1 trust region: Δ_k the step used (NaN otherwise)
     radius_after: np.ndarray  # Δ_{k+1}
@@ -399,14 +399,16 @@ class MemoryRecorder:
         rows = self.rows
         columns = {name: np.array([row[name] for row in rows], dtype=dtype) for name, dtype, _ in MEMORY_FIELDS.values()}
         rejected = np.array([row["rejected"] for row in rows], dtype=bool)
+        capacity = max([self.optimizer.memory.size] + [len(row["held_curvature"]) for row in rows])  # memory may be steered
+        held = [np.pad(row["held_curvature"], (0, capacity - len(row["held_curvature"])), constant_values=np.nan) for row in rows]
         return MemoryTrace(
-            optimizer=type(self.optimizer).__name__, capacity=self.optimizer.memory.size, **columns,
+            optimizer=type(self.optimizer).__name__, capacity=capacity, **columns,
             epoch=np.array([row["epoch"] for row in rows], dtype=np.int64),
             memory_used=np.array([row["memory_used"] for row in rows], dtype=np.int64),
             pair_formed=np.array([row["pair_formed"] for row in rows], dtype=bool), rejected=rejected,
             rejections=np.cumsum(rejected).astype(np.int64),
             new_pair_curvature=np.array([row["new_pair_curvature"] for row in rows], dtype=np.float64),
-            held_curvature=np.stack([row["held_curvature"] for row in rows]) if rows else np.zeros((0, self.optimizer.memory.size)),
+            held_curvature=np.stack(held) if rows else np.zeros((0, capacity)),
             settings=dict(self.settings))
 
 # %% ../../nbs/83_traces.ipynb #8cea988f

@@ -16,14 +16,27 @@ from ..core import assign_flat_, check_number, check_positive_int, flat_params
 from ..curvature import GGN, Hessian
 from ..losses import MatchingLoss, matching_loss
 from .lbfgs import FlatOptimizer, _one_group
-from .memory import (CURVATURE_RULES, H0_KINDS, DiagonalScaling, PairMemory, _check_flat, _device_flag, curvature_condition,
-                               two_loop)
+from .memory import (CURVATURE_RULES, H0_KINDS, DiagonalScaling, PairMemory, RingBuffer, _check_flat, _device_flag,
+                               curvature_condition, two_loop)
 
 # %% auto #0
 __all__ = ['CURVATURES', 'FISHER_NORMALIZATIONS', 'ACCEPTANCE_TESTS', 'SQN', 'GradientFIFO', 'AdaQN']
 
 # %% ../../nbs/44_sqn_adaqn.ipynb #9a5da49a
 CURVATURES = ("hessian", "ggn")
+
+
+def _cycle_state(state: dict, L: int) -> None:
+    "Give a state without them (a new one, or one saved before L could change) the bookkeeping of cycles of length L."
+    if "cycle_start" not in state:
+        state["cycle_start"], state["cycle_length"] = state["step"] - state["step"] % L, L
+
+
+def _cycle(state: dict, L: int) -> tuple[int, bool]:
+    """`(length, ends)` of the cycle the next iterate belongs to: a step that opens a cycle fixes its length to the group's
+    `L` now; later steps keep it. `ends`: this iterate is the cycle's last."""
+    length = L if state["step"] == state["cycle_start"] else state["cycle_length"]
+    return length, state["step"] + 1 - state["cycle_start"] >= length
 
 
 class SQN(FlatOptimizer):
@@ -34,8 +47,8 @@ class SQN(FlatOptimizer):
         model: nn.Module,  # the network: outputs with cases along dimension 0
         loss: str | MatchingLoss,  # its matching loss (qnwb.losses), for the curvature products
         lr: float = 0.1,  # α: w ← w − αHg (Byrd et al. decay it as β/k: use a torch LR scheduler)
-        memory: int = 10,  # m: pairs kept
-        L: int = 10,  # aggregation length: a pair every L iterations
+        memory: int = 10,  # m: pairs kept (the group's value is read at every step: set it to resize)
+        L: int = 10,  # aggregation length: a pair every L iterations (a new value takes effect with the next cycle)
         curvature: str = "hessian",  # "hessian" (eq. 7) or "ggn" (the Gauss-Newton matrix of qnwb.curvature)
         h0: str = "scaling",  # "scaling" (eq. 8) or "identity"
         curvature_skip: float = 1e-8,  # ε of the skip rule (qnwb.optim.memory.curvature_condition)
@@ -69,8 +82,10 @@ class SQN(FlatOptimizer):
             state["iterate_sum"] = torch.zeros(self.memory.n, dtype=params[0].dtype, device=params[0].device)
             for name in ("pairs_stored", "pairs_skipped", "non_finite"):
                 state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
+        _cycle_state(state, self.param_groups[0]["L"])
         return state
 
+    _counts = ("L",)
 
     def _curvature_product(self, average: Tensor, s: Tensor, batch, group) -> Tensor:
         "`∇²f(w̄) s` (or the GGN's) on `batch`, with the parameters at `w̄` only while the operator is built."
@@ -96,14 +111,17 @@ class SQN(FlatOptimizer):
         """One SQN iteration; every L-th also forms the pair (s, y) from the averages of the last two cycles."""
         if not callable(closure):
             raise TypeError("closure: SQN needs a closure that computes the loss and its gradients")
+        self._sync_sizes()  # a `memory` changed since the last step; checks `L` too
         group = self.param_groups[0]
         params: list[Tensor] = group["params"]
         state, memory = self._state(), self.memory
-        k, L = state["step"], group["L"]
-        cycle_ends = (k + 1) % L == 0
+        k = state["step"]
+        L, cycle_ends = _cycle(state, group["L"])
         pair_due = cycle_ends and "previous_average" in state
         if pair_due and curvature_batch is None:
-            raise ValueError(f"curvature_batch: step {k + 1} forms a curvature pair (every L = {L} steps) and needs a batch")
+            raise ValueError(f"curvature_batch: step {k + 1} forms a curvature pair (it ends a cycle of L = {L} steps) "
+                             "and needs a batch")
+        state["cycle_length"] = L
 
         theta = flat_params(params).clone()
         f, g = self._evaluate(closure)
@@ -132,22 +150,26 @@ class SQN(FlatOptimizer):
                              curvature_products=1)
             state["previous_average"] = average  # Byrd et al.: advances whether or not the pair is stored
             state["cycles"] += 1
+            state["cycle_start"] = k + 1
         state["step"] = k + 1
         state["function_evaluations"] += 1
         stats.update(pairs_stored=state["pairs_stored"].clone(), pairs_skipped=state["pairs_skipped"].clone(),
-                     memory_size=memory.count.clone(), cycles=state["cycles"], function_evaluations=1, gradient_evaluations=1,
+                     memory_size=memory.count.clone(), memory_capacity=memory.size, cycles=state["cycles"], cycle_length=L,
+                     function_evaluations=1, gradient_evaluations=1,
                      total_function_evaluations=state["function_evaluations"], total_gradient_evaluations=state["function_evaluations"],
                      total_curvature_products=state["curvature_products"])
         self._raw_stats, self._stats = stats, None
         return f
 
 # %% ../../nbs/44_sqn_adaqn.ipynb #4ea1d49a
-class GradientFIFO:
+class GradientFIFO(RingBuffer):
     """The last `size` stochastic gradients in a ring buffer: adaQN's container F̃ of the accumulated Fisher matrix (§3.3)."""
+
+    _rows = ("G",)
 
     def __init__(
         self,
-        size: int,  # m_F (100 in adaQN)
+        size: int,  # m_F (100 in adaQN); `resize` changes it
         n: int,  # the length of the flat parameter vector
         *,
         device: str | torch.device | None = None,
@@ -155,11 +177,9 @@ class GradientFIFO:
     ):
         check_positive_int("size", size)
         check_positive_int("n", n)
-        self.size, self.n = size, n
+        self.n = n
         self.G = torch.zeros(size, n, dtype=dtype, device=device)  # row j: the gradient in slot j
-        self.head = torch.zeros((), dtype=torch.int64, device=self.G.device)
-        self.count = torch.zeros((), dtype=torch.int64, device=self.G.device)
-        self._slots = torch.arange(size, device=self.G.device)
+        self._init_ring(size, self.G.device)
 
     @property
     def device(self) -> torch.device:
@@ -169,43 +189,24 @@ class GradientFIFO:
     def dtype(self) -> torch.dtype:
         return self.G.dtype
 
-    def __len__(self) -> int:
-        "The number of gradients held (a host sync)."
-        return int(self.count)
+    def __repr__(self) -> str:
+        return f"GradientFIFO(size={self.size}, n={self.n}, {self.dtype} on {self.device})"
 
     def held(self) -> Tensor:
         "Which slots hold a gradient (a device bool per slot)."
-        return torch.remainder(self._slots - self.head + self.count, self.size) < self.count
+        return torch.remainder(self._positions - self.head + self.count, self.size) < self.count
 
     @torch.no_grad()
     def push(self, g: Tensor, accept: Tensor | bool = True) -> None:
         """Store `g` in place of the oldest gradient (where the 0-dim device bool `accept` holds)."""
         _check_flat(g, self.n, self.device, self.dtype, "g")
         accept = _device_flag(accept, self.device, "accept")
-        if accept is False:
-            return
-        slot = self.head.view(1)
-        row = g if accept is True else torch.where(accept, g, self.G.index_select(0, slot)[0])
-        self.G.index_copy_(0, slot, row.unsqueeze(0))
-        step = 1 if accept is True else accept.long()
-        self.count.copy_(torch.clamp(self.count + step, max=self.size))
-        self.head.copy_(torch.remainder(self.head + step, self.size))
-
-    @torch.no_grad()
-    def clear(self, where: Tensor | bool = True) -> None:
-        "Forget every gradient (where the 0-dim device bool `where` holds)."
-        where = _device_flag(where, self.device, "where")
-        if where is True:
-            self.count.zero_()
-            self.head.zero_()
-        elif where is not False:
-            self.count.copy_(torch.where(where, 0, self.count))
-            self.head.copy_(torch.where(where, 0, self.head))
+        if accept is not False:
+            self._insert({"G": g}, accept)
 
     def gradients(self) -> Tensor:
         "The gradients held, oldest first, as a `(count, n)` copy (a host sync)."
-        order = torch.remainder(self.head - self.count + self._slots, self.size)[: len(self)]
-        return self.G.index_select(0, order)
+        return self.G.index_select(0, self.order()[0][: len(self)])
 
     def product(self, s: Tensor, normalization: str = "count") -> Tensor:
         """`F̃ s = (1/|F̃|) Σᵢ gᵢ (gᵢᵀ s)` (Algorithm 1 line 18) without forming F̃; "none" leaves out the 1/|F̃|."""
@@ -217,20 +218,6 @@ class GradientFIFO:
         if normalization == "count":
             y = y / torch.clamp(self.count, min=1).to(y.dtype)
         return y
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"G": self.G.clone(), "head": self.head.clone(), "count": self.count.clone()}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for name, shape in (("G", (self.size, self.n)), ("head", ()), ("count", ())):
-            value = state.get(name) if isinstance(state, dict) else None
-            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-                raise ValueError(f"state[{name!r}]: expected a tensor of shape {shape}")
-        if not 0 <= int(state["head"]) < self.size or not 0 <= int(state["count"]) <= self.size:
-            raise ValueError(f"state: head and count must lie in [0, {self.size}) and [0, {self.size}]")
-        for name in ("G", "head", "count"):
-            getattr(self, name).copy_(state[name])
 
 # %% ../../nbs/44_sqn_adaqn.ipynb #785c8f09
 FISHER_NORMALIZATIONS = ("count", "none")
@@ -244,9 +231,9 @@ class AdaQN(FlatOptimizer):
         self,
         params,  # a module, an iterable of tensors, or one parameter group
         lr: float = 0.01,  # α ("the same step-length as used for Adagrad", §3.4)
-        L: int = 5,  # aggregation length (§3.4: from {2, 5, 10, 20}, often 5)
-        memory: int = 10,  # m_L
-        fisher_memory: int = 100,  # m_F
+        L: int = 5,  # aggregation length (§3.4: from {2, 5, 10, 20}, often 5); a new value takes effect with the next cycle
+        memory: int = 10,  # m_L (the group's value is read at every step: set it to resize)
+        fisher_memory: int = 100,  # m_F (likewise)
         epsilon: float = 1e-4,  # ε of the curvature test (line 19)
         gamma: float = 1.01,  # γ ≥ 1 of the rejection test (line 12)
         adagrad_epsilon: float = 1e-8,  # ε inside the square root of eq. 9
@@ -295,6 +282,7 @@ class AdaQN(FlatOptimizer):
             state["iterate_sum"] = torch.zeros(self.memory.n, dtype=params[0].dtype, device=device)
             for name in ("pairs_stored", "pairs_skipped", "rejections", "epoch_memory"):
                 state[name] = torch.zeros((), dtype=torch.int64, device=device)
+        _cycle_state(state, self.param_groups[0]["L"])
         return state
 
     def new_epoch(self) -> None:
@@ -303,7 +291,8 @@ class AdaQN(FlatOptimizer):
         state["epoch_memory"].zero_()
         state["epoch_steps"] = 0
 
-    _same = ("memory", "fisher_memory")
+    _sized = {"memory": "memory", "fisher_memory": "fisher"}
+    _counts = ("L",)
 
     def _parts(self) -> dict:
         "The pair memory, the Fisher FIFO and the Adagrad accumulator."
@@ -329,14 +318,16 @@ class AdaQN(FlatOptimizer):
         """One adaQN iteration (Algorithm 1 lines 5–7); every L-th also the cycle of lines 8–27."""
         if not callable(closure):
             raise TypeError("closure: AdaQN needs a closure that computes the loss and its gradients")
+        self._sync_sizes()  # a `memory` or `fisher_memory` changed since the last step; checks `L` too
         group = self.param_groups[0]
         params: list[Tensor] = group["params"]
         state, memory, fisher = self._state(), self.memory, self.fisher
-        k, L = state["step"] + 1, group["L"]
-        cycle_ends = k % L == 0
+        k = state["step"] + 1
+        L, cycle_ends = _cycle(state, group["L"])  # line 8, with L fixed for the cycle
         test_due = cycle_ends and state["cycles"] > 0
         if test_due and not callable(monitor):
-            raise ValueError(f"monitor: step {k} ends a cycle (every L = {L} steps) and needs the monitoring-set loss")
+            raise ValueError(f"monitor: step {k} ends a cycle (of L = {L} steps) and needs the monitoring-set loss")
+        state["cycle_length"] = L
 
         theta = flat_params(params).clone()
         f, g = self._evaluate(closure)
@@ -385,9 +376,11 @@ class AdaQN(FlatOptimizer):
             else:
                 state["previous_average"] = average  # line 24
                 state["cycles"] += 1
+            state["cycle_start"] = k  # the next step opens a cycle (after a rejection too: line 15's `continue`)
         state["step"] = k
         state["function_evaluations"] += 1
-        stats.update(memory_size=memory.count.clone(), fisher_size=fisher.count.clone(), pairs_stored=state["pairs_stored"].clone(),
+        stats.update(memory_size=memory.count.clone(), memory_capacity=memory.size, fisher_size=fisher.count.clone(),
+                     fisher_capacity=fisher.size, cycle_length=L, pairs_stored=state["pairs_stored"].clone(),
                      pairs_skipped=state["pairs_skipped"].clone(), rejections=state["rejections"].clone(), cycles=state["cycles"],
                      memory_average=state["epoch_memory"].double() / state["epoch_steps"],
                      function_evaluations=1, gradient_evaluations=1, total_function_evaluations=state["function_evaluations"],

@@ -169,9 +169,12 @@ def _one_group(params) -> list[Tensor]:
 class FlatOptimizer(torch.optim.Optimizer):
     """What qnwb's quasi-Newton optimizers share: one flat parameter vector, the closure protocol, statistics kept on
     the device during a step and read on first access of `stats`, and a `state_dict` whose parts (memories, buffers)
-    and counters come back with their own dtypes (torch's loader would cast every state tensor to the parameters')."""
+    and counters come back with their own dtypes (torch's loader would cast every state tensor to the parameters'), and
+    buffer sizes that follow the parameter group: set `param_groups[0]["memory"]` between steps and the next step resizes."""
 
-    _same: tuple[str, ...] = ("memory",)  # settings a saved state must share with the optimizer that loads it
+    _same: tuple[str, ...] = ()  # settings a saved state must share with the optimizer that loads it
+    _sized: dict[str, str] = {"memory": "memory"}  # a setting of the group ↦ the part (`_parts()`) whose number of slots it is
+    _counts: tuple[str, ...] = ()  # further positive-int settings a step reads (SQN, adaQN: the aggregation length "L")
 
     def __init__(self, params, defaults: dict):
         super().__init__(params, defaults)
@@ -181,6 +184,22 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _parts(self) -> dict:
         "What a state_dict carries besides torch's state: name ↦ an object with state_dict / load_state_dict (or None)."
         return {"memory": self.memory}
+
+    def _sync_sizes(self) -> bool:
+        """At the start of a step: check every setting of `_sized` and `_counts` (a bad value set by hand raises here, naming
+        it, before anything changes), then resize each buffer whose size differs from its setting. True if one was resized."""
+        group, parts = self.param_groups[0], self._parts()
+        for name in (*self._sized, *self._counts):
+            try:
+                check_positive_int(name, group[name])
+            except ValueError as e:
+                raise ValueError(f"{e} (param_groups[0][{name!r}]; the step is refused, nothing changed)") from None
+        resized = False
+        for name, part in self._sized.items():
+            if parts[part].size != group[name]:
+                parts[part].resize(group[name])  # keeps the newest pairs (gradients)
+                resized = True
+        return resized
 
     def state_dict(self) -> dict:
         "A snapshot (later steps do not change it) of torch's optimizer state plus each of `_parts()`."
@@ -207,7 +226,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         return loss.detach().reshape(()), flat_grads(params).clone()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load `state_dict()`: the settings `_same` must agree; torch's state comes back with its dtypes, then each part."""
+        """Load `state_dict()`: the settings `_same` must agree; torch's state comes back with its dtypes, then each part,
+        resized first to the saved number of slots (a state saved after a resize loads into an optimizer built with the
+        constructor's sizes, and the group's sizes become the saved ones)."""
         parts, same = self._parts(), self._same
         state_dict = dict(state_dict)
         saved_parts = {name: state_dict.pop(name, None) for name in parts}
@@ -218,6 +239,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         for name in same:
             if saved_group.get(name) != group[name]:
                 raise ValueError(f"state_dict: saved with {name}={saved_group.get(name)!r}, this optimizer has {name}={group[name]!r}")
+        sizes = {part: parts[part].saved_size(saved_parts[part]) for part in self._sized.values()}
         saved_state = next(iter(state_dict["state"].values()), {})
         super().load_state_dict(state_dict)
         params = group["params"]
@@ -225,6 +247,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                                  for key, value in saved_state.items()}
         for name, part in parts.items():
             if part is not None:
+                if name in sizes:
+                    part.resize(sizes[name])
                 part.load_state_dict(saved_parts[name])
         self._raw_stats, self._stats = {}, {}
 
@@ -294,7 +318,7 @@ class LBFGS(FlatOptimizer):
                 state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
         return state
 
-    _same = ("memory", "h0")
+    _same = ("h0",)
 
     def _parts(self) -> dict:
         "The pair memory and, for a diagonal H0, its accumulator."
@@ -311,6 +335,7 @@ class LBFGS(FlatOptimizer):
         """One L-BFGS iteration; `closure` zeroes the gradients, computes the loss, calls backward and returns the loss."""
         if not callable(closure):
             raise TypeError("closure: LBFGS needs a closure that re-evaluates the loss and its gradients")
+        self._sync_sizes()  # a `memory` changed since the last step
         group = self.param_groups[0]
         params: list[Tensor] = group["params"]
         state, memory = self._state(), self.memory
@@ -377,7 +402,7 @@ class LBFGS(FlatOptimizer):
             "line_search_stop": search.stop if search is not None else "",
             "pair_stored": accept, "pair_skipped": ok & ~accept, "pair_damped": damped,
             "pairs_stored": state["pairs_stored"].clone(), "pairs_skipped": state["pairs_skipped"].clone(),
-            "pairs_damped": state["pairs_damped"].clone(), "memory_size": memory.count.clone(),
+            "pairs_damped": state["pairs_damped"].clone(), "memory_size": memory.count.clone(), "memory_capacity": memory.size,
             "sy": torch.dot(s.double(), y.double()), "forgot": int(forgot), "direction_fallback": fallback,
             "non_finite": ~(finite & ok) if search is None else ~finite, "resets": state["resets"].clone(),
             "function_evaluations": evaluations, "gradient_evaluations": evaluations,

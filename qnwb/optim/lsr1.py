@@ -69,7 +69,7 @@ class LSR1(FlatOptimizer):
     def __init__(
         self,
         params,  # a module, an iterable of tensors, or one parameter group
-        memory: int = 10,  # m: pairs kept (the paper's experiments use 5)
+        memory: int = 10,  # m: pairs kept (the paper's experiments use 5); the group's value is read at every step
         method: str = "trust_region",  # "trust_region" (Algorithm 1) or "line_search" (Algorithm 2)
         gamma: float = 1.0,  # B0 = γI, γ ≠ 0; the line search uses H0 = I/γ and needs γ > 0. Fixed for the run
         radius: float | None = None,  # Δ0 > 0; None: ‖∇f(x0)‖ at the first step (Algorithm 1), 1 if that is 0
@@ -149,7 +149,7 @@ class LSR1(FlatOptimizer):
                 state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
         return state
 
-    _same = ("memory", "method", "gamma")
+    _same = ("method", "gamma")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore from `state_dict()` (the state's tensors keep their dtypes)."""
@@ -183,6 +183,8 @@ class LSR1(FlatOptimizer):
         """One L-SR1 iteration; `closure` zeroes the gradients, computes the loss, calls backward and returns the loss."""
         if not callable(closure):
             raise TypeError("closure: LSR1 needs a closure that re-evaluates the loss and its gradients")
+        if self._sync_sizes():  # a `memory` changed since the last step: the compact form of the kept pairs is made anew
+            self._form = None
         group = self.param_groups[0]
         params: list[Tensor] = group["params"]
         state = self._state()
@@ -217,7 +219,7 @@ class LSR1(FlatOptimizer):
         self._raw_stats = {
             **common, **raw, "dropped": dropped,
             "pairs_stored": state["pairs_stored"].clone(), "pairs_skipped": state["pairs_skipped"].clone(),
-            "pairs_dropped": state["pairs_dropped"].clone(), "memory_size": self.memory.count.clone(),
+            "pairs_dropped": state["pairs_dropped"].clone(), "memory_size": self.memory.count.clone(), "memory_capacity": self.memory.size,
             "resets": state["resets"].clone(),
             "function_evaluations": evaluations, "gradient_evaluations": evaluations,
             "total_function_evaluations": state["function_evaluations"], "total_gradient_evaluations": state["function_evaluations"],

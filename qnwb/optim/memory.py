@@ -14,8 +14,8 @@ from torch import Tensor
 from ..core import check_number, check_positive_int
 
 # %% auto #0
-__all__ = ['H0_KINDS', 'DIAGONAL_KINDS', 'CURVATURE_RULES', 'PairMemory', 'two_loop', 'DiagonalScaling', 'curvature_condition',
-           'powell_damping', 'CompactForm', 'sr1_condition', 'sr1_compact', 'bfgs_compact']
+__all__ = ['H0_KINDS', 'DIAGONAL_KINDS', 'CURVATURE_RULES', 'RingBuffer', 'PairMemory', 'two_loop', 'DiagonalScaling',
+           'curvature_condition', 'powell_damping', 'CompactForm', 'sr1_condition', 'sr1_compact', 'bfgs_compact']
 
 # %% ../../nbs/42_qn_memory.ipynb #95c444cc
 def _device_flag(flag, device: torch.device, name: str) -> Tensor | bool:
@@ -39,12 +39,109 @@ def _check_flat(v, n: int, device: torch.device, dtype: torch.dtype, name: str) 
         raise TypeError(f"{name}: is {v.dtype} on {v.device}, the buffers hold {dtype} on {device}")
 
 
-class PairMemory:
+class RingBuffer:
+    """What `PairMemory` and adaQN's `GradientFIFO` share: `size` slots in preallocated tensors (`_rows` names them, slot j
+    in row j), the 0-dim device counters `head` (the next slot) and `count` (entries held), the oldest entry in slot
+    (head − count) mod size; insertion, clearing and resizing without host syncs, and the state of all of it."""
+
+    _rows: tuple[str, ...] = ()  # the attributes holding one row per slot
+
+    def _init_ring(self, size: int, device: torch.device) -> None:
+        self.size = size
+        self.head = torch.zeros((), dtype=torch.int64, device=device)  # the slot the next entry goes to
+        self.count = torch.zeros((), dtype=torch.int64, device=device)  # entries held, 0 … size
+        self._positions = torch.arange(size, device=device)
+
+    def __len__(self) -> int:
+        "The number of entries held (reads the device counter: a host sync)."
+        return int(self.count)
+
+    def order(self) -> tuple[Tensor, Tensor]:
+        """`(slots, held)`: the slot of the i-th oldest entry for i = 0 … size−1, and whether position i holds one (i < count)."""
+        return torch.remainder(self.head - self.count + self._positions, self.size), self._positions < self.count
+
+    def _insert(self, values: dict[str, Tensor], accept: Tensor | bool) -> None:
+        """Write `values` (row name ↦ the new slot's contents) at `head` and advance; where the device bool `accept` is
+        false, the slot is rewritten with its own contents and nothing advances."""
+        slot = self.head.view(1)
+        for name, value in values.items():
+            rows = getattr(self, name)
+            if accept is not True:
+                value = torch.where(accept, value, rows.index_select(0, slot)[0])
+            rows.index_copy_(0, slot, value.unsqueeze(0))
+        step = 1 if accept is True else accept.long()
+        self.count.copy_(torch.clamp(self.count + step, max=self.size))
+        self.head.copy_(torch.remainder(self.head + step, self.size))
+
+    @torch.no_grad()
+    def clear(self, where: Tensor | bool = True) -> None:
+        """Forget every entry (where the 0-dim device bool `where` holds; everywhere by default)."""
+        where = _device_flag(where, self.device, "where")
+        if where is True:
+            self.count.zero_()
+            self.head.zero_()
+        elif where is not False:
+            self.count.copy_(torch.where(where, 0, self.count))
+            self.head.copy_(torch.where(where, 0, self.head))
+
+    @torch.no_grad()
+    def resize(self, size: int) -> None:
+        """Reallocate for `size` slots, keeping the newest min(count, size) entries in their order (oldest first, in slots
+        0, 1, …) on the same device and dtype; nothing is read back from the device. The same size changes nothing."""
+        check_positive_int("size", size)
+        if size == self.size:
+            return
+        positions = torch.arange(size, device=self.device)
+        kept = torch.clamp(self.count, max=size)
+        sources = torch.remainder(self.head - kept + positions, self.size)  # the old slot of the i-th kept entry
+        for name in self._rows:
+            rows = getattr(self, name).index_select(0, sources)
+            rows.masked_fill_((positions >= kept).view(-1, *(1,) * (rows.dim() - 1)), 0)  # free slots hold zeros
+            setattr(self, name, rows)
+        self.count.copy_(kept)
+        self.head.copy_(torch.remainder(kept, size))
+        self.size, self._positions = size, positions
+
+    def state_dict(self) -> dict[str, Tensor]:
+        "Copies of the per-slot tensors and the two counters."
+        return {name: getattr(self, name).clone() for name in (*self._rows, "head", "count")}
+
+    def saved_size(self, state: dict[str, Tensor]) -> int:
+        "The number of slots of `state` (a `state_dict()`): `resize` to it before `load_state_dict` when it differs."
+        value = state.get(self._rows[0]) if isinstance(state, dict) else None
+        if not isinstance(value, Tensor) or value.dim() < 1 or value.shape[0] < 1:
+            raise ValueError(f"state[{self._rows[0]!r}]: expected a tensor with one row per slot, got "
+                             f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+        return value.shape[0]
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        "Restore from `state_dict()` of a buffer of this size (into the preallocated tensors: dtype and device stay this one's)."
+        shapes = {**{name: (self.size, *getattr(self, name).shape[1:]) for name in self._rows}, "head": (), "count": ()}
+        if not isinstance(state, dict):
+            raise ValueError(f"state: expected the dict of state_dict(), got {type(state).__name__}")
+        for name, shape in shapes.items():
+            if name not in state:
+                raise ValueError(f"state: no {name!r} entry (expected {sorted(shapes)})")
+            value = state[name]
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                raise ValueError(f"state[{name!r}]: expected a tensor of shape {shape} for {self!r}, "
+                                 f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+        head, count = int(state["head"]), int(state["count"])
+        if not 0 <= head < self.size or not 0 <= count <= self.size:
+            raise ValueError(f"state: head {head} and count {count} must lie in [0, {self.size}) and [0, {self.size}]")
+        for name in shapes:
+            getattr(self, name).copy_(state[name])
+
+
+class PairMemory(RingBuffer):
     """The `size` most recent curvature pairs (s, y) in preallocated ring buffers, filled without host syncs."""
+
+    _rows = ("S", "Y", "sy", "yy")
 
     def __init__(
         self,
-        size: int,  # m: the number of pairs kept (m_L = 10 in adaQN, 5 in L-SR1)
+        size: int,  # m: the number of pairs kept (m_L = 10 in adaQN, 5 in L-SR1); `resize` changes it
         n: int,  # the length of the flat parameter vector
         *,
         device: str | torch.device | None = None,  # the parameters' device
@@ -54,15 +151,13 @@ class PairMemory:
         check_positive_int("n", n)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: the pairs need a floating-point dtype, got {dtype!r}")
-        self.size, self.n = size, n
+        self.n = n
         self.S = torch.zeros(size, n, dtype=dtype, device=device)  # row j: the s of slot j
         self.Y = torch.zeros_like(self.S)  # row j: the y of slot j
         device = self.S.device
         self.sy = torch.zeros(size, dtype=torch.float64, device=device)  # sⱼᵀyⱼ of slot j
         self.yy = torch.zeros(size, dtype=torch.float64, device=device)  # yⱼᵀyⱼ of slot j
-        self.head = torch.zeros((), dtype=torch.int64, device=device)  # the slot the next pair goes to
-        self.count = torch.zeros((), dtype=torch.int64, device=device)  # pairs held, 0 … size
-        self._positions = torch.arange(size, device=device)
+        self._init_ring(size, device)
 
     @classmethod
     def like(cls, size: int, vector: Tensor) -> PairMemory:
@@ -79,10 +174,6 @@ class PairMemory:
     def dtype(self) -> torch.dtype:
         return self.S.dtype
 
-    def __len__(self) -> int:
-        "The number of pairs held (reads the device counter: a host sync)."
-        return int(self.count)
-
     def __repr__(self) -> str:
         return f"PairMemory(size={self.size}, n={self.n}, {self.dtype} on {self.device})"
 
@@ -91,10 +182,6 @@ class PairMemory:
 
     def _flag(self, flag, name: str) -> Tensor | bool:
         return _device_flag(flag, self.device, name)
-
-    def order(self) -> tuple[Tensor, Tensor]:
-        """`(slots, held)`: the slot of the i-th oldest pair for i = 0 … size−1, and whether position i holds a pair (i < count)."""
-        return torch.remainder(self.head - self.count + self._positions, self.size), self._positions < self.count
 
     @torch.no_grad()
     def push(
@@ -109,35 +196,9 @@ class PairMemory:
         accept = self._flag(accept, "accept")
         if accept is False:
             return accept
-        slot = self.head.view(1)
         s64, y64 = s.double(), y.double()
-        sy, yy = torch.dot(s64, y64).view(1), torch.dot(y64, y64).view(1)
-        if accept is True:
-            self.S.index_copy_(0, slot, s.unsqueeze(0))
-            self.Y.index_copy_(0, slot, y.unsqueeze(0))
-            self.sy.index_copy_(0, slot, sy)
-            self.yy.index_copy_(0, slot, yy)
-            step = 1
-        else:  # a device decision: write the slot's own contents back where the pair is rejected
-            self.S.index_copy_(0, slot, torch.where(accept, s, self.S.index_select(0, slot)[0]).unsqueeze(0))
-            self.Y.index_copy_(0, slot, torch.where(accept, y, self.Y.index_select(0, slot)[0]).unsqueeze(0))
-            self.sy.index_copy_(0, slot, torch.where(accept, sy, self.sy.index_select(0, slot)))
-            self.yy.index_copy_(0, slot, torch.where(accept, yy, self.yy.index_select(0, slot)))
-            step = accept.long()
-        self.count.copy_(torch.clamp(self.count + step, max=self.size))
-        self.head.copy_(torch.remainder(self.head + step, self.size))
+        self._insert({"S": s, "Y": y, "sy": torch.dot(s64, y64), "yy": torch.dot(y64, y64)}, accept)
         return accept
-
-    @torch.no_grad()
-    def clear(self, where: Tensor | bool = True) -> None:
-        """Forget every pair (where the 0-dim device bool `where` holds; everywhere by default)."""
-        where = self._flag(where, "where")
-        if where is True:
-            self.count.zero_()
-            self.head.zero_()
-        elif where is not False:
-            self.count.copy_(torch.where(where, 0, self.count))
-            self.head.copy_(torch.where(where, 0, self.head))
 
     @torch.no_grad()
     def drop_oldest(self, k: int | Tensor = 1) -> None:
@@ -160,27 +221,6 @@ class PairMemory:
         sy, yy = self.sy.index_select(0, newest)[0], self.yy.index_select(0, newest)[0]
         ok = (self.count > 0) & (yy > 0)
         return torch.where(ok, sy / torch.where(ok, yy, 1.0), 1.0)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        "Copies of the buffers, the per-slot products and the two counters."
-        return {name: getattr(self, name).clone() for name in ("S", "Y", "sy", "yy", "head", "count")}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        "Restore from `state_dict()` (into the preallocated buffers: dtype and device stay this memory's)."
-        shapes = {"S": (self.size, self.n), "Y": (self.size, self.n), "sy": (self.size,), "yy": (self.size,), "head": (), "count": ()}
-        for name, shape in shapes.items():
-            if name not in state:
-                raise ValueError(f"state: no {name!r} entry (expected {sorted(shapes)})")
-            value = state[name]
-            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-                raise ValueError(f"state[{name!r}]: expected a tensor of shape {shape} for a memory of size {self.size} and n = {self.n}, "
-                                 f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
-        head, count = int(state["head"]), int(state["count"])
-        if not 0 <= head < self.size or not 0 <= count <= self.size:
-            raise ValueError(f"state: head {head} and count {count} must lie in [0, {self.size}) and [0, {self.size}]")
-        for name in shapes:
-            getattr(self, name).copy_(state[name])
 
 # %% ../../nbs/42_qn_memory.ipynb #64d12403
 H0_KINDS = ("identity", "scaling")
