@@ -29,10 +29,9 @@ from .store import RunStore, _method
 
 # %% auto #0
 __all__ = ['DTYPES', 'PROBLEMS', 'DEFAULT_HYPERPARAMETERS', 'CURVATURE_OPTIMIZERS', 'BUDGET_UNITS', 'TARGET_METRICS',
-           'CONFIG_DEFAULTS', 'STRUCTURAL', 'SCHEDULABLE', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem',
-           'curves_problem', 'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options',
-           'make_problem', 'make_schedule', 'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner',
-           'run_config', 'replay']
+           'CONFIG_DEFAULTS', 'SCHEDULABLE', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem', 'curves_problem',
+           'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options', 'make_problem', 'make_schedule',
+           'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner', 'run_config', 'replay']
 
 # %% ../nbs/87_runs.ipynb #700021b2
 def stream_seed(*parts) -> int:
@@ -599,18 +598,15 @@ def _evaluate(self: Runner) -> dict:
     return row
 
 # %% ../nbs/87_runs.ipynb #5c5df980
-STRUCTURAL = ("memory", "fisher_memory", "L")  # sizes of buffers allocated at construction: changing the number changes nothing
-
-
 SCHEDULABLE = ("lr", "momentum")  # what CM and NAG (optimizers with a `schedules` map) accept as schedules
 
 
 @_method(Runner)
 def _steerable(self: Runner) -> list[str]:
     """The hyperparameters `steer` can change: the numeric entries of the optimizer's parameter groups (a scheduled one
-    holds its current value), minus the buffer sizes of STRUCTURAL."""
-    return sorted(k for k, v in self.optimizer.param_groups[0].items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in STRUCTURAL)
+    holds its current value). The buffer sizes of the quasi-Newton methods (memory m, adaQN's m_F) and the aggregation
+    length L are among them: the optimizers resize their memories, and start a new L with the next cycle (notebook 44)."""
+    return sorted(k for k, v in self.optimizer.param_groups[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 @_method(Runner)
@@ -643,6 +639,8 @@ def _steer(self: Runner, parameter: str,
             raise ValueError(f"value: the schedule {value!r} is refused: {e}") from None
     else:
         value = check_number("value", value)
+        if isinstance(self.optimizer.param_groups[0][parameter], int) and value.is_integer():
+            value = int(value)  # an integer setting (memory m, L, a CG budget) typed as 4.0 is 4; 2.5 stays and is refused
     current = {k: self.in_force(k) for k in self.steerable()}
     try:  # the constructor's own range checks (λ > 0, ε ≥ 0, μ in [0, 1), ...) on the changed settings; the built copy is dropped
         make_optimizer(self.config["optimizer"], self.model, self.loss, {**self.config["hyperparameters"], **current, parameter: value},

@@ -33,9 +33,12 @@ STATUSES = ("running", "finished", "stopped", "failed", "killed")  # "killed": t
 
 
 def store_path(path: str | os.PathLike | None = None) -> Path:
-    """The store's file: `path` if given, else `$QNWB_STORE`, else `data/qnwb.sqlite`."""
+    """The store's file: `path` if given, else `$QNWB_STORE`, else `data/qnwb.sqlite` of the checkout qnwb is imported
+    from (so notebooks in nbs/ and nbs/tutorials/ share one store), or of the current folder for an installed package."""
     if path is None:
-        path = os.environ.get("QNWB_STORE") or DEFAULT_STORE
+        import qnwb
+        checkout = Path(qnwb.__file__).resolve().parent.parent
+        path = os.environ.get("QNWB_STORE") or (checkout / DEFAULT_STORE if (checkout / "settings.ini").is_file() else DEFAULT_STORE)
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise TypeError(f"store: expected a file path (str or os.PathLike), got {path!r}")
     return Path(path).expanduser()

@@ -529,11 +529,14 @@ def test_running_again_with_a_raised_budget_marks_the_run_running(tmp_path):
     assert seen == ["running"] * 3 and row["status"] == "finished" and row["steps"] == 6 and row["preemption_count"] == 0
 
 
-def test_steering_refuses_buffer_sizes_and_values_the_constructor_refuses():
+def test_steering_refuses_values_the_constructor_refuses():
     lbfgs = Runner({**_SMALL, "optimizer": "lbfgs"}, store=False, progress=False)
-    assert "memory" not in lbfgs.steerable() and "lr" in lbfgs.steerable()
+    assert {"memory", "lr"} <= set(lbfgs.steerable())
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"memory = {bad!r} is refused"):
+            lbfgs.steer("memory", bad)
     with pytest.raises(ValueError, match="cannot be steered"):
-        lbfgs.steer("memory", 2)
+        lbfgs.steer("memroy", 2)
     hf = Runner({**_SMALL, "optimizer": "hessian_free"}, store=False, progress=False)
     with pytest.raises(ValueError, match="damping = -1.0 is refused"):
         hf.steer("damping", -1.0)
@@ -557,3 +560,30 @@ def test_resume_is_bit_for_bit_with_a_curvature_batch_on_a_fixed_training_set(tm
 def test_evaluate_works_outside_run():
     runner = Runner({**_SMALL, "optimizer": "adam"}, store=False, progress=False)
     assert runner.evaluate()["step"] == 0
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "sqn", "adaqn", "lsr1"])
+def test_a_steered_memory_size_and_L_take_effect_survive_a_checkpoint_and_replay(tmp_path, optimizer):
+    from qnwb.runs import replay
+    problem = "quadratic" if optimizer == "lsr1" else "addition"
+    c = config(optimizer, problem, steps=10)
+    changes = {3: [("memory", 1)], 6: [("memory", 4)] + ([("L", 3)] if optimizer in ("sqn", "adaqn") else [])}
+
+    def steer(runner):
+        return lambda info: [runner.steer(*change) for change in changes.get(info["step"], [])]
+
+    whole = Runner(c, store=tmp_path / "s.sqlite", progress=False)
+    capacity = []
+    whole.on_step = lambda info: (capacity.append(info["stats"]["memory_capacity"]), steer(whole)(info))
+    whole.run()
+    assert capacity == [3] * 3 + [1] * 3 + [4] * 4 and whole.optimizer.memory.size == 4
+    if optimizer in ("sqn", "adaqn"):  # L = 2 until the cycle in progress at step 6 ends (step 6), then cycles of 3
+        assert [s["stats"]["cycle_length"] for s in whole.history["steps"]][6:] == [3, 3, 3, 3]
+    part = Runner(c, store=tmp_path / "s.sqlite", progress=False)
+    part.on_step = lambda info: (steer(part)(info), stop_at(7)(info))
+    first = part.run()
+    resumed = Runner.resume(first["checkpoint"], progress=False)
+    resumed.run()
+    again = replay(whole.run_id, tmp_path / "s.sqlite")
+    for other in (resumed, again):
+        assert all(torch.equal(a, b) for a, b in zip(params(whole), params(other)))

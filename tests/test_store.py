@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+from pathlib import Path
 import socket
 import sqlite3
 import subprocess
@@ -85,7 +86,11 @@ def test_a_failed_transaction_leaves_nothing(store):
 
 def test_store_path_from_argument_environment_and_default(monkeypatch, tmp_path):
     monkeypatch.delenv("QNWB_STORE", raising=False)
-    assert str(store_path()) == os.path.join("data", "qnwb.sqlite")
+    import qnwb
+    checkout = Path(qnwb.__file__).resolve().parent.parent
+    assert store_path() == checkout / "data" / "qnwb.sqlite"  # the checkout's, whatever the current folder
+    monkeypatch.chdir(tmp_path)
+    assert store_path() == checkout / "data" / "qnwb.sqlite"
     monkeypatch.setenv("QNWB_STORE", str(tmp_path / "env.sqlite"))
     assert store_path() == tmp_path / "env.sqlite"
     assert store_path(tmp_path / "arg.sqlite") == tmp_path / "arg.sqlite"

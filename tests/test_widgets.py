@@ -201,3 +201,21 @@ def test_close_stops_the_thread_and_refuses_to_start_again():
     assert board.closed and not board.thread.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         board.start()
+
+
+def test_memory_and_L_controls_resize_adaqn_at_the_next_step_and_refuse_zero(tmp_path):
+    store = RunStore(tmp_path / "s.sqlite")
+    board = Dashboard({**SMALL, "optimizer": "adaqn", "hyperparameters": {"lr": 0.05, "L": 2, "memory": 3}, "budget": {"steps": 8}},
+                      store=store)
+    assert list(board.controls) == ["lr", "L", "memory"]
+    board.buttons["step"].click()
+    board.controls["memory"].value = 0  # the example of bad input: refused, shown, nothing changes
+    assert "refused" in board.message.value and board.controls["memory"].value == 3 and board.runner._steering == []
+    board.controls["memory"].value = 5
+    board.controls["L"].value = 3
+    board.buttons["start"].click()
+    board.thread.join(120)
+    stats = [s["stats"] for s in board.runner.history["steps"]]
+    assert [s["memory_capacity"] for s in stats] == [3] + [5] * 7 and board.runner.optimizer.memory.size == 5
+    assert [s["cycle_length"] for s in stats][2:] == [3] * 6  # the cycle open at the change (steps 1–2) kept L = 2
+    assert [(e["step"], e["parameter"], e["new_value"]) for e in store.steering_events(board.runner.run_id)] == [(1, "memory", 5), (1, "L", 3)]
