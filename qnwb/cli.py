@@ -19,6 +19,7 @@ from .bench import (DTYPES, ROUTES, bench_curvature, bench_hf, bench_lanczos, be
                         optimizers_summary, summary)
 from .curvature import _check_structural
 from .tasks import TASKS, input_independent_error, make_task
+from .optim import OPTIMIZERS
 from .core import check_number, check_positive_int, default_device
 
 # %% ../nbs/90_cli.ipynb #511de602
@@ -122,6 +123,14 @@ def _bench_lanczos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_dashboard(args: argparse.Namespace) -> int:
+    from .widgets import bench_dashboard, dashboard_summary  # ipywidgets and plotly only for this benchmark
+
+    rows = bench_dashboard(tuple(args.optimizers), repeat=args.repeat, refresh_s=args.refresh)
+    print(json.dumps(rows) if args.json else dashboard_summary(rows))
+    return 0
+
+
 def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="time the workbench's building blocks",
                                 description="Benchmarks; each prints a table, or a JSON object with --json.")
@@ -189,6 +198,17 @@ def _add_bench(commands) -> None:
     spectrum.add_argument("--seed", type=int, default=0)
     spectrum.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout) instead of a table")
     spectrum.set_defaults(handler=_bench_lanczos)
+    dashboard = benchmarks.add_parser(
+        "dashboard", help="the live dashboard's cost: a run alone and inside qnwb.widgets.Dashboard",
+        description="Median seconds of the same run (the dashboard's default problem, addition at T = 20) by Runner.run alone "
+        "and inside qnwb.widgets.Dashboard with its figures built and synchronised as in JupyterLab (no browser), "
+        "interleaved, per optimizer, with their ratio.")
+    dashboard.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=["adam", "hessian_free", "adaqn"],
+                           metavar="NAME", help="names from qnwb.optim.OPTIMIZERS (default: adam hessian_free adaqn)")
+    dashboard.add_argument("--repeat", type=_positive_int, default=3, help="interleaved rounds; medians are reported (default 3)")
+    dashboard.add_argument("--refresh", type=float, default=0.3, help="least seconds between redraws (default 0.3)")
+    dashboard.add_argument("--json", action="store_true", help="print a JSON list (the last line of stdout) instead of a table")
+    dashboard.set_defaults(handler=_bench_dashboard)
 
 
 # Sutskever et al. 2013, Table 5, "biases" column: (task, T) -> error

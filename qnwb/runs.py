@@ -29,9 +29,10 @@ from .store import RunStore, _method
 
 # %% auto #0
 __all__ = ['DTYPES', 'PROBLEMS', 'DEFAULT_HYPERPARAMETERS', 'CURVATURE_OPTIMIZERS', 'BUDGET_UNITS', 'TARGET_METRICS',
-           'CONFIG_DEFAULTS', 'SCHEDULABLE', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem', 'curves_problem',
-           'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options', 'make_problem', 'make_schedule',
-           'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner', 'run_config', 'replay']
+           'CONFIG_DEFAULTS', 'SCHEDULABLE', 'CONSTRUCTION_ONLY', 'stream_seed', 'SampleStream', 'EpochStream',
+           'Problem', 'curves_problem', 'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options',
+           'make_problem', 'make_schedule', 'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner',
+           'run_config', 'replay']
 
 # %% ../nbs/87_runs.ipynb #700021b2
 def stream_seed(*parts) -> int:
@@ -599,14 +600,22 @@ def _evaluate(self: Runner) -> dict:
 
 # %% ../nbs/87_runs.ipynb #5c5df980
 SCHEDULABLE = ("lr", "momentum")  # what CM and NAG (optimizers with a `schedules` map) accept as schedules
+CONSTRUCTION_ONLY = {  # settings an optimizer reads once, when it is built: steering them would be an event that changes nothing
+    "lsr1": ("gamma",),  # B₀ = γI, fixed for the run (its compact form is cached; checkpoints must agree on it)
+    "adaqn": ("adagrad_epsilon",), "lbfgs": ("h0_epsilon", "rmsprop_decay"),  # copied into the diagonal scaling
+    "adagrad": ("initial_accumulator_value",),  # torch fills the accumulator with it when the state is made
+}
 
 
 @_method(Runner)
 def _steerable(self: Runner) -> list[str]:
     """The hyperparameters `steer` can change: the numeric entries of the optimizer's parameter groups (a scheduled one
     holds its current value). The buffer sizes of the quasi-Newton methods (memory m, adaQN's m_F) and the aggregation
-    length L are among them: the optimizers resize their memories, and start a new L with the next cycle (notebook 44)."""
-    return sorted(k for k, v in self.optimizer.param_groups[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    length L are among them: the optimizers resize their memories, and start a new L with the next cycle (notebook 44).
+    Settings of CONSTRUCTION_ONLY are not."""
+    fixed = CONSTRUCTION_ONLY.get(self.config["optimizer"], ())
+    return sorted(k for k, v in self.optimizer.param_groups[0].items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in fixed)
 
 
 @_method(Runner)
@@ -633,22 +642,31 @@ def _steer(self: Runner, parameter: str,
         if parameter not in self.schedulable():
             raise ValueError(f"value: {parameter} of {self.config['optimizer']!r} takes a number, not a schedule")
         value = dict(value)
-        try:
-            make_schedule(value)
+        try:  # the schedule's own checks, and its value at the optimizer's current update (the optimizer checks later ones)
+            self.optimizer._checked(parameter, make_schedule(value), self.optimizer.updates)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"value: the schedule {value!r} is refused: {e}") from None
     else:
         value = check_number("value", value)
         if isinstance(self.optimizer.param_groups[0][parameter], int) and value.is_integer():
             value = int(value)  # an integer setting (memory m, L, a CG budget) typed as 4.0 is 4; 2.5 stays and is refused
-    current = {k: self.in_force(k) for k in self.steerable()}
-    try:  # the constructor's own range checks (λ > 0, ε ≥ 0, μ in [0, 1), ...) on the changed settings; the built copy is dropped
-        make_optimizer(self.config["optimizer"], self.model, self.loss, {**self.config["hyperparameters"], **current, parameter: value},
-                       self.config["seed"])
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"value: {parameter} = {value!r} is refused: {e}") from None
-    with self._steering_lock:
+    with self._steering_lock:  # checked with the changes still queued, in order: each pair of settings the constructor relates
+        settings = {k: self.in_force(k) for k in self.steerable()} | dict(self._steering) | {parameter: value}
+        self._check_settings(parameter, value, settings)
         self._steering.append((parameter, value))
+
+
+@_method(Runner)
+def __check_settings(self: Runner, parameter: str, value, settings: dict) -> None:
+    """Build the optimizer with `settings` to run its constructor's checks (λ > 0, μ in [0, 1), cg_min ≤ cg_max, ...).
+    Optimizers of flat vectors are built on a two-parameter stand-in, so no memory of the real size is allocated twice."""
+    from qnwb.optim import optimizer_class
+    takes_model = "model" in inspect.signature(optimizer_class(self.config["optimizer"]).__init__).parameters
+    model = self.model if takes_model else nn.Linear(1, 1)
+    try:
+        make_optimizer(self.config["optimizer"], model, self.loss, {**self.config["hyperparameters"], **settings}, self.config["seed"])
+    except Exception as e:  # a range check (ValueError, TypeError), or a buffer that cannot be allocated (RuntimeError)
+        raise ValueError(f"value: {parameter} = {value!r} is refused: {type(e).__name__ + ': ' if not isinstance(e, (ValueError, TypeError)) else ''}{e}") from None
 
 
 @_method(Runner)
@@ -662,7 +680,7 @@ def __set_hyperparameter(self: Runner, parameter: str, value) -> None:
         self.optimizer.schedules.pop(parameter, None)
     for group in self.optimizer.param_groups:
         if parameter in group:
-            group[parameter] = type(group[parameter])(value) if isinstance(group[parameter], int) and float(value).is_integer() else value
+            group[parameter] = value
 
 
 @_method(Runner)

@@ -57,3 +57,10 @@ def optimizer_state(optimizer) -> dict:
     saved = optimizer.state_dict()
     saved.pop("param_groups")
     return saved
+
+
+def generator_copy(generator: torch.Generator) -> torch.Generator:
+    "A generator in the same state (the twin of a run draws what the run draws)."
+    copied = torch.Generator()
+    copied.set_state(generator.get_state())
+    return copied

@@ -336,7 +336,7 @@ def test_gradient_fifo_resize_errors_no_op_and_device(device):
 
 # --- memory, fisher_memory and L set between steps (the dashboard steers param_groups[0]) ----------------------------
 
-from resizing import optimizer_state, same, twin  # noqa: E402
+from resizing import generator_copy, optimizer_state, same, twin  # noqa: E402
 
 
 def trajectory(optimizer, model, X, Y, steps, generator, calls=None):
@@ -361,11 +361,6 @@ def trajectory(optimizer, model, X, Y, steps, generator, calls=None):
         out.append((flat_params(model).clone(), dict(optimizer.stats)))
     return out
 
-
-def generator_copy(generator):
-    copied = torch.Generator()
-    copied.set_state(generator.get_state())
-    return copied
 
 
 def test_memory_and_fisher_memory_set_in_the_group_resize_at_the_next_step_like_fresh_buffers_of_the_newest_entries():

@@ -517,14 +517,9 @@ def test_a_state_dict_is_a_snapshot_that_later_steps_do_not_change(make):
 
 # --- a memory size set between steps (the dashboard steers param_groups[0]["memory"]) ---------------------------------
 
-from resizing import optimizer_state, same, twin  # noqa: E402
+from resizing import generator_copy, optimizer_state, same, twin  # noqa: E402
 from test_qn_memory import dense_bfgs_inverse  # noqa: E402  the dense float64 reference, one copy
 
-
-def generator_copy(generator):
-    twin = torch.Generator()
-    twin.set_state(generator.get_state())
-    return twin
 
 
 @pytest.mark.parametrize("options", [dict(lr=0.3), dict(lr=1.0, line_search="strong_wolfe", h0="adagrad"),

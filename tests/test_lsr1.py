@@ -654,14 +654,9 @@ def test_bad_params_and_closures():
 
 # --- a memory size set between steps (the dashboard steers param_groups[0]["memory"]) ---------------------------------
 
-from resizing import optimizer_state, twin  # noqa: E402
+from resizing import generator_copy, optimizer_state, twin  # noqa: E402
 from resizing import same as same_state  # noqa: E402
 
-
-def generator_copy(generator):
-    copied = torch.Generator()
-    copied.set_state(generator.get_state())
-    return copied
 
 
 @pytest.mark.parametrize("options", [dict(), dict(method="line_search"), dict(full_batch=True, empty_step="trust_region")])

@@ -567,7 +567,7 @@ def test_a_steered_memory_size_and_L_take_effect_survive_a_checkpoint_and_replay
     from qnwb.runs import replay
     problem = "quadratic" if optimizer == "lsr1" else "addition"
     c = config(optimizer, problem, steps=10)
-    changes = {3: [("memory", 1)], 6: [("memory", 4)] + ([("L", 3)] if optimizer in ("sqn", "adaqn") else [])}
+    changes = {3: [("memory", 1)], 5: [("L", 3)] if optimizer in ("sqn", "adaqn") else [], 6: [("memory", 4)]}
 
     def steer(runner):
         return lambda info: [runner.steer(*change) for change in changes.get(info["step"], [])]
@@ -577,8 +577,8 @@ def test_a_steered_memory_size_and_L_take_effect_survive_a_checkpoint_and_replay
     whole.on_step = lambda info: (capacity.append(info["stats"]["memory_capacity"]), steer(whole)(info))
     whole.run()
     assert capacity == [3] * 3 + [1] * 3 + [4] * 4 and whole.optimizer.memory.size == 4
-    if optimizer in ("sqn", "adaqn"):  # L = 2 until the cycle in progress at step 6 ends (step 6), then cycles of 3
-        assert [s["stats"]["cycle_length"] for s in whole.history["steps"]][6:] == [3, 3, 3, 3]
+    if optimizer in ("sqn", "adaqn"):  # steered after step 5, inside the cycle of steps 5–6: that cycle keeps L = 2
+        assert [s["stats"]["cycle_length"] for s in whole.history["steps"]] == [2] * 6 + [3] * 4
     part = Runner(c, store=tmp_path / "s.sqlite", progress=False)
     part.on_step = lambda info: (steer(part)(info), stop_at(7)(info))
     first = part.run()
@@ -587,3 +587,32 @@ def test_a_steered_memory_size_and_L_take_effect_survive_a_checkpoint_and_replay
     again = replay(whole.run_id, tmp_path / "s.sqlite")
     for other in (resumed, again):
         assert all(torch.equal(a, b) for a, b in zip(params(whole), params(other)))
+
+
+def test_queued_changes_are_checked_together_and_construction_only_settings_are_not_steerable():
+    hf = Runner({**_SMALL, "optimizer": "hessian_free", "hyperparameters": {"cg_max_iterations": 10}}, store=False, progress=False)
+    hf.steer("cg_min_iterations", 8)  # fine with the 10 in force
+    with pytest.raises(ValueError, match="cg_max_iterations = 5 is refused"):
+        hf.steer("cg_max_iterations", 5)  # 5 < the queued cg_min_iterations 8
+    assert hf._steering == [("cg_min_iterations", 8)]
+    for optimizer, fixed in (("lsr1", "gamma"), ("adaqn", "adagrad_epsilon"), ("lbfgs", "h0_epsilon"), ("lbfgs", "rmsprop_decay"),
+                             ("adagrad", "initial_accumulator_value")):
+        runner = Runner({**_SMALL, "optimizer": optimizer}, store=False, progress=False)
+        assert fixed not in runner.steerable() and fixed in runner.optimizer.param_groups[0]
+        with pytest.raises(ValueError, match="cannot be steered"):
+            runner.steer(fixed, 0.5)
+
+
+def test_a_memory_that_cannot_be_allocated_is_refused_as_a_value_and_nothing_of_the_real_size_is_built():
+    adaqn = Runner({**_SMALL, "optimizer": "adaqn"}, store=False, progress=False)
+    with pytest.raises(ValueError, match="memory = 10000000000000 is refused: RuntimeError"):
+        adaqn.steer("memory", 10**13)
+    assert adaqn._steering == [] and adaqn.optimizer.memory.size == 10
+
+
+def test_a_schedule_is_checked_at_the_optimizers_current_update():
+    runner = Runner(config("nag", steps=4), store=False, progress=False)
+    runner.run()  # 4 updates taken
+    late = {"schedule": "FineTuning", "base": {"schedule": "Constant", "value": 0.9}, "total": 6, "last": 4, "value": -0.5}
+    with pytest.raises(ValueError, match="momentum"):  # fine at t = 0 … 1, negative from t = 2: refused now, at t = 4
+        runner.steer("momentum", late)

@@ -239,7 +239,7 @@ def test_bad_hyperparameters_name_the_parameter(options, error, name):
 
 # --- memory and L set between steps (the dashboard steers param_groups[0]) -------------------------------------------
 
-from resizing import optimizer_state, same, twin  # noqa: E402
+from resizing import generator_copy, optimizer_state, same, twin  # noqa: E402
 
 
 def trajectory(optimizer, model, X, Y, steps, generator):
@@ -250,11 +250,6 @@ def trajectory(optimizer, model, X, Y, steps, generator):
         out.append((flat_params(model).clone(), dict(optimizer.stats)))
     return out
 
-
-def generator_copy(generator):
-    copied = torch.Generator()
-    copied.set_state(generator.get_state())
-    return copied
 
 
 def test_a_memory_set_in_the_group_resizes_at_the_next_step_like_a_fresh_memory_of_the_newest_pairs():

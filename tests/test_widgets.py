@@ -217,5 +217,45 @@ def test_memory_and_L_controls_resize_adaqn_at_the_next_step_and_refuse_zero(tmp
     board.thread.join(120)
     stats = [s["stats"] for s in board.runner.history["steps"]]
     assert [s["memory_capacity"] for s in stats] == [3] + [5] * 7 and board.runner.optimizer.memory.size == 5
-    assert [s["cycle_length"] for s in stats][2:] == [3] * 6  # the cycle open at the change (steps 1–2) kept L = 2
+    assert [s["cycle_length"] for s in stats] == [2, 2] + [3] * 6  # the cycle open at the change (steps 1–2) kept L = 2
     assert [(e["step"], e["parameter"], e["new_value"]) for e in store.steering_events(board.runner.run_id)] == [(1, "memory", 5), (1, "L", 3)]
+
+
+def test_a_single_step_leaves_the_budget_and_its_checkpoint_alone_and_stop_is_final(tmp_path):
+    board = Dashboard({**SMALL, "optimizer": "adam", "budget": {"steps": 50}}, store=RunStore(tmp_path / "s.sqlite"))
+    board.buttons["step"].click()
+    assert board.runner.step == 1 and board.runner.config["budget"] == {"steps": 50}
+    assert torch.load(board.runner.checkpoint_path, weights_only=False)["config"]["budget"] == {"steps": 50}
+    board.buttons["stop"].click()
+    for button in ("start", "step"):
+        board.buttons[button].click()
+        assert board.runner.step == 1 and "press reset" in board.message.value
+    board.buttons["reset"].click()
+    board.buttons["step"].click()
+    assert board.runner.step == 1 and board.runner.history["steps"]
+
+
+def test_the_momentum_control_keeps_the_schedules_other_arguments_and_sgds_momentum_is_a_float_box():
+    rnn = {"schedule": "RNNMomentum", "mu0": 0.99, "switch": 3, "initial": 0.5}
+    board = Dashboard({**SMALL, "optimizer": "nag", "hyperparameters": {"lr": 0.01, "momentum": rnn}, "budget": {"steps": 5}}, store=False)
+    board.controls["mu_max"].value = 0.9
+    board.buttons["start"].click()
+    board.thread.join(120)
+    assert board.runner.in_force("momentum") == {**rnn, "mu0": 0.9}  # switch and initial kept
+    assert [s["stats"]["momentum"] for s in board.runner.history["steps"]] == [0.5, 0.5, 0.5, 0.9, 0.9]
+    sgd = Dashboard({**SMALL, "optimizer": "sgd", "hyperparameters": {"lr": 0.01}, "budget": {"steps": 2}}, store=False)
+    sgd.controls["momentum"].value = 0.9
+    sgd.buttons["step"].click()
+    assert type(sgd.controls["momentum"]).__name__ == "FloatText" and sgd.runner.optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def test_a_spectrum_asked_for_during_the_last_step_is_still_taken_and_reset_closes_old_controls():
+    board = Dashboard({**SMALL, "optimizer": "adam", "budget": {"steps": 3}}, store=False)
+    old_controls = list(board.controls.values())
+    inner = board.runner.on_step  # the button pressed from the kernel's thread just after the last step's hook ran:
+    board.runner.on_step = lambda info: (inner(info), info["step"] == 3 and setattr(board, "_spectrum_requested", True))
+    board.buttons["start"].click()
+    board.thread.join(120)
+    assert board.spectrum_snapshot is not None and board.spectrum_snapshot[0] == 3 and not board._spectrum_requested
+    board.buttons["reset"].click()
+    assert board.spectrum_snapshot is None and all(c.comm is None for c in old_controls)  # closed widgets drop their comm
