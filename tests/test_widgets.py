@@ -26,7 +26,8 @@ def test_start_pause_step_and_stop_drive_a_run_in_a_thread_and_the_figures_grow(
     board.buttons["pause"].click()
     assert not board.thread.is_alive() and "paused" in board.message.value
     paused_at, progress = board.runner.step, board.figures["progress"]
-    assert len(progress.data[0].x) == paused_at and progress.data[2].x  # training loss and held-out error drawn
+    assert len(progress.data[0].x) == paused_at and progress.data[2].x[0] == 0  # training loss; held-out error from step 0
+    assert list(progress.data[2].x) == [e["step"] for e in board.runner.history["evaluations"]]
     board.buttons["step"].click()
     assert board.runner.step == paused_at + 1 and len(progress.data[0].x) == paused_at + 1
     assert [t.name for t in board.figures["optimizer"].data] == ["learning_rate", "momentum"]  # NAG: its ε and μ per step
