@@ -11,7 +11,6 @@ import json
 import platform
 import sys
 
-import numpy as np
 import torch
 
 import qnwb
@@ -20,6 +19,7 @@ from .bench import (DTYPES, ROUTES, bench_curvature, bench_hf, bench_lanczos, be
 from .curvature import _check_structural
 from .tasks import TASKS, input_independent_error, make_task
 from .optim import OPTIMIZERS
+from .store import STATUSES, package_versions
 from .core import check_number, check_positive_int, default_device
 
 # %% ../nbs/90_cli.ipynb #511de602
@@ -29,11 +29,10 @@ def environment_info() -> dict[str, str]:
         device = str(default_device())
     except ValueError as e:  # e.g. QNWB_DEVICE names a device this machine lacks
         device = f"unavailable ({e})"
+    versions = package_versions()
     info = {
-        "qnwb": qnwb.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
+        "qnwb": versions.pop("qnwb"),
+        **versions,  # python, torch, numpy
         "platform": platform.platform(),
         "default device": device,
         "cuda available": str(torch.cuda.is_available()),
@@ -458,7 +457,7 @@ def _add_runs(commands) -> None:
     runs = commands.add_parser("runs", help="list, show and export the runs in the run store")
     actions = runs.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="one line per run")
-    listing.add_argument("--status", choices=["running", "finished", "stopped", "failed", "killed"])
+    listing.add_argument("--status", choices=STATUSES)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_runs_list)
     show = actions.add_parser("show", help="one run: configuration, versions, status and its last evaluation")

@@ -15,8 +15,8 @@ from torch import Tensor
 from .core import check_positive_int
 
 # %% auto #0
-__all__ = ['WHICH', 'operator_size', 'matvec', 'random_unit_vector', 'LanczosResult', 'relative_residuals', 'lanczos',
-           'PowerResult', 'power_iteration']
+__all__ = ['WHICH', 'operator_size', 'matvec', 'random_vector', 'random_unit_vector', 'LanczosResult', 'relative_residuals',
+           'lanczos', 'PowerResult', 'power_iteration']
 
 # %% ../nbs/32_lanczos.ipynb #b17d1bff
 def operator_size(A, n: int | None = None) -> int:
@@ -60,17 +60,21 @@ def _like(A, n: int, dtype, device) -> tuple[torch.dtype, torch.device]:
     return dtype, device
 
 
-def random_unit_vector(n: int, *, seed: int = 0, dtype=torch.float64, device=None, kind: str = "gaussian") -> Tensor:
-    "A unit vector in ℝⁿ from a generator seeded with `seed`: `kind` \"gaussian\" (uniform on the sphere) or \"rademacher\" (±1/√n)."
+def random_vector(n: int, *, seed: int = 0, dtype=torch.float64, device=None, kind: str = "gaussian") -> Tensor:
+    "A probe vector in ℝⁿ from a generator seeded with `seed`: `kind` \"gaussian\" (N(0, I)) or \"rademacher\" (entries ±1)."
     check_positive_int("n", n)
     device = torch.device(device or "cpu")
     g = torch.Generator(device=device).manual_seed(seed)
     if kind == "gaussian":
-        v = torch.randn(n, generator=g, dtype=dtype, device=device)
-    elif kind == "rademacher":
-        v = torch.randint(0, 2, (n,), generator=g, device=device).to(dtype) * 2 - 1
-    else:
-        raise ValueError(f"kind: expected 'gaussian' or 'rademacher', got {kind!r}")
+        return torch.randn(n, generator=g, dtype=dtype, device=device)
+    if kind == "rademacher":
+        return torch.randint(0, 2, (n,), generator=g, device=device).to(dtype) * 2 - 1
+    raise ValueError(f"kind: expected 'gaussian' or 'rademacher', got {kind!r}")
+
+
+def random_unit_vector(n: int, *, seed: int = 0, dtype=torch.float64, device=None, kind: str = "gaussian") -> Tensor:
+    "`random_vector`'s draw normalised: uniform on the sphere (\"gaussian\") or ±1/√n (\"rademacher\")."
+    v = random_vector(n, seed=seed, dtype=dtype, device=device, kind=kind)
     return v / torch.linalg.vector_norm(v)
 
 # %% ../nbs/32_lanczos.ipynb #292ce70d

@@ -665,8 +665,10 @@ def __check_settings(self: Runner, parameter: str, value, settings: dict) -> Non
     model = self.model if takes_model else nn.Linear(1, 1)
     try:
         make_optimizer(self.config["optimizer"], model, self.loss, {**self.config["hyperparameters"], **settings}, self.config["seed"])
-    except Exception as e:  # a range check (ValueError, TypeError), or a buffer that cannot be allocated (RuntimeError)
-        raise ValueError(f"value: {parameter} = {value!r} is refused: {type(e).__name__ + ': ' if not isinstance(e, (ValueError, TypeError)) else ''}{e}") from None
+    except (ValueError, TypeError) as e:  # a range check
+        raise ValueError(f"value: {parameter} = {value!r} is refused: {e}") from None
+    except Exception as e:  # e.g. a buffer that cannot be allocated (RuntimeError)
+        raise ValueError(f"value: {parameter} = {value!r} is refused: {type(e).__name__}: {e}") from None
 
 
 @_method(Runner)

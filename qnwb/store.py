@@ -519,8 +519,8 @@ def csv_rows(store: RunStore,
                        "train/batch_loss": s["loss"], **{c: s[c] for c in WORK_COLUMNS},
                        **{f"stats/{k}": v for k, v in s["stats"].items()}}
                 rows.append(row)
-        for row in rows:
-            stat_names.update(dict.fromkeys(k for k in row if k.startswith(("stats/", "extra/"))))
+    for row in rows:  # once over all runs' rows (inside the loop over runs it rescanned every earlier run's rows)
+        stat_names.update(dict.fromkeys(k for k in row if k.startswith(("stats/", "extra/"))))
     if kind == "evaluations":
         base = [*RUN_COLUMNS, "global_step", "preemption_count", "total_duration", "accumulated_submission_time",
                 "accumulated_eval_time", *WORK_COLUMNS, "train/loss", "train/error", "validation/loss", "validation/error"]

@@ -14,7 +14,7 @@ from typing import Mapping
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .runs import PROBLEMS, Runner, problem_options
+from .runs import PROBLEMS, Runner, make_schedule, problem_options
 
 # %% auto #0
 __all__ = ['RUN_DEFAULTS', 'DEFAULT_CONFIG', 'STARTING_HYPERPARAMETERS', 'CONTROLS', 'INTEGER_SETTINGS', 'LABELS',
@@ -72,7 +72,6 @@ def momentum_choice(value) -> tuple[str, float] | None:
         return "constant μ", float(value)
     for label, (schedule, argument) in MOMENTUM_SCHEDULES.items():
         if schedule == value.get("schedule"):
-            from qnwb.runs import make_schedule
             return label, float(getattr(make_schedule(value), argument))
     return None
 
@@ -233,7 +232,7 @@ def _reset(self: Dashboard, config: Mapping | None = None) -> None:
     runner.on_step = lambda info: self._on_step(info) if runner is self.runner else None
     self.rows, self._drawn, self._draw_wait, self.error = [], 0.0, self.refresh_s, None
     self.hidden_probe, self.spectrum_snapshot = None, None
-    self.recorder = _recorder(runner.optimizer)
+    self.recorder, self._record, self._optimizer_figure = _recorder(runner.optimizer)
     self._fill_pickers()
     self._build_controls()
     for figure in self.figures.values():
@@ -253,15 +252,20 @@ def _fill_pickers(self: Dashboard) -> None:
     self.pickers["device"].value, self.pickers["seed"].value = str(self.runner.device.type), int(c.get("seed", 0))
 
 
-def _recorder(optimizer):
-    "The diagnostics recorder for `optimizer`'s own figure (Hessian-free, the quasi-Newton memories), or None."
-    from qnwb.diagnostics import HFTraceRecorder, MemoryRecorder
+def _recorder(optimizer) -> tuple:
+    """`(recorder, its call after each step, the figure builder of its trace)` for `optimizer`'s own figure (Hessian-free,
+    the quasi-Newton memories), or three Nones."""
+    from qnwb.diagnostics import HFTraceRecorder, MemoryRecorder, hf_trace_figure, memory_figure
     from qnwb.diagnostics.traces import QN_OPTIMIZERS
     from qnwb.optim import HessianFree
 
     if isinstance(optimizer, HessianFree):
-        return HFTraceRecorder(optimizer)
-    return MemoryRecorder(optimizer) if isinstance(optimizer, QN_OPTIMIZERS) else None
+        recorder = HFTraceRecorder(optimizer)
+        return recorder, recorder.after_step, hf_trace_figure
+    if isinstance(optimizer, QN_OPTIMIZERS):
+        recorder = MemoryRecorder(optimizer)
+        return recorder, recorder.observe, memory_figure
+    return None, None, None
 
 
 Dashboard._problem_picked, Dashboard._config_from_pickers, Dashboard.reset, Dashboard._fill_pickers = (
@@ -338,7 +342,7 @@ def _on_step(self: Dashboard, info: dict) -> None:
         self.stop_event.set()
     self.rows.append({"step": info["step"], "loss": info["loss"], "stats": info["stats"]})
     if self.recorder is not None:
-        self.recorder.after_step() if hasattr(self.recorder, "after_step") else self.recorder.observe()
+        self._record()
     if self._spectrum_requested:
         self.snapshot_spectrum()
     if time.perf_counter() - self._drawn >= self._draw_wait:
@@ -376,12 +380,11 @@ def _snapshot_spectrum(self: Dashboard, k: int = 5, iterations: int = 40) -> Non
 
 
 Dashboard._on_step, Dashboard._probe_hidden, Dashboard.snapshot_spectrum = _on_step, _probe_hidden, _snapshot_spectrum
-Dashboard._spectrum_requested = False
 
 # %% ../nbs/95_widgets.ipynb #55c1fcef
 def _redraw(self: Dashboard) -> None:
     "Every figure from its builder, synchronised into its widget; the controls follow the optimizer."
-    from qnwb.diagnostics import hf_trace_figure, hidden_heatmap_figure, memory_figure, ritz_figure
+    from qnwb.diagnostics import hidden_heatmap_figure, ritz_figure
 
     if self.closed:
         return
@@ -391,8 +394,7 @@ def _redraw(self: Dashboard) -> None:
             title = f"{self.config['optimizer']} on {self.config['problem']}, step {self.runner.step}"
             sync_figure(self.figures["progress"], progress_figure(self.rows, self.runner.history["evaluations"], title))  # step 0's too
             if self.recorder is not None and self.recorder.rows:
-                build = hf_trace_figure if hasattr(self.recorder, "after_step") else memory_figure
-                sync_figure(self.figures["optimizer"], build(self.recorder.trace()))
+                sync_figure(self.figures["optimizer"], self._optimizer_figure(self.recorder.trace()))
             elif self.recorder is None and self.rows:
                 sync_figure(self.figures["optimizer"], hyperparameter_figure(self.rows, title="step size and momentum"))
             self._probe_hidden()
@@ -487,13 +489,18 @@ Dashboard._ready, Dashboard.start, Dashboard._train, Dashboard.pause, Dashboard.
     _ready, _start, _train, _pause, _step, _stop, _close)
 
 # %% ../nbs/95_widgets.ipynb #784ac40f
-def _current_cell() -> str | None:
-    "The id of the cell IPython is running now (JupyterLab sends it with each execution request), or None."
+def _shell():
+    "The running IPython shell, or None (a script, or no IPython installed)."
     try:
         from IPython import get_ipython
     except ImportError:
         return None
-    result = getattr(getattr(get_ipython(), "displayhook", None), "exec_result", None)  # set for the cell being run
+    return get_ipython()
+
+
+def _current_cell() -> str | None:
+    "The id of the cell IPython is running now (JupyterLab sends it with each execution request), or None."
+    result = getattr(getattr(_shell(), "displayhook", None), "exec_result", None)  # set for the cell being run
     return getattr(getattr(result, "info", None), "cell_id", None)
 
 
@@ -507,11 +514,7 @@ def _pre_run_cell(info) -> None:
 
 def _watch_cells() -> None:
     "Register `_pre_run_cell` once with the running IPython, if any."
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
+    shell = _shell()
     if shell is not None and _pre_run_cell not in shell.events.callbacks["pre_run_cell"]:
         shell.events.register("pre_run_cell", _pre_run_cell)
 

@@ -52,7 +52,6 @@ FIGURE = ".js-plotly-plot > .plot-container > .svg-container > .main-svg:first-c
 FIGURE_WIDGET = ".js-plotly-plot.lm-Widget:not(.jp-RenderedPlotly) > .plot-container > .svg-container > .main-svg:first-child"
 SLIDER = ".jupyter-widgets.widget-slider"  # an ipywidgets IntSlider / FloatSlider view
 ERROR_MIME = "application/vnd.jupyter.error"
-STDERR_MIME = "application/vnd.jupyter.stderr"
 # JupyterLab's settings for the check: every cell attached to the DOM (the default windowing leaves cells out of
 # view unrendered), no news, update checks or toasts.
 LAB_SETTINGS = {
@@ -453,8 +452,7 @@ class JupyterLab:
                     break
                 time.sleep(0.2)
             ran = time.monotonic()
-            outputs = self.evaluate(_OUTPUTS % {"panel": panel, "error": json.dumps(ERROR_MIME),
-                                                "stderr": json.dumps(STDERR_MIME)})
+            outputs = self.evaluate(_OUTPUTS % {"panel": panel, "error": json.dumps(ERROR_MIME)})
             probed = self.evaluate(f"(node => ({probe}))({panel}.node)") if probe else None
         finally:
             if screenshot is not None:

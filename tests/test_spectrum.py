@@ -199,8 +199,8 @@ def test_hutchinson_is_unbiased_within_a_few_standard_errors(distribution, rnn_p
     assert abs(est.mean - trace) < 4 * est.stderr
     assert est.stderr == pytest.approx(float(est.estimates.std()) / 20)
     if distribution == "rademacher":  # Rademacher probes are exactly ±1
-        from qnwb.diagnostics.spectrum import _probe_vector
-        assert set(_probe_vector(10, 0, "rademacher", F64, torch.device("cpu")).tolist()) <= {-1.0, 1.0}
+        from qnwb.lanczos import random_vector
+        assert set(random_vector(10, seed=0, kind="rademacher", dtype=F64).tolist()) <= {-1.0, 1.0}
 
 
 def test_hutchinson_over_many_seeds_has_the_right_spread():

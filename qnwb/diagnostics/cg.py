@@ -12,9 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core import _flatten, assign_flat_, check_number, check_positive_int, param_list
-from ..curvature import GGN, STRUCTURAL_DISTANCES, Hessian, empirical_fisher_diagonal
+from ..curvature import GGN, STRUCTURAL_DISTANCES, empirical_fisher_diagonal
 from ..lanczos import lanczos, matvec, operator_size
 from ..losses import matching_loss
+from ..optim.hessian_free import curvature_operator
 from ..optim.momentum import NAG
 from ..quadratic import Quadratic
 from ..solvers import backtracking_grid, conjugate_gradient
@@ -121,11 +122,7 @@ def cg_trace(
         value = loss_fn(model(batch[0]), batch[1])
         g = _flatten(list(torch.autograd.grad(value, params, materialize_grads=True))).clone()
     weight = damping * structural_damping
-    if curvature == "hessian":
-        op = Hessian(model, loss_fn, curvature_batch)
-    else:
-        op = GGN(model, loss_fn, curvature_batch, structural_damping=structural_distance if structural_damping > 0 else None,
-                 structural_weight=weight, route=route)
+    op = curvature_operator(model, loss_fn, curvature_batch, curvature, damping, structural_damping, structural_distance, route)
     if isinstance(preconditioner, str):
         if preconditioner != "fisher":
             raise ValueError(f"preconditioner: {preconditioner!r} is not None, 'fisher' or a positive 1-D tensor")

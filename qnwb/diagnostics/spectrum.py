@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..core import check_number, check_positive_int
 from ..curvature import GGN, EmpiricalFisher, Hessian
-from ..lanczos import WHICH, _checked_product, lanczos, matvec, operator_size, random_unit_vector, relative_residuals
+from ..lanczos import (WHICH, _checked_product, _like, lanczos, matvec, operator_size, random_unit_vector, random_vector,
+                          relative_residuals)
 
 # %% auto #0
 __all__ = ['OPERATOR_KINDS', 'curvature_operators', 'describe_operator', 'SpectrumRun', 'SpectrumProbe', 'spectrum_probe',
@@ -371,10 +372,9 @@ def slq(
     nodes, weights, operator, seeds, products = [], [], [], [], 0
     for index, A in enumerate(ops):
         count = probes if start_vectors is None else start_vectors.shape[0]
+        like, where = _like(A, size, dtype, device)
         for j in range(count):
             if start_vectors is None:
-                like = dtype or getattr(A, "dtype", None) or (A.dtype if isinstance(A, Tensor) else torch.get_default_dtype())
-                where = device or getattr(A, "device", None) or "cpu"
                 start, used = random_unit_vector(size, seed=seed + j, dtype=like, device=where, kind=distribution), seed + j
             else:
                 start, used = start_vectors[j], None
@@ -453,13 +453,6 @@ class TraceEstimate:
         return mean, stderr
 
 
-def _probe_vector(size: int, seed: int, distribution: str, dtype, device) -> Tensor:
-    g = torch.Generator(device=device).manual_seed(seed)
-    if distribution == "rademacher":
-        return torch.randint(0, 2, (size,), generator=g, device=device).to(dtype) * 2 - 1
-    return torch.randn(size, generator=g, dtype=dtype, device=device)
-
-
 def hutchinson(
     operators,  # one operator or a list (probes are drawn for each)
     probes: int = 100,  # probe vectors per operator
@@ -486,12 +479,11 @@ def hutchinson(
     results, operator, seeds = [], [], []
     for index, A in enumerate(ops):
         mv = matvec(A)
-        like = dtype or getattr(A, "dtype", None) or (A.dtype if isinstance(A, Tensor) else torch.get_default_dtype())
-        where = torch.device(device or getattr(A, "device", None) or (A.device if isinstance(A, Tensor) else "cpu"))
+        like, where = _like(A, size, dtype, device)
         count = probes if vectors is None else vectors.shape[0]
         values = torch.empty(count, dtype=like, device=where)
         for j in range(count):  # no host reads in the loop
-            z = _probe_vector(size, seed + j, distribution, like, where) if vectors is None else vectors[j].to(like).to(where)
+            z = random_vector(size, seed=seed + j, dtype=like, device=where, kind=distribution) if vectors is None else vectors[j].to(like).to(where)
             values[j] = z @ _checked_product(mv, z).to(like)
             operator.append(index)
             seeds.append(seed + j if vectors is None else None)

@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from ..core import check_positive_int
-from ..curvature import GGN, Hessian
+from ..curvature import GGN  # the notebook's dense checks
 from ..lanczos import lanczos, matvec, operator_size
 from ..optim.adaqn import SQN, AdaQN
-from ..optim.hessian_free import HessianFree
+from ..optim.hessian_free import HessianFree, curvature_operator
 from ..optim.lbfgs import LBFGS
 from ..optim.lsr1 import LSR1
 from ..optim.memory import CompactForm, PairMemory, bfgs_compact, sr1_compact
@@ -73,9 +73,8 @@ class HFTrace:
 def _hf_operator(optimizer: HessianFree, batch):
     "The optimizer's undamped curvature (GGN or Hessian, no structural term) on `batch` at the current parameters."
     with torch.enable_grad():
-        if optimizer.options["curvature"] == "hessian":
-            return Hessian(optimizer.model, optimizer.loss, batch)
-        return GGN(optimizer.model, optimizer.loss, batch, route=optimizer.options["route"])
+        return curvature_operator(optimizer.model, optimizer.loss, batch, optimizer.options["curvature"], structural_damping=0.0,
+                                  route=optimizer.options["route"])
 
 
 def extreme_eigenvalues(
@@ -149,7 +148,7 @@ class HFTraceRecorder:
         if self.rows and stats["step"] == self.rows[-1]["step"]:
             raise ValueError(f"optimizer: step {stats['step']} is recorded already; call after_step once per step")
         stats["batch_size"] = _cases(batch)
-        stats["curvature_batch_size"] = _cases(curvature_batch if curvature_batch is not None else batch) if batch is not None else _cases(curvature_batch)
+        stats["curvature_batch_size"] = _cases(curvature_batch if curvature_batch is not None else batch)
         self.rows.append(stats)
         if self._pending is not None and self._pending["step"] == stats["step"]:
             self.spectra.append(self._pending)

@@ -20,7 +20,7 @@ from .schedules import evaluate_schedule
 from ..solvers import conjugate_gradient
 
 # %% auto #0
-__all__ = ['PRESETS', 'levenberg_marquardt', 'HessianFree', 'hessian_free_preset']
+__all__ = ['PRESETS', 'levenberg_marquardt', 'curvature_operator', 'HessianFree', 'hessian_free_preset']
 
 # %% ../../nbs/40_hessian_free.ipynb #70db14c4
 def levenberg_marquardt(damping: float, rho: float, decrease: float = 2 / 3, increase: float = 3 / 2,
@@ -36,6 +36,19 @@ def levenberg_marquardt(damping: float, rho: float, decrease: float = 2 / 3, inc
 def _recurrent(model: nn.Module) -> bool:
     "Whether `model` contains a recurrent layer (torch's, or one with a hidden-to-hidden matrix W_hh like qnwb's TanhRNN)."
     return any(isinstance(m, nn.RNNBase) or hasattr(m, "W_hh") for m in model.modules())
+
+
+def curvature_operator(model: nn.Module, loss, batch,
+                       curvature: str = "ggn",  # "ggn" or "hessian"
+                       damping: float = 1.0,  # λ: the structural term's weight is λμ
+                       structural_damping: float = 0.0,  # μ; 0: no structural term
+                       structural_distance: str = "tanh", route: str = "auto"):
+    """The curvature HessianFree's CG solves with on `batch`: the Hessian, or the GGN plus λμ·G_S (M&S 2011 §3.2). One
+    definition for the optimizer and the diagnostics that reproduce or probe its steps."""
+    if curvature == "hessian":
+        return Hessian(model, loss, batch)
+    return GGN(model, loss, batch, structural_damping=structural_distance if structural_damping > 0 else None,
+               structural_weight=damping * structural_damping, route=route)
 
 
 class HessianFree(torch.optim.Optimizer):
@@ -137,11 +150,8 @@ class HessianFree(torch.optim.Optimizer):
         return float(self.loss(self.model(batch[0]), batch[1]))
 
     def _curvature(self, batch, group):
-        λμ = group["damping"] * group["structural_damping"]
-        if self.options["curvature"] == "hessian":
-            return Hessian(self.model, self.loss, batch)
-        distance = self.options["structural_distance"] if group["structural_damping"] > 0 else None
-        return GGN(self.model, self.loss, batch, structural_damping=distance, structural_weight=λμ, route=self.options["route"])
+        return curvature_operator(self.model, self.loss, batch, self.options["curvature"], group["damping"], group["structural_damping"],
+                                  self.options["structural_distance"], self.options["route"])
 
     def _preconditioner(self, batch, group) -> Tensor | None:
         "P = (diag(B) + λ + κ)^ξ with the current λ (§11.2); the structural term only in the Chapelle–Erhan estimate."
