@@ -210,10 +210,12 @@ def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gener
 
 
 def rng_state() -> dict:
-    """The state of every global random stream that `seed_everything` seeds."""
+    """The state of every global random stream that `seed_everything` seeds, in types a checkpoint loads with
+    `torch.load(weights_only=True)`: tuples, ints, floats, strings and tensors (NumPy's key array becomes an int64 tensor)."""
+    name, key, position, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (str(name), torch.from_numpy(key.astype(np.int64)), int(position), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -222,7 +224,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore the global random streams from `rng_state()`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(key.numpy() if isinstance(key, Tensor) else key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])

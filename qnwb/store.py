@@ -16,25 +16,37 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
+
+try:
+    import fcntl  # POSIX advisory locks (Linux, macOS); absent on Windows
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 from .core import check_number
 
 # %% auto #0
-__all__ = ['DEFAULT_STORE', 'STATUSES', 'SCHEMA', 'STEP_COLUMNS', 'EVALUATION_COLUMNS', 'ALGOPERF_COLUMNS', 'RUN_COLUMNS',
-           'WORK_COLUMNS', 'store_path', 'git_revision', 'package_versions', 'process_alive', 'RunStore', 'csv_rows',
-           'export_csv', 'export_json']
+__all__ = ['DEFAULT_STORE', 'STATUSES', 'FINAL_STATUSES', 'SCHEMA', 'ADDED_COLUMNS', 'STEP_COLUMNS', 'EVALUATION_COLUMNS',
+           'SQLITE_MAGIC', 'KILLED_ERROR', 'ALGOPERF_COLUMNS', 'RUN_COLUMNS', 'WORK_COLUMNS', 'FORMULA_STARTS',
+           'store_path', 'checkpoint_folder', 'git_revision', 'package_versions', 'pid_namespace', 'process_alive',
+           'RunStore', 'is_sqlite_file', 'same_file', 'atomic_write', 'check_output_path', 'RunLock', 'csv_rows',
+           'csv_cell', 'export_csv', 'export_json']
 
 # %% ../nbs/86_store.ipynb #796c91bc
 DEFAULT_STORE = "data/qnwb.sqlite"
-STATUSES = ("running", "finished", "stopped", "failed", "killed")  # "killed": the process died while running
+# "created": built, not started yet (a dashboard reset before start leaves one); "killed": the process died while running
+STATUSES = ("created", "running", "finished", "stopped", "failed", "killed")
+FINAL_STATUSES = ("finished", "stopped", "failed", "killed")
 
 
 def store_path(path: str | os.PathLike | None = None) -> Path:
     """The store's file: `path` if given, else `$QNWB_STORE`, else `data/qnwb.sqlite` of the checkout qnwb is imported
-    from (so notebooks in nbs/ and nbs/tutorials/ share one store), or of the current folder for an installed package."""
+    from (so notebooks in nbs/ and nbs/tutorials/ share one store), or of the current folder for an installed package.
+    `~` is expanded."""
     if path is None:
         import qnwb
         checkout = Path(qnwb.__file__).resolve().parent.parent
@@ -42,6 +54,13 @@ def store_path(path: str | os.PathLike | None = None) -> Path:
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise TypeError(f"store: expected a file path (str or os.PathLike), got {path!r}")
     return Path(path).expanduser()
+
+
+def checkpoint_folder(store: str | os.PathLike) -> Path:
+    """The folder that belongs to the store file `store`: its runs' checkpoints and locks (`data/qnwb.sqlite-runs/` for
+    `data/qnwb.sqlite`), so that two stores in one folder never share a checkpoint file."""
+    store = Path(store)
+    return store.with_name(f"{store.name}-runs")
 
 # %% ../nbs/86_store.ipynb #b083da19
 def git_revision(folder: str | os.PathLike | None = None) -> str | None:
@@ -69,6 +88,15 @@ def package_versions() -> dict[str, str]:
     import qnwb
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "qnwb": getattr(qnwb, "__version__", "unknown")}
+
+
+def pid_namespace() -> str | None:
+    """This process's PID namespace (Linux: the link `/proc/self/ns/pid`, e.g. `'pid:[4026531836]'`), or None elsewhere.
+    Containers on one host have namespaces of their own, in which the same pid names different processes."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _process_start(pid: int) -> str | None:
@@ -108,7 +136,8 @@ CREATE TABLE IF NOT EXISTS runs (
     steps INTEGER NOT NULL DEFAULT 0,
     preemption_count INTEGER NOT NULL DEFAULT 0,
     pid INTEGER, host TEXT, process_start TEXT,
-    versions TEXT, git TEXT, error TEXT, summary TEXT, checkpoint TEXT
+    versions TEXT, git TEXT, error TEXT, summary TEXT, checkpoint TEXT,
+    pidns TEXT, checkpoint_step INTEGER
 );
 CREATE TABLE IF NOT EXISTS steps (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -136,8 +165,14 @@ CREATE TABLE IF NOT EXISTS steering (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     time REAL NOT NULL, step INTEGER NOT NULL, parameter TEXT NOT NULL, old_value TEXT, new_value TEXT
 );
+CREATE TABLE IF NOT EXISTS discarded (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    preemption INTEGER NOT NULL, kind TEXT NOT NULL, step INTEGER NOT NULL, row TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
+ADDED_COLUMNS = {"runs": {"pidns": "TEXT", "checkpoint_step": "INTEGER"}}  # columns a store of an earlier version lacks
 STEP_COLUMNS = ("time", "train_time", "loss", "gradient_evaluations", "curvature_products", "loss_evaluations", "epoch")
 EVALUATION_COLUMNS = ("time", "train_time", "eval_time", "gradient_evaluations", "curvature_products", "loss_evaluations",
                       "epoch", "train_loss", "train_error", "validation_loss", "validation_error")
@@ -177,6 +212,19 @@ def _loads(text: str | None):
     return None if text is None else walk(json.loads(text))
 
 
+def _decode(row: dict, fields: Mapping[str, Any]) -> dict:
+    """Decode the JSON `fields` of `row` in place (field ↦ the value for NULL). A field that cannot be decoded (a damaged
+    or hand-edited row) becomes that value too and is named in `row["damaged"]`: one bad row never hides the others."""
+    for key, empty in fields.items():
+        try:
+            value = _loads(row.get(key))
+        except (ValueError, TypeError, RecursionError):  # json.JSONDecodeError is a ValueError
+            row.setdefault("damaged", []).append(key)
+            value = None
+        row[key] = empty if value is None else value
+    return row
+
+
 def _finite_or_none(value):
     if value is None:
         return None
@@ -192,45 +240,87 @@ class RunStore:
         path: str | os.PathLike | None = None,  # the database file (None: $QNWB_STORE, else data/qnwb.sqlite)
         timeout: float = 60.0,  # seconds a write waits for another process's write lock (SQLite's busy timeout)
         create: bool = True,  # make the file (and its folder) when missing; False: a missing store is an error
-        mark_dead: bool = True,  # mark this host's runs whose process died "killed" on opening
+        mark_dead: bool = True,  # mark this host's runs whose process died "killed" on opening (not when read_only)
+        read_only: bool = False,  # open for reading only: never writes, works on a read-only file system or a full disk
     ):
         check_number("timeout", timeout, 0.0)
-        self.path = store_path(path)
+        self.path, self.read_only = store_path(path), bool(read_only)
         self._lock = threading.RLock()
-        self._connection = None
-        if not create and not self.path.is_file():
-            raise ValueError(f"store: {str(self.path)!r} does not exist (create=False)")
+        self._connection, self._checked, self.store_id = None, False, None
+        if (not create or read_only) and not self.path.is_file():
+            raise ValueError(f"store: {str(self.path)!r} does not exist" + ("" if read_only else " (create=False)"))
         if self.path.exists() and not self.path.is_file():
             raise ValueError(f"store: {str(self.path)!r} is not a file (a folder or a device); give the path of a database file")
+        try:
+            self._connection = self._open_read_only(timeout) if read_only else self._open_for_writing(timeout)
+            self.store_id = self._store_id()
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise ValueError(f"store: cannot open {str(self.path)!r} as a run store: {e}") from None
+        if mark_dead and not read_only:
+            self.mark_dead_runs()
+
+    def _open_for_writing(self, timeout: float) -> sqlite3.Connection:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"store: cannot make the folder of {str(self.path)!r}: {e}") from None
         if not os.access(self.path.parent, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
             raise ValueError(f"store: {str(self.path)!r} cannot be written (no permission)")
+        connection = self._connect(str(self.path), timeout)
+        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise sqlite3.OperationalError(f"the journal mode stays {mode!r} (WAL needs a local file system)")
+        connection.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process kills
+        connection.execute("PRAGMA foreign_keys = ON")
+        self._connection = connection
+        with self.transaction() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            for table, columns in ADDED_COLUMNS.items():  # a store of an earlier version
+                present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                for column, kind in columns.items():
+                    if column not in present:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+        return connection
+
+    def _open_read_only(self, timeout: float) -> sqlite3.Connection:
+        "SQLite's read-only mode; where even that cannot open (a read-only file system without the WAL index) the file as immutable."
+        location = quote(str(self.path.resolve()))
         try:
-            self._connection = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
-            self._connection.row_factory = sqlite3.Row
-            self._connection.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-            mode = self._connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise sqlite3.OperationalError(f"the journal mode stays {mode!r} (WAL needs a local file system)")
-            self._connection.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process kills
-            self._connection.execute("PRAGMA foreign_keys = ON")
-            with self.transaction() as db:
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-        except sqlite3.DatabaseError as e:
-            self.close()
-            raise ValueError(f"store: cannot open {str(self.path)!r} as a run store: {e}") from None
-        if mark_dead:
-            self.mark_dead_runs()
+            connection = self._connect(f"file:{location}?mode=ro", timeout, uri=True)
+            connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError:
+            connection = self._connect(f"file:{location}?immutable=1", timeout, uri=True)
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"runs", "steps", "evaluations", "steering"} <= tables:
+            connection.close()
+            raise sqlite3.DatabaseError("it has no runs, steps, evaluations and steering tables")
+        return connection
+
+    @staticmethod
+    def _connect(target: str, timeout: float, uri: bool = False) -> sqlite3.Connection:
+        connection = sqlite3.connect(target, timeout=timeout, isolation_level=None, check_same_thread=False, uri=uri)
+        connection.row_factory = sqlite3.Row
+        connection.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        return connection
+
+    def _store_id(self) -> str | None:
+        "The store's identity (`meta.store_id`), or None for a store of an earlier version opened read-only."
+        try:
+            rows = self._query("SELECT value FROM meta WHERE key = 'store_id'")
+        except sqlite3.OperationalError:  # no meta table
+            return None
+        return rows[0]["value"] if rows else None
 
     # -- plumbing ---------------------------------------------------------------------------------------------------
     def transaction(self):
         """A context manager: one `BEGIN IMMEDIATE … COMMIT` (rolled back on an exception), holding the store's lock."""
         store = self
+        if self.read_only:
+            raise ValueError(f"store: {str(self.path)!r} was opened read-only; open it with read_only=False to write")
 
         class _Transaction:
             def __enter__(self):
@@ -254,6 +344,20 @@ class RunStore:
         with self._lock:
             return [dict(row) for row in self._connection.execute(sql, parameters).fetchall()]
 
+    def check_integrity(self) -> None:
+        """Raise a one-line ValueError if SQLite's `quick_check` finds the file damaged. Done once per store object before
+        its first new run or resume, so nothing is appended to a damaged store (reads never pay for it)."""
+        if self._checked:
+            return
+        try:
+            problems = [row[next(iter(row))] for row in self._query("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as e:
+            problems = [str(e)]
+        if problems != ["ok"]:
+            raise ValueError(f"store: {str(self.path)!r} is damaged (SQLite quick_check: {'; '.join(map(str, problems[:3]))}); "
+                             f"nothing was written to it: copy it aside and use another store")
+        self._checked = True
+
     def close(self) -> None:
         "Close the connection (the store stays on disk)."
         if self._connection is not None:
@@ -269,7 +373,7 @@ class RunStore:
         return False
 
     def __repr__(self) -> str:
-        return f"RunStore({str(self.path)!r})"
+        return f"RunStore({str(self.path)!r}{', read_only=True' if self.read_only else ''})"
 
 
 def _method(cls):
@@ -281,10 +385,141 @@ def _method(cls):
         return f
     return attach
 
+# %% ../nbs/86_store.ipynb #12a301c2
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def is_sqlite_file(path: str | os.PathLike) -> bool:
+    "Whether `path` is a file that starts with SQLite's header (a run store, or any other SQLite database)."
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    "`path` with `~` expanded, made absolute, symbolic links resolved (also where the file does not exist yet)."
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    "Whether `a` and `b` name the same file: the same resolved path, or two names (hard links) of one existing file."
+    if _absolute(a) == _absolute(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def atomic_write(path: str | os.PathLike,
+                 write: Callable[[Path], Any],  # writes the whole content to the path it is given
+                 ) -> Path:
+    """Have `write` fill a temporary file beside `path`, then rename it to `path` in one step; on any failure the
+    temporary file is removed and `path` is left as it was."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_output_path(path: str | os.PathLike,  # the file a command is about to write
+                      what: str,  # the parameter's name, for the error message ("out", "checkpoint")
+                      store: RunStore | None = None,  # protect this store's files and its runs' checkpoints
+                      run_id: int | None = None,  # the run that writes (its own checkpoint is not another run's)
+                      overwrite: bool = False,  # replace an existing file that is not protected
+                      ) -> Path:
+    """`path` (`~` expanded) if a command may write there, else a one-line ValueError: never a folder, never the store
+    or its -wal / -shm / -journal file, never another run's checkpoint or lock, never an existing SQLite database, and an
+    existing file only with `overwrite`."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise TypeError(f"{what}: expected a file path, got {path!r}")
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ValueError(f"{what}: {str(path)!r} is a folder; give the path of a file")
+    if store is not None:
+        for protected, description in store.protected_paths(except_run=run_id).items():
+            if same_file(target, protected):
+                raise ValueError(f"{what}: {str(path)!r} is {description}; writing there would destroy it, choose another file")
+    if is_sqlite_file(target):
+        raise ValueError(f"{what}: {str(path)!r} is a SQLite database (a run store?); qnwb never writes over one, choose another file")
+    if target.exists() and not overwrite:
+        raise ValueError(f"{what}: {str(path)!r} exists; pass --force (overwrite=True) to replace it")
+    return target
+
+
+class RunLock:
+    """An exclusive lock on run `run_id` of `store`, held by this process while it runs the run (an advisory `flock` on
+    `<store>-runs/run-N.lock`; the kernel releases it when the process ends, however it ends)."""
+
+    def __init__(self, store: RunStore, run_id: int):
+        self.run_id, self.path, self._fd = run_id, checkpoint_folder(_absolute(store.path)) / f"run-{run_id}.lock", None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> RunLock:
+        "Take the lock, or raise a one-line ValueError naming the process that holds it."
+        if self._fd is not None or fcntl is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise ValueError(f"run {self.run_id}: another process is running it ({holder or 'it holds ' + str(self.path)}); "
+                             f"stop that process first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.release()
+
 # %% ../nbs/86_store.ipynb #aa79c8fc
 def _run_check(self: RunStore, run_id: int) -> None:
     if not self._query("SELECT 1 FROM runs WHERE id = ?", (run_id,)):
         raise ValueError(f"run_id: no run {run_id!r} in {str(self.path)!r}")
+
+
+def _process_identity() -> dict:
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "pidns": pid_namespace(), "process_start": _process_start(pid)}
+
+
+@_method(RunStore)
+def _recorded_path(self: RunStore, path: str | os.PathLike) -> str:
+    "How the store records a file path: relative to the store's folder when inside it, else absolute (both survive a `cd`)."
+    path, folder = _absolute(path), _absolute(self.path).parent
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path)
+
+
+@_method(RunStore)
+def _resolved_path(self: RunStore, recorded: str | None) -> Path | None:
+    "A path as `recorded_path` stored it, made absolute again."
+    if recorded is None:
+        return None
+    path = Path(recorded)
+    return path if path.is_absolute() else _absolute(self.path).parent / path
 
 
 @_method(RunStore)
@@ -293,19 +528,50 @@ def _create_run(self: RunStore,
                name: str | None = None, problem: str | None = None, optimizer: str | None = None,
                seed: int | None = None, device: str | None = None,
                checkpoint: str | os.PathLike | None = None,  # where the runner writes its checkpoints
+               status: str = "running",  # "created": built but not started (`start_run` starts it)
                ) -> int:
-    """Insert a run with status "running", this process, host, package versions and git revision; its id."""
+    """Insert a run with this process, host, package versions and git revision; its id."""
     if not isinstance(config, Mapping):
         raise TypeError(f"config: expected a mapping, got {type(config).__name__}")
-    now, pid = time.time(), os.getpid()
+    if status not in ("created", "running"):
+        raise ValueError(f"status: a new run is 'created' or 'running', got {status!r}")
+    self.check_integrity()
+    now, process = time.time(), _process_identity()
     versions, revision = _dumps(package_versions()), git_revision()
     with self.transaction() as db:
         cursor = db.execute(
             "INSERT INTO runs (name, problem, optimizer, seed, device, config, status, created, started, heartbeat, pid, host, "
-            "process_start, versions, git, checkpoint) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (name, problem, optimizer, seed, None if device is None else str(device), _dumps(config), now, now, now, pid,
-             socket.gethostname(), _process_start(pid), versions, revision, None if checkpoint is None else os.fspath(checkpoint)))
+            "pidns, process_start, versions, git, checkpoint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, problem, optimizer, seed, None if device is None else str(device), _dumps(config), status, now,
+             now if status == "running" else None, now, process["pid"], process["host"], process["pidns"], process["process_start"],
+             versions, revision, None if checkpoint is None else self.recorded_path(checkpoint)))
         return cursor.lastrowid
+
+
+@_method(RunStore)
+def _set_checkpoint(self: RunStore, run_id: int, path: str | os.PathLike | None) -> None:
+    "Record where run `run_id` keeps its checkpoint."
+    with self.transaction() as db:
+        db.execute("UPDATE runs SET checkpoint = ? WHERE id = ?", (None if path is None else self.recorded_path(path), run_id))
+
+
+@_method(RunStore)
+def _checkpoint_path(self: RunStore, run_id: int) -> Path | None:
+    "The checkpoint file of run `run_id` (absolute), or None."
+    _run_check(self, run_id)
+    return self.resolved_path(self._query("SELECT checkpoint FROM runs WHERE id = ?", (run_id,))[0]["checkpoint"])
+
+
+@_method(RunStore)
+def _start_run(self: RunStore, run_id: int) -> None:
+    "Mark a `created` run running in this process."
+    _run_check(self, run_id)
+    now = time.time()
+    with self.transaction() as db:
+        changed = db.execute("UPDATE runs SET status = 'running', started = ?, heartbeat = ?, pid = ?, host = ?, pidns = ?, "
+                             "process_start = ? WHERE id = ? AND status = 'created'", (now, now, *_process_identity().values(), run_id))
+        if changed.rowcount != 1:
+            raise ValueError(f"run_id: run {run_id} is not a created run; resume it instead")
 
 
 @_method(RunStore)
@@ -348,14 +614,21 @@ def _log_steering(self: RunStore, run_id: int, step: int,
 
 
 @_method(RunStore)
+def _log_checkpoint(self: RunStore, run_id: int, step: int) -> None:
+    "Record that run `run_id` wrote a checkpoint of `step` (a checkpoint of an earlier step is stale from now on)."
+    with self.transaction() as db:
+        db.execute("UPDATE runs SET checkpoint_step = ? WHERE id = ?", (step, run_id))
+
+
+@_method(RunStore)
 def _finish_run(self: RunStore, run_id: int,
                status: str,  # "finished", "stopped", "failed" or "killed"
                error: str | None = None,  # what went wrong (failed runs)
                summary: Mapping[str, Any] | None = None,  # final numbers (JSON)
                ) -> None:
     """Set a run's final status, end time, error and summary."""
-    if status not in STATUSES or status == "running":
-        raise ValueError(f"status: {status!r} is not one of {STATUSES[1:]}")
+    if status not in FINAL_STATUSES:
+        raise ValueError(f"status: {status!r} is not one of {FINAL_STATUSES}")
     with self.transaction() as db:
         db.execute("UPDATE runs SET status = ?, ended = ?, heartbeat = ?, error = ?, summary = ? WHERE id = ?",
                    (status, time.time(), time.time(), error, None if summary is None else _dumps(summary), run_id))
@@ -363,44 +636,71 @@ def _finish_run(self: RunStore, run_id: int,
 
 @_method(RunStore)
 def _resume_run(self: RunStore, run_id: int,
-               step: int,  # the checkpoint's step: rows after it are dropped
+               step: int,  # the checkpoint's step: rows stored after it move to `discarded`
                preempted: bool = True,  # count a preemption (False: the same runner continues, e.g. with a raised budget)
                ) -> None:
-    """Mark `run_id` running again in this process (one more preemption when `preempted`), without the rows stored after `step`."""
+    """Mark `run_id` running again in this process (one more preemption when `preempted`). The rows it stored after `step`
+    (written after its last checkpoint by a process that died) move to the `discarded` table: nothing is deleted. A step
+    before the run's newest checkpoint is refused: that checkpoint is stale and resuming it would discard checkpointed history."""
     _run_check(self, run_id)
-    pid = os.getpid()
+    self.check_integrity()
     with self.transaction() as db:
-        db.execute("DELETE FROM steps WHERE run_id = ? AND step > ?", (run_id, step))
-        db.execute("DELETE FROM evaluations WHERE run_id = ? AND step > ?", (run_id, step))
+        run = dict(db.execute("SELECT checkpoint_step, preemption_count FROM runs WHERE id = ?", (run_id,)).fetchone())
+        if run["checkpoint_step"] is not None and step < run["checkpoint_step"]:
+            raise ValueError(f"checkpoint: step {step} is older than run {run_id}'s newest checkpoint (step {run['checkpoint_step']}); "
+                             f"it is a stale copy, and resuming it would discard stored history: resume the run's own checkpoint")
+        for kind, table in (("step", "steps"), ("evaluation", "evaluations")):
+            for row in db.execute(f"SELECT * FROM {table} WHERE run_id = ? AND step > ?", (run_id, step)).fetchall():
+                db.execute("INSERT INTO discarded (run_id, preemption, kind, step, row) VALUES (?, ?, ?, ?, ?)",
+                           (run_id, run["preemption_count"], kind, row["step"], _dumps(dict(row))))
+            db.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?", (run_id, step))
         db.execute("UPDATE runs SET status = 'running', ended = NULL, error = NULL, summary = NULL, steps = ?, heartbeat = ?, "
-                   "preemption_count = preemption_count + ?, pid = ?, host = ?, process_start = ? WHERE id = ?",
-                   (step, time.time(), int(preempted), pid, socket.gethostname(), _process_start(pid), run_id))
+                   "preemption_count = preemption_count + ?, pid = ?, host = ?, pidns = ?, process_start = ?, "
+                   "started = COALESCE(started, ?) WHERE id = ?",
+                   (step, time.time(), int(preempted), *_process_identity().values(), time.time(), run_id))
 
 # %% ../nbs/86_store.ipynb #f96841c9
+KILLED_ERROR = "the process ended while the run was running (killed or crashed)"
+
+
 @_method(RunStore)
-def _mark_dead_runs(self: RunStore,
-                   stale_after: float | None = None,  # seconds: also runs of other hosts silent this long
-                   ) -> list[int]:
-    """Mark "running" runs whose process died "killed"; the ids marked."""
-    host, now, dead = socket.gethostname(), time.time(), []
-    for run in self._query("SELECT id, pid, host, process_start, heartbeat FROM runs WHERE status = 'running'"):
-        if run["host"] == host:
-            gone = run["pid"] is None or not process_alive(run["pid"], run["process_start"])
-        else:
-            gone = stale_after is not None and (run["heartbeat"] or 0) < now - stale_after
-        if gone:
+def _process_state(self: RunStore, run: Mapping[str, Any]) -> str:
+    """Whether the process recorded in a run row is "alive" or "dead", or "unknown": it belongs to another host, or to another
+    PID namespace of this host (another container), where its pid names a different process."""
+    if run["host"] != socket.gethostname() or run.get("pidns") not in (None, pid_namespace()):
+        return "unknown"
+    if run["pid"] is None:
+        return "dead"
+    return "alive" if process_alive(run["pid"], run["process_start"]) else "dead"
+
+
+@_method(RunStore)
+def _dead_runs(self: RunStore,
+              stale_after: float | None = None,  # seconds: also runs that cannot be judged (another host or namespace) silent this long
+              ) -> list[int]:
+    """The "running" runs whose process is gone (nothing is written)."""
+    now, dead = time.time(), []
+    for run in self._query("SELECT * FROM runs WHERE status = 'running'"):
+        state = self.process_state(run)
+        if state == "dead" or (state == "unknown" and stale_after is not None and (run["heartbeat"] or 0) < now - stale_after):
             dead.append(run["id"])
+    return dead
+
+
+@_method(RunStore)
+def _mark_dead_runs(self: RunStore, stale_after: float | None = None) -> list[int]:
+    """Mark "running" runs whose process died "killed" (see `dead_runs`); the ids marked."""
+    dead = self.dead_runs(stale_after)
     for run_id in dead:
         with self.transaction() as db:
-            db.execute("UPDATE runs SET status = 'killed', ended = heartbeat, "
-                       "error = 'the process ended while the run was running (killed or crashed)' "
-                       "WHERE id = ? AND status = 'running'", (run_id,))
+            db.execute("UPDATE runs SET status = 'killed', ended = heartbeat, error = ? WHERE id = ? AND status = 'running'",
+                       (KILLED_ERROR, run_id))
     return dead
 
 # %% ../nbs/86_store.ipynb #b9e011c5
-def _decode_run(row: dict) -> dict:
-    for key in ("config", "versions", "summary"):
-        row[key] = _loads(row[key])
+def _decode_run(store: RunStore, row: dict) -> dict:
+    _decode(row, {"config": None, "versions": None, "summary": None})
+    row["checkpoint"] = None if row.get("checkpoint") is None else str(store.resolved_path(row["checkpoint"]))
     return row
 
 
@@ -410,15 +710,15 @@ def _runs(self: RunStore,
          ids: Iterable[int] | None = None,  # only these runs
          **equal,  # column = value filters: problem="addition", optimizer="lbfgs", seed=0, name=...
          ) -> list[dict]:
-    """The runs (oldest first), with their configuration, versions and summary decoded."""
+    """The runs (oldest first), with their configuration, versions and summary decoded (a field that cannot be decoded is
+    None and named in the row's `damaged` list). Dead runs are marked "killed" first (a read-only store only shows them so)."""
     where, parameters = [], []
+    statuses = None
     if status is not None:
         statuses = [status] if isinstance(status, str) else list(status)
         bad = [s for s in statuses if s not in STATUSES]
         if bad:
             raise ValueError(f"status: {bad} not in {STATUSES}")
-        where.append(f"status IN ({', '.join('?' * len(statuses))})")
-        parameters += statuses
     if ids is not None:
         ids = [int(i) for i in ids]
         where.append(f"id IN ({', '.join('?' * len(ids))})" if ids else "0")
@@ -428,9 +728,13 @@ def _runs(self: RunStore,
             raise ValueError(f"{key}: runs can be filtered by name, problem, optimizer, seed, device or git")
         where.append(f"{key} = ?")
         parameters.append(value)
-    self.mark_dead_runs()
+    dead = set(self.dead_runs()) if self.read_only else set(self.mark_dead_runs())
     sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
-    return [_decode_run(row) for row in self._query(sql, parameters)]
+    rows = [_decode_run(self, row) for row in self._query(sql, parameters)]
+    for row in rows:
+        if row["id"] in dead and row["status"] == "running":  # read-only: shown, not written
+            row["status"], row["error"] = "killed", KILLED_ERROR
+    return rows if statuses is None else [row for row in rows if row["status"] in statuses]
 
 
 @_method(RunStore)
@@ -446,20 +750,14 @@ def _run(self: RunStore, run_id: int) -> dict:
 def _steps(self: RunStore, run_id: int) -> list[dict]:
     """The completed steps of a run, in order, with the optimizer's statistics under `stats`."""
     _run_check(self, run_id)
-    rows = self._query("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (run_id,))
-    for row in rows:
-        row["stats"] = _loads(row["stats"]) or {}
-    return rows
+    return [_decode(row, {"stats": {}}) for row in self._query("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (run_id,))]
 
 
 @_method(RunStore)
 def _evaluations(self: RunStore, run_id: int) -> list[dict]:
     """The held-out evaluations of a run, in order (`extra` decoded)."""
     _run_check(self, run_id)
-    rows = self._query("SELECT * FROM evaluations WHERE run_id = ? ORDER BY step", (run_id,))
-    for row in rows:
-        row["extra"] = _loads(row["extra"]) or {}
-    return rows
+    return [_decode(row, {"extra": {}}) for row in self._query("SELECT * FROM evaluations WHERE run_id = ? ORDER BY step", (run_id,))]
 
 
 @_method(RunStore)
@@ -467,9 +765,33 @@ def _steering_events(self: RunStore, run_id: int) -> list[dict]:
     """The steering events of a run, in order (old and new values decoded)."""
     _run_check(self, run_id)
     rows = self._query("SELECT * FROM steering WHERE run_id = ? ORDER BY id", (run_id,))
-    for row in rows:
-        row["old_value"], row["new_value"] = _loads(row["old_value"]), _loads(row["new_value"])
-    return rows
+    return [_decode(row, {"old_value": None, "new_value": None}) for row in rows]
+
+
+@_method(RunStore)
+def _discarded(self: RunStore, run_id: int) -> list[dict]:
+    """The rows a resume replaced: `{"preemption", "kind": "step" | "evaluation", "step", "row"}` in order."""
+    _run_check(self, run_id)
+    try:
+        rows = self._query("SELECT preemption, kind, step, row FROM discarded WHERE run_id = ? ORDER BY rowid", (run_id,))
+    except sqlite3.OperationalError:  # a store of an earlier version, read-only
+        return []
+    return [_decode(row, {"row": {}}) for row in rows]
+
+
+@_method(RunStore)
+def _protected_paths(self: RunStore, except_run: int | None = None) -> dict[Path, str]:
+    """The files no command may write over, each with what it is: the store, its -wal / -shm / -journal files, and the
+    checkpoint and lock of every run (but `except_run`'s)."""
+    base = _absolute(self.path)
+    protected = {Path(f"{base}{suffix}"): f"the run store {str(self.path)!r}" if not suffix else f"the {suffix} file of the run store"
+                 for suffix in ("", "-wal", "-shm", "-journal")}
+    for row in self._query("SELECT id, checkpoint FROM runs"):
+        if row["id"] != except_run:
+            if row["checkpoint"] is not None and isinstance(row["checkpoint"], str):
+                protected[_absolute(self.resolved_path(row["checkpoint"]))] = f"the checkpoint of run {row['id']}"
+            protected[RunLock(self, row["id"]).path] = f"the lock file of run {row['id']}"
+    return protected
 
 # %% ../nbs/86_store.ipynb #b3a9639d
 ALGOPERF_COLUMNS = {  # our evaluation column -> AlgoPerf's name
@@ -504,6 +826,10 @@ def csv_rows(store: RunStore,
     for r in _selected(store, runs):
         identity = {"run_id": r["id"], **{c: r[c] for c in RUN_COLUMNS[1:]}}
         steps = {s["step"]: s for s in store.steps(r["id"])}
+
+        def damaged(*rows):  # the fields of the run and its rows that could not be decoded
+            names = [f"{what}.{field}" for what, row in zip(("run", "row", "step"), rows) for field in row.get("damaged", [])]
+            return {"damaged": "; ".join(names)} if names else {}
         if kind == "evaluations":
             for e in store.evaluations(r["id"]):
                 stats = steps.get(e["step"], {}).get("stats", {})
@@ -511,13 +837,13 @@ def csv_rows(store: RunStore,
                        **{ALGOPERF_COLUMNS[c]: e[c] for c in ("time", "train_time", "eval_time", "train_loss", "train_error",
                                                            "validation_loss", "validation_error")},
                        **{c: e[c] for c in WORK_COLUMNS}, **{f"extra/{k}": v for k, v in e["extra"].items()},
-                       **{f"stats/{k}": v for k, v in stats.items()}}
+                       **{f"stats/{k}": v for k, v in stats.items()}, **damaged(r, e, steps.get(e["step"], {}))}
                 rows.append(row)
         else:
             for s in steps.values():
                 row = {**identity, "global_step": s["step"], "total_duration": s["time"], "accumulated_submission_time": s["train_time"],
                        "train/batch_loss": s["loss"], **{c: s[c] for c in WORK_COLUMNS},
-                       **{f"stats/{k}": v for k, v in s["stats"].items()}}
+                       **{f"stats/{k}": v for k, v in s["stats"].items()}, **damaged(r, {}, s)}
                 rows.append(row)
     for row in rows:  # once over all runs' rows (inside the loop over runs it rescanned every earlier run's rows)
         stat_names.update(dict.fromkeys(k for k in row if k.startswith(("stats/", "extra/"))))
@@ -527,29 +853,44 @@ def csv_rows(store: RunStore,
     else:
         base = [*RUN_COLUMNS, "global_step", "total_duration", "accumulated_submission_time", *WORK_COLUMNS, "train/batch_loss"]
     extras = sorted(k for k in stat_names if k.startswith("extra/")) + sorted(k for k in stat_names if k.startswith("stats/"))
-    return base + extras, rows
+    return base + extras + (["damaged"] if any("damaged" in row for row in rows) else []), rows
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula
+
+
+def csv_cell(value):
+    """A value as a CSV cell: None empty; a string that a spreadsheet would run as a formula (`=HYPERLINK(…)` as a run's
+    name) prefixed with `'`, so it reads as text; numbers as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def export_csv(store: RunStore,
                path: str | os.PathLike | io.TextIOBase,  # a file path or an open text file
                runs: int | Iterable[int] | None = None,  # run ids (None: every run)
                kind: str = "evaluations",  # "evaluations" (AlgoPerf-style) or "steps"
+               overwrite: bool = False,  # replace an existing file (never the store's files or a checkpoint)
                ) -> int:
-    """Write the runs' evaluations (or steps) as CSV; the number of rows written."""
+    """Write the runs' evaluations (or steps) as CSV, atomically; the number of rows written."""
     columns, rows = csv_rows(store, runs, kind)
-
-    def cell(value):
-        return "" if value is None else value
 
     def write(handle):
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="raise")
         writer.writeheader()
         for row in rows:
-            writer.writerow({c: cell(row.get(c)) for c in columns})
+            writer.writerow({c: csv_cell(row.get(c)) for c in columns})
 
     if isinstance(path, (str, os.PathLike)):
-        with open(path, "w", newline="", encoding="utf-8") as handle:
-            write(handle)
+        target = check_output_path(path, "out", store, overwrite=overwrite)
+
+        def write_file(partial: Path):
+            with open(partial, "w", newline="", encoding="utf-8") as handle:
+                write(handle)
+        atomic_write(target, write_file)
     else:
         write(path)
     return len(rows)
@@ -558,16 +899,19 @@ def export_csv(store: RunStore,
 def export_json(store: RunStore,
                 path: str | os.PathLike | io.TextIOBase | None = None,  # a file path, an open text file, or None: return only
                 runs: int | Iterable[int] | None = None,  # run ids (None: every run)
+                overwrite: bool = False,  # replace an existing file (never the store's files or a checkpoint)
                 ) -> dict:
-    """`{"runs": [run with its config, steps, evaluations and steering events]}`, written to `path` when given."""
+    """`{"runs": [run with its config, steps, evaluations, steering events and discarded rows]}`, written to `path`
+    (atomically) when given."""
+    target = check_output_path(path, "out", store, overwrite=overwrite) if isinstance(path, (str, os.PathLike)) else None
     document = {"format": "qnwb runs 1", "store": str(store.path), "runs": []}
     for r in _selected(store, runs):
         document["runs"].append({**r, "steps": store.steps(r["id"]), "evaluations": store.evaluations(r["id"]),
-                                 "steering": store.steering_events(r["id"])})
+                                 "steering": store.steering_events(r["id"]), "discarded": store.discarded(r["id"])})
     if path is not None:
         text = json.dumps(_jsonable(document), indent=1)
-        if isinstance(path, (str, os.PathLike)):
-            Path(path).write_text(text, encoding="utf-8")
+        if target is not None:
+            atomic_write(target, lambda partial: partial.write_text(text, encoding="utf-8"))
         else:
             path.write(text)
     return document
