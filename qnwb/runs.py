@@ -10,6 +10,9 @@ import inspect
 import json
 import math
 import os
+import pickle
+import reprlib
+import signal
 import sys
 import threading
 import time
@@ -25,14 +28,16 @@ from torch import Tensor, nn
 
 from .core import check_number, check_positive_int, default_device, make_generator, rng_state, seed_everything, set_rng_state
 from .losses import MatchingLoss, matching_loss
-from .store import RunStore, _method
+from .store import (RunLock, RunStore, _method, absolute_path, atomic_write, check_output_path, same_file,
+                        store_path)
 
 # %% auto #0
 __all__ = ['DTYPES', 'PROBLEMS', 'DEFAULT_HYPERPARAMETERS', 'CURVATURE_OPTIMIZERS', 'BUDGET_UNITS', 'TARGET_METRICS',
-           'CONFIG_DEFAULTS', 'SCHEDULABLE', 'CONSTRUCTION_ONLY', 'stream_seed', 'SampleStream', 'EpochStream',
-           'Problem', 'curves_problem', 'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options',
+           'CONFIG_DEFAULTS', 'SCHEDULABLE', 'CONSTRUCTION_ONLY', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION',
+           'CHECKPOINT_FIELDS', 'CHECKPOINT_NODES', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem',
+           'curves_problem', 'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options',
            'make_problem', 'make_schedule', 'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner',
-           'run_config', 'replay']
+           'check_checkpoint', 'read_checkpoint', 'run_config', 'replay']
 
 # %% ../nbs/87_runs.ipynb #700021b2
 def stream_seed(*parts) -> int:
@@ -171,6 +176,7 @@ def curves_problem(seed: int, device: torch.device, dtype: torch.dtype | None,
         sizes = tuple(AUTOENCODERS["curves"][0][1:]) if sizes is None else sizes
     sizes = (64, 32, 6) if sizes is None else tuple(sizes)
     check_positive_int("batch_size", batch_size)
+    root = None if root is None else os.fspath(Path(root).expanduser())
     images, held = curves_dataset(root, train=train, test=test, seed=0, size=size, device=device, dtype=dtype)
     model = DeepAutoencoder([size * size, *sizes], device=device, dtype=dtype)
     sparse_init_(model, generator=make_generator(stream_seed("curves", "init", seed)))
@@ -358,11 +364,11 @@ CONFIG_DEFAULTS = {"name": None, "problem": None, "problem_options": {}, "optimi
 def check_budget(budget: Mapping[str, float]) -> dict[str, float]:
     """`budget` checked: a non-empty mapping of BUDGET_UNITS to positive limits (ints for counts)."""
     if not isinstance(budget, Mapping) or not budget:
-        raise ValueError(f"budget: give a mapping with at least one of {BUDGET_UNITS}, e.g. {{'gradient_evaluations': 1000}}; got {budget!r}")
+        raise ValueError(f"budget: give a mapping with at least one of {BUDGET_UNITS}, e.g. {{'gradient_evaluations': 1000}}; got {reprlib.repr(budget)}")
     checked = {}
     for unit, limit in budget.items():
         if unit not in BUDGET_UNITS:
-            raise ValueError(f"budget: {unit!r} is not one of {BUDGET_UNITS}")
+            raise ValueError(f"budget: {reprlib.repr(unit)} is not one of {BUDGET_UNITS}")
         if unit in ("epochs", "seconds"):
             checked[unit] = check_number(f"budget[{unit!r}]", limit, 0.0, low_open=True)
         else:
@@ -377,30 +383,30 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"config: expected a mapping (dict), got {type(config).__name__}")
     unknown = sorted(set(config) - set(CONFIG_DEFAULTS))
     if unknown:
-        raise ValueError(f"config: unknown keys {unknown}; allowed: {sorted(CONFIG_DEFAULTS)}")
+        raise ValueError(f"config: unknown keys {reprlib.repr(unknown)}; allowed: {sorted(CONFIG_DEFAULTS)}")
     c = {**copy.deepcopy(CONFIG_DEFAULTS), **copy.deepcopy(dict(config))}
     if c["problem"] not in PROBLEMS:
-        raise ValueError(f"problem: {c['problem']!r} is not one of {sorted(PROBLEMS)}")
+        raise ValueError(f"problem: {reprlib.repr(c['problem'])} is not one of {sorted(PROBLEMS)}")
     if c["optimizer"] not in OPTIMIZERS:
-        raise ValueError(f"optimizer: {c['optimizer']!r} is not one of {sorted(OPTIMIZERS)}")
+        raise ValueError(f"optimizer: {reprlib.repr(c['optimizer'])} is not one of {sorted(OPTIMIZERS)}")
     for key in ("problem_options", "hyperparameters"):
         if not isinstance(c[key], Mapping):
             raise TypeError(f"{key}: expected a mapping, got {type(c[key]).__name__}")
         c[key] = dict(c[key])
     if isinstance(c["seed"], bool) or not isinstance(c["seed"], int) or not 0 <= c["seed"] < 2**32:
-        raise ValueError(f"seed: must be an int in [0, 2**32), got {c['seed']!r}")
+        raise ValueError(f"seed: must be an int in [0, 2**32), got {reprlib.repr(c['seed'])}")
     if c["dtype"] is not None and c["dtype"] not in DTYPES:
-        raise ValueError(f"dtype: must be one of {sorted(DTYPES)} or None, got {c['dtype']!r}")
+        raise ValueError(f"dtype: must be one of {sorted(DTYPES)} or None, got {reprlib.repr(c['dtype'])}")
     c["budget"] = check_budget(c["budget"])
     if c["evaluate_unit"] not in BUDGET_UNITS:
-        raise ValueError(f"evaluate_unit: {c['evaluate_unit']!r} is not one of {BUDGET_UNITS}")
+        raise ValueError(f"evaluate_unit: {reprlib.repr(c['evaluate_unit'])} is not one of {BUDGET_UNITS}")
     check_number("evaluate_every", c["evaluate_every"], 0.0, low_open=True)
     if c["target"] is not None:
         if not isinstance(c["target"], Mapping) or not c["target"]:
-            raise ValueError(f"target: expected a mapping {{metric: threshold}} with metrics from {TARGET_METRICS}, got {c['target']!r}")
+            raise ValueError(f"target: expected a mapping {{metric: threshold}} with metrics from {TARGET_METRICS}, got {reprlib.repr(c['target'])}")
         for metric, threshold in c["target"].items():
             if metric not in TARGET_METRICS:
-                raise ValueError(f"target: {metric!r} is not one of {TARGET_METRICS}")
+                raise ValueError(f"target: {reprlib.repr(metric)} is not one of {TARGET_METRICS}")
             check_number(f"target[{metric!r}]", threshold)
         c["target"] = dict(c["target"])
     for key in ("checkpoint_every", "curvature_batch_size"):
@@ -409,9 +415,11 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if c["checkpoint"] is not None and not isinstance(c["checkpoint"], (str, os.PathLike)):
         raise TypeError(f"checkpoint: expected a file path, got {type(c['checkpoint']).__name__}")
     if c["checkpoint"] is not None:
-        c["checkpoint"] = os.fspath(c["checkpoint"])
+        c["checkpoint"] = os.fspath(Path(c["checkpoint"]).expanduser())
     if c["name"] is not None and not isinstance(c["name"], str):
         raise TypeError(f"name: expected a str, got {type(c['name']).__name__}")
+    if c["name"] is not None and (len(c["name"]) > 200 or not c["name"].isprintable()):  # names reach terminals and spreadsheets
+        raise ValueError(f"name: at most 200 printable characters (no control characters or escape sequences), got {reprlib.repr(c['name'])}")
     return c
 
 
@@ -444,6 +452,7 @@ class Runner:
         store: RunStore | str | os.PathLike | None | bool = None,  # a RunStore, a path, None: store_path(), False: no store
         on_step: Callable[[dict], Any] | None = None,  # called after every step with the step's information
         progress: bool = True,  # a tqdm bar (terminal or notebook)
+        overwrite: bool = False,  # replace an existing file at the checkpoint path (never a store file or another run's checkpoint)
         _run_id: int | None = None,  # (resume) continue this run of the store
     ):
         self.config = check_config(config)
@@ -488,19 +497,22 @@ class Runner:
         self.next_evaluation = c["evaluate_every"]
         self.history: dict[str, list] = {"steps": [], "evaluations": [], "steering": []}
         self.status, self.reached_target, self.last_evaluation = "created", False, None
-        # everything is built and checked: only now the store
+        self._run_lock, self._in_step = None, False
+        # everything is built and checked: only now the store, and the checkpoint path checked before the run is recorded
         self.store = None if store is False else store if isinstance(store, RunStore) else RunStore(None if store in (None, True) else store)
-        if self.store is None:
-            self.run_id = _run_id
-        elif _run_id is None:
-            self.run_id = self.store.create_run(c, name=c["name"], problem=c["problem"], optimizer=c["optimizer"], seed=c["seed"],
-                                                device=str(self.device))
+        configured = None if c["checkpoint"] is None else absolute_path(c["checkpoint"])
+        if _run_id is not None:  # resume: the store's run, its own checkpoint
+            self.run_id, self.checkpoint_path = _run_id, configured
+        elif self.store is None:
+            self.run_id = None
+            self.checkpoint_path = None if configured is None else check_output_path(configured, "checkpoint", overwrite=overwrite)
         else:
-            self.run_id = _run_id
-        self.checkpoint_path = self._checkpoint_path()
-        if self.store is not None and self.checkpoint_path is not None and _run_id is None:
-            with self.store.transaction() as db:
-                db.execute("UPDATE runs SET checkpoint = ? WHERE id = ?", (str(self.checkpoint_path), self.run_id))
+            def checked(run_id: int) -> Path:  # inside create_run's transaction: a refusal records nothing
+                return check_output_path(configured or self.store.default_checkpoint(run_id), "checkpoint", self.store, run_id,
+                                         overwrite=overwrite)
+            self.run_id = self.store.create_run(c, name=c["name"], problem=c["problem"], optimizer=c["optimizer"], seed=c["seed"],
+                                                device=str(self.device), checkpoint=checked, status="created")
+            self.checkpoint_path = self.store.checkpoint_path(self.run_id)
 
     def _resized_draw(self, size: int):
         "The curvature stream's draw with `size` cases: the training distribution's draw, resized."
@@ -509,13 +521,6 @@ class Runner:
         resized = make_problem(c["problem"], c["seed"], self.device, c["dtype"], **options)
         seed_everything(c["seed"])  # the second build must not move the global streams the first one left
         return resized.stream.draw
-
-    def _checkpoint_path(self) -> Path | None:
-        if self.config["checkpoint"] is not None:
-            return Path(self.config["checkpoint"])
-        if self.store is not None and self.run_id is not None:
-            return self.store.path.parent / "runs" / f"run-{self.run_id}.pt"
-        return None
 
     def __repr__(self) -> str:
         c = self.config
@@ -704,12 +709,22 @@ def _request_stop(self: Runner) -> None:
     self.stop_event.set()
 
 # %% ../nbs/87_runs.ipynb #b4f85353
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "qnwb checkpoint", 2
+CHECKPOINT_FIELDS = {  # every field a checkpoint has, with the types it may hold: nothing else is accepted
+    "format": str, "version": int, "config": Mapping, "run_id": (int, type(None)), "store_id": (str, type(None)),
+    "store": (str, type(None)), "step": int, "counts": Mapping, "train_time": (int, float), "eval_time": (int, float),
+    "elapsed": (int, float), "next_evaluation": (int, float), "preemptions": int, "reached_target": bool,
+    "model": Mapping, "optimizer": Mapping, "streams": Mapping, "rng": Mapping, "schedule_specs": Mapping,
+}
+CHECKPOINT_NODES = 10_000_000  # the most containers and values a checkpoint may hold (a model's tensors are one each)
+
+
 @_method(Runner)
 def _state(self: Runner) -> dict:
-    """Everything a resumed run needs, as one dict (tensors copied)."""
+    """Everything a resumed run needs, as one dict (tensors copied): `CHECKPOINT_FIELDS`."""
     return copy.deepcopy({
-        "format": "qnwb checkpoint 1", "config": self.config, "run_id": self.run_id,
-        "store": None if self.store is None else str(self.store.path),
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config, "run_id": self.run_id,
+        "store_id": None if self.store is None else self.store.store_id, "store": None if self.store is None else str(self.store.path),
         "step": self.step, "counts": self.counts, "train_time": self.train_time, "eval_time": self.eval_time,
         "elapsed": self.elapsed + (time.perf_counter() - self._clock if getattr(self, "_clock", None) else 0.0),
         "next_evaluation": self.next_evaluation, "preemptions": self.preemptions, "reached_target": self.reached_target,
@@ -718,12 +733,77 @@ def _state(self: Runner) -> dict:
         "rng": rng_state(), "schedule_specs": self.schedule_specs,
     })
 
+# %% ../nbs/87_runs.ipynb #f2cc74d0
+def _count_nodes(value, limit: int) -> int:
+    "The containers and values in `value`, counted along every path (shared references count each time), up to `limit`."
+    count, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        count += 1
+        if count > limit:
+            raise ValueError(f"it holds more than {limit:,} values (a structure that expands when read)")
+        if isinstance(item, Mapping):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return count
 
+
+def check_checkpoint(saved, source: str = "checkpoint") -> dict:
+    """`saved` if it is a checkpoint of this version with exactly `CHECKPOINT_FIELDS`, each of its type, else a one-line
+    ValueError naming the missing, foreign or mistyped field (`source` names the file)."""
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"checkpoint: {source} is not a qnwb checkpoint (it holds a {type(saved).__name__})")
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        old = saved.get("format") == "qnwb checkpoint 1"
+        raise ValueError(f"checkpoint: {source} is " + ("a checkpoint of an earlier qnwb (format 1), which cannot be read without "
+                         "running code it contains; rerun the run" if old else "not a qnwb checkpoint"))
+    if saved.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint: {source} has format version {saved.get('version')!r}; this qnwb reads version {CHECKPOINT_VERSION}")
+    missing = [k for k in CHECKPOINT_FIELDS if k not in saved]
+    foreign = [k for k in saved if k not in CHECKPOINT_FIELDS]
+    if missing or foreign:
+        raise ValueError(f"checkpoint: {source} " + (f"lacks the field(s) {missing}" if missing else f"has field(s) qnwb does not write: "
+                                                    f"{[reprlib.repr(k) for k in foreign][:5]}"))
+    for key, kinds in CHECKPOINT_FIELDS.items():
+        if not isinstance(saved[key], kinds) or (kinds is int and isinstance(saved[key], bool)):
+            raise ValueError(f"checkpoint: {source}: the field {key!r} holds a {type(saved[key]).__name__}")
+    counts, streams, rng = saved["counts"], saved["streams"], saved["rng"]
+    if set(counts) != {"gradient_evaluations", "curvature_products", "loss_evaluations"} or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()):
+        raise ValueError(f"checkpoint: {source}: 'counts' must hold the three work counters as ints >= 0")
+    if saved["step"] < 0 or set(streams) != {"train", "curvature"} or not all(isinstance(s, Mapping) for s in streams.values()):
+        raise ValueError(f"checkpoint: {source}: 'step' must be >= 0 and 'streams' must hold the train and curvature stream states")
+    if set(rng) != {"python", "numpy", "torch", "cuda"}:
+        raise ValueError(f"checkpoint: {source}: 'rng' must hold the python, numpy, torch and cuda random states")
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in saved["model"].items()):
+        raise ValueError(f"checkpoint: {source}: 'model' must map parameter names to tensors")
+    return dict(saved)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint in `path`, read without running any code it could contain: torch's zip format with every member
+    stored as written (a compressed member could expand without bound), unpickled with `weights_only=True` (plain data and
+    tensors only), at most `CHECKPOINT_NODES` values, then `check_checkpoint`. Any problem is a one-line ValueError."""
+    import zipfile
+    path = Path(path).expanduser()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [m.filename for m in archive.infolist() if m.compress_type != zipfile.ZIP_STORED]
+        if packed:
+            raise ValueError(f"member {packed[0]!r} is compressed, which qnwb never writes")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        _count_nodes(saved, CHECKPOINT_NODES)
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError,
+            KeyError, IndexError, MemoryError, RecursionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint: cannot read {str(path)!r} as a qnwb checkpoint: {first[:300]}") from None
+    return check_checkpoint(saved, repr(str(path)))
+
+# %% ../nbs/87_runs.ipynb #0f7fc09d
 @_method(Runner)
-def _load_state(self: Runner, saved: Mapping[str, Any]) -> None:
-    """Restore `state()` (the configuration must be the same run's)."""
-    if saved.get("format") != "qnwb checkpoint 1":
-        raise ValueError("checkpoint: not a qnwb checkpoint (format 'qnwb checkpoint 1')")
+def __apply_state(self: Runner, saved: Mapping[str, Any]) -> None:
     saved = copy.deepcopy(dict(saved))
     self.model.load_state_dict(saved["model"])
     self.optimizer.load_state_dict(saved["optimizer"])
@@ -734,125 +814,283 @@ def _load_state(self: Runner, saved: Mapping[str, Any]) -> None:
     self.train_time, self.eval_time, self.elapsed = saved["train_time"], saved["eval_time"], saved["elapsed"]
     self.next_evaluation, self.preemptions = saved["next_evaluation"], saved["preemptions"]
     self.reached_target = saved["reached_target"]
-    for parameter, value in saved.get("schedule_specs", {}).items():  # schedules are code: rebuilt from their specs
+    self.schedule_specs = {}
+    for parameter, value in self.config["hyperparameters"].items():  # schedules are code: rebuilt from their specs
+        if parameter in self.schedulable() and isinstance(value, Mapping) and "schedule" in value:
+            self.optimizer.schedules[parameter] = make_schedule(value)
+    for parameter, value in saved["schedule_specs"].items():
+        if parameter not in self.schedulable():
+            raise ValueError(f"schedule_specs: {parameter!r} of {self.config['optimizer']!r} takes no schedule")
         self._set_hyperparameter(parameter, value)
 
 
 @_method(Runner)
-def _save_checkpoint(self: Runner, path: str | os.PathLike | None = None) -> Path:
-    """Write `state()` to `path` (default: the run's checkpoint path) atomically; the path."""
-    path = Path(path) if path is not None else self.checkpoint_path
-    if path is None:
+def _load_state(self: Runner, saved: Mapping[str, Any]) -> None:
+    """Restore `state()` of this run's configuration: all of it, or, if any part is refused, nothing (the model, optimizer,
+    streams, random states and counters are as they were, and a one-line ValueError says what was refused)."""
+    saved = check_checkpoint(saved)
+    if saved["config"].get("optimizer") != self.config["optimizer"]:
+        raise ValueError(f"checkpoint: saved by a {saved['config'].get('optimizer')!r} run; this run's optimizer is {self.config['optimizer']!r}")
+    before = self.state()
+    try:
+        self._apply_state(saved)
+    except Exception as e:
+        self._apply_state(before)
+        raise ValueError(f"checkpoint: refused, nothing was loaded: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
+
+
+@_method(Runner)
+def _save_checkpoint(self: Runner,
+                     path: str | os.PathLike | None = None,  # default: the run's own checkpoint file
+                     overwrite: bool = False,  # replace an existing file at `path` (never a store file or another run's checkpoint)
+                     ) -> Path:
+    """Write `state()` atomically to the run's checkpoint file (recorded in the store as its newest checkpoint), or to
+    `path`; the path written. Nothing is left behind when the write fails (a full disk)."""
+    own = self.checkpoint_path
+    if path is None and own is None:
         raise ValueError("path: this run has no store and no checkpoint path in its configuration; give one")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    torch.save(self.state(), partial)
-    os.replace(partial, path)
-    return path
+    target = own if path is None or (own is not None and same_file(path, own)) else \
+        check_output_path(path, "path", self.store, self.run_id, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda partial: torch.save(self.state(), partial))
+    if target == own and self.store is not None:
+        self.store.log_checkpoint(self.run_id, self.step)
+    return target
 
 # %% ../nbs/87_runs.ipynb #b7dbd3b5
+class _StopOnSignal:
+    """While a run runs in the main thread: the first SIGINT or SIGTERM stops it after the step in progress (with its
+    checkpoint, as the stop button does); a second one abandons the step at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, runner: Runner):
+        self.runner, self.signum, self.previous = runner, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: the step in progress is abandoned")
+        self.signum = signum
+        self.runner.stop_event.set()
+        print(f"\nqnwb: {signal.Signals(signum).name}: stopping run {self.runner.run_id} after the step in progress, with a "
+              f"checkpoint (send it again to abandon the step)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def exception(self) -> BaseException | None:
+        "What the run raises once it has stopped on a signal: KeyboardInterrupt for SIGINT, SystemExit(128 + 15) for SIGTERM."
+        if self.signum is None:
+            return None
+        return KeyboardInterrupt("SIGINT") if self.signum == signal.SIGINT else SystemExit(128 + self.signum)
+
+
+@_method(Runner)
+def __loop(self: Runner, bar) -> str:
+    "Steps until the budget, the target or a stop; the final status ('finished' or 'stopped')."
+    c, every, unit = self.config, self.config["evaluate_every"], self.config["evaluate_unit"]
+    bar_unit = next(iter(c["budget"]))
+    if self.step == 0 and not self.history["evaluations"]:
+        self.evaluate()
+    status = "finished"
+    while True:
+        self._apply_steering()
+        if self.stop_event.is_set():
+            status = "stopped"
+            break
+        if self.reached_target or self.budget_reached():
+            break
+        before, start = self.counter(bar_unit), time.perf_counter()
+        self._in_step = True  # from here until the step is counted, an interrupted step leaves no consistent state
+        value, stats = self._step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.train_time += time.perf_counter() - start
+        self.step += 1
+        self._in_step = False
+        row = {"step": self.step, "time": self.elapsed + time.perf_counter() - self._clock, "train_time": self.train_time,
+               "loss": value, **self.counts, "epoch": self.problem.stream.epoch}
+        self.history["steps"].append({**row, "stats": stats})
+        if self.store is not None:
+            self.store.log_step(self.run_id, self.step, row, stats)
+        evaluation = None
+        if self.counter(unit) >= self.next_evaluation:
+            evaluation = self.evaluate()
+            self.next_evaluation = (math.floor(self.counter(unit) / every) + 1) * every
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the training loss is {value} at step {self.step}")
+        bar.update(self.counter(bar_unit) - before)
+        bar.set_postfix(loss=f"{value:.4g}", **({"val_error": f"{self.last_evaluation['validation_error']:.4g}"}
+                                               if self.last_evaluation else {}), refresh=False)
+        if self.on_step is not None:
+            self.on_step({"runner": self, "run_id": self.run_id, **row, "stats": stats, "evaluation": evaluation})
+        if c["checkpoint_every"] and self.step % c["checkpoint_every"] == 0 and self.checkpoint_path is not None:
+            self.save_checkpoint()
+    if self.last_evaluation is None or self.last_evaluation["step"] != self.step:
+        self.evaluate()
+    return status
+
+
+@_method(Runner)
+def __begin(self: Runner) -> None:
+    "Take the run's lock and mark it running in the store (started, resumed, or run again with a raised budget)."
+    if self.store is None:
+        return
+    if self._run_lock is None:
+        self._run_lock = RunLock(self.store, self.run_id)
+    self._run_lock.acquire()
+    try:
+        if self.status == "created":
+            self.store.start_run(self.run_id)
+        elif self.status != "resumed":  # run() again after it ended
+            self.store.resume_run(self.run_id, self.step, preempted=False)
+    except BaseException:
+        self._run_lock.release()
+        raise
+
+
 @_method(Runner)
 def _run(self: Runner,
         stop: threading.Event | None = None,  # set it (from another thread) to stop before the next step
         ) -> dict:
-    """Train until the budget, the target or a stop; the summary (status, steps, work, last evaluation, checkpoint)."""
+    """Train until the budget, the target or a stop; the summary (status, steps, work, last evaluation, checkpoint).
+    In the main thread, SIGINT or SIGTERM stops the run after the step in progress with a checkpoint, like a stop, and
+    then raises KeyboardInterrupt (SIGINT) or SystemExit(143) (SIGTERM); a second signal abandons the step."""
     from tqdm.auto import tqdm
     if stop is not None:
         self.stop_event = stop
-    c, every, unit = self.config, self.config["evaluate_every"], self.config["evaluate_unit"]
-    bar_unit, bar_total = next(iter(c["budget"].items()))
-    if self.store is not None and self.status not in ("created", "running"):  # run() again (e.g. a raised budget): running again
-        self.store.resume_run(self.run_id, self.step, preempted=False)
-    self._clock, self.status = time.perf_counter(), "running"
-    bar = tqdm(total=bar_total, initial=self.counter(bar_unit), desc=f"{c['optimizer']} on {c['problem']}", unit=bar_unit.replace("_", " "),
-               disable=not self.progress, leave=False, file=sys.stderr)
-    status, error = "finished", None
-    try:
-        if self.step == 0 and not self.history["evaluations"]:
-            self.evaluate()
-        while True:
-            self._apply_steering()
-            if self.stop_event.is_set():
-                status = "stopped"
-                break
-            if self.reached_target or self.budget_reached():
-                break
-            before, start = self.counter(bar_unit), time.perf_counter()
-            value, stats = self._step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.train_time += time.perf_counter() - start
-            self.step += 1
-            row = {"step": self.step, "time": self.elapsed + time.perf_counter() - self._clock, "train_time": self.train_time,
-                   "loss": value, **self.counts, "epoch": self.problem.stream.epoch}
-            self.history["steps"].append({**row, "stats": stats})
-            if self.store is not None:
-                self.store.log_step(self.run_id, self.step, row, stats)
-            evaluation = None
-            if self.counter(unit) >= self.next_evaluation:
-                evaluation = self.evaluate()
-                self.next_evaluation = (math.floor(self.counter(unit) / every) + 1) * every
-            if not math.isfinite(value):
-                raise FloatingPointError(f"the training loss is {value} at step {self.step}")
-            bar.update(self.counter(bar_unit) - before)
-            bar.set_postfix(loss=f"{value:.4g}", **({"val_error": f"{self.last_evaluation['validation_error']:.4g}"}
-                                                   if self.last_evaluation else {}), refresh=False)
-            if self.on_step is not None:
-                self.on_step({"runner": self, "run_id": self.run_id, **row, "stats": stats, "evaluation": evaluation})
-            if c["checkpoint_every"] and self.step % c["checkpoint_every"] == 0 and self.checkpoint_path is not None:
-                self.save_checkpoint()
-        if self.last_evaluation is None or self.last_evaluation["step"] != self.step:
-            self.evaluate()
-    except KeyboardInterrupt:
-        status, error = "stopped", "interrupted (KeyboardInterrupt)"
-        raise
-    except BaseException as e:
-        status, error = "failed", f"{type(e).__name__}: {e}"
-        raise
-    finally:
+    bar_unit, bar_total = next(iter(self.config["budget"].items()))
+    self._begin()
+    self._clock, self.status, self._in_step = time.perf_counter(), "running", False
+    bar = tqdm(total=bar_total, initial=self.counter(bar_unit), desc=f"{self.config['optimizer']} on {self.config['problem']}",
+               unit=bar_unit.replace("_", " "), disable=not self.progress, leave=False, file=sys.stderr)
+    error, raised = None, None
+    with _StopOnSignal(self) as signals:
+        try:
+            status = self._loop(bar)
+        except KeyboardInterrupt as e:
+            status, raised = "stopped", e
+            error = (f"interrupted during step {self.step + 1}, which was abandoned; the checkpoint holds the last one written"
+                     if self._in_step else "interrupted (KeyboardInterrupt)")
+        except BaseException as e:
+            status, error, raised = "failed", f"{type(e).__name__}: {e}", e
+        if signals.signum is not None and raised is None:
+            error = f"stopped by {signal.Signals(signals.signum).name}"
         bar.close()
+        if status != "failed" and not self._in_step and self.checkpoint_path is not None:
+            try:
+                self.save_checkpoint()
+            except Exception as e:  # a full disk, a folder that cannot be written: the run failed, and says why
+                status, error, raised = "failed", f"checkpoint: cannot write {str(self.checkpoint_path)!r}: {type(e).__name__}: {e}", e
         self.status = status
-        if status != "failed" and self.checkpoint_path is not None:
-            self.save_checkpoint()
         self.elapsed += time.perf_counter() - self._clock
         self._clock = None
         self.summary = {"status": status, "steps": self.step, **self.counts, "epochs": self.problem.stream.epoch,
                         "seconds": self.elapsed, "train_time": self.train_time, "eval_time": self.eval_time,
                         "reached_target": self.reached_target, "last_evaluation": self.last_evaluation, "error": error}
-        if self.store is not None:
-            self.store.finish_run(self.run_id, status, error, self.summary)
+        try:
+            if self.store is not None:
+                self.store.finish_run(self.run_id, status, error, self.summary)
+        except Exception as e:  # the store itself cannot be written (a full disk): say so, with the run's own error
+            raised = OSError(f"run {self.run_id} ended {status} ({error or 'no error'}), but the store could not record it: "
+                             f"{type(e).__name__}: {e}")
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
+        raised = raised or signals.exception()
+    if raised is not None:
+        raise raised
     return {"run_id": self.run_id, **self.summary, "checkpoint": None if self.checkpoint_path is None else str(self.checkpoint_path)}
 
 # %% ../nbs/87_runs.ipynb #a2fc009a
-def _resume(cls, checkpoint: str | os.PathLike,  # a checkpoint file written by save_checkpoint
-           store: RunStore | str | os.PathLike | None | bool = None,  # None: the store the run was in; False: none
-           budget: Mapping[str, float] | None = None,  # a new budget (None: the saved one)
-           on_step: Callable[[dict], Any] | None = None, progress: bool = True) -> Runner:
-    """A runner that continues the run saved in `checkpoint` exactly where it stopped."""
-    try:
-        saved = torch.load(Path(checkpoint), weights_only=False, map_location="cpu")
-    except Exception as e:
-        raise ValueError(f"checkpoint: cannot read {os.fspath(checkpoint)!r}: {e}") from None
-    if not isinstance(saved, Mapping) or saved.get("format") != "qnwb checkpoint 1":
-        raise ValueError(f"checkpoint: {os.fspath(checkpoint)!r} is not a qnwb checkpoint")
-    config = dict(saved["config"])
-    if budget is not None:
-        config["budget"] = budget
+def _checkpoint_store(saved: dict, path: Path, store) -> RunStore | None:
+    """The store a checkpoint is resumed into: `store` when given (False: none); else the store whose folder holds the file
+    (`<store>-runs/`); else none for a checkpoint saved without a store, and the default store otherwise. The store's
+    identity must be the one the checkpoint names: the store path written inside a checkpoint is never opened."""
+    if store is False:
+        return None
     if store is None:
-        store = saved["store"] if saved["store"] is not None else False
-    opened = store if isinstance(store, RunStore) or store is False else RunStore(store)
-    run_id = saved["run_id"] if opened is not False else None
-    if opened is not False and run_id is not None:
-        opened.run(run_id)  # a clear error when the store does not hold this run
-    runner = cls(config, store=opened, on_step=on_step, progress=progress, _run_id=run_id if opened is not False else None)
-    if runner.store is not None and run_id is None:  # a run saved without a store, resumed into one: a new run row
-        runner.run_id = runner.store.create_run(runner.config, name=config.get("name"), problem=config["problem"],
-                                                optimizer=config["optimizer"], seed=config.get("seed", 0), device=str(runner.device))
-    runner.load_state(saved)
-    runner.checkpoint_path = Path(checkpoint) if config.get("checkpoint") is None and runner.store is None else runner._checkpoint_path()
-    runner.preemptions += 1
-    if runner.store is not None and run_id is not None:
-        runner.store.resume_run(run_id, runner.step)
+        if saved["store_id"] is None:
+            return None
+        folder = absolute_path(path).parent
+        owner = folder.with_name(folder.name.removesuffix("-runs")) if folder.name.endswith("-runs") else None
+        store = owner if owner is not None and owner.is_file() else store_path()
+    opened = store if isinstance(store, RunStore) else RunStore(store, create=False)
+    if saved["store_id"] is not None and opened.store_id != saved["store_id"]:
+        raise ValueError(f"checkpoint: {str(path)!r} belongs to another run store (recorded as {saved['store']!r}), not "
+                         f"{str(opened.path)!r}; pass that store (store=..., qnwb runs resume --store)")
+    return opened
+
+
+def _check_resumable(store: RunStore, run: dict, saved: dict, force: bool) -> None:
+    "Refuse to resume a run that another process may be running, or from a checkpoint older than the run's newest."
+    if run["status"] == "running":
+        state = store.process_state(run)
+        where = f"process {run['pid']} on host {run['host']!r}"
+        if state == "alive":
+            raise ValueError(f"run {run['id']}: it is running ({where}); stop it first")
+        if state == "unknown" and not force:
+            raise ValueError(f"run {run['id']}: marked running by {where}, in another host or PID namespace, which qnwb cannot "
+                             f"check; if that process has ended, resume with force=True (--force)")
+    if run["checkpoint_step"] is not None and saved["step"] < run["checkpoint_step"]:
+        raise ValueError(f"checkpoint: step {saved['step']} is older than run {run['id']}'s newest checkpoint (step "
+                         f"{run['checkpoint_step']}); it is a stale copy, and resuming it would discard stored history: resume the "
+                         f"run's own checkpoint ({run['checkpoint']})")
+    if saved["step"] > run["steps"]:
+        raise ValueError(f"checkpoint: step {saved['step']} is ahead of run {run['id']}'s stored history ({run['steps']} steps); "
+                         f"it does not belong to this copy of the store")
+
+
+def _resume(cls, checkpoint: str | os.PathLike,  # a checkpoint file written by save_checkpoint
+           store: RunStore | str | os.PathLike | None | bool = None,  # None: the store the checkpoint belongs to; False: none
+           budget: Mapping[str, float] | None = None,  # a new budget (None: the saved one)
+           on_step: Callable[[dict], Any] | None = None, progress: bool = True,
+           force: bool = False,  # resume a run marked running by a process of another host or PID namespace (one qnwb cannot check)
+           ) -> Runner:
+    """A runner that continues the run saved in `checkpoint` exactly where it stopped (nothing runs until `run()`)."""
+    path = Path(checkpoint).expanduser()
+    saved = read_checkpoint(path)
+    opened = _checkpoint_store(saved, path, store)
+    run_id = saved["run_id"] if opened is not None else None
+    lock = None
+    if opened is not None and run_id is not None:
+        run = opened.run(run_id)  # a clear error when the store does not hold this run
+        lock = RunLock(opened, run_id).acquire()
+        try:
+            _check_resumable(opened, run, saved, force)
+        except BaseException:
+            lock.release()
+            raise
+    try:
+        config = {**saved["config"], "checkpoint": None}  # a path inside a checkpoint is never written to: its run's file is
+        if budget is not None:
+            config["budget"] = budget
+        try:
+            runner = cls(config, store=False if opened is None else opened, on_step=on_step, progress=progress, _run_id=run_id)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"checkpoint: its configuration is refused: {e}") from None
+        runner.load_state(saved)
+        runner._run_lock = lock
+        if run_id is not None:
+            runner.checkpoint_path = opened.checkpoint_path(run_id) or opened.default_checkpoint(run_id)
+        elif opened is None:
+            runner.checkpoint_path = absolute_path(path)
+        runner.preemptions += 1
+        if run_id is not None:
+            opened.resume_run(run_id, runner.step)
+            runner.status = "resumed"
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     return runner
 
 
@@ -876,8 +1114,10 @@ def replay(run_id: int,  # a run of `store`
            into: RunStore | str | os.PathLike | None | bool = False,  # where the replay is recorded (False: nowhere)
            progress: bool = False) -> Runner:
     """Run stored run `run_id` again from its configuration, applying its steering events after the same steps."""
-    source = store if isinstance(store, RunStore) else RunStore(store)
+    source = store if isinstance(store, RunStore) else RunStore(store, read_only=True)
     row = source.run(run_id)
+    if row["config"] is None:
+        raise ValueError(f"run_id: the configuration of run {run_id} is damaged in the store; it cannot be replayed")
     if not row["steps"]:
         raise ValueError(f"run_id: run {run_id} took no steps; there is nothing to replay")
     pending = list(source.steering_events(run_id))
@@ -888,7 +1128,10 @@ def replay(run_id: int,  # a run of `store`
     def queue(done: int) -> None:  # the events applied when `done` steps were done: before the next step, as in the original
         while pending and pending[0]["step"] == done:
             event = pending.pop(0)
-            runner._steering.append((event["parameter"], event["new_value"]))
+            try:  # through steer()'s own checks: a stored event is data, and a tampered one is refused like a typed one
+                runner.steer(event["parameter"], event["new_value"])
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"run_id: the steering event of run {run_id} after step {done} is refused: {e}") from None
 
     queue(0)
     runner.on_step = lambda info: queue(info["step"])

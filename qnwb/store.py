@@ -33,8 +33,8 @@ from .core import check_number
 __all__ = ['DEFAULT_STORE', 'STATUSES', 'FINAL_STATUSES', 'SCHEMA', 'ADDED_COLUMNS', 'STEP_COLUMNS', 'EVALUATION_COLUMNS',
            'SQLITE_MAGIC', 'KILLED_ERROR', 'ALGOPERF_COLUMNS', 'RUN_COLUMNS', 'WORK_COLUMNS', 'FORMULA_STARTS',
            'store_path', 'checkpoint_folder', 'git_revision', 'package_versions', 'pid_namespace', 'process_alive',
-           'RunStore', 'is_sqlite_file', 'same_file', 'atomic_write', 'check_output_path', 'RunLock', 'csv_rows',
-           'csv_cell', 'export_csv', 'export_json']
+           'RunStore', 'is_sqlite_file', 'absolute_path', 'same_file', 'atomic_write', 'check_output_path', 'RunLock',
+           'csv_rows', 'csv_cell', 'export_csv', 'export_json']
 
 # %% ../nbs/86_store.ipynb #796c91bc
 DEFAULT_STORE = "data/qnwb.sqlite"
@@ -398,14 +398,14 @@ def is_sqlite_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def _absolute(path: str | os.PathLike) -> Path:
+def absolute_path(path: str | os.PathLike) -> Path:
     "`path` with `~` expanded, made absolute, symbolic links resolved (also where the file does not exist yet)."
     return Path(os.path.realpath(Path(path).expanduser()))
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     "Whether `a` and `b` name the same file: the same resolved path, or two names (hard links) of one existing file."
-    if _absolute(a) == _absolute(b):
+    if absolute_path(a) == absolute_path(b):
         return True
     try:
         return os.path.samefile(a, b)
@@ -459,7 +459,8 @@ class RunLock:
     `<store>-runs/run-N.lock`; the kernel releases it when the process ends, however it ends)."""
 
     def __init__(self, store: RunStore, run_id: int):
-        self.run_id, self.path, self._fd = run_id, checkpoint_folder(_absolute(store.path)) / f"run-{run_id}.lock", None
+        self.run_id, self._fd = run_id, None
+        self.path = checkpoint_folder(absolute_path(store.path)) / f"run-{run_id}.lock"
 
     @property
     def held(self) -> bool:
@@ -490,7 +491,10 @@ class RunLock:
             self._fd = None
 
     def __del__(self):
-        self.release()
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown: the kernel releases the lock with the process
+            pass
 
 # %% ../nbs/86_store.ipynb #aa79c8fc
 def _run_check(self: RunStore, run_id: int) -> None:
@@ -506,7 +510,7 @@ def _process_identity() -> dict:
 @_method(RunStore)
 def _recorded_path(self: RunStore, path: str | os.PathLike) -> str:
     "How the store records a file path: relative to the store's folder when inside it, else absolute (both survive a `cd`)."
-    path, folder = _absolute(path), _absolute(self.path).parent
+    path, folder = absolute_path(path), absolute_path(self.path).parent
     try:
         return str(path.relative_to(folder))
     except ValueError:
@@ -519,7 +523,7 @@ def _resolved_path(self: RunStore, recorded: str | None) -> Path | None:
     if recorded is None:
         return None
     path = Path(recorded)
-    return path if path.is_absolute() else _absolute(self.path).parent / path
+    return path if path.is_absolute() else absolute_path(self.path).parent / path
 
 
 @_method(RunStore)
@@ -527,7 +531,8 @@ def _create_run(self: RunStore,
                config: Mapping[str, Any],  # the full configuration (stored as JSON)
                name: str | None = None, problem: str | None = None, optimizer: str | None = None,
                seed: int | None = None, device: str | None = None,
-               checkpoint: str | os.PathLike | None = None,  # where the runner writes its checkpoints
+               checkpoint: str | os.PathLike | Callable[[int], str | os.PathLike] | None = None,  # the run's checkpoint file, or
+               # a function of the new run's id that returns it (or raises: the run is then not recorded)
                status: str = "running",  # "created": built but not started (`start_run` starts it)
                ) -> int:
     """Insert a run with this process, host, package versions and git revision; its id."""
@@ -544,15 +549,16 @@ def _create_run(self: RunStore,
             "pidns, process_start, versions, git, checkpoint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (name, problem, optimizer, seed, None if device is None else str(device), _dumps(config), status, now,
              now if status == "running" else None, now, process["pid"], process["host"], process["pidns"], process["process_start"],
-             versions, revision, None if checkpoint is None else self.recorded_path(checkpoint)))
+             versions, revision, None if checkpoint is None or callable(checkpoint) else self.recorded_path(checkpoint)))
+        if callable(checkpoint):
+            db.execute("UPDATE runs SET checkpoint = ? WHERE id = ?", (self.recorded_path(checkpoint(cursor.lastrowid)), cursor.lastrowid))
         return cursor.lastrowid
 
 
 @_method(RunStore)
-def _set_checkpoint(self: RunStore, run_id: int, path: str | os.PathLike | None) -> None:
-    "Record where run `run_id` keeps its checkpoint."
-    with self.transaction() as db:
-        db.execute("UPDATE runs SET checkpoint = ? WHERE id = ?", (None if path is None else self.recorded_path(path), run_id))
+def _default_checkpoint(self: RunStore, run_id: int) -> Path:
+    "Where run `run_id` keeps its checkpoint unless its configuration names a file: `<store>-runs/run-N.pt`."
+    return checkpoint_folder(absolute_path(self.path)) / f"run-{run_id}.pt"
 
 
 @_method(RunStore)
@@ -783,13 +789,13 @@ def _discarded(self: RunStore, run_id: int) -> list[dict]:
 def _protected_paths(self: RunStore, except_run: int | None = None) -> dict[Path, str]:
     """The files no command may write over, each with what it is: the store, its -wal / -shm / -journal files, and the
     checkpoint and lock of every run (but `except_run`'s)."""
-    base = _absolute(self.path)
+    base = absolute_path(self.path)
     protected = {Path(f"{base}{suffix}"): f"the run store {str(self.path)!r}" if not suffix else f"the {suffix} file of the run store"
                  for suffix in ("", "-wal", "-shm", "-journal")}
     for row in self._query("SELECT id, checkpoint FROM runs"):
         if row["id"] != except_run:
             if row["checkpoint"] is not None and isinstance(row["checkpoint"], str):
-                protected[_absolute(self.resolved_path(row["checkpoint"]))] = f"the checkpoint of run {row['id']}"
+                protected[absolute_path(self.resolved_path(row["checkpoint"]))] = f"the checkpoint of run {row['id']}"
             protected[RunLock(self, row["id"]).path] = f"the lock file of run {row['id']}"
     return protected
 

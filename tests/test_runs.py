@@ -139,7 +139,7 @@ def test_resume_keeps_the_data_position_of_epoch_and_window_streams(tmp_path, pr
     c = config("adam", problem, steps=7, checkpoint=str(tmp_path / "c.pt"))  # curves: an epoch is 2 batches of 25 of 60
     whole = Runner(c, store=False, progress=False)
     whole.run()
-    part = Runner(c, store=False, on_step=stop_at(3), progress=False)
+    part = Runner(c, store=False, on_step=stop_at(3), progress=False, overwrite=True)  # replaces the first run's checkpoint
     part.run()
     resumed = Runner.resume(tmp_path / "c.pt", store=False, progress=False)
     resumed.run()
