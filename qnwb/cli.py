@@ -363,7 +363,8 @@ def _train(runner, args: argparse.Namespace) -> int:
     except Exception as e:
         if args.debug:
             raise
-        print(f"run {runner.run_id}: failed at step {runner.step + 1}: {type(e).__name__}: {printable(e)}"
+        error = getattr(runner, "summary", {}).get("error") or f"{type(e).__name__}: {e}"  # what the store recorded
+        print(f"run {runner.run_id}: failed after step {runner.step}: {printable(error)}"
               + (f" (qnwb runs show {runner.run_id})" if runner.run_id is not None else ""), file=sys.stderr)
         return 1
     if args.json:

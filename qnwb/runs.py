@@ -839,6 +839,29 @@ def _load_state(self: Runner, saved: Mapping[str, Any]) -> None:
         raise ValueError(f"checkpoint: refused, nothing was loaded: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
 
 
+def _torch_save(value, path: Path) -> None:
+    """`torch.save(value, path)`, raising the file system's own error (`OSError: [Errno 28] No space left on device`) where
+    torch's writer would only say `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`."""
+    failures = []
+    with open(path, "wb") as handle:
+        class Writer:
+            def write(self, data):
+                try:
+                    return handle.write(data)
+                except OSError as e:
+                    failures.append(e)
+                    raise
+
+            def flush(self):
+                handle.flush()
+        try:
+            torch.save(value, Writer())
+        except RuntimeError:
+            if failures:
+                raise failures[0] from None
+            raise
+
+
 @_method(Runner)
 def _save_checkpoint(self: Runner,
                      path: str | os.PathLike | None = None,  # default: the run's own checkpoint file
@@ -852,7 +875,7 @@ def _save_checkpoint(self: Runner,
     target = own if path is None or (own is not None and same_file(path, own)) else \
         check_output_path(path, "path", self.store, self.run_id, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(target, lambda partial: torch.save(self.state(), partial))
+    atomic_write(target, lambda partial: _torch_save(self.state(), partial))
     if target == own and self.store is not None:
         self.store.log_checkpoint(self.run_id, self.step)
     return target
