@@ -5,6 +5,7 @@
 # %% ../nbs/75_data.ipynb #ce7b0b65
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import math
@@ -103,40 +104,40 @@ def read_idx(path: str | os.PathLike,  # an IDX file, gzipped or not
     with open(path, "rb") as file:
         gzipped = file.read(2) == b"\x1f\x8b"
         file.seek(0)
-        stream = gzip.GzipFile(fileobj=file, mode="rb") if gzipped else file
-        try:
-            magic = bytes(_read_up_to(stream, 4))
-            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
-                raise ValueError(f"{path}: not an IDX file (the magic number must start with two zero bytes, got {magic.hex() or 'an empty file'})")
-            code, ndim = magic[2], magic[3]
-            if code not in _IDX_TYPES:
-                raise ValueError(f"{path}: unknown IDX type code 0x{code:02X} (known: {', '.join(f'0x{c:02X}' for c in _IDX_TYPES)})")
-            header = 4 + 4 * ndim
-            sizes = bytes(_read_up_to(stream, 4 * ndim))
-            if len(sizes) < 4 * ndim:
-                raise ValueError(f"{path}: truncated header ({ndim} dimensions need {header} bytes, the file has {4 + len(sizes)})")
-            shape = tuple(int(s) for s in np.frombuffer(sizes, ">u4"))
-            kind = _IDX_TYPES[code]
-            big = np.dtype(_BIG_ENDIAN[kind])
-            count = math.prod(shape)
-            size = count * big.itemsize
-            if size > max_bytes:
-                raise ValueError(f"{path}: the header declares shape {shape} of {kind}, {size:,} bytes, more than max_bytes = {max_bytes:,} "
-                                 "(pass a larger max_bytes to read it)")
-            if not gzipped and (on_disk := os.fstat(file.fileno()).st_size) != header + size:
-                problem = "truncated" if on_disk < header + size else "trailing bytes"
-                raise ValueError(f"{path}: {problem}: shape {shape} of {kind} needs {header + size} bytes, the file has {on_disk}")
-            data = _read_up_to(stream, size)
-            if len(data) < size:
-                raise ValueError(f"{path}: truncated: shape {shape} of {kind} needs {header + size} bytes, the file holds {header + len(data)}")
-            if stream.read(1):
-                raise ValueError(f"{path}: trailing bytes: shape {shape} of {kind} needs {header + size} bytes, the file holds more")
-        except EOFError as e:
-            raise ValueError(f"{path}: truncated: the gzip stream ends early ({e})") from None
-        except (OSError, zlib.error) as e:
-            if not gzipped:
-                raise
-            raise ValueError(f"{path}: looks gzipped but cannot be decompressed ({e})") from None
+        with gzip.GzipFile(fileobj=file, mode="rb") if gzipped else contextlib.nullcontext(file) as stream:
+            try:
+                magic = bytes(_read_up_to(stream, 4))
+                if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
+                    raise ValueError(f"{path}: not an IDX file (the magic number must start with two zero bytes, got {magic.hex() or 'an empty file'})")
+                code, ndim = magic[2], magic[3]
+                if code not in _IDX_TYPES:
+                    raise ValueError(f"{path}: unknown IDX type code 0x{code:02X} (known: {', '.join(f'0x{c:02X}' for c in _IDX_TYPES)})")
+                header = 4 + 4 * ndim
+                sizes = bytes(_read_up_to(stream, 4 * ndim))
+                if len(sizes) < 4 * ndim:
+                    raise ValueError(f"{path}: truncated header ({ndim} dimensions need {header} bytes, the file has {4 + len(sizes)})")
+                shape = tuple(int(s) for s in np.frombuffer(sizes, ">u4"))
+                kind = _IDX_TYPES[code]
+                big = np.dtype(_BIG_ENDIAN[kind])
+                count = math.prod(shape)
+                size = count * big.itemsize
+                if size > max_bytes:
+                    raise ValueError(f"{path}: the header declares shape {shape} of {kind}, {size:,} bytes, more than max_bytes = {max_bytes:,} "
+                                     "(pass a larger max_bytes to read it)")
+                if not gzipped and (on_disk := os.fstat(file.fileno()).st_size) != header + size:
+                    problem = "truncated" if on_disk < header + size else "trailing bytes"
+                    raise ValueError(f"{path}: {problem}: shape {shape} of {kind} needs {header + size} bytes, the file has {on_disk}")
+                data = _read_up_to(stream, size)
+                if len(data) < size:
+                    raise ValueError(f"{path}: truncated: shape {shape} of {kind} needs {header + size} bytes, the file holds {header + len(data)}")
+                if stream.read(1):
+                    raise ValueError(f"{path}: trailing bytes: shape {shape} of {kind} needs {header + size} bytes, the file holds more")
+            except EOFError as e:
+                raise ValueError(f"{path}: truncated: the gzip stream ends early ({e})") from None
+            except (OSError, zlib.error) as e:
+                if not gzipped:
+                    raise
+                raise ValueError(f"{path}: looks gzipped but cannot be decompressed ({e})") from None
     array = np.frombuffer(data, big, count).astype(big.newbyteorder("=")).reshape(shape)
     return torch.from_numpy(array).to(_device(device), kind if dtype is None else dtype)
 
