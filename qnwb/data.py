@@ -5,11 +5,15 @@
 # %% ../nbs/75_data.ipynb #ce7b0b65
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import math
 import os
 import pickle
+import pickletools
 import warnings
+import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -22,10 +26,10 @@ from torch import Tensor
 from .core import default_device, make_generator
 
 # %% auto #0
-__all__ = ['MNIST_FILES', 'CIFAR10_FILES', 'CIFAR10_CLASSES', 'BOX', 'read_idx', 'write_idx', 'load_mnist', 'load_cifar10',
-           'write_cifar10_batch', 'pixel_sequences', 'CharCorpus', 'default_corpus', 'WordCorpus', 'make_curves',
-           'curves_dataset', 'curves_figure', 'ball_trajectories', 'render_balls', 'bouncing_balls', 'next_frame_batch',
-           'bouncing_balls_figure']
+__all__ = ['IDX_MAX_BYTES', 'MNIST_FILES', 'CIFAR10_FILES', 'CIFAR10_CLASSES', 'TEXT_MAX_BYTES', 'BOX', 'read_idx', 'write_idx',
+           'load_mnist', 'load_cifar10', 'write_cifar10_batch', 'pixel_sequences', 'CharCorpus', 'default_corpus',
+           'WordCorpus', 'make_curves', 'curves_dataset', 'curves_figure', 'ball_trajectories', 'render_balls',
+           'bouncing_balls', 'next_frame_batch', 'bouncing_balls_figure']
 
 # %% ../nbs/75_data.ipynb #f4700798
 def _positive_int(value, name: str) -> int:
@@ -75,42 +79,66 @@ _IDX_TYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torc
 _IDX_CODES = {kind: code for code, kind in _IDX_TYPES.items()}
 _BIG_ENDIAN = {torch.uint8: ">u1", torch.int8: ">i1", torch.int16: ">i2", torch.int32: ">i4",
                torch.float32: ">f4", torch.float64: ">f8"}
+IDX_MAX_BYTES = 1 << 30  # the default cap on the data of one IDX file (1 GiB)
+_CHUNK = 1 << 24  # bytes read at a time
 
 
-def _read_maybe_gzipped(path: Path) -> bytes:
-    "The bytes of `path`, decompressed when the file starts with gzip's magic bytes."
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise ValueError(f"{path}: looks gzipped but cannot be decompressed ({e})") from e
-    return raw
+def _read_up_to(stream, n: int) -> bytearray:
+    "At most `n` bytes of `stream`, read in chunks: memory grows with what the stream really holds, not with `n`."
+    data = bytearray()
+    while len(data) < n:
+        chunk = stream.read(min(n - len(data), _CHUNK))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def read_idx(path: str | os.PathLike,  # an IDX file, gzipped or not
              device=None,  # where the tensor goes (None: the CPU)
              dtype: torch.dtype | None = None,  # convert to this dtype (None: the file's own type)
+             max_bytes: int = IDX_MAX_BYTES,  # refuse files whose header declares more data than this
              ) -> Tensor:
     """The array stored in the IDX file `path`, as a tensor of the file's shape."""
-    path = Path(path)
-    raw = _read_maybe_gzipped(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (the magic number must start with two zero bytes, got {raw[:4].hex() or 'an empty file'})")
-    code, ndim = raw[2], raw[3]
-    if code not in _IDX_TYPES:
-        raise ValueError(f"{path}: unknown IDX type code 0x{code:02X} (known: {', '.join(f'0x{c:02X}' for c in _IDX_TYPES)})")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated header ({ndim} dimensions need {header} bytes, the file has {len(raw)})")
-    shape = tuple(int(s) for s in np.frombuffer(raw, ">u4", ndim, 4))
-    kind = _IDX_TYPES[code]
-    big = np.dtype(_BIG_ENDIAN[kind])
-    count = math.prod(shape)
-    if len(raw) != header + count * big.itemsize:
-        problem = "truncated" if len(raw) < header + count * big.itemsize else "trailing bytes"
-        raise ValueError(f"{path}: {problem}: shape {shape} of {kind} needs {header + count * big.itemsize} bytes, the file has {len(raw)}")
-    array = np.frombuffer(raw, big, count, header).astype(big.newbyteorder("=")).reshape(shape)
+    path, max_bytes = Path(path), _positive_int(max_bytes, "max_bytes")
+    with open(path, "rb") as file:
+        gzipped = file.read(2) == b"\x1f\x8b"
+        file.seek(0)
+        with gzip.GzipFile(fileobj=file, mode="rb") if gzipped else contextlib.nullcontext(file) as stream:
+            try:
+                magic = bytes(_read_up_to(stream, 4))
+                if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
+                    raise ValueError(f"{path}: not an IDX file (the magic number must start with two zero bytes, got {magic.hex() or 'an empty file'})")
+                code, ndim = magic[2], magic[3]
+                if code not in _IDX_TYPES:
+                    raise ValueError(f"{path}: unknown IDX type code 0x{code:02X} (known: {', '.join(f'0x{c:02X}' for c in _IDX_TYPES)})")
+                header = 4 + 4 * ndim
+                sizes = bytes(_read_up_to(stream, 4 * ndim))
+                if len(sizes) < 4 * ndim:
+                    raise ValueError(f"{path}: truncated header ({ndim} dimensions need {header} bytes, the file has {4 + len(sizes)})")
+                shape = tuple(int(s) for s in np.frombuffer(sizes, ">u4"))
+                kind = _IDX_TYPES[code]
+                big = np.dtype(_BIG_ENDIAN[kind])
+                count = math.prod(shape)
+                size = count * big.itemsize
+                if size > max_bytes:
+                    raise ValueError(f"{path}: the header declares shape {shape} of {kind}, {size:,} bytes, more than max_bytes = {max_bytes:,} "
+                                     "(pass a larger max_bytes to read it)")
+                if not gzipped and (on_disk := os.fstat(file.fileno()).st_size) != header + size:
+                    problem = "truncated" if on_disk < header + size else "trailing bytes"
+                    raise ValueError(f"{path}: {problem}: shape {shape} of {kind} needs {header + size} bytes, the file has {on_disk}")
+                data = _read_up_to(stream, size)
+                if len(data) < size:
+                    raise ValueError(f"{path}: truncated: shape {shape} of {kind} needs {header + size} bytes, the file holds {header + len(data)}")
+                if stream.read(1):
+                    raise ValueError(f"{path}: trailing bytes: shape {shape} of {kind} needs {header + size} bytes, the file holds more")
+            except EOFError as e:
+                raise ValueError(f"{path}: truncated: the gzip stream ends early ({e})") from None
+            except (OSError, zlib.error) as e:
+                if not gzipped:
+                    raise
+                raise ValueError(f"{path}: looks gzipped but cannot be decompressed ({e})") from None
+    array = np.frombuffer(data, big, count).astype(big.newbyteorder("=")).reshape(shape)
     return torch.from_numpy(array).to(_device(device), kind if dtype is None else dtype)
 
 
@@ -154,6 +182,7 @@ def load_mnist(root: str | os.PathLike = "data/mnist",  # the folder that holds 
                split: str = "train",  # "train" (60,000 images) or "test" (10,000)
                device=None,  # where the tensors go (None: the CPU)
                dtype: torch.dtype = torch.float32,  # the images' dtype
+               max_bytes: int = IDX_MAX_BYTES,  # the cap on each file's data (read_idx)
                ) -> tuple[Tensor, Tensor]:
     """`(images, labels)`: images in [0, 1] of shape `(N, 28, 28)`, labels int64 in 0..9."""
     _check_split(split)
@@ -167,11 +196,15 @@ def load_mnist(root: str | os.PathLike = "data/mnist",  # the folder that holds 
             f"load_mnist: {' and '.join(missing)} (or the same name + .gz) not found in {root.resolve()}. "
             f"qnwb never downloads data: put the MNIST files {every} (gzipped or not) in {root.resolve()}, "
             f"or pass root= the folder that holds them.")
-    images, labels = read_idx(found[0]), read_idx(found[1])
+    images, labels = read_idx(found[0], max_bytes=max_bytes), read_idx(found[1], max_bytes=max_bytes)
     if images.dtype != torch.uint8 or images.dim() != 3:
         raise ValueError(f"{found[0]}: expected uint8 images of shape (N, rows, columns), got {images.dtype} of shape {tuple(images.shape)}")
     if labels.dtype != torch.uint8 or labels.shape != images.shape[:1]:
         raise ValueError(f"{found[1]}: expected {len(images)} uint8 labels to match {found[0].name}, got {labels.dtype} of shape {tuple(labels.shape)}")
+    if labels.numel() and int(labels.max()) > 9:
+        bad = (labels > 9).nonzero()[0].item()
+        raise ValueError(f"{found[1]}: labels must be in 0..9, got {int(labels[bad])} at index {bad} "
+                         f"({int((labels > 9).sum())} of {len(labels)} outside)")
     device = _device(device)
     return images.to(device, dtype).div_(255), labels.to(device, torch.int64)
 
@@ -180,38 +213,117 @@ CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test":
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
+def _text(value):
+    "A str from a pickle read with encoding='bytes' (Python 2 strings arrive as bytes)."
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+class _DTypeRecord:
+    "What `numpy.dtype(name, align, copy)` in a CIFAR pickle becomes: an integer dtype, its byte order set by BUILD."
+    _names = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"}
+
+    def __init__(self, name, align=False, copy=True):
+        if _text(name) not in self._names:
+            raise pickle.UnpicklingError(f"a CIFAR batch holds integer arrays; refusing the dtype {name!r}")
+        self.dtype = np.dtype(_text(name))
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) >= 5 and _text(state[1]) in ("|", "<", ">", "=")
+                and all(s is None for s in state[2:5])):
+            raise pickle.UnpicklingError("a CIFAR batch holds plain integer dtypes; refusing a dtype with fields or sub-arrays")
+        if _text(state[1]) in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(_text(state[1]))
+
+
+class _ArrayRecord:
+    "What `_reconstruct(ndarray, (0,), b'b')` + BUILD in a CIFAR pickle becomes: an integer array over bytes of the declared size."
+    array = None
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("a CIFAR batch array has the state (version, shape, dtype, fortran, bytes)")
+        _, shape, dtype, fortran, raw = state
+        if not (isinstance(dtype, _DTypeRecord) and isinstance(shape, tuple) and len(shape) <= 32
+                and all(type(s) is int and s >= 0 for s in shape) and isinstance(raw, bytes)):
+            raise pickle.UnpicklingError("a CIFAR batch array must be integer data of a fixed shape, stored as bytes")
+        if math.prod(shape) * dtype.dtype.itemsize != len(raw):
+            raise pickle.UnpicklingError(f"an array of shape {shape} and {dtype.dtype} needs "
+                                         f"{math.prod(shape) * dtype.dtype.itemsize} bytes, the batch holds {len(raw)}")
+        self.array = np.frombuffer(raw, dtype.dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _reconstruct(cls, shape, typecode):
+    if cls is not _ArrayRecord or tuple(shape) != (0,):
+        raise pickle.UnpicklingError("a CIFAR batch reconstructs only empty ndarrays that BUILD then fills")
+    return _ArrayRecord()
+
+
+def _scalar(dtype, raw):
+    if not (isinstance(dtype, _DTypeRecord) and isinstance(raw, bytes) and len(raw) == dtype.dtype.itemsize):
+        raise pickle.UnpicklingError("a CIFAR batch scalar is an integer of its dtype's size")
+    return int(np.frombuffer(raw, dtype.dtype)[0])
+
+
 class _BatchUnpickler(pickle.Unpickler):
-    "Unpickles dicts, lists, bytes and NumPy arrays, and nothing that could run code."
+    "Unpickles dicts, lists, bytes and stand-ins for NumPy arrays, and nothing that could run code or amplify the file."
     _allowed = {("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype"),
                 ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
 
+    def __init__(self, raw: bytes):
+        super().__init__(io.BytesIO(raw), encoding="bytes")
+        self.budget = len(raw)  # bytes that _codecs.encode may still make: no more than the file holds
+
+    def _encode(self, text, encoding="utf-8"):
+        if type(text) is not str or _text(encoding).lower().replace("-", "") != "latin1":
+            raise pickle.UnpicklingError(f"a CIFAR batch encodes only text as Latin-1; refusing the codec {encoding!r}")
+        self.budget -= len(text)
+        if self.budget < 0:
+            raise pickle.UnpicklingError("a CIFAR batch encodes more bytes than the file holds")
+        return text.encode("latin-1")
+
     def find_class(self, module, name):
         if (module, name) not in self._allowed:
             raise pickle.UnpicklingError(f"a CIFAR batch holds only arrays, lists and bytes; refusing to load {module}.{name}")
-        numpy2 = int(np.__version__.split(".")[0]) >= 2  # NumPy 2 renamed numpy.core to numpy._core
-        if numpy2 and module.startswith("numpy.core."):
-            module = "numpy._core." + module.removeprefix("numpy.core.")
-        elif not numpy2 and module.startswith("numpy._core."):
-            module = "numpy.core." + module.removeprefix("numpy._core.")
-        return super().find_class(module, name)
+        return {"encode": self._encode, "ndarray": _ArrayRecord, "dtype": _DTypeRecord, "_reconstruct": _reconstruct,
+                "scalar": _scalar}[name]
+
+
+def _check_memo(raw: bytes) -> None:
+    "Scan the pickle's instructions without running them: memo indices in a pickler's order (0, 1, 2, …)."
+    stored = 0
+    for opcode, argument, position in pickletools.genops(raw):
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            if argument > stored:
+                raise pickle.UnpicklingError(f"memo index {argument} at byte {position} skips ahead of the {stored} stored objects")
+            stored += 1
+        elif opcode.name == "MEMOIZE":
+            stored += 1
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     "`(data (N, 3072) uint8, labels (N,) int64)` from one pickled CIFAR-10 batch."
+    raw = path.read_bytes()
     try:
-        with open(path, "rb") as f:
-            batch = _BatchUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        _check_memo(raw)
+        batch = _BatchUnpickler(raw).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError) as e:
         raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from e
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: not a CIFAR-10 python batch (expected a dict, got {type(batch).__name__})")
     data, labels = (batch.get(key, batch.get(key.decode())) for key in (b"data", b"labels"))
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path}: b'data' must be a uint8 array of shape (N, 3072), got {getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.shape != (len(data),) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
-        raise ValueError(f"{path}: b'labels' must be {len(data)} ints in 0..9, got shape {labels.shape}")
+    data = data.array if isinstance(data, _ArrayRecord) else None
+    if data is None or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"{path}: b'data' must be a uint8 array of shape (N, 3072), got "
+                         f"{'nothing of the kind' if data is None else f'{data.dtype} {data.shape}'}")
+    if isinstance(labels, _ArrayRecord) and labels.array.ndim == 1:
+        labels = labels.array.astype(np.int64)
+    elif isinstance(labels, list) and len(labels) == len(data) and all(type(v) is int for v in labels):
+        labels = np.array(labels, dtype=np.int64) if all(0 <= v <= 9 for v in labels) else None
+    else:
+        labels = None
+    if labels is None or labels.shape != (len(data),) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+        raise ValueError(f"{path}: b'labels' must be a list of {len(data)} ints in 0..9")
     return data, labels
 
 
@@ -384,6 +496,19 @@ class _Corpus:
                 f"{len(self.train):,} train / {len(self.valid):,} validation {self.unit}s)")
 
 # %% ../nbs/75_data.ipynb #9d75e185
+TEXT_MAX_BYTES = 1 << 30  # the default cap on a corpus file (1 GiB)
+
+
+def _read_text(path: str | os.PathLike, max_bytes: int, encoding: str) -> str:
+    "The text of the file `path`, refused when it holds more than `max_bytes` bytes (read no further: /dev/zero ends too)."
+    max_bytes = _positive_int(max_bytes, "max_bytes")
+    with open(path, "rb") as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ValueError(f"{path}: more than max_bytes = {max_bytes:,} bytes of text (pass a larger max_bytes to read it)")
+    return raw.decode(encoding)
+
+
 class CharCorpus(_Corpus):
     """A character-level language-modelling corpus: `text`, split into train and (the last) validation fraction."""
     unit = "character"
@@ -403,9 +528,10 @@ class CharCorpus(_Corpus):
         self.train, self.valid = codes[:cut], codes[cut:]
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, validation: float = 0.1, encoding: str = "utf-8") -> CharCorpus:
-        "The corpus of the text file `path`."
-        return cls(Path(path).read_text(encoding=encoding), validation)
+    def from_file(cls, path: str | os.PathLike, validation: float = 0.1, encoding: str = "utf-8",
+                  max_bytes: int = TEXT_MAX_BYTES) -> CharCorpus:
+        "The corpus of the text file `path` (at most `max_bytes` bytes)."
+        return cls(_read_text(path, max_bytes, encoding), validation)
 
     def encode(self, text: str) -> Tensor:
         "The int64 vocabulary indices of the characters of `text`."
@@ -476,10 +602,10 @@ class WordCorpus(_Corpus):
     def from_files(cls, train_path: str | os.PathLike,  # e.g. ptb.train.txt
                    valid_path: str | os.PathLike | None = None,  # e.g. ptb.valid.txt (None: the tail of the training text)
                    max_vocabulary: int = 10_000, validation: float = 0.1, *, unk: str = "<unk>",
-                   eos: str | None = None, encoding: str = "utf-8") -> WordCorpus:
-        "The corpus of a training text file and, optionally, a validation file."
-        valid_text = None if valid_path is None else Path(valid_path).read_text(encoding=encoding)
-        return cls(Path(train_path).read_text(encoding=encoding), max_vocabulary, validation,
+                   eos: str | None = None, encoding: str = "utf-8", max_bytes: int = TEXT_MAX_BYTES) -> WordCorpus:
+        "The corpus of a training text file and, optionally, a validation file (each at most `max_bytes` bytes)."
+        valid_text = None if valid_path is None else _read_text(valid_path, max_bytes, encoding)
+        return cls(_read_text(train_path, max_bytes, encoding), max_vocabulary, validation,
                    valid_text=valid_text, unk=unk, eos=eos)
 
     def tokenize(self, text: str) -> list[str]:
@@ -602,6 +728,19 @@ def _seed(seed) -> int:
     return int(seed)
 
 
+def _cache_fits(path: Path, images: int) -> bool:
+    "Whether `path` can be a torch.save cache of `images` bytes: uncompressed zip records, at most 1 MB more in all."
+    slack = 1 << 20
+    try:
+        if path.stat().st_size > images + slack:
+            return False
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    return all(r.compress_type == zipfile.ZIP_STORED for r in records) and sum(r.file_size for r in records) <= images + slack
+
+
 def curves_dataset(root: str | os.PathLike | None = "data",  # the cache folder (None: no cache)
                    train: int = 20_000,  # training images (Table 6: 20,000)
                    test: int = 10_000,  # test images
@@ -617,9 +756,12 @@ def curves_dataset(root: str | os.PathLike | None = "data",  # the cache folder 
     path = None if root is None else Path(root) / f"curves-{size}px-seed{seed}-{train}-{test}.pt"
     parts = None
     if path is not None and path.is_file():
+        shapes = {"train": (train, size * size), "test": (test, size * size)}
         try:
-            saved = torch.load(path, weights_only=True)
-            if saved.get("meta") == meta:
+            saved = torch.load(path, weights_only=True) if _cache_fits(path, (train + test) * size * size) else None
+            if (isinstance(saved, dict) and saved.get("meta") == meta
+                    and all(isinstance(saved.get(k), Tensor) and saved[k].dtype == torch.uint8 and tuple(saved[k].shape) == s
+                            for k, s in shapes.items())):
                 parts = saved["train"], saved["test"]
         except Exception:  # an unreadable file is regenerated below
             pass

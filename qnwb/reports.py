@@ -11,13 +11,15 @@ import json
 import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['reports_dir', 'report_names', 'template_path', 'template_parameters', 'parse_value', 'check_parameters',
-           'use_static_figures', 'report_output', 'Report', 'to_html', 'render_report', 'report_results',
-           'learning_curves_figure', 'SummaryTable', 'summary_table']
+__all__ = ['PARAMETER_DEPTH', 'reports_dir', 'report_names', 'template_path', 'template_parameters', 'parse_value',
+           'check_parameters', 'check_literal_assignments', 'injected_parameters', 'use_static_figures',
+           'report_output', 'Report', 'to_html', 'render_report', 'report_results', 'learning_curves_figure',
+           'SummaryTable', 'summary_table']
 
 # %% ../nbs/92_reports.ipynb #7122aa22
 def reports_dir() -> Path:
@@ -45,9 +47,43 @@ def template_path(name: str) -> Path:
         raise ValueError(f"report: unknown report {name!r}; available: {', '.join(report_names()) or 'none'}")
     return path
 
+# %% ../nbs/92_reports.ipynb #5e1f0a02
+PARAMETER_DEPTH = 32  # how deeply a parameter value may nest lists and dicts
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _short(value) -> str:
+    "`repr(value)` cut short (bounded work, one line), for error messages."
+    return _REPR.repr(value)
+
+
+def _plain(value, where: str, depth: int = 0, tuples: bool = True):
+    """`value` checked to be plain data (see above) and copied, tuples as lists; a ValueError naming `where` otherwise.
+    `tuples=False` refuses tuples (a template's defaults, which papermill would pass on as they are)."""
+    if depth > PARAMETER_DEPTH:
+        raise ValueError(f"parameters: {where} nests lists / dicts more than {PARAMETER_DEPTH} deep")
+    kind = type(value)
+    if value is None or kind in (bool, int, str):
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise ValueError(f"parameters: {where} must be a finite number, got {value!r}")
+        return value
+    if kind is list or kind is tuple and tuples:
+        return [_plain(v, f"{where}[{i}]", depth + 1, tuples) for i, v in enumerate(value)]
+    if kind is dict:
+        for key in value:
+            if type(key) is not str:
+                raise ValueError(f"parameters: {where} has the key {_short(key)}, a {type(key).__name__}; dict keys must be str")
+        return {key: _plain(v, f"{where}[{key!r}]", depth + 1, tuples) for key, v in value.items()}
+    hint = " (write a list instead of a tuple)" if kind is tuple else ""
+    raise ValueError(f"parameters: {where} must be None, a bool, int, float or str, or a list / dict (str keys) of those{hint}; "
+                     f"got a {kind.__name__}: {_short(value)}")
+
 # %% ../nbs/92_reports.ipynb #cdb57063
 def template_parameters(path: str | os.PathLike) -> dict:
-    "The defaults of a template's `parameters` cell (literal assignments only)."
+    "The defaults of a template's `parameters` cell (literal assignments of plain data only)."
     cells = json.loads(Path(path).read_text())["cells"]
     tagged = [c for c in cells if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(tagged) != 1:
@@ -57,42 +93,140 @@ def template_parameters(path: str | os.PathLike) -> dict:
     for statement in ast.parse(source).body:
         if not (isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name)):
             raise ValueError(f"{path}: the parameters cell may only assign literals to names, found {ast.unparse(statement)!r}")
+        name = statement.targets[0].id
         try:
-            defaults[statement.targets[0].id] = ast.literal_eval(statement.value)
+            value = ast.literal_eval(statement.value)
         except ValueError:
-            raise ValueError(f"{path}: parameter {statement.targets[0].id} is not a literal: {ast.unparse(statement.value)}") from None
+            raise ValueError(f"{path}: parameter {name} is not a literal: {ast.unparse(statement.value)}") from None
+        try:
+            defaults[name] = _plain(value, f"the default of {name}", tuples=False)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     return defaults
 
 # %% ../nbs/92_reports.ipynb #3815cd3e
-def parse_value(text: str):
+def parse_value(text: str,  # a value as typed on the command line
+                max_length: int = 100_000,  # longer texts are refused before parsing
+                ):
     "A command-line value as a Python literal when it is one, else the string itself."
+    if not isinstance(text, str):
+        raise TypeError(f"value: expected a str, got {type(text).__name__}")
+    if len(text) > max_length:
+        raise ValueError(f"value: {len(text):,} characters, more than the {max_length:,} a value may have: {_short(text)}")
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError):  # not a literal (a name such as adam, or a nesting the parser refuses): the text itself
         return text
+    except (RecursionError, MemoryError):  # the parser's own recursion / stack limits
+        raise ValueError(f"value: nested too deeply to read: {_short(text)}") from None
 
 
 def _type_name(value) -> str:
     return type(value).__name__
 
 
+def _shape(value):
+    "What two plain values must share to be of one kind: the type, and for lists / dicts the shapes inside."
+    if type(value) is list:
+        inner = {_shape(v) for v in value}
+        return ("list", inner.pop() if len(inner) == 1 else None)
+    if type(value) is dict:
+        return ("dict", tuple(sorted((k, _shape(v)) for k, v in value.items())))
+    return _type_name(value)
+
+
+def _common(values: list):
+    "The first of `values` when all have one shape, else None (then anything plain goes)."
+    return values[0] if values and len({_shape(v) for v in values}) == 1 else None
+
+
+def _conform(value, default, where: str, depth: int = 0):
+    "`value` checked against `default` (see above) and copied as plain data; a ValueError naming `where` otherwise."
+    if default is None:
+        return _plain(value, where, depth)
+    if depth > PARAMETER_DEPTH:
+        raise ValueError(f"parameters: {where} nests lists / dicts more than {PARAMETER_DEPTH} deep")
+    kind, expected = type(value), type(default)
+    ok = (kind is expected or expected is float and kind is int
+          or expected is list and kind is tuple)
+    if not ok:
+        like = f"like its default {_short(default)}" if depth == 0 else f"like {_short(default)} in the default"
+        raise ValueError(f"parameters: {where} must be a {_type_name(default)} {like}, got {_short(value)}")
+    if expected is list:
+        element = _common(default)
+        return [_conform(v, element, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if expected is dict:
+        mapping = None if not default else _common(list(default.values()))
+        checked = {}
+        for key, v in value.items():
+            if type(key) is not str:
+                raise ValueError(f"parameters: {where} has the key {_short(key)}, a {type(key).__name__}; dict keys must be str")
+            if key not in default and default and mapping is None:
+                raise ValueError(f"parameters: {where} has no key {key!r}; it takes {', '.join(map(repr, default))}")
+            checked[key] = _conform(v, default.get(key, mapping), f"{where}[{key!r}]", depth + 1)
+        return checked
+    return _plain(value, where, depth)
+
+
 def check_parameters(defaults: dict, given: dict | None) -> dict:
-    "The defaults updated with `given`, after checking names and types."
+    "The defaults updated with `given`, after checking names and values (plain data of the defaults' types, to any depth)."
     given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
+    unknown = sorted(str(name) for name in given if name not in defaults)
     if unknown:
         raise ValueError(f"parameters: unknown {', '.join(unknown)}; this report takes {', '.join(defaults) or 'none'}")
-    merged = dict(defaults)
+    merged = {name: _plain(default, f"the default of {name}", tuples=False) for name, default in defaults.items()}
     for name, value in given.items():
-        default = defaults[name]
-        sequence = (list, tuple)
-        ok = (default is None or isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
-              or isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
-              or isinstance(default, sequence) and isinstance(value, sequence))
-        if not ok:
-            raise ValueError(f"parameters: {name} must be a {_type_name(default)} like its default {default!r}, got {value!r}")
-        merged[name] = list(value) if isinstance(default, list) else tuple(value) if isinstance(default, tuple) else value
+        merged[name] = _conform(value, merged[name], name)
     return merged
+
+# %% ../nbs/92_reports.ipynb #5e1f0a06
+def _identical(a, b) -> bool:
+    "Equal plain data of the same types, all the way down (`True` is not `1`, `1` is not `1.0`)."
+    if type(a) is not type(b):
+        return False
+    if type(a) is list:
+        return len(a) == len(b) and all(map(_identical, a, b))
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(_identical(a[k], b[k]) for k in a)
+    return a == b
+
+
+def check_literal_assignments(source: str, parameters: dict) -> dict:
+    "Check that Python `source` is nothing but `name = literal` lines that give back exactly `parameters`; returns what it assigns."
+    try:
+        body = ast.parse(source).body
+    except SyntaxError as e:
+        raise ValueError(f"parameters: the cell to inject is not valid Python ({e.msg}); refusing to run it") from None
+    assigned = {}
+    for statement in body:
+        if not (isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name)):
+            raise ValueError(f"parameters: the cell to inject holds {_short(ast.unparse(statement))}, "
+                             "which is not a literal assignment; refusing to run it")
+        name = statement.targets[0].id
+        try:
+            assigned[name] = ast.literal_eval(statement.value)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            raise ValueError(f"parameters: {name} would reach the report as the code {_short(ast.unparse(statement.value))}, "
+                             "not as a literal; refusing to run it") from None
+    for name in sorted(set(assigned) | set(parameters)):
+        if name not in assigned or name not in parameters or not _identical(assigned[name], parameters[name]):
+            raise ValueError(f"parameters: {name} would reach the report as {_short(assigned.get(name, 'nothing'))} instead of "
+                             f"{_short(parameters.get(name, 'nothing'))}; refusing to run it")
+    return assigned
+
+
+def injected_parameters(template: str | os.PathLike,  # a report template (template_path(name))
+                        parameters: dict,  # the checked parameters (check_parameters)
+                        kernel: str = "python3",  # the kernel papermill will run it with
+                        ) -> str:
+    """The source of the cell papermill injects into `template` for `parameters`, checked by `check_literal_assignments`."""
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    notebook = parameterize_notebook(load_notebook_node(str(template)), parameters, kernel_name=kernel)
+    source = next(cell.source for cell in notebook.cells if "injected-parameters" in cell.metadata.get("tags", []))
+    check_literal_assignments(source, parameters)
+    return source
 
 # %% ../nbs/92_reports.ipynb #8993da1f
 def use_static_figures() -> None:
@@ -135,6 +269,11 @@ def to_html(notebook: str | os.PathLike, html: str | os.PathLike) -> Path:
     return Path(html)
 
 
+def _unformatted(path: Path) -> str:
+    "`path` for papermill, which fills `{name}` in its paths with parameters (str.format): braces doubled, so it stays itself."
+    return str(path).replace("{", "{{").replace("}", "}}")
+
+
 def render_report(
     name: str,  # a template of nbs/reports (report_names())
     parameters: dict | None = None,  # overrides of the template's defaults (checked before running)
@@ -151,6 +290,7 @@ def render_report(
 
     template = template_path(name)
     merged = check_parameters(template_parameters(template), parameters)
+    injected_parameters(template, merged, kernel)  # what the kernel will receive: the checked literals, nothing else
     folder = Path(out)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -168,7 +308,7 @@ def render_report(
     previous = os.environ.get("QNWB_REPORT_DIR")
     os.environ["QNWB_REPORT_DIR"], os.environ["QNWB_REPORT_STEM"] = str(folder.resolve()), stem
     try:
-        papermill.execute_notebook(str(template), str(executed), parameters=merged, kernel_name=kernel, progress_bar=progress,
+        papermill.execute_notebook(_unformatted(template), _unformatted(executed), parameters=merged, kernel_name=kernel, progress_bar=progress,
                                    cwd=str(template.parent), execution_timeout=timeout)
     finally:
         if previous is None:

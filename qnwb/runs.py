@@ -423,21 +423,94 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return c
 
 
-def load_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The checked configuration in the JSON or YAML file `path` (ValueError naming the file when it cannot be read)."""
-    path = Path(path)
+@lru_cache(maxsize=1)
+def _strict_yaml_loader():
+    """A yaml.SafeLoader that refuses anchors and aliases (`&a` / `*a`: a few hundred bytes of them expand into gigabytes
+    once anything walks the result) and duplicate mapping keys (YAML keeps the last one silently); made on first use."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise yaml.MarkedYAMLError(problem="anchors and aliases (&name, *name) are not allowed in a configuration",
+                                           problem_mark=event.start_mark)
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        duplicate = key in seen
+                    except TypeError:  # an unhashable key: SafeLoader's own error below
+                        continue
+                    if duplicate:
+                        raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+def _unique_keys(pairs: list) -> dict:
+    "json's object_pairs_hook: a dict, refusing a key given twice (json keeps the last one silently)."
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _nesting(data) -> int:
+    "How deeply `data` nests dicts and lists (iteratively: no recursion on a deep input)."
+    deepest, stack = 0, [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return deepest
+
+
+def load_config(path: str | os.PathLike,  # a JSON file, or YAML (.yaml / .yml); ~ is expanded
+                max_bytes: int = 1 << 20,  # larger files are refused before they are parsed
+                max_depth: int = 32,  # how deeply the settings may nest mappings and lists
+                ) -> dict[str, Any]:
+    """The checked configuration in the JSON or YAML file `path` (one-line ValueError naming the file when it cannot be read).
+    The file is data: YAML is read by a SafeLoader without anchors / aliases, duplicate keys are refused in both formats."""
+    path = Path(path).expanduser()
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
+    kind = "YAML" if yaml_file else "JSON"
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"config: cannot read {str(path)!r}: {e}") from None
+    if len(raw) > max_bytes:
+        raise ValueError(f"config: {str(path)!r} is larger than max_bytes = {max_bytes:,} bytes; a configuration is a few settings")
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
+        if yaml_file:
             import yaml
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_strict_yaml_loader())
         else:
-            data = json.loads(text)
-    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
-        raise ValueError(f"config: {str(path)!r} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+    except (RecursionError, MemoryError):
+        raise ValueError(f"config: {str(path)!r} nests too deeply to read") from None
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError, a duplicate key
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        problem = getattr(e, "problem", None) or getattr(e, "context", None)
+        where, detail = (f" at line {mark.line + 1}, column {mark.column + 1}", problem) if mark is not None and problem else ("", str(e))
+        raise ValueError(f"config: {str(path)!r} is not valid {kind}{where}: {' '.join(detail.split())}") from None  # one line
+    if _nesting(data) > max_depth:
+        raise ValueError(f"config: {str(path)!r} nests mappings and lists more than max_depth = {max_depth} deep")
     if not isinstance(data, Mapping):
         raise ValueError(f"config: {str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
     return check_config(data)
