@@ -17,7 +17,8 @@ from torch import Tensor, nn
 # %% auto #0
 __all__ = ['ParamsLike', 'SETTING_BOUNDS', 'STATE_KINDS', 'param_list', 'flat_params', 'flat_grads', 'unflatten', 'assign_flat_',
            'FlatBuffer', 'default_device', 'check_positive_int', 'check_number', 'seed_everything', 'make_generator',
-           'rng_state', 'set_rng_state', 'check_setting', 'tag_state', 'check_state_tag', 'check_state_entries']
+           'rng_state', 'set_rng_state', 'check_setting', 'tag_state', 'check_state_tag', 'check_param_groups',
+           'check_state_entries']
 
 # %% ../nbs/00_core.ipynb #acd443b6
 ParamsLike = nn.Module | Iterable[Tensor] | Iterable[Mapping]
@@ -287,6 +288,24 @@ def check_state_tag(optimizer,  # the optimizer about to load
     if saved_by is not None and saved_by != name:
         raise ValueError(f"state_dict: saved by {saved_by}, this optimizer is {name}")
     return state_dict
+
+
+def check_param_groups(optimizer,  # the optimizer about to load
+                       groups,  # the saved state_dict's "param_groups"
+                       ) -> list:
+    """`groups` after refusing (ValueError) anything but a list of dicts, one per parameter group of `optimizer`, each with a
+    "params" list numbering its parameters as torch's `state_dict()` does: 0, 1, … across the groups, in order."""
+    own = optimizer.param_groups
+    if not isinstance(groups, list) or len(groups) != len(own) or not all(isinstance(g, Mapping) for g in groups):
+        raise ValueError(f"state_dict['param_groups']: expected a list of {len(own)} parameter group(s) (dicts), got {groups!r:.80}")
+    start = 0
+    for i, (saved, group) in enumerate(zip(groups, own)):
+        expected = list(range(start, start + len(group["params"])))
+        if not isinstance(saved.get("params"), list) or saved["params"] != expected:
+            raise ValueError(f"state_dict['param_groups'][{i}]['params']: expected the indices of its {len(expected)} "
+                             f"parameters, {expected!r:.60}")
+        start += len(expected)
+    return groups
 
 
 def _entry_error(kind: str, value, n: int) -> str | None:

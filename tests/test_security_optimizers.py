@@ -213,7 +213,7 @@ def other_kind(t):
 def corruptions(saved, optional=()):
     """(label, corrupted state) pairs: every top-level entry and every per-parameter entry (except the `optional` ones, whose
     absence is a valid state) missing; every tensor with a wrong shape, a dtype of the wrong kind, or as a list; a negative
-    step count; a setting of the wrong type, and an absurd one."""
+    step count; the parameter indices renumbered or one short; a setting of the wrong type, and an absurd one."""
     for key in saved:
         if key != "optimizer":
             yield f"no {key!r}", replaced(saved, (key,), None)
@@ -229,6 +229,8 @@ def corruptions(saved, optional=()):
         yield "a negative step count", replaced(saved, ("state", 0, "step"), lambda k: -1)
     if "updates" in saved:
         yield "a negative update count", replaced(saved, ("updates",), lambda k: -1)
+    yield "parameters renumbered", replaced(saved, ("param_groups", 0, "params"), lambda indices: [i + 1 for i in indices])
+    yield "a parameter missing", replaced(saved, ("param_groups", 0, "params"), lambda indices: indices[:-1])
     group = saved["param_groups"][0]
     setting = "lr" if "lr" in group else "damping" if "damping" in group else "memory"
     yield f"{setting} as a string", replaced(saved, ("param_groups", 0, setting), lambda v: "0.1")

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..core import (SETTING_BOUNDS, _flatten, assign_flat_, check_number, check_positive_int, check_setting, check_state_entries,
-                       check_state_tag, flat_params, make_generator, tag_state)
+from ..core import (SETTING_BOUNDS, _flatten, assign_flat_, check_number, check_param_groups, check_positive_int, check_setting,
+                       check_state_entries, check_state_tag, flat_params, make_generator, tag_state)
 from ..curvature import GGN, STRUCTURAL_DISTANCES, Hessian, empirical_fisher_diagonal, ggn_diagonal_estimate
 from ..losses import MatchingLoss, matching_loss
 from .schedules import evaluate_schedule
@@ -300,7 +300,7 @@ class HessianFree(torch.optim.Optimizer):
 
     def _check_state(self, state_dict) -> dict:
         "Everything `load_state_dict` checks before it changes anything; returns the state without its tag."
-        group, settings, n = self.param_groups[0], sorted(self.defaults), sum(p.numel() for p in self.param_groups[0]["params"])
+        settings, n = sorted(self.defaults), sum(p.numel() for p in self.param_groups[0]["params"])
         groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
         saved_group = groups[0] if isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], Mapping) else None
         # untagged: provably HF's when its group holds all of HF's settings (no other qnwb optimizer's does) beside its options
@@ -309,13 +309,10 @@ class HessianFree(torch.optim.Optimizer):
         expected = {"state", "param_groups", "options", "generator"}
         if set(state_dict) != expected:
             raise ValueError(f"state_dict: expected the entries {sorted(expected)} of a HessianFree, got {sorted(state_dict)}")
-        if saved_group is None:
-            raise ValueError(f"state_dict['param_groups']: expected a list of one parameter group (a dict), got {groups!r:.80}")
-        missing = [key for key in (*settings, "params") if key not in saved_group]
+        check_param_groups(self, groups)
+        missing = [key for key in settings if key not in saved_group]
         if missing:
             raise ValueError(f"state_dict['param_groups'][0]: no {missing} entries (a HessianFree has {settings})")
-        if not isinstance(saved_group["params"], list) or len(saved_group["params"]) != len(group["params"]):
-            raise ValueError(f"state_dict['param_groups'][0]['params']: expected {len(group['params'])} parameter indices")
         options = state_dict["options"]
         if not isinstance(options, Mapping) or set(options) != set(self.options):
             raise ValueError(f"state_dict['options']: expected the options {sorted(self.options)}, got "

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import (assign_flat_, check_number, check_positive_int, check_setting, check_state_entries, check_state_tag,
-                       flat_grads, flat_params, param_list, tag_state)
+from ..core import (assign_flat_, check_number, check_param_groups, check_positive_int, check_setting, check_state_entries,
+                       check_state_tag, flat_grads, flat_params, param_list, tag_state)
 from .memory import CURVATURE_RULES, DIAGONAL_KINDS, DiagonalScaling, PairMemory, curvature_condition, powell_damping, two_loop
 
 # %% auto #0
@@ -246,19 +246,16 @@ class FlatOptimizer(torch.optim.Optimizer):
         # untagged: provably this optimizer's when its group holds all of this class's settings (no other qnwb optimizer's does)
         state_dict = check_state_tag(self, state_dict, saved_group is not None and set(settings) <= set(saved_group),
                                      f"its parameter group lacks some of {name}'s settings {settings}")
-        unknown = set(state_dict) - {"state", "param_groups", *(part for part in parts if parts[part] is not None)}
-        if unknown:
-            raise ValueError(f"state_dict: unknown entries {sorted(unknown)} for a {name}")
-        if saved_group is None:
-            raise ValueError(f"state_dict['param_groups']: expected a list of one parameter group (a dict), got {groups!r:.80}")
-        missing = [key for key in (*settings, "params") if key not in saved_group]
+        check_param_groups(self, groups)
+        missing = [key for key in settings if key not in saved_group]
         if missing:
             raise ValueError(f"state_dict['param_groups'][0]: no {missing} entries (a {name} has {settings})")
-        if not isinstance(saved_group["params"], list) or len(saved_group["params"]) != len(group["params"]):
-            raise ValueError(f"state_dict['param_groups'][0]['params']: expected {len(group['params'])} parameter indices")
         for key in self._same:
             if saved_group[key] != group[key]:
                 raise ValueError(f"state_dict: saved with {key}={saved_group[key]!r}, this optimizer has {key}={group[key]!r}")
+        unknown = set(state_dict) - {"state", "param_groups", *(part for part in parts if parts[part] is not None)}
+        if unknown:
+            raise ValueError(f"state_dict: unknown entries {sorted(unknown)} for a {name}")
         try:
             self._stand_in({key: saved_group[key] for key in settings})
         except (ValueError, TypeError) as e:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..core import check_state_tag, tag_state
+from ..core import check_param_groups, check_state_tag, tag_state
 from .schedules import evaluate_schedule
 
 # %% auto #0
@@ -61,7 +61,7 @@ class _Momentum(torch.optim.Optimizer):
             return False
         by_device: dict[torch.device, list[Tensor]] = {}
         tensors = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if isinstance(loss, Tensor):
+        if isinstance(loss, Tensor) and loss.is_floating_point():
             tensors.append(loss.detach().reshape(-1))
         for t in tensors:
             t = t.coalesce().values() if t.is_sparse else t
@@ -107,15 +107,11 @@ class _Momentum(torch.optim.Optimizer):
         updates = state_dict["updates"]
         if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
             raise ValueError(f"state_dict['updates']: expected an int ≥ 0, got {updates!r}")
-        groups = state_dict["param_groups"]
-        if not isinstance(groups, list) or len(groups) != len(self.param_groups) or not all(isinstance(g, Mapping) for g in groups):
-            raise ValueError(f"state_dict['param_groups']: expected a list of {len(self.param_groups)} parameter groups (dicts)")
-        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            missing = [key for key in ("lr", "momentum", "params") if key not in saved]
+        groups = check_param_groups(self, state_dict["param_groups"])
+        for i, saved in enumerate(groups):
+            missing = [key for key in ("lr", "momentum") if key not in saved]
             if missing:
                 raise ValueError(f"state_dict['param_groups'][{i}]: no {missing} entries")
-            if not isinstance(saved["params"], list) or len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state_dict['param_groups'][{i}]['params']: expected {len(group['params'])} parameter indices")
             for key in ("lr", "momentum"):
                 try:
                     if callable(saved[key]):
