@@ -15,8 +15,10 @@ import torch
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['ParamsLike', 'param_list', 'flat_params', 'flat_grads', 'unflatten', 'assign_flat_', 'FlatBuffer', 'default_device',
-           'check_positive_int', 'check_number', 'seed_everything', 'make_generator', 'rng_state', 'set_rng_state']
+__all__ = ['ParamsLike', 'SETTING_BOUNDS', 'STATE_KINDS', 'param_list', 'flat_params', 'flat_grads', 'unflatten', 'assign_flat_',
+           'FlatBuffer', 'default_device', 'check_positive_int', 'check_number', 'seed_everything', 'make_generator',
+           'rng_state', 'set_rng_state', 'check_setting', 'tag_state', 'check_state_tag', 'check_param_groups',
+           'check_state_entries']
 
 # %% ../nbs/00_core.ipynb #acd443b6
 ParamsLike = nn.Module | Iterable[Tensor] | Iterable[Mapping]
@@ -229,3 +231,125 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+# %% ../nbs/00_core.ipynb #03ef09f7
+SETTING_BOUNDS: dict[str, float | int] = {
+    "step_size": 1e4,  # ε, α: lr of every optimizer (torch's baselines too), HessianFree's learning_rate
+    "scale": 1e10,  # HessianFree's damping λ, shift κ, structural μ; L-SR1's radius Δ, max_radius, |γ|
+    "slots": 10_000,  # buffer sizes: the quasi-Newton memories m and adaQN's Fisher memory m_F
+}
+_BOUND_REASONS = {"step_size": "a larger step size can only overflow", "scale": "a larger scale can only stall steps or overflow",
+                  "slots": "a larger buffer can only exhaust memory"}
+
+
+def check_setting(name: str,  # the parameter, for the message
+                  value,  # the value given
+                  kind: str,  # a key of SETTING_BOUNDS: "step_size", "scale" or "slots"
+                  low: float = 0.0,  # the lower end of the range (ignored for "slots": they start at 1)
+                  low_open: bool = True,  # whether `low` itself is refused
+                  ) -> float | int:
+    """`value` checked against qnwb's range for a setting of `kind`: a finite number in (low, SETTING_BOUNDS[kind]] (as a
+    float), or for "slots" an int in [1, SETTING_BOUNDS["slots"]]; else a one-line ValueError naming `name` and the range."""
+    if kind not in SETTING_BOUNDS:
+        raise ValueError(f"kind: {kind!r} is not one of {sorted(SETTING_BOUNDS)}")
+    bound = SETTING_BOUNDS[kind]
+    if kind == "slots":
+        check_positive_int(name, value)
+        if value > bound:
+            raise ValueError(f"{name}: must be an int in [1, {bound}], got {value!r} ({_BOUND_REASONS[kind]}: qnwb.core.SETTING_BOUNDS)")
+        return value
+    number = check_number(name, value, low, math.inf, low_open)
+    if number > bound:
+        raise ValueError(f"{name}: must be in {'(' if low_open else '['}{low}, {bound:g}], got {value!r} "
+                         f"({_BOUND_REASONS[kind]}: qnwb.core.SETTING_BOUNDS)")
+    return number
+
+# %% ../nbs/00_core.ipynb #df2ae175
+STATE_KINDS = ("int", "count", "vector", "scalar", "scalar_or_none", "number_or_none")
+
+
+def tag_state(optimizer, saved: dict) -> dict:
+    """`saved` (an optimizer's state_dict) with the optimizer's class name under the key "optimizer"."""
+    return {**saved, "optimizer": type(optimizer).__name__}
+
+
+def check_state_tag(optimizer,  # the optimizer about to load
+                    state_dict,  # what it was given
+                    untagged_ok: bool,  # whether a state without a name is provably this optimizer's
+                    untagged_hint: str = "",  # why an untagged state is refused, for the message
+                    ) -> dict:
+    """A copy of `state_dict` without its "optimizer" tag, after refusing one that is not a dict, names another optimizer,
+    or names none where `untagged_ok` is false (ValueErrors naming both optimizers)."""
+    name = type(optimizer).__name__
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"state_dict: expected the dict of {name}.state_dict(), got {type(state_dict).__name__}")
+    state_dict = dict(state_dict)
+    saved_by = state_dict.pop("optimizer", None)
+    if saved_by is None and not untagged_ok:
+        raise ValueError(f"state_dict: names no optimizer (saved before qnwb tagged its states, or not by a qnwb optimizer) "
+                         f"and cannot be proved {name}'s{': ' + untagged_hint if untagged_hint else ''}")
+    if saved_by is not None and saved_by != name:
+        raise ValueError(f"state_dict: saved by {saved_by}, this optimizer is {name}")
+    return state_dict
+
+
+def check_param_groups(optimizer,  # the optimizer about to load
+                       groups,  # the saved state_dict's "param_groups"
+                       ) -> list:
+    """`groups` after refusing (ValueError) anything but a list of dicts, one per parameter group of `optimizer`, each with a
+    "params" list numbering its parameters as torch's `state_dict()` does: 0, 1, … across the groups, in order."""
+    own = optimizer.param_groups
+    if not isinstance(groups, list) or len(groups) != len(own) or not all(isinstance(g, Mapping) for g in groups):
+        raise ValueError(f"state_dict['param_groups']: expected a list of {len(own)} parameter group(s) (dicts), got {groups!r:.80}")
+    start = 0
+    for i, (saved, group) in enumerate(zip(groups, own)):
+        expected = list(range(start, start + len(group["params"])))
+        if not isinstance(saved.get("params"), list) or saved["params"] != expected:
+            raise ValueError(f"state_dict['param_groups'][{i}]['params']: expected the indices of its {len(expected)} "
+                             f"parameters, {expected!r:.60}")
+        start += len(expected)
+    return groups
+
+
+def _entry_error(kind: str, value, n: int) -> str | None:
+    "What is wrong with `value` as an entry of `kind` (STATE_KINDS), or None."
+    if kind.endswith("_or_none"):
+        if value is None:
+            return None
+        kind = kind.removesuffix("_or_none")
+    if kind in ("int", "number"):
+        ok = isinstance(value, int) or (kind == "number" and isinstance(value, float))
+        if isinstance(value, bool) or not ok or (kind == "int" and value < 0):
+            return f"expected {'an int ≥ 0' if kind == 'int' else 'a number'}, got {value!r}"
+        return None
+    if not isinstance(value, Tensor):
+        return f"expected a tensor, got {type(value).__name__}"
+    integer = not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+    shape = {"count": (), "scalar": (), "vector": (n,)}[kind]
+    if (kind == "count") != integer or (kind != "count" and not value.is_floating_point()):
+        return f"expected a{'n integer' if kind == 'count' else ' floating-point'} tensor, got dtype {value.dtype}"
+    if tuple(value.shape) != shape:
+        return f"expected shape {shape}, got {tuple(value.shape)}"
+    return None
+
+
+def check_state_entries(where: str,  # the entry's place, for messages, e.g. "state_dict['state'][0]"
+                        state,  # the saved per-parameter state (a dict)
+                        required: Mapping[str, str],  # key ↦ kind (STATE_KINDS) of the entries a fresh state has
+                        optional: Mapping[str, str] = {},  # key ↦ kind of entries present after some steps or settings
+                        n: int = 0,  # the length of a "vector"
+                        ) -> None:
+    """Refuse (ValueError) a per-parameter state that lacks a required entry, has an unknown one, or holds a value of the
+    wrong kind: "int" (a Python int ≥ 0), "count" (a 0-dim integer tensor), "vector" (a floating-point tensor of shape
+    (n,)), "scalar" (a 0-dim floating-point tensor), and the same or None for "…_or_none" ("number": an int or a float)."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where}: expected a dict of entries, got {type(state).__name__}")
+    missing = sorted(set(required) - set(state))
+    unknown = sorted(set(state) - set(required) - set(optional))
+    if missing or unknown:
+        raise ValueError(f"{where}: {'missing entries ' + str(missing) if missing else ''}{'; ' if missing and unknown else ''}"
+                         f"{'unknown entries ' + str(unknown) if unknown else ''}")
+    for key, value in state.items():
+        error = _entry_error({**optional, **required}[key], value, n)
+        if error:
+            raise ValueError(f"{where}[{key!r}]: {error}")

@@ -605,7 +605,7 @@ def test_queued_changes_are_checked_together_and_construction_only_settings_are_
 
 def test_a_memory_that_cannot_be_allocated_is_refused_as_a_value_and_nothing_of_the_real_size_is_built():
     adaqn = Runner({**_SMALL, "optimizer": "adaqn"}, store=False, progress=False)
-    with pytest.raises(ValueError, match="memory = 10000000000000 is refused: RuntimeError"):
+    with pytest.raises(ValueError, match="memory = 10000000000000 is refused: "):  # by the bound on slots, before allocating
         adaqn.steer("memory", 10**13)
     assert adaqn._steering == [] and adaqn.optimizer.memory.size == 10
 

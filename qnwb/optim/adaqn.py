@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 import math
 
-from ..core import assign_flat_, check_number, check_positive_int, flat_params
+from ..core import assign_flat_, check_number, check_positive_int, check_setting, flat_params
 from ..curvature import GGN, Hessian
 from ..losses import MatchingLoss, matching_loss
 from .lbfgs import FlatOptimizer, _one_group
@@ -57,8 +57,8 @@ class SQN(FlatOptimizer):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        check_number("lr", lr, 0.0, low_open=True)
-        check_positive_int("memory", memory)
+        check_setting("lr", lr, "step_size")
+        check_setting("memory", memory, "slots")
         check_positive_int("L", L)
         if curvature not in CURVATURES:
             raise ValueError(f"curvature: {curvature!r} is not one of {CURVATURES}")
@@ -86,6 +86,15 @@ class SQN(FlatOptimizer):
         return state
 
     _counts = ("L",)
+    _bounded = {"lr": "step_size"}
+    _entries = {"step": "int", "cycles": "int", "function_evaluations": "int", "curvature_products": "int", "iterate_sum": "vector",
+                "pairs_stored": "count", "pairs_skipped": "count", "non_finite": "count"}
+    _optional_entries = {"cycle_start": "int", "cycle_length": "int",  # absent from states saved before L could change
+                         "previous_average": "vector"}  # from the first cycle's end
+
+    def _stand_in(self, settings: dict) -> SQN:
+        "An SQN with `settings` on a one-weight stand-in model (its constructor checks them)."
+        return SQN(nn.Linear(1, 1, bias=False), self.loss, **settings)
 
     def _curvature_product(self, average: Tensor, s: Tensor, batch, group) -> Tensor:
         "`∇²f(w̄) s` (or the GGN's) on `batch`, with the parameters at `w̄` only while the operator is built."
@@ -175,7 +184,7 @@ class GradientFIFO(RingBuffer):
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        check_positive_int("size", size)
+        check_setting("size", size, "slots")
         check_positive_int("n", n)
         self.n = n
         self.G = torch.zeros(size, n, dtype=dtype, device=device)  # row j: the gradient in slot j
@@ -245,10 +254,10 @@ class AdaQN(FlatOptimizer):
         relative_threshold: float = 0.01,  # γ̃ ∈ (0, 1) of acceptance="relative"
     ):
         tensors = _one_group(params)
-        check_number("lr", lr, 0.0, low_open=True)
+        check_setting("lr", lr, "step_size")
         check_positive_int("L", L)
-        check_positive_int("memory", memory)
-        check_positive_int("fisher_memory", fisher_memory)
+        check_setting("memory", memory, "slots")
+        check_setting("fisher_memory", fisher_memory, "slots")
         check_number("epsilon", epsilon, 0.0)
         check_number("gamma", gamma, 1.0)
         check_number("adagrad_epsilon", adagrad_epsilon, 0.0, low_open=True)
@@ -293,6 +302,12 @@ class AdaQN(FlatOptimizer):
 
     _sized = {"memory": "memory", "fisher_memory": "fisher"}
     _counts = ("L",)
+    _bounded = {"lr": "step_size"}
+    _entries = {"step": "int", "cycles": "int", "function_evaluations": "int", "monitor_evaluations": "int", "epoch_steps": "int",
+                "iterate_sum": "vector", "pairs_stored": "count", "pairs_skipped": "count", "rejections": "count",
+                "epoch_memory": "count"}
+    _optional_entries = {"cycle_start": "int", "cycle_length": "int",  # absent from states saved before L could change
+                         "previous_average": "vector"}  # from the first cycle's end
 
     def _parts(self) -> dict:
         "The pair memory, the Fisher FIFO and the Adagrad accumulator."

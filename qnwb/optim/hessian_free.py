@@ -8,12 +8,13 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ..core import _flatten, assign_flat_, check_number, check_positive_int, flat_params, make_generator
+from ..core import (SETTING_BOUNDS, _flatten, assign_flat_, check_number, check_param_groups, check_positive_int, check_setting,
+                       check_state_entries, check_state_tag, flat_params, make_generator, tag_state)
 from ..curvature import GGN, STRUCTURAL_DISTANCES, Hessian, empirical_fisher_diagonal, ggn_diagonal_estimate
 from ..losses import MatchingLoss, matching_loss
 from .schedules import evaluate_schedule
@@ -25,9 +26,10 @@ __all__ = ['PRESETS', 'levenberg_marquardt', 'curvature_operator', 'HessianFree'
 # %% ../../nbs/40_hessian_free.ipynb #70db14c4
 def levenberg_marquardt(damping: float, rho: float, decrease: float = 2 / 3, increase: float = 3 / 2,
                         low: float = 0.25, high: float = 0.75) -> float:
-    """The next λ by the Levenberg–Marquardt heuristic of M&S 2012 §8.5 (a non-finite ρ counts as a bad step)."""
+    """The next λ by the Levenberg–Marquardt heuristic of M&S 2012 §8.5 (a non-finite ρ counts as a bad step), at most
+    qnwb.core.SETTING_BOUNDS["scale"]: a run of bad steps stalls there instead of growing λ until λv overflows."""
     if not math.isfinite(rho) or rho < low:
-        return damping * increase
+        return min(damping * increase, SETTING_BOUNDS["scale"])
     if rho > high:
         return damping * decrease
     return damping
@@ -86,8 +88,8 @@ class HessianFree(torch.optim.Optimizer):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        check_number("damping", damping, 0.0, low_open=True)  # the LM rule is multiplicative: λ = 0 could never rise
-        check_number("structural_damping", structural_damping, 0.0)
+        check_setting("damping", damping, "scale")  # the LM rule is multiplicative: λ = 0 could never rise
+        check_setting("structural_damping", structural_damping, "scale", low_open=False)
         self.schedules = {name: value for name, value in (("warm_start", warm_start), ("learning_rate", learning_rate)) if callable(value)}
         warm_start, learning_rate = (self._hyperparameter(name, value, 0) for name, value in (("warm_start", warm_start), ("learning_rate", learning_rate)))
         check_number("cg_tolerance", cg_tolerance, 0.0, 1.0, low_open=True, high_open=True)
@@ -118,7 +120,7 @@ class HessianFree(torch.optim.Optimizer):
         if preconditioner not in (None, "auto", "fisher", "chapelle_erhan"):
             raise ValueError(f"preconditioner: {preconditioner!r} is not None, 'auto', 'fisher' or 'chapelle_erhan'")
         check_number("preconditioner_exponent", preconditioner_exponent, 0.0, 1.0, low_open=True)
-        check_number("preconditioner_shift", preconditioner_shift, 0.0)
+        check_setting("preconditioner_shift", preconditioner_shift, "scale", low_open=False)
         if preconditioner == "auto":  # M&S 2011 §3: no diagonal preconditioning for RNNs; §13: on for feed-forward nets
             preconditioner = None if _recurrent(model) else "fisher"
         self.model, self.loss = model, matching_loss(loss)
@@ -142,8 +144,10 @@ class HessianFree(torch.optim.Optimizer):
 
     @staticmethod
     def _hyperparameter(name: str, value, t: int) -> float:
-        "ζ ∈ [0, 1] or ε > 0, given as a number or a schedule evaluated at update t."
-        return evaluate_schedule(name, value, t, 0.0, 1.0) if name == "warm_start" else evaluate_schedule(name, value, t, 0.0, low_open=True)
+        "ζ ∈ [0, 1] or ε ∈ (0, 1e4], given as a number or a schedule evaluated at update t."
+        if name == "warm_start":
+            return evaluate_schedule(name, value, t, 0.0, 1.0)
+        return evaluate_schedule(name, value, t, 0.0, low_open=True, kind="step_size")
 
     @torch.no_grad()
     def _objective(self, batch) -> float:
@@ -289,19 +293,53 @@ class HessianFree(torch.optim.Optimizer):
         return f0
 
     def state_dict(self) -> dict:
-        """torch's optimizer state plus the options and the Chapelle–Erhan generator, so a resumed run continues identically."""
+        """torch's optimizer state plus the options and the Chapelle–Erhan generator, so a resumed run continues identically;
+        tagged with the class name."""
         saved = copy.deepcopy(super().state_dict())  # a snapshot: torch's holds the live per-parameter state dict
-        return {**saved, "options": dict(self.options), "generator": self.generator.get_state()}
+        return tag_state(self, {**saved, "options": dict(self.options), "generator": self.generator.get_state()})
+
+    def _check_state(self, state_dict) -> dict:
+        "Everything `load_state_dict` checks before it changes anything; returns the state without its tag."
+        settings, n = sorted(self.defaults), sum(p.numel() for p in self.param_groups[0]["params"])
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        saved_group = groups[0] if isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], Mapping) else None
+        # untagged: provably HF's when its group holds all of HF's settings (no other qnwb optimizer's does) beside its options
+        state_dict = check_state_tag(self, state_dict, saved_group is not None and set(settings) <= set(saved_group)
+                                     and "options" in state_dict, f"it lacks HessianFree's settings {settings} or its options")
+        expected = {"state", "param_groups", "options", "generator"}
+        if set(state_dict) != expected:
+            raise ValueError(f"state_dict: expected the entries {sorted(expected)} of a HessianFree, got {sorted(state_dict)}")
+        check_param_groups(self, groups)
+        missing = [key for key in settings if key not in saved_group]
+        if missing:
+            raise ValueError(f"state_dict['param_groups'][0]: no {missing} entries (a HessianFree has {settings})")
+        options = state_dict["options"]
+        if not isinstance(options, Mapping) or set(options) != set(self.options):
+            raise ValueError(f"state_dict['options']: expected the options {sorted(self.options)}, got "
+                             f"{sorted(options) if isinstance(options, Mapping) else type(options).__name__}")
+        try:  # the constructor's own checks, on the saved settings and options (seed 0: no draw from the global stream)
+            HessianFree(self.model, self.loss, **{key: saved_group[key] for key in settings}, **options, seed=0)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"state_dict: its settings are refused: {e}") from None
+        generator, current = state_dict["generator"], self.generator.get_state()
+        if not isinstance(generator, Tensor) or generator.dtype != current.dtype or generator.shape != current.shape:
+            raise ValueError(f"state_dict['generator']: expected a {current.dtype} tensor of shape {tuple(current.shape)} "
+                             "(torch.Generator.get_state())")
+        saved_state = state_dict["state"]
+        if not isinstance(saved_state, Mapping) or set(saved_state) - {0}:
+            raise ValueError(f"state_dict['state']: expected a dict with at most the entry 0 (the first parameter's), got "
+                             f"{sorted(saved_state) if isinstance(saved_state, Mapping) else type(saved_state).__name__}")
+        if saved_state.get(0):  # empty before the first step
+            check_state_entries("state_dict['state'][0]", saved_state[0], {"step": "int", "previous_update": "vector"}, n=n)
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore `state_dict()`'s contents (options included; schedules are code and come from the constructor)."""
-        state_dict = dict(state_dict)
-        options, generator = state_dict.pop("options", None), state_dict.pop("generator", None)
-        super().load_state_dict(state_dict)
-        if options is not None:
-            self.options = dict(options)
-        if generator is not None:
-            self.generator.set_state(generator)
+        """Restore `state_dict()`'s contents (options included; schedules are code and come from the constructor). Another
+        optimizer's state, or one with a missing or malformed entry or setting, is refused (ValueError) with nothing changed."""
+        state_dict = self._check_state(state_dict)
+        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        self.options = dict(state_dict["options"])
+        self.generator.set_state(state_dict["generator"])
 
 # %% ../../nbs/40_hessian_free.ipynb #aa92b3b5
 PRESETS = {

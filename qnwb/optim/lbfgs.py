@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import assign_flat_, check_number, check_positive_int, flat_grads, flat_params, param_list
+from ..core import (assign_flat_, check_number, check_param_groups, check_positive_int, check_setting, check_state_entries,
+                       check_state_tag, flat_grads, flat_params, param_list, tag_state)
 from .memory import CURVATURE_RULES, DIAGONAL_KINDS, DiagonalScaling, PairMemory, curvature_condition, powell_damping, two_loop
 
 # %% auto #0
@@ -170,11 +171,15 @@ class FlatOptimizer(torch.optim.Optimizer):
     """What qnwb's quasi-Newton optimizers share: one flat parameter vector, the closure protocol, statistics kept on
     the device during a step and read on first access of `stats`, and a `state_dict` whose parts (memories, buffers)
     and counters come back with their own dtypes (torch's loader would cast every state tensor to the parameters'), and
-    buffer sizes that follow the parameter group: set `param_groups[0]["memory"]` between steps and the next step resizes."""
+    buffer sizes that follow the parameter group: set `param_groups[0]["memory"]` between steps and the next step resizes.
+    `load_state_dict` checks a whole saved state (whose it is, its settings, parts and entries) before it changes anything."""
 
     _same: tuple[str, ...] = ()  # settings a saved state must share with the optimizer that loads it
     _sized: dict[str, str] = {"memory": "memory"}  # a setting of the group ↦ the part (`_parts()`) whose number of slots it is
     _counts: tuple[str, ...] = ()  # further positive-int settings a step reads (SQN, adaQN: the aggregation length "L")
+    _bounded: dict[str, str] = {}  # further settings a step checks against qnwb.core.SETTING_BOUNDS: name ↦ kind ("lr": "step_size")
+    _entries: dict[str, str] = {}  # the per-parameter state a first step makes: key ↦ kind (qnwb.core.check_state_entries)
+    _optional_entries: dict[str, str] = {}  # entries that appear later or with some settings (cached evaluations, ...)
 
     def __init__(self, params, defaults: dict):
         super().__init__(params, defaults)
@@ -185,13 +190,19 @@ class FlatOptimizer(torch.optim.Optimizer):
         "What a state_dict carries besides torch's state: name ↦ an object with state_dict / load_state_dict (or None)."
         return {"memory": self.memory}
 
+    def _stand_in(self, settings: dict) -> torch.optim.Optimizer:
+        "An optimizer of this class with `settings`, built on a two-element stand-in vector (so its constructor checks them)."
+        return type(self)([torch.zeros(2)], **settings)
+
     def _sync_sizes(self) -> bool:
-        """At the start of a step: check every setting of `_sized` and `_counts` (a bad value set by hand raises here, naming
-        it, before anything changes), then resize each buffer whose size differs from its setting. True if one was resized."""
+        """At the start of a step: check every setting of `_sized`, `_counts` and `_bounded` (a bad value set by hand raises
+        here, naming it, before anything changes), then resize each buffer whose size differs from its setting. True if one
+        was resized."""
         group, parts = self.param_groups[0], self._parts()
-        for name in (*self._sized, *self._counts):
+        checks = {**{name: "slots" for name in self._sized}, **{name: None for name in self._counts}, **self._bounded}
+        for name, kind in checks.items():
             try:
-                check_positive_int(name, group[name])
+                check_positive_int(name, group[name]) if kind is None else check_setting(name, group[name], kind)
             except ValueError as e:
                 raise ValueError(f"{e} (param_groups[0][{name!r}]; the step is refused, nothing changed)") from None
         resized = False
@@ -202,10 +213,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         return resized
 
     def state_dict(self) -> dict:
-        "A snapshot (later steps do not change it) of torch's optimizer state plus each of `_parts()`."
+        "A snapshot (later steps do not change it) of torch's optimizer state plus each of `_parts()`, tagged with the class name."
         saved = copy.deepcopy(super().state_dict())  # torch's holds the live per-parameter state dict
         saved.update({name: part.state_dict() for name, part in self._parts().items() if part is not None})
-        return saved
+        return tag_state(self, saved)
 
     @property
     def stats(self) -> dict[str, float | int | str]:
@@ -225,31 +236,67 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise ValueError(f"closure: must return the scalar loss, got a tensor of shape {tuple(loss.shape)}")
         return loss.detach().reshape(()), flat_grads(params).clone()
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load `state_dict()`: the settings `_same` must agree; torch's state comes back with its dtypes, then each part,
-        resized first to the saved number of slots (a state saved after a resize loads into an optimizer built with the
-        constructor's sizes, and the group's sizes become the saved ones)."""
-        parts, same = self._parts(), self._same
-        state_dict = dict(state_dict)
-        saved_parts = {name: state_dict.pop(name, None) for name in parts}
-        missing = [name for name, part in parts.items() if part is not None and saved_parts[name] is None]
+    def _check_state(self, state_dict) -> tuple[dict, dict]:
+        """Everything `load_state_dict` checks before it changes anything; returns (the state without its tag, the saved
+        number of slots of each sized part)."""
+        name, group, parts = type(self).__name__, self.param_groups[0], self._parts()
+        settings = sorted(set(self.defaults))
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        saved_group = groups[0] if isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], Mapping) else None
+        # untagged: provably this optimizer's when its group holds all of this class's settings (no other qnwb optimizer's does)
+        state_dict = check_state_tag(self, state_dict, saved_group is not None and set(settings) <= set(saved_group),
+                                     f"its parameter group lacks some of {name}'s settings {settings}")
+        check_param_groups(self, groups)
+        missing = [key for key in settings if key not in saved_group]
         if missing:
-            raise ValueError(f"state_dict: no {missing} entries: not the state of a {type(self).__name__} optimizer")
-        saved_group, group = state_dict["param_groups"][0], self.param_groups[0]
-        for name in same:
-            if saved_group.get(name) != group[name]:
-                raise ValueError(f"state_dict: saved with {name}={saved_group.get(name)!r}, this optimizer has {name}={group[name]!r}")
-        sizes = {part: parts[part].saved_size(saved_parts[part]) for part in self._sized.values()}
-        saved_state = next(iter(state_dict["state"].values()), {})
-        super().load_state_dict(state_dict)
-        params = group["params"]
+            raise ValueError(f"state_dict['param_groups'][0]: no {missing} entries (a {name} has {settings})")
+        for key in self._same:
+            if saved_group[key] != group[key]:
+                raise ValueError(f"state_dict: saved with {key}={saved_group[key]!r}, this optimizer has {key}={group[key]!r}")
+        unknown = set(state_dict) - {"state", "param_groups", *(part for part in parts if parts[part] is not None)}
+        if unknown:
+            raise ValueError(f"state_dict: unknown entries {sorted(unknown)} for a {name}")
+        try:
+            self._stand_in({key: saved_group[key] for key in settings})
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"state_dict: its settings are refused: {e}") from None
+        sizes = {}
+        for part_name, part in parts.items():
+            if part is None:
+                continue
+            if part_name not in state_dict:
+                raise ValueError(f"state_dict: no {part_name!r} entry: not the state of a {name} optimizer")
+            try:
+                size = part.check_state(state_dict[part_name])
+            except ValueError as e:
+                raise ValueError(f"state_dict[{part_name!r}]: {e}") from None
+            if part_name in self._sized.values():
+                sizes[part_name] = size
+        saved_state = state_dict.get("state")
+        if not isinstance(saved_state, Mapping) or set(saved_state) - {0}:
+            raise ValueError(f"state_dict['state']: expected a dict with at most the entry 0 (the flat vector's state), got "
+                             f"{sorted(saved_state) if isinstance(saved_state, Mapping) else type(saved_state).__name__}")
+        if 0 in saved_state and saved_state[0]:
+            check_state_entries("state_dict['state'][0]", saved_state[0], self._entries, self._optional_entries,
+                                sum(p.numel() for p in group["params"]))
+        return state_dict, sizes
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load `state_dict()` of this class (a ValueError, nothing changed, for another optimizer's, or for one with a missing
+        or malformed part, entry or setting, or settings `_same` that differ): torch's state comes back with its dtypes, then
+        each part, resized first to the saved number of slots (a state saved after a resize loads into an optimizer built
+        with the constructor's sizes, and the group's sizes become the saved ones)."""
+        state_dict, sizes = self._check_state(state_dict)
+        parts, params = self._parts(), self.param_groups[0]["params"]
+        for name, size in sizes.items():  # the only step that allocates; each part's resize is all or nothing
+            parts[name].resize(size)
+        saved_state = state_dict["state"].get(0, {})
+        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
         self.state[params[0]] = {key: value.to(params[0].device, copy=True) if isinstance(value, Tensor) else copy.deepcopy(value)
                                  for key, value in saved_state.items()}
         for name, part in parts.items():
             if part is not None:
-                if name in sizes:
-                    part.resize(sizes[name])
-                part.load_state_dict(saved_parts[name])
+                part.load_state_dict(state_dict[name])
         self._raw_stats, self._stats = {}, {}
 
 
@@ -276,8 +323,8 @@ class LBFGS(FlatOptimizer):
         full_batch: bool = False,  # the closure is deterministic: reuse the evaluation at the accepted point
     ):
         tensors = _one_group(params)
-        check_number("lr", lr, 0.0, low_open=True)
-        check_positive_int("memory", memory)
+        check_setting("lr", lr, "step_size")
+        check_setting("memory", memory, "slots")
         if line_search not in LINE_SEARCHES:
             raise ValueError(f"line_search: {line_search!r} is not one of {LINE_SEARCHES}")
         if forget_every is not None:
@@ -319,6 +366,9 @@ class LBFGS(FlatOptimizer):
         return state
 
     _same = ("h0",)
+    _bounded = {"lr": "step_size"}
+    _entries = {"step": "int", "function_evaluations": "int", **{name: "count" for name in _COUNTERS}}
+    _optional_entries = {"cached_theta": "vector", "cached_loss": "scalar", "cached_grad": "vector"}  # full_batch
 
     def _parts(self) -> dict:
         "The pair memory and, for a diagonal H0, its accumulator."

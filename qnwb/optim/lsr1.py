@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..core import assign_flat_, check_number, check_positive_int, flat_params
+from ..core import assign_flat_, check_number, check_positive_int, check_setting, flat_params
 from .lbfgs import FlatOptimizer, _one_group, armijo_backtracking, strong_wolfe
 from .memory import CompactForm, PairMemory, sr1_compact, sr1_condition
 from ..trust_region import solve_trust_region_compact
@@ -92,7 +92,7 @@ class LSR1(FlatOptimizer):
         full_batch: bool = False,  # the closure is deterministic: reuse the evaluation at the current point
     ):
         tensors = _one_group(params)
-        check_positive_int("memory", memory)
+        check_setting("memory", memory, "slots")
         if method not in LSR1_METHODS:
             raise ValueError(f"method: {method!r} is not one of {LSR1_METHODS}")
         check_number("gamma", gamma)
@@ -100,8 +100,11 @@ class LSR1(FlatOptimizer):
             raise ValueError("gamma: B0 = γI needs γ ≠ 0 (Algorithm 1), got 0")
         if method == "line_search" and gamma < 0:
             raise ValueError(f"gamma: the line-search method uses H0 = I/γ and needs γ > 0 for a descent fallback, got {gamma!r}")
+        check_setting("|gamma|", abs(gamma), "scale")
+        if method == "line_search":  # its first steps are −g/γ: 1/γ is a step size
+            check_setting("1/gamma (the line search's H0 = I/γ)", 1.0 / gamma, "step_size")
         if radius is not None:
-            check_number("radius", radius, 0.0, low_open=True)
+            check_setting("radius", radius, "scale")
         check_number("eta", eta, 0.0, 1e-3, low_open=True, high_open=True)
         check_number("r", r, 0.0, 1.0, low_open=True, high_open=True)
         check_number("increase", increase, 1.0, low_open=True)
@@ -110,7 +113,7 @@ class LSR1(FlatOptimizer):
         check_number("bad", bad, eta, good, low_open=True, high_open=True)
         check_number("near_boundary", near_boundary, 0.0, 1.0, low_open=True, high_open=True)
         if max_radius is not None:
-            check_number("max_radius", max_radius, 0.0 if radius is None else radius, low_open=radius is None)
+            check_setting("max_radius", max_radius, "scale", 0.0 if radius is None else radius, low_open=radius is None)
         if forget_every is not None:
             check_positive_int("forget_every", forget_every)
         if empty_step not in LSR1_EMPTY_STEPS:
@@ -150,6 +153,9 @@ class LSR1(FlatOptimizer):
         return state
 
     _same = ("method", "gamma")
+    _entries = {"step": "int", "function_evaluations": "int", "radius": "scalar_or_none", "step_length": "number_or_none",
+                **{name: "count" for name in _COUNTERS}}
+    _optional_entries = {"cached_theta": "vector", "cached_loss": "scalar", "cached_grad": "vector"}  # full_batch
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore from `state_dict()` (the state's tensors keep their dtypes)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core import check_number, check_positive_int
+from ..core import check_number, check_positive_int, check_setting
 
 # %% auto #0
 __all__ = ['H0_KINDS', 'DIAGONAL_KINDS', 'CURVATURE_RULES', 'RingBuffer', 'PairMemory', 'two_loop', 'DiagonalScaling',
@@ -87,16 +87,20 @@ class RingBuffer:
     @torch.no_grad()
     def resize(self, size: int) -> None:
         """Reallocate for `size` slots, keeping the newest min(count, size) entries in their order (oldest first, in slots
-        0, 1, …) on the same device and dtype; nothing is read back from the device. The same size changes nothing."""
-        check_positive_int("size", size)
+        0, 1, …) on the same device and dtype; nothing is read back from the device. The same size changes nothing; a size
+        beyond qnwb.core.SETTING_BOUNDS["slots"], or an allocation that fails, leaves the buffer as it was."""
+        check_setting("size", size, "slots")
         if size == self.size:
             return
         positions = torch.arange(size, device=self.device)
         kept = torch.clamp(self.count, max=size)
         sources = torch.remainder(self.head - kept + positions, self.size)  # the old slot of the i-th kept entry
-        for name in self._rows:
+        resized = {}
+        for name in self._rows:  # every new buffer is made before any is swapped in
             rows = getattr(self, name).index_select(0, sources)
             rows.masked_fill_((positions >= kept).view(-1, *(1,) * (rows.dim() - 1)), 0)  # free slots hold zeros
+            resized[name] = rows
+        for name, rows in resized.items():
             setattr(self, name, rows)
         self.count.copy_(kept)
         self.head.copy_(torch.remainder(kept, size))
@@ -114,23 +118,43 @@ class RingBuffer:
                              f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
         return value.shape[0]
 
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        "Restore from `state_dict()` of a buffer of this size (into the preallocated tensors: dtype and device stay this one's)."
-        shapes = {**{name: (self.size, *getattr(self, name).shape[1:]) for name in self._rows}, "head": (), "count": ()}
+    def check_state(self, state: dict[str, Tensor]) -> int:
+        """The number of slots of `state` after checking all that `load_state_dict` (after a `resize` to it) needs: exactly
+        the entries of `state_dict()`, floating-point rows of this buffer's row shape, integer counters in range."""
+        names = (*self._rows, "head", "count")
         if not isinstance(state, dict):
             raise ValueError(f"state: expected the dict of state_dict(), got {type(state).__name__}")
-        for name, shape in shapes.items():
+        for name in names:
             if name not in state:
-                raise ValueError(f"state: no {name!r} entry (expected {sorted(shapes)})")
+                raise ValueError(f"state: no {name!r} entry (expected {sorted(names)})")
+        if set(state) != set(names):
+            raise ValueError(f"state: unknown entries {sorted(set(state) - set(names))} (expected {sorted(names)})")
+        size = self.saved_size(state)
+        check_setting(f"state[{self._rows[0]!r}] slots", size, "slots")
+        for name in names:
             value = state[name]
+            shape = (size, *getattr(self, name).shape[1:]) if name in self._rows else ()
             if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-                raise ValueError(f"state[{name!r}]: expected a tensor of shape {shape} for {self!r}, "
+                raise ValueError(f"state[{name!r}]: expected a tensor of shape {shape} for {self!r} resized to {size}, "
                                  f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+            integer = not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+            if (name in self._rows and not value.is_floating_point()) or (name not in self._rows and not integer):
+                raise ValueError(f"state[{name!r}]: expected a{' floating-point' if name in self._rows else 'n integer'} "
+                                 f"tensor, got dtype {value.dtype}")
         head, count = int(state["head"]), int(state["count"])
-        if not 0 <= head < self.size or not 0 <= count <= self.size:
-            raise ValueError(f"state: head {head} and count {count} must lie in [0, {self.size}) and [0, {self.size}]")
-        for name in shapes:
+        if not 0 <= head < size or not 0 <= count <= size:
+            raise ValueError(f"state: head {head} and count {count} must lie in [0, {size}) and [0, {size}]")
+        return size
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore from `state_dict()` of a buffer of this size (into the preallocated tensors: dtype and device stay this
+        one's); the whole state is checked (`check_state`) before anything is copied."""
+        if self.check_state(state) != self.size:
+            value = state[self._rows[0]]
+            raise ValueError(f"state[{self._rows[0]!r}]: expected a tensor of shape {(self.size, *value.shape[1:])} for "
+                             f"{self!r}, got {tuple(value.shape)} (resize to its size first)")
+        for name in (*self._rows, "head", "count"):
             getattr(self, name).copy_(state[name])
 
 
@@ -147,7 +171,7 @@ class PairMemory(RingBuffer):
         device: str | torch.device | None = None,  # the parameters' device
         dtype: torch.dtype = torch.float32,  # the parameters' dtype (scalar statistics are float64 regardless)
     ):
-        check_positive_int("size", size)
+        check_setting("size", size, "slots")
         check_positive_int("n", n)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: the pairs need a floating-point dtype, got {dtype!r}")
@@ -334,12 +358,20 @@ class DiagonalScaling:
     def state_dict(self) -> dict[str, Tensor]:
         return {"accumulator": self.accumulator.clone()}
 
+    def check_state(self, state: dict[str, Tensor]) -> None:
+        "Refuse (ValueError) anything but a `state_dict()` of a scaling of this length: one floating-point accumulator."
+        if not isinstance(state, dict) or set(state) != {"accumulator"}:
+            raise ValueError(f"state: expected the dict {{'accumulator': tensor}} of state_dict(), got "
+                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+        value = state["accumulator"]
+        if not isinstance(value, Tensor) or value.shape != self.accumulator.shape or not value.is_floating_point():
+            raise ValueError(f"state['accumulator']: expected a floating-point tensor of shape {tuple(self.accumulator.shape)}, got "
+                             f"{f'{value.dtype} {tuple(value.shape)}' if isinstance(value, Tensor) else type(value).__name__}")
+
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        value = state.get("accumulator") if isinstance(state, dict) else None
-        if not isinstance(value, Tensor) or value.shape != self.accumulator.shape:
-            raise ValueError(f"state['accumulator']: expected a tensor of shape {tuple(self.accumulator.shape)}")
-        self.accumulator.copy_(value)
+        self.check_state(state)
+        self.accumulator.copy_(state["accumulator"])
 
 # %% ../../nbs/42_qn_memory.ipynb #ba88c72c
 CURVATURE_RULES = ("cosine", "adaqn")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ..core import check_number
+from ..core import check_number, check_setting
 
 # %% auto #0
 __all__ = ['Schedule', 'Constant', 'SutskeverMomentum', 'NesterovMomentum', 'RNNMomentum', 'FineTuning', 'AnnealedRate',
@@ -125,10 +125,14 @@ class AnnealedRate(Schedule):
 
 
 def evaluate_schedule(name: str, value, t: int, low: float = -math.inf, high: float = math.inf,
-                      low_open: bool = False, high_open: bool = False) -> float:
+                      low_open: bool = False, high_open: bool = False,
+                      kind: str | None = None,  # a kind of qnwb.core.SETTING_BOUNDS ("step_size"): its bound replaces `high`
+                      ) -> float:
     """The value of a hyperparameter that is a number or a schedule `t ↦ number`, checked against its range."""
     number = value(t) if callable(value) else value
     try:
+        if kind is not None:
+            return check_setting(name, number, kind, low, low_open)
         return check_number(name, number, low, high, low_open, high_open)
     except ValueError as error:
         where = f" (its schedule at update {t})" if callable(value) else ""
