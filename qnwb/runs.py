@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .core import check_number, check_positive_int, default_device, make_generator, rng_state, seed_everything, set_rng_state
+from .core import check_number, check_positive_int, check_setting, default_device, make_generator, rng_state, seed_everything, set_rng_state
 from .losses import MatchingLoss, matching_loss
 from .store import (RunLock, RunStore, _method, absolute_path, atomic_write, check_output_path, same_file,
                         store_path)
@@ -34,8 +34,8 @@ from .store import (RunLock, RunStore, _method, absolute_path, atomic_write, che
 # %% auto #0
 __all__ = ['DTYPES', 'PROBLEMS', 'DEFAULT_HYPERPARAMETERS', 'CURVATURE_OPTIMIZERS', 'BUDGET_UNITS', 'TARGET_METRICS',
            'CONFIG_DEFAULTS', 'SCHEDULABLE', 'CONSTRUCTION_ONLY', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION',
-           'CHECKPOINT_FIELDS', 'CHECKPOINT_NODES', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem',
-           'curves_problem', 'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options',
+           'CHECKPOINT_FIELDS', 'CHECKPOINT_NODES', 'REJECTED_STEPS', 'stream_seed', 'SampleStream', 'EpochStream',
+           'Problem', 'curves_problem', 'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options',
            'make_problem', 'make_schedule', 'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner',
            'check_checkpoint', 'read_checkpoint', 'run_config', 'replay']
 
@@ -348,6 +348,8 @@ def make_optimizer(name: str,  # a key of qnwb.optim.OPTIMIZERS
     if name == "hessian_free":
         hyper.setdefault("seed", seed)
     try:
+        if not cls.__module__.startswith("qnwb.") and "lr" in hyper:  # torch's baselines: qnwb's bound on step sizes, as its own have
+            hyper["lr"] = check_setting("lr", hyper["lr"], "step_size")
         return cls(model, loss, **hyper) if "model" in parameters else cls(model.parameters(), **hyper)
     except (ValueError, TypeError) as e:  # the constructor's own check, with the configuration's name for it
         raise type(e)(f"hyperparameters of {name!r}: {e}") from None
@@ -570,7 +572,7 @@ class Runner:
         self.next_evaluation = c["evaluate_every"]
         self.history: dict[str, list] = {"steps": [], "evaluations": [], "steering": []}
         self.status, self.reached_target, self.last_evaluation = "created", False, None
-        self._run_lock, self._in_step = None, False
+        self._run_lock, self._in_step, self._rejected = None, False, 0
         # everything is built and checked: only now the store, and the checkpoint path checked before the run is recorded
         self.store = None if store is False else store if isinstance(store, RunStore) else RunStore(None if store in (None, True) else store)
         configured = None if c["checkpoint"] is None else absolute_path(c["checkpoint"])
@@ -954,6 +956,9 @@ def _save_checkpoint(self: Runner,
     return target
 
 # %% ../nbs/87_runs.ipynb #b7dbd3b5
+REJECTED_STEPS = 10  # a run fails after this many steps in a row that its optimizer rejected as non-finite (it keeps θ)
+
+
 class _StopOnSignal:
     """While a run runs in the main thread: the first SIGINT or SIGTERM stops it after the step in progress (with its
     checkpoint, as the stop button does); a second one abandons the step at once (KeyboardInterrupt)."""
@@ -1012,6 +1017,7 @@ def __loop(self: Runner, bar) -> str:
         self.train_time += time.perf_counter() - start
         self.step += 1
         self._in_step = False
+        self._rejected = self._rejected + 1 if stats.get("non_finite") else 0
         row = {"step": self.step, "time": self.elapsed + time.perf_counter() - self._clock, "train_time": self.train_time,
                "loss": value, **self.counts, "epoch": self.problem.stream.epoch}
         self.history["steps"].append({**row, "stats": stats})
@@ -1023,6 +1029,9 @@ def __loop(self: Runner, bar) -> str:
             self.next_evaluation = (math.floor(self.counter(unit) / every) + 1) * every
         if not math.isfinite(value):
             raise FloatingPointError(f"the training loss is {value} at step {self.step}")
+        if self._rejected >= REJECTED_STEPS:
+            raise FloatingPointError(f"the optimizer rejected {REJECTED_STEPS} steps in a row for a non-finite loss or gradient "
+                                     f"(stats['non_finite']), the last at step {self.step}")
         bar.update(self.counter(bar_unit) - before)
         bar.set_postfix(loss=f"{value:.4g}", **({"val_error": f"{self.last_evaluation['validation_error']:.4g}"}
                                                if self.last_evaluation else {}), refresh=False)

@@ -339,7 +339,7 @@ def test_a_steered_schedule_survives_a_checkpoint_and_a_replay(tmp_path):
 
 def test_a_diverging_run_is_marked_failed(tmp_path):
     c = {"problem": "quadratic", "problem_options": {"n": 6, "condition": 10.0}, "optimizer": "sgd", "device": "cpu",
-         "hyperparameters": {"lr": 1e6}, "budget": {"steps": 50}}
+         "hyperparameters": {"lr": 1e4}, "budget": {"steps": 50}}
     runner = Runner(c, store=tmp_path / "s.sqlite", progress=False)
     with pytest.raises(FloatingPointError, match="not finite|inf|nan"):
         runner.run()
@@ -366,7 +366,7 @@ def test_the_progress_bar_counts_the_budget_unit(capsys):
     ({"budget": {}}, "budget: give a mapping"),
     ({"budget": {"flops": 3}}, "'flops' is not one of"),
     ({"hyperparameters": {"lrr": 0.1}}, r"\['lrr'\] are not hyperparameters of 'adam'"),
-    ({"hyperparameters": {"lr": -1.0}}, "hyperparameters of .adam.: Invalid learning rate"),
+    ({"hyperparameters": {"lr": -1.0}}, "hyperparameters of .adam.: lr: must be in"),
     ({"problem_options": {"T": 1}}, "T"),
     ({"problem": "addition", "budget": {"epochs": 1}}, "has no epochs"),
     ({"target": {"accuracy": 0.9}}, "'accuracy' is not one of"),

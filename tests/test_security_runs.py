@@ -509,3 +509,14 @@ def test_a_dashboard_reset_before_start_leaves_no_running_rows(tmp_path):
     board.close()
     statuses = [r["status"] for r in RunStore(path).runs()]
     assert statuses == ["created"] * 3, statuses
+
+
+def test_a_run_fails_after_ten_rejected_steps_in_a_row_with_theta_kept(tmp_path):
+    runner = Runner(config(optimizer="nag", budget={"steps": 50}), store=tmp_path / "s.sqlite", progress=False)
+    before = params(runner)
+    runner.model.theta.register_hook(lambda g: g * float("nan"))  # a finite loss, a NaN gradient: NAG rejects every step
+    with pytest.raises(FloatingPointError, match="rejected 10 steps in a row"):
+        runner.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, params(runner)))
+    run = RunStore(tmp_path / "s.sqlite").run(runner.run_id)
+    assert (run["status"], run["steps"]) == ("failed", 10)

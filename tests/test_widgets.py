@@ -87,7 +87,7 @@ def test_the_momentum_schedule_control_steers_a_schedule_spec_and_refuses_a_bad_
 
 
 def test_an_exception_in_the_training_thread_is_shown_not_lost():
-    board = Dashboard({**SMALL, "optimizer": "sgd", "hyperparameters": {"lr": 1e30}, "budget": {"steps": 50}}, store=False)
+    board = Dashboard({**SMALL, "optimizer": "sgd", "hyperparameters": {"lr": 1e4}, "budget": {"steps": 50}}, store=False)
     board.buttons["start"].click()
     board.thread.join(120)
     assert isinstance(board.error, FloatingPointError) and "error" in board.message.value and board.runner.status == "failed"
