@@ -67,7 +67,7 @@ class Driver:
         return self.optimizer.state[self.model.weight]
 
 
-# --- the defects of public reference implementations --------------------------------------------------------------------------------
+# --- the defects of public reference implementations ------------------------------------------------------------------
 
 def test_the_adagrad_accumulator_accumulates_on_every_step_even_across_a_rejection():
     # cycles of L = 2: tests at steps 4 (accept: 1 ≤ 1.01·1), 6 (reject: 5 > 1.01·1) and 8 (accept)
