@@ -34,10 +34,10 @@ from .store import (RunLock, RunStore, _method, absolute_path, atomic_write, che
 # %% auto #0
 __all__ = ['DTYPES', 'PROBLEMS', 'DEFAULT_HYPERPARAMETERS', 'CURVATURE_OPTIMIZERS', 'BUDGET_UNITS', 'TARGET_METRICS',
            'CONFIG_DEFAULTS', 'SCHEDULABLE', 'CONSTRUCTION_ONLY', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION',
-           'CHECKPOINT_FIELDS', 'CHECKPOINT_NODES', 'REJECTED_STEPS', 'stream_seed', 'SampleStream', 'EpochStream',
-           'Problem', 'curves_problem', 'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options',
-           'make_problem', 'make_schedule', 'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner',
-           'check_checkpoint', 'read_checkpoint', 'run_config', 'replay']
+           'CHECKPOINT_FIELDS', 'CHECKPOINT_NODES', 'CHECKPOINT_LEAVES', 'REJECTED_STEPS', 'stream_seed',
+           'SampleStream', 'EpochStream', 'Problem', 'curves_problem', 'char_lm_problem', 'QuadraticModel',
+           'quadratic_problem', 'problem_options', 'make_problem', 'make_schedule', 'make_optimizer', 'check_budget',
+           'check_config', 'load_config', 'Runner', 'check_checkpoint', 'read_checkpoint', 'run_config', 'replay']
 
 # %% ../nbs/87_runs.ipynb #700021b2
 def stream_seed(*parts) -> int:
@@ -809,8 +809,12 @@ def _state(self: Runner) -> dict:
     })
 
 # %% ../nbs/87_runs.ipynb #f2cc74d0
-def _count_nodes(value, limit: int) -> int:
-    "The containers and values in `value`, counted along every path (shared references count each time), up to `limit`."
+CHECKPOINT_LEAVES = (type(None), bool, int, float, str, Tensor)  # all a checkpoint holds besides dicts, lists and tuples
+
+
+def _check_contents(value, limit: int) -> int:
+    """The number of containers and values in `value`, counted along every path (shared references count each time); a
+    ValueError beyond `limit`, or for any value that is not a dict, list, tuple or one of `CHECKPOINT_LEAVES`."""
     count, pending = 0, [value]
     while pending:
         item = pending.pop()
@@ -822,6 +826,8 @@ def _count_nodes(value, limit: int) -> int:
             pending.extend(item.values())
         elif isinstance(item, (list, tuple)):
             pending.extend(item)
+        elif not isinstance(item, CHECKPOINT_LEAVES):
+            raise ValueError(f"it holds a {type(item).__name__}; qnwb writes only dicts, lists, tuples, numbers, strings and tensors")
     return count
 
 
@@ -860,7 +866,7 @@ def check_checkpoint(saved, source: str = "checkpoint") -> dict:
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The checkpoint in `path`, read without running any code it could contain: torch's zip format with every member
     stored as written (a compressed member could expand without bound), unpickled with `weights_only=True` (plain data and
-    tensors only), at most `CHECKPOINT_NODES` values, then `check_checkpoint`. Any problem is a one-line ValueError."""
+    tensors only), at most `CHECKPOINT_NODES` values, each of the types qnwb writes, then `check_checkpoint`. Any problem is a one-line ValueError."""
     import zipfile
     path = Path(path).expanduser()
     try:
@@ -869,7 +875,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         if packed:
             raise ValueError(f"member {packed[0]!r} is compressed, which qnwb never writes")
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        _count_nodes(saved, CHECKPOINT_NODES)
+        _check_contents(saved, CHECKPOINT_NODES)
     except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError,
             KeyError, IndexError, MemoryError, RecursionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
