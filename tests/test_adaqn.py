@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from host_reads import no_host_reads
+from roundoff import floor
 from torch import nn
 
 from qnwb.core import flat_grads, flat_params, make_generator
@@ -75,7 +76,8 @@ def test_the_adagrad_accumulator_accumulates_on_every_step_even_across_a_rejecti
     run.step(8)
     assert run.optimizer.stats["rejections"] == 1
     squares = torch.stack(run.gradients).pow(2).sum(0)
-    torch.testing.assert_close(run.optimizer.scaling.accumulator, squares, rtol=1e-14, atol=0)
+    # 8 squares summed in two orders (in place, and by sum(0)): a few ε of the positive sum
+    torch.testing.assert_close(run.optimizer.scaling.accumulator, squares, rtol=floor(1), atol=0)
 
 
 def test_the_first_two_cycles_are_adagrad_steps_with_epsilon_inside_the_root():
@@ -85,7 +87,8 @@ def test_the_first_two_cycles_are_adagrad_steps_with_epsilon_inside_the_root():
         run.step()
         squares += run.gradients[-1] ** 2
         expected = run.iterates[-1] - 0.1 * run.gradients[-1] / torch.sqrt(squares + 1e-6)
-        torch.testing.assert_close(flat_params(run.model), expected, rtol=1e-14, atol=0)
+        # θ − lr·g/√(Σg² + ε) in another order: round-off of the size of θ and of the update, even where they cancel
+        torch.testing.assert_close(flat_params(run.model), expected, rtol=0, atol=floor(run.iterates[-1], expected))
 
 
 def test_a_rejection_restores_the_average_clears_memory_and_fifo_and_restarts_the_window():
@@ -102,7 +105,8 @@ def test_a_rejection_restores_the_average_clears_memory_and_fifo_and_restarts_th
     run.step(3)  # the next window: steps 13–15, starting from w̄ₒ
     assert run.iterates[12].equal(previous)
     (s_new,), _ = run.optimizer.memory.pairs()
-    torch.testing.assert_close(s_new, torch.stack(run.iterates[12:15]).mean(0) - previous, rtol=1e-12, atol=1e-15)
+    # a difference of averaged iterates: its round-off is of the iterates' size, not of s's
+    torch.testing.assert_close(s_new, torch.stack(run.iterates[12:15]).mean(0) - previous, rtol=1e-12, atol=floor(*run.iterates))
     assert run.optimizer.stats["fisher_size"] == 3  # only the gradients since the rejection
 
 
@@ -131,7 +135,7 @@ def test_y_equals_the_explicit_accumulated_fisher_product(normalization, divide)
     expected = G.T @ (G @ s) / (5 if divide else 1)
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-15)
     averages = [torch.stack(run.iterates[i : i + 3]).mean(0) for i in (0, 3)]
-    torch.testing.assert_close(s, averages[1] - averages[0], rtol=1e-12, atol=1e-15)  # s from averaged iterates
+    torch.testing.assert_close(s, averages[1] - averages[0], rtol=1e-12, atol=floor(*run.iterates))  # s from averaged iterates
 
 
 @pytest.mark.parametrize("advance", [False, True])
@@ -415,8 +419,9 @@ def test_a_new_L_takes_effect_at_the_next_cycle_boundary():
     assert [s["cycle_length"] for s in stats] == [5] * 10 + [2] * 6
     S, _ = adaqn.memory.pairs()
     first, second, third = (torch.stack(iterates[a:b]).mean(0) for a, b in ((0, 5), (5, 10), (10, 12)))
-    torch.testing.assert_close(S[0], second - first, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(S[1], third - second, rtol=1e-12, atol=1e-15)  # the first cycle of two: over 2 iterates
+    # differences of averaged iterates: round-off of the iterates' size
+    torch.testing.assert_close(S[0], second - first, rtol=1e-12, atol=floor(*iterates))
+    torch.testing.assert_close(S[1], third - second, rtol=1e-12, atol=floor(*iterates))  # the first cycle of two: over 2 iterates
 
 
 def test_a_rejection_ends_a_cycle_of_the_length_it_started_with():

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from host_reads import no_host_reads
+from roundoff import floor
 from torch import nn
 
 from qnwb.core import flat_grads, flat_params, make_generator
@@ -331,8 +332,10 @@ def test_adagrad_h0_accumulates_the_gradient_at_every_iterate():
         optimizer.step(closure)
         if step == 0:  # no pair yet: an Adagrad step with the accumulated H0 of eq. 9
             expected = theta - 0.1 * g / torch.sqrt(squares + 1e-6)
-            torch.testing.assert_close(flat_params(model), expected, rtol=1e-14, atol=0)
-    torch.testing.assert_close(optimizer.scaling.accumulator, squares, rtol=1e-14, atol=0)
+            # θ − lr·g/√(Σg² + ε) in another order: round-off of the size of θ and of the update, even where they cancel
+            torch.testing.assert_close(flat_params(model), expected, rtol=0, atol=floor(theta, expected))
+    # 4 squares summed in two orders: a few ε of the positive sum
+    torch.testing.assert_close(optimizer.scaling.accumulator, squares, rtol=floor(1), atol=0)
 
 
 def test_full_batch_reuses_the_last_evaluation_and_notices_outside_changes():

@@ -7,6 +7,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from host_reads import HostRead, no_host_reads
+from roundoff import floor
 
 from qnwb.optim.memory import (
     CompactForm,
@@ -470,10 +471,11 @@ def test_adagrad_diagonal_accumulates_every_gradient_and_rmsprop_averages():
         adagrad.update(row)
         rmsprop.update(row)
         average = 0.9 * average + 0.1 * row**2
-    torch.testing.assert_close(adagrad.diagonal(), 1 / torch.sqrt((grads**2).sum(0) + 1e-6), rtol=1e-14, atol=0)
-    torch.testing.assert_close(rmsprop.diagonal(), 1 / torch.sqrt(average + 1e-8), rtol=1e-14, atol=0)
+    # positive sums of 5 squares in two orders, a root and a reciprocal: a few ε relative, whatever the CPU's kernels
+    torch.testing.assert_close(adagrad.diagonal(), 1 / torch.sqrt((grads**2).sum(0) + 1e-6), rtol=floor(1), atol=0)
+    torch.testing.assert_close(rmsprop.diagonal(), 1 / torch.sqrt(average + 1e-8), rtol=floor(1), atol=0)
     adagrad.update(torch.full((6,), math.nan, dtype=F64), torch.tensor(False))  # a skipped gradient leaves it alone
-    torch.testing.assert_close(adagrad.diagonal(), 1 / torch.sqrt((grads**2).sum(0) + 1e-6), rtol=1e-14, atol=0)
+    torch.testing.assert_close(adagrad.diagonal(), 1 / torch.sqrt((grads**2).sum(0) + 1e-6), rtol=floor(1), atol=0)
     copy = DiagonalScaling(6, dtype=F64, epsilon=1e-6)
     copy.load_state_dict(adagrad.state_dict())
     assert torch.equal(copy.diagonal(), adagrad.diagonal())
