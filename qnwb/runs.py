@@ -791,7 +791,7 @@ CHECKPOINT_FIELDS = {  # every field a checkpoint has, with the types it may hol
     "elapsed": (int, float), "next_evaluation": (int, float), "preemptions": int, "reached_target": bool,
     "model": Mapping, "optimizer": Mapping, "streams": Mapping, "rng": Mapping, "schedule_specs": Mapping,
 }
-CHECKPOINT_NODES = 10_000_000  # the most containers and values a checkpoint may hold (a model's tensors are one each)
+CHECKPOINT_NODES = 1_000_000  # the most containers and values a checkpoint may hold (a model's tensors are one each)
 
 
 @_method(Runner)
