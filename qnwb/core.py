@@ -8,17 +8,21 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Iterable, Mapping
+import reprlib
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['ParamsLike', 'SETTING_BOUNDS', 'STATE_KINDS', 'param_list', 'flat_params', 'flat_grads', 'unflatten', 'assign_flat_',
-           'FlatBuffer', 'default_device', 'check_positive_int', 'check_number', 'seed_everything', 'make_generator',
-           'rng_state', 'set_rng_state', 'check_setting', 'tag_state', 'check_state_tag', 'check_param_groups',
-           'check_state_entries']
+__all__ = ['ParamsLike', 'SETTING_BOUNDS', 'INTEGER_KINDS', 'STATE_KINDS', 'param_list', 'flat_params', 'flat_grads', 'unflatten',
+           'assign_flat_', 'FlatBuffer', 'default_device', 'check_positive_int', 'check_number', 'seed_everything',
+           'make_generator', 'rng_state', 'set_rng_state', 'check_setting', 'tag_state', 'check_state_tag',
+           'check_param_groups', 'check_state_entries', 'atomic_write']
 
 # %% ../nbs/00_core.ipynb #acd443b6
 ParamsLike = nn.Module | Iterable[Tensor] | Iterable[Mapping]
@@ -182,8 +186,12 @@ def check_positive_int(name: str, value) -> int:
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
                  high_open: bool = False) -> float:
     """`value` as a float if it is a finite number in the range, else a ValueError naming `name` and the range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    try:  # an int too large for a float (10**400) is no finite number either
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ValueError(f"{name}: must be a finite number, got {reprlib.repr(value)}")
     if value < low or (low_open and value == low) or value > high or (high_open and value == high):
         left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
         raise ValueError(f"{name}: must be in {left}{low}, {high}{right}, got {value!r}")
@@ -237,23 +245,27 @@ SETTING_BOUNDS: dict[str, float | int] = {
     "step_size": 1e4,  # ε, α: lr of every optimizer (torch's baselines too), HessianFree's learning_rate
     "scale": 1e10,  # HessianFree's damping λ, shift κ, structural μ; L-SR1's radius Δ, max_radius, |γ|
     "slots": 10_000,  # buffer sizes: the quasi-Newton memories m and adaQN's Fisher memory m_F
+    "iterations": 100_000,  # loop bounds of one step: CG steps, line-search tries, evaluations, Chapelle–Erhan draws, adaQN's L
 }
 _BOUND_REASONS = {"step_size": "a larger step size can only overflow", "scale": "a larger scale can only stall steps or overflow",
-                  "slots": "a larger buffer can only exhaust memory"}
+                  "slots": "a larger buffer can only exhaust memory",
+                  "iterations": "one step must end, so that a budget or a signal can stop the run"}
+INTEGER_KINDS = ("slots", "iterations")
 
 
 def check_setting(name: str,  # the parameter, for the message
                   value,  # the value given
-                  kind: str,  # a key of SETTING_BOUNDS: "step_size", "scale" or "slots"
-                  low: float = 0.0,  # the lower end of the range (ignored for "slots": they start at 1)
+                  kind: str,  # a key of SETTING_BOUNDS: "step_size", "scale", "slots" or "iterations"
+                  low: float = 0.0,  # the lower end of the range (ignored for the integer kinds: they start at 1)
                   low_open: bool = True,  # whether `low` itself is refused
                   ) -> float | int:
     """`value` checked against qnwb's range for a setting of `kind`: a finite number in (low, SETTING_BOUNDS[kind]] (as a
-    float), or for "slots" an int in [1, SETTING_BOUNDS["slots"]]; else a one-line ValueError naming `name` and the range."""
+    float), or for the integer kinds ("slots", "iterations") an int in [1, SETTING_BOUNDS[kind]]; else a one-line ValueError
+    naming `name` and the range."""
     if kind not in SETTING_BOUNDS:
         raise ValueError(f"kind: {kind!r} is not one of {sorted(SETTING_BOUNDS)}")
     bound = SETTING_BOUNDS[kind]
-    if kind == "slots":
+    if kind in INTEGER_KINDS:
         check_positive_int(name, value)
         if value > bound:
             raise ValueError(f"{name}: must be an int in [1, {bound}], got {value!r} ({_BOUND_REASONS[kind]}: qnwb.core.SETTING_BOUNDS)")
@@ -353,3 +365,20 @@ def check_state_entries(where: str,  # the entry's place, for messages, e.g. "st
         error = _entry_error({**optional, **required}[key], value, n)
         if error:
             raise ValueError(f"{where}[{key!r}]: {error}")
+
+# %% ../nbs/00_core.ipynb #cf504204
+def atomic_write(path: str | os.PathLike,
+                 write: Callable[[Path], Any],  # writes the whole content to the (new, empty) path it is given
+                 ) -> Path:
+    """Have `write` fill a new temporary file beside `path`, then rename it to `path` in one step; on any failure the
+    temporary file is removed and `path` is left as it was."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .core import default_device, make_generator
+from .core import atomic_write, default_device, make_generator
 
 # %% auto #0
 __all__ = ['IDX_MAX_BYTES', 'MNIST_FILES', 'CIFAR10_FILES', 'CIFAR10_CLASSES', 'TEXT_MAX_BYTES', 'BOX', 'read_idx', 'write_idx',
@@ -773,9 +773,7 @@ def curves_dataset(root: str | os.PathLike | None = "data",  # the cache folder 
                       for name, n in (("train", train), ("test", test)))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-            torch.save({"meta": meta, "train": parts[0], "test": parts[1]}, partial)
-            os.replace(partial, path)  # readers never see a half-written file
+            atomic_write(path, lambda partial: torch.save({"meta": meta, "train": parts[0], "test": parts[1]}, partial))  # never half a file
     return tuple(part.to(device, dtype).div_(255) for part in parts)
 
 # %% ../nbs/75_data.ipynb #6d2b127a

@@ -26,18 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .core import check_number, check_positive_int, check_setting, default_device, make_generator, rng_state, seed_everything, set_rng_state
+from .core import (atomic_write, check_number, check_positive_int, check_setting, default_device, make_generator, rng_state,
+                       seed_everything, set_rng_state)
 from .losses import MatchingLoss, matching_loss
-from .store import (RunLock, RunStore, _method, absolute_path, atomic_write, check_output_path, same_file,
-                        store_path)
+from .store import RunLock, RunStore, _method, absolute_path, check_output_path, same_file, store_path
 
 # %% auto #0
-__all__ = ['DTYPES', 'PROBLEMS', 'DEFAULT_HYPERPARAMETERS', 'CURVATURE_OPTIMIZERS', 'BUDGET_UNITS', 'TARGET_METRICS',
-           'CONFIG_DEFAULTS', 'SCHEDULABLE', 'CONSTRUCTION_ONLY', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION',
-           'CHECKPOINT_FIELDS', 'CHECKPOINT_NODES', 'CHECKPOINT_LEAVES', 'REJECTED_STEPS', 'stream_seed',
-           'SampleStream', 'EpochStream', 'Problem', 'curves_problem', 'char_lm_problem', 'QuadraticModel',
-           'quadratic_problem', 'problem_options', 'make_problem', 'make_schedule', 'make_optimizer', 'check_budget',
-           'check_config', 'load_config', 'Runner', 'check_checkpoint', 'read_checkpoint', 'run_config', 'replay']
+__all__ = ['DTYPES', 'PROBLEMS', 'PROBLEM_LIMITS', 'ELEMENTS_LIMIT', 'DEFAULT_HYPERPARAMETERS', 'CURVATURE_OPTIMIZERS',
+           'BUDGET_UNITS', 'TARGET_METRICS', 'CONFIG_DEFAULTS', 'BUDGET_LIMIT', 'SCHEDULABLE', 'CONSTRUCTION_ONLY',
+           'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'CHECKPOINT_FIELDS', 'CHECKPOINT_NODES', 'CHECKPOINT_LEAVES',
+           'REJECTED_STEPS', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem', 'curves_problem',
+           'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options', 'make_problem', 'make_schedule',
+           'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner', 'check_checkpoint',
+           'read_checkpoint', 'run_config', 'replay']
 
 # %% ../nbs/87_runs.ipynb #700021b2
 def stream_seed(*parts) -> int:
@@ -297,6 +298,33 @@ def problem_options(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in parameters}
 
 
+PROBLEM_LIMITS = {  # the largest value of each size option: about ten times the papers' largest, far below a machine's memory
+    "T": 10_000, "length": 10_000, "hidden": 4_096, "layers": 64, "batch_size": 100_000, "held_out": 100_000,
+    "train": 200_000, "test": 200_000, "size": 64, "n": 4_096,
+}
+ELEMENTS_LIMIT = 2**30  # the most numbers one batch of activations (or a data set) may hold: 4 GiB in float32
+
+
+def _check_sizes(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse sizes that would allocate without bound (a typo of 10**6 hidden units, a config from elsewhere): each option
+    within PROBLEM_LIMITS, and cases × numbers per case within ELEMENTS_LIMIT, before anything is built."""
+    for key, limit in PROBLEM_LIMITS.items():
+        value = options.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise ValueError(f"{key}: at most {limit:,} for a problem of qnwb (PROBLEM_LIMITS), got {reprlib.repr(value)}")
+    sizes = options.get("sizes")
+    if sizes is not None and (not isinstance(sizes, (list, tuple)) or not 1 <= len(sizes) <= 16
+                              or not all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= PROBLEM_LIMITS["hidden"] for k in sizes)):
+        raise ValueError(f"sizes: 1 to 16 layer sizes, each an int in [1, {PROBLEM_LIMITS['hidden']:,}], got {reprlib.repr(sizes)}")
+    numbers = {key: value for key, value in options.items() if isinstance(value, int) and not isinstance(value, bool) and value > 0}
+    per_case = (numbers.get("T", 1) * numbers.get("length", 1) * numbers.get("hidden", 1) * numbers.get("layers", 1)
+                * numbers.get("size", 1) ** 2 * numbers.get("n", 1))
+    for cases in ("batch_size", "held_out", "train", "test"):
+        if numbers.get(cases, 0) * per_case > ELEMENTS_LIMIT:
+            raise ValueError(f"{cases}: {numbers[cases]:,} cases of {per_case:,} numbers each exceed ELEMENTS_LIMIT = {ELEMENTS_LIMIT:,} "
+                             f"(problem {name!r}); use fewer cases or a smaller model")
+
+
 def make_problem(name: str,  # a key of PROBLEMS
                  seed: int = 0,  # the model's initial weights and the training stream
                  device=None,  # as in qnwb.core.default_device
@@ -307,10 +335,11 @@ def make_problem(name: str,  # a key of PROBLEMS
     allowed = problem_options(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"problem_options: {unknown} are not options of {name!r}; it takes {sorted(allowed)}")
+        raise ValueError(f"problem_options: {reprlib.repr(unknown)} are not options of {name!r}; it takes {sorted(allowed)}")
     dtype = DTYPES.get(dtype, dtype)
     if dtype is not None and dtype not in DTYPES.values():
         raise ValueError(f"dtype: must be one of {sorted(DTYPES)} or None, got {dtype!r}")
+    _check_sizes(name, {**allowed, **options})
     return PROBLEMS[name](seed, default_device(device), dtype, **options)
 
 # %% ../nbs/87_runs.ipynb #a1419153
@@ -363,6 +392,9 @@ CONFIG_DEFAULTS = {"name": None, "problem": None, "problem_options": {}, "optimi
                    "checkpoint": None, "checkpoint_every": None, "curvature_batch_size": None}
 
 
+BUDGET_LIMIT = 1e15  # the largest limit of any budget unit: counts stay exact in a float and an SQLite integer
+
+
 def check_budget(budget: Mapping[str, float]) -> dict[str, float]:
     """`budget` checked: a non-empty mapping of BUDGET_UNITS to positive limits (ints for counts)."""
     if not isinstance(budget, Mapping) or not budget:
@@ -372,9 +404,11 @@ def check_budget(budget: Mapping[str, float]) -> dict[str, float]:
         if unit not in BUDGET_UNITS:
             raise ValueError(f"budget: {reprlib.repr(unit)} is not one of {BUDGET_UNITS}")
         if unit in ("epochs", "seconds"):
-            checked[unit] = check_number(f"budget[{unit!r}]", limit, 0.0, low_open=True)
+            checked[unit] = check_number(f"budget[{unit!r}]", limit, 0.0, BUDGET_LIMIT, low_open=True)
         else:
             checked[unit] = check_positive_int(f"budget[{unit!r}]", limit)
+            if limit > BUDGET_LIMIT:
+                raise ValueError(f"budget[{unit!r}]: at most {BUDGET_LIMIT:.0e}, got {reprlib.repr(limit)}")
     return checked
 
 
@@ -1057,7 +1091,12 @@ def __begin(self: Runner) -> None:
         return
     if self._run_lock is None:
         self._run_lock = RunLock(self.store, self.run_id)
-    self._run_lock.acquire()
+    try:
+        self._run_lock.acquire()
+    except ValueError as e:  # a run that cannot start says so in the store, not only on the terminal
+        if self.status == "created":
+            self.store.finish_run(self.run_id, "failed", f"not started: {e}")
+        raise
     try:
         if self.status == "created":
             self.store.start_run(self.run_id)
@@ -1141,6 +1180,15 @@ def _checkpoint_store(saved: dict, path: Path, store) -> RunStore | None:
     return opened
 
 
+def _without_paths(config: Mapping[str, Any]) -> dict:
+    """`config` from a checkpoint or a store, without the paths it names: no checkpoint file, no cache folder (curves are
+    made again, identically, in memory). A file from elsewhere must not choose where qnwb writes."""
+    options = dict(config.get("problem_options") or {}) if isinstance(config.get("problem_options"), Mapping) else config.get("problem_options")
+    if isinstance(options, dict) and "root" in options:
+        options["root"] = None
+    return {**config, "checkpoint": None, "problem_options": options}
+
+
 def _check_resumable(store: RunStore, run: dict, saved: dict, force: bool) -> None:
     "Refuse to resume a run that another process may be running, or from a checkpoint older than the run's newest."
     if run["status"] == "running":
@@ -1181,7 +1229,7 @@ def _resume(cls, checkpoint: str | os.PathLike,  # a checkpoint file written by 
             lock.release()
             raise
     try:
-        config = {**saved["config"], "checkpoint": None}  # a path inside a checkpoint is never written to: its run's file is
+        config = _without_paths(saved["config"])  # a path inside a checkpoint is never written to: its run's file is
         if budget is not None:
             config["budget"] = budget
         try:
@@ -1232,7 +1280,7 @@ def replay(run_id: int,  # a run of `store`
     if not row["steps"]:
         raise ValueError(f"run_id: run {run_id} took no steps; there is nothing to replay")
     pending = list(source.steering_events(run_id))
-    config = {**row["config"], "budget": {"steps": row["steps"]}, "name": f"replay of run {run_id}", "checkpoint": None,
+    config = {**_without_paths(row["config"]), "budget": {"steps": row["steps"]}, "name": f"replay of run {run_id}",
               "checkpoint_every": None}
     runner = Runner(config, store=into, progress=progress)
 

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import platform
+import re
+import reprlib
 import socket
 import sqlite3
 import subprocess
@@ -27,14 +29,14 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from .core import check_number
+from .core import atomic_write, check_number
 
 # %% auto #0
 __all__ = ['DEFAULT_STORE', 'STATUSES', 'FINAL_STATUSES', 'SCHEMA', 'ADDED_COLUMNS', 'STEP_COLUMNS', 'EVALUATION_COLUMNS',
-           'SQLITE_MAGIC', 'KILLED_ERROR', 'ALGOPERF_COLUMNS', 'RUN_COLUMNS', 'WORK_COLUMNS', 'FORMULA_STARTS',
-           'store_path', 'checkpoint_folder', 'git_revision', 'package_versions', 'pid_namespace', 'process_alive',
-           'RunStore', 'is_sqlite_file', 'absolute_path', 'same_file', 'atomic_write', 'check_output_path', 'RunLock',
-           'csv_rows', 'csv_cell', 'export_csv', 'export_json']
+           'STORE_TABLES', 'SQLITE_MAGIC', 'RESERVED_NAME', 'KILLED_ERROR', 'ALGOPERF_COLUMNS', 'RUN_COLUMNS',
+           'WORK_COLUMNS', 'FORMULA_STARTS', 'store_path', 'checkpoint_folder', 'git_revision', 'package_versions',
+           'pid_namespace', 'process_alive', 'RunStore', 'is_sqlite_file', 'absolute_path', 'same_file',
+           'check_output_path', 'RunLock', 'csv_rows', 'csv_cell', 'export_csv', 'export_json']
 
 # %% ../nbs/86_store.ipynb #796c91bc
 DEFAULT_STORE = "data/qnwb.sqlite"
@@ -232,6 +234,9 @@ def _finite_or_none(value):
     return value if math.isfinite(value) else None
 
 # %% ../nbs/86_store.ipynb #10347557
+STORE_TABLES = ("runs", "steps", "evaluations", "steering")  # what makes a SQLite database a run store
+
+
 class RunStore:
     """The SQLite run store at `path` (default `store_path()`): runs, per-step statistics, evaluations and steering events."""
 
@@ -268,6 +273,10 @@ class RunStore:
         if not os.access(self.path.parent, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
             raise ValueError(f"store: {str(self.path)!r} cannot be written (no permission)")
         connection = self._connect(str(self.path), timeout)
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and not set(STORE_TABLES) <= tables:  # someone else's database: qnwb never adds its tables to it
+            connection.close()
+            raise sqlite3.DatabaseError(f"it is a SQLite database with other tables ({', '.join(sorted(tables)[:5])}), not a run store")
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise sqlite3.OperationalError(f"the journal mode stays {mode!r} (WAL needs a local file system)")
@@ -295,9 +304,9 @@ class RunStore:
         except sqlite3.OperationalError:
             connection = self._connect(f"file:{location}?immutable=1", timeout, uri=True)
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not {"runs", "steps", "evaluations", "steering"} <= tables:
+        if not set(STORE_TABLES) <= tables:
             connection.close()
-            raise sqlite3.DatabaseError("it has no runs, steps, evaluations and steering tables")
+            raise sqlite3.DatabaseError(f"it has no {', '.join(STORE_TABLES)} tables")
         return connection
 
     @staticmethod
@@ -413,20 +422,17 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-def atomic_write(path: str | os.PathLike,
-                 write: Callable[[Path], Any],  # writes the whole content to the path it is given
-                 ) -> Path:
-    """Have `write` fill a temporary file beside `path`, then rename it to `path` in one step; on any failure the
-    temporary file is removed and `path` is left as it was."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return path
+RESERVED_NAME = re.compile(r"run-\d+\.(pt|lock)")  # the names a store gives the files of its folder <store>-runs/
+
+
+def _store_file_of(target: Path) -> str | None:
+    "What `target` is to some store or SQLite database (a reserved name of a store's folder, a -wal / -shm / -journal file), or None."
+    if target.parent.name.endswith("-runs") and RESERVED_NAME.fullmatch(target.name):
+        return f"a name reserved for the store in {target.parent.name}/ (run-N.pt and run-N.lock are the store's own)"
+    for suffix in ("-wal", "-shm", "-journal"):
+        if target.name.endswith(suffix) and is_sqlite_file(target.with_name(target.name.removesuffix(suffix))):
+            return f"the {suffix} file of the SQLite database {target.name.removesuffix(suffix)!r} (a run store?)"
+    return None
 
 
 def check_output_path(path: str | os.PathLike,  # the file a command is about to write
@@ -439,14 +445,22 @@ def check_output_path(path: str | os.PathLike,  # the file a command is about to
     or its -wal / -shm / -journal file, never another run's checkpoint or lock, never an existing SQLite database, and an
     existing file only with `overwrite`."""
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
-        raise TypeError(f"{what}: expected a file path, got {path!r}")
+        raise TypeError(f"{what}: expected a file path, got {reprlib.repr(path)}")
     target = Path(path).expanduser()
-    if target.is_dir():
+    try:
+        folder = target.is_dir()
+    except OSError as e:  # a name too long, a loop of links
+        raise ValueError(f"{what}: {reprlib.repr(str(path))} cannot be a file: {e.strerror}") from None
+    if folder:
         raise ValueError(f"{what}: {str(path)!r} is a folder; give the path of a file")
     if store is not None:
         for protected, description in store.protected_paths(except_run=run_id).items():
             if same_file(target, protected):
                 raise ValueError(f"{what}: {str(path)!r} is {description}; writing there would destroy it, choose another file")
+    own = store is not None and run_id is not None and same_file(target, store.default_checkpoint(run_id))
+    reserved = None if own else _store_file_of(absolute_path(target))
+    if reserved is not None:
+        raise ValueError(f"{what}: {str(path)!r} is {reserved}; choose another file")
     if is_sqlite_file(target):
         raise ValueError(f"{what}: {str(path)!r} is a SQLite database (a run store?); qnwb never writes over one, choose another file")
     if target.exists() and not overwrite:
@@ -471,7 +485,15 @@ class RunLock:
         if self._fd is not None or fcntl is None:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if os.path.islink(self.path.parent):
+            raise ValueError(f"run {self.run_id}: the store's folder {str(self.path.parent)!r} is a link to another folder; remove it")
+        try:  # never through a link: a planted link must not make qnwb truncate another file
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise ValueError(f"run {self.run_id}: {str(self.path)!r} is not a lock file of qnwb ({e.strerror}); remove it") from None
+        if os.fstat(fd).st_nlink != 1:
+            os.close(fd)
+            raise ValueError(f"run {self.run_id}: {str(self.path)!r} is not a lock file of qnwb (a link to another file); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -5,6 +5,7 @@
 # %% ../nbs/95_widgets.ipynb #7cc6de07
 from __future__ import annotations
 
+import html
 import math
 import threading
 import time
@@ -14,7 +15,7 @@ from typing import Mapping
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .runs import PROBLEMS, Runner, make_schedule, problem_options
+from .runs import PROBLEM_LIMITS, PROBLEMS, Runner, make_schedule, problem_options
 
 # %% auto #0
 __all__ = ['RUN_DEFAULTS', 'DEFAULT_CONFIG', 'STARTING_HYPERPARAMETERS', 'CONTROLS', 'INTEGER_SETTINGS', 'LABELS',
@@ -152,8 +153,8 @@ class Dashboard:
         device = ["cpu"] + (["cuda"] if _cuda_available() else [])
         self.pickers = {
             "problem": widgets.Dropdown(options=sorted(PROBLEMS), value=config["problem"], description="task"),
-            "T": widgets.BoundedIntText(min=1, max=100_000, description="T"),
-            "hidden": widgets.BoundedIntText(min=1, max=100_000, description="hidden units"),
+            "T": widgets.BoundedIntText(min=1, max=PROBLEM_LIMITS["T"], description="T"),
+            "hidden": widgets.BoundedIntText(min=1, max=PROBLEM_LIMITS["hidden"], description="hidden units"),
             "optimizer": widgets.Dropdown(options=sorted(CONTROLS), value=config["optimizer"], description="optimizer"),
             "device": widgets.Dropdown(options=device, value=str(config.get("device") or "cpu").split(":")[0], description="device"),
             "seed": widgets.IntText(value=int(config.get("seed", 0)), description="seed"),
@@ -181,16 +182,17 @@ class Dashboard:
 
         display(self.widget)
 
-    def _say(self, text: str) -> None:
+    def _say(self, text: str, label: str | None = None) -> None:
+        "The message line: `text` escaped (errors and values may hold any characters, and the widget renders HTML), after a bold `label`."
         if not self.closed:
-            self.message.value = text
+            self.message.value = (f"<b>{label}</b> " if label else "") + html.escape(str(text))
 
     def _press(self, label: str) -> None:
         "A button: its method, with any error shown in the dashboard."
         try:
             getattr(self, "snapshot_spectrum" if label == "spectrum" else label)()
         except Exception as e:
-            self._say(f"<b>error</b> ({label}): {type(e).__name__}: {e}")
+            self._say(f"({label}): {type(e).__name__}: {e}", "error")
 
 
 def _cuda_available() -> bool:
@@ -308,7 +310,7 @@ def _changed(self: Dashboard, name: str, change) -> None:
         self.runner.steer(parameter, value)
         self._say(f"{LABELS.get(name, name)} → {change['new']} from step {self.runner.step + 1}")
     except Exception as e:  # steer's refusals are ValueErrors; anything else must not escape a widget callback either
-        self._say(f"<b>refused</b>: {e}")
+        self._say(str(e), "refused:")
         self._show(name, change["old"])
 
 
@@ -406,7 +408,7 @@ def _redraw(self: Dashboard) -> None:
                 sync_figure(self.figures["spectrum"], ritz_figure(probe).update_layout(title=f"top {probe.k} {kind.upper()} eigenvalues at step {step} (Lanczos)"))
             self._follow()
         except Exception as e:  # a drawing failure is shown; training goes on
-            self._say(f"<b>figure error</b>: {type(e).__name__}: {e}")
+            self._say(f"{type(e).__name__}: {e}", "figure error:")
         self._drawn = time.perf_counter()
         self._draw_wait = max(self.refresh_s, DRAW_SHARE * (self._drawn - start))  # drawing takes ≤ 1/(1 + DRAW_SHARE) of the time
 
@@ -442,7 +444,7 @@ def _train(self: Dashboard) -> None:
         self._say(f"{self.runner.status} after step {self.runner.step}")
     except Exception as e:  # shown in the dashboard (the thread would otherwise print and vanish)
         self.error = e
-        self._say(f"<b>error</b> in step {self.runner.step + 1}: {type(e).__name__}: {e}")
+        self._say(f"in step {self.runner.step + 1}: {type(e).__name__}: {e}", "error")
     finally:
         self._one_step = False
         if self._spectrum_requested and self.error is None:  # asked for while the last step ran

@@ -521,3 +521,114 @@ def test_a_run_fails_after_ten_rejected_steps_in_a_row_with_theta_kept(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(before, params(runner)))
     run = RunStore(tmp_path / "s.sqlite").run(runner.run_id)
     assert (run["status"], run["steps"]) == ("failed", 10)
+
+# --------------------------------------------------------------------------------------------------------------------
+# further ways in, found by trying: each guarded and tested
+
+
+@pytest.mark.parametrize("optimizer, setting", [("hessian_free", {"preconditioner": "chapelle_erhan", "preconditioner_samples": 10**12}),
+                                                ("hessian_free", {"cg_max_iterations": 10**9}), ("lbfgs", {"max_evaluations": 10**9}),
+                                                ("lsr1", {"max_evaluations": 10**9}), ("adaqn", {"L": 10**9}), ("sqn", {"L": 10**9})])
+def test_one_step_always_ends_so_a_budget_or_a_signal_can_stop_the_run(optimizer, setting):
+    with pytest.raises(ValueError, match="must be an int in \\[1, 100000\\]"):
+        Runner({"problem": "addition", "problem_options": {"T": 10, "hidden": 4}, "optimizer": optimizer, "hyperparameters": setting,
+                "budget": {"seconds": 5}}, store=False, progress=False)
+
+
+@pytest.mark.parametrize("options", [{"hidden": 10**6}, {"T": 10**9}, {"held_out": 10**9}, {"T": 2000, "batch_size": 100_000, "hidden": 4096}])
+def test_problem_sizes_that_would_allocate_without_bound_are_refused_before_anything_is_built(options):
+    with pytest.raises(ValueError, match="at most|ELEMENTS_LIMIT"):
+        Runner({"problem": "addition", "problem_options": options, "optimizer": "adam", "budget": {"steps": 1}}, store=False, progress=False)
+
+
+def test_a_lock_name_planted_as_a_link_never_truncates_another_file(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "s.sqlite-runs").mkdir()
+    (tmp_path / "s.sqlite-runs" / "run-1.lock").symlink_to(victim)
+    status, _, err = in_process("run", "--problem", "quadratic", "--optimizer", "adam", "-b", "steps", 3, "--store", tmp_path / "s.sqlite",
+                                "--quiet")
+    assert status == 2 and "not a lock file" in err and victim.read_text() == "precious", err
+    assert RunStore(tmp_path / "s.sqlite").run(1)["status"] == "failed"  # the store says why run 1 never started
+    os.link(victim, tmp_path / "s.sqlite-runs" / "run-3.lock")  # a hard link: the same file under the lock's name of run 3
+    assert in_process("run", "--problem", "quadratic", "--optimizer", "adam", "-b", "steps", 3, "--store", tmp_path / "s.sqlite")[0] == 0
+    status, _, err = in_process("run", "--problem", "quadratic", "--optimizer", "adam", "-b", "steps", 3, "--store", tmp_path / "s.sqlite")
+    assert status == 2 and "not a lock file" in err and victim.read_text() == "precious", err
+
+
+def test_the_names_of_a_stores_folder_are_reserved_for_it(tmp_path):
+    a = Runner(config(), store=tmp_path / "a.sqlite", progress=False)
+    a.run()
+    for name in ("a.sqlite-runs/run-5.pt", "a.sqlite-runs/run-2.lock", "a.sqlite-runs/run-1.lock"):  # a later run's, locks
+        with pytest.raises(ValueError, match="reserved for the store|the lock file of run 1"):
+            Runner(config(checkpoint=str(tmp_path / name)), store=tmp_path / "a.sqlite", progress=False, overwrite=True)
+    Runner(config(), store=tmp_path / "a.sqlite", progress=False).run()  # run 2 is not jammed by any of them
+    before = a.checkpoint_path.read_bytes()
+    with pytest.raises(ValueError, match="reserved for the store"):  # another store's checkpoint, even with --force
+        Runner(config(checkpoint=str(a.checkpoint_path)), store=tmp_path / "b.sqlite", progress=False, overwrite=True)
+    status, _, err = in_process("runs", "export", "--out", tmp_path / "a.sqlite-wal", "--store", tmp_path / "b.sqlite", "--force")
+    assert status == 2 and "SQLite database" in err and a.checkpoint_path.read_bytes() == before
+
+
+def test_someone_elses_database_is_never_turned_into_a_store(tmp_path):
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+        db.execute("INSERT INTO users VALUES ('ada')")
+    before = path.read_bytes()
+    status, _, err = in_process("run", "--problem", "quadratic", "--optimizer", "adam", "-b", "steps", 2, "--store", path, "--quiet")
+    assert status == 2 and "not a run store" in err, err
+    assert path.read_bytes() == before and not Path(f"{path}-wal").exists()
+
+
+def test_a_temporary_file_cannot_be_redirected_by_a_planted_link(tmp_path):
+    Runner(config(), store=tmp_path / "s.sqlite", progress=False).run()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    for guess in range(64):  # links under every name a predictable scheme (pid, thread) could use
+        (out / f".e.csv.{os.getpid()}-{guess}.partial").symlink_to(victim)
+        (out / f".e.csv.{os.getpid()}.partial").unlink(missing_ok=True)
+    (out / f".e.csv.{os.getpid()}.partial").symlink_to(victim)
+    import threading
+    (out / f".e.csv.{os.getpid()}-{threading.get_ident()}.partial").symlink_to(victim)
+    assert in_process("runs", "export", "--out", out / "e.csv", "--store", tmp_path / "s.sqlite")[0] == 0
+    assert victim.read_text() == "precious" and not (out / "e.csv").is_symlink()
+
+
+def test_a_checkpoint_or_a_store_does_not_choose_where_the_curves_cache_goes(tmp_path):
+    runner = Runner({"problem": "curves", "problem_options": {"size": 8, "sizes": [12, 4], "train": 60, "test": 20, "batch_size": 25},
+                     "optimizer": "adam", "budget": {"steps": 2}}, store=False, progress=False)
+    runner.run()
+    crafted = runner.state()
+    crafted["config"]["problem_options"]["root"] = str(tmp_path / "elsewhere" / "deep")
+    torch.save(crafted, tmp_path / "c.pt")
+    Runner.resume(tmp_path / "c.pt", store=False, progress=False).run()
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_dashboard_shows_error_text_as_text(tmp_path):
+    from qnwb.widgets import Dashboard
+
+    board = Dashboard({"problem": "quadratic", "optimizer": "adam", "budget": {"steps": 3}}, store=False)
+    board._say("<img src=x onerror=alert(1)>", "error")
+    assert board.message.value == "<b>error</b> &lt;img src=x onerror=alert(1)&gt;"
+    board.close()
+
+
+def test_huge_numbers_are_one_line_mistakes_and_json_output_is_standard_json(tmp_path):
+    path = tmp_path / "s.sqlite"
+    for flags in (("--evaluate-every", "1" + "0" * 400), ("-b", "steps", "1" + "0" * 400), ("-H", "lr", "1" + "0" * 400)):
+        status, _, err = in_process("run", "--problem", "quadratic", "--optimizer", "adam", "-b", "seconds", 5, *flags, "--store", path)
+        assert status == 2 and err.count("\n") == 1 and "Overflow" not in err, (flags, err)
+    Runner(config(), store=path, progress=False).run()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE evaluations SET validation_loss = 'NaN', validation_error = ? WHERE run_id = 1", ("\x1b]0;pwned\x07",))
+    status, out, _ = in_process("runs", "show", "1", "--store", path)
+    assert status == 0 and "\x1b" not in out and "\x07" not in out
+    status, out, _ = in_process("runs", "show", "1", "--json", "--store", path)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE evaluations SET validation_loss = ? WHERE run_id = 1", (float("nan"),))
+    status, out, _ = in_process("runs", "show", "1", "--json", "--store", path)
+    json.loads(out, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON output"))

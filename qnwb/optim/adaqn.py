@@ -59,7 +59,7 @@ class SQN(FlatOptimizer):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         check_setting("lr", lr, "step_size")
         check_setting("memory", memory, "slots")
-        check_positive_int("L", L)
+        check_setting("L", L, "iterations")
         if curvature not in CURVATURES:
             raise ValueError(f"curvature: {curvature!r} is not one of {CURVATURES}")
         if h0 not in H0_KINDS:
@@ -255,7 +255,7 @@ class AdaQN(FlatOptimizer):
     ):
         tensors = _one_group(params)
         check_setting("lr", lr, "step_size")
-        check_positive_int("L", L)
+        check_setting("L", L, "iterations")
         check_setting("memory", memory, "slots")
         check_setting("fisher_memory", fisher_memory, "slots")
         check_number("epsilon", epsilon, 0.0)

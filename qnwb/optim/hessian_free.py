@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..core import (SETTING_BOUNDS, _flatten, assign_flat_, check_number, check_param_groups, check_positive_int, check_setting,
+from ..core import (SETTING_BOUNDS, _flatten, assign_flat_, check_number, check_param_groups, check_setting,
                        check_state_entries, check_state_tag, flat_params, make_generator, tag_state)
 from ..curvature import GGN, STRUCTURAL_DISTANCES, Hessian, empirical_fisher_diagonal, ggn_diagonal_estimate
 from ..losses import MatchingLoss, matching_loss
@@ -95,10 +95,11 @@ class HessianFree(torch.optim.Optimizer):
         check_number("cg_tolerance", cg_tolerance, 0.0, 1.0, low_open=True, high_open=True)
         check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
         check_number("line_search_factor", line_search_factor, 0.0, 1.0, low_open=True, high_open=True)
-        for name, value, low in (("cg_max_iterations", cg_max_iterations, 1), ("cg_min_iterations", cg_min_iterations, 0),
-                                 ("line_search_tries", line_search_tries, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: must be an int ≥ {low}, got {value!r}")
+        for name, value in (("cg_max_iterations", cg_max_iterations), ("line_search_tries", line_search_tries),
+                            ("preconditioner_samples", preconditioner_samples), ("cg_objective_every", cg_objective_every)):
+            check_setting(name, value, "iterations")  # one step must end: SETTING_BOUNDS (notebook 00)
+        if isinstance(cg_min_iterations, bool) or not isinstance(cg_min_iterations, int) or cg_min_iterations < 0:
+            raise ValueError(f"cg_min_iterations: must be an int ≥ 0, got {cg_min_iterations!r}")
         if cg_min_iterations > cg_max_iterations:
             raise ValueError(f"cg_min_iterations: {cg_min_iterations} exceeds cg_max_iterations {cg_max_iterations}")
         if structural_distance not in STRUCTURAL_DISTANCES:
@@ -112,8 +113,7 @@ class HessianFree(torch.optim.Optimizer):
         if warm_start_from not in ("chosen", "last"):
             raise ValueError(f"warm_start_from: {warm_start_from!r} is not 'chosen' or 'last'")
         if cg_objective_window is not None:
-            check_positive_int("cg_objective_window", cg_objective_window)
-        check_positive_int("cg_objective_every", cg_objective_every)
+            check_setting("cg_objective_window", cg_objective_window, "iterations")
         check_number("cg_objective_tolerance", cg_objective_tolerance, 0.0)
         if rho not in ("undamped", "damped"):
             raise ValueError(f"rho: {rho!r} is not 'undamped' or 'damped'")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import (assign_flat_, check_number, check_param_groups, check_positive_int, check_setting, check_state_entries,
+from ..core import (assign_flat_, check_number, check_param_groups, check_setting, check_state_entries,
                        check_state_tag, flat_grads, flat_params, param_list, tag_state)
 from .memory import CURVATURE_RULES, DIAGONAL_KINDS, DiagonalScaling, PairMemory, curvature_condition, powell_damping, two_loop
 
@@ -199,10 +199,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         here, naming it, before anything changes), then resize each buffer whose size differs from its setting. True if one
         was resized."""
         group, parts = self.param_groups[0], self._parts()
-        checks = {**{name: "slots" for name in self._sized}, **{name: None for name in self._counts}, **self._bounded}
+        checks = {**{name: "slots" for name in self._sized}, **{name: "iterations" for name in self._counts}, **self._bounded}
         for name, kind in checks.items():
             try:
-                check_positive_int(name, group[name]) if kind is None else check_setting(name, group[name], kind)
+                check_setting(name, group[name], kind)
             except ValueError as e:
                 raise ValueError(f"{e} (param_groups[0][{name!r}]; the step is refused, nothing changed)") from None
         resized = False
@@ -328,7 +328,7 @@ class LBFGS(FlatOptimizer):
         if line_search not in LINE_SEARCHES:
             raise ValueError(f"line_search: {line_search!r} is not one of {LINE_SEARCHES}")
         if forget_every is not None:
-            check_positive_int("forget_every", forget_every)
+            check_setting("forget_every", forget_every, "iterations")
         if h0 not in LBFGS_H0:
             raise ValueError(f"h0: {h0!r} is not one of {LBFGS_H0}")
         check_number("curvature_skip", curvature_skip, 0.0)
@@ -340,7 +340,7 @@ class LBFGS(FlatOptimizer):
         check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
         check_number("wolfe", wolfe, armijo, 1.0, low_open=True, high_open=True)
         check_number("backtrack", backtrack, 0.0, 1.0, low_open=True, high_open=True)
-        check_positive_int("max_evaluations", max_evaluations)
+        check_setting("max_evaluations", max_evaluations, "iterations")  # one step must end (SETTING_BOUNDS)
         check_number("h0_epsilon", h0_epsilon, 0.0, low_open=True)
         check_number("rmsprop_decay", rmsprop_decay, 0.0, 1.0, low_open=True, high_open=True)
         defaults = dict(lr=float(lr), memory=memory, line_search=line_search, forget_every=forget_every, h0=h0,

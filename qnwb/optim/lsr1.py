@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..core import assign_flat_, check_number, check_positive_int, check_setting, flat_params
+from ..core import assign_flat_, check_number, check_setting, flat_params
 from .lbfgs import FlatOptimizer, _one_group, armijo_backtracking, strong_wolfe
 from .memory import CompactForm, PairMemory, sr1_compact, sr1_condition
 from ..trust_region import solve_trust_region_compact
@@ -115,7 +115,7 @@ class LSR1(FlatOptimizer):
         if max_radius is not None:
             check_setting("max_radius", max_radius, "scale", 0.0 if radius is None else radius, low_open=radius is None)
         if forget_every is not None:
-            check_positive_int("forget_every", forget_every)
+            check_setting("forget_every", forget_every, "iterations")
         if empty_step not in LSR1_EMPTY_STEPS:
             raise ValueError(f"empty_step: {empty_step!r} is not one of {LSR1_EMPTY_STEPS}")
         if line_search not in LSR1_LINE_SEARCHES:
@@ -123,7 +123,7 @@ class LSR1(FlatOptimizer):
         check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
         check_number("wolfe", wolfe, armijo, 1.0, low_open=True, high_open=True)
         check_number("backtrack", backtrack, 0.0, 1.0, low_open=True, high_open=True)
-        check_positive_int("max_evaluations", max_evaluations)
+        check_setting("max_evaluations", max_evaluations, "iterations")  # one step must end (SETTING_BOUNDS)
         if rcond is not None:
             check_number("rcond", rcond, 0.0, 1.0, high_open=True)
         if not isinstance(full_batch, bool):
