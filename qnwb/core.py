@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb #1938fb5f
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import random
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 __all__ = ['ParamsLike', 'SETTING_BOUNDS', 'INTEGER_KINDS', 'STATE_KINDS', 'param_list', 'flat_params', 'flat_grads', 'unflatten',
            'assign_flat_', 'FlatBuffer', 'default_device', 'check_positive_int', 'check_number', 'seed_everything',
            'make_generator', 'rng_state', 'set_rng_state', 'check_setting', 'tag_state', 'check_state_tag',
-           'check_param_groups', 'check_state_entries', 'atomic_write']
+           'check_param_groups', 'check_state_entries', 'atomic_write', 'patch']
 
 # %% ../nbs/00_core.ipynb #acd443b6
 ParamsLike = nn.Module | Iterable[Tensor] | Iterable[Mapping]
@@ -382,3 +383,21 @@ def atomic_write(path: str | os.PathLike,
         partial.unlink(missing_ok=True)
         raise
     return path
+
+# %% ../nbs/00_core.ipynb #af2a1de0
+def patch(f: Callable | None = None, *,
+          as_classmethod: bool = False,  # attach as a classmethod
+          ) -> Callable:
+    """Attach `f` to the class its first parameter is annotated with, as the method of the same name; returns `f`."""
+    if f is None:
+        return lambda g: patch(g, as_classmethod=as_classmethod)
+    parameters = list(inspect.signature(f, eval_str=False).parameters.values())
+    annotation = parameters[0].annotation if parameters else None
+    if isinstance(annotation, str):  # postponed annotations: the class is a global of the function's module
+        name = annotation.removeprefix("type[").removesuffix("]")
+        annotation = f.__globals__.get(name) if name.isidentifier() else None
+    if not isinstance(annotation, type) or annotation is inspect.Parameter.empty:
+        raise TypeError(f"patch: the first parameter of {f.__name__} must be annotated with a class of its module")
+    f.__qualname__ = f"{annotation.__name__}.{f.__name__}"
+    setattr(annotation, f.__name__, classmethod(f) if as_classmethod else f)
+    return f

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from .core import (atomic_write, check_number, check_positive_int, check_setting, default_device, make_generator, rng_state,
-                       seed_everything, set_rng_state)
+                       patch, seed_everything, set_rng_state)
 from .losses import MatchingLoss, matching_loss
-from .store import RunLock, RunStore, _method, absolute_path, check_output_path, same_file, store_path
+from .store import RunLock, RunStore, absolute_path, check_output_path, same_file, store_path
 
 # %% auto #0
 __all__ = ['DTYPES', 'PROBLEMS', 'PROBLEM_LIMITS', 'ELEMENTS_LIMIT', 'DEFAULT_HYPERPARAMETERS', 'CURVATURE_OPTIMIZERS',
@@ -636,8 +636,8 @@ class Runner:
         return f"Runner(run {self.run_id}: {c['optimizer']} on {c['problem']}, seed {c['seed']}, {self.status}, step {self.step})"
 
 # %% ../nbs/87_runs.ipynb #98fbcbff
-@_method(Runner)
-def __step(self: Runner) -> tuple[float, dict]:
+@patch
+def _step(self: Runner) -> tuple[float, dict]:
     "One optimizer step on the next training batch: (the batch loss before the step, the step's stats)."
     x, y = self.problem.stream.next()
     model, loss, optimizer = self.model, self.loss, self.optimizer
@@ -670,8 +670,8 @@ def __step(self: Runner) -> tuple[float, dict]:
     return float(value.detach() if isinstance(value, Tensor) else value), stats
 
 # %% ../nbs/87_runs.ipynb #82e41fc4
-@_method(Runner)
-def _counter(self: Runner, unit: str) -> float:
+@patch
+def counter(self: Runner, unit: str) -> float:
     """The run's progress in `unit` (a BUDGET_UNITS name)."""
     if unit == "steps":
         return self.step
@@ -684,14 +684,14 @@ def _counter(self: Runner, unit: str) -> float:
     return self.counts[unit]
 
 
-@_method(Runner)
-def _budget_reached(self: Runner) -> bool:
+@patch
+def budget_reached(self: Runner) -> bool:
     """Whether any limit of the budget is reached."""
     return any(self.counter(unit) >= limit for unit, limit in self.config["budget"].items())
 
 
-@_method(Runner)
-def _evaluate(self: Runner) -> dict:
+@patch
+def evaluate(self: Runner) -> dict:
     """Evaluate on the held-out set and the training sample now; store and return the evaluation."""
     start = time.perf_counter()
     train_loss, train_error = self.problem.evaluate(self.problem.train_sample)
@@ -721,8 +721,8 @@ CONSTRUCTION_ONLY = {  # settings an optimizer reads once, when it is built: ste
 }
 
 
-@_method(Runner)
-def _steerable(self: Runner) -> list[str]:
+@patch
+def steerable(self: Runner) -> list[str]:
     """The hyperparameters `steer` can change: the numeric entries of the optimizer's parameter groups (a scheduled one
     holds its current value). The buffer sizes of the quasi-Newton methods (memory m, adaQN's m_F) and the aggregation
     length L are among them: the optimizers resize their memories, and start a new L with the next cycle (notebook 44).
@@ -732,21 +732,21 @@ def _steerable(self: Runner) -> list[str]:
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in fixed)
 
 
-@_method(Runner)
-def _schedulable(self: Runner) -> list[str]:
+@patch
+def schedulable(self: Runner) -> list[str]:
     "The hyperparameters that may be steered to a schedule spec (CM's and NAG's lr and momentum)."
     return [k for k in SCHEDULABLE if hasattr(self.optimizer, "schedules") and k in self.optimizer.param_groups[0]]
 
 
-@_method(Runner)
-def _in_force(self: Runner, parameter: str):
+@patch
+def in_force(self: Runner, parameter: str):
     "What governs `parameter` now: its schedule spec (steered in or configured) or its current number."
     spec = self.schedule_specs.get(parameter, self.config["hyperparameters"].get(parameter))
     return dict(spec) if isinstance(spec, Mapping) else self.optimizer.param_groups[0][parameter]
 
 
-@_method(Runner)
-def _steer(self: Runner, parameter: str,
+@patch
+def steer(self: Runner, parameter: str,
            value: float | Mapping[str, Any],  # a number, or a schedule spec for a parameter of `schedulable()`
            ) -> None:
     """Change `parameter` of the optimizer to `value` before the next step (thread-safe); recorded as a steering event."""
@@ -770,8 +770,8 @@ def _steer(self: Runner, parameter: str,
         self._steering.append((parameter, value))
 
 
-@_method(Runner)
-def __check_settings(self: Runner, parameter: str, value, settings: dict) -> None:
+@patch
+def _check_settings(self: Runner, parameter: str, value, settings: dict) -> None:
     """Build the optimizer with `settings` to run its constructor's checks (λ > 0, μ in [0, 1), cg_min ≤ cg_max, ...).
     Optimizers of flat vectors are built on a two-parameter stand-in, so no memory of the real size is allocated twice."""
     from qnwb.optim import optimizer_class
@@ -785,8 +785,8 @@ def __check_settings(self: Runner, parameter: str, value, settings: dict) -> Non
         raise ValueError(f"value: {parameter} = {value!r} is refused: {type(e).__name__}: {e}") from None
 
 
-@_method(Runner)
-def __set_hyperparameter(self: Runner, parameter: str, value) -> None:
+@patch
+def _set_hyperparameter(self: Runner, parameter: str, value) -> None:
     "Put `value` (a number, or a schedule spec) into the optimizer: every parameter group, or its schedules map."
     if parameter in self.schedulable():
         self.schedule_specs[parameter] = value
@@ -799,8 +799,8 @@ def __set_hyperparameter(self: Runner, parameter: str, value) -> None:
             group[parameter] = value
 
 
-@_method(Runner)
-def __apply_steering(self: Runner) -> None:
+@patch
+def _apply_steering(self: Runner) -> None:
     with self._steering_lock:
         pending, self._steering = self._steering, []
     for parameter, value in pending:
@@ -812,8 +812,8 @@ def __apply_steering(self: Runner) -> None:
             self.store.log_steering(self.run_id, self.step, parameter, old, value, event["time"])
 
 
-@_method(Runner)
-def _request_stop(self: Runner) -> None:
+@patch
+def request_stop(self: Runner) -> None:
     """Ask the run to stop before its next step (thread-safe); it ends with status "stopped" and a checkpoint."""
     self.stop_event.set()
 
@@ -828,8 +828,8 @@ CHECKPOINT_FIELDS = {  # every field a checkpoint has, with the types it may hol
 CHECKPOINT_NODES = 1_000_000  # the most containers and values a checkpoint may hold (a model's tensors are one each)
 
 
-@_method(Runner)
-def _state(self: Runner) -> dict:
+@patch
+def state(self: Runner) -> dict:
     """Everything a resumed run needs, as one dict (tensors copied): `CHECKPOINT_FIELDS`."""
     return copy.deepcopy({
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config, "run_id": self.run_id,
@@ -917,8 +917,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return check_checkpoint(saved, repr(str(path)))
 
 # %% ../nbs/87_runs.ipynb #0f7fc09d
-@_method(Runner)
-def __apply_state(self: Runner, saved: Mapping[str, Any]) -> None:
+@patch
+def _apply_state(self: Runner, saved: Mapping[str, Any]) -> None:
     saved = copy.deepcopy(dict(saved))
     self.model.load_state_dict(saved["model"])
     self.optimizer.load_state_dict(saved["optimizer"])
@@ -939,8 +939,8 @@ def __apply_state(self: Runner, saved: Mapping[str, Any]) -> None:
         self._set_hyperparameter(parameter, value)
 
 
-@_method(Runner)
-def _load_state(self: Runner, saved: Mapping[str, Any]) -> None:
+@patch
+def load_state(self: Runner, saved: Mapping[str, Any]) -> None:
     """Restore `state()` of this run's configuration: all of it, or, if any part is refused, nothing (the model, optimizer,
     streams, random states and counters are as they were, and a one-line ValueError says what was refused)."""
     saved = check_checkpoint(saved)
@@ -977,8 +977,8 @@ def _torch_save(value, path: Path) -> None:
             raise
 
 
-@_method(Runner)
-def _save_checkpoint(self: Runner,
+@patch
+def save_checkpoint(self: Runner,
                      path: str | os.PathLike | None = None,  # default: the run's own checkpoint file
                      overwrite: bool = False,  # replace an existing file at `path` (never a store file or another run's checkpoint)
                      ) -> Path:
@@ -1034,8 +1034,8 @@ class _StopOnSignal:
         return KeyboardInterrupt("SIGINT") if self.signum == signal.SIGINT else SystemExit(128 + self.signum)
 
 
-@_method(Runner)
-def __loop(self: Runner, bar) -> str:
+@patch
+def _loop(self: Runner, bar) -> str:
     "Steps until the budget, the target or a stop; the final status ('finished' or 'stopped')."
     c, every, unit = self.config, self.config["evaluate_every"], self.config["evaluate_unit"]
     bar_unit = next(iter(c["budget"]))
@@ -1084,8 +1084,8 @@ def __loop(self: Runner, bar) -> str:
     return status
 
 
-@_method(Runner)
-def __begin(self: Runner) -> None:
+@patch
+def _begin(self: Runner) -> None:
     "Take the run's lock and mark it running in the store (started, resumed, or run again with a raised budget)."
     if self.store is None:
         return
@@ -1107,8 +1107,8 @@ def __begin(self: Runner) -> None:
         raise
 
 
-@_method(Runner)
-def _run(self: Runner,
+@patch
+def run(self: Runner,
         stop: threading.Event | None = None,  # set it (from another thread) to stop before the next step
         ) -> dict:
     """Train until the budget, the target or a stop; the summary (status, steps, work, last evaluation, checkpoint).
@@ -1208,7 +1208,8 @@ def _check_resumable(store: RunStore, run: dict, saved: dict, force: bool) -> No
                          f"it does not belong to this copy of the store")
 
 
-def _resume(cls, checkpoint: str | os.PathLike,  # a checkpoint file written by save_checkpoint
+@patch(as_classmethod=True)
+def resume(cls: type[Runner], checkpoint: str | os.PathLike,  # a checkpoint file written by save_checkpoint
            store: RunStore | str | os.PathLike | None | bool = None,  # None: the store the checkpoint belongs to; False: none
            budget: Mapping[str, float] | None = None,  # a new budget (None: the saved one)
            on_step: Callable[[dict], Any] | None = None, progress: bool = True,
@@ -1253,8 +1254,7 @@ def _resume(cls, checkpoint: str | os.PathLike,  # a checkpoint file written by 
     return runner
 
 
-Runner.resume = classmethod(_resume)
-_resume.__name__, _resume.__qualname__ = "resume", "Runner.resume"
+
 
 # %% ../nbs/87_runs.ipynb #91ec519d
 def run_config(config: Mapping[str, Any] | str | os.PathLike,  # a configuration, or a JSON / YAML file of one

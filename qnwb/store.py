@@ -29,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from .core import atomic_write, check_number
+from .core import atomic_write, check_number, patch
 
 # %% auto #0
 __all__ = ['DEFAULT_STORE', 'STATUSES', 'FINAL_STATUSES', 'SCHEMA', 'ADDED_COLUMNS', 'STEP_COLUMNS', 'EVALUATION_COLUMNS',
@@ -385,14 +385,6 @@ class RunStore:
         return f"RunStore({str(self.path)!r}{', read_only=True' if self.read_only else ''})"
 
 
-def _method(cls):
-    "Attach the decorated function `_name` to `cls` as its method `name` (so one class can span several cells)."
-    def attach(f):
-        name = f.__name__.removeprefix("_")
-        f.__name__, f.__qualname__ = name, f"{cls.__name__}.{name}"
-        setattr(cls, name, f)
-        return f
-    return attach
 
 # %% ../nbs/86_store.ipynb #12a301c2
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -529,8 +521,8 @@ def _process_identity() -> dict:
     return {"pid": pid, "host": socket.gethostname(), "pidns": pid_namespace(), "process_start": _process_start(pid)}
 
 
-@_method(RunStore)
-def _recorded_path(self: RunStore, path: str | os.PathLike) -> str:
+@patch
+def recorded_path(self: RunStore, path: str | os.PathLike) -> str:
     "How the store records a file path: relative to the store's folder when inside it, else absolute (both survive a `cd`)."
     path, folder = absolute_path(path), absolute_path(self.path).parent
     try:
@@ -539,8 +531,8 @@ def _recorded_path(self: RunStore, path: str | os.PathLike) -> str:
         return str(path)
 
 
-@_method(RunStore)
-def _resolved_path(self: RunStore, recorded: str | None) -> Path | None:
+@patch
+def resolved_path(self: RunStore, recorded: str | None) -> Path | None:
     "A path as `recorded_path` stored it, made absolute again."
     if recorded is None:
         return None
@@ -548,8 +540,8 @@ def _resolved_path(self: RunStore, recorded: str | None) -> Path | None:
     return path if path.is_absolute() else absolute_path(self.path).parent / path
 
 
-@_method(RunStore)
-def _create_run(self: RunStore,
+@patch
+def create_run(self: RunStore,
                config: Mapping[str, Any],  # the full configuration (stored as JSON)
                name: str | None = None, problem: str | None = None, optimizer: str | None = None,
                seed: int | None = None, device: str | None = None,
@@ -577,21 +569,21 @@ def _create_run(self: RunStore,
         return cursor.lastrowid
 
 
-@_method(RunStore)
-def _default_checkpoint(self: RunStore, run_id: int) -> Path:
+@patch
+def default_checkpoint(self: RunStore, run_id: int) -> Path:
     "Where run `run_id` keeps its checkpoint unless its configuration names a file: `<store>-runs/run-N.pt`."
     return checkpoint_folder(absolute_path(self.path)) / f"run-{run_id}.pt"
 
 
-@_method(RunStore)
-def _checkpoint_path(self: RunStore, run_id: int) -> Path | None:
+@patch
+def checkpoint_path(self: RunStore, run_id: int) -> Path | None:
     "The checkpoint file of run `run_id` (absolute), or None."
     _run_check(self, run_id)
     return self.resolved_path(self._query("SELECT checkpoint FROM runs WHERE id = ?", (run_id,))[0]["checkpoint"])
 
 
-@_method(RunStore)
-def _start_run(self: RunStore, run_id: int) -> None:
+@patch
+def start_run(self: RunStore, run_id: int) -> None:
     "Mark a `created` run running in this process."
     _run_check(self, run_id)
     now = time.time()
@@ -602,8 +594,8 @@ def _start_run(self: RunStore, run_id: int) -> None:
             raise ValueError(f"run_id: run {run_id} is not a created run; resume it instead")
 
 
-@_method(RunStore)
-def _log_step(self: RunStore, run_id: int,
+@patch
+def log_step(self: RunStore, run_id: int,
              step: int,  # the step just completed, 1, 2, …
              values: Mapping[str, Any],  # STEP_COLUMNS (missing ones NULL)
              stats: Mapping[str, Any] | None = None,  # the optimizer's `stats` after this step
@@ -616,8 +608,8 @@ def _log_step(self: RunStore, run_id: int,
         db.execute("UPDATE runs SET steps = ?, heartbeat = ? WHERE id = ?", (step, time.time(), run_id))
 
 
-@_method(RunStore)
-def _log_evaluation(self: RunStore, run_id: int, step: int,
+@patch
+def log_evaluation(self: RunStore, run_id: int, step: int,
                    values: Mapping[str, Any],  # EVALUATION_COLUMNS; anything else goes to `extra` (JSON)
                    ) -> None:
     """Store one held-out evaluation taken after `step` steps."""
@@ -629,8 +621,8 @@ def _log_evaluation(self: RunStore, run_id: int, step: int,
         db.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", (time.time(), run_id))
 
 
-@_method(RunStore)
-def _log_steering(self: RunStore, run_id: int, step: int,
+@patch
+def log_steering(self: RunStore, run_id: int, step: int,
                  parameter: str,  # e.g. "lr", "damping", "momentum"
                  old_value: Any, new_value: Any,
                  when: float | None = None,  # Unix time (default: now)
@@ -641,15 +633,15 @@ def _log_steering(self: RunStore, run_id: int, step: int,
                    (run_id, time.time() if when is None else when, step, str(parameter), _dumps(old_value), _dumps(new_value)))
 
 
-@_method(RunStore)
-def _log_checkpoint(self: RunStore, run_id: int, step: int) -> None:
+@patch
+def log_checkpoint(self: RunStore, run_id: int, step: int) -> None:
     "Record that run `run_id` wrote a checkpoint of `step` (a checkpoint of an earlier step is stale from now on)."
     with self.transaction() as db:
         db.execute("UPDATE runs SET checkpoint_step = ? WHERE id = ?", (step, run_id))
 
 
-@_method(RunStore)
-def _finish_run(self: RunStore, run_id: int,
+@patch
+def finish_run(self: RunStore, run_id: int,
                status: str,  # "finished", "stopped", "failed" or "killed"
                error: str | None = None,  # what went wrong (failed runs)
                summary: Mapping[str, Any] | None = None,  # final numbers (JSON)
@@ -662,8 +654,8 @@ def _finish_run(self: RunStore, run_id: int,
                    (status, time.time(), time.time(), error, None if summary is None else _dumps(summary), run_id))
 
 
-@_method(RunStore)
-def _resume_run(self: RunStore, run_id: int,
+@patch
+def resume_run(self: RunStore, run_id: int,
                step: int,  # the checkpoint's step: rows stored after it move to `discarded`
                preempted: bool = True,  # count a preemption (False: the same runner continues, e.g. with a raised budget)
                ) -> None:
@@ -691,8 +683,8 @@ def _resume_run(self: RunStore, run_id: int,
 KILLED_ERROR = "the process ended while the run was running (killed or crashed)"
 
 
-@_method(RunStore)
-def _process_state(self: RunStore, run: Mapping[str, Any]) -> str:
+@patch
+def process_state(self: RunStore, run: Mapping[str, Any]) -> str:
     """Whether the process recorded in a run row is "alive" or "dead", or "unknown": it belongs to another host, or to another
     PID namespace of this host (another container), where its pid names a different process."""
     if run["host"] != socket.gethostname() or run.get("pidns") not in (None, pid_namespace()):
@@ -702,8 +694,8 @@ def _process_state(self: RunStore, run: Mapping[str, Any]) -> str:
     return "alive" if process_alive(run["pid"], run["process_start"]) else "dead"
 
 
-@_method(RunStore)
-def _dead_runs(self: RunStore,
+@patch
+def dead_runs(self: RunStore,
               stale_after: float | None = None,  # seconds: also runs that cannot be judged (another host or namespace) silent this long
               ) -> list[int]:
     """The "running" runs whose process is gone (nothing is written)."""
@@ -715,8 +707,8 @@ def _dead_runs(self: RunStore,
     return dead
 
 
-@_method(RunStore)
-def _mark_dead_runs(self: RunStore, stale_after: float | None = None) -> list[int]:
+@patch
+def mark_dead_runs(self: RunStore, stale_after: float | None = None) -> list[int]:
     """Mark "running" runs whose process died "killed" (see `dead_runs`); the ids marked."""
     dead = self.dead_runs(stale_after)
     for run_id in dead:
@@ -732,8 +724,8 @@ def _decode_run(store: RunStore, row: dict) -> dict:
     return row
 
 
-@_method(RunStore)
-def _runs(self: RunStore,
+@patch
+def runs(self: RunStore,
          status: str | Iterable[str] | None = None,  # only runs with this status (or these)
          ids: Iterable[int] | None = None,  # only these runs
          **equal,  # column = value filters: problem="addition", optimizer="lbfgs", seed=0, name=...
@@ -765,8 +757,8 @@ def _runs(self: RunStore,
     return rows if statuses is None else [row for row in rows if row["status"] in statuses]
 
 
-@_method(RunStore)
-def _run(self: RunStore, run_id: int) -> dict:
+@patch
+def run(self: RunStore, run_id: int) -> dict:
     """One run's row, decoded."""
     rows = self.runs(ids=[run_id])
     if not rows:
@@ -774,30 +766,30 @@ def _run(self: RunStore, run_id: int) -> dict:
     return rows[0]
 
 
-@_method(RunStore)
-def _steps(self: RunStore, run_id: int) -> list[dict]:
+@patch
+def steps(self: RunStore, run_id: int) -> list[dict]:
     """The completed steps of a run, in order, with the optimizer's statistics under `stats`."""
     _run_check(self, run_id)
     return [_decode(row, {"stats": {}}) for row in self._query("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (run_id,))]
 
 
-@_method(RunStore)
-def _evaluations(self: RunStore, run_id: int) -> list[dict]:
+@patch
+def evaluations(self: RunStore, run_id: int) -> list[dict]:
     """The held-out evaluations of a run, in order (`extra` decoded)."""
     _run_check(self, run_id)
     return [_decode(row, {"extra": {}}) for row in self._query("SELECT * FROM evaluations WHERE run_id = ? ORDER BY step", (run_id,))]
 
 
-@_method(RunStore)
-def _steering_events(self: RunStore, run_id: int) -> list[dict]:
+@patch
+def steering_events(self: RunStore, run_id: int) -> list[dict]:
     """The steering events of a run, in order (old and new values decoded)."""
     _run_check(self, run_id)
     rows = self._query("SELECT * FROM steering WHERE run_id = ? ORDER BY id", (run_id,))
     return [_decode(row, {"old_value": None, "new_value": None}) for row in rows]
 
 
-@_method(RunStore)
-def _discarded(self: RunStore, run_id: int) -> list[dict]:
+@patch
+def discarded(self: RunStore, run_id: int) -> list[dict]:
     """The rows a resume replaced: `{"preemption", "kind": "step" | "evaluation", "step", "row"}` in order."""
     _run_check(self, run_id)
     try:
@@ -807,8 +799,8 @@ def _discarded(self: RunStore, run_id: int) -> list[dict]:
     return [_decode(row, {"row": {}}) for row in rows]
 
 
-@_method(RunStore)
-def _protected_paths(self: RunStore, except_run: int | None = None) -> dict[Path, str]:
+@patch
+def protected_paths(self: RunStore, except_run: int | None = None) -> dict[Path, str]:
     """The files no command may write over, each with what it is: the store, its -wal / -shm / -journal files, and the
     checkpoint and lock of every run (but `except_run`'s)."""
     base = absolute_path(self.path)

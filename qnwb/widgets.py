@@ -15,6 +15,7 @@ from typing import Mapping
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .core import patch
 from .runs import PROBLEM_LIMITS, PROBLEMS, Runner, make_schedule, problem_options
 
 # %% auto #0
@@ -201,6 +202,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 # %% ../nbs/95_widgets.ipynb #2042b53e
+@patch
 def _problem_picked(self: Dashboard) -> None:
     "Enable T / hidden units when the picked task takes them, with its defaults."
     options = problem_options(self.pickers["problem"].value)
@@ -210,6 +212,7 @@ def _problem_picked(self: Dashboard) -> None:
             self.pickers[name].value = options[name]
 
 
+@patch
 def _config_from_pickers(self: Dashboard) -> dict:
     "The configuration the pickers describe, keeping the current one's other settings."
     p = {name: picker.value for name, picker in self.pickers.items()}
@@ -222,7 +225,8 @@ def _config_from_pickers(self: Dashboard) -> dict:
             "device": p["device"], "seed": p["seed"], "name": None}
 
 
-def _reset(self: Dashboard, config: Mapping | None = None) -> None:
+@patch
+def reset(self: Dashboard, config: Mapping | None = None) -> None:
     """Stop the current run and start a new one from `config` (None: from the pickers); refused configurations are shown."""
     if config is None:
         config = self._config_from_pickers()
@@ -244,6 +248,7 @@ def _reset(self: Dashboard, config: Mapping | None = None) -> None:
               f"{sum(p.numel() for p in runner.model.parameters()):,} parameters; press start")
 
 
+@patch
 def _fill_pickers(self: Dashboard) -> None:
     c = self.config
     self.pickers["problem"].value, self.pickers["optimizer"].value = c["problem"], c["optimizer"]
@@ -269,11 +274,8 @@ def _recorder(optimizer) -> tuple:
         return recorder, recorder.observe, memory_figure
     return None, None, None
 
-
-Dashboard._problem_picked, Dashboard._config_from_pickers, Dashboard.reset, Dashboard._fill_pickers = (
-    _problem_picked, _config_from_pickers, _reset, _fill_pickers)
-
 # %% ../nbs/95_widgets.ipynb #92cb4c5d
+@patch
 def _build_controls(self: Dashboard) -> None:
     import ipywidgets as widgets
 
@@ -297,6 +299,7 @@ def _build_controls(self: Dashboard) -> None:
     self.controls_box.children = list(self.controls.values())
 
 
+@patch
 def _changed(self: Dashboard, name: str, change) -> None:
     "A control changed: steer the runner (checked there); a refused value is put back and explained."
     if name in self._echo and self._echo[name] == change["new"]:  # the dashboard's own write (following the optimizer)
@@ -314,6 +317,7 @@ def _changed(self: Dashboard, name: str, change) -> None:
         self._show(name, change["old"])
 
 
+@patch
 def _show(self: Dashboard, name: str, value) -> None:
     "Put `value` in control `name` without steering."
     control = self.controls[name]
@@ -322,6 +326,7 @@ def _show(self: Dashboard, name: str, value) -> None:
         control.value = value
 
 
+@patch
 def _follow(self: Dashboard) -> None:
     "Show the values in force in the plain controls (HF's λ moves every step); a change waiting to be applied is left alone."
     if self.runner._steering:
@@ -331,13 +336,11 @@ def _follow(self: Dashboard) -> None:
         if name in group and name not in self.runner.schedulable() and isinstance(group[name], (int, float)):
             self._show(name, group[name])
 
-
-Dashboard._build_controls, Dashboard._changed, Dashboard._show, Dashboard._follow = _build_controls, _changed, _show, _follow
-
 # %% ../nbs/95_widgets.ipynb #a1c2146d
 DRAW_SHARE = 4.0  # after a redraw that took d seconds, train at least DRAW_SHARE·d seconds before the next
 
 
+@patch
 def _on_step(self: Dashboard, info: dict) -> None:
     "The runner's hook (training thread): keep the row, record, probe, redraw at most every refresh_s seconds."
     if self._one_step:  # the step button: this run() takes one step
@@ -351,6 +354,7 @@ def _on_step(self: Dashboard, info: dict) -> None:
         self.redraw()
 
 
+@patch
 def _probe_hidden(self: Dashboard) -> None:
     "Probe the hidden states (RNN tasks) unless they were probed at this step already."
     from qnwb.diagnostics import probe_hidden_states
@@ -364,7 +368,8 @@ def _probe_hidden(self: Dashboard) -> None:
                                             label=f"step {self.runner.step}")
 
 
-def _snapshot_spectrum(self: Dashboard, k: int = 5, iterations: int = 40) -> None:
+@patch
+def snapshot_spectrum(self: Dashboard, k: int = 5, iterations: int = 40) -> None:
     """The top-k eigenvalues of the curvature at the current weights (Lanczos, `ritz_figure`); between steps when running."""
     if self.thread is not None and self.thread.is_alive() and threading.current_thread() is not self.thread:
         self._spectrum_requested = True  # the training thread takes it after the step in progress
@@ -380,11 +385,9 @@ def _snapshot_spectrum(self: Dashboard, k: int = 5, iterations: int = 40) -> Non
     self._say(f"spectrum of the {kind.upper()} at step {self.runner.step}: λ_max ≈ {self.spectrum_snapshot[2].runs[0].values.max().item():.4g}")
     self.redraw()
 
-
-Dashboard._on_step, Dashboard._probe_hidden, Dashboard.snapshot_spectrum = _on_step, _probe_hidden, _snapshot_spectrum
-
 # %% ../nbs/95_widgets.ipynb #55c1fcef
-def _redraw(self: Dashboard) -> None:
+@patch
+def redraw(self: Dashboard) -> None:
     "Every figure from its builder, synchronised into its widget; the controls follow the optimizer."
     from qnwb.diagnostics import hidden_heatmap_figure, ritz_figure
 
@@ -412,10 +415,8 @@ def _redraw(self: Dashboard) -> None:
         self._drawn = time.perf_counter()
         self._draw_wait = max(self.refresh_s, DRAW_SHARE * (self._drawn - start))  # drawing takes ≤ 1/(1 + DRAW_SHARE) of the time
 
-
-Dashboard.redraw = _redraw
-
 # %% ../nbs/95_widgets.ipynb #575ee6b9
+@patch
 def _ready(self: Dashboard, action: str) -> bool:
     "Whether `action` (start, step) may run now; says why not."
     if self.closed:
@@ -429,7 +430,8 @@ def _ready(self: Dashboard, action: str) -> bool:
     return False
 
 
-def _start(self: Dashboard) -> None:
+@patch
+def start(self: Dashboard) -> None:
     if not self._ready("start"):
         return
     self.stop_event = threading.Event()
@@ -438,6 +440,7 @@ def _start(self: Dashboard) -> None:
     self.thread.start()
 
 
+@patch
 def _train(self: Dashboard) -> None:
     try:
         self.runner.run(self.stop_event)
@@ -452,7 +455,8 @@ def _train(self: Dashboard) -> None:
         self.redraw()
 
 
-def _pause(self: Dashboard, timeout: float | None = None) -> None:
+@patch
+def pause(self: Dashboard, timeout: float | None = None) -> None:
     "Stop the training thread after the step in progress (wait for it at most `timeout` seconds); `start` continues."
     self.stop_event.set()
     if self.thread is not None:
@@ -460,7 +464,8 @@ def _pause(self: Dashboard, timeout: float | None = None) -> None:
     self._say(f"paused after step {self.runner.step}")
 
 
-def _step(self: Dashboard) -> None:
+@patch
+def step(self: Dashboard) -> None:
     "One step, in the calling thread, while paused: the run stops itself after it (the configured budget is untouched)."
     if not self._ready("step"):
         return
@@ -468,14 +473,16 @@ def _step(self: Dashboard) -> None:
     self._train()
 
 
-def _stop(self: Dashboard) -> None:
+@patch
+def stop(self: Dashboard) -> None:
     "Pause for good: the run keeps its status 'stopped' and its checkpoint; start and step are refused until reset."
     self.pause()
     self.stopped = True
     self._say(f"stopped after step {self.runner.step}; reset starts a new run")
 
 
-def _close(self: Dashboard) -> None:
+@patch
+def close(self: Dashboard) -> None:
     """Stop the training thread and close the widgets (the dashboard cannot be used again)."""
     if self.closed:
         return
@@ -485,10 +492,6 @@ def _close(self: Dashboard) -> None:
     for widget in [*self.pickers.values(), *self.buttons.values(), *self.controls.values(), *self.figures.values(),
                    self.message, self.controls_box, self.widget]:
         widget.close()
-
-
-Dashboard._ready, Dashboard.start, Dashboard._train, Dashboard.pause, Dashboard.step, Dashboard.stop, Dashboard.close = (
-    _ready, _start, _train, _pause, _step, _stop, _close)
 
 # %% ../nbs/95_widgets.ipynb #784ac40f
 def _shell():
