@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import statistics
 import sys
@@ -243,7 +242,7 @@ DEFAULT_LRS = {"sgd": 0.1, "adagrad": 0.05, "adam": 1e-3, "adaqn": 0.05, "lbfgs"
 
 
 def bench_optimizers(
-    names: Sequence[str] = ("adagrad", "adam", "adaqn"),  # names in qnwb.optim.OPTIMIZERS
+    names: Sequence[str] = ("adagrad", "adam", "adaqn"),  # names in qnwb.optim.OPTIMIZERS that take a step size `lr`
     steps: int = 100,  # steps of each optimizer
     lrs: dict[str, float] | None = None,  # learning rates by name (default DEFAULT_LRS)
     hidden: int = 100, layers: int = 5,  # adaQN §4: 5 recurrent layers of 100 units
@@ -257,7 +256,7 @@ def bench_optimizers(
     """Train the same character RNN with each optimizer for `steps` steps; losses per step and optimizer work per step."""
     from qnwb.data import default_corpus
     from qnwb.init import dense_init_
-    from qnwb.optim import OPTIMIZERS
+    from qnwb.optim import OPTIMIZERS, make_optimizer, take_step
 
     check_positive_int("steps", steps)
     check_positive_int("evaluate_every", evaluate_every)
@@ -279,9 +278,8 @@ def bench_optimizers(
         model = copy.deepcopy(initial).to(device)
         if name not in rates:
             raise ValueError(f"lrs: no learning rate for {name!r}")
-        optimizer = OPTIMIZERS[name](model.parameters(), lr=rates[name])
-        runs[name] = {"model": model, "optimizer": optimizer, "train": [], "valid": [], "optimizer_s": [], "closure_s": [],
-                      "monitor": "monitor" in inspect.signature(optimizer.step).parameters}
+        optimizer = make_optimizer(name, model, loss, {"lr": rates[name]}, seed)
+        runs[name] = {"model": model, "optimizer": optimizer, "train": [], "valid": [], "optimizer_s": [], "closure_s": []}
 
     def per_character(value) -> float:
         value = value.detach() if isinstance(value, Tensor) else value
@@ -300,19 +298,9 @@ def bench_optimizers(
                     return value
                 return call
 
-            def closure():
-                optimizer.zero_grad()
-                value = loss(model(x), y)
-                value.backward()
-                return value
-
-            @torch.no_grad()
-            def monitor():
-                return loss(model(monitor_batch[0]), monitor_batch[1])
-
-            extra = {"monitor": timed_call(monitor)} if run["monitor"] else {}
-            seconds, value = timed(lambda: optimizer.step(timed_call(closure), **extra), device)
-            run["train"].append(per_character(value))
+            seconds, result = timed(lambda: take_step(optimizer, model, loss, (x, y), curvature_batches=lambda: (x, y),
+                                                      monitor_batch=monitor_batch, wrap=timed_call), device)
+            run["train"].append(per_character(result.loss))
             run["optimizer_s"].append(seconds - inside[0])
             run["closure_s"].append(inside[0])
             if (t + 1) % evaluate_every == 0 or t + 1 == steps:

@@ -12,14 +12,15 @@ import math
 import os
 import re
 import reprlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['PARAMETER_DEPTH', 'reports_dir', 'report_names', 'template_path', 'template_parameters', 'parse_value',
            'check_parameters', 'check_literal_assignments', 'injected_parameters', 'use_static_figures',
-           'report_output', 'Report', 'to_html', 'render_report', 'report_results', 'learning_curves_figure',
-           'SummaryTable', 'summary_table']
+           'report_output', 'Report', 'to_html', 'render_report', 'report_results', 'run_grid',
+           'learning_curves_figure', 'SummaryTable', 'summary_table']
 
 # %% ../nbs/92_reports.ipynb #7122aa22
 def reports_dir() -> Path:
@@ -346,6 +347,38 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"results: cannot write a {type(value).__name__} as JSON")
+
+# %% ../nbs/92_reports.ipynb #9152f29e
+def run_grid(optimizers: Sequence[str],  # names of qnwb.optim.OPTIMIZERS
+             seeds: Sequence[int],
+             config: Callable[[str, int], dict],  # (optimizer, seed) ↦ a run configuration (qnwb.runs.check_config)
+             store=None,  # the run store (a RunStore, a path, None: the default store, False: none)
+             progress: bool = False,  # progress bars
+             describe: Callable[[dict], str] | None = None,  # a finished run's summary ↦ the rest of its line
+             ) -> tuple[dict, dict]:
+    """Run every optimizer on every seed: `(runners, failed)` keyed by `(optimizer, seed)`; `failed` holds the diverged."""
+    from qnwb.optim import suggested_hyperparameters
+    from qnwb.runs import Runner, problem_family
+
+    if not optimizers or not seeds:
+        raise ValueError("optimizers and seeds: give at least one of each")
+    describe = describe or (lambda s: f"{s['status']}, {s['steps']} steps, held-out error "
+                                      f"{s['last_evaluation']['validation_error']:.4g}, {s['seconds']:.1f} s")
+    runners, failed = {}, {}
+    for optimizer in optimizers:
+        for seed in seeds:
+            c = dict(config(optimizer, seed))
+            if "hyperparameters" not in c:
+                c["hyperparameters"] = suggested_hyperparameters(optimizer, problem_family(c["problem"]))
+            runner = runners[optimizer, seed] = Runner(c, store=store, progress=progress)
+            try:
+                summary = runner.run()
+            except FloatingPointError as e:  # a diverged run: stored as failed (with its evaluations), the others go on
+                failed[optimizer, seed] = str(e)
+                print(f"{optimizer:>13} seed {seed}: failed ({e})")
+                continue
+            print(f"{optimizer:>13} seed {seed}: {describe(summary)}")
+    return runners, failed
 
 # %% ../nbs/92_reports.ipynb #7d4cf0be
 def _number(row: dict, key: str) -> float:

@@ -26,19 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .core import (atomic_write, check_number, check_positive_int, check_setting, default_device, make_generator, rng_state,
+from .core import (atomic_write, check_number, check_positive_int, default_device, make_generator, rng_state,
                        patch, seed_everything, set_rng_state)
 from .losses import MatchingLoss, matching_loss
+from .optim import OPTIMIZERS, make_optimizer, make_schedule, optimizer_entry, take_step
 from .store import RunLock, RunStore, absolute_path, check_output_path, same_file, store_path
 
 # %% auto #0
-__all__ = ['DTYPES', 'PROBLEMS', 'PROBLEM_LIMITS', 'ELEMENTS_LIMIT', 'DEFAULT_HYPERPARAMETERS', 'CURVATURE_OPTIMIZERS',
-           'BUDGET_UNITS', 'TARGET_METRICS', 'CONFIG_DEFAULTS', 'BUDGET_LIMIT', 'SCHEDULABLE', 'CONSTRUCTION_ONLY',
-           'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'CHECKPOINT_FIELDS', 'CHECKPOINT_NODES', 'CHECKPOINT_LEAVES',
-           'REJECTED_STEPS', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem', 'curves_problem',
-           'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options', 'make_problem', 'make_schedule',
-           'make_optimizer', 'check_budget', 'check_config', 'load_config', 'Runner', 'check_checkpoint',
-           'read_checkpoint', 'run_config', 'replay']
+__all__ = ['DTYPES', 'PROBLEMS', 'PROBLEM_LIMITS', 'ELEMENTS_LIMIT', 'BUDGET_UNITS', 'TARGET_METRICS', 'CONFIG_DEFAULTS',
+           'BUDGET_LIMIT', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'CHECKPOINT_FIELDS', 'CHECKPOINT_NODES',
+           'CHECKPOINT_LEAVES', 'REJECTED_STEPS', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem',
+           'curves_problem', 'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options',
+           'make_problem', 'problem_family', 'check_budget', 'check_config', 'load_config', 'Runner',
+           'check_checkpoint', 'read_checkpoint', 'run_config', 'replay']
 
 # %% ../nbs/87_runs.ipynb #700021b2
 def stream_seed(*parts) -> int:
@@ -343,48 +343,15 @@ def make_problem(name: str,  # a key of PROBLEMS
     return PROBLEMS[name](seed, default_device(device), dtype, **options)
 
 # %% ../nbs/87_runs.ipynb #a1419153
-DEFAULT_HYPERPARAMETERS = {"cm": {"lr": 0.01}, "nag": {"lr": 0.01}, "sgd": {"lr": 0.01}}
-
-
-def make_schedule(spec: Mapping[str, Any]):
-    """A schedule of qnwb.optim.schedules from `{"schedule": class name, **its arguments}` (nested specs allowed)."""
-    from qnwb.optim import schedules
-    spec = dict(spec)
-    name = spec.pop("schedule")
-    names = [n for n in schedules.__all__ if isinstance(getattr(schedules, n), type) and issubclass(getattr(schedules, n), schedules.Schedule)
-             and n != "Schedule"]
-    if name not in names:
-        raise ValueError(f"schedule: {name!r} is not one of {names}")
-    arguments = {k: make_schedule(v) if isinstance(v, Mapping) and "schedule" in v else v for k, v in spec.items()}
-    return getattr(schedules, name)(**arguments)
-
-
-def make_optimizer(name: str,  # a key of qnwb.optim.OPTIMIZERS
-                   model: nn.Module, loss: MatchingLoss,
-                   hyperparameters: Mapping[str, Any] | None = None,  # constructor keywords (schedules as specs)
-                   seed: int = 0,  # Hessian-free's own generator (Chapelle–Erhan draws), unless `hyperparameters` set "seed"
-                   ) -> torch.optim.Optimizer:
-    """The optimizer `name` for `model`, with `hyperparameters` checked against its constructor."""
-    from qnwb.optim import optimizer_class
-    cls = optimizer_class(name)
-    hyper = {**DEFAULT_HYPERPARAMETERS.get(name, {}), **dict(hyperparameters or {})}
-    parameters = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in parameters if p not in ("self", "params", "model", "loss")]
-    unknown = sorted(set(hyper) - set(allowed))
-    if unknown:
-        raise ValueError(f"hyperparameters: {unknown} are not hyperparameters of {name!r}; it takes {allowed}")
-    hyper = {k: make_schedule(v) if isinstance(v, Mapping) and "schedule" in v else v for k, v in hyper.items()}
-    if name == "hessian_free":
-        hyper.setdefault("seed", seed)
-    try:
-        if not cls.__module__.startswith("qnwb.") and "lr" in hyper:  # torch's baselines: qnwb's bound on step sizes, as its own have
-            hyper["lr"] = check_setting("lr", hyper["lr"], "step_size")
-        return cls(model, loss, **hyper) if "model" in parameters else cls(model.parameters(), **hyper)
-    except (ValueError, TypeError) as e:  # the constructor's own check, with the configuration's name for it
-        raise type(e)(f"hyperparameters of {name!r}: {e}") from None
+def problem_family(name: str) -> str:
+    """The family (of qnwb.optim.FAMILIES) of the problem `name`: whose suggested hyperparameters fit it."""
+    if name not in PROBLEMS:
+        raise ValueError(f"problem: {name!r} is not one of {sorted(PROBLEMS)}")
+    if name in _pathological_names() or name == "char_lm":
+        return "recurrent"
+    return "autoencoder" if name == "curves" else "default"
 
 # %% ../nbs/87_runs.ipynb #119e6b87
-CURVATURE_OPTIMIZERS = ("hessian_free", "sqn")  # the optimizers that compute curvature-vector products
 BUDGET_UNITS = ("steps", "gradient_evaluations", "curvature_products", "evaluations", "epochs", "seconds")
 TARGET_METRICS = ("validation_error", "validation_loss", "train_error", "train_loss")
 CONFIG_DEFAULTS = {"name": None, "problem": None, "problem_options": {}, "optimizer": None, "hyperparameters": {}, "seed": 0,
@@ -414,7 +381,6 @@ def check_budget(budget: Mapping[str, float]) -> dict[str, float]:
 
 def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The configuration with its defaults filled in, every entry checked (raises ValueError / TypeError)."""
-    from qnwb.optim import OPTIMIZERS
     if not isinstance(config, Mapping):
         raise TypeError(f"config: expected a mapping (dict), got {type(config).__name__}")
     unknown = sorted(set(config) - set(CONFIG_DEFAULTS))
@@ -569,15 +535,16 @@ class Runner:
         if on_step is not None and not callable(on_step):
             raise TypeError(f"on_step: expected a callable, got {type(on_step).__name__}")
         self.device = default_device(c["device"])
+        entry = optimizer_entry(c["optimizer"])
         seed_everything(c["seed"])
         self.problem = make_problem(c["problem"], c["seed"], self.device, c["dtype"], **c["problem_options"])
         if ("epochs" in c["budget"] or c["evaluate_unit"] == "epochs") and self.problem.stream.epoch_size is None:
             raise ValueError(f"budget: {c['problem']!r} draws fresh training data every batch and has no epochs; "
                              f"use steps, gradient_evaluations, curvature_products, evaluations or seconds")
         if c["curvature_batch_size"] is not None:
-            if c["optimizer"] not in CURVATURE_OPTIMIZERS:
-                raise ValueError(f"curvature_batch_size: {c['optimizer']!r} computes no curvature-vector products; "
-                                 f"only {CURVATURE_OPTIMIZERS} take a curvature batch")
+            if entry.curvature_batches is None:
+                raise ValueError(f"curvature_batch_size: {c['optimizer']!r} computes no curvature-vector products; only "
+                                 f"{[n for n, e in OPTIMIZERS.items() if e.curvature_batches]} take a curvature batch")
             stream = self.problem.curvature_stream
             if isinstance(stream, EpochStream):  # a fixed training set: the stream's own (checkpointed) order, smaller batches
                 if c["curvature_batch_size"] > stream.epoch_size:
@@ -586,7 +553,7 @@ class Runner:
             else:  # fresh draws from the distribution: a draw of the new size (stateless apart from the stream's generator)
                 stream.batch_size = c["curvature_batch_size"]
                 stream.draw = self._resized_draw(c["curvature_batch_size"])
-        if c["optimizer"] not in CURVATURE_OPTIMIZERS:
+        if not entry.curvature_products:
             if set(c["budget"]) == {"curvature_products"}:
                 raise ValueError(f"budget: {c['optimizer']!r} computes no curvature-vector products, so a budget of curvature_products "
                                  f"alone would never end; add a limit in another unit")
@@ -594,9 +561,7 @@ class Runner:
                 raise ValueError(f"evaluate_unit: {c['optimizer']!r} computes no curvature-vector products; evaluate in another unit")
         self.model, self.loss = self.problem.model, self.problem.loss
         self.optimizer = make_optimizer(c["optimizer"], self.model, self.loss, c["hyperparameters"], c["seed"])
-        params = inspect.signature(self.optimizer.step).parameters
-        self._takes_batch = c["optimizer"] == "hessian_free"
-        self._extra = {name for name in ("curvature_batch", "monitor") if name in params}
+        self.entry = entry
         self.on_step, self.progress = on_step, progress
         self.stop_event = threading.Event()
         self._steering, self._steering_lock = [], threading.Lock()
@@ -639,35 +604,14 @@ class Runner:
 @patch
 def _step(self: Runner) -> tuple[float, dict]:
     "One optimizer step on the next training batch: (the batch loss before the step, the step's stats)."
-    x, y = self.problem.stream.next()
-    model, loss, optimizer = self.model, self.loss, self.optimizer
-    calls = [0]
-
-    def closure():
-        calls[0] += 1
-        optimizer.zero_grad()
-        value = loss(model(x), y)
-        value.backward()
-        return value
-
-    if self._takes_batch:  # Hessian-free: its curvature products on a batch of their own when one is configured (§12.1)
-        extra = {"curvature_batch": self.problem.curvature_stream.next()} if self.config["curvature_batch_size"] is not None else {}
-        value = optimizer.step((x, y), **extra)
-    else:
-        extra = {}
-        if "curvature_batch" in self._extra:
-            extra["curvature_batch"] = self.problem.curvature_stream.next
-        if "monitor" in self._extra:
-            monitor = self.problem.monitor
-            extra["monitor"] = lambda: loss(model(monitor[0]), monitor[1])
-        value = optimizer.step(closure, **extra)
-    stats = dict(getattr(optimizer, "stats", None) or {})
-    if not stats:  # torch's optimizers: the first group's numeric hyperparameters
-        stats = {k: v for k, v in optimizer.param_groups[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    self.counts["gradient_evaluations"] += int(stats.get("gradient_evaluations", 1)) if self._takes_batch else calls[0]
-    self.counts["curvature_products"] += int(stats.get("curvature_products", 0))
-    self.counts["loss_evaluations"] += int(stats.get("loss_evaluations", 0)) + int(stats.get("monitor_evaluations", 0))
-    return float(value.detach() if isinstance(value, Tensor) else value), stats
+    batch = self.problem.stream.next()
+    draws = self.entry.curvature_batches == "source" or self.config["curvature_batch_size"] is not None
+    result = take_step(self.optimizer, self.model, self.loss, batch,
+                       curvature_batches=self.problem.curvature_stream.next if draws else None, monitor_batch=self.problem.monitor)
+    self.counts["gradient_evaluations"] += result.gradient_evaluations
+    self.counts["curvature_products"] += result.curvature_products
+    self.counts["loss_evaluations"] += result.loss_evaluations
+    return result.loss, result.stats
 
 # %% ../nbs/87_runs.ipynb #82e41fc4
 @patch
@@ -713,21 +657,13 @@ def evaluate(self: Runner) -> dict:
     return row
 
 # %% ../nbs/87_runs.ipynb #5c5df980
-SCHEDULABLE = ("lr", "momentum")  # what CM and NAG (optimizers with a `schedules` map) accept as schedules
-CONSTRUCTION_ONLY = {  # settings an optimizer reads once, when it is built: steering them would be an event that changes nothing
-    "lsr1": ("gamma",),  # B₀ = γI, fixed for the run (its compact form is cached; checkpoints must agree on it)
-    "adaqn": ("adagrad_epsilon",), "lbfgs": ("h0_epsilon", "rmsprop_decay"),  # copied into the diagonal scaling
-    "adagrad": ("initial_accumulator_value",),  # torch fills the accumulator with it when the state is made
-}
-
-
 @patch
 def steerable(self: Runner) -> list[str]:
     """The hyperparameters `steer` can change: the numeric entries of the optimizer's parameter groups (a scheduled one
     holds its current value). The buffer sizes of the quasi-Newton methods (memory m, adaQN's m_F) and the aggregation
     length L are among them: the optimizers resize their memories, and start a new L with the next cycle (notebook 44).
-    Settings of CONSTRUCTION_ONLY are not."""
-    fixed = CONSTRUCTION_ONLY.get(self.config["optimizer"], ())
+    Settings its registry entry lists as construction-only are not."""
+    fixed = self.entry.construction_only
     return sorted(k for k, v in self.optimizer.param_groups[0].items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in fixed)
 
@@ -735,7 +671,7 @@ def steerable(self: Runner) -> list[str]:
 @patch
 def schedulable(self: Runner) -> list[str]:
     "The hyperparameters that may be steered to a schedule spec (CM's and NAG's lr and momentum)."
-    return [k for k in SCHEDULABLE if hasattr(self.optimizer, "schedules") and k in self.optimizer.param_groups[0]]
+    return [k for k in self.entry.schedulable if k in self.optimizer.param_groups[0]]
 
 
 @patch
@@ -774,9 +710,7 @@ def steer(self: Runner, parameter: str,
 def _check_settings(self: Runner, parameter: str, value, settings: dict) -> None:
     """Build the optimizer with `settings` to run its constructor's checks (λ > 0, μ in [0, 1), cg_min ≤ cg_max, ...).
     Optimizers of flat vectors are built on a two-parameter stand-in, so no memory of the real size is allocated twice."""
-    from qnwb.optim import optimizer_class
-    takes_model = "model" in inspect.signature(optimizer_class(self.config["optimizer"]).__init__).parameters
-    model = self.model if takes_model else nn.Linear(1, 1)
+    model = self.model if self.entry.builds_from == "model" else nn.Linear(1, 1)
     try:
         make_optimizer(self.config["optimizer"], model, self.loss, {**self.config["hyperparameters"], **settings}, self.config["seed"])
     except (ValueError, TypeError) as e:  # a range check

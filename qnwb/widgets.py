@@ -16,30 +16,25 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .core import patch
-from .runs import PROBLEM_LIMITS, PROBLEMS, Runner, make_schedule, problem_options
+from .optim import OPTIMIZERS, entry_for, make_schedule, suggested_hyperparameters
+from .runs import PROBLEM_LIMITS, PROBLEMS, Runner, problem_family, problem_options
 
 # %% auto #0
-__all__ = ['RUN_DEFAULTS', 'DEFAULT_CONFIG', 'STARTING_HYPERPARAMETERS', 'CONTROLS', 'INTEGER_SETTINGS', 'LABELS',
-           'MOMENTUM_SCHEDULES', 'DRAW_SHARE', 'momentum_spec', 'momentum_choice', 'sync_figure', 'progress_figure',
+__all__ = ['RUN_DEFAULTS', 'DEFAULT_CONFIG', 'INTEGER_SETTINGS', 'LABELS', 'MOMENTUM_SCHEDULES', 'DRAW_SHARE',
+           'starting_hyperparameters', 'momentum_spec', 'momentum_choice', 'sync_figure', 'progress_figure',
            'hyperparameter_figure', 'Dashboard', 'bench_dashboard', 'dashboard_summary']
 
 # %% ../nbs/95_widgets.ipynb #963d4495
 RUN_DEFAULTS = {"budget": {"steps": 100_000}, "evaluate_every": 10, "seed": 0}  # what a dashboard's run has unless configured
 DEFAULT_CONFIG = {"problem": "addition", "problem_options": {"T": 20, "hidden": 16}, "optimizer": "hessian_free", **RUN_DEFAULTS}
 
-STARTING_HYPERPARAMETERS = {  # what a reset gives each optimizer (the tour report's choices)
-    "hessian_free": {"structural_damping": 1 / 30, "cg_max_iterations": 50},
-    "nag": {"lr": 0.01, "momentum": {"schedule": "RNNMomentum", "mu0": 0.99, "switch": 1000, "initial": 0.9}},
-    "cm": {"lr": 0.01, "momentum": 0.9}, "adaqn": {"lr": 0.05}, "sqn": {"lr": 0.05}, "lsr1": {}, "lbfgs": {"lr": 0.5},
-    "adam": {"lr": 0.01}, "adagrad": {"lr": 0.05}, "sgd": {"lr": 0.05},
-}
 
-CONTROLS = {  # optimizer ↦ the hyperparameters shown as controls, in this order (those the runner can steer)
-    "hessian_free": ("damping", "structural_damping", "cg_max_iterations"),
-    "adaqn": ("lr", "L", "memory"), "sqn": ("lr", "L", "memory"), "lbfgs": ("lr", "memory"),
-    "lsr1": ("memory", "increase", "decrease"),
-    "cm": ("lr", "momentum"), "nag": ("lr", "momentum"), "sgd": ("lr", "momentum"), "adam": ("lr",), "adagrad": ("lr",),
-}
+
+def starting_hyperparameters(optimizer: str,  # a key of qnwb.optim.OPTIMIZERS
+                             problem: str,  # a key of qnwb.runs.PROBLEMS
+                             ) -> dict:
+    "What a reset gives `optimizer` on `problem`: the registry's suggestion for the problem's family."
+    return suggested_hyperparameters(optimizer, problem_family(problem))
 
 INTEGER_SETTINGS = ("memory", "fisher_memory", "L", "cg_max_iterations", "cg_min_iterations", "max_evaluations")  # integer boxes
 
@@ -156,7 +151,7 @@ class Dashboard:
             "problem": widgets.Dropdown(options=sorted(PROBLEMS), value=config["problem"], description="task"),
             "T": widgets.BoundedIntText(min=1, max=PROBLEM_LIMITS["T"], description="T"),
             "hidden": widgets.BoundedIntText(min=1, max=PROBLEM_LIMITS["hidden"], description="hidden units"),
-            "optimizer": widgets.Dropdown(options=sorted(CONTROLS), value=config["optimizer"], description="optimizer"),
+            "optimizer": widgets.Dropdown(options=sorted(OPTIMIZERS), value=config["optimizer"], description="optimizer"),
             "device": widgets.Dropdown(options=device, value=str(config.get("device") or "cpu").split(":")[0], description="device"),
             "seed": widgets.IntText(value=int(config.get("seed", 0)), description="seed"),
         }
@@ -220,7 +215,8 @@ def _config_from_pickers(self: Dashboard) -> dict:
     options = problem_options(p["problem"])
     kept = dict(config.get("problem_options", {})) if p["problem"] == config["problem"] else {}
     kept.update({name: p[name] for name in ("T", "hidden") if name in options})
-    hyper = config.get("hyperparameters", {}) if p["optimizer"] == config["optimizer"] else STARTING_HYPERPARAMETERS.get(p["optimizer"], {})
+    same = p["optimizer"] == config["optimizer"]
+    hyper = config.get("hyperparameters", {}) if same else starting_hyperparameters(p["optimizer"], p["problem"])
     return {**config, "problem": p["problem"], "problem_options": kept, "optimizer": p["optimizer"], "hyperparameters": dict(hyper),
             "device": p["device"], "seed": p["seed"], "name": None}
 
@@ -230,7 +226,7 @@ def reset(self: Dashboard, config: Mapping | None = None) -> None:
     """Stop the current run and start a new one from `config` (None: from the pickers); refused configurations are shown."""
     if config is None:
         config = self._config_from_pickers()
-    config = {"hyperparameters": STARTING_HYPERPARAMETERS.get(config["optimizer"], {}), **RUN_DEFAULTS, **config}
+    config = {"hyperparameters": starting_hyperparameters(config["optimizer"], config["problem"]), **RUN_DEFAULTS, **config}
     runner = Runner(config, store=self.store, progress=False)  # raises on a bad configuration: the old run goes on
     if self.thread is not None and self.thread.is_alive():
         self.pause(timeout=None)  # the step in progress ends first: its thread never writes into the new run
@@ -263,13 +259,12 @@ def _recorder(optimizer) -> tuple:
     """`(recorder, its call after each step, the figure builder of its trace)` for `optimizer`'s own figure (Hessian-free,
     the quasi-Newton memories), or three Nones."""
     from qnwb.diagnostics import HFTraceRecorder, MemoryRecorder, hf_trace_figure, memory_figure
-    from qnwb.diagnostics.traces import QN_OPTIMIZERS
-    from qnwb.optim import HessianFree
 
-    if isinstance(optimizer, HessianFree):
+    kind = entry_for(optimizer)[1].recorder
+    if kind == "hf_trace":
         recorder = HFTraceRecorder(optimizer)
         return recorder, recorder.after_step, hf_trace_figure
-    if isinstance(optimizer, QN_OPTIMIZERS):
+    if kind == "memory":
         recorder = MemoryRecorder(optimizer)
         return recorder, recorder.observe, memory_figure
     return None, None, None
@@ -280,7 +275,7 @@ def _build_controls(self: Dashboard) -> None:
     import ipywidgets as widgets
 
     runner, group = self.runner, self.runner.optimizer.param_groups[0]
-    names = [n for n in CONTROLS.get(self.config["optimizer"], ()) if n in runner.steerable()]
+    names = [n for n in runner.entry.controls if n in runner.steerable()]
     for control in self.controls.values():  # the previous run's
         control.close()
     self.controls, self._echo = {}, {}
@@ -528,7 +523,7 @@ _watch_cells()
 
 # %% ../nbs/95_widgets.ipynb #b66929d8
 def bench_dashboard(
-    optimizers: tuple[str, ...] = ("adam", "hessian_free", "adaqn"),  # keys of CONTROLS
+    optimizers: tuple[str, ...] = ("adam", "hessian_free", "adaqn"),  # keys of qnwb.optim.OPTIMIZERS
     steps: Mapping[str, int] | None = None,  # steps per optimizer (default 1500; 100 for Hessian-free)
     repeat: int = 3,  # interleaved rounds; medians are reported
     refresh_s: float = 0.3,
@@ -542,10 +537,10 @@ def bench_dashboard(
     check_positive_int("repeat", repeat)
     rows = []
     for name in optimizers:
-        if name not in CONTROLS:
-            raise ValueError(f"optimizers: {name!r} is not one of {sorted(CONTROLS)}")
+        if name not in OPTIMIZERS:
+            raise ValueError(f"optimizers: {name!r} is not one of {sorted(OPTIMIZERS)}")
         count = (steps or {}).get(name, 100 if name == "hessian_free" else 1500)
-        config = {**DEFAULT_CONFIG, "optimizer": name, "hyperparameters": STARTING_HYPERPARAMETERS.get(name, {}), "budget": {"steps": count}}
+        config = {**DEFAULT_CONFIG, "optimizer": name, "hyperparameters": starting_hyperparameters(name, DEFAULT_CONFIG["problem"]), "budget": {"steps": count}}
 
         def alone():
             Runner(config, store=False, progress=False).run()

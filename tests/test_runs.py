@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from qnwb.quadratic import Quadratic
-from qnwb.runs import (BUDGET_UNITS, PROBLEMS, EpochStream, Runner, check_config, load_config, make_optimizer, make_problem,
+from qnwb.optim import make_optimizer
+from qnwb.runs import (BUDGET_UNITS, PROBLEMS, EpochStream, Runner, check_config, load_config, make_problem,
                        problem_options, run_config)
 from qnwb.store import RunStore
 

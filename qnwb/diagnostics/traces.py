@@ -23,8 +23,8 @@ from ..optim.lsr1 import LSR1
 from ..optim.memory import CompactForm, PairMemory, bfgs_compact, sr1_compact
 
 # %% auto #0
-__all__ = ['HF_FIELDS', 'QN_OPTIMIZERS', 'MEMORY_FIELDS', 'HFTrace', 'extreme_eigenvalues', 'HFTraceRecorder', 'hf_trace',
-           'hf_trace_figure', 'MemoryTrace', 'pair_curvatures', 'MemoryRecorder', 'memory_figure',
+__all__ = ['HF_FIELDS', 'MEMORY_FIELDS', 'HFTrace', 'extreme_eigenvalues', 'HFTraceRecorder', 'hf_trace', 'hf_trace_figure',
+           'memory_optimizers', 'MemoryTrace', 'pair_curvatures', 'MemoryRecorder', 'memory_figure',
            'average_memory_figure', 'MemorySpectrum', 'memory_spectrum', 'memory_spectrum_figure']
 
 # %% ../../nbs/83_traces.ipynb #b5c983bd
@@ -272,7 +272,20 @@ def hf_trace_figure(trace: HFTrace, title: str = "Hessian-free: ρ, λ and CG pe
     return figure
 
 # %% ../../nbs/83_traces.ipynb #efc5380b
-QN_OPTIMIZERS = (LBFGS, SQN, AdaQN, LSR1)
+def memory_optimizers() -> list[str]:
+    "The class names of the registered optimizers whose trace is their pair memory (registry entries with recorder 'memory')."
+    from qnwb.optim import OPTIMIZERS
+    return [entry.cls.__name__ for entry in OPTIMIZERS.values() if entry.recorder == "memory"]
+
+
+def _records_memory(optimizer) -> bool:
+    from qnwb.optim import entry_for
+    try:
+        return entry_for(optimizer)[1].recorder == "memory"
+    except ValueError:  # not registered
+        return False
+
+
 _INT, _FLOAT, _BOOL = np.int64, np.float64, bool
 MEMORY_FIELDS = {  # stats key ↦ (MemoryTrace field, dtype, value when the optimizer does not publish it)
     "step": ("step", _INT, 0), "loss": ("loss", _FLOAT, math.nan), "memory_size": ("memory_size", _INT, 0),
@@ -347,8 +360,8 @@ class MemoryRecorder:
         *,
         steps_per_epoch: int | None = None,  # start a new epoch after this many recorded steps; None: only at `new_epoch()`
     ):
-        if not isinstance(optimizer, QN_OPTIMIZERS):
-            raise TypeError(f"optimizer: expected one of {[c.__name__ for c in QN_OPTIMIZERS]}, got {type(optimizer).__name__}")
+        if not _records_memory(optimizer):
+            raise TypeError(f"optimizer: expected one of {memory_optimizers()}, got {type(optimizer).__name__}")
         if steps_per_epoch is not None:
             check_positive_int("steps_per_epoch", steps_per_epoch)
         self.optimizer, self.steps_per_epoch = optimizer, steps_per_epoch
