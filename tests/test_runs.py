@@ -499,7 +499,7 @@ def test_two_runs_in_two_processes_write_one_store_at_once(tmp_path):
     assert [x["loss"] for x in a] != [x["loss"] for x in b]  # different seeds, different runs
 
 
-# Review fixes: each of these was a silent misbehaviour.
+# Each of these once misbehaved silently; the tests keep it from coming back.
 _SMALL = {"problem": "addition", "problem_options": {"T": 10, "hidden": 8, "batch_size": 50}, "budget": {"steps": 3}, "evaluate_every": 3}
 
 

@@ -98,3 +98,69 @@ def test_the_lab_kernel_imports_qnwb():
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
+
+
+def write_notebook(path: Path, *cells: tuple[str, str]) -> None:
+    "A notebook of (cell type, source) pairs."
+    made = [{"cell_type": kind, "metadata": {}, "source": source.splitlines(keepends=True),
+             **({"outputs": [], "execution_count": None} if kind == "code" else {})} for kind, source in cells]
+    path.write_text(json.dumps({"cells": made, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}), encoding="utf-8")
+
+
+def tiny_project(root: Path, first_cell: str) -> Path:
+    "A project of one notebook exporting `qnwb.tiny` under `first_cell`, and a README notebook, put in sync by `nbsync.py fix`."
+    root.mkdir()
+    shutil.copy2(ROOT / "settings.ini", root)
+    shutil.copytree(ROOT / "tools", root / "tools", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "nbs").mkdir()
+    (root / "qnwb").mkdir()
+    write_notebook(root / "nbs" / "index.ipynb", ("markdown", "# Tiny project\n\nText."))
+    write_notebook(root / "nbs" / "01_tiny.ipynb", ("markdown", first_cell), ("code", "#| default_exp tiny"),
+                   ("code", "#| export\ndef one(x):\n    return x + 1"))
+    done = subprocess.run([sys.executable, "tools/nbsync.py", "fix"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+def test_sync_check_refuses_a_summary_wrapped_over_several_lines(tmp_path):
+    wrapped = tiny_project(tmp_path / "wrapped", "# Tiny\n\n> Adds one to a number, the smallest step there is,\n> and nothing else.")
+    assert (wrapped / "qnwb" / "tiny.py").read_text().startswith('"""Adds one to a number, the smallest step there is,"""')
+    done = check(wrapped)
+    assert done.returncode == 1
+    problems = [line for line in done.stderr.splitlines() if line.strip()][:-1]  # the last line counts them
+    assert len(problems) == 1  # one line, naming the notebook: everything else is in sync
+    assert problems[0].startswith("nbs/01_tiny.ipynb: the summary is wrapped over 2 `> ` lines")
+
+    whole = tiny_project(tmp_path / "whole", "# Tiny\n\n> Adds one to a number, the smallest step there is.\n\nAnd nothing else.")
+    done = check(whole)
+    assert done.returncode == 0, done.stderr
+    assert "in sync" in done.stdout
+
+
+@pytest.mark.parametrize("first_cell, complaint", [
+    ("# Tiny\n\n> Adds one to a number.", None),
+    ("# Tiny\n\n> Does it add one?", None),
+    ("# Tiny\n\n> Adds one (see `one`.)", None),
+    ("# Tiny\n\n> Adds one: `x + 1.`", None),
+    ("# Tiny\n\n> Adds one to a number and", "does not end a sentence"),
+    ("# Tiny\n\n> Adds one (see `one`)", "does not end a sentence"),
+    ("# Tiny\n\nAdds one to a number.", "no summary"),
+    ("Adds one to a number.", "no summary"),
+    ("# Tiny\n\n> Adds one\n>\n> to a number.", "wrapped over 3"),
+    ("# Tiny\n\n> Adds one to a number.\n\nLater, a quotation:\n\n> quoted\n> over two lines", None),
+], ids=["period", "question", "period-in-parentheses", "period-in-code", "mid-sentence", "no-punctuation", "no-quote", "no-title",
+        "wrapped", "a-later-quotation"])
+def test_the_summary_must_be_one_quoted_line_that_ends_a_sentence(tmp_path, first_cell, complaint):
+    "What the sync check asks of the first cell of an exporting notebook, on the notebook and the module nbdev makes from it."
+    (tmp_path / "nbs").mkdir()
+    (tmp_path / "qnwb").mkdir()
+    write_notebook(tmp_path / "nbs" / "01_tiny.ipynb", ("markdown", first_cell), ("code", "#|  default_exp tiny"))
+    write_notebook(tmp_path / "nbs" / "index.ipynb", ("markdown", "# Not exported\n\n> wrapped\n> summary"))
+    summary = next((line[2:] for line in first_cell.splitlines() if line.startswith("> ")), "") if first_cell.startswith("# ") else ""
+    (tmp_path / "qnwb" / "tiny.py").write_text((f'"""{summary}"""\n\n' if summary else "") + "x = 1\n", encoding="utf-8")
+    problems = load_nbsync().summary_problems(tmp_path, "qnwb", "nbs")
+    if complaint is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problems[0].startswith("nbs/01_tiny.ipynb: ") and complaint in problems[0]
+        assert "\n" not in problems[0]

@@ -210,7 +210,7 @@ def test_memory_and_L_controls_resize_adaqn_at_the_next_step_and_refuse_zero(tmp
                       store=store)
     assert list(board.controls) == ["lr", "L", "memory"]
     board.buttons["step"].click()
-    board.controls["memory"].value = 0  # the example of bad input: refused, shown, nothing changes
+    board.controls["memory"].value = 0  # bad input (no memory at all): refused, shown, nothing changes
     assert "refused" in board.message.value and board.controls["memory"].value == 3 and board.runner._steering == []
     board.controls["memory"].value = 5
     board.controls["L"].value = 3

@@ -7,14 +7,20 @@
 `check` never touches the working tree: it copies the notebooks into a temporary project,
 exports the library there from scratch (only `qnwb/__init__.py` is carried over, so a module
 that no notebook makes any more is reported too), cleans the notebooks, renders the README,
-and compares the result with the tree.
+and compares the result with the tree. It also checks each exporting notebook's summary, the
+`> ` line of its first `# Title` markdown cell, which nbdev makes the module's docstring: nbdev
+keeps only the first `> ` line, so the summary must be one whole line, and the docstring must end
+a sentence.
 """
+import ast
 import difflib
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from itertools import takewhile
 from configparser import ConfigParser
 from pathlib import Path
 
@@ -99,6 +105,53 @@ def compare(label: str, ours: dict[str, str], made: dict[str, str], remedy: str)
     return problems
 
 
+DEFAULT_EXP = re.compile(r"^\s*#\|\s*default_exp\s+(\S+)", re.MULTILINE)
+SENTENCE_END = re.compile(r"[.?!][)`]*$")
+
+
+def _exporting_notebooks(nbs: Path) -> dict[Path, str]:
+    "The notebooks under `nbs` (as nbdev_export finds them) that set `default_exp`, with their module's dotted name."
+    found = {}
+    for notebook in sorted(nbs.rglob("*.ipynb")):
+        if any(part.startswith(("_", ".")) for part in notebook.relative_to(nbs).parts):
+            continue
+        cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+        names = [m.group(1) for c in cells if c["cell_type"] == "code" for m in DEFAULT_EXP.finditer("".join(c["source"]))]
+        if names:
+            found[notebook] = names[-1]
+    return found
+
+
+def summary_problems(work: Path, lib: str, nbs: str) -> list[str]:
+    """One line per exporting notebook whose module docstring is not a whole sentence.
+
+    nbdev makes the docstring from the first `> ` line of the first markdown cell that starts with
+    `# `, and drops any further `> ` lines; `work` holds the notebooks and the library exported from them.
+    """
+    problems = []
+    for notebook, module in _exporting_notebooks(work / nbs).items():
+        name = f"{nbs}/{notebook.relative_to(work / nbs).as_posix()}"
+        cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+        title = next((c for c in cells if c["cell_type"] == "markdown" and "".join(c["source"]).startswith("# ")), None)
+        lines = "".join(title["source"]).splitlines() if title else []
+        start = next((i for i, line in enumerate(lines) if line.startswith(">")), len(lines))
+        quoted = list(takewhile(lambda line: line.startswith(">"), lines[start:]))  # the summary's quote block
+        if not quoted:
+            problems.append(f"{name}: no summary: its first markdown cell needs `# Title` and then one `> ` line, "
+                            "a whole sentence that nbdev makes the module's docstring")
+            continue
+        if len(quoted) > 1:
+            problems.append(f"{name}: the summary is wrapped over {len(quoted)} `> ` lines and nbdev keeps only the first "
+                            "as the module's docstring: make it one whole `> ` line and move the rest into a paragraph after it")
+            continue
+        path = work / lib / Path(*module.split(".")).with_suffix(".py")
+        docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) if path.exists() else None
+        if not docstring or not SENTENCE_END.search(docstring.strip()):
+            problems.append(f"{name}: the docstring of {lib}/{path.relative_to(work / lib).as_posix()} does not end a sentence "
+                            f"(with ., ? or !, before any closing ) or `): {docstring!r}")
+    return problems
+
+
 def check(root: Path) -> int:
     cfg = settings(root)
     lib, nbs = cfg["lib_path"], cfg["nbs_path"]
@@ -119,13 +172,15 @@ def check(root: Path) -> int:
             + compare(".", {"README.md": (root / "README.md").read_text(encoding="utf-8")},
                       {"README.md": (work / "README.md").read_text(encoding="utf-8")},
                       "README.md is out of date with nbs/index.ipynb: run `make sync` or `make readme`")
+            + summary_problems(work, lib, nbs)
         )
     for problem in problems:
         print(problem, end="\n\n", file=sys.stderr)
     if problems:
-        print(f"nbsync: {len(problems)} file(s) out of sync; nothing in the tree was changed.", file=sys.stderr)
+        print(f"nbsync: {len(problems)} problem(s): files out of sync or summaries that are not one whole line; "
+              "nothing in the tree was changed.", file=sys.stderr)
         return 1
-    print("nbsync: library, notebooks and README.md are in sync.")
+    print("nbsync: library, notebooks and README.md are in sync, and every module summary is one whole line.")
     return 0
 
 
