@@ -358,7 +358,8 @@ def run_grid(optimizers: Sequence[str],  # names of qnwb.optim.OPTIMIZERS
              ) -> tuple[dict, dict]:
     """Run every optimizer on every seed: `(runners, failed)` keyed by `(optimizer, seed)`; `failed` holds the diverged."""
     from qnwb.optim import suggested_hyperparameters
-    from qnwb.runs import Runner, problem_family
+    from qnwb.problems import problem_family
+    from qnwb.runs import Runner
 
     if not optimizers or not seeds:
         raise ValueError("optimizers and seeds: give at least one of each")

@@ -17,12 +17,13 @@ from plotly.subplots import make_subplots
 
 from .core import patch
 from .optim import OPTIMIZERS, entry_for, make_schedule, suggested_hyperparameters
-from .runs import PROBLEM_LIMITS, PROBLEMS, Runner, problem_family, problem_options
+from .problems import problem_family, PROBLEM_LIMITS, problem_options, PROBLEMS
+from .runs import Runner
 
 # %% auto #0
 __all__ = ['RUN_DEFAULTS', 'DEFAULT_CONFIG', 'INTEGER_SETTINGS', 'LABELS', 'MOMENTUM_SCHEDULES', 'DRAW_SHARE',
            'starting_hyperparameters', 'momentum_spec', 'momentum_choice', 'sync_figure', 'progress_figure',
-           'hyperparameter_figure', 'Dashboard', 'bench_dashboard', 'dashboard_summary']
+           'hyperparameter_figure', 'Dashboard']
 
 # %% ../nbs/95_widgets.ipynb #963d4495
 RUN_DEFAULTS = {"budget": {"steps": 100_000}, "evaluate_every": 10, "seed": 0}  # what a dashboard's run has unless configured
@@ -31,7 +32,7 @@ DEFAULT_CONFIG = {"problem": "addition", "problem_options": {"T": 20, "hidden": 
 
 
 def starting_hyperparameters(optimizer: str,  # a key of qnwb.optim.OPTIMIZERS
-                             problem: str,  # a key of qnwb.runs.PROBLEMS
+                             problem: str,  # a key of qnwb.problems.PROBLEMS
                              ) -> dict:
     "What a reset gives `optimizer` on `problem`: the registry's suggestion for the problem's family."
     return suggested_hyperparameters(optimizer, problem_family(problem))
@@ -520,45 +521,3 @@ def _watch_cells() -> None:
 
 
 _watch_cells()
-
-# %% ../nbs/95_widgets.ipynb #b66929d8
-def bench_dashboard(
-    optimizers: tuple[str, ...] = ("adam", "hessian_free", "adaqn"),  # keys of qnwb.optim.OPTIMIZERS
-    steps: Mapping[str, int] | None = None,  # steps per optimizer (default 1500; 100 for Hessian-free)
-    repeat: int = 3,  # interleaved rounds; medians are reported
-    refresh_s: float = 0.3,
-) -> list[dict]:
-    """Seconds of a run of DEFAULT_CONFIG's problem alone and inside a Dashboard, per optimizer, with their ratio."""
-    import torch
-
-    from qnwb.bench import median_seconds
-    from qnwb.core import check_positive_int
-
-    check_positive_int("repeat", repeat)
-    rows = []
-    for name in optimizers:
-        if name not in OPTIMIZERS:
-            raise ValueError(f"optimizers: {name!r} is not one of {sorted(OPTIMIZERS)}")
-        count = (steps or {}).get(name, 100 if name == "hessian_free" else 1500)
-        config = {**DEFAULT_CONFIG, "optimizer": name, "hyperparameters": starting_hyperparameters(name, DEFAULT_CONFIG["problem"]), "budget": {"steps": count}}
-
-        def alone():
-            Runner(config, store=False, progress=False).run()
-
-        def in_dashboard():
-            board = Dashboard(config, store=False, refresh_s=refresh_s)
-            board.start()
-            board.thread.join()
-            board.close()
-
-        medians = median_seconds({"runner": alone, "dashboard": in_dashboard}, repeat, torch.device("cpu"))
-        rows.append({"optimizer": name, "steps": count, "runner_s": medians["runner"], "dashboard_s": medians["dashboard"],
-                     "ratio": medians["dashboard"] / medians["runner"]})
-    return rows
-
-
-def dashboard_summary(rows: list[dict]) -> str:
-    "The table `qnwb bench dashboard` prints."
-    lines = [f"{'optimizer':<14} {'steps':>6} {'runner':>9} {'dashboard':>10} {'ratio':>6}"]
-    lines += [f"{r['optimizer']:<14} {r['steps']:>6} {r['runner_s']:>8.2f}s {r['dashboard_s']:>9.2f}s {r['ratio']:>6.2f}" for r in rows]
-    return "\n".join(lines)

@@ -5,7 +5,7 @@ import json
 import torch
 
 from qnwb.reports import render_report
-from qnwb.runs import make_problem
+from qnwb.problems import make_problem
 from qnwb.store import RunStore
 
 NETWORK = {"size": 10, "sizes": [16, 4], "train": 300, "test": 50}

@@ -14,8 +14,8 @@ import torch
 
 from qnwb.quadratic import Quadratic
 from qnwb.optim import make_optimizer
-from qnwb.runs import (BUDGET_UNITS, PROBLEMS, EpochStream, Runner, check_config, load_config, make_problem,
-                       problem_options, run_config)
+from qnwb.problems import EpochStream, make_problem, problem_options, PROBLEMS
+from qnwb.runs import BUDGET_UNITS, Runner, check_config, load_config, run_config
 from qnwb.store import RunStore
 
 TINY = {"addition": {"T": 10, "hidden": 6, "batch_size": 20, "held_out": 50},
