@@ -87,7 +87,7 @@ def reference_problem(batch: int, steps: int, hidden: int, device: torch.device,
     targets[:, -1] = torch.randn(batch, 1, generator=generator, dtype=dtype)
     return model, inputs, targets.to(device)
 
-
+# %% ../nbs/96_bench.ipynb #301af1ca
 def bench_curvature(
     batch: int = 1000,  # cases in the batch
     steps: int = 100,  # time steps per case

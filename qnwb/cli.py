@@ -97,7 +97,7 @@ def _bench_curvature(args: argparse.Namespace) -> int:
     print(as_json(result, None) if args.json else summary(result))
     return 0
 
-
+# %% ../nbs/98_cli.ipynb #34f9dd6b
 def _bench_hf(args: argparse.Namespace) -> int:
     result = bench_hf(args.task, args.T, args.seed, structural_damping=args.mu, budget_s=args.budget, device=args.device, progress=True)
     if args.json:
@@ -154,7 +154,7 @@ def _bench_dashboard(args: argparse.Namespace) -> int:
     print(json.dumps(rows) if args.json else dashboard_summary(rows))
     return 0
 
-
+# %% ../nbs/98_cli.ipynb #7881f512
 def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="time the workbench's building blocks",
                                 description="Benchmarks; each prints a table, or a JSON object with --json.")
@@ -235,7 +235,7 @@ def _add_bench(commands) -> None:
     dashboard.add_argument("--json", action="store_true", help="print a JSON list (the last line of stdout) instead of a table")
     dashboard.set_defaults(handler=_bench_dashboard)
 
-
+# %% ../nbs/98_cli.ipynb #a596dc8c
 # Sutskever et al. 2013, Table 5, "biases" column: (task, T) -> error
 PAPER_BIASES = {("addition", 80): 0.82, ("multiplication", 80): 0.84, ("memorization_5bit", 200): 2.5, ("memorization_20bit", 80): 8.0}
 
@@ -274,7 +274,7 @@ def _add_tasks(commands) -> None:
     biases.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     biases.set_defaults(handler=_tasks_biases)
 
-
+# %% ../nbs/98_cli.ipynb #fadd32bb
 def build_parser() -> argparse.ArgumentParser:
     """The `qnwb` command line: one sub-command per job."""
     parser = argparse.ArgumentParser(
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs(commands)
     return parser
 
-
+# %% ../nbs/98_cli.ipynb #28b5682a
 def main(argv: list[str] | None = None) -> int:
     """Run the `qnwb` command with `argv` (default: the process's arguments); return the exit status. An error is one line
     on stderr (status 2 for a user's mistake, 1 for a failure), with the traceback only under `qnwb --debug`."""
@@ -388,7 +388,7 @@ def _train(runner, args: argparse.Namespace) -> int:
               f"{summary['seconds']:.1f} s")
     return 0 if summary["status"] in ("finished", "stopped") else 1
 
-
+# %% ../nbs/98_cli.ipynb #ae526118
 def _run(args: argparse.Namespace) -> int:
     from qnwb.runs import Runner, check_config, load_config
 
@@ -407,7 +407,7 @@ def _run(args: argparse.Namespace) -> int:
                                "seed": args.seed, "device": args.device, "evaluate_every": args.evaluate_every, "name": args.name})
     return _train(Runner(config, store=args.store, progress=not args.quiet, overwrite=args.force), args)
 
-
+# %% ../nbs/98_cli.ipynb #bf807b28
 def _add_run(commands) -> None:
     run = commands.add_parser("run", help="train one configuration into the run store",
                               description="Train one model with one optimizer under a budget, from a JSON / YAML configuration "
@@ -457,7 +457,7 @@ def _runs_list(args: argparse.Namespace) -> int:
               f"{printable(r['seed']):>4} {printable(r['steps'] or 0):>7}  {printable(r['name'] or '', 80)}{_damaged(r)}")
     return 0
 
-
+# %% ../nbs/98_cli.ipynb #58eccbe8
 def _runs_show(args: argparse.Namespace) -> int:
     store = _open_store(args.store)
     run = store.run(args.id)
@@ -473,7 +473,7 @@ def _runs_show(args: argparse.Namespace) -> int:
         print(f"{'last eval':>10}: " + printable(f"step {last['step']}, held-out loss {last['validation_loss']}, error {last['validation_error']}"))
     return 0
 
-
+# %% ../nbs/98_cli.ipynb #588d79a3
 def _runs_export(args: argparse.Namespace) -> int:
     from qnwb.store import export_csv, export_json
 
@@ -512,7 +512,7 @@ def _runs_resume(args: argparse.Namespace) -> int:
     budget = check_budget(_pairs(args.budget, "budget")) if args.budget else None
     return _train(Runner.resume(checkpoint, store=store, budget=budget, progress=not args.quiet, force=args.force), args)
 
-
+# %% ../nbs/98_cli.ipynb #22dd8ab8
 def _add_runs(commands) -> None:
     runs = commands.add_parser("runs", help="list, show, export, replay and resume the runs in the run store")
     actions = runs.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -231,7 +231,7 @@ def rng_state() -> dict:
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
-
+# %% ../nbs/00_core.ipynb #41678137
 def set_rng_state(state: dict) -> None:
     """Restore the global random streams from `rng_state()`."""
     random.setstate(state["python"])
@@ -305,7 +305,7 @@ def check_state_tag(optimizer,  # the optimizer about to load
         raise ValueError(f"state_dict: saved by {saved_by}, this optimizer is {name}")
     return state_dict
 
-
+# %% ../nbs/00_core.ipynb #1c68d9e7
 def check_param_groups(optimizer,  # the optimizer about to load
                        groups,  # the saved state_dict's "param_groups"
                        ) -> list:
@@ -323,7 +323,7 @@ def check_param_groups(optimizer,  # the optimizer about to load
         start += len(expected)
     return groups
 
-
+# %% ../nbs/00_core.ipynb #1b082ea1
 def _entry_error(kind: str, value, n: int) -> str | None:
     "What is wrong with `value` as an entry of `kind` (STATE_KINDS), or None."
     if kind.endswith("_or_none"):
@@ -345,7 +345,7 @@ def _entry_error(kind: str, value, n: int) -> str | None:
         return f"expected shape {shape}, got {tuple(value.shape)}"
     return None
 
-
+# %% ../nbs/00_core.ipynb #47ca927f
 def check_state_entries(where: str,  # the entry's place, for messages, e.g. "state_dict['state'][0]"
                         state,  # the saved per-parameter state (a dict)
                         required: Mapping[str, str],  # key ↦ kind (STATE_KINDS) of the entries a fresh state has

@@ -168,7 +168,7 @@ def _linearize(model, params, inputs, preactivations: bool, route: str) -> Linea
         return model.linearize(inputs, params=params, preactivations=preactivations)
     return FuncLinearization(model, params, inputs, preactivations, route)
 
-
+# %% ../nbs/20_curvature.ipynb #280843d6
 class GGN(CurvatureOperator):
     """The generalised Gauss-Newton matrix `Jᵀ L'' J` of `loss(model(inputs), targets)`, plus `w·G_S` for structural damping."""
 
@@ -232,7 +232,7 @@ def _case_function(model: nn.Module, preactivations: bool = False):
 
     return case_outputs
 
-
+# %% ../nbs/20_curvature.ipynb #57e9f32b
 def _case_gradients(model: nn.Module, loss: MatchingLoss, params: Sequence[Tensor], batch, chunk: int | None = None):
     "Per-case gradients `(cases, n)` of each case's loss, by `vmap(grad)`, yielded `chunk` cases at a time (None: all at once)."
     inputs, targets = _split_batch(batch)
@@ -249,7 +249,7 @@ def _case_gradients(model: nn.Module, loss: MatchingLoss, params: Sequence[Tenso
         gradients = per_case(tuple(params), inputs[start:start + size], targets[start:start + size])
         yield torch.cat([g.reshape(g.shape[0], -1) for g in gradients], dim=1)
 
-
+# %% ../nbs/20_curvature.ipynb #bc495d9e
 class EmpiricalFisher(CurvatureOperator):
     """`F = (1/B) Σ_i g_i g_iᵀ`, with `g_i` the gradient of case i's loss (per-case gradients by `vmap`)."""
 

@@ -93,7 +93,7 @@ def _read_up_to(stream, n: int) -> bytearray:
         data += chunk
     return data
 
-
+# %% ../nbs/75_data.ipynb #d1e0c15b
 def read_idx(path: str | os.PathLike,  # an IDX file, gzipped or not
              device=None,  # where the tensor goes (None: the CPU)
              dtype: torch.dtype | None = None,  # convert to this dtype (None: the file's own type)
@@ -141,7 +141,7 @@ def read_idx(path: str | os.PathLike,  # an IDX file, gzipped or not
     array = np.frombuffer(data, big, count).astype(big.newbyteorder("=")).reshape(shape)
     return torch.from_numpy(array).to(_device(device), kind if dtype is None else dtype)
 
-
+# %% ../nbs/75_data.ipynb #8540be48
 def write_idx(path: str | os.PathLike,  # where to write; a name ending in .gz is gzipped
               tensor: Tensor | np.ndarray,  # uint8, int8, int16, int32, float32 or float64, at most 255 dimensions
               ) -> Path:
@@ -234,7 +234,7 @@ class _DTypeRecord:
         if _text(state[1]) in ("<", ">"):
             self.dtype = self.dtype.newbyteorder(_text(state[1]))
 
-
+# %% ../nbs/75_data.ipynb #a0c1936e
 class _ArrayRecord:
     "What `_reconstruct(ndarray, (0,), b'b')` + BUILD in a CIFAR pickle becomes: an integer array over bytes of the declared size."
     array = None
@@ -263,7 +263,7 @@ def _scalar(dtype, raw):
         raise pickle.UnpicklingError("a CIFAR batch scalar is an integer of its dtype's size")
     return int(np.frombuffer(raw, dtype.dtype)[0])
 
-
+# %% ../nbs/75_data.ipynb #63618671
 class _BatchUnpickler(pickle.Unpickler):
     "Unpickles dicts, lists, bytes and stand-ins for NumPy arrays, and nothing that could run code or amplify the file."
     _allowed = {("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -300,7 +300,7 @@ def _check_memo(raw: bytes) -> None:
         elif opcode.name == "MEMOIZE":
             stored += 1
 
-
+# %% ../nbs/75_data.ipynb #c501c023
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     "`(data (N, 3072) uint8, labels (N,) int64)` from one pickled CIFAR-10 batch."
     raw = path.read_bytes()
@@ -326,7 +326,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: b'labels' must be a list of {len(data)} ints in 0..9")
     return data, labels
 
-
+# %% ../nbs/75_data.ipynb #e66c3033
 def load_cifar10(root: str | os.PathLike = "data/cifar-10-batches-py",  # the extracted python-version folder
                  split: str = "train",  # "train" (data_batch_1..5, 50,000 images) or "test" (test_batch, 10,000)
                  device=None,  # where the tensors go (None: the CPU)
@@ -347,7 +347,7 @@ def load_cifar10(root: str | os.PathLike = "data/cifar-10-batches-py",  # the ex
     device = _device(device)
     return data.view(-1, 3, 32, 32).to(device, dtype).div_(255), labels.to(device)
 
-
+# %% ../nbs/75_data.ipynb #1bae90e6
 def write_cifar10_batch(path: str | os.PathLike,  # the file to write, e.g. root / "test_batch"
                         images: Tensor | np.ndarray,  # uint8, (N, 3, 32, 32) or (N, 3072)
                         labels: Sequence[int] | Tensor,  # N ints in 0..9
@@ -408,7 +408,7 @@ def _one_hot(indices: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
     out = torch.zeros(*indices.shape, classes, dtype=dtype, device=indices.device)
     return out.scatter_(-1, indices[..., None], 1)
 
-
+# %% ../nbs/75_data.ipynb #9602ebc5
 class _Corpus:
     "What character and word corpora share: a vocabulary, train / validation token indices, batches."
     loss = "softmax_cross_entropy"  # the matching loss (qnwb.losses.LOSSES)
@@ -550,7 +550,7 @@ class CharCorpus(_Corpus):
             return [self.decode(row) for row in t.reshape(-1, t.shape[-1])]
         return "".join(self.vocabulary[i] for i in t.reshape(-1).tolist())
 
-
+# %% ../nbs/75_data.ipynb #7f9a72c3
 def default_corpus(validation: float = 0.1) -> CharCorpus:
     """The English documentation text that ships with CPython (`pydoc_data.topics`), as a `CharCorpus`."""
     try:
@@ -657,7 +657,7 @@ def _spline_points(x: Tensor, y: Tensor, samples: int) -> Tensor:
     ys = torch.cat([ys.flatten(1), y[:, -1:]], 1)
     return torch.stack([xs, ys], -1)
 
-
+# %% ../nbs/75_data.ipynb #d8ab01ee
 def _splat(points: Tensor, weights: Tensor, size: int) -> Tensor:
     "Images `(cases, size, size)` with `weights` at `points` (x, y in pixels) spread bilinearly over the 4 nearest pixels."
     cases = points.shape[0]
@@ -682,7 +682,7 @@ def _gaussian_blur(images: Tensor, sigma: float) -> Tensor:
     kernel = torch.where(distance <= radius, taps[distance.clamp(max=radius) + radius], 0.0) / taps.sum()
     return kernel @ images @ kernel.T
 
-
+# %% ../nbs/75_data.ipynb #9ae83fbb
 def make_curves(cases: int,  # number of images
                 generator=None,  # a CPU torch.Generator or an int seed (None: torch's global stream)
                 size: int = 28,  # images are size × size pixels
@@ -829,7 +829,7 @@ def _place_balls(cases: int, balls: int, radius: float, g) -> Tensor:
     raise ValueError(f"balls: could not place {balls} balls of radius {radius} without overlap in a box of side {BOX:g}; "
                      "use fewer or smaller balls")
 
-
+# %% ../nbs/75_data.ipynb #7753e88d
 def ball_trajectories(cases: int,  # number of videos
                       length: int = 30,  # frames per video (M&S 2011: 30)
                       balls: int = 3,  # balls per video (M&S 2011: 3)
@@ -874,7 +874,7 @@ def ball_trajectories(cases: int,  # number of videos
                 velocity[:, j] += exchange
     return torch.stack(frames, 1)
 
-
+# %% ../nbs/75_data.ipynb #f951e36d
 def render_balls(centres: Tensor,  # (..., balls, 2) ball centres (x, y) in box units
                  size: int = 15,  # frames are size × size pixels (M&S 2011: 15)
                  radius: float = 1.2,  # ball radius, in box units
@@ -892,7 +892,7 @@ def render_balls(centres: Tensor,  # (..., balls, 2) ball centres (x, y) in box 
         frames += torch.exp(-(((dx**2 + dy**2) / radius**2) ** 2) ** 2)
     return frames.clamp_(max=1).flatten(-2)
 
-
+# %% ../nbs/75_data.ipynb #c82a7a99
 def bouncing_balls(cases: int,  # number of videos
                    length: int = 30,  # frames per video (M&S 2011: 30)
                    size: int = 15,  # frames are size × size pixels (M&S 2011: 15)

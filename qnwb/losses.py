@@ -122,7 +122,7 @@ class SquaredError(MatchingLoss):
     def _hessian_sqrt_mv(self, p, e):
         return e
 
-
+# %% ../nbs/10_losses.ipynb #8f73c183
 class SigmoidCrossEntropy(MatchingLoss):
     "`−t log σ(z) − (1 − t) log(1 − σ(z))`, per unit: `L'' = diag(p(1 − p))`."
     name = "sigmoid_cross_entropy"
@@ -139,7 +139,7 @@ class SigmoidCrossEntropy(MatchingLoss):
     def _hessian_sqrt_mv(self, p, e):
         return (p * (1 - p)).sqrt() * e
 
-
+# %% ../nbs/10_losses.ipynb #c56c8079
 class SoftmaxCrossEntropy(MatchingLoss):
     "`−Σ_k t_k log softmax(z)_k` over the last axis: `L'' = diag(p) − ppᵀ`."
     name = "softmax_cross_entropy"

@@ -101,7 +101,7 @@ class TanhRNN(nn.Module):
     def extra_repr(self) -> str:
         return f"n_in={self.n_in}, n_hidden={self.n_hidden}, n_out={self.n_out}, n_layers={self.n_layers}"
 
-
+# %% ../nbs/60_models.ipynb #5fecccbe
 def _suffix(layer: int) -> str:
     return "" if layer == 0 else f"_{layer}"
 
@@ -197,7 +197,7 @@ class TanhRNNLinearization(Linearization):
                 delta = (flat @ W_hx).view(T, B, H)  # cotangents on the states of the layer below
         return [g for grads in reversed(layer_grads) for g in grads] + output_grads
 
-
+# %% ../nbs/60_models.ipynb #f2c33ae5
 def _groups(tangents, layers: int):
     "The per-layer tangents (V_hx, V_hh, V_b, V_h0) of a TanhRNN's parameter list."
     return [tangents[4 * i: 4 * i + 4] for i in range(layers)]

@@ -61,7 +61,7 @@ def check_budget(budget: Mapping[str, float]) -> dict[str, float]:
                 raise ValueError(f"budget[{unit!r}]: at most {BUDGET_LIMIT:.0e}, got {reprlib.repr(limit)}")
     return checked
 
-
+# %% ../nbs/87_runs.ipynb #f8893419
 def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The configuration with its defaults filled in, every entry checked (raises ValueError / TypeError)."""
     if not isinstance(config, Mapping):
@@ -107,7 +107,7 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"name: at most 200 printable characters (no control characters or escape sequences), got {reprlib.repr(c['name'])}")
     return c
 
-
+# %% ../nbs/87_runs.ipynb #555c17f1
 @lru_cache(maxsize=1)
 def _strict_yaml_loader():
     """A yaml.SafeLoader that refuses anchors and aliases (`&a` / `*a`: a few hundred bytes of them expand into gigabytes
@@ -163,7 +163,7 @@ def _nesting(data) -> int:
             stack.extend((v, depth + 1) for v in value)
     return deepest
 
-
+# %% ../nbs/87_runs.ipynb #c82978ff
 def load_config(path: str | os.PathLike,  # a JSON file, or YAML (.yaml / .yml); ~ is expanded
                 max_bytes: int = 1 << 20,  # larger files are refused before they are parsed
                 max_depth: int = 32,  # how deeply the settings may nest mappings and lists
@@ -363,7 +363,7 @@ def in_force(self: Runner, parameter: str):
     spec = self.schedule_specs.get(parameter, self.config["hyperparameters"].get(parameter))
     return dict(spec) if isinstance(spec, Mapping) else self.optimizer.param_groups[0][parameter]
 
-
+# %% ../nbs/87_runs.ipynb #8325bb0f
 @patch
 def steer(self: Runner, parameter: str,
            value: float | Mapping[str, Any],  # a number, or a schedule spec for a parameter of `schedulable()`
@@ -415,7 +415,7 @@ def _set_hyperparameter(self: Runner, parameter: str, value) -> None:
         if parameter in group:
             group[parameter] = value
 
-
+# %% ../nbs/87_runs.ipynb #0348dfc1
 @patch
 def _apply_steering(self: Runner) -> None:
     with self._steering_lock:
@@ -481,7 +481,7 @@ def _check_contents(value, limit: int) -> int:
             raise ValueError(f"it holds a {type(item).__name__}; qnwb writes only dicts, lists, tuples, numbers, strings and tensors")
     return count
 
-
+# %% ../nbs/87_runs.ipynb #b595a6d2
 def check_checkpoint(saved, source: str = "checkpoint") -> dict:
     """`saved` if it is a checkpoint of this version with exactly `CHECKPOINT_FIELDS`, each of its type, else a one-line
     ValueError naming the missing, foreign or mistyped field (`source` names the file)."""
@@ -513,7 +513,7 @@ def check_checkpoint(saved, source: str = "checkpoint") -> dict:
         raise ValueError(f"checkpoint: {source}: 'model' must map parameter names to tensors")
     return dict(saved)
 
-
+# %% ../nbs/87_runs.ipynb #c2686851
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The checkpoint in `path`, read without running any code it could contain: torch's zip format with every member
     stored as written (a compressed member could expand without bound), unpickled with `weights_only=True` (plain data and
@@ -555,7 +555,7 @@ def _apply_state(self: Runner, saved: Mapping[str, Any]) -> None:
             raise ValueError(f"schedule_specs: {parameter!r} of {self.config['optimizer']!r} takes no schedule")
         self._set_hyperparameter(parameter, value)
 
-
+# %% ../nbs/87_runs.ipynb #8a5b2186
 @patch
 def load_state(self: Runner, saved: Mapping[str, Any]) -> None:
     """Restore `state()` of this run's configuration: all of it, or, if any part is refused, nothing (the model, optimizer,
@@ -570,7 +570,7 @@ def load_state(self: Runner, saved: Mapping[str, Any]) -> None:
         self._apply_state(before)
         raise ValueError(f"checkpoint: refused, nothing was loaded: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
 
-
+# %% ../nbs/87_runs.ipynb #c89315c8
 def _torch_save(value, path: Path) -> None:
     """`torch.save(value, path)`, raising the file system's own error (`OSError: [Errno 28] No space left on device`) where
     torch's writer would only say `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`."""
@@ -593,7 +593,7 @@ def _torch_save(value, path: Path) -> None:
                 raise failures[0] from None
             raise
 
-
+# %% ../nbs/87_runs.ipynb #dd7d28ad
 @patch
 def save_checkpoint(self: Runner,
                      path: str | os.PathLike | None = None,  # default: the run's own checkpoint file
@@ -650,7 +650,7 @@ class _StopOnSignal:
             return None
         return KeyboardInterrupt("SIGINT") if self.signum == signal.SIGINT else SystemExit(128 + self.signum)
 
-
+# %% ../nbs/87_runs.ipynb #94e314be
 @patch
 def _loop(self: Runner, bar) -> str:
     "Steps until the budget, the target or a stop; the final status ('finished' or 'stopped')."
@@ -700,7 +700,7 @@ def _loop(self: Runner, bar) -> str:
         self.evaluate()
     return status
 
-
+# %% ../nbs/87_runs.ipynb #df8071b2
 @patch
 def _begin(self: Runner) -> None:
     "Take the run's lock and mark it running in the store (started, resumed, or run again with a raised budget)."
@@ -723,7 +723,7 @@ def _begin(self: Runner) -> None:
         self._run_lock.release()
         raise
 
-
+# %% ../nbs/87_runs.ipynb #00f01f2f
 @patch
 def run(self: Runner,
         stop: threading.Event | None = None,  # set it (from another thread) to stop before the next step
@@ -805,7 +805,7 @@ def _without_paths(config: Mapping[str, Any]) -> dict:
         options["root"] = None
     return {**config, "checkpoint": None, "problem_options": options}
 
-
+# %% ../nbs/87_runs.ipynb #1628119a
 def _check_resumable(store: RunStore, run: dict, saved: dict, force: bool) -> None:
     "Refuse to resume a run that another process may be running, or from a checkpoint older than the run's newest."
     if run["status"] == "running":
@@ -824,7 +824,7 @@ def _check_resumable(store: RunStore, run: dict, saved: dict, force: bool) -> No
         raise ValueError(f"checkpoint: step {saved['step']} is ahead of run {run['id']}'s stored history ({run['steps']} steps); "
                          f"it does not belong to this copy of the store")
 
-
+# %% ../nbs/87_runs.ipynb #0e20886f
 @patch(as_classmethod=True)
 def resume(cls: type[Runner], checkpoint: str | os.PathLike,  # a checkpoint file written by save_checkpoint
            store: RunStore | str | os.PathLike | None | bool = None,  # None: the store the checkpoint belongs to; False: none
@@ -869,9 +869,6 @@ def resume(cls: type[Runner], checkpoint: str | os.PathLike,  # a checkpoint fil
             lock.release()
         raise
     return runner
-
-
-
 
 # %% ../nbs/87_runs.ipynb #91ec519d
 def run_config(config: Mapping[str, Any] | str | os.PathLike,  # a configuration, or a JSON / YAML file of one

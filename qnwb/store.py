@@ -109,7 +109,7 @@ def _process_start(pid: int) -> str | None:
         return None
     return text[text.rindex(")") + 2:].split()[19]
 
-
+# %% ../nbs/86_store.ipynb #1f2facdf
 def process_alive(pid: int, start: str | None = None) -> bool:
     """Whether process `pid` of this host runs (and, when `start` is given, is the one that started then)."""
     try:
@@ -426,7 +426,7 @@ def _store_file_of(target: Path) -> str | None:
             return f"the {suffix} file of the SQLite database {target.name.removesuffix(suffix)!r} (a run store?)"
     return None
 
-
+# %% ../nbs/86_store.ipynb #726a5e71
 def check_output_path(path: str | os.PathLike,  # the file a command is about to write
                       what: str,  # the parameter's name, for the error message ("out", "checkpoint")
                       store: RunStore | None = None,  # protect this store's files and its runs' checkpoints
@@ -459,7 +459,7 @@ def check_output_path(path: str | os.PathLike,  # the file a command is about to
         raise ValueError(f"{what}: {str(path)!r} exists; pass --force (overwrite=True) to replace it")
     return target
 
-
+# %% ../nbs/86_store.ipynb #5c660014
 class RunLock:
     """An exclusive lock on run `run_id` of `store`, held by this process while it runs the run (an advisory `flock` on
     `<store>-runs/run-N.lock`; the kernel releases it when the process ends, however it ends)."""
@@ -539,7 +539,7 @@ def resolved_path(self: RunStore, recorded: str | None) -> Path | None:
     path = Path(recorded)
     return path if path.is_absolute() else absolute_path(self.path).parent / path
 
-
+# %% ../nbs/86_store.ipynb #7231e835
 @patch
 def create_run(self: RunStore,
                config: Mapping[str, Any],  # the full configuration (stored as JSON)
@@ -593,7 +593,7 @@ def start_run(self: RunStore, run_id: int) -> None:
         if changed.rowcount != 1:
             raise ValueError(f"run_id: run {run_id} is not a created run; resume it instead")
 
-
+# %% ../nbs/86_store.ipynb #93602880
 @patch
 def log_step(self: RunStore, run_id: int,
              step: int,  # the step just completed, 1, 2, …
@@ -653,7 +653,7 @@ def finish_run(self: RunStore, run_id: int,
         db.execute("UPDATE runs SET status = ?, ended = ?, heartbeat = ?, error = ?, summary = ? WHERE id = ?",
                    (status, time.time(), time.time(), error, None if summary is None else _dumps(summary), run_id))
 
-
+# %% ../nbs/86_store.ipynb #472447ea
 @patch
 def resume_run(self: RunStore, run_id: int,
                step: int,  # the checkpoint's step: rows stored after it move to `discarded`
@@ -779,7 +779,7 @@ def evaluations(self: RunStore, run_id: int) -> list[dict]:
     _run_check(self, run_id)
     return [_decode(row, {"extra": {}}) for row in self._query("SELECT * FROM evaluations WHERE run_id = ? ORDER BY step", (run_id,))]
 
-
+# %% ../nbs/86_store.ipynb #6eadf256
 @patch
 def steering_events(self: RunStore, run_id: int) -> list[dict]:
     """The steering events of a run, in order (old and new values decoded)."""
@@ -798,7 +798,7 @@ def discarded(self: RunStore, run_id: int) -> list[dict]:
         return []
     return [_decode(row, {"row": {}}) for row in rows]
 
-
+# %% ../nbs/86_store.ipynb #f68d897d
 @patch
 def protected_paths(self: RunStore, except_run: int | None = None) -> dict[Path, str]:
     """The files no command may write over, each with what it is: the store, its -wal / -shm / -journal files, and the
@@ -834,7 +834,7 @@ def _selected(store: RunStore, runs) -> list[dict]:
         raise ValueError(f"runs: no run(s) {missing} in {str(store.path)!r}")
     return found
 
-
+# %% ../nbs/86_store.ipynb #25e65a1a
 def csv_rows(store: RunStore,
              runs: int | Iterable[int] | None = None,  # run ids (None: every run)
              kind: str = "evaluations",  # "evaluations" (AlgoPerf-style) or "steps"
@@ -888,7 +888,7 @@ def csv_cell(value):
         return "'" + value
     return value
 
-
+# %% ../nbs/86_store.ipynb #43b3ea3d
 def export_csv(store: RunStore,
                path: str | os.PathLike | io.TextIOBase,  # a file path or an open text file
                runs: int | Iterable[int] | None = None,  # run ids (None: every run)
@@ -915,7 +915,7 @@ def export_csv(store: RunStore,
         write(path)
     return len(rows)
 
-
+# %% ../nbs/86_store.ipynb #eb6ffdd2
 def export_json(store: RunStore,
                 path: str | os.PathLike | io.TextIOBase | None = None,  # a file path, an open text file, or None: return only
                 runs: int | Iterable[int] | None = None,  # run ids (None: every run)

@@ -289,7 +289,7 @@ def _check_rhs(b, n: int, x0) -> None:
     if x0 is not None and (not isinstance(x0, Tensor) or x0.shape != b.shape):
         raise ValueError(f"x0: must be a tensor of shape {tuple(b.shape)}")
 
-
+# %% ../../nbs/82_cg_probes.ipynb #ceafb293
 def eigendirection_errors(
     A,  # the damped curvature matrix: an object with .mv (HF: v ↦ (B + λI)v), a square tensor, or a function (give n)
     b: Tensor,  # CG's right-hand side (HF: b = −∇f), q(x) = ½xᵀAx − bᵀx

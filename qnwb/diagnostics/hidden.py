@@ -139,7 +139,7 @@ def _data(model, task, inputs, targets, T, sequences, seed, loss, centering):
     targets = None if targets is None else targets.to(like.device, like.dtype)
     return inputs, targets, (None if targets is None else matching_loss(loss)), task
 
-
+# %% ../../nbs/84_hidden_states.ipynb #d2fa36b0
 def probe_hidden_states(
     model: TanhRNN,  # the network probed (any number of layers; left exactly as it was)
     task: Task | str | None = None,  # the sequences' task (or its name, with T); None: give inputs
@@ -322,7 +322,7 @@ def compare_hidden_states(
         model.load_state_dict(saved)
     return results[0], results[1]
 
-
+# %% ../../nbs/84_hidden_states.ipynb #2ad078a0
 def comparison_figure(
     first: HiddenStates,
     second: HiddenStates,

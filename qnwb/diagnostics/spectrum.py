@@ -48,7 +48,7 @@ def curvature_operators(
         operators.append(operator)
     return operators
 
-
+# %% ../../nbs/81_spectrum.ipynb #ec43d952
 def describe_operator(A, n: int | None = None) -> dict:
     "The kind, size and (when known) batch size of an operator, for a probe's record."
     if isinstance(A, Tensor):
@@ -104,7 +104,7 @@ class SpectrumRun:
     products: int  # operator products
     stop: str  # "converged", "iterations" or "invariant"
 
-
+# %% ../../nbs/81_spectrum.ipynb #d652e6a5
 @dataclass
 class SpectrumProbe:
     """Extreme eigenvalue estimates of one or more operators, with the settings that produced them."""
@@ -343,7 +343,7 @@ class SpectralDensity:
         z = (grid[:, None] - allnodes[None, :]) / sigma
         return grid, (torch.exp(-0.5 * z**2) * allweights).sum(1) / (sigma * math.sqrt(2 * math.pi))
 
-
+# %% ../../nbs/81_spectrum.ipynb #20e8d705
 def slq(
     operators,  # one operator or a list (probes are drawn for each)
     probes: int = 10,  # probe vectors per operator
@@ -452,7 +452,7 @@ class TraceEstimate:
         stderr[0] = math.nan
         return mean, stderr
 
-
+# %% ../../nbs/81_spectrum.ipynb #7fd9cf76
 def hutchinson(
     operators,  # one operator or a list (probes are drawn for each)
     probes: int = 100,  # probe vectors per operator

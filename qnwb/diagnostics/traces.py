@@ -97,7 +97,7 @@ def _cases(batch) -> int:
         return -1
     return int(batch[0].shape[0])
 
-
+# %% ../../nbs/83_traces.ipynb #e6e2a112
 class HFTraceRecorder:
     """Records `HessianFree` statistics after every step, and every `spectrum_every` steps the curvature's extreme eigenvalues."""
 
@@ -285,7 +285,7 @@ def _records_memory(optimizer) -> bool:
     except ValueError:  # not registered
         return False
 
-
+# %% ../../nbs/83_traces.ipynb #abdd0c4d
 _INT, _FLOAT, _BOOL = np.int64, np.float64, bool
 MEMORY_FIELDS = {  # stats key ↦ (MemoryTrace field, dtype, value when the optimizer does not publish it)
     "step": ("step", _INT, 0), "loss": ("loss", _FLOAT, math.nan), "memory_size": ("memory_size", _INT, 0),
@@ -476,7 +476,7 @@ def memory_figure(trace: MemoryTrace, title: str | None = None):
     figure.update_layout(title=title or f"{trace.optimizer}: the pair memory", height=260 * len(titles), template="plotly_white")
     return figure
 
-
+# %% ../../nbs/83_traces.ipynb #8514aa55
 def average_memory_figure(traces, title: str = "Average L-BFGS memory per epoch (Keskar & Berahas Fig. 2)"):
     """One line per run (a MemoryTrace, or a dict label ↦ MemoryTrace) of the average memory per epoch."""
     import plotly.graph_objects as go
@@ -536,7 +536,7 @@ def _compact_of(source, kind: str | None, h0, gamma) -> tuple[CompactForm, str, 
         return source, kind or "compact", False
     raise TypeError(f"source: expected an LBFGS, SQN, AdaQN or LSR1 optimizer, a PairMemory or a CompactForm, got {type(source).__name__}")
 
-
+# %% ../../nbs/83_traces.ipynb #03c98e3c
 def memory_spectrum(
     source,  # an LBFGS, SQN, AdaQN or LSR1 optimizer, a PairMemory (with `kind`) or a CompactForm (taken as B)
     curvature=None,  # the true curvature at the same θ (a qnwb.curvature operator, a matrix or a function); None: B only
