@@ -20,7 +20,7 @@ from .bench import (DTYPES, ROUTES, bench_curvature, bench_hf, bench_lanczos, be
 from .curvature import _check_structural
 from .tasks import TASKS, input_independent_error, make_task
 from .optim import OPTIMIZERS
-from .store import STATUSES, _jsonable, check_output_path, package_versions
+from .store import STATUSES, jsonable, check_output_path, package_versions
 from .core import atomic_write, check_number, check_positive_int, default_device
 
 # %% ../nbs/98_cli.ipynb #511de602
@@ -56,7 +56,7 @@ def printable(text, limit: int = 500) -> str:
 
 def as_json(value, indent: int | None = 2) -> str:
     "`value` as standard JSON: NaN and ±∞ (a diverged run's numbers) as the strings the store's exports use, not as bare NaN."
-    return json.dumps(_jsonable(value), indent=indent)
+    return json.dumps(jsonable(value), indent=indent)
 
 
 def _info(args: argparse.Namespace) -> int:

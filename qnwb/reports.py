@@ -325,7 +325,9 @@ def render_report(
 def report_results(results: dict) -> Path | None:
     """Write a template's results as JSON beside its HTML (`STEM.json`) and return the path; outside `render_report`
     (a template opened in Jupyter, or run by nbdev_test) only check that they are JSON and write nothing."""
-    text = json.dumps(results, indent=2, default=_jsonable)
+    from qnwb.store import jsonable
+
+    text = json.dumps(jsonable(results, strict=True), indent=2)
     stem = os.environ.get("QNWB_REPORT_STEM")
     if stem is None or "QNWB_REPORT_DIR" not in os.environ:
         return None
@@ -333,20 +335,6 @@ def report_results(results: dict) -> Path | None:
     path.write_text(text, encoding="utf-8")
     return path
 
-
-def _jsonable(value):
-    import numpy as np
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"results: cannot write a {type(value).__name__} as JSON")
 
 # %% ../nbs/92_reports.ipynb #9152f29e
 def run_grid(optimizers: Sequence[str],  # names of qnwb.optim.OPTIMIZERS

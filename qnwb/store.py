@@ -35,7 +35,7 @@ from .core import atomic_write, check_number, patch
 __all__ = ['DEFAULT_STORE', 'STATUSES', 'FINAL_STATUSES', 'SCHEMA', 'ADDED_COLUMNS', 'STEP_COLUMNS', 'EVALUATION_COLUMNS',
            'STORE_TABLES', 'SQLITE_MAGIC', 'RESERVED_NAME', 'KILLED_ERROR', 'ALGOPERF_COLUMNS', 'RUN_COLUMNS',
            'WORK_COLUMNS', 'FORMULA_STARTS', 'store_path', 'checkpoint_folder', 'git_revision', 'package_versions',
-           'pid_namespace', 'process_alive', 'RunStore', 'is_sqlite_file', 'absolute_path', 'same_file',
+           'pid_namespace', 'process_alive', 'jsonable', 'RunStore', 'is_sqlite_file', 'absolute_path', 'same_file',
            'check_output_path', 'RunLock', 'csv_rows', 'csv_cell', 'export_csv', 'export_json']
 
 # %% ../nbs/86_store.ipynb #796c91bc
@@ -180,25 +180,29 @@ EVALUATION_COLUMNS = ("time", "train_time", "eval_time", "gradient_evaluations",
                       "epoch", "train_loss", "train_error", "validation_loss", "validation_error")
 
 # %% ../nbs/86_store.ipynb #b53077c2
-def _jsonable(value):
-    "A JSON-ready copy of `value`: tensors and numpy scalars as Python numbers, non-finite floats as strings."
+def jsonable(value,
+             strict: bool = False,  # raise TypeError on a value of another type instead of writing its repr
+             ):
+    "A JSON-ready copy of `value`: tensors and numpy scalars as Python numbers, non-finite floats as strings (standard JSON)."
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v, strict) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v, strict) for v in value]
     if hasattr(value, "tolist"):  # tensors, numpy arrays and scalars
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist(), strict)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if strict:
+        raise TypeError(f"cannot write a {type(value).__name__} as JSON")
     return repr(value)
 
 
 def _dumps(value) -> str:
-    return json.dumps(_jsonable(value), sort_keys=True)
+    return json.dumps(jsonable(value), sort_keys=True)
 
 
 def _loads(text: str | None):
@@ -929,7 +933,7 @@ def export_json(store: RunStore,
         document["runs"].append({**r, "steps": store.steps(r["id"]), "evaluations": store.evaluations(r["id"]),
                                  "steering": store.steering_events(r["id"]), "discarded": store.discarded(r["id"])})
     if path is not None:
-        text = json.dumps(_jsonable(document), indent=1)
+        text = json.dumps(jsonable(document), indent=1)
         if target is not None:
             atomic_write(target, lambda partial: partial.write_text(text, encoding="utf-8"))
         else:
