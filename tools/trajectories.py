@@ -33,6 +33,11 @@ EXTRA = [  # settings beyond the defaults that take other paths through the code
     ("lbfgs", "quadratic", {"line_search": "armijo"}),
     ("lsr1", "curves", {"method": "line_search"}),
 ]
+RENAMED = {  # stats keys renamed since the recording: old ↦ new (a redesign renames, the numbers stay)
+    "learning_rate": "lr",  # HF, CM and NAG now say lr, as every other optimizer does
+    "function_evaluations": "gradient_evaluations",  # the quasi-Newton methods counted both; they were always equal
+    "total_function_evaluations": "total_gradient_evaluations",
+}
 SKIP_TIMES = ("time", "train_time", "eval_time", "seconds")  # and every stats key ending in "_s" (a timing)
 
 
@@ -70,6 +75,20 @@ def runs(steps: int):
         yield f"{optimizer}/{problem}/{json.dumps(hyper, sort_keys=True)}", optimizer, problem, hyper
 
 
+def renamed(recording):
+    "`recording` with RENAMED applied to every stats dict; a renamed key whose new name is also there must agree with it."
+    for run in recording.values():
+        for row in run["steps"]:
+            stats = row.get("stats", {})
+            for old, new in RENAMED.items():
+                if old in stats:
+                    value = stats.pop(old)
+                    if new in stats and stats[new] != value:
+                        raise SystemExit(f"{old} = {value} but {new} = {stats[new]}: not a rename")
+                    stats[new] = value
+    return recording
+
+
 def first_difference(a, b, where=""):
     if type(a) is not type(b):
         return f"{where}: {a!r} != {b!r}"
@@ -99,7 +118,7 @@ def main():
     parser.add_argument("--steps", type=int, default=25)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    recorded = {key: one_run(o, p, h, args.steps) for key, o, p, h in runs(args.steps)}
+    recorded = renamed({key: one_run(o, p, h, args.steps) for key, o, p, h in runs(args.steps)})
     meta = {"torch": torch.__version__, "threads": 1, "steps": args.steps, "date": time.strftime("%Y-%m-%d"),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
             "machine": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -110,7 +129,7 @@ def main():
         print(f"recorded {len(recorded)} runs to {args.path}")
         return 0
     with open(args.path) as f:
-        saved = json.load(f)["runs"]
+        saved = renamed(json.load(f)["runs"])
     failed = 0
     for key in sorted(set(saved) | set(recorded)):
         d = first_difference(saved.get(key), recorded.get(key), key)
