@@ -19,7 +19,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import chromium
+
+def chromium() -> str | None:
+    """The headless Chromium on this machine, if any."""
+    return next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
 
 
 def open_in_chromium(path, wait_ms: int = 15000) -> tuple[str, list[str]]:

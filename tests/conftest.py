@@ -1,9 +1,12 @@
-"""Shared pytest set-up: the `slow`, `cuda` and `browser` markers, a `device` fixture, hypothesis settings."""
-import shutil
+"""Shared pytest set-up: the `slow`, `cuda` and `browser` markers, a `device` fixture, hypothesis settings.
 
+Hooks and fixtures only: what tests import lives in plain helper modules beside this file (browser.py, reporting.py,
+references.py, resizing.py, roundoff.py, host_reads.py); tests/test_tooling.py checks that no test file imports this one."""
 import pytest
 import torch
 from hypothesis import settings
+
+from browser import chromium
 
 # Machines here are shared and noisy: no wall-clock deadline on property tests.
 settings.register_profile("qnwb", deadline=None, max_examples=60, print_blob=True)
@@ -27,24 +30,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_browser)
 
 
-def chromium() -> str | None:
-    """The headless Chromium on this machine, if any."""
-    return next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
-
-
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request) -> torch.device:
     """Run a test once per device: always on the CPU, and on CUDA where a GPU is present."""
     return torch.device(request.param)
-
-
-def render_with_store(name: str, parameters: dict, folder):
-    """Render report `name` with `parameters` into `folder`, its runs in a store of their own there: (report, results, store)."""
-    import json
-
-    from qnwb.reports import render_report
-    from qnwb.store import RunStore
-
-    store = folder / f"{name}.sqlite"
-    report = render_report(name, {**parameters, "store": str(store)}, out=folder / "reports", progress=False)
-    return report, json.loads(report.results.read_text()), RunStore(store)

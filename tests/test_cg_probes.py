@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-from torch.func import functional_call
 
 from qnwb.core import assign_flat_, flat_params, make_generator
 from qnwb.curvature import GGN
@@ -16,6 +15,7 @@ from qnwb.optim import HessianFree
 from qnwb.quadratic import Quadratic
 from qnwb.solvers import backtracking_grid
 from qnwb.tasks import Addition
+from references import explicit_hessian, flat_function
 
 
 def mlp_problem(seed=0, cases=40, device="cpu"):
@@ -37,14 +37,9 @@ def gradient(model, loss, batch):
 
 
 def loss_at(model, loss, flat, batch):
-    names = [name for name, _ in model.named_parameters()]
-    views, offset = {}, 0
-    for name, p in model.named_parameters():
-        views[name] = flat[offset: offset + p.numel()].view(p.shape)
-        offset += p.numel()
-    assert list(views) == names
+    "The loss at the flat parameters `flat`, evaluated directly (the model's own parameters untouched)."
     with torch.no_grad():
-        return float(matching_loss(loss)(functional_call(model, views, (batch[0],)), batch[1]))
+        return float(matching_loss(loss)(flat_function(model, batch[0])(flat), batch[1]))
 
 
 def spd(n, low=0.01, high=10.0, seed=0):
@@ -113,7 +108,7 @@ def test_structural_damping_is_in_the_damped_model_and_not_in_the_undamped_one()
 def test_hessian_curvature_against_torch_func():
     model, batch, _ = mlp_problem(3)
     theta = flat_params(model).clone()
-    H = torch.func.hessian(lambda t: torch.tensor(0.0, dtype=torch.float64) + _loss_of(model, t, batch))(theta)
+    H = explicit_hessian(model, "squared_error", batch)
     g = gradient(model, "squared_error", batch)
     trace = cg_trace(model, "squared_error", batch, damping=2.0, curvature="hessian", max_iterations=8, tolerance=None, keep_iterates=True)
     X = trace.iterates
@@ -131,14 +126,6 @@ def test_a_step_cg_takes_back_on_negative_curvature_is_not_recorded():
     for values in (trace.damped, trace.undamped, trace.norms, trace.cg_q, *trace.objectives.values()):
         assert values.shape == (m + 1,)
     torch.testing.assert_close(trace.cg_q, trace.damped, rtol=1e-9, atol=1e-12)
-
-
-def _loss_of(model, flat, batch):
-    views, offset = {}, 0
-    for name, p in model.named_parameters():
-        views[name] = flat[offset: offset + p.numel()].view(p.shape)
-        offset += p.numel()
-    return matching_loss("squared_error")(functional_call(model, views, (batch[0],)), batch[1])
 
 
 def test_the_backtracking_choice_and_cg_run_are_those_of_hessian_free():

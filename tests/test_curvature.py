@@ -1,8 +1,8 @@
 """qnwb.curvature against dense float64 references built from torch.func, on tiny random models.
 
 Every reference here is independent of the code under test: Jacobians from torch.func.jacrev on a
-function of one flat vector, loss Hessians from torch.func.hessian, per-case gradients from a plain
-loop over cases with torch.autograd.grad.
+function of one flat vector, loss Hessians from torch.func.hessian (both in references.py, shared with
+test_models.py and test_cg_probes.py), per-case gradients from a plain loop over cases with torch.autograd.grad.
 """
 import gc
 import weakref
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.func import functional_call, hessian, jacrev
 
 from qnwb.core import flat_params
 from qnwb.curvature import GGN, EmpiricalFisher, Hessian, finite_difference_check, ggn_diagonal_estimate
 from qnwb.losses import matching_loss
 from qnwb.models import MLP, TanhRNN
+from references import explicit_ggn, explicit_hessian, explicit_structural
 
 NAN = float("nan")
 LOSS_NAMES = ("squared_error", "sigmoid_cross_entropy", "softmax_cross_entropy")
@@ -48,46 +48,6 @@ def tiny_batch(kind, loss_name, mask, device="cpu", seed=1):
     elif mask == "scattered":
         t = t.masked_fill(torch.rand(shape, generator=g) < 0.3, NAN)
     return x.to(device), t.to(device)
-
-
-def flat_function(model, inputs, **kwargs):
-    """The model's outputs as a function of one flat parameter vector (an independent unflatten)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-
-    def f(theta):
-        tensors = [chunk.view(shape) for chunk, shape in zip(theta.split(sizes), shapes)]
-        return functional_call(model, dict(zip(names, tensors)), (inputs,), kwargs)
-
-    return f
-
-
-def theta_of(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def explicit_ggn(model, loss_name, batch):
-    """J^T L'' J from torch.func: J by jacrev (m × n), L'' by torch.func.hessian of the loss (m × m)."""
-    x, t = batch
-    f = flat_function(model, x)
-    theta = theta_of(model)
-    z = f(theta).detach()
-    J = jacrev(f)(theta).reshape(z.numel(), -1)
-    L = hessian(lambda q: matching_loss(loss_name)(q, t))(z).reshape(z.numel(), z.numel())
-    return J.T @ L @ J
-
-
-def explicit_structural(model, batch, distance):
-    """J_t^T diag(block) J_t with J_t the Jacobian of the hidden pre-activations, block = (1-h^2)/B or (1-h^2)^2/B."""
-    x, _ = batch
-    f = flat_function(model, x, return_preactivations=True)
-    theta = theta_of(model)
-    _, t = f(theta)
-    Jt = jacrev(lambda th: f(th)[1])(theta).reshape(t.numel(), -1)
-    slope = 1 - torch.tanh(t.detach()).square()
-    block = (slope if distance == "tanh" else slope.square()).reshape(-1) / x.shape[0]
-    return Jt.T @ (block[:, None] * Jt)
 
 
 def check_units_engaged(model, x):
@@ -141,8 +101,7 @@ def test_structural_damping_adds_w_times_explicit_hidden_gauss_newton(route, dis
 def test_hessian_equals_torch_func_hessian_of_the_objective(kind, loss_name, device):
     model = tiny_model(kind)
     batch = tiny_batch(kind, loss_name, "scattered")
-    f = flat_function(model, batch[0])
-    reference = hessian(lambda th: matching_loss(loss_name)(f(th), batch[1]))(theta_of(model))
+    reference = explicit_hessian(model, loss_name, batch)
     H = Hessian(tiny_model(kind, device), loss_name, tiny_batch(kind, loss_name, "scattered", device))
     torch.testing.assert_close(H.dense().cpu(), reference, rtol=1e-9, atol=1e-12)
     assert torch.linalg.eigvalsh(reference).min() < 0  # the Hessian is indefinite here, unlike G

@@ -521,7 +521,7 @@ def test_a_state_dict_is_a_snapshot_that_later_steps_do_not_change(make):
 # --- a memory size set between steps (the dashboard steers param_groups[0]["memory"]) ---------------------------------
 
 from resizing import generator_copy, optimizer_state, same, twin  # noqa: E402
-from test_qn_memory import dense_bfgs_inverse  # noqa: E402  the dense float64 reference, one copy
+from references import dense_bfgs_inverse  # noqa: E402  the dense float64 reference, one copy
 
 
 

@@ -13,6 +13,7 @@ from qnwb.models import TanhRNN
 from qnwb.optim.lsr1 import LSR1, trust_region_ratio, update_radius
 from qnwb.tasks import Addition
 from qnwb.trust_region import dense_trust_region
+from references import dense_sr1
 from roundoff import floor
 
 F64 = torch.float64
@@ -29,15 +30,6 @@ def closure_for(optimizer, loss_fn, record=None):
             record.append((flat_params(params).clone(), flat_grads(params).clone()))
         return loss
     return closure
-
-
-def recursive_sr1(S, Y, gamma):
-    """The SR1 matrix of the pairs (rows, oldest first) by the rank-one update B ← B + wwᵀ/(wᵀs), w = y − Bs, from γI."""
-    B = gamma * torch.eye(S.shape[1], dtype=F64)
-    for s, y in zip(S, Y):
-        w = y - B @ s
-        B = B + torch.outer(w, w) / (w @ s)
-    return B
 
 
 def double_well_problem(n=6, seed=0):
@@ -91,7 +83,7 @@ def test_trust_region_step_equals_the_dense_solution_for_the_explicit_sr1_matrix
                 torch.testing.assert_close(s, -g0, rtol=0, atol=floor(x0, g0))
                 B = gamma * torch.eye(len(x0), dtype=F64)
             else:
-                B = recursive_sr1(S, Y, gamma)
+                B = dense_sr1(zip(S, Y), gamma * torch.eye(len(x0), dtype=F64))
                 reference = dense_trust_region(g0, B, st["radius"])
                 assert (s - reference.p).norm() <= 1e-9 * reference.p.norm()
                 assert st["pred"] == pytest.approx(-reference.value, rel=1e-10)
@@ -166,7 +158,7 @@ def test_line_search_direction_equals_the_dense_inverse_sr1_direction():
             if len(S) == 0:
                 expected = -g0
             else:
-                H = recursive_sr1(Y, S, 1.0 / gamma)  # self-duality: swap s and y, start from H₀
+                H = dense_sr1(zip(Y, S), (1.0 / gamma) * torch.eye(len(x0), dtype=F64))  # self-duality: swap s and y, start from H₀
                 expected = -H @ g0
                 if float(g0 @ expected) >= 0:
                     expected = -g0 / gamma
@@ -344,7 +336,7 @@ def test_a_singular_middle_matrix_drops_the_oldest_pair():
     st = optimizer.stats
     assert st["dropped"] >= 1 and st["pairs_dropped"] == st["dropped"]
     (x0, g0), (x1, _) = record
-    reference = dense_trust_region(g0, recursive_sr1(e[1:2], (2 * e[1] + 0.5 * e[2])[None], 1.0), 0.3)
+    reference = dense_trust_region(g0, dense_sr1([(e[1], 2 * e[1] + 0.5 * e[2])], torch.eye(3, dtype=F64)), 0.3)
     torch.testing.assert_close(x1 - x0, reference.p, rtol=1e-10, atol=1e-14)
 
 
@@ -691,7 +683,7 @@ def test_the_first_step_after_a_shrink_uses_the_sr1_matrix_of_the_kept_pairs():
     optimizer.step(closure_for(optimizer, lambda: logistic_loss(model, X, Y), record))
     theta, g = record[0]
     assert optimizer.stats["step_size"] > 0 and not optimizer.stats["descent_fallback"] and optimizer.stats["memory_capacity"] == 2
-    H = recursive_sr1(Y_[-2:], S[-2:], 1.0)  # the inverse form: s and y swap roles (self-duality), H₀ = I
+    H = dense_sr1(zip(Y_[-2:], S[-2:]), torch.eye(len(theta), dtype=F64))  # the inverse form: s and y swap roles (self-duality), H₀ = I
     direction = -H @ g
     torch.testing.assert_close(flat_params(model) - theta, optimizer.stats["step_size"] * direction, rtol=1e-9, atol=1e-12)
 

@@ -1,12 +1,12 @@
 """qnwb.models: stacked TanhRNN layers against dense references, the autoencoders and LeNet-like nets of the papers."""
 import pytest
 import torch
-from test_curvature import explicit_ggn, explicit_structural  # the dense torch.func references
 
 from qnwb.core import make_generator
 from qnwb.curvature import GGN, finite_difference_check
 from qnwb.init import esn_init_
 from qnwb.models import AUTOENCODERS, DeepAutoencoder, LeNet, TanhRNN
+from references import explicit_ggn, explicit_structural  # the dense torch.func references
 
 
 def stacked(layers, device="cpu"):

@@ -7,6 +7,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from host_reads import HostRead, no_host_reads
+from references import dense_bfgs_inverse, dense_sr1  # the dense float64 recursions, one copy
 from roundoff import floor
 
 from qnwb.optim.memory import (
@@ -36,24 +37,6 @@ def spd(n, g, low=1.0, high=20.0):
 def symmetric_indefinite(n, g):
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
     return Q @ torch.diag(torch.linspace(-5.0, 5.0, n, dtype=F64) + 0.37) @ Q.T
-
-
-def dense_bfgs_inverse(pairs, H0):
-    """H ← (I − ρsyᵀ) H (I − ρysᵀ) + ρssᵀ from H0, oldest pair first (N&W eq. 6.17)."""
-    H = H0.clone()
-    for s, y in pairs:
-        rho, eye = 1 / (s @ y), torch.eye(len(s), dtype=F64)
-        H = (eye - rho * torch.outer(s, y)) @ H @ (eye - rho * torch.outer(y, s)) + rho * torch.outer(s, s)
-    return H
-
-
-def dense_sr1(pairs, B0):
-    """B ← B + (y − Bs)(y − Bs)ᵀ / (y − Bs)ᵀs, pair by pair (N&W eq. 6.24)."""
-    B = B0.clone()
-    for s, y in pairs:
-        w = y - B @ s
-        B = B + torch.outer(w, w) / (w @ s)
-    return B
 
 
 def filled(m, n, pairs):

@@ -3,9 +3,9 @@ import math
 
 import papermill
 import pytest
-from conftest import render_with_store
 
 from qnwb.reports import render_report
+from reporting import render_with_store
 
 SMALL = {"hidden": 8, "length": 10, "batch_size": 8, "budget": 60, "evaluate_every": 20, "average_every": 20, "L": 3,
          "optimizers": ["adaqn", "adagrad", "adam"], "target_bpc": 6.0}

@@ -3,10 +3,10 @@ import math
 
 import papermill
 import pytest
-from conftest import render_with_store
 
 from qnwb.reports import render_report
 from qnwb.runs import Runner
+from reporting import render_with_store
 
 SMALL = {"problem_options": {"T": 10, "hidden": 8}, "budget": 4, "checkpoints": [4, 0, 2, 2], "evaluate_every": 2,
          "spectrum_iterations": 20, "cg_iterations": 15, "sequences": 3}

@@ -1,4 +1,5 @@
 """The project's own plumbing: the notebook/library/README sync check, and the Jupyter kernel of `make lab`."""
+import ast
 import importlib.util
 import json
 import shutil
@@ -164,3 +165,32 @@ def test_the_summary_must_be_one_quoted_line_that_ends_a_sentence(tmp_path, firs
     else:
         assert len(problems) == 1 and problems[0].startswith("nbs/01_tiny.ipynb: ") and complaint in problems[0]
         assert "\n" not in problems[0]
+
+
+def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
+    "(line, top-level module name) of every import statement in `tree`, nested ones included; `from . import x` gives x."
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.module:
+                found.append((node.lineno, node.module.split(".")[0]))
+            if node.level or not node.module:  # relative: the names may be modules of the folder
+                found += [(node.lineno, alias.name) for alias in node.names]
+    return found
+
+
+def test_no_test_file_imports_conftest_or_another_test_file():
+    """Shared code lives in plain helper modules (references, resizing, roundoff, browser, reporting, ...): a test file
+    importing another runs that file's module-level code and couples two suites; conftest is for hooks and fixtures."""
+    files = sorted((ROOT / "tests").glob("*.py"))
+    assert len([f for f in files if f.name.startswith("test_")]) >= 30  # the glob found the suite
+    offences = []
+    for path in files:
+        if path.name == "conftest.py":
+            continue
+        for line, module in imported_modules(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if module == "conftest" or module.startswith("test_"):
+                offences.append(f"tests/{path.name}:{line} imports {module}")
+    assert not offences, "\n".join(offences)

@@ -18,8 +18,8 @@ from qnwb.models import MLP, TanhRNN
 from qnwb.optim import SQN, AdaQN, HessianFree, LBFGS, LSR1
 from qnwb.optim.memory import PairMemory, bfgs_compact, sr1_compact
 from qnwb.tasks import Addition
+from references import dense_sr1  # the dense SR1 recursion, one copy
 from roundoff import floor
-from test_lsr1 import recursive_sr1  # the dense SR1 reference, one copy
 
 F64 = torch.float64
 
@@ -101,7 +101,7 @@ def test_bfgs_memory_eigenvalues_equal_the_dense_bfgs_recursion(h0, b0):
 def test_sr1_memory_eigenvalues_equal_the_dense_sr1_recursion_indefinite_included(gamma):
     S, Y = random_pairs(3, 6, seed=2, positive=False)
     spectrum = memory_spectrum(memory_of(S, Y), kind="sr1", gamma=gamma)
-    B = recursive_sr1(S, Y, gamma)
+    B = dense_sr1(zip(S, Y), gamma * torch.eye(S.shape[1], dtype=F64))
     np.testing.assert_allclose(spectrum.eigenvalues(), eigvals(B), rtol=1e-8, atol=1e-9)
     assert (eigvals(B) < 0).any()  # the test covers an indefinite SR1 matrix
 
@@ -129,7 +129,7 @@ def test_lsr1_optimizer_spectrum_is_b_for_both_methods(method):
     assert len(opt.memory) >= 2
     S, Y = opt.memory.pairs()
     spectrum = memory_spectrum(opt)
-    B = recursive_sr1(S, Y, gamma)
+    B = dense_sr1(zip(S, Y), gamma * torch.eye(S.shape[1], dtype=F64))
     np.testing.assert_allclose(spectrum.eigenvalues(), eigvals(B), rtol=1e-6, atol=1e-8)
     assert spectrum.kind == "sr1" and spectrum.settings["inverse_form"] == (method == "line_search")
 
