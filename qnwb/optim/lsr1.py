@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..core import assign_flat_, check_number, check_setting, flat_params
-from .lbfgs import FlatOptimizer, _one_group, armijo_backtracking, strong_wolfe
+from .base import FlatOptimizer, _one_group
+from .line_search import armijo_backtracking, strong_wolfe
 from .memory import CompactForm, PairMemory, sr1_compact, sr1_condition
 from ..trust_region import solve_trust_region_compact
 
