@@ -17,6 +17,7 @@ from ..core import (SETTING_BOUNDS, _flatten, assign_flat_, check_number, check_
                        check_state_entries, check_state_tag, flat_params, make_generator, tag_state)
 from ..curvature import GGN, STRUCTURAL_DISTANCES, Hessian, empirical_fisher_diagonal, ggn_diagonal_estimate
 from ..losses import MatchingLoss, matching_loss
+from .line_search import armijo_backtracking
 from .schedules import evaluate_schedule
 from ..solvers import conjugate_gradient
 
@@ -267,16 +268,11 @@ class HessianFree(torch.optim.Optimizer):
         if alpha != 1.0:
             f_new = f_at(alpha * delta)
         if not math.isfinite(f_new) or (self.options["line_search"] and not f_new <= f0 + self.options["armijo"] * alpha * sufficient):
-            accepted = False
-            while tries < self.options["line_search_tries"] and slope < 0:
-                tries += 1
-                alpha *= self.options["line_search_factor"]
-                f_alpha = f_at(alpha * delta)
-                if math.isfinite(f_alpha) and f_alpha <= f0 + self.options["armijo"] * alpha * sufficient:
-                    f_new, accepted = f_alpha, True
-                    break
-            if not accepted:
-                alpha, f_new = 0.0, f0  # reject the step: θ stays, λ rises
+            factor = self.options["line_search_factor"]  # §8.8: α ← 0.8α while f(θ + αδ) > f(θ) + cα∇fᵀδ
+            search = armijo_backtracking(lambda a: (f_at(a * delta), math.nan, None), f0, slope, alpha * factor,
+                                         c1=self.options["armijo"], factor=factor, max_evaluations=self.options["line_search_tries"],
+                                         resolution=None, infinite_slope=True)
+            alpha, f_new, tries = search.alpha, search.value, search.evaluations  # rejected: α = 0, f(θ): θ stays, λ rises
         assign_flat_(params, theta + alpha * delta if alpha > 0 else theta)
         group["damping"] = levenberg_marquardt(λ, rho)  # after the search: an interrupted step leaves λ as it was
         start = delta if self.options["warm_start_from"] == "chosen" else cg.x
