@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..core import assign_flat_, check_number, check_setting, flat_params
+from ..core import assign_flat_, check_number, check_setting, flat_params, patch
 from .base import FlatOptimizer, _one_group
 from .line_search import armijo_backtracking, strong_wolfe
 from .memory import CURVATURE_RULES, DIAGONAL_KINDS, DiagonalScaling, PairMemory, curvature_condition, powell_damping, two_loop
@@ -26,6 +26,11 @@ _COUNTERS = ("pairs_stored", "pairs_skipped", "pairs_damped", "resets")
 
 class LBFGS(FlatOptimizer):
     """Stochastic or full-batch L-BFGS, one iteration per `step(closure)`, with pairs from consecutive iterates on the same closure."""
+
+    _same = ("h0",)
+    _bounded = {"lr": "step_size"}
+    _entries = {"step": "int", "function_evaluations": "int", **{name: "count" for name in _COUNTERS}}
+    _optional_entries = {"cached_theta": "vector", "cached_loss": "scalar", "cached_grad": "vector"}  # full_batch
 
     def __init__(
         self,
@@ -78,136 +83,158 @@ class LBFGS(FlatOptimizer):
         self.scaling = (DiagonalScaling(n, h0, epsilon=h0_epsilon, decay=rmsprop_decay, device=first.device, dtype=first.dtype)
                         if h0 in DIAGONAL_KINDS else None)
 
-    # -- state ------------------------------------------------------------------------------------------------------
-    def _state(self) -> dict:
-        params = self.param_groups[0]["params"]
-        state = self.state[params[0]]
-        if not state:
-            state["step"] = 0
-            state["function_evaluations"] = 0
-            for name in _COUNTERS:
-                state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
-        return state
+# %% ../../nbs/43_lbfgs.ipynb #43c30004
+@patch
+def _state(self: LBFGS) -> dict:
+    params = self.param_groups[0]["params"]
+    state = self.state[params[0]]
+    if not state:
+        state["step"] = 0
+        state["function_evaluations"] = 0
+        for name in _COUNTERS:
+            state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
+    return state
 
-    _same = ("h0",)
-    _bounded = {"lr": "step_size"}
-    _entries = {"step": "int", "function_evaluations": "int", **{name: "count" for name in _COUNTERS}}
-    _optional_entries = {"cached_theta": "vector", "cached_loss": "scalar", "cached_grad": "vector"}  # full_batch
 
-    def _parts(self) -> dict:
-        "The pair memory and, for a diagonal H0, its accumulator."
-        return {"memory": self.memory, "h0_accumulator": self.scaling}
+@patch
+def _parts(self: LBFGS) -> dict:
+    "The pair memory and, for a diagonal H0, its accumulator."
+    return {"memory": self.memory, "h0_accumulator": self.scaling}
 
-    # -- one iteration ----------------------------------------------------------------------------------------------
 
-    def _h0(self):
-        "H0 for `two_loop`: the diagonal of adaQN eq. 9, or the name of a scalar choice."
-        return self.scaling.diagonal() if self.scaling is not None else self.param_groups[0]["h0"]
+@patch
+def _h0(self: LBFGS):
+    "H0 for `two_loop`: the diagonal of adaQN eq. 9, or the name of a scalar choice."
+    return self.scaling.diagonal() if self.scaling is not None else self.param_groups[0]["h0"]
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
-        """One L-BFGS iteration; `closure` zeroes the gradients, computes the loss, calls backward and returns the loss."""
-        if not callable(closure):
-            raise TypeError("closure: LBFGS needs a closure that re-evaluates the loss and its gradients")
-        self._sync_sizes()  # a `memory` changed since the last step
-        group = self.param_groups[0]
-        params: list[Tensor] = group["params"]
-        state, memory = self._state(), self.memory
-        k, evaluations = state["step"], 0
-        forgot = bool(group["forget_every"]) and k > 0 and k % group["forget_every"] == 0
-        if forgot:  # "forgetting": L-SR1 paper §2
-            memory.clear()
+# %% ../../nbs/43_lbfgs.ipynb #43c30007
+@patch
+@torch.no_grad()
+def step(self: LBFGS, closure: Callable[[], Tensor]) -> Tensor:
+    """One L-BFGS iteration; `closure` zeroes the gradients, computes the loss, calls backward and returns the loss."""
+    if not callable(closure):
+        raise TypeError("closure: LBFGS needs a closure that re-evaluates the loss and its gradients")
+    self._sync_sizes()  # a `memory` changed since the last step
+    group = self.param_groups[0]
+    params: list[Tensor] = group["params"]
+    state, memory = self._state(), self.memory
+    k, evaluations = state["step"], 0
+    forgot = bool(group["forget_every"]) and k > 0 and k % group["forget_every"] == 0
+    if forgot:  # "forgetting": L-SR1 paper §2
+        memory.clear()
+        state["resets"] += 1
+    theta = flat_params(params).clone()
+    cached = group["full_batch"] and "cached_theta" in state and torch.equal(state["cached_theta"], theta)
+    if cached:
+        f, g = state["cached_loss"], state["cached_grad"]
+    else:
+        f, g = self._evaluate(closure)
+        evaluations += 1
+    finite = torch.isfinite(f) & torch.isfinite(g).all()
+    p, gtp, fallback = self._direction(state, g, finite)
+    if group["line_search"] is None:
+        theta_new, f_new, g_new, alpha, ok = self._fixed_step(closure, group, params, theta, f, g, p, finite)
+        evaluations += 1
+        search = None
+    else:
+        theta_new, f_new, g_new, alpha, ok, search = self._search(closure, group, params, theta, f, g, p, gtp, finite)
+        evaluations += search.evaluations if search is not None else 0
+        if search is not None and search.stop == "failed":
+            memory.clear()  # restart from H0 after a failed search
             state["resets"] += 1
-        theta = flat_params(params).clone()
-        cached = group["full_batch"] and "cached_theta" in state and torch.equal(state["cached_theta"], theta)
-        if cached:
-            f, g = state["cached_loss"], state["cached_grad"]
-        else:
-            f, g = self._evaluate(closure)
-            evaluations += 1
-        finite = torch.isfinite(f) & torch.isfinite(g).all()
-        if self.scaling is not None:  # eq. 9 sums every gradient seen, whatever becomes of the step
-            self.scaling.update(g, finite)
-        p = -two_loop(memory, g, self._h0(), check=False)
-        gtp = torch.dot(g, p)
-        fallback = finite & ~(gtp < 0) & (g != 0).any()  # round-off made −Hg useless: clear, and use −H0 g
-        p = torch.where(fallback, -g if self.scaling is None else -self.scaling.diagonal() * g, p)
-        memory.clear(fallback)
-        state["resets"] += fallback.long()
-        gtp = torch.where(fallback, torch.dot(g, p), gtp)
+    s, y, accept, damped = self._pair(group, state, theta, theta_new, g, g_new, alpha, ok)
+    state["step"] = k + 1
+    state["function_evaluations"] += evaluations
+    if group["full_batch"]:
+        state["cached_theta"], state["cached_loss"], state["cached_grad"] = theta_new, f_new.to(theta.dtype), g_new
 
-        if group["line_search"] is None:
-            alpha = torch.where(finite, group["lr"], 0.0).to(theta.dtype)
-            theta_new = torch.add(theta, p, alpha=group["lr"])
-            assign_flat_(params, theta_new)
-            f_new, g_new = self._evaluate(closure)
-            evaluations += 1
-            ok = finite & torch.isfinite(f_new) & torch.isfinite(g_new).all() & torch.isfinite(theta_new).all()
-            theta_new = torch.where(ok, theta_new, theta)  # a non-finite trial never stays in the parameters
-            assign_flat_(params, theta_new)
-            f_new, g_new, alpha = torch.where(ok, f_new, f), torch.where(ok, g_new, g), torch.where(ok, alpha, 0.0)
-            search = None
-        else:
-            theta_new, f_new, g_new, alpha, ok, search = self._search(closure, group, params, theta, f, g, p, gtp, finite)
-            evaluations += search.evaluations if search is not None else 0
-            if search is not None and search.stop == "failed":
-                memory.clear()  # restart from H0 after a failed search
-                state["resets"] += 1
+    self._raw_stats = {
+        "step": k + 1, "loss": f, "loss_after": f_new, "step_size": alpha,
+        "line_search_evaluations": search.evaluations if search is not None else 0,
+        "line_search_stop": search.stop if search is not None else "",
+        "pair_stored": accept, "pair_skipped": ok & ~accept, "pair_damped": damped,
+        "pairs_stored": state["pairs_stored"].clone(), "pairs_skipped": state["pairs_skipped"].clone(),
+        "pairs_damped": state["pairs_damped"].clone(), "memory_size": memory.count.clone(), "memory_capacity": memory.size,
+        "sy": torch.dot(s.double(), y.double()), "forgot": int(forgot), "direction_fallback": fallback,
+        "non_finite": ~(finite & ok) if search is None else ~finite, "resets": state["resets"].clone(),
+        "function_evaluations": evaluations, "gradient_evaluations": evaluations,
+        "total_function_evaluations": state["function_evaluations"], "total_gradient_evaluations": state["function_evaluations"],
+    }
+    self._stats = None
+    return f
 
-        s = theta_new - theta
-        y = g_new - g
-        damped = torch.zeros((), dtype=torch.bool, device=theta.device)
-        if group["powell_damping"]:
-            y, damped = powell_damping(s, y, -alpha * g)  # B s = −αg for s = αp, p = −Hg
-            damped = damped & ok
-        accept = ok & curvature_condition(s, y, group["curvature_skip"], group["curvature_rule"])
-        memory.push(s, y, accept)
-        state["pairs_stored"] += accept.long()
-        state["pairs_skipped"] += (ok & ~accept).long()
-        state["pairs_damped"] += damped.long()
-        state["step"] = k + 1
-        state["function_evaluations"] += evaluations
-        if group["full_batch"]:
-            state["cached_theta"], state["cached_loss"], state["cached_grad"] = theta_new, f_new.to(theta.dtype), g_new
+# %% ../../nbs/43_lbfgs.ipynb #43c30009
+@patch
+def _direction(self: LBFGS, state: dict, g: Tensor, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    "(p, gᵀp, fallback): p = −Hg by the two-loop recursion, or −H0 g (the memory cleared) where that is no descent direction."
+    memory = self.memory
+    if self.scaling is not None:  # eq. 9 sums every gradient seen, whatever becomes of the step
+        self.scaling.update(g, finite)
+    p = -two_loop(memory, g, self._h0(), check=False)
+    gtp = torch.dot(g, p)
+    fallback = finite & ~(gtp < 0) & (g != 0).any()  # round-off made −Hg useless: clear, and use −H0 g
+    p = torch.where(fallback, -g if self.scaling is None else -self.scaling.diagonal() * g, p)
+    memory.clear(fallback)
+    state["resets"] += fallback.long()
+    gtp = torch.where(fallback, torch.dot(g, p), gtp)
+    return p, gtp, fallback
 
-        self._raw_stats = {
-            "step": k + 1, "loss": f, "loss_after": f_new, "step_size": alpha,
-            "line_search_evaluations": search.evaluations if search is not None else 0,
-            "line_search_stop": search.stop if search is not None else "",
-            "pair_stored": accept, "pair_skipped": ok & ~accept, "pair_damped": damped,
-            "pairs_stored": state["pairs_stored"].clone(), "pairs_skipped": state["pairs_skipped"].clone(),
-            "pairs_damped": state["pairs_damped"].clone(), "memory_size": memory.count.clone(), "memory_capacity": memory.size,
-            "sy": torch.dot(s.double(), y.double()), "forgot": int(forgot), "direction_fallback": fallback,
-            "non_finite": ~(finite & ok) if search is None else ~finite, "resets": state["resets"].clone(),
-            "function_evaluations": evaluations, "gradient_evaluations": evaluations,
-            "total_function_evaluations": state["function_evaluations"], "total_gradient_evaluations": state["function_evaluations"],
-        }
-        self._stats = None
-        return f
+# %% ../../nbs/43_lbfgs.ipynb #43c3000d
+@patch
+def _fixed_step(self: LBFGS, closure, group, params, theta, f, g, p, finite):
+    "θ + lr·p without a line search; returns (θ_new, f_new, g_new, α, ok), θ and (f, g) kept where anything is not finite."
+    alpha = torch.where(finite, group["lr"], 0.0).to(theta.dtype)
+    theta_new = torch.add(theta, p, alpha=group["lr"])
+    assign_flat_(params, theta_new)
+    f_new, g_new = self._evaluate(closure)
+    ok = finite & torch.isfinite(f_new) & torch.isfinite(g_new).all() & torch.isfinite(theta_new).all()
+    theta_new = torch.where(ok, theta_new, theta)  # a non-finite trial never stays in the parameters
+    assign_flat_(params, theta_new)
+    f_new, g_new, alpha = torch.where(ok, f_new, f), torch.where(ok, g_new, g), torch.where(ok, alpha, 0.0)
+    return theta_new, f_new, g_new, alpha, ok
 
-    def _search(self, closure, group, params, theta, f, g, p, gtp, finite):
-        "The line search along p; returns (θ_new, f_new, g_new, α, ok, result), the parameters set to θ_new."
-        false = torch.zeros((), dtype=torch.bool, device=theta.device)
-        if not bool(finite):
-            return theta, f, g, torch.zeros((), dtype=theta.dtype, device=theta.device), false, None
-        alpha0 = group["lr"]
-        if self.scaling is None and len(self.memory) == 0:
-            alpha0 *= min(1.0, 1.0 / float(g.abs().sum()))
+# %% ../../nbs/43_lbfgs.ipynb #30fffca3
+@patch
+def _search(self: LBFGS, closure, group, params, theta, f, g, p, gtp, finite):
+    "The line search along p; returns (θ_new, f_new, g_new, α, ok, result), the parameters set to θ_new."
+    false = torch.zeros((), dtype=torch.bool, device=theta.device)
+    if not bool(finite):
+        return theta, f, g, torch.zeros((), dtype=theta.dtype, device=theta.device), false, None
+    alpha0 = group["lr"]
+    if self.scaling is None and len(self.memory) == 0:
+        alpha0 *= min(1.0, 1.0 / float(g.abs().sum()))
 
-        def phi(alpha: float):
-            assign_flat_(params, torch.add(theta, p, alpha=alpha))
-            f_a, g_a = self._evaluate(closure)
-            return float(f_a), float(torch.dot(g_a, p)), (f_a, g_a)
+    def phi(alpha: float):
+        assign_flat_(params, torch.add(theta, p, alpha=alpha))
+        f_a, g_a = self._evaluate(closure)
+        return float(f_a), float(torch.dot(g_a, p)), (f_a, g_a)
 
-        options = dict(c1=group["armijo"], max_evaluations=group["max_evaluations"], resolution=torch.finfo(theta.dtype).eps)
-        if group["line_search"] == "strong_wolfe":
-            result = strong_wolfe(phi, float(f), float(gtp), alpha0, c2=group["wolfe"], **options)
-        else:
-            result = armijo_backtracking(phi, float(f), float(gtp), alpha0, factor=group["backtrack"], **options)
-        if not result.success:
-            assign_flat_(params, theta)  # bit for bit: the saved copy
-            return theta, f, g, torch.zeros((), dtype=theta.dtype, device=theta.device), false, result
-        theta_new = torch.add(theta, p, alpha=result.alpha)  # the same expression as the trial: the same bits
-        assign_flat_(params, theta_new)
-        f_new, g_new = result.payload
-        return theta_new, f_new, g_new, torch.tensor(result.alpha, dtype=theta.dtype, device=theta.device), ~false, result
+    options = dict(c1=group["armijo"], max_evaluations=group["max_evaluations"], resolution=torch.finfo(theta.dtype).eps)
+    if group["line_search"] == "strong_wolfe":
+        result = strong_wolfe(phi, float(f), float(gtp), alpha0, c2=group["wolfe"], **options)
+    else:
+        result = armijo_backtracking(phi, float(f), float(gtp), alpha0, factor=group["backtrack"], **options)
+    if not result.success:
+        assign_flat_(params, theta)  # bit for bit: the saved copy
+        return theta, f, g, torch.zeros((), dtype=theta.dtype, device=theta.device), false, result
+    theta_new = torch.add(theta, p, alpha=result.alpha)  # the same expression as the trial: the same bits
+    assign_flat_(params, theta_new)
+    f_new, g_new = result.payload
+    return theta_new, f_new, g_new, torch.tensor(result.alpha, dtype=theta.dtype, device=theta.device), ~false, result
+
+# %% ../../nbs/43_lbfgs.ipynb #43c30014
+@patch
+def _pair(self: LBFGS, group, state, theta, theta_new, g, g_new, alpha, ok) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    "(s, y, accept, damped): the candidate pair, optionally Powell-damped, pushed where it passes the skip rule; the counters."
+    s = theta_new - theta
+    y = g_new - g
+    damped = torch.zeros((), dtype=torch.bool, device=theta.device)
+    if group["powell_damping"]:
+        y, damped = powell_damping(s, y, -alpha * g)  # B s = −αg for s = αp, p = −Hg
+        damped = damped & ok
+    accept = ok & curvature_condition(s, y, group["curvature_skip"], group["curvature_rule"])
+    self.memory.push(s, y, accept)
+    state["pairs_stored"] += accept.long()
+    state["pairs_skipped"] += (ok & ~accept).long()
+    state["pairs_damped"] += damped.long()
+    return s, y, accept, damped
