@@ -195,6 +195,60 @@ def test_a_step_with_no_acceptable_length_is_rejected_and_theta_stays():
     assert hf.stats["next_damping"] == pytest.approx(1.5e-2)
 
 
+def stretch_cg(monkeypatch, stretch) -> list:
+    "Make every CG iterate HF sees `stretch(x, b)` (b = −∇f), to steer its line search; returns the list of stretched iterates."
+    import qnwb.optim.hessian_free
+
+    seen, original = [], qnwb.optim.hessian_free.conjugate_gradient
+
+    def stretched(A, b, x0=None, **kwargs):
+        result = original(A, b, x0, **kwargs)
+        result.saved = [(i, stretch(x, b)) for i, x in result.saved]
+        seen.extend(x for _, x in result.saved)
+        return result
+
+    monkeypatch.setattr(qnwb.optim.hessian_free, "conjugate_gradient", stretched)
+    return seen
+
+
+def test_the_backtracking_of_section_8_8_is_the_shared_armijo_search(monkeypatch):
+    """An update three times too long is shrunk by the shared Armijo search, from 0.8ε by factors 0.8 with c = 1e-2 and no
+    resolution stop: the same accepted length, loss and number of tries, and the parameters θ + αδ bit for bit."""
+    from qnwb.optim.line_search import armijo_backtracking
+
+    model, X, Y = least_squares(4)
+    seen = stretch_cg(monkeypatch, lambda x, b: 3.0 * x)
+    hf = HessianFree(model, "squared_error", damping=1e-3, iterate_selection="last")
+    theta = flat_params(model).clone()
+    f0 = hf.step((X, Y))
+    after, delta = flat_params(model).clone(), seen[-1]
+
+    def phi(alpha):
+        assign_flat_(list(model.parameters()), theta + alpha * delta)
+        return hf._objective((X, Y)), math.nan, None
+
+    assign_flat_(list(model.parameters()), theta)
+    with torch.enable_grad():
+        value = hf.loss(model(X), Y)
+        g = torch.cat([v.flatten() for v in torch.autograd.grad(value, list(model.parameters()))])
+    reference = armijo_backtracking(phi, f0, float(g @ delta), 0.8, c1=1e-2, factor=0.8, max_evaluations=60, resolution=None)
+    assert reference.success and reference.evaluations == 2  # 3·0.8 and 3·0.64 times the update: the second is short enough
+    assert (hf.stats["step_size"], hf.stats["line_search_tries"], hf.stats["loss_after"]) == (
+        reference.alpha, reference.evaluations, reference.value)
+    assert torch.equal(after, theta + reference.alpha * delta)
+
+
+def test_an_infinite_slope_spends_every_try_and_rejects_the_step(monkeypatch):
+    "∇fᵀδ = −∞ (an overflowed product): every one of the tries is evaluated, none passes the bound, θ stays."
+    model, X, Y = least_squares(5)
+    stretch_cg(monkeypatch, lambda x, b: b * math.inf)
+    hf = HessianFree(model, "squared_error", damping=1e-3, line_search_tries=5)
+    before = flat_params(model).clone()
+    hf.step((X, Y))
+    assert (hf.stats["line_search_tries"], hf.stats["step_size"]) == (5, 0.0)
+    assert torch.equal(flat_params(model), before)
+
+
 def test_the_next_cg_run_starts_from_zeta_times_the_chosen_update(monkeypatch):
     import qnwb.optim.hessian_free
 

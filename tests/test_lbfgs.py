@@ -1,4 +1,4 @@
-"""qnwb.optim.lbfgs: quadratic termination, a reference implementation on Rosenbrock, safety, reproducibility, state."""
+"""qnwb.optim.lbfgs and its line searches (qnwb.optim.line_search): quadratic termination, a reference implementation on Rosenbrock, safety, reproducibility, state."""
 import copy
 import math
 
@@ -11,7 +11,8 @@ from torch import nn
 from qnwb.core import flat_grads, flat_params, make_generator
 from qnwb.losses import matching_loss
 from qnwb.models import TanhRNN
-from qnwb.optim.lbfgs import LBFGS, armijo_backtracking, cubic_minimizer, strong_wolfe
+from qnwb.optim.lbfgs import LBFGS
+from qnwb.optim.line_search import armijo_backtracking, cubic_minimizer, strong_wolfe
 from qnwb.optim.memory import PairMemory, two_loop
 from qnwb.tasks import Addition
 

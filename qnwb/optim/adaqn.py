@@ -15,7 +15,7 @@ import math
 from ..core import assign_flat_, check_number, check_positive_int, check_setting, flat_params
 from ..curvature import GGN, Hessian
 from ..losses import MatchingLoss, matching_loss
-from .lbfgs import FlatOptimizer, _one_group
+from .base import FlatOptimizer, _one_group
 from .memory import (CURVATURE_RULES, H0_KINDS, DiagonalScaling, PairMemory, RingBuffer, _check_flat, _device_flag,
                                curvature_condition, two_loop)
 

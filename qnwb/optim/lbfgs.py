@@ -5,151 +5,18 @@
 # %% ../../nbs/43_lbfgs.ipynb #613faaf3
 from __future__ import annotations
 
-import copy
-import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..core import (assign_flat_, check_number, check_param_groups, check_setting, check_state_entries,
-                       check_state_tag, flat_grads, flat_params, param_list, tag_state)
+from ..core import assign_flat_, check_number, check_setting, flat_params, patch
+from .base import FlatOptimizer, _one_group
+from .line_search import armijo_backtracking, strong_wolfe
 from .memory import CURVATURE_RULES, DIAGONAL_KINDS, DiagonalScaling, PairMemory, curvature_condition, powell_damping, two_loop
 
 # %% auto #0
-__all__ = ['LINE_SEARCHES', 'LBFGS_H0', 'LineSearchResult', 'cubic_minimizer', 'strong_wolfe', 'armijo_backtracking',
-           'FlatOptimizer', 'LBFGS']
-
-# %% ../../nbs/43_lbfgs.ipynb #c3861c60
-@dataclass
-class LineSearchResult:
-    """What a line search found along p."""
-
-    alpha: float  # the accepted step length (0.0 when the search failed)
-    value: float  # φ(α)
-    slope: float  # φ'(α) = ∇f(w + αp)ᵀp
-    payload: object  # what φ returned with them (the loss and gradient at the accepted point)
-    evaluations: int  # calls of φ
-    success: bool
-    stop: str  # "wolfe", "armijo", "sufficient_decrease" (budget or bracket exhausted); failures: "failed", "resolution", "non_descent"
-
-
-def cubic_minimizer(a: float, fa: float, da: float, b: float, fb: float, db: float) -> float:
-    """The minimiser of the cubic that interpolates φ, φ' at a and b (N&W eq. 3.59); NaN if there is none."""
-    if a == b:
-        return math.nan
-    d1 = da + db - 3 * (fa - fb) / (a - b)
-    discriminant = d1 * d1 - da * db
-    if not math.isfinite(discriminant) or discriminant < 0:
-        return math.nan
-    d2 = math.copysign(math.sqrt(discriminant), b - a)
-    denominator = db - da + 2 * d2
-    if denominator == 0 or not math.isfinite(denominator):
-        return math.nan
-    return b - (b - a) * (db + d2 - d1) / denominator
-
-
-def _finite(*values: float) -> bool:
-    return all(math.isfinite(v) for v in values)
-
-
-def strong_wolfe(
-    phi: Callable[[float], tuple[float, float, object]],  # α ↦ (φ(α), φ'(α), payload)
-    f0: float,  # φ(0)
-    d0: float,  # φ'(0) < 0
-    alpha: float,  # the first trial step
-    *,
-    c1: float = 1e-4,  # sufficient decrease
-    c2: float = 0.9,  # curvature (c1 < c2 < 1)
-    max_evaluations: int = 25,  # calls of φ
-    resolution: float = 2.2e-16,  # relative resolution of α and φ (the dtype's machine epsilon)
-) -> LineSearchResult:
-    """A step satisfying the strong Wolfe conditions, by N&W Algorithms 3.5 (bracketing) and 3.6 (zoom) with cubic interpolation."""
-    if not (math.isfinite(d0) and d0 < 0):
-        return LineSearchResult(0.0, f0, d0, None, 0, False, "non_descent")
-    evaluations = 0
-    previous = (0.0, f0, d0, None)
-
-    def result(point, stop):
-        return LineSearchResult(point[0], point[1], point[2], point[3], evaluations, True, stop)
-
-    while evaluations < max_evaluations:
-        f, d, payload = phi(alpha)
-        evaluations += 1
-        current = (alpha, f, d, payload)
-        if not _finite(f, d) or f > f0 + c1 * alpha * d0 or (evaluations > 1 and f >= previous[1]):
-            return _zoom(phi, previous, current, f0, d0, c1, c2, max_evaluations, evaluations, resolution)
-        if abs(d) <= -c2 * d0:
-            return result(current, "wolfe")
-        if d >= 0:
-            return _zoom(phi, current, previous, f0, d0, c1, c2, max_evaluations, evaluations, resolution)
-        gap = alpha - previous[0]
-        trial = cubic_minimizer(*previous[:3], *current[:3])
-        low, high = alpha + 0.1 * gap, alpha + 9.0 * gap
-        previous, alpha = current, (high if not math.isfinite(trial) else min(max(trial, low), high))
-    if previous[0] > 0:  # out of budget while still descending: the last point has sufficient decrease
-        return result(previous, "sufficient_decrease")
-    return LineSearchResult(0.0, f0, d0, None, evaluations, False, "failed")
-
-
-def _zoom(phi, lo, hi, f0, d0, c1, c2, max_evaluations, evaluations, resolution) -> LineSearchResult:
-    "N&W Algorithm 3.6: `lo` has sufficient decrease and the lowest φ so far; the minimiser lies between lo and hi."
-    near_end, stop = False, "failed"
-    while evaluations < max_evaluations:
-        left, right = min(lo[0], hi[0]), max(lo[0], hi[0])
-        width = right - left
-        slope = max(abs(v) for v in (d0, lo[2], hi[2]) if math.isfinite(v))
-        if width <= resolution * right or width * slope <= resolution * abs(f0):
-            stop = "resolution"
-            break
-        trial = cubic_minimizer(*lo[:3], *hi[:3]) if _finite(*hi[1:3]) else math.nan
-        if not math.isfinite(trial) or trial <= left or trial >= right:
-            trial, near_end = left + width / 2, False
-        elif min(trial - left, right - trial) < 0.1 * width:
-            if near_end:  # twice in a row at an end of the bracket: move 10% inside
-                trial = left + 0.1 * width if trial - left < right - trial else right - 0.1 * width
-            near_end = not near_end
-        else:
-            near_end = False
-        f, d, payload = phi(trial)
-        evaluations += 1
-        current = (trial, f, d, payload)
-        if not _finite(f, d) or f > f0 + c1 * trial * d0 or f >= lo[1]:
-            hi = current
-        else:
-            if abs(d) <= -c2 * d0:
-                return LineSearchResult(trial, f, d, payload, evaluations, True, "wolfe")
-            if d * (hi[0] - lo[0]) >= 0:
-                hi = lo
-            lo = current
-    if lo[0] > 0:
-        return LineSearchResult(lo[0], lo[1], lo[2], lo[3], evaluations, True, "sufficient_decrease")
-    return LineSearchResult(0.0, f0, d0, None, evaluations, False, stop)
-
-
-def armijo_backtracking(
-    phi: Callable[[float], tuple[float, float, object]],  # α ↦ (φ(α), φ'(α), payload)
-    f0: float,  # φ(0)
-    d0: float,  # φ'(0) < 0
-    alpha: float,  # the first trial step
-    *,
-    c1: float = 1e-4,  # sufficient decrease
-    factor: float = 0.5,  # α ← factor·α after a rejected trial
-    max_evaluations: int = 25,
-    resolution: float = 2.2e-16,  # relative resolution of φ: stop once α|φ'(0)| ≤ resolution·|φ(0)|
-) -> LineSearchResult:
-    """The first α = alpha·factorʲ with φ(α) ≤ φ(0) + c₁αφ'(0) (N&W Algorithm 3.1)."""
-    if not (math.isfinite(d0) and d0 < 0):
-        return LineSearchResult(0.0, f0, d0, None, 0, False, "non_descent")
-    for evaluations in range(1, max_evaluations + 1):
-        f, d, payload = phi(alpha)
-        if math.isfinite(f) and f <= f0 + c1 * alpha * d0:
-            return LineSearchResult(alpha, f, d, payload, evaluations, True, "armijo")
-        if alpha * -d0 <= resolution * abs(f0):
-            return LineSearchResult(0.0, f0, d0, None, evaluations, False, "resolution")
-        alpha *= factor
-    return LineSearchResult(0.0, f0, d0, None, max_evaluations, False, "failed")
+__all__ = ['LINE_SEARCHES', 'LBFGS_H0', 'LBFGS']
 
 # %% ../../nbs/43_lbfgs.ipynb #30fffca2
 LINE_SEARCHES = (None, "armijo", "strong_wolfe")
@@ -157,151 +24,13 @@ LBFGS_H0 = ("scaling", "identity", *DIAGONAL_KINDS)
 _COUNTERS = ("pairs_stored", "pairs_skipped", "pairs_damped", "resets")
 
 
-def _one_group(params) -> list[Tensor]:
-    "The parameter tensors, refusing several parameter groups (one flat vector has one set of hyperparameters)."
-    if isinstance(params, nn.Module) or isinstance(params, Tensor):
-        return param_list(params)
-    params = list(params)
-    if sum(isinstance(item, Mapping) for item in params) > 1:
-        raise ValueError("params: L-BFGS works on one flat vector; pass one parameter group, not several")
-    return param_list(params)
-
-
-class FlatOptimizer(torch.optim.Optimizer):
-    """What qnwb's quasi-Newton optimizers share: one flat parameter vector, the closure protocol, statistics kept on
-    the device during a step and read on first access of `stats`, and a `state_dict` whose parts (memories, buffers)
-    and counters come back with their own dtypes (torch's loader would cast every state tensor to the parameters'), and
-    buffer sizes that follow the parameter group: set `param_groups[0]["memory"]` between steps and the next step resizes.
-    `load_state_dict` checks a whole saved state (whose it is, its settings, parts and entries) before it changes anything."""
-
-    _same: tuple[str, ...] = ()  # settings a saved state must share with the optimizer that loads it
-    _sized: dict[str, str] = {"memory": "memory"}  # a setting of the group ↦ the part (`_parts()`) whose number of slots it is
-    _counts: tuple[str, ...] = ()  # further positive-int settings a step reads (SQN, adaQN: the aggregation length "L")
-    _bounded: dict[str, str] = {}  # further settings a step checks against qnwb.core.SETTING_BOUNDS: name ↦ kind ("lr": "step_size")
-    _entries: dict[str, str] = {}  # the per-parameter state a first step makes: key ↦ kind (qnwb.core.check_state_entries)
-    _optional_entries: dict[str, str] = {}  # entries that appear later or with some settings (cached evaluations, ...)
-
-    def __init__(self, params, defaults: dict):
-        super().__init__(params, defaults)
-        self._raw_stats: dict = {}
-        self._stats: dict | None = {}
-
-    def _parts(self) -> dict:
-        "What a state_dict carries besides torch's state: name ↦ an object with state_dict / load_state_dict (or None)."
-        return {"memory": self.memory}
-
-    def _stand_in(self, settings: dict) -> torch.optim.Optimizer:
-        "An optimizer of this class with `settings`, built on a two-element stand-in vector (so its constructor checks them)."
-        return type(self)([torch.zeros(2)], **settings)
-
-    def _sync_sizes(self) -> bool:
-        """At the start of a step: check every setting of `_sized`, `_counts` and `_bounded` (a bad value set by hand raises
-        here, naming it, before anything changes), then resize each buffer whose size differs from its setting. True if one
-        was resized."""
-        group, parts = self.param_groups[0], self._parts()
-        checks = {**{name: "slots" for name in self._sized}, **{name: "iterations" for name in self._counts}, **self._bounded}
-        for name, kind in checks.items():
-            try:
-                check_setting(name, group[name], kind)
-            except ValueError as e:
-                raise ValueError(f"{e} (param_groups[0][{name!r}]; the step is refused, nothing changed)") from None
-        resized = False
-        for name, part in self._sized.items():
-            if parts[part].size != group[name]:
-                parts[part].resize(group[name])  # keeps the newest pairs (gradients)
-                resized = True
-        return resized
-
-    def state_dict(self) -> dict:
-        "A snapshot (later steps do not change it) of torch's optimizer state plus each of `_parts()`, tagged with the class name."
-        saved = copy.deepcopy(super().state_dict())  # torch's holds the live per-parameter state dict
-        saved.update({name: part.state_dict() for name, part in self._parts().items() if part is not None})
-        return tag_state(self, saved)
-
-    @property
-    def stats(self) -> dict[str, float | int | str]:
-        "The last step's statistics as Python numbers (read from the device on first access)."
-        if self._stats is None:
-            self._stats = {key: _number(value) for key, value in self._raw_stats.items()}
-        return self._stats
-
-    def _evaluate(self, closure) -> tuple[Tensor, Tensor]:
-        "(loss, flat gradient) from one closure call."
-        params = self.param_groups[0]["params"]
-        with torch.enable_grad():
-            loss = closure()
-        if not isinstance(loss, Tensor):
-            loss = torch.as_tensor(loss, dtype=params[0].dtype, device=params[0].device)
-        if loss.numel() != 1:
-            raise ValueError(f"closure: must return the scalar loss, got a tensor of shape {tuple(loss.shape)}")
-        return loss.detach().reshape(()), flat_grads(params).clone()
-
-    def _check_state(self, state_dict) -> tuple[dict, dict]:
-        """Everything `load_state_dict` checks before it changes anything; returns (the state without its tag, the saved
-        number of slots of each sized part)."""
-        name, group, parts = type(self).__name__, self.param_groups[0], self._parts()
-        settings = sorted(set(self.defaults))
-        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
-        saved_group = groups[0] if isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], Mapping) else None
-        # untagged: provably this optimizer's when its group holds all of this class's settings (no other qnwb optimizer's does)
-        state_dict = check_state_tag(self, state_dict, saved_group is not None and set(settings) <= set(saved_group),
-                                     f"its parameter group lacks some of {name}'s settings {settings}")
-        check_param_groups(self, groups)
-        missing = [key for key in settings if key not in saved_group]
-        if missing:
-            raise ValueError(f"state_dict['param_groups'][0]: no {missing} entries (a {name} has {settings})")
-        for key in self._same:
-            if saved_group[key] != group[key]:
-                raise ValueError(f"state_dict: saved with {key}={saved_group[key]!r}, this optimizer has {key}={group[key]!r}")
-        unknown = set(state_dict) - {"state", "param_groups", *(part for part in parts if parts[part] is not None)}
-        if unknown:
-            raise ValueError(f"state_dict: unknown entries {sorted(unknown)} for a {name}")
-        try:
-            self._stand_in({key: saved_group[key] for key in settings})
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"state_dict: its settings are refused: {e}") from None
-        sizes = {}
-        for part_name, part in parts.items():
-            if part is None:
-                continue
-            if part_name not in state_dict:
-                raise ValueError(f"state_dict: no {part_name!r} entry: not the state of a {name} optimizer")
-            try:
-                size = part.check_state(state_dict[part_name])
-            except ValueError as e:
-                raise ValueError(f"state_dict[{part_name!r}]: {e}") from None
-            if part_name in self._sized.values():
-                sizes[part_name] = size
-        saved_state = state_dict.get("state")
-        if not isinstance(saved_state, Mapping) or set(saved_state) - {0}:
-            raise ValueError(f"state_dict['state']: expected a dict with at most the entry 0 (the flat vector's state), got "
-                             f"{sorted(saved_state) if isinstance(saved_state, Mapping) else type(saved_state).__name__}")
-        if 0 in saved_state and saved_state[0]:
-            check_state_entries("state_dict['state'][0]", saved_state[0], self._entries, self._optional_entries,
-                                sum(p.numel() for p in group["params"]))
-        return state_dict, sizes
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load `state_dict()` of this class (a ValueError, nothing changed, for another optimizer's, or for one with a missing
-        or malformed part, entry or setting, or settings `_same` that differ): torch's state comes back with its dtypes, then
-        each part, resized first to the saved number of slots (a state saved after a resize loads into an optimizer built
-        with the constructor's sizes, and the group's sizes become the saved ones)."""
-        state_dict, sizes = self._check_state(state_dict)
-        parts, params = self._parts(), self.param_groups[0]["params"]
-        for name, size in sizes.items():  # the only step that allocates; each part's resize is all or nothing
-            parts[name].resize(size)
-        saved_state = state_dict["state"].get(0, {})
-        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
-        self.state[params[0]] = {key: value.to(params[0].device, copy=True) if isinstance(value, Tensor) else copy.deepcopy(value)
-                                 for key, value in saved_state.items()}
-        for name, part in parts.items():
-            if part is not None:
-                part.load_state_dict(state_dict[name])
-        self._raw_stats, self._stats = {}, {}
-
-
 class LBFGS(FlatOptimizer):
     """Stochastic or full-batch L-BFGS, one iteration per `step(closure)`, with pairs from consecutive iterates on the same closure."""
+
+    _same = ("h0",)
+    _bounded = {"lr": "step_size"}
+    _entries = {"step": "int", "function_evaluations": "int", **{name: "count" for name in _COUNTERS}}
+    _optional_entries = {"cached_theta": "vector", "cached_loss": "scalar", "cached_grad": "vector"}  # full_batch
 
     def __init__(
         self,
@@ -354,143 +83,158 @@ class LBFGS(FlatOptimizer):
         self.scaling = (DiagonalScaling(n, h0, epsilon=h0_epsilon, decay=rmsprop_decay, device=first.device, dtype=first.dtype)
                         if h0 in DIAGONAL_KINDS else None)
 
-    # -- state ------------------------------------------------------------------------------------------------------
-    def _state(self) -> dict:
-        params = self.param_groups[0]["params"]
-        state = self.state[params[0]]
-        if not state:
-            state["step"] = 0
-            state["function_evaluations"] = 0
-            for name in _COUNTERS:
-                state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
-        return state
+# %% ../../nbs/43_lbfgs.ipynb #43c30004
+@patch
+def _state(self: LBFGS) -> dict:
+    params = self.param_groups[0]["params"]
+    state = self.state[params[0]]
+    if not state:
+        state["step"] = 0
+        state["function_evaluations"] = 0
+        for name in _COUNTERS:
+            state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
+    return state
 
-    _same = ("h0",)
-    _bounded = {"lr": "step_size"}
-    _entries = {"step": "int", "function_evaluations": "int", **{name: "count" for name in _COUNTERS}}
-    _optional_entries = {"cached_theta": "vector", "cached_loss": "scalar", "cached_grad": "vector"}  # full_batch
 
-    def _parts(self) -> dict:
-        "The pair memory and, for a diagonal H0, its accumulator."
-        return {"memory": self.memory, "h0_accumulator": self.scaling}
+@patch
+def _parts(self: LBFGS) -> dict:
+    "The pair memory and, for a diagonal H0, its accumulator."
+    return {"memory": self.memory, "h0_accumulator": self.scaling}
 
-    # -- one iteration ----------------------------------------------------------------------------------------------
 
-    def _h0(self):
-        "H0 for `two_loop`: the diagonal of adaQN eq. 9, or the name of a scalar choice."
-        return self.scaling.diagonal() if self.scaling is not None else self.param_groups[0]["h0"]
+@patch
+def _h0(self: LBFGS):
+    "H0 for `two_loop`: the diagonal of adaQN eq. 9, or the name of a scalar choice."
+    return self.scaling.diagonal() if self.scaling is not None else self.param_groups[0]["h0"]
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
-        """One L-BFGS iteration; `closure` zeroes the gradients, computes the loss, calls backward and returns the loss."""
-        if not callable(closure):
-            raise TypeError("closure: LBFGS needs a closure that re-evaluates the loss and its gradients")
-        self._sync_sizes()  # a `memory` changed since the last step
-        group = self.param_groups[0]
-        params: list[Tensor] = group["params"]
-        state, memory = self._state(), self.memory
-        k, evaluations = state["step"], 0
-        forgot = bool(group["forget_every"]) and k > 0 and k % group["forget_every"] == 0
-        if forgot:  # "forgetting": L-SR1 paper §2
-            memory.clear()
+# %% ../../nbs/43_lbfgs.ipynb #43c30007
+@patch
+@torch.no_grad()
+def step(self: LBFGS, closure: Callable[[], Tensor]) -> Tensor:
+    """One L-BFGS iteration; `closure` zeroes the gradients, computes the loss, calls backward and returns the loss."""
+    if not callable(closure):
+        raise TypeError("closure: LBFGS needs a closure that re-evaluates the loss and its gradients")
+    self._sync_sizes()  # a `memory` changed since the last step
+    group = self.param_groups[0]
+    params: list[Tensor] = group["params"]
+    state, memory = self._state(), self.memory
+    k, evaluations = state["step"], 0
+    forgot = bool(group["forget_every"]) and k > 0 and k % group["forget_every"] == 0
+    if forgot:  # "forgetting": L-SR1 paper §2
+        memory.clear()
+        state["resets"] += 1
+    theta = flat_params(params).clone()
+    cached = group["full_batch"] and "cached_theta" in state and torch.equal(state["cached_theta"], theta)
+    if cached:
+        f, g = state["cached_loss"], state["cached_grad"]
+    else:
+        f, g = self._evaluate(closure)
+        evaluations += 1
+    finite = torch.isfinite(f) & torch.isfinite(g).all()
+    p, gtp, fallback = self._direction(state, g, finite)
+    if group["line_search"] is None:
+        theta_new, f_new, g_new, alpha, ok = self._fixed_step(closure, group, params, theta, f, g, p, finite)
+        evaluations += 1
+        search = None
+    else:
+        theta_new, f_new, g_new, alpha, ok, search = self._search(closure, group, params, theta, f, g, p, gtp, finite)
+        evaluations += search.evaluations if search is not None else 0
+        if search is not None and search.stop == "failed":
+            memory.clear()  # restart from H0 after a failed search
             state["resets"] += 1
-        theta = flat_params(params).clone()
-        cached = group["full_batch"] and "cached_theta" in state and torch.equal(state["cached_theta"], theta)
-        if cached:
-            f, g = state["cached_loss"], state["cached_grad"]
-        else:
-            f, g = self._evaluate(closure)
-            evaluations += 1
-        finite = torch.isfinite(f) & torch.isfinite(g).all()
-        if self.scaling is not None:  # eq. 9 sums every gradient seen, whatever becomes of the step
-            self.scaling.update(g, finite)
-        p = -two_loop(memory, g, self._h0(), check=False)
-        gtp = torch.dot(g, p)
-        fallback = finite & ~(gtp < 0) & (g != 0).any()  # round-off made −Hg useless: clear, and use −H0 g
-        p = torch.where(fallback, -g if self.scaling is None else -self.scaling.diagonal() * g, p)
-        memory.clear(fallback)
-        state["resets"] += fallback.long()
-        gtp = torch.where(fallback, torch.dot(g, p), gtp)
+    s, y, accept, damped = self._pair(group, state, theta, theta_new, g, g_new, alpha, ok)
+    state["step"] = k + 1
+    state["function_evaluations"] += evaluations
+    if group["full_batch"]:
+        state["cached_theta"], state["cached_loss"], state["cached_grad"] = theta_new, f_new.to(theta.dtype), g_new
 
-        if group["line_search"] is None:
-            alpha = torch.where(finite, group["lr"], 0.0).to(theta.dtype)
-            theta_new = torch.add(theta, p, alpha=group["lr"])
-            assign_flat_(params, theta_new)
-            f_new, g_new = self._evaluate(closure)
-            evaluations += 1
-            ok = finite & torch.isfinite(f_new) & torch.isfinite(g_new).all() & torch.isfinite(theta_new).all()
-            theta_new = torch.where(ok, theta_new, theta)  # a non-finite trial never stays in the parameters
-            assign_flat_(params, theta_new)
-            f_new, g_new, alpha = torch.where(ok, f_new, f), torch.where(ok, g_new, g), torch.where(ok, alpha, 0.0)
-            search = None
-        else:
-            theta_new, f_new, g_new, alpha, ok, search = self._search(closure, group, params, theta, f, g, p, gtp, finite)
-            evaluations += search.evaluations if search is not None else 0
-            if search is not None and search.stop == "failed":
-                memory.clear()  # restart from H0 after a failed search
-                state["resets"] += 1
+    self._raw_stats = {
+        "step": k + 1, "loss": f, "loss_after": f_new, "step_size": alpha,
+        "line_search_evaluations": search.evaluations if search is not None else 0,
+        "line_search_stop": search.stop if search is not None else "",
+        "pair_stored": accept, "pair_skipped": ok & ~accept, "pair_damped": damped,
+        "pairs_stored": state["pairs_stored"].clone(), "pairs_skipped": state["pairs_skipped"].clone(),
+        "pairs_damped": state["pairs_damped"].clone(), "memory_size": memory.count.clone(), "memory_capacity": memory.size,
+        "sy": torch.dot(s.double(), y.double()), "forgot": int(forgot), "direction_fallback": fallback,
+        "non_finite": ~(finite & ok) if search is None else ~finite, "resets": state["resets"].clone(),
+        "function_evaluations": evaluations, "gradient_evaluations": evaluations,
+        "total_function_evaluations": state["function_evaluations"], "total_gradient_evaluations": state["function_evaluations"],
+    }
+    self._stats = None
+    return f
 
-        s = theta_new - theta
-        y = g_new - g
-        damped = torch.zeros((), dtype=torch.bool, device=theta.device)
-        if group["powell_damping"]:
-            y, damped = powell_damping(s, y, -alpha * g)  # B s = −αg for s = αp, p = −Hg
-            damped = damped & ok
-        accept = ok & curvature_condition(s, y, group["curvature_skip"], group["curvature_rule"])
-        memory.push(s, y, accept)
-        state["pairs_stored"] += accept.long()
-        state["pairs_skipped"] += (ok & ~accept).long()
-        state["pairs_damped"] += damped.long()
-        state["step"] = k + 1
-        state["function_evaluations"] += evaluations
-        if group["full_batch"]:
-            state["cached_theta"], state["cached_loss"], state["cached_grad"] = theta_new, f_new.to(theta.dtype), g_new
+# %% ../../nbs/43_lbfgs.ipynb #43c30009
+@patch
+def _direction(self: LBFGS, state: dict, g: Tensor, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    "(p, gᵀp, fallback): p = −Hg by the two-loop recursion, or −H0 g (the memory cleared) where that is no descent direction."
+    memory = self.memory
+    if self.scaling is not None:  # eq. 9 sums every gradient seen, whatever becomes of the step
+        self.scaling.update(g, finite)
+    p = -two_loop(memory, g, self._h0(), check=False)
+    gtp = torch.dot(g, p)
+    fallback = finite & ~(gtp < 0) & (g != 0).any()  # round-off made −Hg useless: clear, and use −H0 g
+    p = torch.where(fallback, -g if self.scaling is None else -self.scaling.diagonal() * g, p)
+    memory.clear(fallback)
+    state["resets"] += fallback.long()
+    gtp = torch.where(fallback, torch.dot(g, p), gtp)
+    return p, gtp, fallback
 
-        self._raw_stats = {
-            "step": k + 1, "loss": f, "loss_after": f_new, "step_size": alpha,
-            "line_search_evaluations": search.evaluations if search is not None else 0,
-            "line_search_stop": search.stop if search is not None else "",
-            "pair_stored": accept, "pair_skipped": ok & ~accept, "pair_damped": damped,
-            "pairs_stored": state["pairs_stored"].clone(), "pairs_skipped": state["pairs_skipped"].clone(),
-            "pairs_damped": state["pairs_damped"].clone(), "memory_size": memory.count.clone(), "memory_capacity": memory.size,
-            "sy": torch.dot(s.double(), y.double()), "forgot": int(forgot), "direction_fallback": fallback,
-            "non_finite": ~(finite & ok) if search is None else ~finite, "resets": state["resets"].clone(),
-            "function_evaluations": evaluations, "gradient_evaluations": evaluations,
-            "total_function_evaluations": state["function_evaluations"], "total_gradient_evaluations": state["function_evaluations"],
-        }
-        self._stats = None
-        return f
+# %% ../../nbs/43_lbfgs.ipynb #43c3000d
+@patch
+def _fixed_step(self: LBFGS, closure, group, params, theta, f, g, p, finite):
+    "θ + lr·p without a line search; returns (θ_new, f_new, g_new, α, ok), θ and (f, g) kept where anything is not finite."
+    alpha = torch.where(finite, group["lr"], 0.0).to(theta.dtype)
+    theta_new = torch.add(theta, p, alpha=group["lr"])
+    assign_flat_(params, theta_new)
+    f_new, g_new = self._evaluate(closure)
+    ok = finite & torch.isfinite(f_new) & torch.isfinite(g_new).all() & torch.isfinite(theta_new).all()
+    theta_new = torch.where(ok, theta_new, theta)  # a non-finite trial never stays in the parameters
+    assign_flat_(params, theta_new)
+    f_new, g_new, alpha = torch.where(ok, f_new, f), torch.where(ok, g_new, g), torch.where(ok, alpha, 0.0)
+    return theta_new, f_new, g_new, alpha, ok
 
-    def _search(self, closure, group, params, theta, f, g, p, gtp, finite):
-        "The line search along p; returns (θ_new, f_new, g_new, α, ok, result), the parameters set to θ_new."
-        false = torch.zeros((), dtype=torch.bool, device=theta.device)
-        if not bool(finite):
-            return theta, f, g, torch.zeros((), dtype=theta.dtype, device=theta.device), false, None
-        alpha0 = group["lr"]
-        if self.scaling is None and len(self.memory) == 0:
-            alpha0 *= min(1.0, 1.0 / float(g.abs().sum()))
+# %% ../../nbs/43_lbfgs.ipynb #30fffca3
+@patch
+def _search(self: LBFGS, closure, group, params, theta, f, g, p, gtp, finite):
+    "The line search along p; returns (θ_new, f_new, g_new, α, ok, result), the parameters set to θ_new."
+    false = torch.zeros((), dtype=torch.bool, device=theta.device)
+    if not bool(finite):
+        return theta, f, g, torch.zeros((), dtype=theta.dtype, device=theta.device), false, None
+    alpha0 = group["lr"]
+    if self.scaling is None and len(self.memory) == 0:
+        alpha0 *= min(1.0, 1.0 / float(g.abs().sum()))
 
-        def phi(alpha: float):
-            assign_flat_(params, torch.add(theta, p, alpha=alpha))
-            f_a, g_a = self._evaluate(closure)
-            return float(f_a), float(torch.dot(g_a, p)), (f_a, g_a)
+    def phi(alpha: float):
+        assign_flat_(params, torch.add(theta, p, alpha=alpha))
+        f_a, g_a = self._evaluate(closure)
+        return float(f_a), float(torch.dot(g_a, p)), (f_a, g_a)
 
-        options = dict(c1=group["armijo"], max_evaluations=group["max_evaluations"], resolution=torch.finfo(theta.dtype).eps)
-        if group["line_search"] == "strong_wolfe":
-            result = strong_wolfe(phi, float(f), float(gtp), alpha0, c2=group["wolfe"], **options)
-        else:
-            result = armijo_backtracking(phi, float(f), float(gtp), alpha0, factor=group["backtrack"], **options)
-        if not result.success:
-            assign_flat_(params, theta)  # bit for bit: the saved copy
-            return theta, f, g, torch.zeros((), dtype=theta.dtype, device=theta.device), false, result
-        theta_new = torch.add(theta, p, alpha=result.alpha)  # the same expression as the trial: the same bits
-        assign_flat_(params, theta_new)
-        f_new, g_new = result.payload
-        return theta_new, f_new, g_new, torch.tensor(result.alpha, dtype=theta.dtype, device=theta.device), ~false, result
+    options = dict(c1=group["armijo"], max_evaluations=group["max_evaluations"], resolution=torch.finfo(theta.dtype).eps)
+    if group["line_search"] == "strong_wolfe":
+        result = strong_wolfe(phi, float(f), float(gtp), alpha0, c2=group["wolfe"], **options)
+    else:
+        result = armijo_backtracking(phi, float(f), float(gtp), alpha0, factor=group["backtrack"], **options)
+    if not result.success:
+        assign_flat_(params, theta)  # bit for bit: the saved copy
+        return theta, f, g, torch.zeros((), dtype=theta.dtype, device=theta.device), false, result
+    theta_new = torch.add(theta, p, alpha=result.alpha)  # the same expression as the trial: the same bits
+    assign_flat_(params, theta_new)
+    f_new, g_new = result.payload
+    return theta_new, f_new, g_new, torch.tensor(result.alpha, dtype=theta.dtype, device=theta.device), ~false, result
 
-
-def _number(value):
-    "A statistic as a Python number (a device tensor is read here, once)."
-    if isinstance(value, Tensor):
-        return bool(value) if value.dtype == torch.bool else (int(value) if not value.is_floating_point() else float(value))
-    return value
+# %% ../../nbs/43_lbfgs.ipynb #43c30014
+@patch
+def _pair(self: LBFGS, group, state, theta, theta_new, g, g_new, alpha, ok) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    "(s, y, accept, damped): the candidate pair, optionally Powell-damped, pushed where it passes the skip rule; the counters."
+    s = theta_new - theta
+    y = g_new - g
+    damped = torch.zeros((), dtype=torch.bool, device=theta.device)
+    if group["powell_damping"]:
+        y, damped = powell_damping(s, y, -alpha * g)  # B s = −αg for s = αp, p = −Hg
+        damped = damped & ok
+    accept = ok & curvature_condition(s, y, group["curvature_skip"], group["curvature_rule"])
+    self.memory.push(s, y, accept)
+    state["pairs_stored"] += accept.long()
+    state["pairs_skipped"] += (ok & ~accept).long()
+    state["pairs_damped"] += damped.long()
+    return s, y, accept, damped

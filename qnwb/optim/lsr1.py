@@ -11,8 +11,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..core import assign_flat_, check_number, check_setting, flat_params
-from .lbfgs import FlatOptimizer, _one_group, armijo_backtracking, strong_wolfe
+from ..core import assign_flat_, check_number, check_setting, flat_params, patch
+from .base import FlatOptimizer, _one_group
+from .line_search import armijo_backtracking, strong_wolfe
 from .memory import CompactForm, PairMemory, sr1_compact, sr1_condition
 from ..trust_region import solve_trust_region_compact
 
@@ -66,282 +67,316 @@ _COUNTERS = ("pairs_stored", "pairs_skipped", "pairs_dropped", "rejections", "de
 class LSR1(FlatOptimizer):
     """L-SR1 (Ramamurthy & Duffy 2017), one iteration of the appendix's Algorithm 1 (trust region) or 2 (line search) per `step(closure)`."""
 
-    def __init__(
-        self,
-        params,  # a module, an iterable of tensors, or one parameter group
-        memory: int = 10,  # m: pairs kept (the paper's experiments use 5); the group's value is read at every step
-        method: str = "trust_region",  # "trust_region" (Algorithm 1) or "line_search" (Algorithm 2)
-        gamma: float = 1.0,  # B0 = γI, γ ≠ 0; the line search uses H0 = I/γ and needs γ > 0. Fixed for the run
-        radius: float | None = None,  # Δ0 > 0; None: ‖∇f(x0)‖ at the first step (Algorithm 1), 1 if that is 0
-        eta: float = 1e-4,  # η ∈ (0, 10⁻³): accept the trial iff ρ = ared/pred > η
-        r: float = 1e-8,  # r ∈ (0, 1) of the skip rule |sᵀ(y − Bs)| ≥ r‖s‖‖y − Bs‖
-        increase: float = 2.0,  # Δ ← increase·Δ after a good step near the boundary (> 1)
-        decrease: float = 0.5,  # Δ ← decrease·Δ after a bad step, in (0, 1)
-        good: float = 0.75,  # u ∈ (0, 1): a step is good when ρ > u
-        bad: float = 0.1,  # l ∈ (η, u): a step is bad when ρ < l
-        near_boundary: float = 0.8,  # the paper's ρ = 0.8 ∈ (0, 1): grow only when ‖s‖ > near_boundary·Δ
-        max_radius: float | None = None,  # an upper bound on Δ (None: none, as in the paper)
-        forget_every: int | None = None,  # clear the memory every this many steps (None: never)
-        empty_step: str = "gradient",  # no pairs held: "gradient" s = −∇f (line 4) or "trust_region" (the subproblem with B = γI)
-        line_search: str = "armijo",  # the line-search method's search: "armijo" (backtracking) or "strong_wolfe"
-        armijo: float = 1e-4,  # c₁ of the line search
-        wolfe: float = 0.9,  # c₂ of the strong Wolfe condition, c₁ < c₂ < 1
-        backtrack: float = 0.5,  # Armijo backtracking's factor
-        max_evaluations: int = 25,  # closure calls per line search
-        rcond: float | None = None,  # relative singularity tolerance of the pair removal (None: √ε of the dtype)
-        full_batch: bool = False,  # the closure is deterministic: reuse the evaluation at the current point
-    ):
-        tensors = _one_group(params)
-        check_setting("memory", memory, "slots")
-        if method not in LSR1_METHODS:
-            raise ValueError(f"method: {method!r} is not one of {LSR1_METHODS}")
-        check_number("gamma", gamma)
-        if gamma == 0:
-            raise ValueError("gamma: B0 = γI needs γ ≠ 0 (Algorithm 1), got 0")
-        if method == "line_search" and gamma < 0:
-            raise ValueError(f"gamma: the line-search method uses H0 = I/γ and needs γ > 0 for a descent fallback, got {gamma!r}")
-        check_setting("|gamma|", abs(gamma), "scale")
-        if method == "line_search":  # its first steps are −g/γ: 1/γ is a step size
-            check_setting("1/gamma (the line search's H0 = I/γ)", 1.0 / gamma, "step_size")
-        if radius is not None:
-            check_setting("radius", radius, "scale")
-        check_number("eta", eta, 0.0, 1e-3, low_open=True, high_open=True)
-        check_number("r", r, 0.0, 1.0, low_open=True, high_open=True)
-        check_number("increase", increase, 1.0, low_open=True)
-        check_number("decrease", decrease, 0.0, 1.0, low_open=True, high_open=True)
-        check_number("good", good, 0.0, 1.0, low_open=True, high_open=True)
-        check_number("bad", bad, eta, good, low_open=True, high_open=True)
-        check_number("near_boundary", near_boundary, 0.0, 1.0, low_open=True, high_open=True)
-        if max_radius is not None:
-            check_setting("max_radius", max_radius, "scale", 0.0 if radius is None else radius, low_open=radius is None)
-        if forget_every is not None:
-            check_setting("forget_every", forget_every, "iterations")
-        if empty_step not in LSR1_EMPTY_STEPS:
-            raise ValueError(f"empty_step: {empty_step!r} is not one of {LSR1_EMPTY_STEPS}")
-        if line_search not in LSR1_LINE_SEARCHES:
-            raise ValueError(f"line_search: {line_search!r} is not one of {LSR1_LINE_SEARCHES}")
-        check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
-        check_number("wolfe", wolfe, armijo, 1.0, low_open=True, high_open=True)
-        check_number("backtrack", backtrack, 0.0, 1.0, low_open=True, high_open=True)
-        check_setting("max_evaluations", max_evaluations, "iterations")  # one step must end (SETTING_BOUNDS)
-        if rcond is not None:
-            check_number("rcond", rcond, 0.0, 1.0, high_open=True)
-        if not isinstance(full_batch, bool):
-            raise TypeError(f"full_batch: expected a bool, got {full_batch!r}")
-        defaults = dict(memory=memory, method=method, gamma=float(gamma), radius=None if radius is None else float(radius),
-                        eta=float(eta), r=float(r), increase=float(increase), decrease=float(decrease), good=float(good),
-                        bad=float(bad), near_boundary=float(near_boundary), max_radius=None if max_radius is None else float(max_radius),
-                        forget_every=forget_every, empty_step=empty_step, line_search=line_search, armijo=float(armijo),
-                        wolfe=float(wolfe), backtrack=float(backtrack), max_evaluations=max_evaluations,
-                        rcond=None if rcond is None else float(rcond), full_batch=full_batch)
-        super().__init__(tensors, defaults)
-        first = tensors[0]
-        self.memory = PairMemory(memory, sum(t.numel() for t in tensors), device=first.device, dtype=first.dtype)
-        self._form: CompactForm | None = None  # the compact form of `memory`, made at the end of the last step
-
-    # -- state ------------------------------------------------------------------------------------------------------
-    def _state(self) -> dict:
-        params = self.param_groups[0]["params"]
-        state = self.state[params[0]]
-        if not state:
-            state["step"] = 0
-            state["function_evaluations"] = 0
-            state["radius"] = None  # Δₖ, a 0-dim float64 device tensor from the first step on
-            state["step_length"] = None  # λₖ₋₁ of the line search (None: start at 1)
-            for name in _COUNTERS:
-                state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
-        return state
-
     _same = ("method", "gamma")
     _entries = {"step": "int", "function_evaluations": "int", "radius": "scalar_or_none", "step_length": "number_or_none",
                 **{name: "count" for name in _COUNTERS}}
     _optional_entries = {"cached_theta": "vector", "cached_loss": "scalar", "cached_grad": "vector"}  # full_batch
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore from `state_dict()` (the state's tensors keep their dtypes)."""
-        super().load_state_dict(state_dict)
-        self._form = None
+# %% ../../nbs/45_lsr1.ipynb #45d40002
+def _check_algorithm1(radius, eta, r, increase, decrease, good, bad, near_boundary, max_radius) -> None:
+    "The constants of Algorithm 1's Require line and the radius rules (a ValueError naming the first one out of range)."
+    if radius is not None:
+        check_setting("radius", radius, "scale")
+    check_number("eta", eta, 0.0, 1e-3, low_open=True, high_open=True)
+    check_number("r", r, 0.0, 1.0, low_open=True, high_open=True)
+    check_number("increase", increase, 1.0, low_open=True)
+    check_number("decrease", decrease, 0.0, 1.0, low_open=True, high_open=True)
+    check_number("good", good, 0.0, 1.0, low_open=True, high_open=True)
+    check_number("bad", bad, eta, good, low_open=True, high_open=True)
+    check_number("near_boundary", near_boundary, 0.0, 1.0, low_open=True, high_open=True)
+    if max_radius is not None:
+        check_setting("max_radius", max_radius, "scale", 0.0 if radius is None else radius, low_open=radius is None)
 
-    # -- pieces -----------------------------------------------------------------------------------------------------
+# %% ../../nbs/45_lsr1.ipynb #45d40003
+@patch
+def __init__(
+    self: LSR1,
+    params,  # a module, an iterable of tensors, or one parameter group
+    memory: int = 10,  # m: pairs kept (the paper's experiments use 5); the group's value is read at every step
+    method: str = "trust_region",  # "trust_region" (Algorithm 1) or "line_search" (Algorithm 2)
+    gamma: float = 1.0,  # B0 = γI, γ ≠ 0; the line search uses H0 = I/γ and needs γ > 0. Fixed for the run
+    radius: float | None = None,  # Δ0 > 0; None: ‖∇f(x0)‖ at the first step (Algorithm 1), 1 if that is 0
+    eta: float = 1e-4,  # η ∈ (0, 10⁻³): accept the trial iff ρ = ared/pred > η
+    r: float = 1e-8,  # r ∈ (0, 1) of the skip rule |sᵀ(y − Bs)| ≥ r‖s‖‖y − Bs‖
+    increase: float = 2.0,  # Δ ← increase·Δ after a good step near the boundary (> 1)
+    decrease: float = 0.5,  # Δ ← decrease·Δ after a bad step, in (0, 1)
+    good: float = 0.75,  # u ∈ (0, 1): a step is good when ρ > u
+    bad: float = 0.1,  # l ∈ (η, u): a step is bad when ρ < l
+    near_boundary: float = 0.8,  # the paper's ρ = 0.8 ∈ (0, 1): grow only when ‖s‖ > near_boundary·Δ
+    max_radius: float | None = None,  # an upper bound on Δ (None: none, as in the paper)
+    forget_every: int | None = None,  # clear the memory every this many steps (None: never)
+    empty_step: str = "gradient",  # no pairs held: "gradient" s = −∇f (line 4) or "trust_region" (the subproblem with B = γI)
+    line_search: str = "armijo",  # the line-search method's search: "armijo" (backtracking) or "strong_wolfe"
+    armijo: float = 1e-4,  # c₁ of the line search
+    wolfe: float = 0.9,  # c₂ of the strong Wolfe condition, c₁ < c₂ < 1
+    backtrack: float = 0.5,  # Armijo backtracking's factor
+    max_evaluations: int = 25,  # closure calls per line search
+    rcond: float | None = None,  # relative singularity tolerance of the pair removal (None: √ε of the dtype)
+    full_batch: bool = False,  # the closure is deterministic: reuse the evaluation at the current point
+):
+    tensors = _one_group(params)
+    check_setting("memory", memory, "slots")
+    if method not in LSR1_METHODS:
+        raise ValueError(f"method: {method!r} is not one of {LSR1_METHODS}")
+    check_number("gamma", gamma)
+    if gamma == 0:
+        raise ValueError("gamma: B0 = γI needs γ ≠ 0 (Algorithm 1), got 0")
+    if method == "line_search" and gamma < 0:
+        raise ValueError(f"gamma: the line-search method uses H0 = I/γ and needs γ > 0 for a descent fallback, got {gamma!r}")
+    check_setting("|gamma|", abs(gamma), "scale")
+    if method == "line_search":  # its first steps are −g/γ: 1/γ is a step size
+        check_setting("1/gamma (the line search's H0 = I/γ)", 1.0 / gamma, "step_size")
+    _check_algorithm1(radius, eta, r, increase, decrease, good, bad, near_boundary, max_radius)
+    if forget_every is not None:
+        check_setting("forget_every", forget_every, "iterations")
+    if empty_step not in LSR1_EMPTY_STEPS:
+        raise ValueError(f"empty_step: {empty_step!r} is not one of {LSR1_EMPTY_STEPS}")
+    if line_search not in LSR1_LINE_SEARCHES:
+        raise ValueError(f"line_search: {line_search!r} is not one of {LSR1_LINE_SEARCHES}")
+    check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
+    check_number("wolfe", wolfe, armijo, 1.0, low_open=True, high_open=True)
+    check_number("backtrack", backtrack, 0.0, 1.0, low_open=True, high_open=True)
+    check_setting("max_evaluations", max_evaluations, "iterations")  # one step must end (SETTING_BOUNDS)
+    if rcond is not None:
+        check_number("rcond", rcond, 0.0, 1.0, high_open=True)
+    if not isinstance(full_batch, bool):
+        raise TypeError(f"full_batch: expected a bool, got {full_batch!r}")
+    defaults = dict(memory=memory, method=method, gamma=float(gamma), radius=None if radius is None else float(radius),
+                    eta=float(eta), r=float(r), increase=float(increase), decrease=float(decrease), good=float(good),
+                    bad=float(bad), near_boundary=float(near_boundary), max_radius=None if max_radius is None else float(max_radius),
+                    forget_every=forget_every, empty_step=empty_step, line_search=line_search, armijo=float(armijo),
+                    wolfe=float(wolfe), backtrack=float(backtrack), max_evaluations=max_evaluations,
+                    rcond=None if rcond is None else float(rcond), full_batch=full_batch)
+    super(LSR1, self).__init__(tensors, defaults)
+    first = tensors[0]
+    self.memory = PairMemory(memory, sum(t.numel() for t in tensors), device=first.device, dtype=first.dtype)
+    self._form: CompactForm | None = None  # the compact form of `memory`, made at the end of the last step
 
-    def _compact(self) -> tuple[CompactForm, int]:
-        """`(form, dropped)`: the compact SR1 form of the memory — `B = γI + ΨMΨᵀ` (trust region) or `H = I/γ + ΨMΨᵀ`
-        (line search) — after removing the oldest pairs while it is singular (Algorithm 1 lines 30–39, Algorithm 2 lines 24–32)."""
-        if self._form is not None:
-            return self._form, 0
-        group = self.param_groups[0]
-        inverse = group["method"] == "line_search"
-        scale = 1.0 / group["gamma"] if inverse else group["gamma"]
+# %% ../../nbs/45_lsr1.ipynb #45d40007
+@patch
+def _state(self: LSR1) -> dict:
+    params = self.param_groups[0]["params"]
+    state = self.state[params[0]]
+    if not state:
+        state["step"] = 0
+        state["function_evaluations"] = 0
+        state["radius"] = None  # Δₖ, a 0-dim float64 device tensor from the first step on
+        state["step_length"] = None  # λₖ₋₁ of the line search (None: start at 1)
+        for name in _COUNTERS:
+            state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
+    return state
+
+
+@patch
+def load_state_dict(self: LSR1, state_dict: dict) -> None:
+    """Restore from `state_dict()` (the state's tensors keep their dtypes)."""
+    super(LSR1, self).load_state_dict(state_dict)
+    self._form = None
+
+# %% ../../nbs/45_lsr1.ipynb #45d4000a
+@patch
+def _compact(self: LSR1) -> tuple[CompactForm, int]:
+    """`(form, dropped)`: the compact SR1 form of the memory — `B = γI + ΨMΨᵀ` (trust region) or `H = I/γ + ΨMΨᵀ`
+    (line search) — after removing the oldest pairs while it is singular (Algorithm 1 lines 30–39, Algorithm 2 lines 24–32)."""
+    if self._form is not None:
+        return self._form, 0
+    group = self.param_groups[0]
+    inverse = group["method"] == "line_search"
+    scale = 1.0 / group["gamma"] if inverse else group["gamma"]
+    form = sr1_compact(self.memory, scale, inverse=inverse, rcond=group["rcond"])
+    dropped = form.dropped
+    if dropped:  # rebuild from the pruned memory: the form is then exactly what a fresh call (after a load) makes
         form = sr1_compact(self.memory, scale, inverse=inverse, rcond=group["rcond"])
-        dropped = form.dropped
-        if dropped:  # rebuild from the pruned memory: the form is then exactly what a fresh call (after a load) makes
-            form = sr1_compact(self.memory, scale, inverse=inverse, rcond=group["rcond"])
-        self._form = form
-        return form, dropped
+    self._form = form
+    return form, dropped
 
-    def compact_form(self) -> CompactForm:
-        """The current SR1 matrix in compact form: `B = γI + ΨMΨᵀ` (trust region) or `H = I/γ + ΨMΨᵀ` (line search); for diagnostics."""
-        return self._compact()[0]
 
-    # -- one iteration ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
-        """One L-SR1 iteration; `closure` zeroes the gradients, computes the loss, calls backward and returns the loss."""
-        if not callable(closure):
-            raise TypeError("closure: LSR1 needs a closure that re-evaluates the loss and its gradients")
-        if self._sync_sizes():  # a `memory` changed since the last step: the compact form of the kept pairs is made anew
-            self._form = None
-        group = self.param_groups[0]
-        params: list[Tensor] = group["params"]
-        state = self._state()
-        k = state["step"]
-        forgot = bool(group["forget_every"]) and k > 0 and k % group["forget_every"] == 0
-        if forgot:  # "forgetting" (L-SR1 §2)
+@patch
+def compact_form(self: LSR1) -> CompactForm:
+    """The current SR1 matrix in compact form: `B = γI + ΨMΨᵀ` (trust region) or `H = I/γ + ΨMΨᵀ` (line search); for diagnostics."""
+    return self._compact()[0]
+
+# %% ../../nbs/45_lsr1.ipynb #45d4000e
+@patch
+@torch.no_grad()
+def step(self: LSR1, closure: Callable[[], Tensor]) -> Tensor:
+    """One L-SR1 iteration; `closure` zeroes the gradients, computes the loss, calls backward and returns the loss."""
+    if not callable(closure):
+        raise TypeError("closure: LSR1 needs a closure that re-evaluates the loss and its gradients")
+    if self._sync_sizes():  # a `memory` changed since the last step: the compact form of the kept pairs is made anew
+        self._form = None
+    group = self.param_groups[0]
+    params: list[Tensor] = group["params"]
+    state = self._state()
+    k = state["step"]
+    forgot = bool(group["forget_every"]) and k > 0 and k % group["forget_every"] == 0
+    if forgot:  # "forgetting" (L-SR1 §2)
+        self.memory.clear()
+        self._form = None
+        state["resets"] += 1
+    theta = flat_params(params).clone()
+    cached = group["full_batch"] and "cached_theta" in state and torch.equal(state["cached_theta"], theta)
+    if cached:
+        f, g, evaluations = state["cached_loss"], state["cached_grad"], 0
+    else:
+        (f, g), evaluations = self._evaluate(closure), 1
+    form, dropped = self._compact()
+    common = {"step": k + 1, "method": group["method"], "loss": f, "forgot": int(forgot)}
+    finite = bool(torch.isfinite(f) & torch.isfinite(g).all())  # a host read: the solver refuses non-finite input
+    if group["method"] == "trust_region":
+        raw, theta_new, f_new, g_new, evaluations = self._trust_region(closure, group, params, state, theta, f, g, form,
+                                                                       finite, evaluations)
+    else:
+        raw, theta_new, f_new, g_new, evaluations = self._line_search(closure, group, params, state, theta, f, g, form,
+                                                                      finite, evaluations)
+    self._form = None
+    dropped += self._compact()[1]  # the removal of lines 30–39 after this step's push
+    state["pairs_dropped"] += dropped
+    state["step"] = k + 1
+    state["function_evaluations"] += evaluations
+    if group["full_batch"]:
+        state["cached_theta"], state["cached_loss"], state["cached_grad"] = theta_new, f_new, g_new
+    self._raw_stats = {
+        **common, **raw, "dropped": dropped,
+        "pairs_stored": state["pairs_stored"].clone(), "pairs_skipped": state["pairs_skipped"].clone(),
+        "pairs_dropped": state["pairs_dropped"].clone(), "memory_size": self.memory.count.clone(), "memory_capacity": self.memory.size,
+        "resets": state["resets"].clone(),
+        "function_evaluations": evaluations, "gradient_evaluations": evaluations,
+        "total_function_evaluations": state["function_evaluations"], "total_gradient_evaluations": state["function_evaluations"],
+    }
+    self._stats = None
+    return f
+
+# %% ../../nbs/45_lsr1.ipynb #45d40010
+@patch
+def _push(self: LSR1, state, s, y, Bs, finite, dual: bool) -> dict:
+    "The skip rule (Algorithm 1 line 26, or its dual, Algorithm 2 line 19) and the conditional push; the pair's statistics."
+    r = self.param_groups[0]["r"]
+    accept = finite & (sr1_condition(y, s, Bs, r) if dual else sr1_condition(s, y, Bs, r))
+    self.memory.push(s, y, accept)
+    state["pairs_stored"] += accept.long()
+    state["pairs_skipped"] += (finite & ~accept).long()
+    a, b, w = (y, s, s.double() - Bs.double()) if dual else (s, y, y.double() - Bs.double())
+    return {"pair_stored": accept, "pair_skipped": finite & ~accept, "sy": torch.dot(s.double(), y.double()),
+            "sr1_denominator": torch.dot(a.double(), w)}
+
+# %% ../../nbs/45_lsr1.ipynb #45d40014
+@patch
+def _trial_step(self: LSR1, group, g, form, radius):
+    "Algorithm 1 lines 3–7: (p, solved, gradient_step), p = −∇f while the memory is empty (line 4), else the subproblem's solution."
+    gradient_step = form.k == 0 and group["empty_step"] == "gradient"
+    if gradient_step:  # line 4: s = −∇f, B = B₀
+        p, solved = -g, None
+    else:  # line 7: the subproblem, solved exactly (OBS)
+        solved = solve_trust_region_compact(g, form.gamma, form.Psi, form.M, radius)
+        p = solved.p
+    return p, solved, gradient_step
+
+# %% ../../nbs/45_lsr1.ipynb #45d40018
+@patch
+def _trust_region(self: LSR1, closure, group, params, state, theta, f, g, form, finite, evaluations):
+    "Algorithm 1, lines 3–40: the trial, ρ, acceptance, the radius and the memory."
+    false = torch.zeros((), dtype=torch.bool, device=theta.device)
+    if state["radius"] is None and finite:  # Δ₀ = ‖∇f(x₀)‖ (Require line), or the given radius
+        norm = torch.linalg.vector_norm(g.double())
+        state["radius"] = (torch.tensor(group["radius"], dtype=torch.float64, device=theta.device) if group["radius"] is not None
+                           else torch.where(norm > 0, norm, 1.0))
+    radius = state["radius"]
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=theta.device)
+    if not finite:  # nothing can be trusted at xₖ: stay, store nothing
+        raw = {"trial_loss": nan, "loss_after": f, "ared": nan, "pred": nan, "rho": nan, "accepted": false,
+               "rejections": state["rejections"].clone(), "radius": radius if radius is not None else nan,
+               "radius_after": radius if radius is not None else nan, "step_norm": nan, "gradient_step": False,
+               "on_boundary": False, "hard_case": False, "sigma": math.nan, "lambda_min": math.nan, "subproblem_iterations": 0,
+               "pair_stored": false, "pair_skipped": false, "sy": nan, "sr1_denominator": nan, "non_finite": True}
+        return raw, theta, f, g, evaluations
+    p, solved, gradient_step = self._trial_step(group, g, form, radius)  # lines 3–7
+    theta_trial = theta + p
+    s = theta_trial - theta  # the realised step
+    Bs = form.mv(s)  # line 8
+    s64 = s.double()
+    pred = -(torch.dot(g.double(), s64) + 0.5 * torch.dot(s64, Bs.double()))  # line 10
+    assign_flat_(params, theta_trial)
+    f_trial, g_trial = self._evaluate(closure)
+    evaluations += 1
+    ared = f.double() - f_trial.double()  # line 11
+    y = g_trial - g  # line 12
+    trial_finite = torch.isfinite(f_trial) & torch.isfinite(g_trial).all()
+    rho = trust_region_ratio(ared, pred, trial_finite)
+    accepted = rho > group["eta"]  # lines 13–17
+    theta_new = torch.where(accepted, theta_trial, theta)  # a rejected trial leaves θ's own bits
+    assign_flat_(params, theta_new)
+    step_norm = torch.linalg.vector_norm(s64)
+    radius_after = update_radius(radius, rho, step_norm, increase=group["increase"], decrease=group["decrease"],
+                                 good=group["good"], bad=group["bad"], near_boundary=group["near_boundary"],
+                                 max_radius=group["max_radius"])  # lines 18–25
+    state["radius"] = radius_after
+    state["rejections"] += (~accepted).long()
+    pair = self._push(state, s, y, Bs, trial_finite, dual=False)  # lines 26–29, for every trial
+    f_new, g_new = torch.where(accepted, f_trial, f), torch.where(accepted, g_trial, g)
+    raw = {"trial_loss": f_trial, "loss_after": f_new, "ared": ared, "pred": pred, "rho": rho, "accepted": accepted,
+           "rejections": state["rejections"].clone(), "radius": radius, "radius_after": radius_after, "step_norm": step_norm,
+           "gradient_step": gradient_step, "on_boundary": bool(solved and solved.on_boundary),
+           "hard_case": bool(solved and solved.hard_case), "sigma": solved.sigma if solved else math.nan,
+           "lambda_min": solved.lambda_min if solved else group["gamma"],
+           "subproblem_iterations": solved.iterations if solved else 0, "non_finite": ~trial_finite, **pair}
+    return raw, theta_new, f_new, g_new, evaluations
+
+# %% ../../nbs/45_lsr1.ipynb #45d4001a
+@patch
+def _direction(self: LSR1, group, state, g, form):
+    "Algorithm 2 lines 4–7: (d, gᵀd, fallback, gradient_step), d = −Hg (−g while the memory is empty), or −H₀g where that is no descent direction."
+    delta = 1.0 / group["gamma"]  # H₀ = δI
+    gradient_step = form.k == 0
+    d = -g if gradient_step else -form.mv(g)  # lines 4 and 7
+    gtd = torch.dot(g.double(), d.double())
+    fallback = ~(gtd < 0) & (g != 0).any() & torch.isfinite(gtd)  # not a descent direction: −H₀g instead
+    d = torch.where(fallback, -delta * g, d)
+    gtd = torch.where(fallback, torch.dot(g.double(), d.double()), gtd)
+    state["descent_fallbacks"] += fallback.long()
+    return d, gtd, fallback, gradient_step
+
+# %% ../../nbs/45_lsr1.ipynb #45d4001e
+@patch
+def _line_search(self: LSR1, closure, group, params, state, theta, f, g, form, finite, evaluations):
+    "Algorithm 2, lines 3–33: the direction (with the descent fallback), the step length and the memory."
+    false = torch.zeros((), dtype=torch.bool, device=theta.device)
+    delta = 1.0 / group["gamma"]  # H₀ = δI
+    d, gtd, fallback, gradient_step = self._direction(group, state, g, form)  # lines 4–7
+    alpha0 = 1.0 if state["step_length"] is None else min(1.0, 2.0 * state["step_length"])  # lines 9–11
+    result = None
+    if finite:
+        def phi(alpha: float):
+            assign_flat_(params, torch.add(theta, d, alpha=alpha))
+            f_a, g_a = self._evaluate(closure)
+            return float(f_a), float(torch.dot(g_a.double(), d.double())), (f_a, g_a)
+
+        options = dict(c1=group["armijo"], max_evaluations=group["max_evaluations"], resolution=torch.finfo(theta.dtype).eps)
+        if group["line_search"] == "strong_wolfe":
+            result = strong_wolfe(phi, float(f), float(gtd), alpha0, c2=group["wolfe"], **options)
+        else:
+            result = armijo_backtracking(phi, float(f), float(gtd), alpha0, factor=group["backtrack"], **options)
+        evaluations += result.evaluations
+    if result is not None and result.success:
+        alpha = result.alpha
+        theta_new = torch.add(theta, d, alpha=alpha)  # the same expression as the trial: the same bits
+        assign_flat_(params, theta_new)
+        (f_new, g_new), ok = result.payload, ~false
+        state["step_length"] = alpha
+    else:
+        alpha, theta_new, f_new, g_new, ok = 0.0, theta, f, g, false
+        assign_flat_(params, theta)  # bit for bit: the saved copy
+        if result is not None and result.stop == "failed":  # restart from H₀ and λ₀ = 1
             self.memory.clear()
             self._form = None
             state["resets"] += 1
-        theta = flat_params(params).clone()
-        cached = group["full_batch"] and "cached_theta" in state and torch.equal(state["cached_theta"], theta)
-        if cached:
-            f, g, evaluations = state["cached_loss"], state["cached_grad"], 0
-        else:
-            (f, g), evaluations = self._evaluate(closure), 1
-        form, dropped = self._compact()
-        common = {"step": k + 1, "method": group["method"], "loss": f, "forgot": int(forgot)}
-        finite = bool(torch.isfinite(f) & torch.isfinite(g).all())  # a host read: the solver refuses non-finite input
-        if group["method"] == "trust_region":
-            raw, theta_new, f_new, g_new, evaluations = self._trust_region(closure, group, params, state, theta, f, g, form,
-                                                                           finite, evaluations)
-        else:
-            raw, theta_new, f_new, g_new, evaluations = self._line_search(closure, group, params, state, theta, f, g, form,
-                                                                          finite, evaluations)
-        self._form = None
-        dropped += self._compact()[1]  # the removal of lines 30–39 after this step's push
-        state["pairs_dropped"] += dropped
-        state["step"] = k + 1
-        state["function_evaluations"] += evaluations
-        if group["full_batch"]:
-            state["cached_theta"], state["cached_loss"], state["cached_grad"] = theta_new, f_new, g_new
-        self._raw_stats = {
-            **common, **raw, "dropped": dropped,
-            "pairs_stored": state["pairs_stored"].clone(), "pairs_skipped": state["pairs_skipped"].clone(),
-            "pairs_dropped": state["pairs_dropped"].clone(), "memory_size": self.memory.count.clone(), "memory_capacity": self.memory.size,
-            "resets": state["resets"].clone(),
-            "function_evaluations": evaluations, "gradient_evaluations": evaluations,
-            "total_function_evaluations": state["function_evaluations"], "total_gradient_evaluations": state["function_evaluations"],
-        }
-        self._stats = None
-        return f
-
-    def _push(self, state, s, y, Bs, finite, dual: bool) -> dict:
-        "The skip rule (Algorithm 1 line 26, or its dual, Algorithm 2 line 19) and the conditional push; the pair's statistics."
-        r = self.param_groups[0]["r"]
-        accept = finite & (sr1_condition(y, s, Bs, r) if dual else sr1_condition(s, y, Bs, r))
-        self.memory.push(s, y, accept)
-        state["pairs_stored"] += accept.long()
-        state["pairs_skipped"] += (finite & ~accept).long()
-        a, b, w = (y, s, s.double() - Bs.double()) if dual else (s, y, y.double() - Bs.double())
-        return {"pair_stored": accept, "pair_skipped": finite & ~accept, "sy": torch.dot(s.double(), y.double()),
-                "sr1_denominator": torch.dot(a.double(), w)}
-
-    def _trust_region(self, closure, group, params, state, theta, f, g, form, finite, evaluations):
-        "Algorithm 1, lines 3–40: the trial, ρ, acceptance, the radius and the memory."
-        false = torch.zeros((), dtype=torch.bool, device=theta.device)
-        if state["radius"] is None and finite:  # Δ₀ = ‖∇f(x₀)‖ (Require line), or the given radius
-            norm = torch.linalg.vector_norm(g.double())
-            state["radius"] = (torch.tensor(group["radius"], dtype=torch.float64, device=theta.device) if group["radius"] is not None
-                               else torch.where(norm > 0, norm, 1.0))
-        radius = state["radius"]
-        nan = torch.tensor(math.nan, dtype=torch.float64, device=theta.device)
-        if not finite:  # nothing can be trusted at xₖ: stay, store nothing
-            raw = {"trial_loss": nan, "loss_after": f, "ared": nan, "pred": nan, "rho": nan, "accepted": false,
-                   "rejections": state["rejections"].clone(), "radius": radius if radius is not None else nan,
-                   "radius_after": radius if radius is not None else nan, "step_norm": nan, "gradient_step": False,
-                   "on_boundary": False, "hard_case": False, "sigma": math.nan, "lambda_min": math.nan, "subproblem_iterations": 0,
-                   "pair_stored": false, "pair_skipped": false, "sy": nan, "sr1_denominator": nan, "non_finite": True}
-            return raw, theta, f, g, evaluations
-        gradient_step = form.k == 0 and group["empty_step"] == "gradient"
-        if gradient_step:  # line 4: s = −∇f, B = B₀
-            p, solved = -g, None
-        else:  # line 7: the subproblem, solved exactly (OBS)
-            solved = solve_trust_region_compact(g, form.gamma, form.Psi, form.M, radius)
-            p = solved.p
-        theta_trial = theta + p
-        s = theta_trial - theta  # the realised step
-        Bs = form.mv(s)  # line 8
-        s64 = s.double()
-        pred = -(torch.dot(g.double(), s64) + 0.5 * torch.dot(s64, Bs.double()))  # line 10
-        assign_flat_(params, theta_trial)
-        f_trial, g_trial = self._evaluate(closure)
-        evaluations += 1
-        ared = f.double() - f_trial.double()  # line 11
-        y = g_trial - g  # line 12
-        trial_finite = torch.isfinite(f_trial) & torch.isfinite(g_trial).all()
-        rho = trust_region_ratio(ared, pred, trial_finite)
-        accepted = rho > group["eta"]  # lines 13–17
-        theta_new = torch.where(accepted, theta_trial, theta)  # a rejected trial leaves θ's own bits
-        assign_flat_(params, theta_new)
-        step_norm = torch.linalg.vector_norm(s64)
-        radius_after = update_radius(radius, rho, step_norm, increase=group["increase"], decrease=group["decrease"],
-                                     good=group["good"], bad=group["bad"], near_boundary=group["near_boundary"],
-                                     max_radius=group["max_radius"])  # lines 18–25
-        state["radius"] = radius_after
-        state["rejections"] += (~accepted).long()
-        pair = self._push(state, s, y, Bs, trial_finite, dual=False)  # lines 26–29, for every trial
-        f_new, g_new = torch.where(accepted, f_trial, f), torch.where(accepted, g_trial, g)
-        raw = {"trial_loss": f_trial, "loss_after": f_new, "ared": ared, "pred": pred, "rho": rho, "accepted": accepted,
-               "rejections": state["rejections"].clone(), "radius": radius, "radius_after": radius_after, "step_norm": step_norm,
-               "gradient_step": gradient_step, "on_boundary": bool(solved and solved.on_boundary),
-               "hard_case": bool(solved and solved.hard_case), "sigma": solved.sigma if solved else math.nan,
-               "lambda_min": solved.lambda_min if solved else group["gamma"],
-               "subproblem_iterations": solved.iterations if solved else 0, "non_finite": ~trial_finite, **pair}
-        return raw, theta_new, f_new, g_new, evaluations
-
-    def _line_search(self, closure, group, params, state, theta, f, g, form, finite, evaluations):
-        "Algorithm 2, lines 3–33: the direction (with the descent fallback), the step length and the memory."
-        false = torch.zeros((), dtype=torch.bool, device=theta.device)
-        delta = 1.0 / group["gamma"]  # H₀ = δI
-        gradient_step = form.k == 0
-        d = -g if gradient_step else -form.mv(g)  # lines 4 and 7
-        gtd = torch.dot(g.double(), d.double())
-        fallback = ~(gtd < 0) & (g != 0).any() & torch.isfinite(gtd)  # not a descent direction: −H₀g instead
-        d = torch.where(fallback, -delta * g, d)
-        gtd = torch.where(fallback, torch.dot(g.double(), d.double()), gtd)
-        state["descent_fallbacks"] += fallback.long()
-        alpha0 = 1.0 if state["step_length"] is None else min(1.0, 2.0 * state["step_length"])  # lines 9–11
-        result = None
-        if finite:
-            def phi(alpha: float):
-                assign_flat_(params, torch.add(theta, d, alpha=alpha))
-                f_a, g_a = self._evaluate(closure)
-                return float(f_a), float(torch.dot(g_a.double(), d.double())), (f_a, g_a)
-
-            options = dict(c1=group["armijo"], max_evaluations=group["max_evaluations"], resolution=torch.finfo(theta.dtype).eps)
-            if group["line_search"] == "strong_wolfe":
-                result = strong_wolfe(phi, float(f), float(gtd), alpha0, c2=group["wolfe"], **options)
-            else:
-                result = armijo_backtracking(phi, float(f), float(gtd), alpha0, factor=group["backtrack"], **options)
-            evaluations += result.evaluations
-        if result is not None and result.success:
-            alpha = result.alpha
-            theta_new = torch.add(theta, d, alpha=alpha)  # the same expression as the trial: the same bits
-            assign_flat_(params, theta_new)
-            (f_new, g_new), ok = result.payload, ~false
-            state["step_length"] = alpha
-        else:
-            alpha, theta_new, f_new, g_new, ok = 0.0, theta, f, g, false
-            assign_flat_(params, theta)  # bit for bit: the saved copy
-            if result is not None and result.stop == "failed":  # restart from H₀ and λ₀ = 1
-                self.memory.clear()
-                self._form = None
-                state["resets"] += 1
-                state["step_length"] = None
-        s, y = theta_new - theta, g_new - g  # lines 13–15
-        Hy = delta * y if gradient_step else form.mv(y)  # lines 16–18
-        pair = self._push(state, s, y, Hy, ok, dual=True)  # lines 19–23
-        raw = {"loss_after": f_new, "step_size": alpha, "initial_step_size": alpha0,
-               "line_search_evaluations": result.evaluations if result is not None else 0,
-               "line_search_stop": result.stop if result is not None else "", "descent_fallback": fallback,
-               "descent_fallbacks": state["descent_fallbacks"].clone(), "step_norm": torch.linalg.vector_norm(s.double()),
-               "gradient_step": gradient_step, "non_finite": not finite, **pair}
-        return raw, theta_new, f_new, g_new, evaluations
+            state["step_length"] = None
+    s, y = theta_new - theta, g_new - g  # lines 13–15
+    Hy = delta * y if gradient_step else form.mv(y)  # lines 16–18
+    pair = self._push(state, s, y, Hy, ok, dual=True)  # lines 19–23
+    raw = {"loss_after": f_new, "step_size": alpha, "initial_step_size": alpha0,
+           "line_search_evaluations": result.evaluations if result is not None else 0,
+           "line_search_stop": result.stop if result is not None else "", "descent_fallback": fallback,
+           "descent_fallbacks": state["descent_fallbacks"].clone(), "step_norm": torch.linalg.vector_norm(s.double()),
+           "gradient_step": gradient_step, "non_finite": not finite, **pair}
+    return raw, theta_new, f_new, g_new, evaluations
