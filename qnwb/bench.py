@@ -114,7 +114,7 @@ def bench_curvature(
     model, x, y = reference_problem(batch, steps, hidden, device, dtype, seed)
     loss = matching_loss("squared_error")
     params = list(model.parameters())
-    damping = {"structural_damping": "tanh", "structural_weight": float(structural_weight)} if structural_weight > 0 else {}
+    damping = {"structural_distance": "tanh", "structural_weight": float(structural_weight)} if structural_weight > 0 else {}
 
     def gradient():
         return torch.autograd.grad(loss(model(x), y), params)

@@ -243,7 +243,7 @@ def set_rng_state(state: dict) -> None:
 
 # %% ../nbs/00_core.ipynb #03ef09f7
 SETTING_BOUNDS: dict[str, float | int] = {
-    "step_size": 1e4,  # ε, α: lr of every optimizer (torch's baselines too), HessianFree's learning_rate
+    "step_size": 1e4,  # ε, α: lr of every optimizer (torch's baselines and Hessian-free's ε too)
     "scale": 1e10,  # HessianFree's damping λ, shift κ, structural μ; L-SR1's radius Δ, max_radius, |γ|
     "slots": 10_000,  # buffer sizes: the quasi-Newton memories m and adaQN's Fisher memory m_F
     "iterations": 100_000,  # loop bounds of one step: CG steps, line-search tries, evaluations, Chapelle–Erhan draws, adaQN's L

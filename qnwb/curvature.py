@@ -131,7 +131,7 @@ STRUCTURAL_DISTANCES = ("tanh", "squared")
 def _check_structural(distance: str | None, weight: float) -> float:
     "Check the structural-damping settings; return the weight as a float."
     if distance not in (None, *STRUCTURAL_DISTANCES):
-        raise ValueError(f"structural_damping: {distance!r} is not None, 'tanh' or 'squared'")
+        raise ValueError(f"structural_distance: {distance!r} is not None, 'tanh' or 'squared'")
     if isinstance(weight, (bool, str, bytes)):
         raise TypeError(f"structural_weight: expected a number, got {type(weight).__name__}")
     try:
@@ -153,7 +153,7 @@ def hidden_block_mv(slope: Tensor, distance: str, u: Tensor, weight: float = 1.0
 
 def _check_preactivations(model: nn.Module) -> None:
     if "return_preactivations" not in inspect.signature(model.forward).parameters:
-        raise ValueError(f"structural_damping: needs a model whose forward(x, return_preactivations=True) returns "
+        raise ValueError(f"structural_distance: needs a model whose forward(x, return_preactivations=True) returns "
                          f"(outputs, hidden pre-activations), such as qnwb.models.TanhRNN; {type(model).__name__} has none")
 
 
@@ -177,16 +177,16 @@ class GGN(CurvatureOperator):
         model: nn.Module,  # the network: outputs z with cases along dimension 0
         loss: str | MatchingLoss,  # the matching loss on z (a name from qnwb.losses.LOSSES, or an instance)
         batch: tuple[Tensor, Tensor],  # (inputs, targets); NaN targets mean "no target here"
-        structural_damping: str | None = None,  # None, "tanh" or "squared": the distance D on the hidden states
+        structural_distance: str | None = None,  # None, "tanh" or "squared": the distance D on the hidden states
         structural_weight: float = 0.0,  # w in G + w·G_S (HessianFree passes λμ); may be changed between products
         route: str = "auto",  # "auto", "model" (the model's own linearize), "linearize" or "jvp" (torch.func)
     ):
         self._bind(model)
         self.loss = matching_loss(loss)
         inputs, targets = _split_batch(batch)
-        self.structural_damping = structural_damping
+        self.structural_distance = structural_distance
         self.structural_weight = structural_weight
-        self.linearization = _linearize(model, self.params, inputs, structural_damping is not None, route)
+        self.linearization = _linearize(model, self.params, inputs, structural_distance is not None, route)
         self.outputs = self.linearization.outputs
         self.loss_hessian = self.loss.hessian(self.outputs, targets)
 
@@ -196,13 +196,13 @@ class GGN(CurvatureOperator):
 
     @structural_weight.setter
     def structural_weight(self, w: float) -> None:
-        self._w = _check_structural(self.structural_damping, w)
+        self._w = _check_structural(self.structural_distance, w)
 
     def mv(self, v: Tensor, structural: bool = True) -> Tensor:
         "`(G + w G_S) v` for a flat `v` (the structural block applied on the fly from the cached slopes); `G v` with structural=False."
         jz, jt = self.linearization.jvp(self._views(v))
-        use = structural and self.structural_damping and self._w
-        dt = hidden_block_mv(self.linearization.hidden_slope, self.structural_damping, jt, self._w) if use else None
+        use = structural and self.structural_distance and self._w
+        dt = hidden_block_mv(self.linearization.hidden_slope, self.structural_distance, jt, self._w) if use else None
         return _flatten(self.linearization.vjp(self.loss_hessian.mv(jz), dt))
 
 # %% ../nbs/20_curvature.ipynb #fd2cced4
@@ -296,17 +296,17 @@ def ggn_diagonal_estimate(
     loss: str | MatchingLoss,
     batch: tuple[Tensor, Tensor],
     samples: int = 1,  # Rademacher draws to average; the estimate's variance falls as 1/samples
-    structural_damping: str | None = None,  # as in GGN: include w·diag(G_S) with this distance
+    structural_distance: str | None = None,  # as in GGN: include w·diag(G_S) with this distance
     structural_weight: float = 0.0,
     generator: torch.Generator | None = None,  # a CPU generator, for reproducible draws
 ) -> Tensor:
     """Chapelle–Erhan estimate of `diag(G + w G_S)` as a flat vector (M&S 2012 §11.4, Algorithm 7)."""
     check_positive_int("samples", samples)
-    structural_weight = _check_structural(structural_damping, structural_weight)
+    structural_weight = _check_structural(structural_distance, structural_weight)
     loss = matching_loss(loss)
     inputs, targets = _split_batch(batch)
     params = [p.detach() for p in param_list(model)]
-    with_t = structural_damping is not None
+    with_t = structural_distance is not None
     if with_t:
         _check_preactivations(model)
     with torch.no_grad():
@@ -315,7 +315,7 @@ def ggn_diagonal_estimate(
     loss_hessian = loss.hessian(z, targets)
     if with_t:  # the square root of the diagonal block w·(D∘e)''
         slope = 1 - torch.tanh(t).square()
-        root_hidden = hidden_block_mv(slope, structural_damping, torch.ones_like(slope), structural_weight).sqrt()
+        root_hidden = hidden_block_mv(slope, structural_distance, torch.ones_like(slope), structural_weight).sqrt()
     case_outputs = _case_function(model, preactivations=with_t)
 
     def pairing(ps, x, cz, ct):  # <z_i, cz_i> + <t_i, ct_i>: its gradient is J_iᵀ L_i''^{1/2} v_i (+ the G_S part)

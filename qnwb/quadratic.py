@@ -129,7 +129,7 @@ def run_momentum(
     for _ in range(steps):
         optimizer.step(closure)
         xs.append(theta.detach().clone())
-        rates.append(optimizer.stats["learning_rate"])
+        rates.append(optimizer.stats["lr"])
         momenta.append(optimizer.stats["momentum"])
     x = torch.stack(xs)
     star = quadratic.minimizer

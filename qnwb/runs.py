@@ -344,7 +344,7 @@ def evaluate(self: Runner) -> dict:
 def steerable(self: Runner) -> list[str]:
     """The hyperparameters `steer` can change: the numeric entries of the optimizer's parameter groups (a scheduled one
     holds its current value). The buffer sizes of the quasi-Newton methods (memory m, adaQN's m_F) and the aggregation
-    length L are among them: the optimizers resize their memories, and start a new L with the next cycle (notebook 44).
+    length L are among them: the optimizers resize their memories, and start a new L with the next cycle (notebooks 44 and 45).
     Settings its registry entry lists as construction-only are not."""
     fixed = self.entry.construction_only
     return sorted(k for k, v in self.optimizer.param_groups[0].items()

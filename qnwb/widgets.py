@@ -117,7 +117,7 @@ def progress_figure(rows: list[dict],  # per step: {"step", "loss"}
 
 
 def hyperparameter_figure(rows: list[dict],  # per step: {"step", "stats"} with the optimizer's stats
-                          names: tuple[str, ...] = ("learning_rate", "momentum"),  # stats to draw, one row each
+                          names: tuple[str, ...] = ("lr", "momentum"),  # stats to draw, one row each
                           title: str = "") -> go.Figure:
     """The stats `names` per step (those present): a step size and momentum schedule, and every steered change."""
     names = [n for n in names if any(n in r["stats"] for r in rows)] or list(names[:1])

@@ -95,7 +95,7 @@ def test_structural_damping_is_in_the_damped_model_and_not_in_the_undamped_one()
     trace = cg_trace(model, "squared_error", batch, damping=lam, structural_damping=mu, max_iterations=12, tolerance=None,
                      keep_iterates=True)
     X = trace.iterates
-    full = GGN(model, "squared_error", batch, structural_damping="tanh", structural_weight=lam * mu).dense()
+    full = GGN(model, "squared_error", batch, structural_distance="tanh", structural_weight=lam * mu).dense()
     plain = GGN(model, "squared_error", batch).dense()
     assert (full - plain).abs().max() > 1e-3  # the structural block matters here
     g = gradient(model, "squared_error", batch)

@@ -83,7 +83,7 @@ def test_structural_damping_adds_w_times_explicit_hidden_gauss_newton(route, dis
     batch = tiny_batch("rnn", "squared_error", "last step")
     w = 0.37
     ggn = GGN(tiny_model("rnn", device), "squared_error", tiny_batch("rnn", "squared_error", "last step", device),
-              structural_damping=distance, structural_weight=w, route=route)
+              structural_distance=distance, structural_weight=w, route=route)
     G = explicit_ggn(model, "squared_error", batch)
     G_S = explicit_structural(model, batch, distance)
     torch.testing.assert_close(ggn.dense().cpu(), G + w * G_S, rtol=1e-9, atol=1e-12)
@@ -133,10 +133,10 @@ def test_chapelle_erhan_estimate_converges_to_the_ggn_diagonal(kind, structural)
     model = tiny_model(kind)
     batch = tiny_batch(kind, "softmax_cross_entropy", "scattered")
     w = 0.5 if structural else 0.0
-    exact = GGN(model, "softmax_cross_entropy", batch, structural_damping=structural, structural_weight=w).dense().diagonal()
+    exact = GGN(model, "softmax_cross_entropy", batch, structural_distance=structural, structural_weight=w).dense().diagonal()
 
     def error(samples, seed):
-        estimate = ggn_diagonal_estimate(model, "softmax_cross_entropy", batch, samples=samples, structural_damping=structural,
+        estimate = ggn_diagonal_estimate(model, "softmax_cross_entropy", batch, samples=samples, structural_distance=structural,
                                          structural_weight=w, generator=torch.Generator().manual_seed(seed))
         return float((estimate - exact).norm() / exact.norm())
 
@@ -200,7 +200,7 @@ def resident_bytes():
 @pytest.mark.parametrize(
     "build, check_resident",
     [
-        (lambda m, b: GGN(m, "squared_error", b, structural_damping="tanh", structural_weight=0.1), True),
+        (lambda m, b: GGN(m, "squared_error", b, structural_distance="tanh", structural_weight=0.1), True),
         (lambda m, b: GGN(m, "squared_error", b, route="jvp"), True),  # a cached autograd graph (C++ side)
         (lambda m, b: Hessian(m, "squared_error", b), True),  # a cached double-backward graph (C++ side)
         # The Fisher caches only Python-held tensors, which the weakref checks cover; its vmap transients make
@@ -254,11 +254,11 @@ def test_bad_input_gets_clear_errors():
         GGN(one_output, "softmax_cross_entropy", (torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64)))
     xm, tm = tiny_batch("mlp", "squared_error", "none")
     with pytest.raises(ValueError, match="such as qnwb.models.TanhRNN"):
-        GGN(mlp, "squared_error", (xm, tm), structural_damping="tanh", structural_weight=0.1)
-    with pytest.raises(ValueError, match="structural_damping"):
-        GGN(rnn, "squared_error", (x, t), structural_damping="cosine")
+        GGN(mlp, "squared_error", (xm, tm), structural_distance="tanh", structural_weight=0.1)
+    with pytest.raises(ValueError, match="structural_distance"):
+        GGN(rnn, "squared_error", (x, t), structural_distance="cosine")
     with pytest.raises(ValueError, match="structural_weight"):
-        GGN(rnn, "squared_error", (x, t), structural_damping="tanh", structural_weight=-1.0)
+        GGN(rnn, "squared_error", (x, t), structural_distance="tanh", structural_weight=-1.0)
     with pytest.raises(ValueError, match="route"):
         GGN(rnn, "squared_error", (x, t), route="symbolic")
     with pytest.raises(ValueError, match="own linearize"):
@@ -278,7 +278,7 @@ def test_ggn_on_single_case_or_single_step_sequences(cases, steps, route):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(cases, steps, 3, generator=g, dtype=torch.float64)
     t = torch.randn(cases, steps, 3, generator=g, dtype=torch.float64)
-    ggn = GGN(model, "squared_error", (x, t), structural_damping="tanh", structural_weight=0.3, route=route)
+    ggn = GGN(model, "squared_error", (x, t), structural_distance="tanh", structural_weight=0.3, route=route)
     reference = explicit_ggn(model, "squared_error", (x, t)) + 0.3 * explicit_structural(model, (x, t), "tanh")
     torch.testing.assert_close(ggn.dense(), reference, rtol=1e-9, atol=1e-12)
 
@@ -303,12 +303,12 @@ def test_structural_weight_accepts_numbers_of_any_kind_and_refuses_the_rest():
     model = tiny_model("rnn")
     batch = tiny_batch("rnn", "squared_error", "none")
     for w, expected in ((np.float32(0.5), 0.5), (torch.tensor(0.25, dtype=torch.float64), 0.25), (1, 1.0)):
-        ggn = GGN(model, "squared_error", batch, structural_damping="tanh", structural_weight=w)
+        ggn = GGN(model, "squared_error", batch, structural_distance="tanh", structural_weight=w)
         assert type(ggn.structural_weight) is float and ggn.structural_weight == expected
     with pytest.raises(TypeError, match="structural_weight"):
-        GGN(model, "squared_error", batch, structural_damping="tanh", structural_weight=True)
+        GGN(model, "squared_error", batch, structural_distance="tanh", structural_weight=True)
     with pytest.raises(TypeError, match="structural_weight"):
-        GGN(model, "squared_error", batch, structural_damping="tanh", structural_weight="0.1")
+        GGN(model, "squared_error", batch, structural_distance="tanh", structural_weight="0.1")
     with pytest.raises(ValueError, match="coordinates"):
         finite_difference_check(model, "squared_error", batch, coordinates=0)
     with pytest.raises(ValueError, match="inputs: are torch.float32 on cpu, the network.s parameters torch.float64"):

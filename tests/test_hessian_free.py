@@ -100,8 +100,8 @@ def test_structural_damping_changes_the_update_and_can_use_the_squared_distance(
     # What structural damping penalises is the predicted change of the hidden states, δᵀG_Sδ (M&S 2011 §3.2),
     # not the length of δ: measured 38.4 without it and 0.025 with it on this problem.
     model, batch = addition_rnn(seed=3)
-    G = GGN(model, "squared_error", batch, structural_damping="tanh", structural_weight=0.0)
-    G_plus = GGN(model, "squared_error", batch, structural_damping="tanh", structural_weight=1.0)
+    G = GGN(model, "squared_error", batch, structural_distance="tanh", structural_weight=0.0)
+    G_plus = GGN(model, "squared_error", batch, structural_distance="tanh", structural_weight=1.0)
     def hidden_change(d):
         return (d @ G_plus.mv(d) - d @ G.mv(d)).item()
     assert hidden_change(tanh) < hidden_change(plain) / 100
@@ -155,7 +155,7 @@ def test_a_smaller_curvature_batch_and_the_counts():
         ({"structural_damping": -0.1}, "structural_damping"),
         ({"warm_start": 1.01}, "warm_start"),
         ({"warm_start": -0.5}, "warm_start"),
-        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"lr": 0.0}, "lr"),
         ({"cg_max_iterations": 0}, "cg_max_iterations"),
         ({"cg_tolerance": 0.0}, "cg_tolerance"),
         ({"rho": "optimistic"}, "rho"),
@@ -172,7 +172,7 @@ def test_a_smaller_curvature_batch_and_the_counts():
         ({"cg_objective_window": 0}, "cg_objective_window"),
         ({"cg_objective_every": 0}, "cg_objective_every"),
         ({"cg_objective_tolerance": -1e-3}, "cg_objective_tolerance"),
-        ({"learning_rate": lambda t: 0.0}, "learning_rate.*schedule at update 0"),
+        ({"lr": lambda t: 0.0}, "lr.*schedule at update 0"),
         ({"warm_start": lambda t: 2.0}, "warm_start.*schedule at update 0"),
     ],
 )
@@ -333,7 +333,7 @@ def test_the_learning_rate_scales_the_update_when_there_is_no_line_search():
     for rate in (1.0, 0.25):
         model, X, Y = least_squares(6)
         before = flat_params(model).clone()
-        hf = HessianFree(model, "squared_error", damping=0.1, learning_rate=rate, line_search=False, iterate_selection="last",
+        hf = HessianFree(model, "squared_error", damping=0.1, lr=rate, line_search=False, iterate_selection="last",
                          preconditioner=None, cg_max_iterations=5)
         hf.step((X, Y))
         updates[rate] = flat_params(model) - before
@@ -437,19 +437,19 @@ def test_schedules_set_the_learning_rate_and_warm_start_of_every_step(monkeypatc
     def rate(t):
         seen.append(t)
         return 1.0 / (t + 1)
-    hf = HessianFree(model, "squared_error", damping=0.1, learning_rate=rate, warm_start=lambda t: 0.5 if t < 2 else 0.9,
+    hf = HessianFree(model, "squared_error", damping=0.1, lr=rate, warm_start=lambda t: 0.5 if t < 2 else 0.9,
                      line_search=False, iterate_selection="last", cg_max_iterations=3)
     for t in range(4):
         before = flat_params(model).clone()
         hf.step((X, Y))
-        assert hf.stats["learning_rate"] == 1.0 / (t + 1) and hf.stats["warm_start"] == (0.5 if t < 2 else 0.9)
+        assert hf.stats["lr"] == 1.0 / (t + 1) and hf.stats["warm_start"] == (0.5 if t < 2 else 0.9)
         update = dict(calls[-1]["result"].saved)[hf.stats["chosen_iterate"]]
         torch.testing.assert_close(flat_params(model) - before, update / (t + 1))
         if t > 0:
             torch.testing.assert_close(calls[-1]["x0"], hf.stats["warm_start"] * calls[-2]["result"].x)
     assert seen[-4:] == [0, 1, 2, 3]
     saved = copy.deepcopy(hf.state_dict())
-    assert "learning_rate" not in saved["options"]  # schedules are code: the constructor brings them back
+    assert "lr" not in saved["options"]  # schedules are code: the constructor brings them back
 
 
 def test_state_dict_carries_the_options_and_the_chapelle_erhan_generator():

@@ -184,7 +184,7 @@ def test_stochastic_lbfgs_reduces_a_logistic_regression_loss_with_mini_batches()
     for _ in range(40):
         rows = torch.randperm(len(X), generator=generator)[:50]
         optimizer.step(closure_for(optimizer, lambda: logistic_loss(model, X[rows], Y[rows])))
-        assert optimizer.stats["function_evaluations"] == 2  # both gradients of a pair on the same batch
+        assert optimizer.stats["gradient_evaluations"] == 2  # both gradients of a pair on the same batch
     assert float(logistic_loss(model, X, Y).detach()) < 0.5 * start
     assert optimizer.stats["pairs_stored"] > 30
 
@@ -284,7 +284,7 @@ def test_the_stochastic_step_never_reads_a_tensor_on_the_host():
         with no_host_reads():
             for _ in range(4):
                 optimizer.step(closure)
-        assert optimizer.stats["memory_size"] >= 1 and optimizer.stats["function_evaluations"] == 2
+        assert optimizer.stats["memory_size"] >= 1 and optimizer.stats["gradient_evaluations"] == 2
 
 
 def test_negative_curvature_pairs_are_skipped_and_powell_damping_keeps_them_positive():
@@ -346,12 +346,12 @@ def test_full_batch_reuses_the_last_evaluation_and_notices_outside_changes():
     counts = []
     for _ in range(3):
         optimizer.step(closure)
-        counts.append(optimizer.stats["function_evaluations"])
+        counts.append(optimizer.stats["gradient_evaluations"])
     with torch.no_grad():
         model.bias.add_(0.1)  # a change from outside: the cache must not be used
     optimizer.step(closure)
-    counts.append(optimizer.stats["function_evaluations"])
-    assert counts == [2, 1, 1, 2] and optimizer.stats["total_function_evaluations"] == 6
+    counts.append(optimizer.stats["gradient_evaluations"])
+    assert counts == [2, 1, 1, 2] and optimizer.stats["total_gradient_evaluations"] == 6
 
 
 # --- reproducibility and state ---------------------------------------------------------------------------------------

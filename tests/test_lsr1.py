@@ -257,7 +257,7 @@ def test_non_positive_pred_and_non_finite_trials():
     optimizer = LSR1([x])
     optimizer.step(closure_for(optimizer, lambda: (x * x).sum() * math.inf))
     st = optimizer.stats
-    assert st["non_finite"] is True and st["function_evaluations"] == 1 and st["accepted"] is False
+    assert st["non_finite"] is True and st["gradient_evaluations"] == 1 and st["accepted"] is False
     assert torch.equal(x.detach(), torch.tensor([1.0, 2.0], dtype=F64)) and set(st) == keys
     optimizer.step(closure_for(optimizer, lambda: (x * x).sum()))
     assert optimizer.stats["radius"] == float(torch.tensor([2.0, 4.0], dtype=F64).norm())  # Δ₀ from the first finite gradient
@@ -494,7 +494,7 @@ def test_stochastic_lsr1_reduces_a_logistic_regression_loss(method):
         rows = torch.randperm(len(X), generator=generator)[:60]
         optimizer.step(closure_for(optimizer, lambda: logistic_loss(model, X[rows], Y[rows])))
         if method == "trust_region":
-            assert optimizer.stats["function_evaluations"] == 2  # both gradients of a pair on the same batch
+            assert optimizer.stats["gradient_evaluations"] == 2  # both gradients of a pair on the same batch
     assert float(logistic_loss(model, X, Y).detach()) < 0.6 * start
     assert optimizer.stats["pairs_stored"] > 15
 
@@ -521,17 +521,17 @@ def test_evaluation_counts():
     counts = []
     for _ in range(3):
         optimizer.step(closure)
-        counts.append(optimizer.stats["function_evaluations"])
+        counts.append(optimizer.stats["gradient_evaluations"])
     with torch.no_grad():
         model.bias.add_(0.1)  # a change from outside: the cache must not be used
     optimizer.step(closure)
-    counts.append(optimizer.stats["function_evaluations"])
-    assert counts == [2, 1, 1, 2] and optimizer.stats["total_function_evaluations"] == 6
+    counts.append(optimizer.stats["gradient_evaluations"])
+    assert counts == [2, 1, 1, 2] and optimizer.stats["total_gradient_evaluations"] == 6
     assert optimizer.stats["total_gradient_evaluations"] == 6
     optimizer = LSR1(model.parameters(), method="line_search")
     optimizer.step(closure)
     st = optimizer.stats
-    assert st["function_evaluations"] == 1 + st["line_search_evaluations"] == st["gradient_evaluations"]
+    assert st["gradient_evaluations"] == 1 + st["line_search_evaluations"] == st["gradient_evaluations"]
 
 
 def stochastic_run(model, optimizer, X, Y, steps, generator, full_batch=False):

@@ -31,7 +31,7 @@ def batch(device="cpu"):
 def test_stacked_ggn_with_structural_damping_equals_the_explicit_reference(layers, route, device):
     model, data = stacked(layers), batch()
     reference = explicit_ggn(model, "squared_error", data) + 0.2 * explicit_structural(model, data, "tanh")
-    ggn = GGN(stacked(layers, device), "squared_error", batch(device), structural_damping="tanh", structural_weight=0.2, route=route)
+    ggn = GGN(stacked(layers, device), "squared_error", batch(device), structural_distance="tanh", structural_weight=0.2, route=route)
     torch.testing.assert_close(ggn.dense().cpu(), reference, rtol=1e-9, atol=1e-12)
 
 

@@ -261,7 +261,7 @@ def test_a_truncated_or_corrupted_state_of_the_right_optimizer_is_refused_and_ch
 # --- 3. absurd hyperparameters are refused -----------------------------------------------------------------------------
 
 ABSURD = [
-    ("HessianFree", {"learning_rate": 1e300}, "learning_rate"), ("HessianFree", {"damping": 1e300}, "damping"),
+    ("HessianFree", {"lr": 1e300}, "lr"), ("HessianFree", {"damping": 1e300}, "damping"),
     ("HessianFree", {"preconditioner_shift": 1e300}, "preconditioner_shift"),
     ("HessianFree", {"structural_damping": 1e300}, "structural_damping"),
     ("LBFGS", {"lr": 1e300}, "lr"), ("LBFGS", {"memory": 10**12}, "memory"),

@@ -47,7 +47,7 @@ def test_curvature_operators_remember_kind_size_and_batch(rnn_problem):
     assert isinstance(h, Hessian) and describe_operator(h)["batch_size"] == 8
     (f,) = curvature_operators(model, "squared_error", batches[2], kind="fisher")
     assert isinstance(f, EmpiricalFisher) and describe_operator(f)["batch_size"] == 12
-    damped = curvature_operators(model, "squared_error", batches[:1], structural_damping="tanh", structural_weight=0.5)[0]
+    damped = curvature_operators(model, "squared_error", batches[:1], structural_distance="tanh", structural_weight=0.5)[0]
     assert describe_operator(damped)["structural_weight"] == 0.5
     plain_ggn = GGN(model, "squared_error", batches[1])  # built directly: the batch size is read from its outputs
     assert describe_operator(plain_ggn)["batch_size"] == 8

@@ -1,4 +1,4 @@
-"""qnwb.optim.adaqn.SQN: pairs from averaged iterates, y from the curvature engine at the average, schedule, state, safety."""
+"""qnwb.optim.sqn.SQN: pairs from averaged iterates, y from the curvature engine at the average, schedule, state, safety."""
 import copy
 
 import pytest
@@ -11,7 +11,7 @@ from qnwb.core import flat_grads, flat_params, make_generator
 from qnwb.curvature import GGN
 from qnwb.init import esn_init_
 from qnwb.models import MLP, TanhRNN
-from qnwb.optim.adaqn import SQN
+from qnwb.optim.sqn import SQN
 from qnwb.optim.memory import two_loop
 from qnwb.tasks import Addition
 
@@ -124,7 +124,7 @@ def test_a_pair_every_L_steps_and_sgd_steps_until_the_first():
     assert formed == [0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 1]
     assert sizes == [0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2]  # m = 2: the third pair replaces the first
     assert sqn.stats["cycles"] == 4 and sqn.stats["total_curvature_products"] == 3
-    assert sqn.stats["total_function_evaluations"] == 12
+    assert sqn.stats["total_gradient_evaluations"] == 12
 
 
 def test_a_skipped_pair_still_advances_the_previous_average():

@@ -408,7 +408,7 @@ def synthetic_hf_trace():
     return HFTrace(
         step=ints(1, 2, 3, 4), loss=np.array([2.0, 1.5, 1.4, 1.0]), loss_after=np.array([1.5, 1.4, 1.4, 0.9]),
         rho=np.array([0.9, 0.5, -np.inf, np.nan]), damping=np.array([1.0, 2 / 3, 2 / 3, 1.0]), next_damping=np.array([2 / 3, 2 / 3, 1.0, 1.5]),
-        structural_weight=np.array([0.1, 0.2 / 3, 0.2 / 3, 0.1]), learning_rate=np.ones(T), cg_iterations=ints(10, 20, 20, 5),
+        structural_weight=np.array([0.1, 0.2 / 3, 0.2 / 3, 0.1]), lr=np.ones(T), cg_iterations=ints(10, 20, 20, 5),
         cg_stop=np.array(["progress", "max_iterations", "max_iterations", "negative_curvature"]), chosen_iterate=ints(10, 13, 20, 5),
         step_size=np.array([1.0, 1.0, 0.0, 0.8]), line_search_tries=ints(0, 0, 60, 1), model_reduction_undamped=-np.ones(T),
         model_reduction_damped=-np.ones(T), curvature_products=ints(11, 21, 21, 6), batch_size=ints(8, 8, 8, 8),

@@ -30,7 +30,7 @@ def test_start_pause_step_and_stop_drive_a_run_in_a_thread_and_the_figures_grow(
     assert list(progress.data[2].x) == [e["step"] for e in board.runner.history["evaluations"]]
     board.buttons["step"].click()
     assert board.runner.step == paused_at + 1 and len(progress.data[0].x) == paused_at + 1
-    assert [t.name for t in board.figures["optimizer"].data] == ["learning_rate", "momentum"]  # NAG: its ε and μ per step
+    assert [t.name for t in board.figures["optimizer"].data] == ["lr", "momentum"]  # NAG: its ε and μ per step
     assert len(board.figures["optimizer"].data[1].y) == paused_at + 1
     board.buttons["start"].click()
     wait_for(lambda: board.runner.step >= paused_at + 4)

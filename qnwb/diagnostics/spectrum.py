@@ -31,7 +31,7 @@ def curvature_operators(
     loss,  # a matching-loss name or instance
     batches,  # one (inputs, targets) batch or a list of them
     kind: str = "ggn",  # "ggn", "hessian" or "fisher" (empirical Fisher)
-    **options,  # passed on to the operator (e.g. structural_damping, structural_weight, route for the GGN)
+    **options,  # passed on to the operator (e.g. structural_distance, structural_weight, route for the GGN)
 ) -> list:
     "One curvature operator of `kind` per batch; each carries `batch_size` (the batch's cases)."
     if kind not in OPERATOR_KINDS:
@@ -61,7 +61,7 @@ def describe_operator(A, n: int | None = None) -> dict:
     if batch is None and isinstance(A, GGN):
         batch = int(A.outputs.shape[0])
     record = {"kind": kind, "n": operator_size(A, n), "batch_size": None if batch is None else int(batch)}
-    if isinstance(A, GGN) and A.structural_damping:
+    if isinstance(A, GGN) and A.structural_distance:
         record["structural_weight"] = A.structural_weight
     return record
 

@@ -16,7 +16,8 @@ from torch import Tensor
 from ..core import check_positive_int
 from ..curvature import GGN  # the notebook's dense checks
 from ..lanczos import lanczos, matvec, operator_size
-from ..optim.adaqn import SQN, AdaQN
+from ..optim.adaqn import AdaQN
+from ..optim.sqn import SQN
 from ..optim.hessian_free import HessianFree, curvature_operator
 from ..optim.lbfgs import LBFGS
 from ..optim.lsr1 import LSR1
@@ -30,7 +31,7 @@ __all__ = ['HF_FIELDS', 'MEMORY_FIELDS', 'HFTrace', 'extreme_eigenvalues', 'HFTr
 # %% ../../nbs/83_traces.ipynb #b5c983bd
 HF_FIELDS = {  # stats key ↦ numpy dtype of the HFTrace field of the same name
     "step": np.int64, "loss": np.float64, "loss_after": np.float64, "rho": np.float64, "damping": np.float64,
-    "next_damping": np.float64, "structural_weight": np.float64, "learning_rate": np.float64, "cg_iterations": np.int64,
+    "next_damping": np.float64, "structural_weight": np.float64, "lr": np.float64, "cg_iterations": np.int64,
     "chosen_iterate": np.int64, "step_size": np.float64, "line_search_tries": np.int64,
     "model_reduction_undamped": np.float64, "model_reduction_damped": np.float64, "curvature_products": np.int64,
 }
@@ -47,7 +48,7 @@ class HFTrace:
     damping: np.ndarray  # λ the step used
     next_damping: np.ndarray  # λ after the Levenberg–Marquardt rule (§8.5)
     structural_weight: np.ndarray  # λμ the step used (0 without structural damping)
-    learning_rate: np.ndarray  # ε, the line search's first trial
+    lr: np.ndarray  # ε, the line search's first trial
     cg_iterations: np.ndarray  # CG steps taken
     cg_stop: np.ndarray  # why CG stopped (strings)
     chosen_iterate: np.ndarray  # the CG step whose iterate was taken (§8.7 CG-backtracking)
@@ -121,7 +122,7 @@ class HFTraceRecorder:
         self.settings = {"optimizer": "HessianFree", "initial_damping": group["damping"],
                          "structural_damping": group["structural_damping"], "cg_max_iterations": group["cg_max_iterations"],
                          "cg_min_iterations": group["cg_min_iterations"], "cg_tolerance": group["cg_tolerance"],
-                         "warm_start": group["warm_start"], "learning_rate": group["learning_rate"], **optimizer.options,
+                         "warm_start": group["warm_start"], "lr": group["lr"], **optimizer.options,
                          "spectrum_every": spectrum_every, "lanczos_iterations": lanczos_iterations, "lanczos_seed": seed}
         self.rows: list[dict] = []
         self.spectra: list[dict] = []

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from ..core import check_setting
 from . import schedules
 from .hessian_free import PRESETS, HessianFree, hessian_free_preset, levenberg_marquardt
-from .adaqn import SQN, AdaQN
+from .adaqn import AdaQN
+from .sqn import SQN
 from .lbfgs import LBFGS
 from .lsr1 import LSR1
 from .momentum import CM, NAG

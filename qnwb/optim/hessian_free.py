@@ -51,7 +51,7 @@ def curvature_operator(model: nn.Module, loss, batch,
     definition for the optimizer and the diagnostics that reproduce or probe its steps."""
     if curvature == "hessian":
         return Hessian(model, loss, batch)
-    return GGN(model, loss, batch, structural_damping=structural_distance if structural_damping > 0 else None,
+    return GGN(model, loss, batch, structural_distance=structural_distance if structural_damping > 0 else None,
                structural_weight=damping * structural_damping, route=route)
 
 # %% ../../nbs/48_hessian_free.ipynb #48e50004
@@ -116,7 +116,7 @@ def __init__(
     cg_min_iterations: int = 1,
     cg_tolerance: float = 1e-4,  # eq. 2
     warm_start: float | Callable[[int], float] = 0.95,  # ζ: CG starts from ζ·δ_{k−1} (§10); or a schedule t ↦ ζ
-    learning_rate: float | Callable[[int], float] = 1.0,  # ε: θ ← θ + εδ (the line search starts there); or t ↦ ε (A.6)
+    lr: float | Callable[[int], float] = 1.0,  # ε: θ ← θ + εδ (the line search starts there); or t ↦ ε (A.6)
     iterate_selection: str = "backtracking",  # "backtracking" (§8.7), "minimum" (least f of the kept iterates, §13) or "last"
     warm_start_from: str = "chosen",  # "chosen": the update taken (§10); "last": CG's last iterate (Martens' code, §13)
     cg_objective_window: int | None = None,  # §13's second recipe: stop CG when f on the curvature batch is worse than
@@ -138,8 +138,8 @@ def __init__(
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     check_setting("damping", damping, "scale")  # the LM rule is multiplicative: λ = 0 could never rise
     check_setting("structural_damping", structural_damping, "scale", low_open=False)
-    self.schedules = {name: value for name, value in (("warm_start", warm_start), ("learning_rate", learning_rate)) if callable(value)}
-    warm_start, learning_rate = (self._hyperparameter(name, value, 0) for name, value in (("warm_start", warm_start), ("learning_rate", learning_rate)))
+    self.schedules = {name: value for name, value in (("warm_start", warm_start), ("lr", lr)) if callable(value)}
+    warm_start, lr = (self._hyperparameter(name, value, 0) for name, value in (("warm_start", warm_start), ("lr", lr)))
     options = dict(structural_distance=structural_distance, curvature=curvature, iterate_selection=iterate_selection,
                    warm_start_from=warm_start_from, cg_objective_window=cg_objective_window,
                    cg_objective_every=cg_objective_every, cg_objective_tolerance=cg_objective_tolerance,
@@ -153,7 +153,7 @@ def __init__(
         options["preconditioner"] = None if _recurrent(model) else "fisher"
     self.model, self.loss = model, matching_loss(loss)
     defaults = dict(damping=float(damping), structural_damping=float(structural_damping), warm_start=float(warm_start),
-                    learning_rate=float(learning_rate),
+                    lr=float(lr),
                     cg_max_iterations=cg_max_iterations, cg_min_iterations=cg_min_iterations, cg_tolerance=cg_tolerance)
     super(HessianFree, self).__init__(model.parameters(), defaults)
     self.options = options
@@ -189,7 +189,7 @@ def _preconditioner(self: HessianFree, batch, group) -> Tensor | None:
     else:
         distance = self.options["structural_distance"] if μ > 0 else None
         diagonal = ggn_diagonal_estimate(self.model, self.loss, batch, samples=self.options["preconditioner_samples"],
-                                         structural_damping=distance, structural_weight=λ * μ, generator=self.generator)
+                                         structural_distance=distance, structural_weight=λ * μ, generator=self.generator)
     return (diagonal + λ + self.options["preconditioner_shift"]).pow(self.options["preconditioner_exponent"])
 
 # %% ../../nbs/48_hessian_free.ipynb #48e5000e
@@ -301,7 +301,7 @@ def _reduction_ratio(self: HessianFree, solved: _Solved, chosen_step: int, delta
 def _backtrack(self: HessianFree, f_at: Callable, solved: _Solved, delta: Tensor, f_new: float) -> tuple[float, float, int]:
     "(α, f(θ + αδ), tries): the step εδ if it decreases f enough (§8.8), else the shared Armijo backtracking from 0.8ε; α = 0 if none does."
     group, g, f0 = self.param_groups[0], solved.g, solved.f0
-    alpha, slope, tries = group["learning_rate"], float(g @ delta), 0
+    alpha, slope, tries = group["lr"], float(g @ delta), 0
     sufficient = min(slope, 0.0) if math.isfinite(slope) else math.nan  # an ascent direction must not raise f at all
     if alpha != 1.0:
         f_new = f_at(alpha * delta)
@@ -341,7 +341,7 @@ def _finish(self: HessianFree, solved: _Solved) -> float:
     state["step"] = state.get("step", 0) + 1
     self.stats = {
         "step": state["step"], "loss": f0, "loss_after": f_new, "rho": rho, "damping": λ, "next_damping": group["damping"],
-        "structural_weight": weight, "learning_rate": group["learning_rate"], "warm_start": group["warm_start"],
+        "structural_weight": weight, "lr": group["lr"], "warm_start": group["warm_start"],
         "cg_iterations": cg.iterations, "cg_stop": cg.stop, "chosen_iterate": chosen_step,
         "step_size": alpha, "line_search_tries": tries, "model_reduction_undamped": undamped, "model_reduction_damped": damped,
         "gradient_evaluations": 1, "loss_evaluations": evaluations, "curvature_products": cg.products + cg.discarded + 1,
@@ -412,7 +412,7 @@ PRESETS = {
                     structural_damping=1 / 30, warm_start=0.95),
     "objective2012": dict(iterate_selection="minimum", warm_start_from="last", cg_objective_window=10, cg_objective_every=5,
                           line_search=True, cg_max_iterations=250, preconditioner="fisher", warm_start=0.95),
-    "hybrid2013": dict(iterate_selection="last", line_search=False, learning_rate=1.0, cg_max_iterations=50, warm_start=0.95,
+    "hybrid2013": dict(iterate_selection="last", line_search=False, lr=1.0, cg_max_iterations=50, warm_start=0.95,
                        preconditioner="fisher"),
 }
 

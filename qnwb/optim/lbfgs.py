@@ -29,7 +29,7 @@ class LBFGS(FlatOptimizer):
 
     _same = ("h0",)
     _bounded = {"lr": "step_size"}
-    _entries = {"step": "int", "function_evaluations": "int", **{name: "count" for name in _COUNTERS}}
+    _entries = {"step": "int", "gradient_evaluations": "int", **{name: "count" for name in _COUNTERS}}
     _optional_entries = {"cached_theta": "vector", "cached_loss": "scalar", "cached_grad": "vector"}  # full_batch
 
     def __init__(
@@ -90,7 +90,7 @@ def _state(self: LBFGS) -> dict:
     state = self.state[params[0]]
     if not state:
         state["step"] = 0
-        state["function_evaluations"] = 0
+        state["gradient_evaluations"] = 0
         for name in _COUNTERS:
             state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
     return state
@@ -144,7 +144,7 @@ def step(self: LBFGS, closure: Callable[[], Tensor]) -> Tensor:
             state["resets"] += 1
     s, y, accept, damped = self._pair(group, state, theta, theta_new, g, g_new, alpha, ok)
     state["step"] = k + 1
-    state["function_evaluations"] += evaluations
+    state["gradient_evaluations"] += evaluations
     if group["full_batch"]:
         state["cached_theta"], state["cached_loss"], state["cached_grad"] = theta_new, f_new.to(theta.dtype), g_new
 
@@ -157,8 +157,8 @@ def step(self: LBFGS, closure: Callable[[], Tensor]) -> Tensor:
         "pairs_damped": state["pairs_damped"].clone(), "memory_size": memory.count.clone(), "memory_capacity": memory.size,
         "sy": torch.dot(s.double(), y.double()), "forgot": int(forgot), "direction_fallback": fallback,
         "non_finite": ~(finite & ok) if search is None else ~finite, "resets": state["resets"].clone(),
-        "function_evaluations": evaluations, "gradient_evaluations": evaluations,
-        "total_function_evaluations": state["function_evaluations"], "total_gradient_evaluations": state["function_evaluations"],
+        "gradient_evaluations": evaluations,
+        "total_gradient_evaluations": state["gradient_evaluations"],
     }
     self._stats = None
     return f

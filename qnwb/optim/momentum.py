@@ -88,7 +88,7 @@ class _Momentum(torch.optim.Optimizer):
 
     def _publish(self, gradients_at: str, non_finite: bool) -> None:
         group = self.param_groups[0]
-        self.stats = {"step": self.updates, "learning_rate": group["lr"], "momentum": group["momentum"],
+        self.stats = {"step": self.updates, "lr": group["lr"], "momentum": group["momentum"],
                       "gradients_at": gradients_at, "non_finite": non_finite}
 
     def state_dict(self) -> dict:
