@@ -395,7 +395,7 @@ def patch(f: Callable | None = None, *,
     annotation = parameters[0].annotation if parameters else None
     if isinstance(annotation, str):  # postponed annotations: the class is a global of the function's module
         name = annotation.removeprefix("type[").removesuffix("]")
-        annotation = f.__globals__.get(name) if name.isidentifier() else None
+        annotation = inspect.unwrap(f).__globals__.get(name) if name.isidentifier() else None  # the decorated function's module
     if not isinstance(annotation, type) or annotation is inspect.Parameter.empty:
         raise TypeError(f"patch: the first parameter of {f.__name__} must be annotated with a class of its module")
     f.__qualname__ = f"{annotation.__name__}.{f.__name__}"
