@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['ParamsLike', 'SETTING_BOUNDS', 'INTEGER_KINDS', 'STATE_KINDS', 'param_list', 'flat_params', 'flat_grads', 'unflatten',
-           'assign_flat_', 'FlatBuffer', 'default_device', 'check_positive_int', 'check_number', 'seed_everything',
-           'make_generator', 'rng_state', 'set_rng_state', 'check_setting', 'tag_state', 'check_state_tag',
+           'assign_flat_', 'FlatBuffer', 'default_device', 'seed_everything', 'make_generator', 'rng_state',
+           'set_rng_state', 'check_positive_int', 'check_number', 'check_setting', 'tag_state', 'check_state_tag',
            'check_param_groups', 'check_state_entries', 'atomic_write', 'patch']
 
 # %% ../nbs/00_core.ipynb #acd443b6
@@ -177,28 +177,6 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     return chosen
 
 # %% ../nbs/00_core.ipynb #d67651c6
-def check_positive_int(name: str, value) -> int:
-    """`value` if it is an int ≥ 1, else a ValueError naming the parameter `name`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be a positive int, got {value!r}")
-    return value
-
-
-def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
-                 high_open: bool = False) -> float:
-    """`value` as a float if it is a finite number in the range, else a ValueError naming `name` and the range."""
-    try:  # an int too large for a float (10**400) is no finite number either
-        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    except OverflowError:
-        finite = False
-    if not finite:
-        raise ValueError(f"{name}: must be a finite number, got {reprlib.repr(value)}")
-    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
-        left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
-        raise ValueError(f"{name}: must be in {left}{low}, {high}{right}, got {value!r}")
-    return float(value)
-
-
 def _check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
@@ -240,6 +218,28 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+# %% ../nbs/00_core.ipynb #2b3dc951
+def check_positive_int(name: str, value) -> int:
+    """`value` if it is an int ≥ 1, else a ValueError naming the parameter `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    return value
+
+
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """`value` as a float if it is a finite number in the range, else a ValueError naming `name` and the range."""
+    try:  # an int too large for a float (10**400) is no finite number either
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ValueError(f"{name}: must be a finite number, got {reprlib.repr(value)}")
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+        raise ValueError(f"{name}: must be in {left}{low}, {high}{right}, got {value!r}")
+    return float(value)
 
 # %% ../nbs/00_core.ipynb #03ef09f7
 SETTING_BOUNDS: dict[str, float | int] = {

@@ -124,7 +124,7 @@ def _ritz_history(alpha: Tensor, beta: Tensor, beta_last: Tensor) -> list[tuple[
         history.append((values, (b_all[j - 1] * s[-1]).abs()))
     return history
 
-
+# %% ../nbs/32_lanczos.ipynb #775e94c0
 def relative_residuals(values: Tensor, residuals: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     """Residuals relative to |θ|, with |θ| floored at √eps·max|θ| (eps of `dtype`, the working precision).
 
@@ -149,6 +149,51 @@ def _converged(alpha, beta, j: int, k: int, which: str, tolerance: float, floor:
     wanted = {"largest": relative[-k:], "smallest": relative[:k], "both": torch.cat([relative[:k], relative[-k:]])}[which]
     return bool((wanted <= tolerance).all())
 
+# %% ../nbs/32_lanczos.ipynb #cf4e123b
+def _lanczos_start(A, n: int | None, start: Tensor | None, seed: int, dtype, device) -> tuple[Tensor, int, torch.dtype, torch.device, int | None]:
+    "`(v_1, n, dtype, device, seed used)`: the caller's start vector normalised, or a seeded Gaussian unit vector."
+    if start is not None:
+        if not isinstance(start, Tensor) or start.dim() != 1 or not start.is_floating_point():
+            raise TypeError("start: expected a 1-D floating-point tensor")
+        size = operator_size(A, start.numel()) if (n is None and not hasattr(A, "n") and not isinstance(A, Tensor)) else operator_size(A, n)
+        if start.numel() != size:
+            raise ValueError(f"start: has {start.numel()} entries, the operator has dimension {size}")
+        norm = torch.linalg.vector_norm(start)
+        if not bool(torch.isfinite(norm)) or float(norm) == 0:
+            raise ValueError("start: must be finite and non-zero")
+        v = start / norm
+        dtype, device, used_seed = dtype or start.dtype, torch.device(device or start.device), None
+        v = v.to(dtype=dtype, device=device)
+    else:
+        size = operator_size(A, n)
+        dtype, device = _like(A, size, dtype, device)
+        v, used_seed = random_unit_vector(size, seed=seed, dtype=dtype, device=device), seed
+    return v, size, dtype, device, used_seed
+
+
+def _check_lanczos_arguments(iterations, k, check_every, which, tolerance, size: int) -> None:
+    check_positive_int("iterations", iterations)
+    check_positive_int("k", k)
+    check_positive_int("check_every", check_every)
+    if which not in WHICH:
+        raise ValueError(f"which: expected one of {WHICH}, got {which!r}")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+        raise ValueError(f"tolerance: must be None or in (0, 1), got {tolerance!r}")
+    if tolerance is not None and (2 * k if which == "both" else k) > size:
+        raise ValueError(f"k: {k} eigenvalues {'at each end ' if which == 'both' else ''}exceed the dimension {size}")
+
+# %% ../nbs/32_lanczos.ipynb #88399d84
+def _breakdown_floor(m: int, dtype: torch.dtype) -> float:
+    "β below this × the largest |α|, β seen is a breakdown: a small multiple of the rounding left after two Gram–Schmidt passes."
+    return 10 * math.sqrt(m) * torch.finfo(dtype).eps
+
+
+def _invariant_steps(beta: Tensor, steps: int, scale: Tensor, floor: float) -> int | None:
+    "The steps up to the first breakdown β_j ≤ floor·scale among the first `steps`, or None (one host read, after the loop)."
+    tiny = floor * torch.clamp_min(scale, torch.finfo(beta.dtype).tiny)
+    breakdown = (beta[:steps] <= tiny).nonzero()
+    return int(breakdown[0]) + 1 if breakdown.numel() else None
+
 # %% ../nbs/32_lanczos.ipynb #effeaf33
 WHICH = ("largest", "smallest", "both")
 
@@ -170,38 +215,11 @@ def lanczos(
 ) -> LanczosResult:
     """Lanczos with full reorthogonalisation (Gram–Schmidt twice against the whole basis)."""
     mv = matvec(A)
-    if start is not None:
-        if not isinstance(start, Tensor) or start.dim() != 1 or not start.is_floating_point():
-            raise TypeError("start: expected a 1-D floating-point tensor")
-        size = operator_size(A, start.numel()) if (n is None and not hasattr(A, "n") and not isinstance(A, Tensor)) else operator_size(A, n)
-        if start.numel() != size:
-            raise ValueError(f"start: has {start.numel()} entries, the operator has dimension {size}")
-        norm = torch.linalg.vector_norm(start)
-        if not bool(torch.isfinite(norm)) or float(norm) == 0:
-            raise ValueError("start: must be finite and non-zero")
-        v = start / norm
-        dtype, device, used_seed = dtype or start.dtype, torch.device(device or start.device), None
-        v = v.to(dtype=dtype, device=device)
-    else:
-        size = operator_size(A, n)
-        dtype, device = _like(A, size, dtype, device)
-        v, used_seed = random_unit_vector(size, seed=seed, dtype=dtype, device=device), seed
-    check_positive_int("iterations", iterations)
-    check_positive_int("k", k)
-    check_positive_int("check_every", check_every)
-    if which not in WHICH:
-        raise ValueError(f"which: expected one of {WHICH}, got {which!r}")
-    if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
-        raise ValueError(f"tolerance: must be None or in (0, 1), got {tolerance!r}")
+    v, size, dtype, device, used_seed = _lanczos_start(A, n, start, seed, dtype, device)
+    _check_lanczos_arguments(iterations, k, check_every, which, tolerance, size)
     m = min(iterations, size)  # at most n orthonormal vectors exist
-    if tolerance is not None and (2 * k if which == "both" else k) > size:
-        raise ValueError(f"k: {k} eigenvalues {'at each end ' if which == 'both' else ''}exceed the dimension {size}")
-
     op_dtype = getattr(A, "dtype", None)
-    # β below floor × the largest |α|, β seen: breakdown (an invariant subspace). After two Gram–Schmidt passes what is left of
-    # a vector inside the basis is rounding of size ≈ eps·‖A‖·√j, so the floor is a small multiple of that, not more: 1e3·eps
-    # cut float32 runs short on ill-conditioned GGNs (κ ≈ 1e5) whose small eigenvalues were still being found.
-    floor = 10 * math.sqrt(m) * torch.finfo(dtype).eps
+    floor = _breakdown_floor(m, dtype)
     V = torch.zeros(m, size, dtype=dtype, device=device)
     alpha = torch.zeros(m, dtype=dtype, device=device)
     beta = torch.zeros(m, dtype=dtype, device=device)  # beta[j] couples v_{j+1} and v_{j+2}; beta[m-1] is β_m
@@ -221,10 +239,8 @@ def lanczos(
         if tolerance is not None and (j + 1) % check_every == 0 and _converged(alpha, beta, j + 1, k, which, tolerance, floor):
             stop, steps = "converged", j + 1
             break
-    tiny = floor * torch.clamp_min(scale, torch.finfo(dtype).tiny)
-    breakdown = (beta[:steps] <= tiny).nonzero()  # one host read, after the loop
-    if breakdown.numel():
-        steps, stop = int(breakdown[0]) + 1, "invariant"
+    if (invariant := _invariant_steps(beta, steps, scale, floor)) is not None:
+        steps, stop = invariant, "invariant"
         beta[steps - 1] = 0
     alpha, beta_off, beta_last, V = alpha[:steps].clone(), beta[: steps - 1].clone(), beta[steps - 1].clone(), V[:steps].clone()
     return LanczosResult(alpha=alpha, beta=beta_off, beta_last=beta_last, basis=V, products=products, stop=stop, start_seed=used_seed,
@@ -242,7 +258,7 @@ class PowerResult:
     stop: str  # "iterations" or "converged"
     history: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per iteration: (values, residuals)
 
-
+# %% ../nbs/32_lanczos.ipynb #ddb2c9ad
 def power_iteration(
     A,  # the symmetric operator (as for `lanczos`)
     iterations: int,  # the most block iterations (k products each)

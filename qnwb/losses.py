@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .core import patch
+
 # %% auto #0
 __all__ = ['LOSSES', 'LossHessian', 'MatchingLoss', 'SquaredError', 'SigmoidCrossEntropy', 'SoftmaxCrossEntropy', 'matching_loss']
 
@@ -72,38 +74,51 @@ class MatchingLoss:
         present = ~torch.isnan(targets)
         return torch.where(present, targets, torch.zeros((), dtype=z.dtype, device=z.device)), present.to(z.dtype)
 
-    def value(self, z: Tensor, targets: Tensor) -> Tensor:
-        "The loss: summed over positions and units, averaged over cases. Differentiable by autograd."
-        t, mask = self.prepare(z, targets)
-        zero = torch.zeros((), dtype=z.dtype, device=z.device)  # `where`, not `* mask`: inf·0 at a masked position would be NaN
-        return torch.where(mask.bool(), self._elementwise(z, t), zero).sum() / z.shape[0]
-
-    __call__ = value
-
-    def _grad(self, p: Tensor, t: Tensor) -> Tensor:
-        return p - t
-
-    def _hessian_scale(self, t: Tensor, mask: Tensor) -> Tensor:
-        return mask
-
-    def grad(self, z: Tensor, targets: Tensor) -> Tensor:
-        "`∂L/∂z = (p − t)·mask / B`, in closed form."
-        t, mask = self.prepare(z, targets)
-        zero = torch.zeros((), dtype=z.dtype, device=z.device)
-        return torch.where(mask.bool(), self._grad(self.predictions(z), t), zero) / z.shape[0]
-
-    def float_targets(self, z: Tensor, targets: Tensor) -> Tensor:
-        "Checked targets as a float tensor shaped like `z`, NaN where there is no target (for per-case `vmap` code)."
-        t, mask = self.prepare(z, targets)
-        return torch.where(mask.bool().expand_as(t), t, torch.full((), math.nan, dtype=t.dtype, device=t.device))
-
-    def hessian(self, z: Tensor, targets: Tensor) -> LossHessian:
-        "`L''` at `z` (independent of the target values, but not of which are missing; soft softmax rows scale it by their sum)."
-        t, mask = self.prepare(z, targets)
-        return LossHessian(self, self.predictions(z).detach(), self._hessian_scale(t, mask) / z.shape[0])
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+# %% ../nbs/10_losses.ipynb #8415deb2
+@patch
+def value(self: MatchingLoss, z: Tensor, targets: Tensor) -> Tensor:
+    "The loss: summed over positions and units, averaged over cases. Differentiable by autograd."
+    t, mask = self.prepare(z, targets)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)  # `where`, not `* mask`: inf·0 at a masked position would be NaN
+    return torch.where(mask.bool(), self._elementwise(z, t), zero).sum() / z.shape[0]
+
+
+MatchingLoss.__call__ = MatchingLoss.value
+
+# %% ../nbs/10_losses.ipynb #09f14f20
+@patch
+def _grad(self: MatchingLoss, p: Tensor, t: Tensor) -> Tensor:
+    return p - t
+
+
+@patch
+def grad(self: MatchingLoss, z: Tensor, targets: Tensor) -> Tensor:
+    "`∂L/∂z = (p − t)·mask / B`, in closed form."
+    t, mask = self.prepare(z, targets)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    return torch.where(mask.bool(), self._grad(self.predictions(z), t), zero) / z.shape[0]
+
+
+@patch
+def float_targets(self: MatchingLoss, z: Tensor, targets: Tensor) -> Tensor:
+    "Checked targets as a float tensor shaped like `z`, NaN where there is no target (for per-case `vmap` code)."
+    t, mask = self.prepare(z, targets)
+    return torch.where(mask.bool().expand_as(t), t, torch.full((), math.nan, dtype=t.dtype, device=t.device))
+
+# %% ../nbs/10_losses.ipynb #5650fc48
+@patch
+def _hessian_scale(self: MatchingLoss, t: Tensor, mask: Tensor) -> Tensor:
+    return mask
+
+
+@patch
+def hessian(self: MatchingLoss, z: Tensor, targets: Tensor) -> LossHessian:
+    "`L''` at `z` (independent of the target values, but not of which are missing; soft softmax rows scale it by their sum)."
+    t, mask = self.prepare(z, targets)
+    return LossHessian(self, self.predictions(z).detach(), self._hessian_scale(t, mask) / z.shape[0])
 
 # %% ../nbs/10_losses.ipynb #24588067
 class SquaredError(MatchingLoss):

@@ -10,11 +10,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import check_positive_int
+from .core import check_positive_int, patch
 from .curvature import Linearization
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'AUTOENCODERS', 'TanhRNN', 'TanhRNNLinearization', 'MLP', 'DeepAutoencoder', 'LeNet']
+
+# %% ../nbs/60_models.ipynb #5fecccbe
+def _suffix(layer: int) -> str:
+    return "" if layer == 0 else f"_{layer}"
 
 # %% ../nbs/60_models.ipynb #162b3093
 class TanhRNN(nn.Module):
@@ -61,49 +65,44 @@ class TanhRNN(nn.Module):
         if x.device != self.W_hh.device or x.dtype != self.W_hh.dtype:
             raise ValueError(f"inputs: are {x.dtype} on {x.device}, the network's parameters {self.W_hh.dtype} on {self.W_hh.device}")
 
-    def forward(self, x: Tensor, return_hidden: bool = False, return_preactivations: bool = False):
-        """Outputs `z` of shape (cases, time, n_out); with `return_hidden` also `h`, with `return_preactivations` also `t` (all layers)."""
-        self.check_inputs(x)
-        B, T, _ = x.shape
-        sequence = x.transpose(0, 1).reshape(T * B, self.n_in)
-        states, preactivations = [], []
-        for index in range(self.n_layers):
-            W_hx, W_hh, b_h, h0 = self.layer(index)
-            drive = torch.addmm(b_h, sequence, W_hx.T)
-            h, hs, ts = h0.expand(B, self.n_hidden), [], []
-            for d in drive.view(T, B, self.n_hidden).unbind(0):
-                t = torch.addmm(d, h, W_hh.T)
-                h = torch.tanh(t)
-                hs.append(h)
-                if return_preactivations:  # kept only when asked: autograd itself needs h, not t
-                    ts.append(t)
-            hidden = torch.stack(hs)  # time-major
-            sequence = hidden.view(T * B, self.n_hidden)
-            states.append(hidden)
-            preactivations.append(ts)
-        z = torch.addmm(self.b_z, sequence, self.W_zh.T).view(T, B, self.n_out).transpose(0, 1)
-        extra = []
-        if return_hidden:
-            extra.append(torch.cat(states, -1).transpose(0, 1))
-        if return_preactivations:
-            extra.append(torch.cat([torch.stack(ts) for ts in preactivations], -1).transpose(0, 1))
-        return (z, *extra) if extra else z
-
-    @classmethod
-    def language_model(cls, vocabulary: int, n_hidden: int = 100, n_layers: int = 5, **options) -> TanhRNN:
-        "A character- or word-level language model: one-hot inputs and softmax outputs over `vocabulary` (adaQN §4: 5 layers, 100 units)."
-        return cls(vocabulary, n_hidden, vocabulary, n_layers, **options)
-
-    def linearize(self, inputs: Tensor, params: Sequence[Tensor] | None = None, preactivations: bool = False) -> TanhRNNLinearization:
-        "The hand-written `Linearization` of this network at `params` (default: its own) on `inputs`."
-        return TanhRNNLinearization(self, inputs, params, preactivations)
-
     def extra_repr(self) -> str:
         return f"n_in={self.n_in}, n_hidden={self.n_hidden}, n_out={self.n_out}, n_layers={self.n_layers}"
 
-# %% ../nbs/60_models.ipynb #5fecccbe
-def _suffix(layer: int) -> str:
-    return "" if layer == 0 else f"_{layer}"
+# %% ../nbs/60_models.ipynb #208dc59e
+@patch
+def forward(self: TanhRNN, x: Tensor, return_hidden: bool = False, return_preactivations: bool = False):
+    """Outputs `z` of shape (cases, time, n_out); with `return_hidden` also `h`, with `return_preactivations` also `t` (all layers)."""
+    self.check_inputs(x)
+    B, T, _ = x.shape
+    sequence = x.transpose(0, 1).reshape(T * B, self.n_in)
+    states, preactivations = [], []
+    for index in range(self.n_layers):
+        W_hx, W_hh, b_h, h0 = self.layer(index)
+        drive = torch.addmm(b_h, sequence, W_hx.T)
+        h, hs, ts = h0.expand(B, self.n_hidden), [], []
+        for d in drive.view(T, B, self.n_hidden).unbind(0):
+            t = torch.addmm(d, h, W_hh.T)
+            h = torch.tanh(t)
+            hs.append(h)
+            if return_preactivations:  # kept only when asked: autograd itself needs h, not t
+                ts.append(t)
+        hidden = torch.stack(hs)  # time-major
+        sequence = hidden.view(T * B, self.n_hidden)
+        states.append(hidden)
+        preactivations.append(ts)
+    z = torch.addmm(self.b_z, sequence, self.W_zh.T).view(T, B, self.n_out).transpose(0, 1)
+    extra = []
+    if return_hidden:
+        extra.append(torch.cat(states, -1).transpose(0, 1))
+    if return_preactivations:
+        extra.append(torch.cat([torch.stack(ts) for ts in preactivations], -1).transpose(0, 1))
+    return (z, *extra) if extra else z
+
+# %% ../nbs/60_models.ipynb #60645849
+@patch(as_classmethod=True)
+def language_model(cls: type[TanhRNN], vocabulary: int, n_hidden: int = 100, n_layers: int = 5, **options) -> TanhRNN:
+    "A character- or word-level language model: one-hot inputs and softmax outputs over `vocabulary` (adaQN §4: 5 layers, 100 units)."
+    return cls(vocabulary, n_hidden, vocabulary, n_layers, **options)
 
 # %% ../nbs/60_models.ipynb #d7f63e01
 class TanhRNNLinearization(Linearization):
@@ -141,66 +140,76 @@ class TanhRNNLinearization(Linearization):
         B, T, H, _ = self.shape
         return self.x if index == 0 else self.hidden[index - 1].view(T * B, H)
 
-    @torch.no_grad()
-    def jvp(self, tangents):
-        B, T, H, O = self.shape
-        rts, rh_below = [], None
-        for index, ((W_hx, W_hh, b_h, h0), (V_hx, V_hh, V_b, V_h0)) in enumerate(zip(self.layers, _groups(tangents, len(self.layers)))):
-            rt = torch.addmm(V_b, self._inputs(index), V_hx.T)  # becomes R t, step by step
-            if rh_below is not None:
-                rt.addmm_(rh_below, W_hx.T)
-            rt = rt.view(T, B, H)
-            hidden = self.hidden[index]
-            if T > 1:
-                rt[1:].view((T - 1) * B, H).addmm_(hidden[:-1].reshape((T - 1) * B, H), V_hh.T)
-            rt[0] += h0 @ V_hh.T
-            rh_all = torch.empty_like(rt)
-            rh, slope = V_h0.expand(B, H), self.slope[index]
-            for step in range(T):
-                rh = torch.mul(slope[step], rt[step].addmm_(rh, W_hh.T), out=rh_all[step])
-            rts.append(rt)
-            rh_below = rh_all.view(T * B, H)
-        V_zh, V_bz = tangents[-2:]
-        rz = torch.addmm(V_bz, self.hidden[-1].view(T * B, H), V_zh.T).addmm_(rh_below, self.W_zh.T)
-        jt = None
-        if self._with_t:
-            jt = (rts[0] if len(rts) == 1 else torch.cat(rts, -1)).transpose(0, 1)
-        return rz.view(T, B, O).transpose(0, 1), jt
-
-    @torch.no_grad()
-    def vjp(self, dz, dt=None):
-        B, T, H, O = self.shape
-        dz = dz.transpose(0, 1).reshape(T * B, O)
-        output_grads = [dz.T @ self.hidden[-1].view(T * B, H), dz.sum(0)]
-        dt = dt.transpose(0, 1) if dt is not None else None
-        delta = (dz @ self.W_zh).view(T, B, H)  # cotangents on the top layer's h; becomes its δt step by step
-        layer_grads = []
-        for index in range(len(self.layers) - 1, -1, -1):
-            W_hx, W_hh, b_h, h0 = self.layers[index]
-            slope, hidden = self.slope[index], self.hidden[index]
-            extra = dt[..., index * H:(index + 1) * H] if dt is not None else None
-            back = None  # δh flowing back from the next step
-            for step in range(T - 1, -1, -1):
-                d = delta[step]
-                if back is not None:
-                    d += back
-                d *= slope[step]
-                if extra is not None:
-                    d += extra[step]
-                back = d @ W_hh
-            flat = delta.view(T * B, H)
-            g_Whh = torch.outer(delta[0].sum(0), h0)
-            if T > 1:
-                g_Whh.addmm_(delta[1:].reshape((T - 1) * B, H).T, hidden[:-1].reshape((T - 1) * B, H))
-            layer_grads.append([flat.T @ self._inputs(index), g_Whh, flat.sum(0), back.sum(0)])
-            if index > 0:
-                delta = (flat @ W_hx).view(T, B, H)  # cotangents on the states of the layer below
-        return [g for grads in reversed(layer_grads) for g in grads] + output_grads
+# %% ../nbs/60_models.ipynb #2f37286c
+@patch
+def linearize(self: TanhRNN, inputs: Tensor, params: Sequence[Tensor] | None = None, preactivations: bool = False) -> TanhRNNLinearization:
+    "The hand-written `Linearization` of this network at `params` (default: its own) on `inputs`."
+    return TanhRNNLinearization(self, inputs, params, preactivations)
 
 # %% ../nbs/60_models.ipynb #f2c33ae5
 def _groups(tangents, layers: int):
     "The per-layer tangents (V_hx, V_hh, V_b, V_h0) of a TanhRNN's parameter list."
     return [tangents[4 * i: 4 * i + 4] for i in range(layers)]
+
+# %% ../nbs/60_models.ipynb #430cedf0
+@patch
+@torch.no_grad()
+def jvp(self: TanhRNNLinearization, tangents):
+    B, T, H, O = self.shape
+    rts, rh_below = [], None
+    for index, ((W_hx, W_hh, b_h, h0), (V_hx, V_hh, V_b, V_h0)) in enumerate(zip(self.layers, _groups(tangents, len(self.layers)))):
+        rt = torch.addmm(V_b, self._inputs(index), V_hx.T)  # becomes R t, step by step
+        if rh_below is not None:
+            rt.addmm_(rh_below, W_hx.T)
+        rt = rt.view(T, B, H)
+        hidden = self.hidden[index]
+        if T > 1:
+            rt[1:].view((T - 1) * B, H).addmm_(hidden[:-1].reshape((T - 1) * B, H), V_hh.T)
+        rt[0] += h0 @ V_hh.T
+        rh_all = torch.empty_like(rt)
+        rh, slope = V_h0.expand(B, H), self.slope[index]
+        for step in range(T):
+            rh = torch.mul(slope[step], rt[step].addmm_(rh, W_hh.T), out=rh_all[step])
+        rts.append(rt)
+        rh_below = rh_all.view(T * B, H)
+    V_zh, V_bz = tangents[-2:]
+    rz = torch.addmm(V_bz, self.hidden[-1].view(T * B, H), V_zh.T).addmm_(rh_below, self.W_zh.T)
+    jt = None
+    if self._with_t:
+        jt = (rts[0] if len(rts) == 1 else torch.cat(rts, -1)).transpose(0, 1)
+    return rz.view(T, B, O).transpose(0, 1), jt
+
+# %% ../nbs/60_models.ipynb #53a28ab5
+@patch
+@torch.no_grad()
+def vjp(self: TanhRNNLinearization, dz, dt=None):
+    B, T, H, O = self.shape
+    dz = dz.transpose(0, 1).reshape(T * B, O)
+    output_grads = [dz.T @ self.hidden[-1].view(T * B, H), dz.sum(0)]
+    dt = dt.transpose(0, 1) if dt is not None else None
+    delta = (dz @ self.W_zh).view(T, B, H)  # cotangents on the top layer's h; becomes its δt step by step
+    layer_grads = []
+    for index in range(len(self.layers) - 1, -1, -1):
+        W_hx, W_hh, b_h, h0 = self.layers[index]
+        slope, hidden = self.slope[index], self.hidden[index]
+        extra = dt[..., index * H:(index + 1) * H] if dt is not None else None
+        back = None  # δh flowing back from the next step
+        for step in range(T - 1, -1, -1):
+            d = delta[step]
+            if back is not None:
+                d += back
+            d *= slope[step]
+            if extra is not None:
+                d += extra[step]
+            back = d @ W_hh
+        flat = delta.view(T * B, H)
+        g_Whh = torch.outer(delta[0].sum(0), h0)
+        if T > 1:
+            g_Whh.addmm_(delta[1:].reshape((T - 1) * B, H).T, hidden[:-1].reshape((T - 1) * B, H))
+        layer_grads.append([flat.T @ self._inputs(index), g_Whh, flat.sum(0), back.sum(0)])
+        if index > 0:
+            delta = (flat @ W_hx).view(T, B, H)  # cotangents on the states of the layer below
+    return [g for grads in reversed(layer_grads) for g in grads] + output_grads
 
 # %% ../nbs/60_models.ipynb #7e655167
 ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU}

@@ -61,8 +61,9 @@ def _solver_for(preconditioner) -> tuple[Callable[[Tensor], Tensor], Tensor | No
         return preconditioner, None
     raise TypeError(f"preconditioner: expected None, a 1-D tensor or a function, got {type(preconditioner).__name__}")
 
-
-def _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius, monitor, monitor_every, monitor_window, monitor_tolerance):
+# %% ../nbs/30_solvers.ipynb #b400371b
+def _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius, monitor, monitor_every, monitor_window, monitor_tolerance,
+                        on_step):
     if not isinstance(b, Tensor) or b.dim() != 1 or not b.is_floating_point():
         raise TypeError("b: expected a 1-D floating-point tensor")
     if x0 is not None and (not isinstance(x0, Tensor) or x0.shape != b.shape or x0.dtype != b.dtype or x0.device != b.device):
@@ -80,6 +81,102 @@ def _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius
     check_positive_int("monitor_window", monitor_window)
     if isinstance(monitor_tolerance, bool) or not isinstance(monitor_tolerance, (int, float)) or not 0 <= monitor_tolerance < math.inf:
         raise ValueError(f"monitor_tolerance: must be a finite number ≥ 0, got {monitor_tolerance!r}")
+    if on_step is not None and not callable(on_step):
+        raise TypeError(f"on_step: expected None or a function (step, iterate) ↦ None, got {type(on_step).__name__}")
+
+
+def _cg_operators(A, preconditioner, radius, x0) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], Tensor | None]:
+    "`(v ↦ A v, solve P y = r, diagonal of P or None)`, checked against the trust region."
+    mv = A.mv if hasattr(A, "mv") else A
+    solve, diagonal = _solver_for(preconditioner)
+    if radius is not None and preconditioner is not None and diagonal is None:
+        raise ValueError("radius: a trust region needs no preconditioner or a diagonal one (its norm is ‖x‖_P)")
+    if radius is not None and x0 is not None and bool((x0 != 0).any()):
+        raise ValueError("radius: Steihaug–Toint truncation starts from x0 = 0 (§8.6)")
+    return mv, solve, diagonal
+
+# %% ../nbs/30_solvers.ipynb #0c136126
+def _quadratic_value(r: Tensor, b: Tensor, x: Tensor) -> Tensor:
+    "q(x) = ½xᵀAx − bᵀx from the residual r = Ax − b: ½(r − b)ᵀx (M&S 2012 §4, below Algorithm 2)."
+    return 0.5 * (r - b) @ x
+
+
+def _record_iterate(q: Tensor, i: int, r: Tensor, b: Tensor, x: Tensor, on_step) -> None:
+    "Write q(x_i) into the device tensor q and hand x_i to `on_step` (if any)."
+    q[i] = _quadratic_value(r, b, x)
+    if on_step is not None:  # x is a new tensor every step: the callback may keep it
+        on_step(i, x)
+
+
+def _cg_start(mv, solve, b: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    "Algorithm 2's start: `(x₀, r₀ = Ax₀ − b, p₀ = −y₀, r₀ᵀy₀, products)` with `P y₀ = r₀`; a product only for x₀ ≠ 0."
+    products = 0
+    if x0 is None:
+        x, r = torch.zeros_like(b), -b
+    else:
+        x = x0.clone()
+        r = mv(x) - b
+        products += 1
+    y = solve(r)
+    return x, r, -y, r @ y, products
+
+# %% ../nbs/30_solvers.ipynb #6b56c2a3
+def _cg_step(x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, pAp: Tensor, ry: Tensor, solve, zero: Tensor):
+    "One step of Algorithm 2 given `Ap` and `pAp = pᵀAp`: `(x, r, p, rᵀy, ok)` after it; `ok` (a device bool): the step moved."
+    step_size = ry / pAp
+    ok = (pAp > 0) & torch.isfinite(step_size)  # non-positive curvature or an overflow: this step moves nothing,
+    x, r = torch.where(ok, x + step_size * p, x), torch.where(ok, r + step_size * Ap, r)  # and a NaN cannot reach x or r
+    y = solve(r)
+    ry_next = r @ y
+    p = -y + torch.where(ry > 0, ry_next / ry, zero) * p
+    return x, r, p, ry_next, ok
+
+# %% ../nbs/30_solvers.ipynb #4a2ad2b8
+def _stop_flag(q: Tensor, j: int, ok: Tensor, ry: Tensor, min_iterations: int, tolerance: float | None) -> Tensor:
+    "A device bool: stop after step j (non-finite, non-positive curvature, an exact solution, or eq. 2's progress test)."
+    flag = ~torch.isfinite(q[j]) | ~ok | (ry == 0)
+    k = max(10, -(-j // 10))  # ⌈j/10⌉ as in Martens' code
+    if tolerance is not None and j >= max(min_iterations, k):
+        flag = flag | ((q[j] < 0) & ((q[j] - q[j - k]) / q[j] < tolerance))
+    return flag
+
+
+def _reason(q: Tensor, j: int, pAp: Tensor, ry: Tensor) -> str:
+    "Why CG stopped after step j (read once, when it has stopped)."
+    if not bool(torch.isfinite(q[j])) or not bool(torch.isfinite(pAp)) or not bool(torch.isfinite(ry / pAp)):
+        return "non_finite"
+    if not bool(pAp > 0):
+        return "negative_curvature"
+    if bool(ry == 0):
+        return "converged"
+    return "progress"
+
+# %% ../nbs/30_solvers.ipynb #4c081f20
+def _norm2(v: Tensor, diagonal: Tensor | None) -> Tensor:
+    "‖v‖²_P for a diagonal P (‖v‖² without one)."
+    return v @ (diagonal * v) if diagonal is not None else v @ v
+
+
+def _leaves_region(x: Tensor, p: Tensor, pAp: Tensor, ry: Tensor, radius: float, diagonal: Tensor | None) -> bool:
+    "Whether CG stops at the boundary: p has non-positive curvature, or the full step along it leaves ‖x‖_P ≤ radius."
+    return not bool(pAp > 0) or bool(_norm2(x + (ry / pAp) * p, diagonal) >= radius**2)
+
+
+def _boundary_point(x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, radius: float, diagonal: Tensor | None) -> tuple[Tensor, Tensor]:
+    "`(x + τp, r + τAp)` with τ the positive root of ‖x + τp‖²_P = radius²."
+    xp = x @ (diagonal * p) if diagonal is not None else x @ p
+    pp, xx = _norm2(p, diagonal), _norm2(x, diagonal)
+    tau = (-xp + torch.sqrt(xp * xp + pp * (radius**2 - xx))) / pp
+    return x + tau * p, r + tau * Ap
+
+# %% ../nbs/30_solvers.ipynb #5df99b4b
+def _worse(monitored: list[tuple[int, float]], window: int, tolerance: float) -> bool:
+    "Whether the newest monitored value is worse than the newest one read at least `window` steps before it (§13), or not finite."
+    step, value = monitored[-1]
+    if not math.isfinite(value):
+        return True
+    earlier = [v for s, v in monitored if s <= step - window]
+    return bool(earlier) and value > earlier[-1] + tolerance * abs(earlier[-1])
 
 # %% ../nbs/30_solvers.ipynb #2bc6fd0a
 def conjugate_gradient(
@@ -101,37 +198,16 @@ def conjugate_gradient(
     _lagged: bool | None = None,  # read the stop flag one step late (default: on CUDA); settable for tests
 ) -> CGResult:
     """Preconditioned CG (M&S 2012 Algorithm 2) with relative-progress termination (eq. 2) and optional Steihaug–Toint truncation."""
-    _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius, monitor, monitor_every, monitor_window, monitor_tolerance)
-    if on_step is not None and not callable(on_step):
-        raise TypeError(f"on_step: expected None or a function (step, iterate) ↦ None, got {type(on_step).__name__}")
-    mv = A.mv if hasattr(A, "mv") else A
-    solve, diagonal = _solver_for(preconditioner)
-    if radius is not None and preconditioner is not None and diagonal is None:
-        raise ValueError("radius: a trust region needs no preconditioner or a diagonal one (its norm is ‖x‖_P)")
-    if radius is not None and x0 is not None and bool((x0 != 0).any()):
-        raise ValueError("radius: Steihaug–Toint truncation starts from x0 = 0 (§8.6)")
+    _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius, monitor, monitor_every, monitor_window, monitor_tolerance,
+                        on_step)
+    mv, solve, diagonal = _cg_operators(A, preconditioner, radius, x0)
     lagged = b.device.type == "cuda" if _lagged is None else _lagged
-
-    products = 0
-    if x0 is None:
-        x, r = torch.zeros_like(b), -b
-    else:
-        x = x0.clone()
-        r = mv(x) - b
-        products += 1
-    y = solve(r)
-    p, ry = -y, r @ y
+    x, r, p, ry, products = _cg_start(mv, solve, b, x0)
     q = torch.empty(max_iterations + 1, dtype=b.dtype, device=b.device)
-    q[0] = 0.5 * (r - b) @ x
+    _record_iterate(q, 0, r, b, x, on_step)
     grid = set(backtracking_grid(max_iterations)) if save_iterates else set()
     saved, stop, steps, previous, discarded, monitored = [], "max_iterations", 0, None, 0, []
     zero = torch.zeros((), dtype=b.dtype, device=b.device)
-    if on_step is not None:
-        on_step(0, x)
-
-    def norm2(v):  # ‖v‖²_P
-        return v @ (diagonal * v) if diagonal is not None else v @ v
-
     for i in range(max_iterations):
         Ap = mv(p)
         products += 1
@@ -143,28 +219,14 @@ def conjugate_gradient(
         if radius is not None and not bool(torch.isfinite(pAp)):
             stop = "non_finite"  # x and q stay those of the last step
             break
-        if radius is not None and (not bool(pAp > 0) or bool(norm2(x + (ry / pAp) * p) >= radius**2)):
-            # Steihaug–Toint: the boundary point along p, the positive root τ of ‖x + τp‖²_P = radius²
-            xp = x @ (diagonal * p) if diagonal is not None else x @ p
-            pp, xx = norm2(p), norm2(x)
-            tau = (-xp + torch.sqrt(xp * xp + pp * (radius**2 - xx))) / pp
-            x, r = x + tau * p, r + tau * Ap
+        if radius is not None and _leaves_region(x, p, pAp, ry, radius, diagonal):
+            x, r = _boundary_point(x, r, p, Ap, radius, diagonal)
             steps, stop = i + 1, "boundary" if bool(pAp > 0) else "negative_curvature"
-            q[steps] = 0.5 * (r - b) @ x
-            if on_step is not None:
-                on_step(steps, x)
+            _record_iterate(q, steps, r, b, x, on_step)
             break
-        step_size = ry / pAp
-        ok = (pAp > 0) & torch.isfinite(step_size)  # non-positive curvature or an overflow: this step moves nothing,
-        x, r = torch.where(ok, x + step_size * p, x), torch.where(ok, r + step_size * Ap, r)  # and a NaN cannot reach x or r
-        y = solve(r)
-        ry_next = r @ y
-        p = -y + torch.where(ry > 0, ry_next / ry, zero) * p
-        ry = ry_next
+        x, r, p, ry, ok = _cg_step(x, r, p, Ap, pAp, ry, solve, zero)
         steps = i + 1
-        q[steps] = 0.5 * (r - b) @ x
-        if on_step is not None:  # x is a new tensor every step: the callback may keep it
-            on_step(steps, x)
+        _record_iterate(q, steps, r, b, x, on_step)
         if steps in grid:
             saved.append((steps, x))
         if monitor is not None and steps % monitor_every == 0 and bool(ok):  # a host read, only on monitored steps
@@ -172,50 +234,26 @@ def conjugate_gradient(
             if steps >= min_iterations and _worse(monitored, monitor_window, monitor_tolerance):
                 stop = "objective"
                 break
-        flag = _stop_flag(q, steps, ok, ry, min_iterations, tolerance)
-        state = (flag, q, steps, pAp, ry)
+        state = (_stop_flag(q, steps, ok, ry, min_iterations, tolerance), q, steps, pAp, ry)
         if lagged:
             previous = state
-        elif bool(flag):
+        elif bool(state[0]):
             stop = _reason(*state[1:])
             break
     else:
         if previous is not None and bool(previous[0]):
             stop = _reason(*previous[1:])
+    return _cg_result(x, steps, stop, products, q, saved if save_iterates else None, discarded, monitored, radius)
+
+# %% ../nbs/30_solvers.ipynb #3e96b328
+def _cg_result(x: Tensor, steps: int, stop: str, products: int, q: Tensor, saved: list | None, discarded: int, monitored: list,
+               radius: float | None) -> CGResult:
+    "The `CGResult` of a run that stopped after `steps` steps at `x` (`saved` None: iterates not kept)."
     if stop in ("non_finite", "negative_curvature") and radius is None:
         steps -= 1  # the last step was a no-op: report the iterate that x is
-        saved = [(step, v) for step, v in saved if step <= steps]
+        saved = None if saved is None else [(step, v) for step, v in saved if step <= steps]
     q = q[: steps + 1]
-    if save_iterates and (not saved or saved[-1][0] != steps):
+    if saved is not None and (not saved or saved[-1][0] != steps):
         saved.append((steps, x))
-    return CGResult(x=x, iterations=steps, stop=stop, products=products, q=q, saved=saved if save_iterates else [], discarded=discarded,
+    return CGResult(x=x, iterations=steps, stop=stop, products=products, q=q, saved=[] if saved is None else saved, discarded=discarded,
                     monitored=monitored)
-
-
-def _worse(monitored: list[tuple[int, float]], window: int, tolerance: float) -> bool:
-    "Whether the newest monitored value is worse than the newest one read at least `window` steps before it (§13), or not finite."
-    step, value = monitored[-1]
-    if not math.isfinite(value):
-        return True
-    earlier = [v for s, v in monitored if s <= step - window]
-    return bool(earlier) and value > earlier[-1] + tolerance * abs(earlier[-1])
-
-
-def _stop_flag(q: Tensor, j: int, ok: Tensor, ry: Tensor, min_iterations: int, tolerance: float | None) -> Tensor:
-    "A device bool: stop after step j (non-finite, non-positive curvature, an exact solution, or eq. 2's progress test)."
-    flag = ~torch.isfinite(q[j]) | ~ok | (ry == 0)
-    k = max(10, -(-j // 10))  # ⌈j/10⌉ as in Martens' code
-    if tolerance is not None and j >= max(min_iterations, k):
-        flag = flag | ((q[j] < 0) & ((q[j] - q[j - k]) / q[j] < tolerance))
-    return flag
-
-
-def _reason(q: Tensor, j: int, pAp: Tensor, ry: Tensor) -> str:
-    "Why CG stopped after step j (read once, when it has stopped)."
-    if not bool(torch.isfinite(q[j])) or not bool(torch.isfinite(pAp)) or not bool(torch.isfinite(ry / pAp)):
-        return "non_finite"
-    if not bool(pAp > 0):
-        return "negative_curvature"
-    if bool(ry == 0):
-        return "converged"
-    return "progress"

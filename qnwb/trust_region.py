@@ -71,6 +71,33 @@ def _symmetric_float64(name: str, A: Tensor) -> Tensor:
         raise ValueError(f"{name}: must be symmetric, got max |{name} − {name}ᵀ| = {asymmetry:.3g} for max |{name}| = {size:.3g}")
     return 0.5 * (A64 + A64.mT)
 
+# %% ../nbs/35_trust_region.ipynb #f25be27c
+def _check_compact_arguments(g, gamma, Psi, M, radius, rank_tolerance, max_iterations):
+    n = _check_gradient(g)
+    if not isinstance(Psi, Tensor):
+        raise TypeError(f"Psi: expected a 2-D torch.Tensor, got {type(Psi).__name__}")
+    if Psi.dim() != 2 or Psi.shape[0] != n:
+        raise ValueError(f"Psi: expected shape (n, k) = ({n}, k) to match g, got {tuple(Psi.shape)}")
+    if Psi.dtype != g.dtype or Psi.device != g.device:
+        raise TypeError(f"Psi: is {Psi.dtype} on {Psi.device}, but g is {g.dtype} on {g.device}")
+    k = Psi.shape[1]
+    if not isinstance(M, Tensor) or not M.is_floating_point():
+        raise TypeError(f"M: expected a floating-point torch.Tensor, got {type(M).__name__ if not isinstance(M, Tensor) else M.dtype}")
+    if M.shape != (k, k):
+        raise ValueError(f"M: expected shape ({k}, {k}) to match the {k} columns of Psi, got {tuple(M.shape)}")
+    gamma = _real("gamma", gamma)
+    radius = _real("radius", radius, positive=True)
+    if rank_tolerance is not None and not (isinstance(rank_tolerance, numbers.Real) and not isinstance(rank_tolerance, bool)
+                                           and 0 <= rank_tolerance < 1):
+        raise ValueError(f"rank_tolerance: must be None or a number in [0, 1), got {rank_tolerance!r}")
+    check_positive_int("max_iterations", max_iterations)
+    finite_g, finite_psi = torch.stack([torch.isfinite(g).all(), torch.isfinite(Psi).all()]).tolist()
+    if not finite_g:
+        raise ValueError("g: has non-finite entries")
+    if not finite_psi:
+        raise ValueError("Psi: has non-finite entries")
+    return n, k, gamma, radius, _symmetric_float64("M", M)
+
 # %% ../nbs/35_trust_region.ipynb #53353347
 def _hard_case_parts(values: Tensor, a2: Tensor, lam_min: float, radius: float, eps: float) -> Tensor | None:
     """For λ_min ≤ 0: the scales 1/(λᵢ − λ_min) of the hard case (0 on λ_min's eigenspace), or None if it is not the hard case.
@@ -85,7 +112,7 @@ def _hard_case_parts(values: Tensor, a2: Tensor, lam_min: float, radius: float, 
         return None  # ‖p(−λ_min)‖ > Δ: the root lies right of −λ_min after all
     return scales
 
-
+# %% ../nbs/35_trust_region.ipynb #22cb3b39
 @torch.no_grad()
 def dense_trust_region(
     g: Tensor,  # the gradient, a 1-D floating-point tensor of length n
@@ -191,7 +218,7 @@ def _secular_newton(gaps: Tensor, a2: Tensor, radius: float, delta: float, max_i
         delta = new
     return high, max_iterations, False
 
-# %% ../nbs/35_trust_region.ipynb #9cf5cf09
+# %% ../nbs/35_trust_region.ipynb #4ac450d9
 def _outside_unit_vector(Q: Tensor) -> Tensor:
     "A unit vector orthogonal to the orthonormal columns of the n × m `Q` (m < n), without a host read."
     n = Q.shape[0]
@@ -202,33 +229,27 @@ def _outside_unit_vector(Q: Tensor) -> Tensor:
     return z / z.norm()
 
 
-def _check_compact_arguments(g, gamma, Psi, M, radius, rank_tolerance, max_iterations):
-    n = _check_gradient(g)
-    if not isinstance(Psi, Tensor):
-        raise TypeError(f"Psi: expected a 2-D torch.Tensor, got {type(Psi).__name__}")
-    if Psi.dim() != 2 or Psi.shape[0] != n:
-        raise ValueError(f"Psi: expected shape (n, k) = ({n}, k) to match g, got {tuple(Psi.shape)}")
-    if Psi.dtype != g.dtype or Psi.device != g.device:
-        raise TypeError(f"Psi: is {Psi.dtype} on {Psi.device}, but g is {g.dtype} on {g.device}")
-    k = Psi.shape[1]
-    if not isinstance(M, Tensor) or not M.is_floating_point():
-        raise TypeError(f"M: expected a floating-point torch.Tensor, got {type(M).__name__ if not isinstance(M, Tensor) else M.dtype}")
-    if M.shape != (k, k):
-        raise ValueError(f"M: expected shape ({k}, {k}) to match the {k} columns of Psi, got {tuple(M.shape)}")
-    gamma = _real("gamma", gamma)
-    radius = _real("radius", radius, positive=True)
-    if rank_tolerance is not None and not (isinstance(rank_tolerance, numbers.Real) and not isinstance(rank_tolerance, bool)
-                                           and 0 <= rank_tolerance < 1):
-        raise ValueError(f"rank_tolerance: must be None or a number in [0, 1), got {rank_tolerance!r}")
-    check_positive_int("max_iterations", max_iterations)
-    finite_g, finite_psi = torch.stack([torch.isfinite(g).all(), torch.isfinite(Psi).all()]).tolist()
-    if not finite_g:
-        raise ValueError("g: has non-finite entries")
-    if not finite_psi:
-        raise ValueError("Psi: has non-finite entries")
-    return n, k, gamma, radius, _symmetric_float64("M", M)
+def _assemble_step(basis: dict, scales: Tensor, tau: float, bottom: int, complement: bool, g: Tensor) -> Tensor:
+    "`p = Q v + c_⊥ h (+ τz)` from the scales 1/(λᵢ + σ) (the complement's last), in g's dtype and on its device."
+    r, W, Q = basis["rank"], basis["W"], basis["Q"]
+    # p = Q v + c_perp h + τ z: v holds the range-Ψ coordinates and the dropped-direction part of g_⊥
+    v = -(W @ (scales[:r] * basis["g_par"]))
+    c_perp = -float(scales[r]) if complement else 0.0
+    v = v + c_perp * (basis["dropped"] @ basis["g_dropped"])
+    z_outside = None
+    if tau > 0:
+        if bottom < r:
+            v = v + tau * W[:, bottom]
+        elif basis["dropped"].shape[1] > 0:
+            v = v + tau * basis["dropped"][:, 0]
+        else:
+            z_outside = _outside_unit_vector(Q)
+    p = Q @ v.to(dtype=g.dtype, device=g.device) + c_perp * basis["h"]
+    if z_outside is not None:
+        p = p + tau * z_outside
+    return p
 
-
+# %% ../nbs/35_trust_region.ipynb #9cf5cf09
 @torch.no_grad()
 def solve_trust_region_compact(
     g: Tensor,  # the gradient, a 1-D floating-point tensor of length n
@@ -244,7 +265,7 @@ def solve_trust_region_compact(
     n, k, gamma, radius, M64 = _check_compact_arguments(g, gamma, Psi, M, radius, rank_tolerance, max_iterations)
     eps = torch.finfo(g.dtype).eps
     basis = _compact_basis(Psi.detach(), M64, g.detach(), max(n, k) * eps if rank_tolerance is None else float(rank_tolerance))
-    r, W, Q = basis["rank"], basis["W"], basis["Q"]
+    r = basis["rank"]
     values, a2 = basis["lam_hat"] + gamma, basis["g_par"] ** 2
     complement = r < n  # γ is an eigenvalue of B on the orthogonal complement of range Ψ
     if complement:
@@ -263,23 +284,8 @@ def solve_trust_region_compact(
         d = gaps + delta
         scales = torch.where(a2 > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
         sigma = delta - lam_min
-    # p = Q v + c_perp h + τ z: v holds the range-Ψ coordinates and the dropped-direction part of g_⊥
-    v = -(W @ (scales[:r] * basis["g_par"]))
-    c_perp = -float(scales[r]) if complement else 0.0
-    v = v + c_perp * (basis["dropped"] @ basis["g_dropped"])
-    z_outside = None
-    if tau > 0:
-        if bottom < r:
-            v = v + tau * W[:, bottom]
-        elif basis["dropped"].shape[1] > 0:
-            v = v + tau * basis["dropped"][:, 0]
-        else:
-            z_outside = _outside_unit_vector(Q)
-    p = Q @ v.to(dtype=g.dtype, device=g.device) + c_perp * basis["h"]
-    if z_outside is not None:
-        p = p + tau * z_outside
     return TrustRegionStep(
-        p=p,
+        p=_assemble_step(basis, scales, tau, bottom, complement, g),
         sigma=sigma,
         on_boundary=not interior,
         hard_case=hard,

@@ -18,6 +18,7 @@ from qnwb.core import (
     flat_params,
     make_generator,
     param_list,
+    patch,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -248,3 +249,23 @@ def test_bad_seeds_are_refused(seed, error):
         seed_everything(seed)
     with pytest.raises(error, match="seed"):
         make_generator(seed)
+
+
+class _Holder:  # module-level: a postponed annotation names it in this module's globals
+    pass
+
+
+def test_patch_attaches_a_decorated_method_whose_class_is_named_by_a_postponed_annotation():
+    @patch
+    @torch.no_grad()
+    def peek(self: "_Holder", x: int) -> bool:
+        return torch.is_grad_enabled() or x > 0
+
+    @patch(as_classmethod=True)
+    def made(cls: "type[_Holder]") -> "_Holder":
+        return cls()
+
+    assert _Holder.made().peek(0) is False
+    assert _Holder.peek.__qualname__ == "_Holder.peek" and _Holder.__dict__["made"].__func__ is made
+    with pytest.raises(TypeError, match="must be annotated with a class"):
+        patch(torch.no_grad()(lambda self: None))

@@ -74,6 +74,81 @@ def backtracking_choice(values: Tensor, grid: list[int]) -> int:
             break
     return grid[-1] if chosen is None else chosen
 
+# %% ../../nbs/82_cg_probes.ipynb #595dea7b
+def _check_trace_arguments(model, loss, batch, curvature_batch, heldout, damping, structural_damping, curvature, structural_distance,
+                           max_iterations):
+    "The matching loss, λ and μ, checked (with the batches, the curvature and the CG cap)."
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    loss_fn = matching_loss(loss)
+    _check_batch("batch", batch)
+    for name, data in (("curvature_batch", curvature_batch), ("heldout", heldout)):
+        if data is not None:
+            _check_batch(name, data)
+    damping = check_number("damping", damping, 0.0)
+    structural_damping = check_number("structural_damping", structural_damping, 0.0)
+    if curvature not in ("ggn", "hessian"):
+        raise ValueError(f"curvature: {curvature!r} is not 'ggn' or 'hessian'")
+    if structural_distance not in STRUCTURAL_DISTANCES:
+        raise ValueError(f"structural_distance: {structural_distance!r} is not one of {STRUCTURAL_DISTANCES}")
+    if curvature == "hessian" and structural_damping > 0:
+        raise ValueError("structural_damping: needs curvature='ggn' (it is a Gauss-Newton term)")
+    check_positive_int("max_iterations", max_iterations)
+    return loss_fn, damping, structural_damping
+
+# %% ../../nbs/82_cg_probes.ipynb #e74be14f
+@torch.no_grad()
+def _loss_on(model: nn.Module, loss_fn, batch) -> Tensor:
+    "f on one (inputs, targets) pair, as a device scalar."
+    return loss_fn(model(batch[0]), batch[1]).detach()
+
+
+def _hf_quadratic(model, loss_fn, params, batch, curvature_batch, curvature, damping, structural_damping, structural_distance, route,
+                  preconditioner, preconditioner_exponent):
+    "`(∇f on batch, the curvature operator without λ, the preconditioner P, its kind)` as HessianFree builds them."
+    with torch.enable_grad():
+        value = loss_fn(model(batch[0]), batch[1])
+        g = _flatten(list(torch.autograd.grad(value, params, materialize_grads=True))).clone()
+    op = curvature_operator(model, loss_fn, curvature_batch, curvature, damping, structural_damping, structural_distance, route)
+    if isinstance(preconditioner, str):
+        if preconditioner != "fisher":
+            raise ValueError(f"preconditioner: {preconditioner!r} is not None, 'fisher' or a positive 1-D tensor")
+        check_number("preconditioner_exponent", preconditioner_exponent, 0.0, 1.0, low_open=True)
+        P, kind = (empirical_fisher_diagonal(model, loss_fn, curvature_batch) + damping).pow(preconditioner_exponent), "fisher"
+    else:
+        P, kind = preconditioner, None if preconditioner is None else "given"
+    return g, op, P, kind
+
+# %% ../../nbs/82_cg_probes.ipynb #7c6f8ad0
+def _iterate_recorder(model, loss_fn, op, g: Tensor, damping: float, weight: float, params, theta: Tensor, data: dict,
+                      keep_iterates: bool):
+    "`(record, rows, kept)`: `record(i, x)` appends the models, ‖x‖ and f(θ + x) per data set to `rows` (and x to `kept`)."
+    rows: dict[str, list[Tensor]] = {name: [] for name in ("damped", "undamped", "norms", *data)}
+    kept: list[Tensor] = []
+
+    def record(i: int, x: Tensor) -> None:  # device tensors only: no host reads per step
+        plain = op.mv(x, structural=False) if isinstance(op, GGN) else op.mv(x)
+        full = op.mv(x) if weight > 0 else plain
+        gx = g @ x
+        rows["damped"].append(gx + 0.5 * x @ (full + damping * x))
+        rows["undamped"].append(gx + 0.5 * x @ plain)
+        rows["norms"].append(torch.linalg.vector_norm(x))
+        assign_flat_(params, theta + x)
+        for name, d in data.items():
+            rows[name].append(_loss_on(model, loss_fn, d))
+        if keep_iterates:
+            kept.append(x.detach().clone())
+
+    return record, rows, kept
+
+# %% ../../nbs/82_cg_probes.ipynb #363b7c54
+def _trace_grid(max_iterations: int, m: int) -> list[int]:
+    "The grid ⌈5·1.3^j⌉ ≤ m and m, without the start (or [m] when that is all there is)."
+    grid = [s for s in backtracking_grid(max_iterations) if s <= m]
+    if not grid or grid[-1] != m:
+        grid.append(m)
+    return [s for s in grid if s > 0] or [m]
+
 # %% ../../nbs/82_cg_probes.ipynb #129c492f
 def cg_trace(
     model: nn.Module,  # the network at θ (its parameters are put back when the probe returns)
@@ -97,67 +172,20 @@ def cg_trace(
     keep_iterates: bool = False,  # also return every iterate, (m + 1, n)
 ) -> CGTrace:
     """Run CG once on the damped quadratic of an HF step at θ and record M̂, M and f(θ + x_i) at every iterate."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    loss_fn = matching_loss(loss)
-    _check_batch("batch", batch)
-    for name, data in (("curvature_batch", curvature_batch), ("heldout", heldout)):
-        if data is not None:
-            _check_batch(name, data)
-    damping = check_number("damping", damping, 0.0)
-    structural_damping = check_number("structural_damping", structural_damping, 0.0)
-    if curvature not in ("ggn", "hessian"):
-        raise ValueError(f"curvature: {curvature!r} is not 'ggn' or 'hessian'")
-    if structural_distance not in STRUCTURAL_DISTANCES:
-        raise ValueError(f"structural_distance: {structural_distance!r} is not one of {STRUCTURAL_DISTANCES}")
-    if curvature == "hessian" and structural_damping > 0:
-        raise ValueError("structural_damping: needs curvature='ggn' (it is a Gauss-Newton term)")
-    check_positive_int("max_iterations", max_iterations)
+    loss_fn, damping, structural_damping = _check_trace_arguments(model, loss, batch, curvature_batch, heldout, damping, structural_damping,
+                                                                  curvature, structural_distance, max_iterations)
     params = param_list(model)
     theta = _flatten(params).clone()
     separate = curvature_batch is not None and curvature_batch is not batch
     curvature_batch = batch if curvature_batch is None else curvature_batch
-
-    with torch.enable_grad():
-        value = loss_fn(model(batch[0]), batch[1])
-        g = _flatten(list(torch.autograd.grad(value, params, materialize_grads=True))).clone()
     weight = damping * structural_damping
-    op = curvature_operator(model, loss_fn, curvature_batch, curvature, damping, structural_damping, structural_distance, route)
-    if isinstance(preconditioner, str):
-        if preconditioner != "fisher":
-            raise ValueError(f"preconditioner: {preconditioner!r} is not None, 'fisher' or a positive 1-D tensor")
-        check_number("preconditioner_exponent", preconditioner_exponent, 0.0, 1.0, low_open=True)
-        P, kind = (empirical_fisher_diagonal(model, loss_fn, curvature_batch) + damping).pow(preconditioner_exponent), "fisher"
-    else:
-        P, kind = preconditioner, None if preconditioner is None else "given"
-
-    data = {"curvature batch": curvature_batch}
-    if separate:
-        data["gradient batch"] = batch
-    if heldout is not None:
-        data["held-out"] = heldout
-    rows: dict[str, list[Tensor]] = {name: [] for name in ("damped", "undamped", "norms", *data)}
-    kept: list[Tensor] = []
-
-    @torch.no_grad()
-    def objective(inputs_targets) -> Tensor:
-        return loss_fn(model(inputs_targets[0]), inputs_targets[1]).detach()
-
-    def record(i: int, x: Tensor) -> None:  # device tensors only: no host reads per step
-        plain = op.mv(x, structural=False) if isinstance(op, GGN) else op.mv(x)
-        full = op.mv(x) if weight > 0 else plain
-        gx = g @ x
-        rows["damped"].append(gx + 0.5 * x @ (full + damping * x))
-        rows["undamped"].append(gx + 0.5 * x @ plain)
-        rows["norms"].append(torch.linalg.vector_norm(x))
-        assign_flat_(params, theta + x)
-        for name, d in data.items():
-            rows[name].append(objective(d))
-        if keep_iterates:
-            kept.append(x.detach().clone())
-
+    g, op, P, kind = _hf_quadratic(model, loss_fn, params, batch, curvature_batch, curvature, damping, structural_damping,
+                                   structural_distance, route, preconditioner, preconditioner_exponent)
+    data = {"curvature batch": curvature_batch, **({"gradient batch": batch} if separate else {}),
+            **({"held-out": heldout} if heldout is not None else {})}
+    record, rows, kept = _iterate_recorder(model, loss_fn, op, g, damping, weight, params, theta, data, keep_iterates)
     try:
-        f0 = {name: float(objective(d)) for name, d in data.items()}
+        f0 = {name: float(_loss_on(model, loss_fn, d)) for name, d in data.items()}
         cg = conjugate_gradient(lambda v: op.mv(v) + damping * v, -g, x0, preconditioner=P, max_iterations=max_iterations,
                                 min_iterations=min(min_iterations, max_iterations), tolerance=tolerance, save_iterates=False,
                                 on_step=record)
@@ -166,10 +194,7 @@ def cg_trace(
     m = cg.iterations
     rows = {name: torch.stack(values[: m + 1]) for name, values in rows.items()}  # a step CG took back is dropped
     objectives = {name: rows[name] for name in data}
-    grid = [s for s in backtracking_grid(max_iterations) if s <= m]
-    if not grid or grid[-1] != m:
-        grid.append(m)
-    grid = [s for s in grid if s > 0] or [m]
+    grid = _trace_grid(max_iterations, m)
     chooser = objectives.get("gradient batch", objectives["curvature batch"])
     heldout_step = int(torch.argmin(torch.nan_to_num(objectives["held-out"], nan=math.inf))) if heldout is not None else None
     settings = dict(damping=damping, structural_damping=structural_damping, structural_weight=weight,
@@ -398,6 +423,69 @@ class CGvsNAG:
     optimum: str  # how q* was found: "dense solve" or "CG, N steps (estimate)"
     settings: dict = field(default_factory=dict)
 
+# %% ../../nbs/82_cg_probes.ipynb #9b23a1ee
+def _check_momenta(momenta):
+    "The momenta as a sequence, each a number in [0, 1) or \"auto\"."
+    if isinstance(momenta, (int, float, str)):
+        momenta = (momenta,)
+    if len(momenta) == 0:
+        raise ValueError("momenta: give at least one momentum")
+    for mu in momenta:
+        if mu != "auto":
+            check_number("momenta", mu, 0.0, 1.0, high_open=True)
+    return momenta
+
+
+def _extreme_eigenvalues(A, size: int, b: Tensor, dense: bool, dense_limit: int, eigen_iterations: int):
+    "`(λ_min, λ_max, the dense matrix, the Lanczos run)`: by eigvalsh when `dense` (no run), else by Lanczos (no matrix)."
+    if dense:
+        matrix = _dense_matrix(A, size, max(dense_limit, size), b).to(b.dtype)
+        spectrum = torch.linalg.eigvalsh(matrix)
+        return float(spectrum[0]), float(spectrum[-1]), matrix, None
+    run = lanczos(A, min(eigen_iterations, size), n=size, which="both", history=False, dtype=b.dtype, device=b.device)
+    values, _ = run.ritz()
+    return float(values[0]), float(values[-1]), None, run
+
+
+def _nag_momenta(momenta, kappa: float) -> dict[str, float]:
+    "label ↦ μ, with \"auto\" = (√κ − 1)/(√κ + 1)."
+    labels = {}
+    for mu in momenta:
+        value = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1) if mu == "auto" else float(mu)
+        labels[f"NAG μ = {value:.4g}" + (" (auto)" if mu == "auto" else "")] = value
+    return labels
+
+# %% ../../nbs/82_cg_probes.ipynb #b33c5c50
+def _optimum(mv, b: Tensor, dense: bool, matrix: Tensor | None, iterations: int, reference_iterations: int | None) -> tuple[float, str]:
+    "`(q*, how it was found)`: a dense solve, or CG run for `reference_iterations` (None: 4 × iterations) steps."
+    if dense:
+        xstar = torch.linalg.solve(matrix, b)
+        optimum = "dense solve"
+    else:
+        steps = reference_iterations if reference_iterations is not None else 4 * iterations
+        xstar = conjugate_gradient(mv, b, max_iterations=check_positive_int("reference_iterations", steps), tolerance=None,
+                                   save_iterates=False).x
+        optimum = f"CG, {steps} steps (estimate)"
+    return float(0.5 * xstar @ mv(xstar) - b @ xstar), optimum
+
+# %% ../../nbs/82_cg_probes.ipynb #94b5999f
+def _nag_gaps(mv, b: Tensor, x0: Tensor | None, lr: float, mu: float, iterations: int, q_star: float) -> Tensor:
+    "q(θ_t) − q* for t = 0 … iterations of NAG (eqs. 3–4) with ε = lr and momentum μ from x0 (None: zero)."
+    def value(x: Tensor) -> Tensor:
+        return 0.5 * x @ mv(x) - b @ x
+
+    theta = (torch.zeros_like(b) if x0 is None else x0.detach().clone()).requires_grad_(True)
+    optimizer = NAG([theta], lr=lr, momentum=mu)
+
+    def closure():
+        theta.grad = mv(theta.detach()) - b  # ∇q at θ_t + μv_t (NAG has moved θ there)
+
+    gaps = [value(theta.detach())]
+    for _ in range(iterations):
+        optimizer.step(closure)
+        gaps.append(value(theta.detach()))
+    return torch.stack(gaps) - q_star
+
 # %% ../../nbs/82_cg_probes.ipynb #39e9cf5d
 def cg_vs_nag(
     A,  # a positive-definite operator (object with .mv, square tensor, function with n) or a qnwb.quadratic.Quadratic
@@ -423,62 +511,21 @@ def cg_vs_nag(
     size = _check_operator(A, n)
     mv = matvec(A)
     _check_rhs(b, size, x0)
-    if isinstance(momenta, (int, float, str)):
-        momenta = (momenta,)
-    if len(momenta) == 0:
-        raise ValueError("momenta: give at least one momentum")
-    for mu in momenta:
-        if mu != "auto":
-            check_number("momenta", mu, 0.0, 1.0, high_open=True)
+    momenta = _check_momenta(momenta)
     dense = isinstance(A, Tensor) or size <= dense_limit
-    if dense:
-        matrix = _dense_matrix(A, size, max(dense_limit, size), b).to(b.dtype)
-        spectrum = torch.linalg.eigvalsh(matrix)
-        low, high = float(spectrum[0]), float(spectrum[-1])
-    else:
-        run = lanczos(A, min(eigen_iterations, size), n=size, which="both", history=False, dtype=b.dtype, device=b.device)
-        values, _ = run.ritz()
-        low, high = float(values[0]), float(values[-1])
+    low, high, matrix, run = _extreme_eigenvalues(A, size, b, dense, dense_limit, eigen_iterations)
     if not low > 0:
         raise ValueError(f"A: CG and NAG need a positive-definite (damped) matrix; its smallest eigenvalue is {low:.3g}")
     lr = 1.0 / high if lr is None else check_number("lr", lr, 0.0, low_open=True)
     kappa = high / low
-    labels = {}
-    for mu in momenta:
-        value = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1) if mu == "auto" else float(mu)
-        labels[f"NAG μ = {value:.4g}" + (" (auto)" if mu == "auto" else "")] = value
-
-    if dense:
-        xstar = torch.linalg.solve(matrix, b)
-        optimum = "dense solve"
-    else:
-        steps = reference_iterations if reference_iterations is not None else 4 * iterations
-        xstar = conjugate_gradient(mv, b, max_iterations=check_positive_int("reference_iterations", steps), tolerance=None,
-                                   save_iterates=False).x
-        optimum = f"CG, {steps} steps (estimate)"
-    q_star = float(0.5 * xstar @ mv(xstar) - b @ xstar)
+    labels = _nag_momenta(momenta, kappa)
+    q_star, optimum = _optimum(mv, b, dense, matrix, iterations, reference_iterations)
 
     cg = conjugate_gradient(mv, b, x0, max_iterations=iterations, tolerance=None, save_iterates=False)
     extra = 1 if x0 is not None else 0
     cg_gap = cg.q.detach() - q_star
     cg_products = torch.arange(cg.iterations + 1) + extra
-
-    def value(x: Tensor) -> Tensor:
-        return 0.5 * x @ mv(x) - b @ x
-
-    nag = {}
-    for label, mu in labels.items():
-        theta = (torch.zeros_like(b) if x0 is None else x0.detach().clone()).requires_grad_(True)
-        optimizer = NAG([theta], lr=lr, momentum=mu)
-
-        def closure():
-            theta.grad = mv(theta.detach()) - b  # ∇q at θ_t + μv_t (NAG has moved θ there)
-
-        gaps = [value(theta.detach())]
-        for _ in range(iterations):
-            optimizer.step(closure)
-            gaps.append(value(theta.detach()))
-        nag[label] = torch.stack(gaps) - q_star
+    nag = {label: _nag_gaps(mv, b, x0, lr, mu, iterations, q_star) for label, mu in labels.items()}
     settings = dict(iterations=iterations, n=size, warm_start=x0 is not None, cg_stop=cg.stop, cg_products=cg.products,
                     condition_number=kappa, dtype=str(b.dtype), device=str(b.device),
                     eigenvalues="dense" if dense else f"Lanczos, {run.products} products")

@@ -199,6 +199,10 @@ def _heatmap(go, z: Tensor, name: str, **options):
                       hovertemplate="step %{y}, unit %{x}<br>h = %{z:.4f}<extra>" + name + "</extra>", **options)
 
 
+def _title(probe: HiddenStates) -> str:
+    return (f"{probe.label}: " if probe.label else "") + probe.describe()
+
+# %% ../../nbs/84_hidden_states.ipynb #e75508d2
 def hidden_heatmap_figure(
     probe: HiddenStates,
     sequences: Sequence[int] | None = None,  # indices of the probed sequences to draw (default: the first three)
@@ -234,10 +238,6 @@ def hidden_heatmap_figure(
                          height=max(350, min(900, 6 * probe.steps + 150)))
     return figure
 
-
-def _title(probe: HiddenStates) -> str:
-    return (f"{probe.label}: " if probe.label else "") + probe.describe()
-
 # %% ../../nbs/84_hidden_states.ipynb #ec6ead9f
 def _legend(probe: HiddenStates, layer: int) -> str:
     text = f"layer {layer}" if probe.n_layers > 1 or not probe.label else ""
@@ -262,7 +262,7 @@ def saturation_figure(*probes: HiddenStates):
                          template="plotly_white")
     return figure
 
-
+# %% ../../nbs/84_hidden_states.ipynb #1f0aa613
 def gradient_norm_figure(*probes: HiddenStates, per_sequence: bool = False):
     """‖∂L_b/∂h_t‖ per time step on a log axis: the mean over the sequences per layer (and each sequence if asked)."""
     import plotly.graph_objects as go

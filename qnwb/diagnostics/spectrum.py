@@ -167,7 +167,7 @@ def _wanted(values: Tensor, residuals: Tensor, k: int, which: str) -> tuple[Tens
     (sv, sr), (lv, lr) = take(values, residuals, False), take(values, residuals, True)
     return torch.cat([sv, lv]), torch.cat([sr, lr])
 
-
+# %% ../../nbs/81_spectrum.ipynb #97990428
 def spectrum_probe(
     operators,  # one operator (.mv, a square tensor or a function) or a list of them (e.g. one per batch)
     k: int = 5,  # how many eigenvalues at the wanted end (at each end for "both")
@@ -222,7 +222,7 @@ def _track(run: SpectrumRun, label: str, dtype: torch.dtype = torch.float64) -> 
             relative.append(float(relative_residuals(v, r, dtype)[index]))
     return steps, values, residuals, relative
 
-
+# %% ../../nbs/81_spectrum.ipynb #20837459
 def ritz_figure(
     probe: SpectrumProbe,
     run: int = 0,  # which run of the probe
