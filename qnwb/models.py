@@ -157,7 +157,7 @@ def _groups(tangents, layers: int):
 def jvp(self: TanhRNNLinearization, tangents):
     B, T, H, O = self.shape
     rts, rh_below = [], None
-    for index, ((W_hx, W_hh, b_h, h0), (V_hx, V_hh, V_b, V_h0)) in enumerate(zip(self.layers, _groups(tangents, len(self.layers)))):
+    for index, ((W_hx, W_hh, _b_h, h0), (V_hx, V_hh, V_b, V_h0)) in enumerate(zip(self.layers, _groups(tangents, len(self.layers)))):
         rt = torch.addmm(V_b, self._inputs(index), V_hx.T)  # becomes R t, step by step
         if rh_below is not None:
             rt.addmm_(rh_below, W_hx.T)

@@ -221,7 +221,6 @@ def _secular_newton(gaps: Tensor, a2: Tensor, radius: float, delta: float, max_i
 # %% ../nbs/35_trust_region.ipynb #4ac450d9
 def _outside_unit_vector(Q: Tensor) -> Tensor:
     "A unit vector orthogonal to the orthonormal columns of the n × m `Q` (m < n), without a host read."
-    n = Q.shape[0]
     j = (Q * Q).sum(1).argmin().reshape(1)  # the row of smallest norm: ‖(I − QQᵀ)eⱼ‖² = 1 − ‖Qⱼ‖² ≥ 1 − m/n
     z = -(Q @ Q.index_select(0, j).reshape(-1))
     z = z.index_add(0, j, torch.ones(1, dtype=Q.dtype, device=Q.device))

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from qnwb.core import assign_flat_, flat_params, make_generator
+from qnwb.core import flat_params, make_generator
 from qnwb.curvature import GGN
 from qnwb.diagnostics.cg import (backtracking_choice, cg_trace, cg_trace_figure, cg_trace_for, cg_vs_nag, cg_vs_nag_figure,
                                  eigendirection_errors, eigendirection_error_figure)
@@ -379,7 +379,7 @@ def test_cg_and_nag_curves_are_the_explicit_recursions(warm, device):
     q = lambda x: 0.5 * x @ A @ x - b @ x  # noqa: E731
     assert duel.q_star == pytest.approx(float(q(xstar)), rel=1e-12)
     start = torch.zeros(20, dtype=torch.float64) if x0 is None else x0
-    for (label, gaps), mu in zip(duel.nag.items(), [mu_auto, 0.9]):
+    for (_label, gaps), mu in zip(duel.nag.items(), [mu_auto, 0.9]):
         expected = torch.stack([q(x) for x in nag_by_hand(A, b, duel.lr, mu, 15, start)]) - q(xstar)
         torch.testing.assert_close(gaps.cpu(), expected, rtol=1e-10, atol=1e-12)
     expected = torch.stack([q(x) for x in cg_by_hand(A, b, 15, start)]) - q(xstar)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qnwb.core import make_generator
-from qnwb.diagnostics.hidden import (HiddenStates, compare_hidden_states, comparison_figure, gradient_norm_figure,
+from qnwb.diagnostics.hidden import (compare_hidden_states, comparison_figure, gradient_norm_figure,
                                      hidden_heatmap_figure, probe_hidden_states, saturation_figure)
 from qnwb.init import Centering, esn_init_
 from qnwb.losses import matching_loss

@@ -4,7 +4,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
 
 LIBRARY = Path(__file__).resolve().parents[1] / "qnwb"
 

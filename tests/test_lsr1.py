@@ -456,7 +456,7 @@ def test_strictly_convex_quadratic_secant_conditions_and_convergence(n, seed):
     optimizer = LSR1([x], memory=n, full_batch=True)
     closure = closure_for(optimizer, lambda: 0.5 * x @ A @ x - b @ x)
     full = False
-    for step in range(1, 61):
+    for step in range(1, 61):  # noqa: B007  (the count is read after the loop)
         optimizer.step(closure)
         S, Y = optimizer.memory.pairs()
         B = optimizer.compact_form().dense()

@@ -1,5 +1,4 @@
 """qnwb.quadratic: spectra, runs of qnwb.optim's CM/NAG against the 2x2 iteration, closed-form rates, figures."""
-import math
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from qnwb.reports import check_parameters, parse_value, render_report, report_names, template_parameters, template_path, to_html
+from qnwb.reports import check_parameters, parse_value, render_report, report_names, template_parameters, template_path
 
 
 def _template(folder, parameters: str, body: list[str]):

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from qnwb.quadratic import Quadratic
-from qnwb.optim import make_optimizer
 from qnwb.problems import EpochStream, make_problem, problem_options, PROBLEMS
 from qnwb.runs import BUDGET_UNITS, Runner, check_config, load_config, run_config
 from qnwb.store import RunStore

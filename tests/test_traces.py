@@ -10,13 +10,13 @@ from torch import nn
 
 from qnwb.core import flat_params, make_generator
 from qnwb.curvature import GGN, Hessian
-from qnwb.diagnostics.traces import (HFTrace, HFTraceRecorder, MemoryRecorder, MemorySpectrum, MemoryTrace, average_memory_figure,
+from qnwb.diagnostics.traces import (HFTrace, HFTraceRecorder, MemoryRecorder, MemoryTrace, average_memory_figure,
                                      extreme_eigenvalues, hf_trace, hf_trace_figure, memory_figure, memory_spectrum,
                                      memory_spectrum_figure, pair_curvatures)
 from qnwb.init import esn_init_
 from qnwb.models import MLP, TanhRNN
 from qnwb.optim import SQN, AdaQN, HessianFree, LBFGS, LSR1
-from qnwb.optim.memory import PairMemory, bfgs_compact, sr1_compact
+from qnwb.optim.memory import PairMemory, bfgs_compact
 from qnwb.tasks import Addition
 from references import dense_sr1  # the dense SR1 recursion, one copy
 from roundoff import floor
@@ -331,7 +331,7 @@ def test_average_memory_per_epoch_equals_adaqn_s_own_running_mean():
     opt = AdaQN(model, lr=0.05, L=2, memory=3, fisher_memory=10)
     recorder = MemoryRecorder(opt)
     own, published = [], []
-    for epoch in range(3):
+    for _ in range(3):
         opt.new_epoch()
         recorder.new_epoch()
         for b in range(6):

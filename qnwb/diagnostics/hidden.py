@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..core import check_number, check_positive_int, make_generator
 from ..losses import MatchingLoss, matching_loss

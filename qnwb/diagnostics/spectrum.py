@@ -229,7 +229,6 @@ def ritz_figure(
     exact: Tensor | None = None,  # the exact eigenvalues (ascending, e.g. torch.linalg.eigvalsh), drawn dotted
 ):
     """Ritz values of one run against the iteration (top) and their relative residuals (bottom, log scale)."""
-    import plotly.graph_objects as go
     from plotly.colors import qualitative
     from plotly.subplots import make_subplots
 
