@@ -221,27 +221,9 @@ class Runner:
         entry = optimizer_entry(c["optimizer"])
         seed_everything(c["seed"])
         self.problem = make_problem(c["problem"], c["seed"], self.device, c["dtype"], **c["problem_options"])
-        if ("epochs" in c["budget"] or c["evaluate_unit"] == "epochs") and self.problem.stream.epoch_size is None:
-            raise ValueError(f"budget: {c['problem']!r} draws fresh training data every batch and has no epochs; "
-                             f"use steps, gradient_evaluations, curvature_products, evaluations or seconds")
-        if c["curvature_batch_size"] is not None:
-            if entry.curvature_batches is None:
-                raise ValueError(f"curvature_batch_size: {c['optimizer']!r} computes no curvature-vector products; only "
-                                 f"{[n for n, e in OPTIMIZERS.items() if e.curvature_batches]} take a curvature batch")
-            stream = self.problem.curvature_stream
-            if isinstance(stream, EpochStream):  # a fixed training set: the stream's own (checkpointed) order, smaller batches
-                if c["curvature_batch_size"] > stream.epoch_size:
-                    raise ValueError(f"curvature_batch_size: {c['curvature_batch_size']} exceeds the {stream.epoch_size} training cases")
-                stream.batch_size = c["curvature_batch_size"]
-            else:  # fresh draws from the distribution: a draw of the new size (stateless apart from the stream's generator)
-                stream.batch_size = c["curvature_batch_size"]
-                stream.draw = self._resized_draw(c["curvature_batch_size"])
-        if not entry.curvature_products:
-            if set(c["budget"]) == {"curvature_products"}:
-                raise ValueError(f"budget: {c['optimizer']!r} computes no curvature-vector products, so a budget of curvature_products "
-                                 f"alone would never end; add a limit in another unit")
-            if c["evaluate_unit"] == "curvature_products":
-                raise ValueError(f"evaluate_unit: {c['optimizer']!r} computes no curvature-vector products; evaluate in another unit")
+        self._check_epochs()
+        self._use_curvature_batches(entry)
+        self._check_curvature_units(entry)
         self.model, self.loss = self.problem.model, self.problem.loss
         self.optimizer = make_optimizer(c["optimizer"], self.model, self.loss, c["hyperparameters"], c["seed"])
         self.entry = entry
@@ -255,33 +237,81 @@ class Runner:
         self.history: dict[str, list] = {"steps": [], "evaluations": [], "steering": []}
         self.status, self.reached_target, self.last_evaluation = "created", False, None
         self._run_lock, self._in_step, self._rejected = None, False, 0
-        # everything is built and checked: only now the store, and the checkpoint path checked before the run is recorded
-        self.store = None if store is False else store if isinstance(store, RunStore) else RunStore(None if store in (None, True) else store)
-        configured = None if c["checkpoint"] is None else absolute_path(c["checkpoint"])
-        if _run_id is not None:  # resume: the store's run, its own checkpoint
-            self.run_id, self.checkpoint_path = _run_id, configured
-        elif self.store is None:
-            self.run_id = None
-            self.checkpoint_path = None if configured is None else check_output_path(configured, "checkpoint", overwrite=overwrite)
-        else:
-            def checked(run_id: int) -> Path:  # inside create_run's transaction: a refusal records nothing
-                return check_output_path(configured or self.store.default_checkpoint(run_id), "checkpoint", self.store, run_id,
-                                         overwrite=overwrite)
-            self.run_id = self.store.create_run(c, name=c["name"], problem=c["problem"], optimizer=c["optimizer"], seed=c["seed"],
-                                                device=str(self.device), checkpoint=checked, status="created")
-            self.checkpoint_path = self.store.checkpoint_path(self.run_id)
-
-    def _resized_draw(self, size: int):
-        "The curvature stream's draw with `size` cases: the training distribution's draw, resized."
-        c = self.config
-        options = {**c["problem_options"], "batch_size": size}
-        resized = make_problem(c["problem"], c["seed"], self.device, c["dtype"], **options)
-        seed_everything(c["seed"])  # the second build must not move the global streams the first one left
-        return resized.stream.draw
+        self._record_run(store, overwrite, _run_id)  # everything is built and checked: only now the store
 
     def __repr__(self) -> str:
         c = self.config
         return f"Runner(run {self.run_id}: {c['optimizer']} on {c['problem']}, seed {c['seed']}, {self.status}, step {self.step})"
+
+# %% ../nbs/87_runs.ipynb #b67a3d66
+@patch
+def _check_epochs(self: Runner) -> None:
+    "Refuse epochs (in the budget or as the evaluation unit) on a problem whose training stream has none."
+    c = self.config
+    if ("epochs" in c["budget"] or c["evaluate_unit"] == "epochs") and self.problem.stream.epoch_size is None:
+        raise ValueError(f"budget: {c['problem']!r} draws fresh training data every batch and has no epochs; "
+                         f"use steps, gradient_evaluations, curvature_products, evaluations or seconds")
+
+
+@patch
+def _check_curvature_units(self: Runner, entry) -> None:
+    "Refuse a budget or evaluation unit of curvature-vector products for an optimizer (`entry`) that computes none."
+    c = self.config
+    if not entry.curvature_products:
+        if set(c["budget"]) == {"curvature_products"}:
+            raise ValueError(f"budget: {c['optimizer']!r} computes no curvature-vector products, so a budget of curvature_products "
+                             f"alone would never end; add a limit in another unit")
+        if c["evaluate_unit"] == "curvature_products":
+            raise ValueError(f"evaluate_unit: {c['optimizer']!r} computes no curvature-vector products; evaluate in another unit")
+
+# %% ../nbs/87_runs.ipynb #6b2d0100
+@patch
+def _use_curvature_batches(self: Runner, entry) -> None:
+    "Give the curvature stream batches of `curvature_batch_size` cases, if configured (refused for an optimizer `entry` without curvature batches)."
+    c = self.config
+    if c["curvature_batch_size"] is None:
+        return
+    if entry.curvature_batches is None:
+        raise ValueError(f"curvature_batch_size: {c['optimizer']!r} computes no curvature-vector products; only "
+                         f"{[n for n, e in OPTIMIZERS.items() if e.curvature_batches]} take a curvature batch")
+    stream = self.problem.curvature_stream
+    if isinstance(stream, EpochStream):  # a fixed training set: the stream's own (checkpointed) order, smaller batches
+        if c["curvature_batch_size"] > stream.epoch_size:
+            raise ValueError(f"curvature_batch_size: {c['curvature_batch_size']} exceeds the {stream.epoch_size} training cases")
+        stream.batch_size = c["curvature_batch_size"]
+    else:  # fresh draws from the distribution: a draw of the new size (stateless apart from the stream's generator)
+        stream.batch_size = c["curvature_batch_size"]
+        stream.draw = self._resized_draw(c["curvature_batch_size"])
+
+
+@patch
+def _resized_draw(self: Runner, size: int):
+    "The curvature stream's draw with `size` cases: the training distribution's draw, resized."
+    c = self.config
+    options = {**c["problem_options"], "batch_size": size}
+    resized = make_problem(c["problem"], c["seed"], self.device, c["dtype"], **options)
+    seed_everything(c["seed"])  # the second build must not move the global streams the first one left
+    return resized.stream.draw
+
+# %% ../nbs/87_runs.ipynb #bb1e4fab
+@patch
+def _record_run(self: Runner, store: RunStore | str | os.PathLike | None | bool, overwrite: bool, run_id: int | None) -> None:
+    "Open the store, record the run (or take the resumed `run_id`) and settle its checkpoint path."
+    c = self.config
+    self.store = None if store is False else store if isinstance(store, RunStore) else RunStore(None if store in (None, True) else store)
+    configured = None if c["checkpoint"] is None else absolute_path(c["checkpoint"])
+    if run_id is not None:  # resume: the store's run, its own checkpoint
+        self.run_id, self.checkpoint_path = run_id, configured
+    elif self.store is None:
+        self.run_id = None
+        self.checkpoint_path = None if configured is None else check_output_path(configured, "checkpoint", overwrite=overwrite)
+    else:
+        def checked(new_id: int) -> Path:  # inside create_run's transaction: a refusal records nothing
+            return check_output_path(configured or self.store.default_checkpoint(new_id), "checkpoint", self.store, new_id,
+                                     overwrite=overwrite)
+        self.run_id = self.store.create_run(c, name=c["name"], problem=c["problem"], optimizer=c["optimizer"], seed=c["seed"],
+                                            device=str(self.device), checkpoint=checked, status="created")
+        self.checkpoint_path = self.store.checkpoint_path(self.run_id)
 
 # %% ../nbs/87_runs.ipynb #98fbcbff
 @patch

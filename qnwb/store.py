@@ -269,50 +269,6 @@ class RunStore:
         if mark_dead and not read_only:
             self.mark_dead_runs()
 
-    def _open_for_writing(self, timeout: float) -> sqlite3.Connection:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"store: cannot make the folder of {str(self.path)!r}: {e}") from None
-        if not os.access(self.path.parent, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
-            raise ValueError(f"store: {str(self.path)!r} cannot be written (no permission)")
-        connection = self._connect(str(self.path), timeout)
-        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if tables and not set(STORE_TABLES) <= tables:  # someone else's database: qnwb never adds its tables to it
-            connection.close()
-            raise sqlite3.DatabaseError(f"it is a SQLite database with other tables ({', '.join(sorted(tables)[:5])}), not a run store")
-        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise sqlite3.OperationalError(f"the journal mode stays {mode!r} (WAL needs a local file system)")
-        connection.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process kills
-        connection.execute("PRAGMA foreign_keys = ON")
-        self._connection = connection
-        with self.transaction() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            for table, columns in ADDED_COLUMNS.items():  # a store of an earlier version
-                present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
-                for column, kind in columns.items():
-                    if column not in present:
-                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,))
-        return connection
-
-    def _open_read_only(self, timeout: float) -> sqlite3.Connection:
-        "SQLite's read-only mode; where even that cannot open (a read-only file system without the WAL index) the file as immutable."
-        location = quote(str(self.path.resolve()))
-        try:
-            connection = self._connect(f"file:{location}?mode=ro", timeout, uri=True)
-            connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-        except sqlite3.OperationalError:
-            connection = self._connect(f"file:{location}?immutable=1", timeout, uri=True)
-        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not set(STORE_TABLES) <= tables:
-            connection.close()
-            raise sqlite3.DatabaseError(f"it has no {', '.join(STORE_TABLES)} tables")
-        return connection
-
     @staticmethod
     def _connect(target: str, timeout: float, uri: bool = False) -> sqlite3.Connection:
         connection = sqlite3.connect(target, timeout=timeout, isolation_level=None, check_same_thread=False, uri=uri)
@@ -320,75 +276,136 @@ class RunStore:
         connection.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         return connection
 
-    def _store_id(self) -> str | None:
-        "The store's identity (`meta.store_id`), or None for a store of an earlier version opened read-only."
-        try:
-            rows = self._query("SELECT value FROM meta WHERE key = 'store_id'")
-        except sqlite3.OperationalError:  # no meta table
-            return None
-        return rows[0]["value"] if rows else None
+# %% ../nbs/86_store.ipynb #55efc90c
+@patch
+def _open_for_writing(self: RunStore, timeout: float) -> sqlite3.Connection:
+    try:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"store: cannot make the folder of {str(self.path)!r}: {e}") from None
+    if not os.access(self.path.parent, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
+        raise ValueError(f"store: {str(self.path)!r} cannot be written (no permission)")
+    connection = self._connect(str(self.path), timeout)
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and not set(STORE_TABLES) <= tables:  # someone else's database: qnwb never adds its tables to it
+        connection.close()
+        raise sqlite3.DatabaseError(f"it is a SQLite database with other tables ({', '.join(sorted(tables)[:5])}), not a run store")
+    mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        raise sqlite3.OperationalError(f"the journal mode stays {mode!r} (WAL needs a local file system)")
+    connection.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process kills
+    connection.execute("PRAGMA foreign_keys = ON")
+    self._connection = connection
+    with self.transaction() as db:
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        for table, columns in ADDED_COLUMNS.items():  # a store of an earlier version
+            present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+            for column, kind in columns.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+    return connection
 
-    # -- plumbing ---------------------------------------------------------------------------------------------------
-    def transaction(self):
-        """A context manager: one `BEGIN IMMEDIATE … COMMIT` (rolled back on an exception), holding the store's lock."""
-        store = self
-        if self.read_only:
-            raise ValueError(f"store: {str(self.path)!r} was opened read-only; open it with read_only=False to write")
+# %% ../nbs/86_store.ipynb #ac40d06a
+@patch
+def _open_read_only(self: RunStore, timeout: float) -> sqlite3.Connection:
+    "SQLite's read-only mode; where even that cannot open (a read-only file system without the WAL index) the file as immutable."
+    location = quote(str(self.path.resolve()))
+    try:
+        connection = self._connect(f"file:{location}?mode=ro", timeout, uri=True)
+        connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.OperationalError:
+        connection = self._connect(f"file:{location}?immutable=1", timeout, uri=True)
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not set(STORE_TABLES) <= tables:
+        connection.close()
+        raise sqlite3.DatabaseError(f"it has no {', '.join(STORE_TABLES)} tables")
+    return connection
 
-        class _Transaction:
-            def __enter__(self):
-                store._lock.acquire()
-                try:
-                    store._connection.execute("BEGIN IMMEDIATE")
-                except BaseException:
-                    store._lock.release()
-                    raise
-                return store._connection
 
-            def __exit__(self, kind, value, traceback):
-                try:
-                    store._connection.execute("COMMIT" if kind is None else "ROLLBACK")
-                finally:
-                    store._lock.release()
-                return False
-        return _Transaction()
+@patch
+def _store_id(self: RunStore) -> str | None:
+    "The store's identity (`meta.store_id`), or None for a store of an earlier version opened read-only."
+    try:
+        rows = self._query("SELECT value FROM meta WHERE key = 'store_id'")
+    except sqlite3.OperationalError:  # no meta table
+        return None
+    return rows[0]["value"] if rows else None
 
-    def _query(self, sql: str, parameters: Sequence = ()) -> list[dict]:
+# %% ../nbs/86_store.ipynb #a0b03f7b
+@patch
+def transaction(self: RunStore):
+    """A context manager: one `BEGIN IMMEDIATE … COMMIT` (rolled back on an exception), holding the store's lock."""
+    store = self
+    if self.read_only:
+        raise ValueError(f"store: {str(self.path)!r} was opened read-only; open it with read_only=False to write")
+
+    class _Transaction:
+        def __enter__(self):
+            store._lock.acquire()
+            try:
+                store._connection.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                store._lock.release()
+                raise
+            return store._connection
+
+        def __exit__(self, kind, value, traceback):
+            try:
+                store._connection.execute("COMMIT" if kind is None else "ROLLBACK")
+            finally:
+                store._lock.release()
+            return False
+    return _Transaction()
+
+
+@patch
+def _query(self: RunStore, sql: str, parameters: Sequence = ()) -> list[dict]:
+    with self._lock:
+        return [dict(row) for row in self._connection.execute(sql, parameters).fetchall()]
+
+# %% ../nbs/86_store.ipynb #29942a76
+@patch
+def check_integrity(self: RunStore) -> None:
+    """Raise a one-line ValueError if SQLite's `quick_check` finds the file damaged. Done once per store object before
+    its first new run or resume, so nothing is appended to a damaged store (reads never pay for it)."""
+    if self._checked:
+        return
+    try:
+        problems = [row[next(iter(row))] for row in self._query("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as e:
+        problems = [str(e)]
+    if problems != ["ok"]:
+        raise ValueError(f"store: {str(self.path)!r} is damaged (SQLite quick_check: {'; '.join(map(str, problems[:3]))}); "
+                         f"nothing was written to it: copy it aside and use another store")
+    self._checked = True
+
+
+@patch
+def close(self: RunStore) -> None:
+    "Close the connection (the store stays on disk)."
+    if self._connection is not None:
         with self._lock:
-            return [dict(row) for row in self._connection.execute(sql, parameters).fetchall()]
-
-    def check_integrity(self) -> None:
-        """Raise a one-line ValueError if SQLite's `quick_check` finds the file damaged. Done once per store object before
-        its first new run or resume, so nothing is appended to a damaged store (reads never pay for it)."""
-        if self._checked:
-            return
-        try:
-            problems = [row[next(iter(row))] for row in self._query("PRAGMA quick_check")]
-        except sqlite3.DatabaseError as e:
-            problems = [str(e)]
-        if problems != ["ok"]:
-            raise ValueError(f"store: {str(self.path)!r} is damaged (SQLite quick_check: {'; '.join(map(str, problems[:3]))}); "
-                             f"nothing was written to it: copy it aside and use another store")
-        self._checked = True
-
-    def close(self) -> None:
-        "Close the connection (the store stays on disk)."
-        if self._connection is not None:
-            with self._lock:
-                self._connection.close()
-                self._connection = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def __repr__(self) -> str:
-        return f"RunStore({str(self.path)!r}{', read_only=True' if self.read_only else ''})"
+            self._connection.close()
+            self._connection = None
 
 
+@patch
+def __enter__(self: RunStore):
+    return self
+
+
+@patch
+def __exit__(self: RunStore, *exc):
+    self.close()
+    return False
+
+
+@patch
+def __repr__(self: RunStore) -> str:
+    return f"RunStore({str(self.path)!r}{', read_only=True' if self.read_only else ''})"
 
 # %% ../nbs/86_store.ipynb #12a301c2
 SQLITE_MAGIC = b"SQLite format 3\x00"
