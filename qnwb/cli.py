@@ -68,7 +68,7 @@ def _info(args: argparse.Namespace) -> int:
         print("\n".join(f"{key:<{width}}  {value}" for key, value in info.items()))
     return 0
 
-
+# %% ../nbs/98_cli.ipynb #c73f06a7
 def _positive_int(text: str) -> int:
     try:
         return check_positive_int("value", int(text))
@@ -90,39 +90,12 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _bench_curvature(args: argparse.Namespace) -> int:
-    result = bench_curvature(batch=args.batch, steps=args.steps, hidden=args.hidden, device=args.device,
-                             repeat=args.repeat, route=args.route, structural_weight=args.structural_weight,
-                             dtype=args.dtype, progress=True)
-    print(as_json(result, None) if args.json else summary(result))
-    return 0
-
-# %% ../nbs/98_cli.ipynb #34f9dd6b
-def _bench_hf(args: argparse.Namespace) -> int:
-    result = bench_hf(args.task, args.T, args.seed, structural_damping=args.mu, budget_s=args.budget, device=args.device, progress=True)
-    if args.json:
-        print(as_json(result, None))
-    else:
-        print("\n".join(f"{key:<22} {value}" for key, value in result.items()))
-    return 0 if result["solved"] else 1
-
-
 def _learning_rate(text: str) -> tuple[str, float]:
     name, _, value = text.partition("=")
     try:
         return name, check_number("lr", float(value), 0.0, low_open=True)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=RATE with RATE > 0, got {text!r}") from None
-
-
-def _bench_optimizers(args: argparse.Namespace) -> int:
-    html = None if args.html is None else check_output_path(args.html, "html", overwrite=args.force)  # before the work
-    result = bench_optimizers(args.optimizers, steps=args.steps, lrs=dict(args.lr), hidden=args.hidden, layers=args.layers,
-                              length=args.length, batch=args.batch, seed=args.seed, device=args.device, progress=True)
-    if html is not None:
-        atomic_write(html, lambda partial: optimizers_figure(result).write_html(partial, include_plotlyjs="cdn"))
-    print(as_json(result, None) if args.json else optimizers_summary(result))
-    return 0
 
 
 def _seconds(text: str) -> float:
@@ -138,27 +111,27 @@ def _tolerance(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}") from None
 
-
-def _bench_lanczos(args: argparse.Namespace) -> int:
-    result = bench_lanczos(k=args.k, tolerance=args.tolerance, batch=args.batch, steps=args.steps, hidden=args.hidden,
-                           device=args.device, dtype=args.dtype, repeat=args.repeat, max_products=args.max_products,
-                           seed=args.seed, progress=True)
-    print(as_json(result, None) if args.json else lanczos_summary(result))
-    return 0
-
-
-def _bench_dashboard(args: argparse.Namespace) -> int:
-    from qnwb.bench import bench_dashboard, dashboard_summary
-
-    rows = bench_dashboard(tuple(args.optimizers), repeat=args.repeat, refresh_s=args.refresh)
-    print(json.dumps(rows) if args.json else dashboard_summary(rows))
-    return 0
-
-# %% ../nbs/98_cli.ipynb #7881f512
+# %% ../nbs/98_cli.ipynb #75c7c596
 def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="time the workbench's building blocks",
                                 description="Benchmarks; each prints a table, or a JSON object with --json.")
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    _add_bench_curvature(benchmarks)
+    _add_bench_hf(benchmarks)
+    _add_bench_optimizers(benchmarks)
+    _add_bench_lanczos(benchmarks)
+    _add_bench_dashboard(benchmarks)
+
+# %% ../nbs/98_cli.ipynb #f8cdf405
+def _bench_curvature(args: argparse.Namespace) -> int:
+    result = bench_curvature(batch=args.batch, steps=args.steps, hidden=args.hidden, device=args.device,
+                             repeat=args.repeat, route=args.route, structural_weight=args.structural_weight,
+                             dtype=args.dtype, progress=True)
+    print(as_json(result, None) if args.json else summary(result))
+    return 0
+
+
+def _add_bench_curvature(benchmarks) -> None:
     curvature = benchmarks.add_parser(
         "curvature", help="a GGN-vector product against a gradient on the reference RNN problem",
         description="Median seconds of a gradient, a GGN-vector product and a GGN set-up on a TanhRNN(2, HIDDEN, 1) "
@@ -175,6 +148,18 @@ def _add_bench(commands) -> None:
     curvature.add_argument("--dtype", choices=list(DTYPES), default="float32", help="default float32")
     curvature.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout) instead of a table")
     curvature.set_defaults(handler=_bench_curvature)
+
+# %% ../nbs/98_cli.ipynb #3a67c6ae
+def _bench_hf(args: argparse.Namespace) -> int:
+    result = bench_hf(args.task, args.T, args.seed, structural_damping=args.mu, budget_s=args.budget, device=args.device, progress=True)
+    if args.json:
+        print(as_json(result, None))
+    else:
+        print("\n".join(f"{key:<22} {value}" for key, value in result.items()))
+    return 0 if result["solved"] else 1
+
+
+def _add_bench_hf(benchmarks) -> None:
     hf = benchmarks.add_parser(
         "hf", help="Hessian-free on one pathological task until it is solved: evaluations and wall-clock",
         description="Train a 100-unit TanhRNN (ESN initialisation) with HessianFree and structural damping on one task of "
@@ -187,6 +172,19 @@ def _add_bench(commands) -> None:
     hf.add_argument("--device", type=_device, default="cpu")
     hf.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
     hf.set_defaults(handler=_bench_hf)
+
+# %% ../nbs/98_cli.ipynb #2adfc9cc
+def _bench_optimizers(args: argparse.Namespace) -> int:
+    html = None if args.html is None else check_output_path(args.html, "html", overwrite=args.force)  # before the work
+    result = bench_optimizers(args.optimizers, steps=args.steps, lrs=dict(args.lr), hidden=args.hidden, layers=args.layers,
+                              length=args.length, batch=args.batch, seed=args.seed, device=args.device, progress=True)
+    if html is not None:
+        atomic_write(html, lambda partial: optimizers_figure(result).write_html(partial, include_plotlyjs="cdn"))
+    print(as_json(result, None) if args.json else optimizers_summary(result))
+    return 0
+
+
+def _add_bench_optimizers(benchmarks) -> None:
     optimizers = benchmarks.add_parser(
         "optimizers", help="optimizers side by side on a character RNN: losses and optimizer work per step",
         description="Train the same 5-layer character RNN (adaQN section 4) with each optimizer for STEPS steps on the same "
@@ -206,6 +204,17 @@ def _add_bench(commands) -> None:
     optimizers.add_argument("--force", action="store_true", help="replace the --html file if it exists")
     optimizers.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
     optimizers.set_defaults(handler=_bench_optimizers)
+
+# %% ../nbs/98_cli.ipynb #a13a4863
+def _bench_lanczos(args: argparse.Namespace) -> int:
+    result = bench_lanczos(k=args.k, tolerance=args.tolerance, batch=args.batch, steps=args.steps, hidden=args.hidden,
+                           device=args.device, dtype=args.dtype, repeat=args.repeat, max_products=args.max_products,
+                           seed=args.seed, progress=True)
+    print(as_json(result, None) if args.json else lanczos_summary(result))
+    return 0
+
+
+def _add_bench_lanczos(benchmarks) -> None:
     spectrum = benchmarks.add_parser(
         "lanczos", help="top-k eigenvalues of the reference GGN: Lanczos against block power iteration",
         description="Products, median wall-clock and true relative residuals for the top K eigenvalues of the GGN of a "
@@ -223,6 +232,17 @@ def _add_bench(commands) -> None:
     spectrum.add_argument("--seed", type=int, default=0)
     spectrum.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout) instead of a table")
     spectrum.set_defaults(handler=_bench_lanczos)
+
+# %% ../nbs/98_cli.ipynb #7436095c
+def _bench_dashboard(args: argparse.Namespace) -> int:
+    from qnwb.bench import bench_dashboard, dashboard_summary
+
+    rows = bench_dashboard(tuple(args.optimizers), repeat=args.repeat, refresh_s=args.refresh)
+    print(json.dumps(rows) if args.json else dashboard_summary(rows))
+    return 0
+
+
+def _add_bench_dashboard(benchmarks) -> None:
     dashboard = benchmarks.add_parser(
         "dashboard", help="the live dashboard's cost: a run alone and inside qnwb.widgets.Dashboard",
         description="Median seconds of the same run (the dashboard's default problem, addition at T = 20) by Runner.run alone "
