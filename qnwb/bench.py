@@ -74,8 +74,14 @@ def setup_bytes(ggn: GGN) -> int | None:
 # %% ../nbs/96_bench.ipynb #2eaa18a0
 ROUTES = ("auto", "model", "linearize", "jvp")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-SETUP_CAP = 3  # set-ups timed when their median is over SLOW_SETUP_S seconds
-SLOW_SETUP_S = 1.0
+
+
+def _check_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    "`dtype` (a name of DTYPES or a torch dtype) as one of DTYPES' torch dtypes, else a ValueError."
+    dtype = DTYPES.get(dtype, dtype)
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
 
 
 def reference_problem(batch: int, steps: int, hidden: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -88,6 +94,32 @@ def reference_problem(batch: int, steps: int, hidden: int, device: torch.device,
     return model, inputs, targets.to(device)
 
 # %% ../nbs/96_bench.ipynb #301af1ca
+SETUP_CAP = 3  # set-ups timed when their median is over SLOW_SETUP_S seconds
+SLOW_SETUP_S = 1.0
+
+
+def _time_setups(build: Callable[[], GGN], repeat: int, device: torch.device, bar: tqdm) -> tuple[list[float], GGN]:
+    """Seconds of up to `repeat` calls `build()`, one at a time (each frees the previous one first), and the last one built;
+    only SETUP_CAP when their median is over SLOW_SETUP_S seconds (the bar's total shrinks to match)."""
+    setup_times, ggn = [], None
+    while len(setup_times) < repeat:
+        ggn = None  # free the previous cache before building the next
+        seconds, ggn = timed(build, device)
+        setup_times.append(seconds)
+        bar.update()
+        if len(setup_times) >= SETUP_CAP and statistics.median(setup_times) > SLOW_SETUP_S:
+            bar.total -= repeat - len(setup_times)
+            break
+    return setup_times, ggn
+
+# %% ../nbs/96_bench.ipynb #a8490650
+def _route_used(ggn: GGN, route: str) -> str:
+    "The route `ggn` was built by when `route` was asked for: \"model\" for a model's own linearisation, else the torch.func route."
+    if isinstance(ggn.linearization, FuncLinearization):
+        return "linearize" if route == "auto" else route  # what "auto" picks for a model without linearize()
+    return "model"
+
+# %% ../nbs/96_bench.ipynb #10a4f107
 def bench_curvature(
     batch: int = 1000,  # cases in the batch
     steps: int = 100,  # time steps per case
@@ -106,9 +138,7 @@ def bench_curvature(
     if route not in ROUTES:
         raise ValueError(f"route: {route!r} is not one of {', '.join(ROUTES)}")
     structural_weight = _check_structural("tanh", structural_weight)  # the GGN's own check, before any work
-    dtype = DTYPES.get(dtype, dtype)
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = _check_dtype(dtype)
     device = default_device(device)
 
     model, x, y = reference_problem(batch, steps, hidden, device, dtype, seed)
@@ -129,41 +159,15 @@ def bench_curvature(
         v = torch.randn(ggn.n, generator=make_generator(seed + 1), dtype=dtype).to(device)
         timed(lambda: ggn.mv(v), device)
         bar.update(3)
-        setup_times = []
-        while len(setup_times) < repeat:
-            ggn = None  # free the previous cache before building the next
-            seconds, ggn = timed(build, device)
-            setup_times.append(seconds)
-            bar.update()
-            if len(setup_times) >= SETUP_CAP and statistics.median(setup_times) > SLOW_SETUP_S:
-                bar.total -= repeat - len(setup_times)
-                break
-        setups = len(setup_times)
+        ggn = None  # free the warm-up's cache before the timed set-ups
+        setup_times, ggn = _time_setups(build, repeat, device, bar)
         medians = median_seconds({"grad": gradient, "mv": lambda: ggn.mv(v)}, repeat, device, bar)
 
-    if isinstance(ggn.linearization, FuncLinearization):
-        used = "linearize" if route == "auto" else route  # what "auto" picks for a model without linearize()
-    else:
-        used = "model"
-    return {
-        "route": used,
-        "grad_s": medians["grad"],
-        "ggn_mv_s": medians["mv"],
-        "ratio": medians["mv"] / medians["grad"],
-        "setup_s": statistics.median(setup_times),
-        "setups": setups,
-        "setup_bytes": setup_bytes(ggn),
-        "parameters": ggn.n,
-        "batch": batch,
-        "steps": steps,
-        "hidden": hidden,
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "repeat": repeat,
-        "structural_weight": float(structural_weight),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
+    return {"route": _route_used(ggn, route), "grad_s": medians["grad"], "ggn_mv_s": medians["mv"],
+            "ratio": medians["mv"] / medians["grad"], "setup_s": statistics.median(setup_times), "setups": len(setup_times),
+            "setup_bytes": setup_bytes(ggn), "parameters": ggn.n, "batch": batch, "steps": steps, "hidden": hidden,
+            "device": str(device), "dtype": str(dtype).removeprefix("torch."), "repeat": repeat,
+            "structural_weight": float(structural_weight), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 # %% ../nbs/96_bench.ipynb #23079ce0
 def summary(result: dict[str, Any]) -> str:
@@ -238,6 +242,48 @@ def bench_hf(
             "device": str(device), "torch": torch.__version__}
 
 # %% ../nbs/96_bench.ipynb #7f0b1e02
+def _character_data(corpus, hidden: int, layers: int, length: int, batch: int, steps: int, seed: int, device: torch.device):
+    "The initial network and the batches every optimizer shares: (network, training batches, monitoring batch, validation batch)."
+    from qnwb.init import dense_init_
+
+    torch.manual_seed(seed)
+    initial = dense_init_(TanhRNN.language_model(len(corpus.vocabulary), hidden, layers), std=0.01, generator=make_generator(seed))
+    stream = make_generator(seed + 1)
+    batches = [tuple(t.to(device) for t in corpus.batch(batch, length, generator=stream, one_hot_targets=False)) for _ in range(steps)]
+    monitor_batch, valid_batch = (tuple(t.to(device) for t in corpus.batch(batch, length, split=split, generator=make_generator(seed + 2),
+                                                                           one_hot_targets=False)) for split in ("train", "validation"))
+    return initial, batches, monitor_batch, valid_batch
+
+# %% ../nbs/96_bench.ipynb #b4c1feef
+def _timed_step(optimizer, model: torch.nn.Module, loss, batch: tuple[Tensor, Tensor], monitor_batch, device: torch.device):
+    "One step by `take_step`: (seconds outside its closures, seconds inside them, the step's result)."
+    from qnwb.optim import take_step
+
+    x, y = batch
+    inside = [0.0]
+
+    def timed_call(fn):
+        def call():
+            seconds, value = timed(fn, device)
+            inside[0] += seconds
+            return value
+        return call
+
+    seconds, result = timed(lambda: take_step(optimizer, model, loss, (x, y), curvature_batches=lambda: (x, y),
+                                              monitor_batch=monitor_batch, wrap=timed_call), device)
+    return seconds - inside[0], inside[0], result
+
+# %% ../nbs/96_bench.ipynb #cd596337
+def _optimizer_result(run: dict, lr: float, base: float | None) -> dict[str, Any]:
+    "One optimizer's entry of the result: its losses and the medians of its work (against Adagrad's `base`) and closures per step."
+    work = statistics.median(run["optimizer_s"])
+    return {
+        "lr": lr, "train": run["train"], "valid": run["valid"], "final_train": run["train"][-1],
+        "final_valid": run["valid"][-1][1], "optimizer_s_median": work, "closure_s_median": statistics.median(run["closure_s"]),
+        "work_vs_adagrad": work / base if base else None,
+        "last_stats": dict(getattr(run["optimizer"], "stats", {}))}  # qnwb optimizers: memory, rejections, counts
+
+# %% ../nbs/96_bench.ipynb #4de2c75d
 DEFAULT_LRS = {"sgd": 0.1, "adagrad": 0.05, "adam": 1e-3, "adaqn": 0.05, "lbfgs": 0.05, "cm": 0.005, "nag": 0.005}
 
 
@@ -255,8 +301,7 @@ def bench_optimizers(
 ) -> dict[str, Any]:
     """Train the same character RNN with each optimizer for `steps` steps; losses per step and optimizer work per step."""
     from qnwb.data import default_corpus
-    from qnwb.init import dense_init_
-    from qnwb.optim import OPTIMIZERS, make_optimizer, take_step
+    from qnwb.optim import OPTIMIZERS, make_optimizer
 
     check_positive_int("steps", steps)
     check_positive_int("evaluate_every", evaluate_every)
@@ -267,12 +312,7 @@ def bench_optimizers(
     corpus = default_corpus() if corpus is None else corpus
     device = default_device(device)
     loss = matching_loss("softmax_cross_entropy")
-    torch.manual_seed(seed)
-    initial = dense_init_(TanhRNN.language_model(len(corpus.vocabulary), hidden, layers), std=0.01, generator=make_generator(seed))
-    stream = make_generator(seed + 1)
-    batches = [tuple(t.to(device) for t in corpus.batch(batch, length, generator=stream, one_hot_targets=False)) for _ in range(steps)]
-    monitor_batch, valid_batch = (tuple(t.to(device) for t in corpus.batch(batch, length, split=split, generator=make_generator(seed + 2),
-                                                                           one_hot_targets=False)) for split in ("train", "validation"))
+    initial, batches, monitor_batch, valid_batch = _character_data(corpus, hidden, layers, length, batch, steps, seed, device)
     runs = {}
     for name in names:
         model = copy.deepcopy(initial).to(device)
@@ -287,39 +327,20 @@ def bench_optimizers(
 
     bar = tqdm(total=steps * len(names), desc="bench optimizers", disable=not progress, file=sys.stderr)
     for t in range(steps):
-        x, y = batches[t]
         for name, run in runs.items():
-            model, optimizer, inside = run["model"], run["optimizer"], [0.0]
-
-            def timed_call(fn):
-                def call():
-                    seconds, value = timed(fn, device)
-                    inside[0] += seconds
-                    return value
-                return call
-
-            seconds, result = timed(lambda: take_step(optimizer, model, loss, (x, y), curvature_batches=lambda: (x, y),
-                                                      monitor_batch=monitor_batch, wrap=timed_call), device)
+            work, inside, result = _timed_step(run["optimizer"], run["model"], loss, batches[t], monitor_batch, device)
             run["train"].append(per_character(result.loss))
-            run["optimizer_s"].append(seconds - inside[0])
-            run["closure_s"].append(inside[0])
+            run["optimizer_s"].append(work)
+            run["closure_s"].append(inside)
             if (t + 1) % evaluate_every == 0 or t + 1 == steps:
                 with torch.no_grad():
-                    run["valid"].append((t + 1, per_character(loss(model(valid_batch[0]), valid_batch[1]))))
+                    run["valid"].append((t + 1, per_character(loss(run["model"](valid_batch[0]), valid_batch[1]))))
             bar.update()
     bar.close()
     base = statistics.median(runs["adagrad"]["optimizer_s"]) if "adagrad" in runs else None
-    result = {"steps": steps, "hidden": hidden, "layers": layers, "length": length, "batch": batch, "seed": seed,
+    return {"steps": steps, "hidden": hidden, "layers": layers, "length": length, "batch": batch, "seed": seed,
               "device": str(device), "torch": torch.__version__, "parameters": sum(p.numel() for p in initial.parameters()),
-              "optimizers": {}}
-    for name, run in runs.items():
-        work = statistics.median(run["optimizer_s"])
-        result["optimizers"][name] = {
-            "lr": rates[name], "train": run["train"], "valid": run["valid"], "final_train": run["train"][-1],
-            "final_valid": run["valid"][-1][1], "optimizer_s_median": work, "closure_s_median": statistics.median(run["closure_s"]),
-            "work_vs_adagrad": work / base if base else None,
-            "last_stats": dict(getattr(run["optimizer"], "stats", {}))}  # qnwb optimizers: memory, rejections, counts
-    return result
+              "optimizers": {name: _optimizer_result(run, rates[name], base) for name, run in runs.items()}}
 
 # %% ../nbs/96_bench.ipynb #7f0b1e03
 def optimizers_summary(result: dict[str, Any]) -> str:
@@ -355,6 +376,12 @@ def optimizers_figure(result: dict[str, Any], smooth: int = 10):
     return figure
 
 # %% ../nbs/96_bench.ipynb #b1a2c3d5
+def _true_relative(ggn: GGN, values: Tensor, vectors: Tensor) -> list[float]:
+    "The true relative residuals ‖G y − θ y‖ / |θ| of the pairs (`values`, columns of `vectors`), largest eigenvalue first."
+    products = torch.stack([ggn.mv(v.contiguous()) for v in vectors.T], dim=1)
+    return (torch.linalg.vector_norm(products - vectors * values, dim=0) / values.abs()).flip(0).tolist()
+
+# %% ../nbs/96_bench.ipynb #f2f92061
 def bench_lanczos(
     k: int = 5,  # top eigenvalues wanted
     tolerance: float = 1e-3,  # relative residual ‖G y − θ y‖ / θ both methods stop at
@@ -377,9 +404,7 @@ def bench_lanczos(
         raise ValueError(f"tolerance: must be in (0, 1), got {tolerance!r}")
     if max_products < k:
         raise ValueError(f"max_products: {max_products} is fewer than k = {k} (one block of power iteration)")
-    dtype = DTYPES.get(dtype, dtype)
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = _check_dtype(dtype)
     device = default_device(device)
     model, x, y = reference_problem(batch, steps, hidden, device, dtype, seed)
     ggn = GGN(model, matching_loss("squared_error"), (x, y))
@@ -391,10 +416,6 @@ def bench_lanczos(
 
     def run_power():
         return power_iteration(ggn, max_products // k, k=k, tolerance=tolerance, seed=seed)
-
-    def true_relative(values: Tensor, vectors: Tensor) -> list[float]:
-        products = torch.stack([ggn.mv(v.contiguous()) for v in vectors.T], dim=1)
-        return (torch.linalg.vector_norm(products - vectors * values, dim=0) / values.abs()).flip(0).tolist()
 
     bar = tqdm(total=2 + 2 * repeat, desc="bench lanczos", file=sys.stderr, disable=not progress, leave=False)
     with bar:
@@ -411,10 +432,10 @@ def bench_lanczos(
         "lanczos_within_budget": first.stop in ("converged", "invariant") and first.products <= budget,
         "lanczos_values": values[-k:].flip(0).tolist(),
         "lanczos_estimated_relative": (residuals[-k:] / values[-k:].abs()).flip(0).tolist(),
-        "lanczos_true_relative": true_relative(values[-k:], vectors[:, -k:]),
+        "lanczos_true_relative": _true_relative(ggn, values[-k:], vectors[:, -k:]),
         "power_products": power.products, "power_stop": power.stop, "power_s": medians["power"],
         "power_values": power.values.flip(0).tolist(),
-        "power_true_relative": true_relative(power.values, power.vectors),
+        "power_true_relative": _true_relative(ggn, power.values, power.vectors),
         "parameters": ggn.n, "batch": batch, "steps": steps, "hidden": hidden, "seed": seed, "repeat": repeat,
         "max_products": max_products, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
