@@ -174,22 +174,28 @@ class Dashboard:
         _watch_cells()
         self.reset(config)
 
-    def _ipython_display_(self):
-        from IPython.display import display
+# %% ../nbs/95_widgets.ipynb #f8552818
+@patch
+def _ipython_display_(self: Dashboard):
+    from IPython.display import display
 
-        display(self.widget)
+    display(self.widget)
 
-    def _say(self, text: str, label: str | None = None) -> None:
-        "The message line: `text` escaped (errors and values may hold any characters, and the widget renders HTML), after a bold `label`."
-        if not self.closed:
-            self.message.value = (f"<b>{label}</b> " if label else "") + html.escape(str(text))
 
-    def _press(self, label: str) -> None:
-        "A button: its method, with any error shown in the dashboard."
-        try:
-            getattr(self, "snapshot_spectrum" if label == "spectrum" else label)()
-        except Exception as e:
-            self._say(f"({label}): {type(e).__name__}: {e}", "error")
+@patch
+def _say(self: Dashboard, text: str, label: str | None = None) -> None:
+    "The message line: `text` escaped (errors and values may hold any characters, and the widget renders HTML), after a bold `label`."
+    if not self.closed:
+        self.message.value = (f"<b>{label}</b> " if label else "") + html.escape(str(text))
+
+
+@patch
+def _press(self: Dashboard, label: str) -> None:
+    "A button: its method, with any error shown in the dashboard."
+    try:
+        getattr(self, "snapshot_spectrum" if label == "spectrum" else label)()
+    except Exception as e:
+        self._say(f"({label}): {type(e).__name__}: {e}", "error")
 
 
 def _cuda_available() -> bool:
@@ -223,6 +229,32 @@ def _config_from_pickers(self: Dashboard) -> dict:
 
 
 @patch
+def _fill_pickers(self: Dashboard) -> None:
+    c = self.config
+    self.pickers["problem"].value, self.pickers["optimizer"].value = c["problem"], c["optimizer"]
+    self._problem_picked()
+    for name in ("T", "hidden"):
+        if name in c.get("problem_options", {}):
+            self.pickers[name].value = c["problem_options"][name]
+    self.pickers["device"].value, self.pickers["seed"].value = str(self.runner.device.type), int(c.get("seed", 0))
+
+# %% ../nbs/95_widgets.ipynb #b0e7f49a
+def _recorder(optimizer) -> tuple:
+    """`(recorder, its call after each step, the figure builder of its trace)` for `optimizer`'s own figure (Hessian-free,
+    the quasi-Newton memories), or three Nones."""
+    from qnwb.diagnostics import HFTraceRecorder, MemoryRecorder, hf_trace_figure, memory_figure
+
+    kind = entry_for(optimizer)[1].recorder
+    if kind == "hf_trace":
+        recorder = HFTraceRecorder(optimizer)
+        return recorder, recorder.after_step, hf_trace_figure
+    if kind == "memory":
+        recorder = MemoryRecorder(optimizer)
+        return recorder, recorder.observe, memory_figure
+    return None, None, None
+
+# %% ../nbs/95_widgets.ipynb #bcb11ca0
+@patch
 def reset(self: Dashboard, config: Mapping | None = None) -> None:
     """Stop the current run and start a new one from `config` (None: from the pickers); refused configurations are shown."""
     if config is None:
@@ -243,32 +275,6 @@ def reset(self: Dashboard, config: Mapping | None = None) -> None:
     self.redraw()
     self._say(f"run {runner.run_id if runner.run_id is not None else '(not stored)'}: {config['optimizer']} on {config['problem']}, "
               f"{sum(p.numel() for p in runner.model.parameters()):,} parameters; press start")
-
-
-@patch
-def _fill_pickers(self: Dashboard) -> None:
-    c = self.config
-    self.pickers["problem"].value, self.pickers["optimizer"].value = c["problem"], c["optimizer"]
-    self._problem_picked()
-    for name in ("T", "hidden"):
-        if name in c.get("problem_options", {}):
-            self.pickers[name].value = c["problem_options"][name]
-    self.pickers["device"].value, self.pickers["seed"].value = str(self.runner.device.type), int(c.get("seed", 0))
-
-
-def _recorder(optimizer) -> tuple:
-    """`(recorder, its call after each step, the figure builder of its trace)` for `optimizer`'s own figure (Hessian-free,
-    the quasi-Newton memories), or three Nones."""
-    from qnwb.diagnostics import HFTraceRecorder, MemoryRecorder, hf_trace_figure, memory_figure
-
-    kind = entry_for(optimizer)[1].recorder
-    if kind == "hf_trace":
-        recorder = HFTraceRecorder(optimizer)
-        return recorder, recorder.after_step, hf_trace_figure
-    if kind == "memory":
-        recorder = MemoryRecorder(optimizer)
-        return recorder, recorder.observe, memory_figure
-    return None, None, None
 
 # %% ../nbs/95_widgets.ipynb #92cb4c5d
 @patch
@@ -294,7 +300,7 @@ def _build_controls(self: Dashboard) -> None:
         control.style.description_width = "initial"  # "μ (structural)" in full
     self.controls_box.children = list(self.controls.values())
 
-
+# %% ../nbs/95_widgets.ipynb #61542f18
 @patch
 def _changed(self: Dashboard, name: str, change) -> None:
     "A control changed: steer the runner (checked there); a refused value is put back and explained."
@@ -450,7 +456,7 @@ def _train(self: Dashboard) -> None:
             self.snapshot_spectrum()
         self.redraw()
 
-
+# %% ../nbs/95_widgets.ipynb #3a41faaf
 @patch
 def pause(self: Dashboard, timeout: float | None = None) -> None:
     "Stop the training thread after the step in progress (wait for it at most `timeout` seconds); `start` continues."
@@ -476,7 +482,7 @@ def stop(self: Dashboard) -> None:
     self.stopped = True
     self._say(f"stopped after step {self.runner.step}; reset starts a new run")
 
-
+# %% ../nbs/95_widgets.ipynb #ac779803
 @patch
 def close(self: Dashboard) -> None:
     """Stop the training thread and close the widgets (the dashboard cannot be used again)."""
