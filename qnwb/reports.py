@@ -13,7 +13,7 @@ import os
 import re
 import reprlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
@@ -121,7 +121,7 @@ def parse_value(text: str,  # a value as typed on the command line
     except (RecursionError, MemoryError):  # the parser's own recursion / stack limits
         raise ValueError(f"value: nested too deeply to read: {_short(text)}") from None
 
-
+# %% ../nbs/92_reports.ipynb #4354857a
 def _type_name(value) -> str:
     return type(value).__name__
 
@@ -140,7 +140,7 @@ def _common(values: list):
     "The first of `values` when all have one shape, else None (then anything plain goes)."
     return values[0] if values and len({_shape(v) for v in values}) == 1 else None
 
-
+# %% ../nbs/92_reports.ipynb #1aa922a0
 def _conform(value, default, where: str, depth: int = 0):
     "`value` checked against `default` (see above) and copied as plain data; a ValueError naming `where` otherwise."
     if default is None:
@@ -255,7 +255,7 @@ class Report:
     results: Path | None = None  # the template's JSON results, when it wrote them
     seconds: float = 0.0
 
-
+# %% ../nbs/92_reports.ipynb #4a4ddd78
 def to_html(notebook: str | os.PathLike, html: str | os.PathLike) -> Path:
     "Convert an executed notebook to a single HTML file that needs no network (no CDN scripts)."
     import nbformat
@@ -269,12 +269,22 @@ def to_html(notebook: str | os.PathLike, html: str | os.PathLike) -> Path:
     Path(html).write_text(body, encoding="utf-8")
     return Path(html)
 
-
+# %% ../nbs/92_reports.ipynb #5cc07c7e
 def _unformatted(path: Path) -> str:
     "`path` for papermill, which fills `{name}` in its paths with parameters (str.format): braces doubled, so it stays itself."
     return str(path).replace("{", "{{").replace("}", "}}")
 
 
+def _free_stem(folder: Path, name: str) -> str:
+    "`NAME-YYYYmmdd-HHMMSS`, with `-2`, `-3`, ... when a rendering in `folder` has that stem already."
+    stem = f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    for count in range(2, 1000):  # two renderings in one second: -2, -3, ... rather than overwriting
+        if not any((folder / f"{stem}{suffix}").exists() for suffix in (".ipynb", ".html", ".json")):
+            break
+        stem = f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{count}"
+    return stem
+
+# %% ../nbs/92_reports.ipynb #840bd42f
 def render_report(
     name: str,  # a template of nbs/reports (report_names())
     parameters: dict | None = None,  # overrides of the template's defaults (checked before running)
@@ -299,11 +309,7 @@ def render_report(
         raise ValueError(f"out: cannot create the report folder {folder}: {e}") from None
     if not os.access(folder, os.W_OK):
         raise ValueError(f"out: the report folder {folder} is not writable")
-    stem = f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    for count in range(2, 1000):  # two renderings in one second: -2, -3, ... rather than overwriting
-        if not any((folder / f"{stem}{suffix}").exists() for suffix in (".ipynb", ".html", ".json")):
-            break
-        stem = f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{count}"
+    stem = _free_stem(folder, name)
     executed, html, results = folder / f"{stem}.ipynb", folder / f"{stem}.html", folder / f"{stem}.json"
     start = time.perf_counter()
     previous = os.environ.get("QNWB_REPORT_DIR")
