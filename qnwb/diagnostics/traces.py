@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core import check_positive_int
+from ..core import check_positive_int, patch
 from ..curvature import GGN  # the notebook's dense checks
 from ..lanczos import lanczos, matvec, operator_size
 from ..optim.adaqn import AdaQN
@@ -128,52 +128,62 @@ class HFTraceRecorder:
         self.spectra: list[dict] = []
         self._pending: dict | None = None
 
-    def _next_step(self) -> int:
-        params = self.optimizer.param_groups[0]["params"]
-        return self.optimizer.state[params[0]].get("step", 0) + 1
+# %% ../../nbs/83_traces.ipynb #a535c257
+@patch
+def _next_step(self: HFTraceRecorder) -> int:
+    params = self.optimizer.param_groups[0]["params"]
+    return self.optimizer.state[params[0]].get("step", 0) + 1
 
-    def before_step(self, curvature_batch) -> None:
-        """Estimate the curvature's extreme eigenvalues on `curvature_batch` if the coming step k is due (k − 1 divisible by `spectrum_every`)."""
-        k = self._next_step()
-        if self.spectrum_every is None or (k - 1) % self.spectrum_every:
-            self._pending = None
-            return
-        estimate = extreme_eigenvalues(_hf_operator(self.optimizer, curvature_batch), self.lanczos_iterations, seed=self.seed + k)
-        self._pending = {"step": k, **estimate}
 
-    def after_step(self, batch=None, curvature_batch=None) -> dict:
-        """Record the optimizer's `stats` of the step just taken (and the batch sizes, when given); returns them."""
-        stats = dict(self.optimizer.stats)
-        if not stats:
-            raise ValueError("optimizer: has published no stats yet; call after_step after optimizer.step")
-        if self.rows and stats["step"] == self.rows[-1]["step"]:
-            raise ValueError(f"optimizer: step {stats['step']} is recorded already; call after_step once per step")
-        stats["batch_size"] = _cases(batch)
-        stats["curvature_batch_size"] = _cases(curvature_batch if curvature_batch is not None else batch)
-        self.rows.append(stats)
-        if self._pending is not None and self._pending["step"] == stats["step"]:
-            self.spectra.append(self._pending)
+@patch
+def before_step(self: HFTraceRecorder, curvature_batch) -> None:
+    """Estimate the curvature's extreme eigenvalues on `curvature_batch` if the coming step k is due (k − 1 divisible by `spectrum_every`)."""
+    k = self._next_step()
+    if self.spectrum_every is None or (k - 1) % self.spectrum_every:
         self._pending = None
-        return stats
+        return
+    estimate = extreme_eigenvalues(_hf_operator(self.optimizer, curvature_batch), self.lanczos_iterations, seed=self.seed + k)
+    self._pending = {"step": k, **estimate}
 
-    def step(self, batch, curvature_batch=None, selection_batch=None) -> float:
-        """`optimizer.step(batch, curvature_batch, selection_batch)` with the spectrum before it (when due) and the stats after it."""
-        self.before_step(batch if curvature_batch is None else curvature_batch)
-        loss = self.optimizer.step(batch, curvature_batch, selection_batch)
-        self.after_step(batch, curvature_batch)
-        return loss
+# %% ../../nbs/83_traces.ipynb #6fc8bb1e
+@patch
+def after_step(self: HFTraceRecorder, batch=None, curvature_batch=None) -> dict:
+    """Record the optimizer's `stats` of the step just taken (and the batch sizes, when given); returns them."""
+    stats = dict(self.optimizer.stats)
+    if not stats:
+        raise ValueError("optimizer: has published no stats yet; call after_step after optimizer.step")
+    if self.rows and stats["step"] == self.rows[-1]["step"]:
+        raise ValueError(f"optimizer: step {stats['step']} is recorded already; call after_step once per step")
+    stats["batch_size"] = _cases(batch)
+    stats["curvature_batch_size"] = _cases(curvature_batch if curvature_batch is not None else batch)
+    self.rows.append(stats)
+    if self._pending is not None and self._pending["step"] == stats["step"]:
+        self.spectra.append(self._pending)
+    self._pending = None
+    return stats
 
-    def trace(self) -> HFTrace:
-        """The records so far as an `HFTrace`."""
-        columns = {name: np.array([row[name] for row in self.rows], dtype=dtype) for name, dtype in HF_FIELDS.items()}
-        spectra = {name: np.array([s[key] for s in self.spectra], dtype=dtype) for name, key, dtype in (
-            ("spectrum_step", "step", np.int64), ("lambda_max", "lambda_max", np.float64), ("lambda_min", "lambda_min", np.float64),
-            ("lambda_max_residual", "lambda_max_residual", np.float64), ("lambda_min_residual", "lambda_min_residual", np.float64),
-            ("lanczos_products", "products", np.int64))}
-        return HFTrace(**columns, cg_stop=np.array([row["cg_stop"] for row in self.rows], dtype=str),
-                       batch_size=np.array([row["batch_size"] for row in self.rows], dtype=np.int64),
-                       curvature_batch_size=np.array([row["curvature_batch_size"] for row in self.rows], dtype=np.int64),
-                       **spectra, settings=dict(self.settings))
+
+@patch
+def step(self: HFTraceRecorder, batch, curvature_batch=None, selection_batch=None) -> float:
+    """`optimizer.step(batch, curvature_batch, selection_batch)` with the spectrum before it (when due) and the stats after it."""
+    self.before_step(batch if curvature_batch is None else curvature_batch)
+    loss = self.optimizer.step(batch, curvature_batch, selection_batch)
+    self.after_step(batch, curvature_batch)
+    return loss
+
+# %% ../../nbs/83_traces.ipynb #97096fd2
+@patch
+def trace(self: HFTraceRecorder) -> HFTrace:
+    """The records so far as an `HFTrace`."""
+    columns = {name: np.array([row[name] for row in self.rows], dtype=dtype) for name, dtype in HF_FIELDS.items()}
+    spectra = {name: np.array([s[key] for s in self.spectra], dtype=dtype) for name, key, dtype in (
+        ("spectrum_step", "step", np.int64), ("lambda_max", "lambda_max", np.float64), ("lambda_min", "lambda_min", np.float64),
+        ("lambda_max_residual", "lambda_max_residual", np.float64), ("lambda_min_residual", "lambda_min_residual", np.float64),
+        ("lanczos_products", "products", np.int64))}
+    return HFTrace(**columns, cg_stop=np.array([row["cg_stop"] for row in self.rows], dtype=str),
+                   batch_size=np.array([row["batch_size"] for row in self.rows], dtype=np.int64),
+                   curvature_batch_size=np.array([row["curvature_batch_size"] for row in self.rows], dtype=np.int64),
+                   **spectra, settings=dict(self.settings))
 
 # %% ../../nbs/83_traces.ipynb #c35992ef
 def _batch_source(batches, steps: int | None, name: str) -> Callable[[int], object]:
@@ -377,30 +387,6 @@ class MemoryRecorder:
         if self._in_epoch:
             self.epoch, self._in_epoch = self.epoch + 1, 0
 
-    def observe(self) -> dict:
-        """Record the step just taken: the optimizer's `stats` and the curvature of the pairs held; returns the row."""
-        stats = self.optimizer.stats
-        if not stats:
-            raise ValueError("optimizer: has published no stats yet; call observe after optimizer.step")
-        if self.rows and stats["step"] == self.rows[-1]["step"]:
-            raise ValueError(f"optimizer: step {stats['step']} is recorded already; call observe once per step")
-        if self.steps_per_epoch is not None and self._in_epoch == self.steps_per_epoch:
-            self.new_epoch()
-        row = {field_: stats.get(key, default) for key, (field_, _, default) in MEMORY_FIELDS.items()}
-        row["pair_formed"] = bool(stats.get("pair_formed", row["pair_stored"] or row["pair_skipped"]))
-        row["rejected"] = bool(stats["rejected"]) if "rejected" in stats else ("accepted" in stats and not stats["accepted"])
-        row["memory_used"] = 0 if row["forgot"] else self._held
-        row["epoch"] = self.epoch
-        curvatures = pair_curvatures(self.optimizer.memory)
-        held = np.full(self.optimizer.memory.size, np.nan)
-        held[: len(curvatures)] = curvatures
-        row["held_curvature"] = held
-        row["new_pair_curvature"] = float(curvatures[-1]) if row["pair_stored"] and len(curvatures) else math.nan
-        self.rows.append(row)
-        self._held = int(row["memory_size"])
-        self._in_epoch += 1
-        return row
-
     def step(self, *args, **kwargs):
         """`optimizer.step(*args, **kwargs)` (a closure, and SQN's curvature batch or adaQN's monitor), then `observe()`."""
         loss = self.optimizer.step(*args, **kwargs)
@@ -423,6 +409,32 @@ class MemoryRecorder:
             new_pair_curvature=np.array([row["new_pair_curvature"] for row in rows], dtype=np.float64),
             held_curvature=np.stack(held) if rows else np.zeros((0, capacity)),
             settings=dict(self.settings))
+
+# %% ../../nbs/83_traces.ipynb #fd0782a5
+@patch
+def observe(self: MemoryRecorder) -> dict:
+    """Record the step just taken: the optimizer's `stats` and the curvature of the pairs held; returns the row."""
+    stats = self.optimizer.stats
+    if not stats:
+        raise ValueError("optimizer: has published no stats yet; call observe after optimizer.step")
+    if self.rows and stats["step"] == self.rows[-1]["step"]:
+        raise ValueError(f"optimizer: step {stats['step']} is recorded already; call observe once per step")
+    if self.steps_per_epoch is not None and self._in_epoch == self.steps_per_epoch:
+        self.new_epoch()
+    row = {field_: stats.get(key, default) for key, (field_, _, default) in MEMORY_FIELDS.items()}
+    row["pair_formed"] = bool(stats.get("pair_formed", row["pair_stored"] or row["pair_skipped"]))
+    row["rejected"] = bool(stats["rejected"]) if "rejected" in stats else ("accepted" in stats and not stats["accepted"])
+    row["memory_used"] = 0 if row["forgot"] else self._held
+    row["epoch"] = self.epoch
+    curvatures = pair_curvatures(self.optimizer.memory)
+    held = np.full(self.optimizer.memory.size, np.nan)
+    held[: len(curvatures)] = curvatures
+    row["held_curvature"] = held
+    row["new_pair_curvature"] = float(curvatures[-1]) if row["pair_stored"] and len(curvatures) else math.nan
+    self.rows.append(row)
+    self._held = int(row["memory_size"])
+    self._in_epoch += 1
+    return row
 
 # %% ../../nbs/83_traces.ipynb #8cea988f
 def memory_figure(trace: MemoryTrace, title: str | None = None):
