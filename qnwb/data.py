@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .core import atomic_write, default_device, make_generator
+from .core import atomic_write, default_device, make_generator, patch
 
 # %% auto #0
 __all__ = ['IDX_MAX_BYTES', 'MNIST_FILES', 'CIFAR10_FILES', 'CIFAR10_CLASSES', 'TEXT_MAX_BYTES', 'BOX', 'read_idx', 'write_idx',
@@ -431,69 +431,81 @@ class _Corpus:
         "The int64 token indices of `split` ('train' or 'validation')."
         return self.train if _check_split(split, ("train", "validation")) == "train" else self.valid
 
-    def _window_source(self, split: str, length: int) -> Tensor:
-        tokens = self.tokens(split)
-        if len(tokens) < length + 1:
-            raise ValueError(f"length: windows of length + 1 = {length + 1} {self.unit}s do not fit in the {split} split "
-                             f"({len(tokens)} {self.unit}s)")
-        return tokens
-
-    def _encode(self, tokens: Tensor, starts: Tensor, length: int, device, dtype, one_hot_inputs: bool, one_hot_targets: bool):
-        windows = tokens[starts[:, None] + torch.arange(length + 1)].to(device)  # (cases, length + 1)
-        x, y = windows[:, :-1], windows[:, 1:]
-        V = len(self.vocabulary)
-        return (_one_hot(x, V, dtype) if one_hot_inputs else x), (_one_hot(y, V, dtype) if one_hot_targets else y)
-
-    def batch(self, cases: int,  # sequences in the batch
-              length: int = 50,  # time steps per sequence (adaQN §4.1: 50)
-              split: str = "train",  # "train" or "validation"
-              generator=None,  # a CPU torch.Generator or an int seed (None: torch's global stream)
-              device=None,  # where the tensors go (None: the CPU)
-              dtype: torch.dtype = torch.float32,  # dtype of the one-hot tensors
-              one_hot_inputs: bool = True,  # False: int64 indices (cases, length) instead of (cases, length, V)
-              one_hot_targets: bool = True,  # False: int64 class indices (cases, length) instead of one-hot floats
-              ) -> tuple[Tensor, Tensor]:
-        """`(inputs, targets)` from `cases` windows at random offsets: targets are the inputs shifted by one token."""
-        cases, length, dtype = _positive_int(cases, "cases"), _positive_int(length, "length"), _float_dtype(dtype)
-        tokens = self._window_source(split, length)
-        starts = torch.randint(0, len(tokens) - length, (cases,), generator=_generator(generator))
-        return self._encode(tokens, starts, length, _device(device), dtype, one_hot_inputs, one_hot_targets)
-
-    def epoch(self, cases: int,  # sequences per batch (the last batch may be smaller)
-              length: int = 50,  # time steps per sequence
-              split: str = "train",  # "train" or "validation"
-              shuffle=None,  # a CPU generator or int seed to shuffle the windows with (None: in text order)
-              device=None,  # where the tensors go (None: the CPU)
-              dtype: torch.dtype = torch.float32,  # dtype of the one-hot tensors
-              one_hot_inputs: bool = True,  # False: int64 indices
-              one_hot_targets: bool = True,  # False: int64 class indices
-              ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Every non-overlapping window of `split` once, as batches of `batch`'s form."""
-        cases, length, dtype = _positive_int(cases, "cases"), _positive_int(length, "length"), _float_dtype(dtype)
-        tokens, device = self._window_source(split, length), _device(device)
-        count = (len(tokens) - 1) // length
-        order = torch.arange(count) if shuffle is None else torch.randperm(count, generator=_generator(shuffle))
-        return (self._encode(tokens, chunk * length, length, device, dtype, one_hot_inputs, one_hot_targets)
-                for chunk in order.split(cases))
-
-    def windows(self, length: int = 50, split: str = "train") -> int:
-        "How many non-overlapping windows of `length` steps one `epoch` of `split` has."
-        return (len(self._window_source(split, _positive_int(length, "length"))) - 1) // length
-
-    def _indices(self, indices) -> Tensor:
-        "Token indices from ints, an int tensor, or float rows over the vocabulary (one-hot, probabilities, logits: argmax)."
-        t = torch.as_tensor(indices)
-        if t.is_floating_point():
-            if t.dim() == 0 or t.shape[-1] != len(self.vocabulary):
-                raise ValueError(f"indices: float rows must have {len(self.vocabulary)} entries (the vocabulary), got shape {tuple(t.shape)}")
-            t = t.argmax(-1)
-        if t.numel() and (t.min() < 0 or t.max() >= len(self.vocabulary)):
-            raise ValueError(f"indices: must be in 0..{len(self.vocabulary) - 1}, got {int(t.min())}..{int(t.max())}")
-        return t.cpu()
-
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self.vocabulary):,} {self.unit}s in the vocabulary, "
                 f"{len(self.train):,} train / {len(self.valid):,} validation {self.unit}s)")
+
+# %% ../nbs/75_data.ipynb #2864eea4
+@patch
+def _window_source(self: _Corpus, split: str, length: int) -> Tensor:
+    tokens = self.tokens(split)
+    if len(tokens) < length + 1:
+        raise ValueError(f"length: windows of length + 1 = {length + 1} {self.unit}s do not fit in the {split} split "
+                         f"({len(tokens)} {self.unit}s)")
+    return tokens
+
+
+@patch
+def _encode(self: _Corpus, tokens: Tensor, starts: Tensor, length: int, device, dtype, one_hot_inputs: bool, one_hot_targets: bool):
+    windows = tokens[starts[:, None] + torch.arange(length + 1)].to(device)  # (cases, length + 1)
+    x, y = windows[:, :-1], windows[:, 1:]
+    V = len(self.vocabulary)
+    return (_one_hot(x, V, dtype) if one_hot_inputs else x), (_one_hot(y, V, dtype) if one_hot_targets else y)
+
+# %% ../nbs/75_data.ipynb #89542a7d
+@patch
+def batch(self: _Corpus, cases: int,  # sequences in the batch
+          length: int = 50,  # time steps per sequence (adaQN §4.1: 50)
+          split: str = "train",  # "train" or "validation"
+          generator=None,  # a CPU torch.Generator or an int seed (None: torch's global stream)
+          device=None,  # where the tensors go (None: the CPU)
+          dtype: torch.dtype = torch.float32,  # dtype of the one-hot tensors
+          one_hot_inputs: bool = True,  # False: int64 indices (cases, length) instead of (cases, length, V)
+          one_hot_targets: bool = True,  # False: int64 class indices (cases, length) instead of one-hot floats
+          ) -> tuple[Tensor, Tensor]:
+    """`(inputs, targets)` from `cases` windows at random offsets: targets are the inputs shifted by one token."""
+    cases, length, dtype = _positive_int(cases, "cases"), _positive_int(length, "length"), _float_dtype(dtype)
+    tokens = self._window_source(split, length)
+    starts = torch.randint(0, len(tokens) - length, (cases,), generator=_generator(generator))
+    return self._encode(tokens, starts, length, _device(device), dtype, one_hot_inputs, one_hot_targets)
+
+# %% ../nbs/75_data.ipynb #11c042df
+@patch
+def epoch(self: _Corpus, cases: int,  # sequences per batch (the last batch may be smaller)
+          length: int = 50,  # time steps per sequence
+          split: str = "train",  # "train" or "validation"
+          shuffle=None,  # a CPU generator or int seed to shuffle the windows with (None: in text order)
+          device=None,  # where the tensors go (None: the CPU)
+          dtype: torch.dtype = torch.float32,  # dtype of the one-hot tensors
+          one_hot_inputs: bool = True,  # False: int64 indices
+          one_hot_targets: bool = True,  # False: int64 class indices
+          ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Every non-overlapping window of `split` once, as batches of `batch`'s form."""
+    cases, length, dtype = _positive_int(cases, "cases"), _positive_int(length, "length"), _float_dtype(dtype)
+    tokens, device = self._window_source(split, length), _device(device)
+    count = (len(tokens) - 1) // length
+    order = torch.arange(count) if shuffle is None else torch.randperm(count, generator=_generator(shuffle))
+    return (self._encode(tokens, chunk * length, length, device, dtype, one_hot_inputs, one_hot_targets)
+            for chunk in order.split(cases))
+
+
+@patch
+def windows(self: _Corpus, length: int = 50, split: str = "train") -> int:
+    "How many non-overlapping windows of `length` steps one `epoch` of `split` has."
+    return (len(self._window_source(split, _positive_int(length, "length"))) - 1) // length
+
+# %% ../nbs/75_data.ipynb #27f91b64
+@patch
+def _indices(self: _Corpus, indices) -> Tensor:
+    "Token indices from ints, an int tensor, or float rows over the vocabulary (one-hot, probabilities, logits: argmax)."
+    t = torch.as_tensor(indices)
+    if t.is_floating_point():
+        if t.dim() == 0 or t.shape[-1] != len(self.vocabulary):
+            raise ValueError(f"indices: float rows must have {len(self.vocabulary)} entries (the vocabulary), got shape {tuple(t.shape)}")
+        t = t.argmax(-1)
+    if t.numel() and (t.min() < 0 or t.max() >= len(self.vocabulary)):
+        raise ValueError(f"indices: must be in 0..{len(self.vocabulary) - 1}, got {int(t.min())}..{int(t.max())}")
+    return t.cpu()
 
 # %% ../nbs/75_data.ipynb #9d75e185
 TEXT_MAX_BYTES = 1 << 30  # the default cap on a corpus file (1 GiB)
@@ -608,26 +620,34 @@ class WordCorpus(_Corpus):
         return cls(_read_text(train_path, max_bytes, encoding), max_vocabulary, validation,
                    valid_text=valid_text, unk=unk, eos=eos)
 
-    def tokenize(self, text: str) -> list[str]:
-        "The whitespace tokens of `text`, with `eos` at each line break when set."
-        return (text.replace("\n", f" {self.eos} ") if self.eos else text).split()
+# %% ../nbs/75_data.ipynb #3c481f05
+@patch
+def tokenize(self: WordCorpus, text: str) -> list[str]:
+    "The whitespace tokens of `text`, with `eos` at each line break when set."
+    return (text.replace("\n", f" {self.eos} ") if self.eos else text).split()
 
-    def encode(self, words: str | Sequence[str]) -> Tensor:
-        "The int64 indices of `words` (a str is split on whitespace); words outside the vocabulary become `unk` (0)."
-        words = words.split() if isinstance(words, str) else words
-        return torch.tensor([self.index.get(word, 0) for word in words], dtype=torch.int64)
 
-    def decode(self, indices) -> str | list[str]:
-        "Words joined by spaces from indices (1-D → a str, 2-D → one str per row) or float rows over the vocabulary."
-        t = self._indices(indices)
-        if t.dim() > 1:
-            return [self.decode(row) for row in t.reshape(-1, t.shape[-1])]
-        return " ".join(self.vocabulary[i] for i in t.reshape(-1).tolist())
+@patch
+def encode(self: WordCorpus, words: str | Sequence[str]) -> Tensor:
+    "The int64 indices of `words` (a str is split on whitespace); words outside the vocabulary become `unk` (0)."
+    words = words.split() if isinstance(words, str) else words
+    return torch.tensor([self.index.get(word, 0) for word in words], dtype=torch.int64)
 
-    def unknown_rate(self, split: str = "train") -> float:
-        "The fraction of tokens of `split` that are `unk`."
-        tokens = self.tokens(split)
-        return (tokens == 0).double().mean().item() if len(tokens) else 0.0
+
+@patch
+def decode(self: WordCorpus, indices) -> str | list[str]:
+    "Words joined by spaces from indices (1-D → a str, 2-D → one str per row) or float rows over the vocabulary."
+    t = self._indices(indices)
+    if t.dim() > 1:
+        return [self.decode(row) for row in t.reshape(-1, t.shape[-1])]
+    return " ".join(self.vocabulary[i] for i in t.reshape(-1).tolist())
+
+
+@patch
+def unknown_rate(self: WordCorpus, split: str = "train") -> float:
+    "The fraction of tokens of `split` that are `unk`."
+    tokens = self.tokens(split)
+    return (tokens == 0).double().mean().item() if len(tokens) else 0.0
 
 # %% ../nbs/75_data.ipynb #9b2c4901
 def _natural_spline_moments(x: Tensor, y: Tensor) -> Tensor:
