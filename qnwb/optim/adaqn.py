@@ -12,7 +12,7 @@ from torch import Tensor
 
 import math
 
-from ..core import assign_flat_, check_number, check_positive_int, check_setting, flat_params
+from ..core import assign_flat_, check_number, check_positive_int, check_setting, flat_params, patch
 from .base import FlatOptimizer, _one_group
 from .memory import (CURVATURE_RULES, DiagonalScaling, PairMemory, RingBuffer, _check_flat, _device_flag,
                                curvature_condition, two_loop)
@@ -68,88 +68,28 @@ class GradientFIFO(RingBuffer):
         "The gradients held, oldest first, as a `(count, n)` copy (a host sync)."
         return self.G.index_select(0, self.order()[0][: len(self)])
 
-    def product(self, s: Tensor, normalization: str = "count") -> Tensor:
-        """`F̃ s = (1/|F̃|) Σᵢ gᵢ (gᵢᵀ s)` (Algorithm 1 line 18) without forming F̃; "none" leaves out the 1/|F̃|."""
-        _check_flat(s, self.n, self.device, self.dtype, "s")
-        if normalization not in FISHER_NORMALIZATIONS:
-            raise ValueError(f"normalization: {normalization!r} is not one of {FISHER_NORMALIZATIONS}")
-        coefficients = torch.where(self.held(), self.G @ s, 0.0)
-        y = coefficients @ self.G
-        if normalization == "count":
-            y = y / torch.clamp(self.count, min=1).to(y.dtype)
-        return y
+# %% ../../nbs/45_adaqn.ipynb #a1d8ae11
+FISHER_NORMALIZATIONS = ("count", "none")
+
+
+@patch
+def product(self: GradientFIFO, s: Tensor, normalization: str = "count") -> Tensor:
+    """`F̃ s = (1/|F̃|) Σᵢ gᵢ (gᵢᵀ s)` (Algorithm 1 line 18) without forming F̃; "none" leaves out the 1/|F̃|."""
+    _check_flat(s, self.n, self.device, self.dtype, "s")
+    if normalization not in FISHER_NORMALIZATIONS:
+        raise ValueError(f"normalization: {normalization!r} is not one of {FISHER_NORMALIZATIONS}")
+    coefficients = torch.where(self.held(), self.G @ s, 0.0)
+    y = coefficients @ self.G
+    if normalization == "count":
+        y = y / torch.clamp(self.count, min=1).to(y.dtype)
+    return y
 
 # %% ../../nbs/45_adaqn.ipynb #785c8f09
-FISHER_NORMALIZATIONS = ("count", "none")
 ACCEPTANCE_TESTS = ("ratio", "relative")
 
 
 class AdaQN(FlatOptimizer):
     """adaQN, Algorithm 1 of Keskar & Berahas (2016): Adagrad-scaled L-BFGS with Fisher pairs from averaged iterates and step rejection."""
-
-    def __init__(
-        self,
-        params,  # a module, an iterable of tensors, or one parameter group
-        lr: float = 0.01,  # α ("the same step-length as used for Adagrad", §3.4)
-        L: int = 5,  # aggregation length (§3.4: from {2, 5, 10, 20}, often 5); a new value takes effect with the next cycle
-        memory: int = 10,  # m_L (the group's value is read at every step: set it to resize)
-        fisher_memory: int = 100,  # m_F (likewise)
-        epsilon: float = 1e-4,  # ε of the curvature test (line 19)
-        gamma: float = 1.01,  # γ ≥ 1 of the rejection test (line 12)
-        adagrad_epsilon: float = 1e-8,  # ε inside the square root of eq. 9
-        curvature_rule: str = "adaqn",  # "adaqn": sᵀy > ε sᵀs (line 19); "cosine": sᵀy > ε‖s‖‖y‖
-        fisher_normalization: str = "count",  # "count": y = F̃s/|F̃| (line 18); "none"
-        clear_fisher_on_reject: bool = True,  # line 13 clears F̃ with the memory
-        advance_on_skip: bool = False,  # False: w̄ₒ stays after a skipped pair (§3.2); True: SQN's rule
-        acceptance: str = "ratio",  # "ratio": reject if f_M(w̄ₙ) > γ f_M(w̄ₒ); "relative": if the relative increase > γ̃
-        relative_threshold: float = 0.01,  # γ̃ ∈ (0, 1) of acceptance="relative"
-    ):
-        tensors = _one_group(params)
-        check_setting("lr", lr, "step_size")
-        check_setting("L", L, "iterations")
-        check_setting("memory", memory, "slots")
-        check_setting("fisher_memory", fisher_memory, "slots")
-        check_number("epsilon", epsilon, 0.0)
-        check_number("gamma", gamma, 1.0)
-        check_number("adagrad_epsilon", adagrad_epsilon, 0.0, low_open=True)
-        if curvature_rule not in CURVATURE_RULES:
-            raise ValueError(f"curvature_rule: {curvature_rule!r} is not one of {CURVATURE_RULES}")
-        if fisher_normalization not in FISHER_NORMALIZATIONS:
-            raise ValueError(f"fisher_normalization: {fisher_normalization!r} is not one of {FISHER_NORMALIZATIONS}")
-        for name, flag in (("clear_fisher_on_reject", clear_fisher_on_reject), ("advance_on_skip", advance_on_skip)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected a bool, got {flag!r}")
-        if acceptance not in ACCEPTANCE_TESTS:
-            raise ValueError(f"acceptance: {acceptance!r} is not one of {ACCEPTANCE_TESTS}")
-        check_number("relative_threshold", relative_threshold, 0.0, 1.0, low_open=True, high_open=True)
-        defaults = dict(lr=float(lr), L=L, memory=memory, fisher_memory=fisher_memory, epsilon=float(epsilon), gamma=float(gamma),
-                        adagrad_epsilon=float(adagrad_epsilon), curvature_rule=curvature_rule,
-                        fisher_normalization=fisher_normalization, clear_fisher_on_reject=clear_fisher_on_reject,
-                        advance_on_skip=advance_on_skip, acceptance=acceptance, relative_threshold=float(relative_threshold))
-        super().__init__(tensors, defaults)
-        first, n = tensors[0], sum(t.numel() for t in tensors)
-        options = dict(device=first.device, dtype=first.dtype)
-        self.memory = PairMemory(memory, n, **options)
-        self.fisher = GradientFIFO(fisher_memory, n, **options)
-        self.scaling = DiagonalScaling(n, "adagrad", epsilon=adagrad_epsilon, **options)
-
-    def _state(self) -> dict:
-        params = self.param_groups[0]["params"]
-        state = self.state[params[0]]
-        if not state:
-            device = params[0].device
-            state.update(step=0, cycles=0, gradient_evaluations=0, monitor_evaluations=0, epoch_steps=0)
-            state["iterate_sum"] = torch.zeros(self.memory.n, dtype=params[0].dtype, device=device)
-            for name in ("pairs_stored", "pairs_skipped", "rejections", "epoch_memory"):
-                state[name] = torch.zeros((), dtype=torch.int64, device=device)
-        _cycle_state(state, self.param_groups[0]["L"])
-        return state
-
-    def new_epoch(self) -> None:
-        "Restart the running mean of the L-BFGS memory size (`stats['memory_average']`, adaQN Fig. 2)."
-        state = self._state()
-        state["epoch_memory"].zero_()
-        state["epoch_steps"] = 0
 
     _sized = {"memory": "memory", "fisher_memory": "fisher"}
     _counts = ("L",)
@@ -160,96 +100,200 @@ class AdaQN(FlatOptimizer):
     _optional_entries = {"cycle_start": "int", "cycle_length": "int",  # absent from states saved before L could change
                          "previous_average": "vector"}  # from the first cycle's end
 
-    def _parts(self) -> dict:
-        "The pair memory, the Fisher FIFO and the Adagrad accumulator."
-        return {"memory": self.memory, "fisher": self.fisher, "h0_accumulator": self.scaling}
+# %% ../../nbs/45_adaqn.ipynb #6da5a001
+@patch
+def __init__(
+    self: AdaQN,
+    params,  # a module, an iterable of tensors, or one parameter group
+    lr: float = 0.01,  # α ("the same step-length as used for Adagrad", §3.4)
+    L: int = 5,  # aggregation length (§3.4: from {2, 5, 10, 20}, often 5); a new value takes effect with the next cycle
+    memory: int = 10,  # m_L (the group's value is read at every step: set it to resize)
+    fisher_memory: int = 100,  # m_F (likewise)
+    epsilon: float = 1e-4,  # ε of the curvature test (line 19)
+    gamma: float = 1.01,  # γ ≥ 1 of the rejection test (line 12)
+    adagrad_epsilon: float = 1e-8,  # ε inside the square root of eq. 9
+    curvature_rule: str = "adaqn",  # "adaqn": sᵀy > ε sᵀs (line 19); "cosine": sᵀy > ε‖s‖‖y‖
+    fisher_normalization: str = "count",  # "count": y = F̃s/|F̃| (line 18); "none"
+    clear_fisher_on_reject: bool = True,  # line 13 clears F̃ with the memory
+    advance_on_skip: bool = False,  # False: w̄ₒ stays after a skipped pair (§3.2); True: SQN's rule
+    acceptance: str = "ratio",  # "ratio": reject if f_M(w̄ₙ) > γ f_M(w̄ₒ); "relative": if the relative increase > γ̃
+    relative_threshold: float = 0.01,  # γ̃ ∈ (0, 1) of acceptance="relative"
+):
+    tensors = _one_group(params)
+    check_setting("lr", lr, "step_size")
+    check_setting("L", L, "iterations")
+    check_setting("memory", memory, "slots")
+    check_setting("fisher_memory", fisher_memory, "slots")
+    check_number("epsilon", epsilon, 0.0)
+    check_number("gamma", gamma, 1.0)
+    check_number("adagrad_epsilon", adagrad_epsilon, 0.0, low_open=True)
+    if curvature_rule not in CURVATURE_RULES:
+        raise ValueError(f"curvature_rule: {curvature_rule!r} is not one of {CURVATURE_RULES}")
+    if fisher_normalization not in FISHER_NORMALIZATIONS:
+        raise ValueError(f"fisher_normalization: {fisher_normalization!r} is not one of {FISHER_NORMALIZATIONS}")
+    for name, flag in (("clear_fisher_on_reject", clear_fisher_on_reject), ("advance_on_skip", advance_on_skip)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {flag!r}")
+    if acceptance not in ACCEPTANCE_TESTS:
+        raise ValueError(f"acceptance: {acceptance!r} is not one of {ACCEPTANCE_TESTS}")
+    check_number("relative_threshold", relative_threshold, 0.0, 1.0, low_open=True, high_open=True)
+    defaults = dict(lr=float(lr), L=L, memory=memory, fisher_memory=fisher_memory, epsilon=float(epsilon), gamma=float(gamma),
+                    adagrad_epsilon=float(adagrad_epsilon), curvature_rule=curvature_rule,
+                    fisher_normalization=fisher_normalization, clear_fisher_on_reject=clear_fisher_on_reject,
+                    advance_on_skip=advance_on_skip, acceptance=acceptance, relative_threshold=float(relative_threshold))
+    super(AdaQN, self).__init__(tensors, defaults)
+    first, n = tensors[0], sum(t.numel() for t in tensors)
+    options = dict(device=first.device, dtype=first.dtype)
+    self.memory = PairMemory(memory, n, **options)
+    self.fisher = GradientFIFO(fisher_memory, n, **options)
+    self.scaling = DiagonalScaling(n, "adagrad", epsilon=adagrad_epsilon, **options)
 
-    def _monitor(self, monitor: Callable, point: Tensor) -> float:
-        "f_M at `point`, the parameters put back afterwards bit for bit."
-        params = self.param_groups[0]["params"]
-        current = flat_params(params).clone()
-        try:
-            assign_flat_(params, point)
-            value = monitor()
-        finally:
-            assign_flat_(params, current)
-        return float(value)
+# %% ../../nbs/45_adaqn.ipynb #90829fb2
+@patch
+def _state(self: AdaQN) -> dict:
+    params = self.param_groups[0]["params"]
+    state = self.state[params[0]]
+    if not state:
+        device = params[0].device
+        state.update(step=0, cycles=0, gradient_evaluations=0, monitor_evaluations=0, epoch_steps=0)
+        state["iterate_sum"] = torch.zeros(self.memory.n, dtype=params[0].dtype, device=device)
+        for name in ("pairs_stored", "pairs_skipped", "rejections", "epoch_memory"):
+            state[name] = torch.zeros((), dtype=torch.int64, device=device)
+    _cycle_state(state, self.param_groups[0]["L"])
+    return state
 
-    @torch.no_grad()
-    def step(
-        self,
-        closure: Callable[[], Tensor],  # zeroes the gradients, computes the loss on this step's batch, calls backward, returns it
-        monitor: Callable[[], Tensor | float] | None = None,  # f_M at the current parameters; needed at cycle ends after the first
-    ) -> Tensor:
-        """One adaQN iteration (Algorithm 1 lines 5–7); every L-th also the cycle of lines 8–27."""
-        if not callable(closure):
-            raise TypeError("closure: AdaQN needs a closure that computes the loss and its gradients")
-        self._sync_sizes()  # a `memory` or `fisher_memory` changed since the last step; checks `L` too
-        group = self.param_groups[0]
-        params: list[Tensor] = group["params"]
-        state, memory, fisher = self._state(), self.memory, self.fisher
-        k = state["step"] + 1
-        L, cycle_ends = _cycle(state, group["L"])  # line 8, with L fixed for the cycle
-        test_due = cycle_ends and state["cycles"] > 0
-        if test_due and not callable(monitor):
-            raise ValueError(f"monitor: step {k} ends a cycle (of L = {L} steps) and needs the monitoring-set loss")
-        state["cycle_length"] = L
 
-        theta = flat_params(params).clone()
-        f, g = self._evaluate(closure)
-        finite = torch.isfinite(f) & torch.isfinite(g).all()
-        state["iterate_sum"] += theta  # line 5
-        self.scaling.update(g, finite)  # eq. 9 sums every gradient, the current one included
-        state["epoch_memory"] += memory.count  # the pairs this step's direction uses (Fig. 2)
-        state["epoch_steps"] += 1
-        theta_new = torch.add(theta, two_loop(memory, g, self.scaling.diagonal(), check=False), alpha=-group["lr"])  # line 6
-        ok = finite & torch.isfinite(theta_new).all()
-        theta_new = torch.where(ok, theta_new, theta)
-        assign_flat_(params, theta_new)
-        fisher.push(g, finite)  # line 7
+@patch
+def new_epoch(self: AdaQN) -> None:
+    "Restart the running mean of the L-BFGS memory size (`stats['memory_average']`, adaQN Fig. 2)."
+    state = self._state()
+    state["epoch_memory"].zero_()
+    state["epoch_steps"] = 0
 
-        stats = {"step": k, "loss": f, "step_size": torch.where(ok, group["lr"], 0.0), "non_finite": ~ok, "cycle_end": int(cycle_ends),
-                 "rejected": 0, "monitor_new": math.nan, "monitor_old": math.nan, "pair_formed": 0, "pair_stored": False,
-                 "pair_skipped": False, "sy": math.nan, "monitor_evaluations": 0}
-        if cycle_ends:
-            average = state["iterate_sum"] / L  # line 9
-            state["iterate_sum"].zero_()  # line 10
-            if test_due:
-                f_new, f_old = self._monitor(monitor, average), self._monitor(monitor, state["previous_average"])
-                state["monitor_evaluations"] += 2
-                if group["acceptance"] == "ratio":
-                    reject = not f_new <= group["gamma"] * f_old
-                else:  # (f_new − f_old)/|f_old| > γ̃, written without dividing (f_old may be 0)
-                    reject = not f_new - f_old <= group["relative_threshold"] * abs(f_old)
-                stats.update(monitor_new=f_new, monitor_old=f_old, monitor_evaluations=2, rejected=int(reject))
-                if reject:  # lines 12–15
-                    memory.clear()
-                    if group["clear_fisher_on_reject"]:
-                        fisher.clear()
-                    assign_flat_(params, state["previous_average"])  # back to w̄ₒ
-                    state["rejections"] += 1
-                else:
-                    s = average - state["previous_average"]  # line 17
-                    y = fisher.product(s, group["fisher_normalization"])  # line 18
-                    accept = curvature_condition(s, y, group["epsilon"], group["curvature_rule"])  # line 19
-                    memory.push(s, y, accept)  # line 20
-                    state["pairs_stored"] += accept.long()
-                    state["pairs_skipped"] += (~accept).long()
-                    advance = accept | group["advance_on_skip"]
-                    state["previous_average"] = torch.where(advance, average, state["previous_average"])  # line 21
-                    state["cycles"] += 1
-                    stats.update(pair_formed=1, pair_stored=accept, pair_skipped=~accept, sy=torch.dot(s.double(), y.double()))
+
+@patch
+def _parts(self: AdaQN) -> dict:
+    "The pair memory, the Fisher FIFO and the Adagrad accumulator."
+    return {"memory": self.memory, "fisher": self.fisher, "h0_accumulator": self.scaling}
+
+# %% ../../nbs/45_adaqn.ipynb #ca2755cc
+@patch
+@torch.no_grad()
+def step(
+    self: AdaQN,
+    closure: Callable[[], Tensor],  # zeroes the gradients, computes the loss on this step's batch, calls backward, returns it
+    monitor: Callable[[], Tensor | float] | None = None,  # f_M at the current parameters; needed at cycle ends after the first
+) -> Tensor:
+    """One adaQN iteration (Algorithm 1 lines 5–7); every L-th also the cycle of lines 8–27."""
+    if not callable(closure):
+        raise TypeError("closure: AdaQN needs a closure that computes the loss and its gradients")
+    self._sync_sizes()  # a `memory` or `fisher_memory` changed since the last step; checks `L` too
+    group = self.param_groups[0]
+    state, memory, fisher = self._state(), self.memory, self.fisher
+    k = state["step"] + 1
+    L, cycle_ends = _cycle(state, group["L"])  # line 8, with L fixed for the cycle
+    test_due = cycle_ends and state["cycles"] > 0
+    if test_due and not callable(monitor):
+        raise ValueError(f"monitor: step {k} ends a cycle (of L = {L} steps) and needs the monitoring-set loss")
+    state["cycle_length"] = L
+
+    f, ok = self._iterate(closure, state, group)  # lines 5–7
+
+    stats = {"step": k, "loss": f, "step_size": torch.where(ok, group["lr"], 0.0), "non_finite": ~ok, "cycle_end": int(cycle_ends),
+             "rejected": 0, "monitor_new": math.nan, "monitor_old": math.nan, "pair_formed": 0, "pair_stored": False,
+             "pair_skipped": False, "sy": math.nan, "monitor_evaluations": 0}
+    if cycle_ends:
+        average = state["iterate_sum"] / L  # line 9
+        state["iterate_sum"].zero_()  # line 10
+        if test_due:
+            f_new, f_old, reject = self._monitor_test(monitor, state, group, average)  # line 12
+            stats.update(monitor_new=f_new, monitor_old=f_old, monitor_evaluations=2, rejected=int(reject))
+            if reject:  # lines 12–15
+                self._reject(state, group)
             else:
-                state["previous_average"] = average  # line 24
-                state["cycles"] += 1
-            state["cycle_start"] = k  # the next step opens a cycle (after a rejection too: line 15's `continue`)
-        state["step"] = k
-        state["gradient_evaluations"] += 1
-        stats.update(memory_size=memory.count.clone(), memory_capacity=memory.size, fisher_size=fisher.count.clone(),
-                     fisher_capacity=fisher.size, cycle_length=L, pairs_stored=state["pairs_stored"].clone(),
-                     pairs_skipped=state["pairs_skipped"].clone(), rejections=state["rejections"].clone(), cycles=state["cycles"],
-                     memory_average=state["epoch_memory"].double() / state["epoch_steps"],
-                     gradient_evaluations=1, total_gradient_evaluations=state["gradient_evaluations"],
-                     total_monitor_evaluations=state["monitor_evaluations"])
-        self._raw_stats, self._stats = stats, None
-        return f
+                stats.update(self._form_pair(state, group, average))  # lines 17–21
+        else:
+            state["previous_average"] = average  # line 24
+            state["cycles"] += 1
+        state["cycle_start"] = k  # the next step opens a cycle (after a rejection too: line 15's `continue`)
+    state["step"] = k
+    state["gradient_evaluations"] += 1
+    stats.update(memory_size=memory.count.clone(), memory_capacity=memory.size, fisher_size=fisher.count.clone(),
+                 fisher_capacity=fisher.size, cycle_length=L, pairs_stored=state["pairs_stored"].clone(),
+                 pairs_skipped=state["pairs_skipped"].clone(), rejections=state["rejections"].clone(), cycles=state["cycles"],
+                 memory_average=state["epoch_memory"].double() / state["epoch_steps"],
+                 gradient_evaluations=1, total_gradient_evaluations=state["gradient_evaluations"],
+                 total_monitor_evaluations=state["monitor_evaluations"])
+    self._raw_stats, self._stats = stats, None
+    return f
+
+# %% ../../nbs/45_adaqn.ipynb #f5556e1c
+@patch
+def _iterate(self: AdaQN, closure: Callable[[], Tensor], state: dict, group: dict) -> tuple[Tensor, Tensor]:
+    """`(f, ok)`: lines 5–7, the iterate added to the running sum, the step `wₖ₊₁ = wₖ − αHₖgₖ` with the Adagrad H0 (which
+    accumulates gₖ² first, §3.1), and gₖ into F̃; the parameters stay where anything is not finite."""
+    params: list[Tensor] = group["params"]
+    theta = flat_params(params).clone()
+    f, g = self._evaluate(closure)
+    finite = torch.isfinite(f) & torch.isfinite(g).all()
+    state["iterate_sum"] += theta  # line 5
+    self.scaling.update(g, finite)  # eq. 9 sums every gradient, the current one included
+    state["epoch_memory"] += self.memory.count  # the pairs this step's direction uses (Fig. 2)
+    state["epoch_steps"] += 1
+    theta_new = torch.add(theta, two_loop(self.memory, g, self.scaling.diagonal(), check=False), alpha=-group["lr"])  # line 6
+    ok = finite & torch.isfinite(theta_new).all()
+    theta_new = torch.where(ok, theta_new, theta)
+    assign_flat_(params, theta_new)
+    self.fisher.push(g, finite)  # line 7
+    return f, ok
+
+# %% ../../nbs/45_adaqn.ipynb #09452e10
+@patch
+def _monitor(self: AdaQN, monitor: Callable, point: Tensor) -> float:
+    "f_M at `point`, the parameters put back afterwards bit for bit."
+    params = self.param_groups[0]["params"]
+    current = flat_params(params).clone()
+    try:
+        assign_flat_(params, point)
+        value = monitor()
+    finally:
+        assign_flat_(params, current)
+    return float(value)
+
+
+@patch
+def _monitor_test(self: AdaQN, monitor: Callable, state: dict, group: dict, average: Tensor) -> tuple[float, float, bool]:
+    "`(f_M(w̄ₙ), f_M(w̄ₒ), reject)`: the rejection test of line 12 (`acceptance=\"ratio\"`) or §3.2's relative one."
+    f_new, f_old = self._monitor(monitor, average), self._monitor(monitor, state["previous_average"])
+    state["monitor_evaluations"] += 2
+    if group["acceptance"] == "ratio":
+        reject = not f_new <= group["gamma"] * f_old
+    else:  # (f_new − f_old)/|f_old| > γ̃, written without dividing (f_old may be 0)
+        reject = not f_new - f_old <= group["relative_threshold"] * abs(f_old)
+    return f_new, f_old, reject
+
+# %% ../../nbs/45_adaqn.ipynb #a1bc83ac
+@patch
+def _reject(self: AdaQN, state: dict, group: dict) -> None:
+    "Lines 13–14: clear the L-BFGS memory (and F̃, line 13), and return the iterate to w̄ₒ; w̄ₒ stays."
+    self.memory.clear()
+    if group["clear_fisher_on_reject"]:
+        self.fisher.clear()
+    assign_flat_(group["params"], state["previous_average"])  # back to w̄ₒ
+    state["rejections"] += 1
+
+# %% ../../nbs/45_adaqn.ipynb #68b75400
+@patch
+def _form_pair(self: AdaQN, state: dict, group: dict, average: Tensor) -> dict:
+    """Lines 17–21: `s = w̄ₙ − w̄ₒ`, `y = F̃s` (the accumulated Fisher matrix), stored if it passes line 19's test, and `w̄ₒ`
+    advanced only then (or always, with `advance_on_skip`); the pair's entries of `stats`."""
+    s = average - state["previous_average"]  # line 17
+    y = self.fisher.product(s, group["fisher_normalization"])  # line 18
+    accept = curvature_condition(s, y, group["epsilon"], group["curvature_rule"])  # line 19
+    self.memory.push(s, y, accept)  # line 20
+    state["pairs_stored"] += accept.long()
+    state["pairs_skipped"] += (~accept).long()
+    advance = accept | group["advance_on_skip"]
+    state["previous_average"] = torch.where(advance, average, state["previous_average"])  # line 21
+    state["cycles"] += 1
+    return dict(pair_formed=1, pair_stored=accept, pair_skipped=~accept, sy=torch.dot(s.double(), y.double()))

@@ -11,34 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core import check_number, check_positive_int, check_setting
+from ..core import check_number, check_positive_int, check_setting, patch
 
 # %% auto #0
 __all__ = ['H0_KINDS', 'DIAGONAL_KINDS', 'CURVATURE_RULES', 'RingBuffer', 'PairMemory', 'two_loop', 'DiagonalScaling',
-           'curvature_condition', 'powell_damping', 'CompactForm', 'sr1_condition', 'sr1_compact', 'bfgs_compact']
+           'curvature_condition', 'powell_damping', 'CompactForm', 'sr1_compact', 'sr1_condition', 'bfgs_compact']
 
 # %% ../../nbs/42_qn_memory.ipynb #95c444cc
-def _device_flag(flag, device: torch.device, name: str) -> Tensor | bool:
-    "A Python bool as it is, or a 0-dim bool tensor on `device` (a decision made on the device)."
-    if isinstance(flag, bool):
-        return flag
-    if not isinstance(flag, Tensor) or flag.dtype != torch.bool or flag.dim() != 0:
-        raise TypeError(f"{name}: expected a bool or a 0-dim torch.bool tensor, got {flag!r}")
-    if flag.device != device:
-        raise ValueError(f"{name}: is on {flag.device}, the buffers on {device}")
-    return flag
-
-
-def _check_flat(v, n: int, device: torch.device, dtype: torch.dtype, name: str) -> None:
-    "Raise a clear error unless `v` is a 1-D tensor of `n` elements on `device` with `dtype`."
-    if not isinstance(v, Tensor):
-        raise TypeError(f"{name}: expected a 1-D torch.Tensor, got {type(v).__name__}")
-    if v.shape != (n,):
-        raise ValueError(f"{name}: expected a 1-D tensor of {n} elements, got shape {tuple(v.shape)}")
-    if v.device != device or v.dtype != dtype:
-        raise TypeError(f"{name}: is {v.dtype} on {v.device}, the buffers hold {dtype} on {device}")
-
-
 class RingBuffer:
     """What `PairMemory` and adaQN's `GradientFIFO` share: `size` slots in preallocated tensors (`_rows` names them, slot j
     in row j), the 0-dim device counters `head` (the next slot) and `count` (entries held), the oldest entry in slot
@@ -60,104 +39,139 @@ class RingBuffer:
         """`(slots, held)`: the slot of the i-th oldest entry for i = 0 … size−1, and whether position i holds one (i < count)."""
         return torch.remainder(self.head - self.count + self._positions, self.size), self._positions < self.count
 
-    def _insert(self, values: dict[str, Tensor], accept: Tensor | bool) -> None:
-        """Write `values` (row name ↦ the new slot's contents) at `head` and advance; where the device bool `accept` is
-        false, the slot is rewritten with its own contents and nothing advances."""
-        slot = self.head.view(1)
-        for name, value in values.items():
-            rows = getattr(self, name)
-            if accept is not True:
-                value = torch.where(accept, value, rows.index_select(0, slot)[0])
-            rows.index_copy_(0, slot, value.unsqueeze(0))
-        step = 1 if accept is True else accept.long()
-        self.count.copy_(torch.clamp(self.count + step, max=self.size))
-        self.head.copy_(torch.remainder(self.head + step, self.size))
+# %% ../../nbs/42_qn_memory.ipynb #dd6f9098
+@patch
+def _insert(self: RingBuffer, values: dict[str, Tensor], accept: Tensor | bool) -> None:
+    """Write `values` (row name ↦ the new slot's contents) at `head` and advance; where the device bool `accept` is
+    false, the slot is rewritten with its own contents and nothing advances."""
+    slot = self.head.view(1)
+    for name, value in values.items():
+        rows = getattr(self, name)
+        if accept is not True:
+            value = torch.where(accept, value, rows.index_select(0, slot)[0])
+        rows.index_copy_(0, slot, value.unsqueeze(0))
+    step = 1 if accept is True else accept.long()
+    self.count.copy_(torch.clamp(self.count + step, max=self.size))
+    self.head.copy_(torch.remainder(self.head + step, self.size))
 
-    @torch.no_grad()
-    def clear(self, where: Tensor | bool = True) -> None:
-        """Forget every entry (where the 0-dim device bool `where` holds; everywhere by default)."""
-        where = _device_flag(where, self.device, "where")
-        if where is True:
-            self.count.zero_()
-            self.head.zero_()
-        elif where is not False:
-            self.count.copy_(torch.where(where, 0, self.count))
-            self.head.copy_(torch.where(where, 0, self.head))
-
-    @torch.no_grad()
-    def resize(self, size: int) -> None:
-        """Reallocate for `size` slots, keeping the newest min(count, size) entries in their order (oldest first, in slots
-        0, 1, …) on the same device and dtype; nothing is read back from the device. The same size changes nothing; a size
-        beyond qnwb.core.SETTING_BOUNDS["slots"], or an allocation that fails, leaves the buffer as it was."""
-        check_setting("size", size, "slots")
-        if size == self.size:
-            return
-        positions = torch.arange(size, device=self.device)
-        kept = torch.clamp(self.count, max=size)
-        sources = torch.remainder(self.head - kept + positions, self.size)  # the old slot of the i-th kept entry
-        resized = {}
-        for name in self._rows:  # every new buffer is made before any is swapped in
-            rows = getattr(self, name).index_select(0, sources)
-            rows.masked_fill_((positions >= kept).view(-1, *(1,) * (rows.dim() - 1)), 0)  # free slots hold zeros
-            resized[name] = rows
-        for name, rows in resized.items():
-            setattr(self, name, rows)
-        self.count.copy_(kept)
-        self.head.copy_(torch.remainder(kept, size))
-        self.size, self._positions = size, positions
-
-    def state_dict(self) -> dict[str, Tensor]:
-        "Copies of the per-slot tensors and the two counters."
-        return {name: getattr(self, name).clone() for name in (*self._rows, "head", "count")}
-
-    def saved_size(self, state: dict[str, Tensor]) -> int:
-        "The number of slots of `state` (a `state_dict()`): `resize` to it before `load_state_dict` when it differs."
-        value = state.get(self._rows[0]) if isinstance(state, dict) else None
-        if not isinstance(value, Tensor) or value.dim() < 1 or value.shape[0] < 1:
-            raise ValueError(f"state[{self._rows[0]!r}]: expected a tensor with one row per slot, got "
-                             f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
-        return value.shape[0]
-
-    def check_state(self, state: dict[str, Tensor]) -> int:
-        """The number of slots of `state` after checking all that `load_state_dict` (after a `resize` to it) needs: exactly
-        the entries of `state_dict()`, floating-point rows of this buffer's row shape, integer counters in range."""
-        names = (*self._rows, "head", "count")
-        if not isinstance(state, dict):
-            raise ValueError(f"state: expected the dict of state_dict(), got {type(state).__name__}")
-        for name in names:
-            if name not in state:
-                raise ValueError(f"state: no {name!r} entry (expected {sorted(names)})")
-        if set(state) != set(names):
-            raise ValueError(f"state: unknown entries {sorted(set(state) - set(names))} (expected {sorted(names)})")
-        size = self.saved_size(state)
-        check_setting(f"state[{self._rows[0]!r}] slots", size, "slots")
-        for name in names:
-            value = state[name]
-            shape = (size, *getattr(self, name).shape[1:]) if name in self._rows else ()
-            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-                raise ValueError(f"state[{name!r}]: expected a tensor of shape {shape} for {self!r} resized to {size}, "
-                                 f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
-            integer = not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
-            if (name in self._rows and not value.is_floating_point()) or (name not in self._rows and not integer):
-                raise ValueError(f"state[{name!r}]: expected a{' floating-point' if name in self._rows else 'n integer'} "
-                                 f"tensor, got dtype {value.dtype}")
-        head, count = int(state["head"]), int(state["count"])
-        if not 0 <= head < size or not 0 <= count <= size:
-            raise ValueError(f"state: head {head} and count {count} must lie in [0, {size}) and [0, {size}]")
-        return size
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore from `state_dict()` of a buffer of this size (into the preallocated tensors: dtype and device stay this
-        one's); the whole state is checked (`check_state`) before anything is copied."""
-        if self.check_state(state) != self.size:
-            value = state[self._rows[0]]
-            raise ValueError(f"state[{self._rows[0]!r}]: expected a tensor of shape {(self.size, *value.shape[1:])} for "
-                             f"{self!r}, got {tuple(value.shape)} (resize to its size first)")
-        for name in (*self._rows, "head", "count"):
-            getattr(self, name).copy_(state[name])
+# %% ../../nbs/42_qn_memory.ipynb #3ba4a696
+def _device_flag(flag, device: torch.device, name: str) -> Tensor | bool:
+    "A Python bool as it is, or a 0-dim bool tensor on `device` (a decision made on the device)."
+    if isinstance(flag, bool):
+        return flag
+    if not isinstance(flag, Tensor) or flag.dtype != torch.bool or flag.dim() != 0:
+        raise TypeError(f"{name}: expected a bool or a 0-dim torch.bool tensor, got {flag!r}")
+    if flag.device != device:
+        raise ValueError(f"{name}: is on {flag.device}, the buffers on {device}")
+    return flag
 
 
+def _check_flat(v, n: int, device: torch.device, dtype: torch.dtype, name: str) -> None:
+    "Raise a clear error unless `v` is a 1-D tensor of `n` elements on `device` with `dtype`."
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name}: expected a 1-D torch.Tensor, got {type(v).__name__}")
+    if v.shape != (n,):
+        raise ValueError(f"{name}: expected a 1-D tensor of {n} elements, got shape {tuple(v.shape)}")
+    if v.device != device or v.dtype != dtype:
+        raise TypeError(f"{name}: is {v.dtype} on {v.device}, the buffers hold {dtype} on {device}")
+
+
+@patch
+@torch.no_grad()
+def clear(self: RingBuffer, where: Tensor | bool = True) -> None:
+    """Forget every entry (where the 0-dim device bool `where` holds; everywhere by default)."""
+    where = _device_flag(where, self.device, "where")
+    if where is True:
+        self.count.zero_()
+        self.head.zero_()
+    elif where is not False:
+        self.count.copy_(torch.where(where, 0, self.count))
+        self.head.copy_(torch.where(where, 0, self.head))
+
+# %% ../../nbs/42_qn_memory.ipynb #4fe92a6c
+@patch
+@torch.no_grad()
+def resize(self: RingBuffer, size: int) -> None:
+    """Reallocate for `size` slots, keeping the newest min(count, size) entries in their order (oldest first, in slots
+    0, 1, …) on the same device and dtype; nothing is read back from the device. The same size changes nothing; a size
+    beyond qnwb.core.SETTING_BOUNDS["slots"], or an allocation that fails, leaves the buffer as it was."""
+    check_setting("size", size, "slots")
+    if size == self.size:
+        return
+    positions = torch.arange(size, device=self.device)
+    kept = torch.clamp(self.count, max=size)
+    sources = torch.remainder(self.head - kept + positions, self.size)  # the old slot of the i-th kept entry
+    resized = {}
+    for name in self._rows:  # every new buffer is made before any is swapped in
+        rows = getattr(self, name).index_select(0, sources)
+        rows.masked_fill_((positions >= kept).view(-1, *(1,) * (rows.dim() - 1)), 0)  # free slots hold zeros
+        resized[name] = rows
+    for name, rows in resized.items():
+        setattr(self, name, rows)
+    self.count.copy_(kept)
+    self.head.copy_(torch.remainder(kept, size))
+    self.size, self._positions = size, positions
+
+# %% ../../nbs/42_qn_memory.ipynb #cd915d45
+@patch
+def state_dict(self: RingBuffer) -> dict[str, Tensor]:
+    "Copies of the per-slot tensors and the two counters."
+    return {name: getattr(self, name).clone() for name in (*self._rows, "head", "count")}
+
+
+@patch
+def saved_size(self: RingBuffer, state: dict[str, Tensor]) -> int:
+    "The number of slots of `state` (a `state_dict()`): `resize` to it before `load_state_dict` when it differs."
+    value = state.get(self._rows[0]) if isinstance(state, dict) else None
+    if not isinstance(value, Tensor) or value.dim() < 1 or value.shape[0] < 1:
+        raise ValueError(f"state[{self._rows[0]!r}]: expected a tensor with one row per slot, got "
+                         f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+    return value.shape[0]
+
+
+@patch
+@torch.no_grad()
+def load_state_dict(self: RingBuffer, state: dict[str, Tensor]) -> None:
+    """Restore from `state_dict()` of a buffer of this size (into the preallocated tensors: dtype and device stay this
+    one's); the whole state is checked (`check_state`) before anything is copied."""
+    if self.check_state(state) != self.size:
+        value = state[self._rows[0]]
+        raise ValueError(f"state[{self._rows[0]!r}]: expected a tensor of shape {(self.size, *value.shape[1:])} for "
+                         f"{self!r}, got {tuple(value.shape)} (resize to its size first)")
+    for name in (*self._rows, "head", "count"):
+        getattr(self, name).copy_(state[name])
+
+# %% ../../nbs/42_qn_memory.ipynb #f35682ca
+@patch
+def check_state(self: RingBuffer, state: dict[str, Tensor]) -> int:
+    """The number of slots of `state` after checking all that `load_state_dict` (after a `resize` to it) needs: exactly
+    the entries of `state_dict()`, floating-point rows of this buffer's row shape, integer counters in range."""
+    names = (*self._rows, "head", "count")
+    if not isinstance(state, dict):
+        raise ValueError(f"state: expected the dict of state_dict(), got {type(state).__name__}")
+    for name in names:
+        if name not in state:
+            raise ValueError(f"state: no {name!r} entry (expected {sorted(names)})")
+    if set(state) != set(names):
+        raise ValueError(f"state: unknown entries {sorted(set(state) - set(names))} (expected {sorted(names)})")
+    size = self.saved_size(state)
+    check_setting(f"state[{self._rows[0]!r}] slots", size, "slots")
+    for name in names:
+        value = state[name]
+        shape = (size, *getattr(self, name).shape[1:]) if name in self._rows else ()
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+            raise ValueError(f"state[{name!r}]: expected a tensor of shape {shape} for {self!r} resized to {size}, "
+                             f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+        integer = not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+        if (name in self._rows and not value.is_floating_point()) or (name not in self._rows and not integer):
+            raise ValueError(f"state[{name!r}]: expected a{' floating-point' if name in self._rows else 'n integer'} "
+                             f"tensor, got dtype {value.dtype}")
+    head, count = int(state["head"]), int(state["count"])
+    if not 0 <= head < size or not 0 <= count <= size:
+        raise ValueError(f"state: head {head} and count {count} must lie in [0, {size}) and [0, {size}]")
+    return size
+
+# %% ../../nbs/42_qn_memory.ipynb #dbfca16c
 class PairMemory(RingBuffer):
     """The `size` most recent curvature pairs (s, y) in preallocated ring buffers, filled without host syncs."""
 
@@ -207,44 +221,52 @@ class PairMemory(RingBuffer):
     def _flag(self, flag, name: str) -> Tensor | bool:
         return _device_flag(flag, self.device, name)
 
-    @torch.no_grad()
-    def push(
-        self,
-        s: Tensor,  # the step, a 1-D tensor of n elements on the memory's device and dtype
-        y: Tensor,  # the curvature along it (a gradient difference or a curvature-vector product)
-        accept: Tensor | bool = True,  # store it? a 0-dim device bool (from a skip rule) or a Python bool
-    ) -> Tensor | bool:
-        """Store (s, y) in place of the oldest pair where `accept` holds; nothing changes where it does not."""
-        self._check_vector(s, "s")
-        self._check_vector(y, "y")
-        accept = self._flag(accept, "accept")
-        if accept is False:
-            return accept
-        s64, y64 = s.double(), y.double()
-        self._insert({"S": s, "Y": y, "sy": torch.dot(s64, y64), "yy": torch.dot(y64, y64)}, accept)
+# %% ../../nbs/42_qn_memory.ipynb #e50c4ac0
+@patch
+@torch.no_grad()
+def push(
+    self: PairMemory,
+    s: Tensor,  # the step, a 1-D tensor of n elements on the memory's device and dtype
+    y: Tensor,  # the curvature along it (a gradient difference or a curvature-vector product)
+    accept: Tensor | bool = True,  # store it? a 0-dim device bool (from a skip rule) or a Python bool
+) -> Tensor | bool:
+    """Store (s, y) in place of the oldest pair where `accept` holds; nothing changes where it does not."""
+    self._check_vector(s, "s")
+    self._check_vector(y, "y")
+    accept = self._flag(accept, "accept")
+    if accept is False:
         return accept
+    s64, y64 = s.double(), y.double()
+    self._insert({"S": s, "Y": y, "sy": torch.dot(s64, y64), "yy": torch.dot(y64, y64)}, accept)
+    return accept
 
-    @torch.no_grad()
-    def drop_oldest(self, k: int | Tensor = 1) -> None:
-        """Forget the `k` oldest pairs (all of them if fewer are held); `k` may be a device integer."""
-        if isinstance(k, Tensor):
-            if k.dim() != 0 or k.dtype.is_floating_point or k.dtype == torch.bool:
-                raise TypeError(f"k: expected an int or a 0-dim integer tensor, got {k!r}")
-        elif isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"k: must be an int ≥ 0, got {k!r}")
-        self.count.copy_(torch.clamp(self.count - k, min=0))
+# %% ../../nbs/42_qn_memory.ipynb #7ae59c7d
+@patch
+@torch.no_grad()
+def drop_oldest(self: PairMemory, k: int | Tensor = 1) -> None:
+    """Forget the `k` oldest pairs (all of them if fewer are held); `k` may be a device integer."""
+    if isinstance(k, Tensor):
+        if k.dim() != 0 or k.dtype.is_floating_point or k.dtype == torch.bool:
+            raise TypeError(f"k: expected an int or a 0-dim integer tensor, got {k!r}")
+    elif isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k: must be an int ≥ 0, got {k!r}")
+    self.count.copy_(torch.clamp(self.count - k, min=0))
 
-    def pairs(self) -> tuple[Tensor, Tensor]:
-        """`(S, Y)`: the pairs held, oldest first, as `(count, n)` copies (reads `count`: a host sync)."""
-        slots = self.order()[0][: len(self)]
-        return self.S.index_select(0, slots), self.Y.index_select(0, slots)
 
-    def newest_scaling(self) -> Tensor:
-        """`sᵀy / yᵀy` of the newest pair as a 0-dim float64 device tensor, 1 while the memory is empty (adaQN eq. 8)."""
-        newest = torch.remainder(self.head - 1, self.size).view(1)
-        sy, yy = self.sy.index_select(0, newest)[0], self.yy.index_select(0, newest)[0]
-        ok = (self.count > 0) & (yy > 0)
-        return torch.where(ok, sy / torch.where(ok, yy, 1.0), 1.0)
+@patch
+def pairs(self: PairMemory) -> tuple[Tensor, Tensor]:
+    """`(S, Y)`: the pairs held, oldest first, as `(count, n)` copies (reads `count`: a host sync)."""
+    slots = self.order()[0][: len(self)]
+    return self.S.index_select(0, slots), self.Y.index_select(0, slots)
+
+
+@patch
+def newest_scaling(self: PairMemory) -> Tensor:
+    """`sᵀy / yᵀy` of the newest pair as a 0-dim float64 device tensor, 1 while the memory is empty (adaQN eq. 8)."""
+    newest = torch.remainder(self.head - 1, self.size).view(1)
+    sy, yy = self.sy.index_select(0, newest)[0], self.yy.index_select(0, newest)[0]
+    ok = (self.count > 0) & (yy > 0)
+    return torch.where(ok, sy / torch.where(ok, yy, 1.0), 1.0)
 
 # %% ../../nbs/42_qn_memory.ipynb #64d12403
 H0_KINDS = ("identity", "scaling")
@@ -336,25 +358,6 @@ class DiagonalScaling:
             raise TypeError("vector: expected a 1-D tensor")
         return cls(vector.numel(), kind, device=vector.device, dtype=vector.dtype, **options)
 
-    @torch.no_grad()
-    def update(self, g: Tensor, where: Tensor | bool = True) -> None:
-        """Accumulate the squares of the gradient `g` (only where the 0-dim device bool `where` holds, e.g. g is finite)."""
-        if not isinstance(g, Tensor) or g.shape != self.accumulator.shape:
-            raise ValueError(f"g: expected a tensor of shape {tuple(self.accumulator.shape)}, got {tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}")
-        if self.kind == "adagrad":
-            new = torch.addcmul(self.accumulator, g, g)
-        else:
-            new = torch.addcmul(self.accumulator * self.decay, g, g, value=1.0 - self.decay)
-        if isinstance(where, Tensor):
-            new = torch.where(where, new, self.accumulator)
-        elif not where:
-            return
-        self.accumulator.copy_(new)
-
-    def diagonal(self) -> Tensor:
-        "The diagonal of H0: `1/√(accumulator + ε)`."
-        return torch.rsqrt(self.accumulator + self.epsilon)
-
     def state_dict(self) -> dict[str, Tensor]:
         return {"accumulator": self.accumulator.clone()}
 
@@ -372,6 +375,29 @@ class DiagonalScaling:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.check_state(state)
         self.accumulator.copy_(state["accumulator"])
+
+# %% ../../nbs/42_qn_memory.ipynb #47434d0d
+@patch
+@torch.no_grad()
+def update(self: DiagonalScaling, g: Tensor, where: Tensor | bool = True) -> None:
+    """Accumulate the squares of the gradient `g` (only where the 0-dim device bool `where` holds, e.g. g is finite)."""
+    if not isinstance(g, Tensor) or g.shape != self.accumulator.shape:
+        raise ValueError(f"g: expected a tensor of shape {tuple(self.accumulator.shape)}, got {tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}")
+    if self.kind == "adagrad":
+        new = torch.addcmul(self.accumulator, g, g)
+    else:
+        new = torch.addcmul(self.accumulator * self.decay, g, g, value=1.0 - self.decay)
+    if isinstance(where, Tensor):
+        new = torch.where(where, new, self.accumulator)
+    elif not where:
+        return
+    self.accumulator.copy_(new)
+
+
+@patch
+def diagonal(self: DiagonalScaling) -> Tensor:
+    "The diagonal of H0: `1/√(accumulator + ε)`."
+    return torch.rsqrt(self.accumulator + self.epsilon)
 
 # %% ../../nbs/42_qn_memory.ipynb #ba88c72c
 CURVATURE_RULES = ("cosine", "adaqn")
@@ -427,16 +453,6 @@ def powell_damping(
     return y_hat, damped
 
 # %% ../../nbs/42_qn_memory.ipynb #d154cd47
-def _gram(A: Tensor, B: Tensor, chunk: int = 1 << 20) -> Tensor:
-    "`A Bᵀ` in float64 for row-stacked `A` (k × n) and `B` (l × n), upcasting one column chunk at a time."
-    if A.dtype == torch.float64 and B.dtype == torch.float64:
-        return A @ B.T
-    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
-    for start in range(0, A.shape[1], chunk):
-        out += A[:, start : start + chunk].double() @ B[:, start : start + chunk].double().T
-    return out
-
-
 @dataclass
 class CompactForm:
     """A quasi-Newton matrix in compact form, `B = γI + Ψ M Ψᵀ` (Byrd, Nocedal & Schnabel 1994); nothing n × n is formed."""
@@ -493,38 +509,17 @@ class CompactForm:
         rest = self.gamma.double().reshape(1).expand(self.n - values.numel())
         return torch.sort(torch.cat([values, rest])).values
 
+# %% ../../nbs/42_qn_memory.ipynb #1aec33b5
+def _gram(A: Tensor, B: Tensor, chunk: int = 1 << 20) -> Tensor:
+    "`A Bᵀ` in float64 for row-stacked `A` (k × n) and `B` (l × n), upcasting one column chunk at a time."
+    if A.dtype == torch.float64 and B.dtype == torch.float64:
+        return A @ B.T
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    for start in range(0, A.shape[1], chunk):
+        out += A[:, start : start + chunk].double() @ B[:, start : start + chunk].double().T
+    return out
+
 # %% ../../nbs/42_qn_memory.ipynb #938c6e18
-def sr1_condition(
-    s: Tensor,  # the step
-    y: Tensor,  # the gradient difference
-    Bs: Tensor,  # B s for the current SR1 matrix (`CompactForm.mv`)
-    r: float = 1e-8,  # r ∈ (0, 1) of Algorithm 1 line 26
-) -> Tensor:
-    """Whether an L-SR1 memory may store (s, y): |sᵀ(y − Bs)| ≥ r‖s‖‖y − Bs‖ and sᵀ(y − Bs) ≠ 0, as a 0-dim device bool."""
-    _check_pair(s, y, Bs)
-    check_number("r", r, 0.0, 1.0, low_open=True, high_open=True)
-    s64, w = s.double(), y.double() - Bs.double()
-    denominator = torch.dot(s64, w).abs()
-    bound = r * (torch.linalg.vector_norm(s64) * torch.linalg.vector_norm(w))
-    return torch.isfinite(denominator) & torch.isfinite(bound) & (denominator >= bound) & (denominator > 0)
-
-
-def _check_scalar(name: str, value) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name}: expected a number or a one-element tensor, got shape {tuple(value.shape)}")
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
-        raise ValueError(f"{name}: must be a finite non-zero number, got {value!r}")
-    return float(value)
-
-
-def _nonsingular(matrix: Tensor, rcond: float) -> bool:
-    "Whether the symmetric `matrix` has min |λ| > rcond · max |λ| (and is not zero)."
-    magnitudes = torch.linalg.eigvalsh((matrix + matrix.T) / 2).abs()
-    return bool(magnitudes.max() > 0) and bool(magnitudes.min() > rcond * magnitudes.max())
-
-
 def sr1_compact(
     memory: PairMemory,  # the pairs, oldest first
     gamma: float | Tensor,  # B0 = γI, γ ≠ 0 (with inverse=True: H0 = δI)
@@ -544,7 +539,35 @@ def sr1_compact(
     Psi = Y - gamma * S  # (k, n), its rows are Ψ's columns
     SY, SS, PP = _gram(S, Y), _gram(S, S), _gram(Psi, Psi)
     M_inv = torch.tril(SY) + torch.tril(SY, -1).T - gamma * SS  # D + L + Lᵀ − γSᵀS
-    k, start = Psi.shape[0], 0
+    k, start = Psi.shape[0], _pairs_to_drop(M_inv, PP, rcond, inverse, drop_singular)  # lines 30–39
+    if start:
+        memory.drop_oldest(start)
+    M_inv = M_inv[start:, start:]
+    M = torch.linalg.inv(M_inv) if k > start else M_inv.clone()
+    gamma_t = torch.tensor(gamma, dtype=torch.float64, device=memory.device)
+    return CompactForm(gamma=gamma_t, Psi=Psi[start:].T, M=(M + M.T) / 2, M_inv=M_inv, dropped=start)
+
+# %% ../../nbs/42_qn_memory.ipynb #db17c858
+def _check_scalar(name: str, value) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+        raise ValueError(f"{name}: must be a finite non-zero number, got {value!r}")
+    return float(value)
+
+
+def _nonsingular(matrix: Tensor, rcond: float) -> bool:
+    "Whether the symmetric `matrix` has min |λ| > rcond · max |λ| (and is not zero)."
+    magnitudes = torch.linalg.eigvalsh((matrix + matrix.T) / 2).abs()
+    return bool(magnitudes.max() > 0) and bool(magnitudes.min() > rcond * magnitudes.max())
+
+
+def _pairs_to_drop(M_inv: Tensor, PP: Tensor, rcond: float, inverse: bool, drop_singular: bool) -> int:
+    """How many of the oldest pairs lines 30–39 remove: the fewest after which `M⁻¹` (k × k) and, unless `inverse`, `ΨᵀΨ`
+    (`PP`) are nonsingular to `rcond`; all k if none is. With `drop_singular=False` a singular set raises instead."""
+    k, start = M_inv.shape[0], 0
     while start < k:
         ok = _nonsingular(M_inv[start:, start:], rcond)
         if ok and not inverse:  # Algorithm 1 line 34 also asks ΨᵀΨ ≻ 0: σ_min(Ψ) > rcond·σ_max(Ψ)
@@ -556,14 +579,24 @@ def sr1_compact(
             raise ValueError(f"memory: the SR1 middle matrix of the {k - start} newest pairs is singular (rcond {rcond:g}); "
                              "pass drop_singular=True to remove the oldest pairs")
         start += 1
-    if start:
-        memory.drop_oldest(start)
-    M_inv = M_inv[start:, start:]
-    M = torch.linalg.inv(M_inv) if k > start else M_inv.clone()
-    gamma_t = torch.tensor(gamma, dtype=torch.float64, device=memory.device)
-    return CompactForm(gamma=gamma_t, Psi=Psi[start:].T, M=(M + M.T) / 2, M_inv=M_inv, dropped=start)
+    return start
 
+# %% ../../nbs/42_qn_memory.ipynb #1644ad21
+def sr1_condition(
+    s: Tensor,  # the step
+    y: Tensor,  # the gradient difference
+    Bs: Tensor,  # B s for the current SR1 matrix (`CompactForm.mv`)
+    r: float = 1e-8,  # r ∈ (0, 1) of Algorithm 1 line 26
+) -> Tensor:
+    """Whether an L-SR1 memory may store (s, y): |sᵀ(y − Bs)| ≥ r‖s‖‖y − Bs‖ and sᵀ(y − Bs) ≠ 0, as a 0-dim device bool."""
+    _check_pair(s, y, Bs)
+    check_number("r", r, 0.0, 1.0, low_open=True, high_open=True)
+    s64, w = s.double(), y.double() - Bs.double()
+    denominator = torch.dot(s64, w).abs()
+    bound = r * (torch.linalg.vector_norm(s64) * torch.linalg.vector_norm(w))
+    return torch.isfinite(denominator) & torch.isfinite(bound) & (denominator >= bound) & (denominator > 0)
 
+# %% ../../nbs/42_qn_memory.ipynb #5e731c75
 def bfgs_compact(
     memory: PairMemory,  # the pairs (sᵢᵀyᵢ > 0), oldest first
     h0: str | float | Tensor = "scaling",  # the H0 of `two_loop`; B0 = H0⁻¹

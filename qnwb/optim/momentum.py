@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..core import check_param_groups, check_state_tag, tag_state
+from ..core import check_param_groups, check_state_tag, patch, tag_state
 from .schedules import evaluate_schedule
 
 # %% auto #0
@@ -48,100 +48,6 @@ class _Momentum(torch.optim.Optimizer):
                 schedule = own.get(name, self.schedules.get(name))
                 group[name] = self._checked(name, schedule if schedule is not None else group[name], self.updates)
 
-    def _velocity(self, p: Tensor) -> Tensor:
-        state = self.state[p]
-        if "velocity" not in state:
-            state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state["velocity"]
-
-    def _finite(self, loss) -> bool:
-        """Whether the closure's loss and every gradient are finite: one ∞-norm per tensor (NaN and ±∞ propagate into it and
-        a finite tensor cannot overflow it), fused by `torch._foreach_norm`, then one host read per device (one in practice)."""
-        if loss is not None and not isinstance(loss, Tensor) and not math.isfinite(float(loss)):  # a Python number: no sync
-            return False
-        by_device: dict[torch.device, list[Tensor]] = {}
-        tensors = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if isinstance(loss, Tensor) and loss.is_floating_point():
-            tensors.append(loss.detach().reshape(-1))
-        for t in tensors:
-            t = t.coalesce().values() if t.is_sparse else t
-            if t.numel():
-                by_device.setdefault(t.device, []).append(t)
-        return all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf))).all()) for ts in by_device.values())
-
-    def _update(self, gradients_at: str) -> None:
-        "Eqs. 1–2 / 3–4 for every parameter with a gradient: v ← μv − εg, θ ← θ + v (θ from `_theta` when NAG moved p)."
-        for group in self.param_groups:
-            lr, mu = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                v = self._velocity(p)
-                v.mul_(mu).add_(p.grad, alpha=-lr)
-                theta = self.state[p].pop("_theta", None)
-                if theta is not None:
-                    p.copy_(theta.add_(v))
-                else:
-                    p.add_(v)
-        self.updates += 1
-        self._publish(gradients_at, non_finite=False)
-
-    def _publish(self, gradients_at: str, non_finite: bool) -> None:
-        group = self.param_groups[0]
-        self.stats = {"step": self.updates, "lr": group["lr"], "momentum": group["momentum"],
-                      "gradients_at": gradients_at, "non_finite": non_finite}
-
-    def state_dict(self) -> dict:
-        """torch's optimizer state plus the update count (schedules are code and come from the constructor), tagged with the
-        class name."""
-        return tag_state(self, {**super().state_dict(), "updates": self.updates})
-
-    def _check_state(self, state_dict) -> dict:
-        "Everything `load_state_dict` checks before it changes anything; returns the state without its tag."
-        name = type(self).__name__
-        state_dict = check_state_tag(self, state_dict, False, "CM's and NAG's states look alike, so one without a name is "
-                                     "refused; add the entry 'optimizer': 'CM' or 'NAG' if you know which optimizer saved it")
-        expected = {"state", "param_groups", "updates"}
-        if set(state_dict) != expected:
-            raise ValueError(f"state_dict: expected the entries {sorted(expected)} of a {name}, got {sorted(state_dict)}")
-        updates = state_dict["updates"]
-        if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
-            raise ValueError(f"state_dict['updates']: expected an int ≥ 0, got {updates!r}")
-        groups = check_param_groups(self, state_dict["param_groups"])
-        for i, saved in enumerate(groups):
-            missing = [key for key in ("lr", "momentum") if key not in saved]
-            if missing:
-                raise ValueError(f"state_dict['param_groups'][{i}]: no {missing} entries")
-            for key in ("lr", "momentum"):
-                try:
-                    if callable(saved[key]):
-                        raise ValueError(f"{key}: a saved group holds a number, got {saved[key]!r}")
-                    self._checked(key, saved[key], updates)
-                except ValueError as e:
-                    raise ValueError(f"state_dict['param_groups'][{i}]: {e}") from None
-        params = dict(zip((index for g in groups for index in g["params"]), (p for g in self.param_groups for p in g["params"])))
-        saved_state = state_dict["state"]
-        if not isinstance(saved_state, Mapping):
-            raise ValueError(f"state_dict['state']: expected a dict, got {type(saved_state).__name__}")
-        for index, entry in saved_state.items():
-            if index not in params:
-                raise ValueError(f"state_dict['state']: {index!r} is not one of the saved parameter indices")
-            if not isinstance(entry, Mapping) or set(entry) != {"velocity"}:
-                raise ValueError(f"state_dict['state'][{index!r}]: expected {{'velocity': tensor}}, got "
-                                 f"{sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__}")
-            velocity, p = entry["velocity"], params[index]
-            if not isinstance(velocity, Tensor) or not velocity.is_floating_point() or velocity.shape != p.shape:
-                raise ValueError(f"state_dict['state'][{index!r}]['velocity']: expected a floating-point tensor of shape "
-                                 f"{tuple(p.shape)}, got {f'{velocity.dtype} {tuple(velocity.shape)}' if isinstance(velocity, Tensor) else type(velocity).__name__}")
-        return state_dict
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore `state_dict()` of this class; another optimizer's state, or one with a missing or malformed entry, is refused
-        (ValueError) with nothing changed."""
-        state_dict = self._check_state(state_dict)
-        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
-        self.updates = state_dict["updates"]
-
 # %% ../../nbs/47_momentum.ipynb #decb0d3d
 class CM(_Momentum):
     """Classical momentum, Sutskever et al. 2013 eqs. 1–2: `v ← μv − ε∇f(θ)`, `θ ← θ + v`."""
@@ -166,7 +72,7 @@ class CM(_Momentum):
             self._publish("theta", non_finite=True)
         return loss
 
-
+# %% ../../nbs/47_momentum.ipynb #872f2615
 class NAG(_Momentum):
     """Nesterov's accelerated gradient, Sutskever et al. 2013 eqs. 3–4: `v ← μv − ε∇f(θ + μv)`, `θ ← θ + v`."""
 
@@ -206,3 +112,111 @@ class NAG(_Momentum):
         else:
             self._publish("theta + mu v", non_finite=True)
         return loss
+
+# %% ../../nbs/47_momentum.ipynb #e01ec386
+@patch
+def _finite(self: _Momentum, loss) -> bool:
+    """Whether the closure's loss and every gradient are finite: one ∞-norm per tensor (NaN and ±∞ propagate into it and
+    a finite tensor cannot overflow it), fused by `torch._foreach_norm`, then one host read per device (one in practice)."""
+    if loss is not None and not isinstance(loss, Tensor) and not math.isfinite(float(loss)):  # a Python number: no sync
+        return False
+    by_device: dict[torch.device, list[Tensor]] = {}
+    tensors = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+    if isinstance(loss, Tensor) and loss.is_floating_point():
+        tensors.append(loss.detach().reshape(-1))
+    for t in tensors:
+        t = t.coalesce().values() if t.is_sparse else t
+        if t.numel():
+            by_device.setdefault(t.device, []).append(t)
+    return all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf))).all()) for ts in by_device.values())
+
+# %% ../../nbs/47_momentum.ipynb #21bc57c7
+@patch
+def _velocity(self: _Momentum, p: Tensor) -> Tensor:
+    state = self.state[p]
+    if "velocity" not in state:
+        state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state["velocity"]
+
+
+@patch
+def _update(self: _Momentum, gradients_at: str) -> None:
+    "Eqs. 1–2 / 3–4 for every parameter with a gradient: v ← μv − εg, θ ← θ + v (θ from `_theta` when NAG moved p)."
+    for group in self.param_groups:
+        lr, mu = group["lr"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            v = self._velocity(p)
+            v.mul_(mu).add_(p.grad, alpha=-lr)
+            theta = self.state[p].pop("_theta", None)
+            if theta is not None:
+                p.copy_(theta.add_(v))
+            else:
+                p.add_(v)
+    self.updates += 1
+    self._publish(gradients_at, non_finite=False)
+
+
+@patch
+def _publish(self: _Momentum, gradients_at: str, non_finite: bool) -> None:
+    group = self.param_groups[0]
+    self.stats = {"step": self.updates, "lr": group["lr"], "momentum": group["momentum"],
+                  "gradients_at": gradients_at, "non_finite": non_finite}
+
+# %% ../../nbs/47_momentum.ipynb #dff6be9c
+@patch
+def state_dict(self: _Momentum) -> dict:
+    """torch's optimizer state plus the update count (schedules are code and come from the constructor), tagged with the
+    class name."""
+    return tag_state(self, {**super(_Momentum, self).state_dict(), "updates": self.updates})
+
+
+@patch
+def load_state_dict(self: _Momentum, state_dict: dict) -> None:
+    """Restore `state_dict()` of this class; another optimizer's state, or one with a missing or malformed entry, is refused
+    (ValueError) with nothing changed."""
+    state_dict = self._check_state(state_dict)
+    super(_Momentum, self).load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+    self.updates = state_dict["updates"]
+
+# %% ../../nbs/47_momentum.ipynb #58ac2f10
+@patch
+def _check_state(self: _Momentum, state_dict) -> dict:
+    "Everything `load_state_dict` checks before it changes anything; returns the state without its tag."
+    name = type(self).__name__
+    state_dict = check_state_tag(self, state_dict, False, "CM's and NAG's states look alike, so one without a name is "
+                                 "refused; add the entry 'optimizer': 'CM' or 'NAG' if you know which optimizer saved it")
+    expected = {"state", "param_groups", "updates"}
+    if set(state_dict) != expected:
+        raise ValueError(f"state_dict: expected the entries {sorted(expected)} of a {name}, got {sorted(state_dict)}")
+    updates = state_dict["updates"]
+    if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+        raise ValueError(f"state_dict['updates']: expected an int ≥ 0, got {updates!r}")
+    groups = check_param_groups(self, state_dict["param_groups"])
+    for i, saved in enumerate(groups):
+        missing = [key for key in ("lr", "momentum") if key not in saved]
+        if missing:
+            raise ValueError(f"state_dict['param_groups'][{i}]: no {missing} entries")
+        for key in ("lr", "momentum"):
+            try:
+                if callable(saved[key]):
+                    raise ValueError(f"{key}: a saved group holds a number, got {saved[key]!r}")
+                self._checked(key, saved[key], updates)
+            except ValueError as e:
+                raise ValueError(f"state_dict['param_groups'][{i}]: {e}") from None
+    params = dict(zip((index for g in groups for index in g["params"]), (p for g in self.param_groups for p in g["params"])))
+    saved_state = state_dict["state"]
+    if not isinstance(saved_state, Mapping):
+        raise ValueError(f"state_dict['state']: expected a dict, got {type(saved_state).__name__}")
+    for index, entry in saved_state.items():
+        if index not in params:
+            raise ValueError(f"state_dict['state']: {index!r} is not one of the saved parameter indices")
+        if not isinstance(entry, Mapping) or set(entry) != {"velocity"}:
+            raise ValueError(f"state_dict['state'][{index!r}]: expected {{'velocity': tensor}}, got "
+                             f"{sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__}")
+        velocity, p = entry["velocity"], params[index]
+        if not isinstance(velocity, Tensor) or not velocity.is_floating_point() or velocity.shape != p.shape:
+            raise ValueError(f"state_dict['state'][{index!r}]['velocity']: expected a floating-point tensor of shape "
+                             f"{tuple(p.shape)}, got {f'{velocity.dtype} {tuple(velocity.shape)}' if isinstance(velocity, Tensor) else type(velocity).__name__}")
+    return state_dict

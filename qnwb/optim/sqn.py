@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..core import assign_flat_, check_number, check_setting, flat_params
+from ..core import assign_flat_, check_number, check_setting, flat_params, patch
 from ..curvature import GGN, Hessian
 from ..losses import MatchingLoss, matching_loss
 from .base import FlatOptimizer
@@ -20,9 +20,6 @@ from .memory import CURVATURE_RULES, H0_KINDS, PairMemory, curvature_condition, 
 __all__ = ['CURVATURES', 'SQN']
 
 # %% ../../nbs/44_sqn.ipynb #9a5da49a
-CURVATURES = ("hessian", "ggn")
-
-
 def _cycle_state(state: dict, L: int) -> None:
     "Give a state without them (a new one, or one saved before L could change) the bookkeeping of cycles of length L."
     if "cycle_start" not in state:
@@ -34,6 +31,9 @@ def _cycle(state: dict, L: int) -> tuple[int, bool]:
     `L` now; later steps keep it. `ends`: this iterate is the cycle's last."""
     length = L if state["step"] == state["cycle_start"] else state["cycle_length"]
     return length, state["step"] + 1 - state["cycle_start"] >= length
+
+# %% ../../nbs/44_sqn.ipynb #21220150
+CURVATURES = ("hessian", "ggn")
 
 
 class SQN(FlatOptimizer):
@@ -71,17 +71,6 @@ class SQN(FlatOptimizer):
         params = self.param_groups[0]["params"]
         self.memory = PairMemory(memory, sum(p.numel() for p in params), device=params[0].device, dtype=params[0].dtype)
 
-    def _state(self) -> dict:
-        params = self.param_groups[0]["params"]
-        state = self.state[params[0]]
-        if not state:
-            state.update(step=0, cycles=0, gradient_evaluations=0, curvature_products=0)
-            state["iterate_sum"] = torch.zeros(self.memory.n, dtype=params[0].dtype, device=params[0].device)
-            for name in ("pairs_stored", "pairs_skipped", "non_finite"):
-                state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
-        _cycle_state(state, self.param_groups[0]["L"])
-        return state
-
     _counts = ("L",)
     _bounded = {"lr": "step_size"}
     _entries = {"step": "int", "cycles": "int", "gradient_evaluations": "int", "curvature_products": "int", "iterate_sum": "vector",
@@ -89,80 +78,105 @@ class SQN(FlatOptimizer):
     _optional_entries = {"cycle_start": "int", "cycle_length": "int",  # absent from states saved before L could change
                          "previous_average": "vector"}  # from the first cycle's end
 
-    def _stand_in(self, settings: dict) -> SQN:
-        "An SQN with `settings` on a one-weight stand-in model (its constructor checks them)."
-        return SQN(nn.Linear(1, 1, bias=False), self.loss, **settings)
+# %% ../../nbs/44_sqn.ipynb #f2ba012d
+@patch
+def _state(self: SQN) -> dict:
+    params = self.param_groups[0]["params"]
+    state = self.state[params[0]]
+    if not state:
+        state.update(step=0, cycles=0, gradient_evaluations=0, curvature_products=0)
+        state["iterate_sum"] = torch.zeros(self.memory.n, dtype=params[0].dtype, device=params[0].device)
+        for name in ("pairs_stored", "pairs_skipped", "non_finite"):
+            state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
+    _cycle_state(state, self.param_groups[0]["L"])
+    return state
 
-    def _curvature_product(self, average: Tensor, s: Tensor, batch, group) -> Tensor:
-        "`∇²f(w̄) s` (or the GGN's) on `batch`, with the parameters at `w̄` only while the operator is built."
-        params = self.param_groups[0]["params"]
-        current = flat_params(params).clone()
-        try:
-            assign_flat_(params, average)
-            with torch.enable_grad():
-                if group["curvature"] == "hessian":
-                    operator = Hessian(self.model, self.loss, batch)
-                else:
-                    operator = GGN(self.model, self.loss, batch, route=group["route"])
-                return operator.mv(s)
-        finally:
-            assign_flat_(params, current)  # bit for bit
 
-    @torch.no_grad()
-    def step(
-        self,
-        closure: Callable[[], Tensor],  # zeroes the gradients, computes the loss on this step's batch, calls backward, returns it
-        curvature_batch: tuple[Tensor, Tensor] | Callable[[], tuple[Tensor, Tensor]] | None = None,  # 𝓗ₜ, needed when a pair is formed
-    ) -> Tensor:
-        """One SQN iteration; every L-th also forms the pair (s, y) from the averages of the last two cycles."""
-        if not callable(closure):
-            raise TypeError("closure: SQN needs a closure that computes the loss and its gradients")
-        self._sync_sizes()  # a `memory` changed since the last step; checks `L` too
-        group = self.param_groups[0]
-        params: list[Tensor] = group["params"]
-        state, memory = self._state(), self.memory
-        k = state["step"]
-        L, cycle_ends = _cycle(state, group["L"])
-        pair_due = cycle_ends and "previous_average" in state
-        if pair_due and curvature_batch is None:
-            raise ValueError(f"curvature_batch: step {k + 1} forms a curvature pair (it ends a cycle of L = {L} steps) "
-                             "and needs a batch")
-        state["cycle_length"] = L
+@patch
+def _stand_in(self: SQN, settings: dict) -> SQN:
+    "An SQN with `settings` on a one-weight stand-in model (its constructor checks them)."
+    return SQN(nn.Linear(1, 1, bias=False), self.loss, **settings)
 
-        theta = flat_params(params).clone()
-        f, g = self._evaluate(closure)
-        state["iterate_sum"] += theta  # eq. 6: the iterates at which this cycle's gradients are taken
-        theta_new = torch.add(theta, two_loop(memory, g, group["h0"], check=False), alpha=-group["lr"])
-        ok = torch.isfinite(f) & torch.isfinite(g).all() & torch.isfinite(theta_new).all()
-        theta_new = torch.where(ok, theta_new, theta)  # a non-finite gradient never reaches the parameters
-        assign_flat_(params, theta_new)
-        state["non_finite"] += (~ok).long()
+# %% ../../nbs/44_sqn.ipynb #fea2cb26
+@patch
+@torch.no_grad()
+def step(
+    self: SQN,
+    closure: Callable[[], Tensor],  # zeroes the gradients, computes the loss on this step's batch, calls backward, returns it
+    curvature_batch: tuple[Tensor, Tensor] | Callable[[], tuple[Tensor, Tensor]] | None = None,  # 𝓗ₜ, needed when a pair is formed
+) -> Tensor:
+    """One SQN iteration; every L-th also forms the pair (s, y) from the averages of the last two cycles."""
+    if not callable(closure):
+        raise TypeError("closure: SQN needs a closure that computes the loss and its gradients")
+    self._sync_sizes()  # a `memory` changed since the last step; checks `L` too
+    group = self.param_groups[0]
+    params: list[Tensor] = group["params"]
+    state, memory = self._state(), self.memory
+    k = state["step"]
+    L, cycle_ends = _cycle(state, group["L"])
+    pair_due = cycle_ends and "previous_average" in state
+    if pair_due and curvature_batch is None:
+        raise ValueError(f"curvature_batch: step {k + 1} forms a curvature pair (it ends a cycle of L = {L} steps) "
+                         "and needs a batch")
+    state["cycle_length"] = L
 
-        stats = {"step": k + 1, "loss": f, "step_size": torch.where(ok, group["lr"], 0.0), "non_finite": ~ok, "pair_formed": 0,
-                 "pair_stored": False, "pair_skipped": False, "sy": float("nan"), "curvature_products": 0}
-        if cycle_ends:
-            average = state["iterate_sum"] / L
-            state["iterate_sum"].zero_()
-            if pair_due:
-                batch = curvature_batch() if callable(curvature_batch) else curvature_batch
-                s = average - state["previous_average"]
-                y = self._curvature_product(average, s, batch, group)
-                accept = curvature_condition(s, y, group["curvature_skip"], group["curvature_rule"])
-                memory.push(s, y, accept)
-                state["pairs_stored"] += accept.long()
-                state["pairs_skipped"] += (~accept).long()
-                state["curvature_products"] += 1
-                stats.update(pair_formed=1, pair_stored=accept, pair_skipped=~accept, sy=torch.dot(s.double(), y.double()),
-                             curvature_products=1)
-            state["previous_average"] = average  # Byrd et al.: advances whether or not the pair is stored
-            state["cycles"] += 1
-            state["cycle_start"] = k + 1
-        state["step"] = k + 1
-        state["gradient_evaluations"] += 1
-        stats.update(pairs_stored=state["pairs_stored"].clone(), pairs_skipped=state["pairs_skipped"].clone(),
-                     memory_size=memory.count.clone(), memory_capacity=memory.size, cycles=state["cycles"], cycle_length=L,
-                     gradient_evaluations=1,
-                     total_gradient_evaluations=state["gradient_evaluations"],
-                     total_curvature_products=state["curvature_products"])
-        self._raw_stats, self._stats = stats, None
-        return f
+    theta = flat_params(params).clone()
+    f, g = self._evaluate(closure)
+    state["iterate_sum"] += theta  # eq. 6: the iterates at which this cycle's gradients are taken
+    theta_new = torch.add(theta, two_loop(memory, g, group["h0"], check=False), alpha=-group["lr"])
+    ok = torch.isfinite(f) & torch.isfinite(g).all() & torch.isfinite(theta_new).all()
+    theta_new = torch.where(ok, theta_new, theta)  # a non-finite gradient never reaches the parameters
+    assign_flat_(params, theta_new)
+    state["non_finite"] += (~ok).long()
+
+    stats = {"step": k + 1, "loss": f, "step_size": torch.where(ok, group["lr"], 0.0), "non_finite": ~ok, "pair_formed": 0,
+             "pair_stored": False, "pair_skipped": False, "sy": float("nan"), "curvature_products": 0}
+    if cycle_ends:
+        average = state["iterate_sum"] / L
+        state["iterate_sum"].zero_()
+        if pair_due:  # eqs. 6–7: s from the last two averages, y on the curvature batch
+            stats.update(self._form_pair(state, group, average, curvature_batch))
+        state["previous_average"] = average  # Byrd et al.: advances whether or not the pair is stored
+        state["cycles"] += 1
+        state["cycle_start"] = k + 1
+    state["step"] = k + 1
+    state["gradient_evaluations"] += 1
+    stats.update(pairs_stored=state["pairs_stored"].clone(), pairs_skipped=state["pairs_skipped"].clone(),
+                 memory_size=memory.count.clone(), memory_capacity=memory.size, cycles=state["cycles"], cycle_length=L,
+                 gradient_evaluations=1,
+                 total_gradient_evaluations=state["gradient_evaluations"],
+                 total_curvature_products=state["curvature_products"])
+    self._raw_stats, self._stats = stats, None
+    return f
+
+# %% ../../nbs/44_sqn.ipynb #60458449
+@patch
+def _form_pair(self: SQN, state: dict, group: dict, average: Tensor, curvature_batch) -> dict:
+    """sₜ = w̄ₜ − w̄ₜ₋₁ and yₜ = ∇²f(w̄ₜ) sₜ on the curvature batch (eqs. 6–7), offered to the memory through the skip rule;
+    the counters, and the pair's entries of `stats`."""
+    batch = curvature_batch() if callable(curvature_batch) else curvature_batch
+    s = average - state["previous_average"]
+    y = self._curvature_product(average, s, batch, group)
+    accept = curvature_condition(s, y, group["curvature_skip"], group["curvature_rule"])
+    self.memory.push(s, y, accept)
+    state["pairs_stored"] += accept.long()
+    state["pairs_skipped"] += (~accept).long()
+    state["curvature_products"] += 1
+    return dict(pair_formed=1, pair_stored=accept, pair_skipped=~accept, sy=torch.dot(s.double(), y.double()), curvature_products=1)
+
+# %% ../../nbs/44_sqn.ipynb #24cedb4e
+@patch
+def _curvature_product(self: SQN, average: Tensor, s: Tensor, batch, group) -> Tensor:
+    "`∇²f(w̄) s` (or the GGN's) on `batch`, with the parameters at `w̄` only while the operator is built."
+    params = self.param_groups[0]["params"]
+    current = flat_params(params).clone()
+    try:
+        assign_flat_(params, average)
+        with torch.enable_grad():
+            if group["curvature"] == "hessian":
+                operator = Hessian(self.model, self.loss, batch)
+            else:
+                operator = GGN(self.model, self.loss, batch, route=group["route"])
+            return operator.mv(s)
+    finally:
+        assign_flat_(params, current)  # bit for bit
