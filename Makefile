@@ -21,7 +21,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 # nbdev_test runs `#| cuda` cells when the kernel sees a GPU; `#| slow` cells only in test-slow.
 CUDA_FLAG = $$($(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else '')")
 
-.PHONY: help setup test test-generic test-slow report lab sync readme clean-venv
+.PHONY: help setup test test-generic test-slow report lab sync format readme clean-venv
 
 help:
 	@echo "make report     set up .venv if needed and render the tour report to data/reports/tour-*.html (REPORT=name, REPORT_ARGS=\"-p key value\")"
@@ -30,6 +30,7 @@ help:
 	@echo "make lab        set up .venv if needed and start JupyterLab with the 'Python (qnwb)' kernel"
 	@echo "make test-slow  also run the cells and tests marked slow"
 	@echo "make sync       nbdev_export + nbdev_clean + make readme, in place"
+	@echo "make format     ruff's fixes and formatting on the notebooks, tests and tools, then make sync"
 	@echo "make readme     regenerate README.md from nbs/index.ipynb"
 	@echo "make clean-venv remove .venv"
 
@@ -50,8 +51,13 @@ TEST_STORE = QNWB_STORE=$$(mktemp -d)/test.sqlite
 report: $(STAMP)
 	$(BIN)/qnwb report $(REPORT) $(REPORT_ARGS)
 
+# ruff lints and format-checks the sources: the notebooks (qnwb/ is exported from them), the tests and the tools.
+LINTED = nbs/[0-9]*.ipynb tests tools
+
 define RUN_TESTS
 	$(BIN)/python tools/nbsync.py check
+	$(BIN)/ruff format --check --quiet $(LINTED)
+	$(BIN)/ruff check --quiet $(LINTED) qnwb
 	$(TEST_STORE) $(BIN)/nbdev_test --timing --flags "$(CUDA_FLAG)"
 	$(TEST_STORE) $(BIN)/python -m pytest tests
 endef
@@ -75,6 +81,11 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=. $(ROOT_FLAG) $(LAB_ARGS)
 
 sync: $(STAMP)
+	$(BIN)/python tools/nbsync.py fix
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix --quiet $(LINTED)
+	$(BIN)/ruff format --quiet $(LINTED)
 	$(BIN)/python tools/nbsync.py fix
 
 readme: $(STAMP)

@@ -84,7 +84,9 @@ def _check_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
-def reference_problem(batch: int, steps: int, hidden: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def reference_problem(
+    batch: int, steps: int, hidden: int, device: torch.device, dtype: torch.dtype, seed: int = 0
+):
     """`(model, inputs, targets)`: a seeded `TanhRNN(2, hidden, 1)` and addition-problem-shaped data (a target at the last step only)."""
     generator = make_generator(seed)
     model = TanhRNN(2, hidden, 1, device=device, dtype=dtype, generator=generator)
@@ -98,7 +100,9 @@ SETUP_CAP = 3  # set-ups timed when their median is over SLOW_SETUP_S seconds
 SLOW_SETUP_S = 1.0
 
 
-def _time_setups(build: Callable[[], GGN], repeat: int, device: torch.device, bar: tqdm) -> tuple[list[float], GGN]:
+def _time_setups(
+    build: Callable[[], GGN], repeat: int, device: torch.device, bar: tqdm
+) -> tuple[list[float], GGN]:
     """Seconds of up to `repeat` calls `build()`, one at a time (each frees the previous one first), and the last one built;
     only SETUP_CAP when their median is over SLOW_SETUP_S seconds (the bar's total shrinks to match)."""
     setup_times, ggn = [], None
@@ -114,9 +118,11 @@ def _time_setups(build: Callable[[], GGN], repeat: int, device: torch.device, ba
 
 # %% ../nbs/96_bench.ipynb #a8490650
 def _route_used(ggn: GGN, route: str) -> str:
-    "The route `ggn` was built by when `route` was asked for: \"model\" for a model's own linearisation, else the torch.func route."
+    'The route `ggn` was built by when `route` was asked for: "model" for a model\'s own linearisation, else the torch.func route.'
     if isinstance(ggn.linearization, FuncLinearization):
-        return "linearize" if route == "auto" else route  # what "auto" picks for a model without linearize()
+        return (
+            "linearize" if route == "auto" else route
+        )  # what "auto" picks for a model without linearize()
     return "model"
 
 # %% ../nbs/96_bench.ipynb #10a4f107
@@ -124,7 +130,9 @@ def bench_curvature(
     batch: int = 1000,  # cases in the batch
     steps: int = 100,  # time steps per case
     hidden: int = 100,  # hidden units of the TanhRNN
-    device: str | torch.device | None = None,  # as in qnwb.core.default_device ("cpu", "cuda", None: $QNWB_DEVICE or the GPU)
+    device: str
+    | torch.device
+    | None = None,  # as in qnwb.core.default_device ("cpu", "cuda", None: $QNWB_DEVICE or the GPU)
     repeat: int = 10,  # timed calls of each kind (set-ups: SETUP_CAP when they take over SLOW_SETUP_S)
     route: str = "auto",  # the GGN's linearisation route: "auto", "model", "linearize" or "jvp"
     structural_weight: float = 0.0,  # > 0: structural damping ("tanh") with this weight, folded into every product
@@ -137,14 +145,20 @@ def bench_curvature(
         check_positive_int(name, value)
     if route not in ROUTES:
         raise ValueError(f"route: {route!r} is not one of {', '.join(ROUTES)}")
-    structural_weight = _check_structural("tanh", structural_weight)  # the GGN's own check, before any work
+    structural_weight = _check_structural(
+        "tanh", structural_weight
+    )  # the GGN's own check, before any work
     dtype = _check_dtype(dtype)
     device = default_device(device)
 
     model, x, y = reference_problem(batch, steps, hidden, device, dtype, seed)
     loss = matching_loss("squared_error")
     params = list(model.parameters())
-    damping = {"structural_distance": "tanh", "structural_weight": float(structural_weight)} if structural_weight > 0 else {}
+    damping = (
+        {"structural_distance": "tanh", "structural_weight": float(structural_weight)}
+        if structural_weight > 0
+        else {}
+    )
 
     def gradient():
         return torch.autograd.grad(loss(model(x), y), params)
@@ -152,7 +166,13 @@ def bench_curvature(
     def build():
         return GGN(model, loss, (x, y), route=route, **damping)
 
-    bar = tqdm(total=3 + 3 * repeat, desc=f"bench curvature ({route})", file=sys.stderr, disable=not progress, leave=False)
+    bar = tqdm(
+        total=3 + 3 * repeat,
+        desc=f"bench curvature ({route})",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
     with bar:
         timed(gradient, device)  # warm-ups
         ggn = build()
@@ -163,11 +183,25 @@ def bench_curvature(
         setup_times, ggn = _time_setups(build, repeat, device, bar)
         medians = median_seconds({"grad": gradient, "mv": lambda: ggn.mv(v)}, repeat, device, bar)
 
-    return {"route": _route_used(ggn, route), "grad_s": medians["grad"], "ggn_mv_s": medians["mv"],
-            "ratio": medians["mv"] / medians["grad"], "setup_s": statistics.median(setup_times), "setups": len(setup_times),
-            "setup_bytes": setup_bytes(ggn), "parameters": ggn.n, "batch": batch, "steps": steps, "hidden": hidden,
-            "device": str(device), "dtype": str(dtype).removeprefix("torch."), "repeat": repeat,
-            "structural_weight": float(structural_weight), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return {
+        "route": _route_used(ggn, route),
+        "grad_s": medians["grad"],
+        "ggn_mv_s": medians["mv"],
+        "ratio": medians["mv"] / medians["grad"],
+        "setup_s": statistics.median(setup_times),
+        "setups": len(setup_times),
+        "setup_bytes": setup_bytes(ggn),
+        "parameters": ggn.n,
+        "batch": batch,
+        "steps": steps,
+        "hidden": hidden,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "repeat": repeat,
+        "structural_weight": float(structural_weight),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 # %% ../nbs/96_bench.ipynb #23079ce0
 def summary(result: dict[str, Any]) -> str:
@@ -185,9 +219,9 @@ def summary(result: dict[str, Any]) -> str:
         "set-up cache": cache,
         "route": result["route"],
         "problem": f"TanhRNN(2, {result['hidden']}, 1), {result['batch']} cases × {result['steps']} steps, "
-                   f"{result['parameters']} parameters, structural weight {result['structural_weight']:g}",
+        f"{result['parameters']} parameters, structural weight {result['structural_weight']:g}",
         "machine": f"{result['device']}, {result['dtype']}, torch {result['torch']}, {result['torch_threads']} threads, "
-                   f"medians of {result['repeat']}",
+        f"medians of {result['repeat']}",
     }
     width = max(map(len, rows))
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows.items())
@@ -216,9 +250,19 @@ def bench_hf(
     device = default_device(device)
     mean_target = input_independent_outputs(problem, cases=2000, seed=seed)[-1]
     model = TanhRNN(problem.n_in, hidden, problem.n_out, device=device)
-    esn_init_(model, input_scale=problem.input_scale, generator=make_generator(seed),
-              output_bias=mean_target if problem.loss == "squared_error" else 0.0)
-    hf = HessianFree(model, problem.loss, damping=damping, structural_damping=structural_damping, cg_max_iterations=cg_max_iterations)
+    esn_init_(
+        model,
+        input_scale=problem.input_scale,
+        generator=make_generator(seed),
+        output_bias=mean_target if problem.loss == "squared_error" else 0.0,
+    )
+    hf = HessianFree(
+        model,
+        problem.loss,
+        damping=damping,
+        structural_damping=structural_damping,
+        cg_max_iterations=cg_max_iterations,
+    )
     held_x, held_y = problem.held_out(seed, device=device)
     stream = make_generator(seed + 1)
     counts = {"gradient_evaluations": 0, "curvature_products": 0, "loss_evaluations": 0}
@@ -232,30 +276,83 @@ def bench_hf(
             with torch.no_grad():
                 error = problem.error(model(held_x), held_y)
             if progress:
-                print(f"step {step}: held-out error {error:.4f}, λ {hf.stats['damping']:.3g}, CG {hf.stats['cg_iterations']}, "
-                      f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+                print(
+                    f"step {step}: held-out error {error:.4f}, λ {hf.stats['damping']:.3g}, CG {hf.stats['cg_iterations']}, "
+                    f"{time.perf_counter() - start:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if error == 0.0:
                 solved = True
                 break
-    return {"task": task, "T": T, "seed": seed, "solved": solved, "steps": step, "held_out_error": error, **counts,
-            "seconds": time.perf_counter() - start, "structural_damping": structural_damping, "hidden": hidden, "batch": batch,
-            "device": str(device), "torch": torch.__version__}
+    return {
+        "task": task,
+        "T": T,
+        "seed": seed,
+        "solved": solved,
+        "steps": step,
+        "held_out_error": error,
+        **counts,
+        "seconds": time.perf_counter() - start,
+        "structural_damping": structural_damping,
+        "hidden": hidden,
+        "batch": batch,
+        "device": str(device),
+        "torch": torch.__version__,
+    }
 
 # %% ../nbs/96_bench.ipynb #7f0b1e02
-def _character_data(corpus, hidden: int, layers: int, length: int, batch: int, steps: int, seed: int, device: torch.device):
+def _character_data(
+    corpus,
+    hidden: int,
+    layers: int,
+    length: int,
+    batch: int,
+    steps: int,
+    seed: int,
+    device: torch.device,
+):
     "The initial network and the batches every optimizer shares: (network, training batches, monitoring batch, validation batch)."
     from qnwb.init import dense_init_
 
     torch.manual_seed(seed)
-    initial = dense_init_(TanhRNN.language_model(len(corpus.vocabulary), hidden, layers), std=0.01, generator=make_generator(seed))
+    initial = dense_init_(
+        TanhRNN.language_model(len(corpus.vocabulary), hidden, layers),
+        std=0.01,
+        generator=make_generator(seed),
+    )
     stream = make_generator(seed + 1)
-    batches = [tuple(t.to(device) for t in corpus.batch(batch, length, generator=stream, one_hot_targets=False)) for _ in range(steps)]
-    monitor_batch, valid_batch = (tuple(t.to(device) for t in corpus.batch(batch, length, split=split, generator=make_generator(seed + 2),
-                                                                           one_hot_targets=False)) for split in ("train", "validation"))
+    batches = [
+        tuple(
+            t.to(device)
+            for t in corpus.batch(batch, length, generator=stream, one_hot_targets=False)
+        )
+        for _ in range(steps)
+    ]
+    monitor_batch, valid_batch = (
+        tuple(
+            t.to(device)
+            for t in corpus.batch(
+                batch,
+                length,
+                split=split,
+                generator=make_generator(seed + 2),
+                one_hot_targets=False,
+            )
+        )
+        for split in ("train", "validation")
+    )
     return initial, batches, monitor_batch, valid_batch
 
 # %% ../nbs/96_bench.ipynb #b4c1feef
-def _timed_step(optimizer, model: torch.nn.Module, loss, batch: tuple[Tensor, Tensor], monitor_batch, device: torch.device):
+def _timed_step(
+    optimizer,
+    model: torch.nn.Module,
+    loss,
+    batch: tuple[Tensor, Tensor],
+    monitor_batch,
+    device: torch.device,
+):
     "One step by `take_step`: (seconds outside its closures, seconds inside them, the step's result)."
     from qnwb.optim import take_step
 
@@ -267,10 +364,21 @@ def _timed_step(optimizer, model: torch.nn.Module, loss, batch: tuple[Tensor, Te
             seconds, value = timed(fn, device)
             inside[0] += seconds
             return value
+
         return call
 
-    seconds, result = timed(lambda: take_step(optimizer, model, loss, (x, y), curvature_batches=lambda: (x, y),
-                                              monitor_batch=monitor_batch, wrap=timed_call), device)
+    seconds, result = timed(
+        lambda: take_step(
+            optimizer,
+            model,
+            loss,
+            (x, y),
+            curvature_batches=lambda: (x, y),
+            monitor_batch=monitor_batch,
+            wrap=timed_call,
+        ),
+        device,
+    )
     return seconds - inside[0], inside[0], result
 
 # %% ../nbs/96_bench.ipynb #cd596337
@@ -278,21 +386,41 @@ def _optimizer_result(run: dict, lr: float, base: float | None) -> dict[str, Any
     "One optimizer's entry of the result: its losses and the medians of its work (against Adagrad's `base`) and closures per step."
     work = statistics.median(run["optimizer_s"])
     return {
-        "lr": lr, "train": run["train"], "valid": run["valid"], "final_train": run["train"][-1],
-        "final_valid": run["valid"][-1][1], "optimizer_s_median": work, "closure_s_median": statistics.median(run["closure_s"]),
+        "lr": lr,
+        "train": run["train"],
+        "valid": run["valid"],
+        "final_train": run["train"][-1],
+        "final_valid": run["valid"][-1][1],
+        "optimizer_s_median": work,
+        "closure_s_median": statistics.median(run["closure_s"]),
         "work_vs_adagrad": work / base if base else None,
-        "last_stats": dict(getattr(run["optimizer"], "stats", {}))}  # qnwb optimizers: memory, rejections, counts
+        "last_stats": dict(getattr(run["optimizer"], "stats", {})),
+    }  # qnwb optimizers: memory, rejections, counts
 
 # %% ../nbs/96_bench.ipynb #4de2c75d
-DEFAULT_LRS = {"sgd": 0.1, "adagrad": 0.05, "adam": 1e-3, "adaqn": 0.05, "lbfgs": 0.05, "cm": 0.005, "nag": 0.005}
+DEFAULT_LRS = {
+    "sgd": 0.1,
+    "adagrad": 0.05,
+    "adam": 1e-3,
+    "adaqn": 0.05,
+    "lbfgs": 0.05,
+    "cm": 0.005,
+    "nag": 0.005,
+}
 
 
 def bench_optimizers(
-    names: Sequence[str] = ("adagrad", "adam", "adaqn"),  # names in qnwb.optim.OPTIMIZERS that take a step size `lr`
+    names: Sequence[str] = (
+        "adagrad",
+        "adam",
+        "adaqn",
+    ),  # names in qnwb.optim.OPTIMIZERS that take a step size `lr`
     steps: int = 100,  # steps of each optimizer
     lrs: dict[str, float] | None = None,  # learning rates by name (default DEFAULT_LRS)
-    hidden: int = 100, layers: int = 5,  # adaQN §4: 5 recurrent layers of 100 units
-    length: int = 50, batch: int = 32,  # characters per sequence (adaQN: 50) and sequences per batch
+    hidden: int = 100,
+    layers: int = 5,  # adaQN §4: 5 recurrent layers of 100 units
+    length: int = 50,
+    batch: int = 32,  # characters per sequence (adaQN: 50) and sequences per batch
     evaluate_every: int = 10,  # steps between validation losses
     seed: int = 0,
     corpus=None,  # a qnwb.data.CharCorpus (default: default_corpus())
@@ -312,46 +440,78 @@ def bench_optimizers(
     corpus = default_corpus() if corpus is None else corpus
     device = default_device(device)
     loss = matching_loss("softmax_cross_entropy")
-    initial, batches, monitor_batch, valid_batch = _character_data(corpus, hidden, layers, length, batch, steps, seed, device)
+    initial, batches, monitor_batch, valid_batch = _character_data(
+        corpus, hidden, layers, length, batch, steps, seed, device
+    )
     runs = {}
     for name in names:
         model = copy.deepcopy(initial).to(device)
         if name not in rates:
             raise ValueError(f"lrs: no learning rate for {name!r}")
         optimizer = make_optimizer(name, model, loss, {"lr": rates[name]}, seed)
-        runs[name] = {"model": model, "optimizer": optimizer, "train": [], "valid": [], "optimizer_s": [], "closure_s": []}
+        runs[name] = {
+            "model": model,
+            "optimizer": optimizer,
+            "train": [],
+            "valid": [],
+            "optimizer_s": [],
+            "closure_s": [],
+        }
 
     def per_character(value) -> float:
         value = value.detach() if isinstance(value, Tensor) else value
-        return float(value) / length  # the matching loss sums over time steps and averages over cases
+        return (
+            float(value) / length
+        )  # the matching loss sums over time steps and averages over cases
 
-    bar = tqdm(total=steps * len(names), desc="bench optimizers", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=steps * len(names), desc="bench optimizers", disable=not progress, file=sys.stderr
+    )
     for t in range(steps):
-        for name, run in runs.items():
-            work, inside, result = _timed_step(run["optimizer"], run["model"], loss, batches[t], monitor_batch, device)
+        for run in runs.values():
+            work, inside, result = _timed_step(
+                run["optimizer"], run["model"], loss, batches[t], monitor_batch, device
+            )
             run["train"].append(per_character(result.loss))
             run["optimizer_s"].append(work)
             run["closure_s"].append(inside)
             if (t + 1) % evaluate_every == 0 or t + 1 == steps:
                 with torch.no_grad():
-                    run["valid"].append((t + 1, per_character(loss(run["model"](valid_batch[0]), valid_batch[1]))))
+                    run["valid"].append(
+                        (t + 1, per_character(loss(run["model"](valid_batch[0]), valid_batch[1])))
+                    )
             bar.update()
     bar.close()
     base = statistics.median(runs["adagrad"]["optimizer_s"]) if "adagrad" in runs else None
-    return {"steps": steps, "hidden": hidden, "layers": layers, "length": length, "batch": batch, "seed": seed,
-              "device": str(device), "torch": torch.__version__, "parameters": sum(p.numel() for p in initial.parameters()),
-              "optimizers": {name: _optimizer_result(run, rates[name], base) for name, run in runs.items()}}
+    return {
+        "steps": steps,
+        "hidden": hidden,
+        "layers": layers,
+        "length": length,
+        "batch": batch,
+        "seed": seed,
+        "device": str(device),
+        "torch": torch.__version__,
+        "parameters": sum(p.numel() for p in initial.parameters()),
+        "optimizers": {
+            name: _optimizer_result(run, rates[name], base) for name, run in runs.items()
+        },
+    }
 
 # %% ../nbs/96_bench.ipynb #7f0b1e03
 def optimizers_summary(result: dict[str, Any]) -> str:
     """The table `qnwb bench optimizers` prints: final losses and the optimizer work per step against Adagrad's."""
-    lines = [f"{result['layers']}×{result['hidden']} tanh RNN, {result['parameters']:,} parameters, {result['steps']} steps of "
-             f"{result['batch']}×{result['length']} characters on {result['device']} (losses in nats per character)",
-             f"{'optimizer':<10} {'lr':>8} {'train':>8} {'valid':>8} {'work/step':>11} {'vs adagrad':>11} {'closures/step':>14}"]
+    lines = [
+        f"{result['layers']}×{result['hidden']} tanh RNN, {result['parameters']:,} parameters, {result['steps']} steps of "
+        f"{result['batch']}×{result['length']} characters on {result['device']} (losses in nats per character)",
+        f"{'optimizer':<10} {'lr':>8} {'train':>8} {'valid':>8} {'work/step':>11} {'vs adagrad':>11} {'closures/step':>14}",
+    ]
     for name, r in result["optimizers"].items():
         ratio = f"{r['work_vs_adagrad']:.2f}×" if r["work_vs_adagrad"] is not None else "—"
-        lines.append(f"{name:<10} {r['lr']:>8.3g} {r['final_train']:>8.3f} {r['final_valid']:>8.3f} "
-                     f"{1e3 * r['optimizer_s_median']:>9.2f}ms {ratio:>11} {1e3 * r['closure_s_median']:>12.1f}ms")
+        lines.append(
+            f"{name:<10} {r['lr']:>8.3g} {r['final_train']:>8.3f} {r['final_valid']:>8.3f} "
+            f"{1e3 * r['optimizer_s_median']:>9.2f}ms {ratio:>11} {1e3 * r['closure_s_median']:>12.1f}ms"
+        )
     return "\n".join(lines)
 
 
@@ -365,21 +525,45 @@ def optimizers_figure(result: dict[str, Any], smooth: int = 10):
         colour = qualitative.Plotly[i % len(qualitative.Plotly)]
         train = r["train"]
         window = max(1, min(smooth, len(train)))
-        average = [sum(train[max(0, t - window + 1): t + 1]) / len(train[max(0, t - window + 1): t + 1]) for t in range(len(train))]
-        figure.add_scatter(x=list(range(1, len(train) + 1)), y=average, mode="lines", name=f"{name} train", line_color=colour,
-                           hovertemplate="step %{x}<br>train %{y:.3f} nats/char<extra>" + name + "</extra>")
+        average = [
+            sum(train[max(0, t - window + 1) : t + 1]) / len(train[max(0, t - window + 1) : t + 1])
+            for t in range(len(train))
+        ]
+        figure.add_scatter(
+            x=list(range(1, len(train) + 1)),
+            y=average,
+            mode="lines",
+            name=f"{name} train",
+            line_color=colour,
+            hovertemplate="step %{x}<br>train %{y:.3f} nats/char<extra>" + name + "</extra>",
+        )
         steps_, values = zip(*r["valid"])
-        figure.add_scatter(x=list(steps_), y=list(values), mode="markers+lines", name=f"{name} validation", line_color=colour,
-                           line_dash="dot", hovertemplate="step %{x}<br>validation %{y:.3f} nats/char<extra>" + name + "</extra>")
-    figure.update_layout(title=f"Character RNN ({result['layers']}×{result['hidden']} tanh), {result['steps']} steps, seed {result['seed']}",
-                         xaxis_title="step", yaxis_title="loss (nats per character)", template="plotly_white")
+        figure.add_scatter(
+            x=list(steps_),
+            y=list(values),
+            mode="markers+lines",
+            name=f"{name} validation",
+            line_color=colour,
+            line_dash="dot",
+            hovertemplate="step %{x}<br>validation %{y:.3f} nats/char<extra>" + name + "</extra>",
+        )
+    figure.update_layout(
+        title=f"Character RNN ({result['layers']}×{result['hidden']} tanh), {result['steps']} steps, seed {result['seed']}",
+        xaxis_title="step",
+        yaxis_title="loss (nats per character)",
+        template="plotly_white",
+    )
     return figure
 
 # %% ../nbs/96_bench.ipynb #b1a2c3d5
 def _true_relative(ggn: GGN, values: Tensor, vectors: Tensor) -> list[float]:
     "The true relative residuals ‖G y − θ y‖ / |θ| of the pairs (`values`, columns of `vectors`), largest eigenvalue first."
     products = torch.stack([ggn.mv(v.contiguous()) for v in vectors.T], dim=1)
-    return (torch.linalg.vector_norm(products - vectors * values, dim=0) / values.abs()).flip(0).tolist()
+    return (
+        (torch.linalg.vector_norm(products - vectors * values, dim=0) / values.abs())
+        .flip(0)
+        .tolist()
+    )
 
 # %% ../nbs/96_bench.ipynb #f2f92061
 def bench_lanczos(
@@ -398,12 +582,25 @@ def bench_lanczos(
     """Products and median seconds for the top-k eigenvalues of the reference GGN: Lanczos against block power iteration."""
     from qnwb.lanczos import lanczos, power_iteration
 
-    for name, value in (("k", k), ("batch", batch), ("steps", steps), ("hidden", hidden), ("repeat", repeat), ("max_products", max_products)):
+    for name, value in (
+        ("k", k),
+        ("batch", batch),
+        ("steps", steps),
+        ("hidden", hidden),
+        ("repeat", repeat),
+        ("max_products", max_products),
+    ):
         check_positive_int(name, value)
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, (int, float))
+        or not 0 < tolerance < 1
+    ):
         raise ValueError(f"tolerance: must be in (0, 1), got {tolerance!r}")
     if max_products < k:
-        raise ValueError(f"max_products: {max_products} is fewer than k = {k} (one block of power iteration)")
+        raise ValueError(
+            f"max_products: {max_products} is fewer than k = {k} (one block of power iteration)"
+        )
     dtype = _check_dtype(dtype)
     device = default_device(device)
     model, x, y = reference_problem(batch, steps, hidden, device, dtype, seed)
@@ -417,7 +614,13 @@ def bench_lanczos(
     def run_power():
         return power_iteration(ggn, max_products // k, k=k, tolerance=tolerance, seed=seed)
 
-    bar = tqdm(total=2 + 2 * repeat, desc="bench lanczos", file=sys.stderr, disable=not progress, leave=False)
+    bar = tqdm(
+        total=2 + 2 * repeat,
+        desc="bench lanczos",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
     with bar:
         first = run_lanczos()  # warm-ups, whose results are reported
         bar.update()
@@ -427,46 +630,78 @@ def bench_lanczos(
     values, residuals, vectors = first.ritz(vectors=True)
     budget = 2 * k + 10
     return {
-        "k": k, "tolerance": tolerance, "budget": budget,
-        "lanczos_products": first.products, "lanczos_stop": first.stop, "lanczos_s": medians["lanczos"],
-        "lanczos_within_budget": first.stop in ("converged", "invariant") and first.products <= budget,
+        "k": k,
+        "tolerance": tolerance,
+        "budget": budget,
+        "lanczos_products": first.products,
+        "lanczos_stop": first.stop,
+        "lanczos_s": medians["lanczos"],
+        "lanczos_within_budget": first.stop in ("converged", "invariant")
+        and first.products <= budget,
         "lanczos_values": values[-k:].flip(0).tolist(),
         "lanczos_estimated_relative": (residuals[-k:] / values[-k:].abs()).flip(0).tolist(),
         "lanczos_true_relative": _true_relative(ggn, values[-k:], vectors[:, -k:]),
-        "power_products": power.products, "power_stop": power.stop, "power_s": medians["power"],
+        "power_products": power.products,
+        "power_stop": power.stop,
+        "power_s": medians["power"],
         "power_values": power.values.flip(0).tolist(),
         "power_true_relative": _true_relative(ggn, power.values, power.vectors),
-        "parameters": ggn.n, "batch": batch, "steps": steps, "hidden": hidden, "seed": seed, "repeat": repeat,
-        "max_products": max_products, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "parameters": ggn.n,
+        "batch": batch,
+        "steps": steps,
+        "hidden": hidden,
+        "seed": seed,
+        "repeat": repeat,
+        "max_products": max_products,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
     }
 
 # %% ../nbs/96_bench.ipynb #b1a2c3d6
 def lanczos_summary(result: dict[str, Any]) -> str:
     """The table `qnwb bench lanczos` prints: products, median time and worst true relative residual of each method."""
-    lines = [f"top {result['k']} eigenvalues of the GGN of TanhRNN(2, {result['hidden']}, 1), {result['batch']} cases × {result['steps']} "
-             f"steps, {result['parameters']} parameters; tolerance {result['tolerance']:g} on {result['device']}, {result['dtype']}, "
-             f"medians of {result['repeat']}",
-             f"{'method':<18} {'products':>9} {'stop':>10} {'median':>10} {'worst true rel. residual':>25}  top values"]
+    lines = [
+        f"top {result['k']} eigenvalues of the GGN of TanhRNN(2, {result['hidden']}, 1), {result['batch']} cases × {result['steps']} "
+        f"steps, {result['parameters']} parameters; tolerance {result['tolerance']:g} on {result['device']}, {result['dtype']}, "
+        f"medians of {result['repeat']}",
+        f"{'method':<18} {'products':>9} {'stop':>10} {'median':>10} {'worst true rel. residual':>25}  top values",
+    ]
     for name, key in (("Lanczos", "lanczos"), ("power iteration", "power")):
-        top = ", ".join(f"{v:.5g}" for v in result[f"{key}_values"][:3]) + (", …" if result["k"] > 3 else "")
-        lines.append(f"{name:<18} {result[f'{key}_products']:>9} {result[f'{key}_stop']:>10} {1e3 * result[f'{key}_s']:>8.1f}ms "
-                     f"{max(result[f'{key}_true_relative']):>25.2e}  {top}")
+        top = ", ".join(f"{v:.5g}" for v in result[f"{key}_values"][:3]) + (
+            ", …" if result["k"] > 3 else ""
+        )
+        lines.append(
+            f"{name:<18} {result[f'{key}_products']:>9} {result[f'{key}_stop']:>10} {1e3 * result[f'{key}_s']:>8.1f}ms "
+            f"{max(result[f'{key}_true_relative']):>25.2e}  {top}"
+        )
     verdict = "yes" if result["lanczos_within_budget"] else "NO"
-    lines.append(f"Lanczos within 2k + 10 = {result['budget']} products: {verdict} ({result['lanczos_products']})")
+    lines.append(
+        f"Lanczos within 2k + 10 = {result['budget']} products: {verdict} ({result['lanczos_products']})"
+    )
     return "\n".join(lines)
 
 # %% ../nbs/96_bench.ipynb #b66929d8
 def bench_dashboard(
-    optimizers: tuple[str, ...] = ("adam", "hessian_free", "adaqn"),  # keys of qnwb.optim.OPTIMIZERS
-    steps: Mapping[str, int] | None = None,  # steps per optimizer (default 1500; 100 for Hessian-free)
+    optimizers: tuple[str, ...] = (
+        "adam",
+        "hessian_free",
+        "adaqn",
+    ),  # keys of qnwb.optim.OPTIMIZERS
+    steps: Mapping[str, int]
+    | None = None,  # steps per optimizer (default 1500; 100 for Hessian-free)
     repeat: int = 3,  # interleaved rounds; medians are reported
     refresh_s: float = 0.3,
 ) -> list[dict]:
     """Seconds of a run of DEFAULT_CONFIG's problem alone and inside a Dashboard, per optimizer, with their ratio."""
     from qnwb.optim import OPTIMIZERS
     from qnwb.runs import Runner
-    from qnwb.widgets import DEFAULT_CONFIG, Dashboard, starting_hyperparameters  # plotly and ipywidgets only here
+    from qnwb.widgets import (  # plotly and ipywidgets only here
+        DEFAULT_CONFIG,
+        Dashboard,
+        starting_hyperparameters,
+    )
 
     check_positive_int("repeat", repeat)
     rows = []
@@ -474,8 +709,12 @@ def bench_dashboard(
         if name not in OPTIMIZERS:
             raise ValueError(f"optimizers: {name!r} is not one of {sorted(OPTIMIZERS)}")
         count = (steps or {}).get(name, 100 if name == "hessian_free" else 1500)
-        config = {**DEFAULT_CONFIG, "optimizer": name, "budget": {"steps": count},
-                  "hyperparameters": starting_hyperparameters(name, DEFAULT_CONFIG["problem"])}
+        config = {
+            **DEFAULT_CONFIG,
+            "optimizer": name,
+            "budget": {"steps": count},
+            "hyperparameters": starting_hyperparameters(name, DEFAULT_CONFIG["problem"]),
+        }
 
         def alone():
             Runner(config, store=False, progress=False).run()
@@ -486,14 +725,26 @@ def bench_dashboard(
             board.thread.join()
             board.close()
 
-        medians = median_seconds({"runner": alone, "dashboard": in_dashboard}, repeat, torch.device("cpu"))
-        rows.append({"optimizer": name, "steps": count, "runner_s": medians["runner"], "dashboard_s": medians["dashboard"],
-                     "ratio": medians["dashboard"] / medians["runner"]})
+        medians = median_seconds(
+            {"runner": alone, "dashboard": in_dashboard}, repeat, torch.device("cpu")
+        )
+        rows.append(
+            {
+                "optimizer": name,
+                "steps": count,
+                "runner_s": medians["runner"],
+                "dashboard_s": medians["dashboard"],
+                "ratio": medians["dashboard"] / medians["runner"],
+            }
+        )
     return rows
 
 
 def dashboard_summary(rows: list[dict]) -> str:
     "The table `qnwb bench dashboard` prints."
     lines = [f"{'optimizer':<14} {'steps':>6} {'runner':>9} {'dashboard':>10} {'ratio':>6}"]
-    lines += [f"{r['optimizer']:<14} {r['steps']:>6} {r['runner_s']:>8.2f}s {r['dashboard_s']:>9.2f}s {r['ratio']:>6.2f}" for r in rows]
+    lines += [
+        f"{r['optimizer']:<14} {r['steps']:>6} {r['runner_s']:>8.2f}s {r['dashboard_s']:>9.2f}s {r['ratio']:>6.2f}"
+        for r in rows
+    ]
     return "\n".join(lines)

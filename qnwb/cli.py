@@ -15,13 +15,23 @@ from pathlib import Path
 import torch
 
 import qnwb
-from .bench import (DTYPES, ROUTES, bench_curvature, bench_hf, bench_lanczos, bench_optimizers, lanczos_summary, optimizers_figure,
-                        optimizers_summary, summary)
-from .curvature import _check_structural
-from .tasks import TASKS, input_independent_error, make_task
-from .optim import OPTIMIZERS
-from .store import STATUSES, jsonable, check_output_path, package_versions
+from qnwb.bench import (
+    DTYPES,
+    ROUTES,
+    bench_curvature,
+    bench_hf,
+    bench_lanczos,
+    bench_optimizers,
+    lanczos_summary,
+    optimizers_figure,
+    optimizers_summary,
+    summary,
+)
 from .core import atomic_write, check_number, check_positive_int, default_device
+from .curvature import _check_structural
+from .optim import OPTIMIZERS
+from .store import STATUSES, check_output_path, jsonable, package_versions
+from .tasks import TASKS, input_independent_error, make_task
 
 # %% ../nbs/98_cli.ipynb #511de602
 def environment_info() -> dict[str, str]:
@@ -39,18 +49,27 @@ def environment_info() -> dict[str, str]:
         "cuda available": str(torch.cuda.is_available()),
         "torch threads": str(torch.get_num_threads()),
     }
-    info.update({f"cuda:{i}": torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+    info.update(
+        {f"cuda:{i}": torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+    )
     return info
 
 # %% ../nbs/98_cli.ipynb #eedc7fab
-USER_MISTAKES = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError)  # status 2
+USER_MISTAKES = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    PermissionError,
+)  # status 2
 
 
 def printable(text, limit: int = 500) -> str:
     """`text` (any object: its str) safe to print on a terminal in one line: control and format characters (escape
     sequences, carriage returns, newlines, bidirectional overrides) shown as escapes, at most `limit` characters."""
     text = str(text)
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit + 1])
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
     return text if len(text) <= limit else text[:limit] + "…"
 
 
@@ -95,7 +114,9 @@ def _learning_rate(text: str) -> tuple[str, float]:
     try:
         return name, check_number("lr", float(value), 0.0, low_open=True)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=RATE with RATE > 0, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=RATE with RATE > 0, got {text!r}"
+        ) from None
 
 
 def _seconds(text: str) -> float:
@@ -113,8 +134,11 @@ def _tolerance(text: str) -> float:
 
 # %% ../nbs/98_cli.ipynb #75c7c596
 def _add_bench(commands) -> None:
-    bench = commands.add_parser("bench", help="time the workbench's building blocks",
-                                description="Benchmarks; each prints a table, or a JSON object with --json.")
+    bench = commands.add_parser(
+        "bench",
+        help="time the workbench's building blocks",
+        description="Benchmarks; each prints a table, or a JSON object with --json.",
+    )
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     _add_bench_curvature(benchmarks)
     _add_bench_hf(benchmarks)
@@ -124,34 +148,80 @@ def _add_bench(commands) -> None:
 
 # %% ../nbs/98_cli.ipynb #f8cdf405
 def _bench_curvature(args: argparse.Namespace) -> int:
-    result = bench_curvature(batch=args.batch, steps=args.steps, hidden=args.hidden, device=args.device,
-                             repeat=args.repeat, route=args.route, structural_weight=args.structural_weight,
-                             dtype=args.dtype, progress=True)
+    result = bench_curvature(
+        batch=args.batch,
+        steps=args.steps,
+        hidden=args.hidden,
+        device=args.device,
+        repeat=args.repeat,
+        route=args.route,
+        structural_weight=args.structural_weight,
+        dtype=args.dtype,
+        progress=True,
+    )
     print(as_json(result, None) if args.json else summary(result))
     return 0
 
 
 def _add_bench_curvature(benchmarks) -> None:
     curvature = benchmarks.add_parser(
-        "curvature", help="a GGN-vector product against a gradient on the reference RNN problem",
+        "curvature",
+        help="a GGN-vector product against a gradient on the reference RNN problem",
         description="Median seconds of a gradient, a GGN-vector product and a GGN set-up on a TanhRNN(2, HIDDEN, 1) "
         "with a squared-error target at the last of STEPS steps; the ratio product/gradient should be near 1 "
-        "(Martens & Sutskever 2012, section 7.1).")
-    curvature.add_argument("--batch", type=_positive_int, default=1000, help="cases in the batch (default 1000)")
-    curvature.add_argument("--steps", type=_positive_int, default=100, help="time steps per case (default 100)")
-    curvature.add_argument("--hidden", type=_positive_int, default=100, help="hidden units (default 100)")
-    curvature.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
-    curvature.add_argument("--repeat", type=_positive_int, default=10, help="timed calls of each kind; medians are reported (default 10)")
-    curvature.add_argument("--route", choices=ROUTES, default="auto", help="the GGN's linearisation route (default auto)")
-    curvature.add_argument("--structural-weight", type=_weight, default=0.0,
-                           help="> 0: structural damping ('tanh') with this weight in every product (default 0)")
-    curvature.add_argument("--dtype", choices=list(DTYPES), default="float32", help="default float32")
-    curvature.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout) instead of a table")
+        "(Martens & Sutskever 2012, section 7.1).",
+    )
+    curvature.add_argument(
+        "--batch", type=_positive_int, default=1000, help="cases in the batch (default 1000)"
+    )
+    curvature.add_argument(
+        "--steps", type=_positive_int, default=100, help="time steps per case (default 100)"
+    )
+    curvature.add_argument(
+        "--hidden", type=_positive_int, default=100, help="hidden units (default 100)"
+    )
+    curvature.add_argument(
+        "--device", type=_device, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)"
+    )
+    curvature.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=10,
+        help="timed calls of each kind; medians are reported (default 10)",
+    )
+    curvature.add_argument(
+        "--route",
+        choices=ROUTES,
+        default="auto",
+        help="the GGN's linearisation route (default auto)",
+    )
+    curvature.add_argument(
+        "--structural-weight",
+        type=_weight,
+        default=0.0,
+        help="> 0: structural damping ('tanh') with this weight in every product (default 0)",
+    )
+    curvature.add_argument(
+        "--dtype", choices=list(DTYPES), default="float32", help="default float32"
+    )
+    curvature.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (the last line of stdout) instead of a table",
+    )
     curvature.set_defaults(handler=_bench_curvature)
 
 # %% ../nbs/98_cli.ipynb #3a67c6ae
 def _bench_hf(args: argparse.Namespace) -> int:
-    result = bench_hf(args.task, args.T, args.seed, structural_damping=args.mu, budget_s=args.budget, device=args.device, progress=True)
+    result = bench_hf(
+        args.task,
+        args.T,
+        args.seed,
+        structural_damping=args.mu,
+        budget_s=args.budget,
+        device=args.device,
+        progress=True,
+    )
     if args.json:
         print(as_json(result, None))
     else:
@@ -161,76 +231,171 @@ def _bench_hf(args: argparse.Namespace) -> int:
 
 def _add_bench_hf(benchmarks) -> None:
     hf = benchmarks.add_parser(
-        "hf", help="Hessian-free on one pathological task until it is solved: evaluations and wall-clock",
+        "hf",
+        help="Hessian-free on one pathological task until it is solved: evaluations and wall-clock",
         description="Train a 100-unit TanhRNN (ESN initialisation) with HessianFree and structural damping on one task of "
-        "Martens & Sutskever 2011, section 4.1, until every held-out sequence is right or the budget runs out.")
+        "Martens & Sutskever 2011, section 4.1, until every held-out sequence is right or the budget runs out.",
+    )
     hf.add_argument("--task", choices=sorted(TASKS), default="addition")
     hf.add_argument("--T", type=_positive_int, default=30, help="minimal time lag (default 30)")
     hf.add_argument("--seed", type=int, default=0)
-    hf.add_argument("--budget", type=_seconds, default=600.0, help="wall-clock budget in seconds (default 600)")
-    hf.add_argument("--mu", type=_weight, default=1 / 30, help="structural damping strength mu (default 1/30)")
+    hf.add_argument(
+        "--budget", type=_seconds, default=600.0, help="wall-clock budget in seconds (default 600)"
+    )
+    hf.add_argument(
+        "--mu", type=_weight, default=1 / 30, help="structural damping strength mu (default 1/30)"
+    )
     hf.add_argument("--device", type=_device, default="cpu")
-    hf.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
+    hf.add_argument(
+        "--json", action="store_true", help="print one JSON object (the last line of stdout)"
+    )
     hf.set_defaults(handler=_bench_hf)
 
 # %% ../nbs/98_cli.ipynb #2adfc9cc
 def _bench_optimizers(args: argparse.Namespace) -> int:
-    html = None if args.html is None else check_output_path(args.html, "html", overwrite=args.force)  # before the work
-    result = bench_optimizers(args.optimizers, steps=args.steps, lrs=dict(args.lr), hidden=args.hidden, layers=args.layers,
-                              length=args.length, batch=args.batch, seed=args.seed, device=args.device, progress=True)
+    html = (
+        None if args.html is None else check_output_path(args.html, "html", overwrite=args.force)
+    )  # before the work
+    result = bench_optimizers(
+        args.optimizers,
+        steps=args.steps,
+        lrs=dict(args.lr),
+        hidden=args.hidden,
+        layers=args.layers,
+        length=args.length,
+        batch=args.batch,
+        seed=args.seed,
+        device=args.device,
+        progress=True,
+    )
     if html is not None:
-        atomic_write(html, lambda partial: optimizers_figure(result).write_html(partial, include_plotlyjs="cdn"))
+        atomic_write(
+            html,
+            lambda partial: optimizers_figure(result).write_html(partial, include_plotlyjs="cdn"),
+        )
     print(as_json(result, None) if args.json else optimizers_summary(result))
     return 0
 
 
 def _add_bench_optimizers(benchmarks) -> None:
     optimizers = benchmarks.add_parser(
-        "optimizers", help="optimizers side by side on a character RNN: losses and optimizer work per step",
+        "optimizers",
+        help="optimizers side by side on a character RNN: losses and optimizer work per step",
         description="Train the same 5-layer character RNN (adaQN section 4) with each optimizer for STEPS steps on the same "
-        "batches; print final losses and the median optimizer work per step (step time minus closure time) against Adagrad's.")
-    optimizers.add_argument("--optimizers", nargs="+", default=["adagrad", "adam", "adaqn"], metavar="NAME",
-                            help="names from qnwb.optim.OPTIMIZERS (default: adagrad adam adaqn)")
-    optimizers.add_argument("--steps", type=_positive_int, default=100, help="steps per optimizer (default 100)")
-    optimizers.add_argument("--lr", type=_learning_rate, action="append", default=[], metavar="NAME=RATE",
-                            help="a learning rate, e.g. --lr adaqn=0.02 (repeatable; defaults: qnwb.bench.DEFAULT_LRS)")
-    optimizers.add_argument("--hidden", type=_positive_int, default=100, help="units per layer (default 100)")
-    optimizers.add_argument("--layers", type=_positive_int, default=5, help="recurrent layers (default 5)")
-    optimizers.add_argument("--length", type=_positive_int, default=50, help="characters per sequence (default 50)")
-    optimizers.add_argument("--batch", type=_positive_int, default=32, help="sequences per batch (default 32)")
+        "batches; print final losses and the median optimizer work per step (step time minus closure time) against Adagrad's.",
+    )
+    optimizers.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=["adagrad", "adam", "adaqn"],
+        metavar="NAME",
+        help="names from qnwb.optim.OPTIMIZERS (default: adagrad adam adaqn)",
+    )
+    optimizers.add_argument(
+        "--steps", type=_positive_int, default=100, help="steps per optimizer (default 100)"
+    )
+    optimizers.add_argument(
+        "--lr",
+        type=_learning_rate,
+        action="append",
+        default=[],
+        metavar="NAME=RATE",
+        help="a learning rate, e.g. --lr adaqn=0.02 (repeatable; defaults: qnwb.bench.DEFAULT_LRS)",
+    )
+    optimizers.add_argument(
+        "--hidden", type=_positive_int, default=100, help="units per layer (default 100)"
+    )
+    optimizers.add_argument(
+        "--layers", type=_positive_int, default=5, help="recurrent layers (default 5)"
+    )
+    optimizers.add_argument(
+        "--length", type=_positive_int, default=50, help="characters per sequence (default 50)"
+    )
+    optimizers.add_argument(
+        "--batch", type=_positive_int, default=32, help="sequences per batch (default 32)"
+    )
     optimizers.add_argument("--seed", type=int, default=0)
     optimizers.add_argument("--device", type=_device, default="cpu")
-    optimizers.add_argument("--html", metavar="PATH", help="write the loss figure (plotly) to this HTML file")
-    optimizers.add_argument("--force", action="store_true", help="replace the --html file if it exists")
-    optimizers.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
+    optimizers.add_argument(
+        "--html", metavar="PATH", help="write the loss figure (plotly) to this HTML file"
+    )
+    optimizers.add_argument(
+        "--force", action="store_true", help="replace the --html file if it exists"
+    )
+    optimizers.add_argument(
+        "--json", action="store_true", help="print one JSON object (the last line of stdout)"
+    )
     optimizers.set_defaults(handler=_bench_optimizers)
 
 # %% ../nbs/98_cli.ipynb #a13a4863
 def _bench_lanczos(args: argparse.Namespace) -> int:
-    result = bench_lanczos(k=args.k, tolerance=args.tolerance, batch=args.batch, steps=args.steps, hidden=args.hidden,
-                           device=args.device, dtype=args.dtype, repeat=args.repeat, max_products=args.max_products,
-                           seed=args.seed, progress=True)
+    result = bench_lanczos(
+        k=args.k,
+        tolerance=args.tolerance,
+        batch=args.batch,
+        steps=args.steps,
+        hidden=args.hidden,
+        device=args.device,
+        dtype=args.dtype,
+        repeat=args.repeat,
+        max_products=args.max_products,
+        seed=args.seed,
+        progress=True,
+    )
     print(as_json(result, None) if args.json else lanczos_summary(result))
     return 0
 
 
 def _add_bench_lanczos(benchmarks) -> None:
     spectrum = benchmarks.add_parser(
-        "lanczos", help="top-k eigenvalues of the reference GGN: Lanczos against block power iteration",
+        "lanczos",
+        help="top-k eigenvalues of the reference GGN: Lanczos against block power iteration",
         description="Products, median wall-clock and true relative residuals for the top K eigenvalues of the GGN of a "
         "TanhRNN(2, HIDDEN, 1) on the reference problem, by Lanczos with full reorthogonalisation and by block power "
-        "iteration, both until relative residual TOLERANCE; says whether Lanczos needed at most 2K + 10 products.")
-    spectrum.add_argument("--k", type=_positive_int, default=5, help="top eigenvalues wanted (default 5)")
-    spectrum.add_argument("--tolerance", type=_tolerance, default=1e-3, help="relative residual to reach (default 1e-3)")
-    spectrum.add_argument("--batch", type=_positive_int, default=100, help="cases in the batch (default 100)")
-    spectrum.add_argument("--steps", type=_positive_int, default=50, help="time steps per case (default 50)")
-    spectrum.add_argument("--hidden", type=_positive_int, default=50, help="hidden units (default 50)")
-    spectrum.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
-    spectrum.add_argument("--dtype", choices=list(DTYPES), default="float32", help="default float32")
-    spectrum.add_argument("--repeat", type=_positive_int, default=3, help="timed runs of each method; medians are reported (default 3)")
-    spectrum.add_argument("--max-products", type=_positive_int, default=2000, help="the most products per method (default 2000)")
+        "iteration, both until relative residual TOLERANCE; says whether Lanczos needed at most 2K + 10 products.",
+    )
+    spectrum.add_argument(
+        "--k", type=_positive_int, default=5, help="top eigenvalues wanted (default 5)"
+    )
+    spectrum.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        default=1e-3,
+        help="relative residual to reach (default 1e-3)",
+    )
+    spectrum.add_argument(
+        "--batch", type=_positive_int, default=100, help="cases in the batch (default 100)"
+    )
+    spectrum.add_argument(
+        "--steps", type=_positive_int, default=50, help="time steps per case (default 50)"
+    )
+    spectrum.add_argument(
+        "--hidden", type=_positive_int, default=50, help="hidden units (default 50)"
+    )
+    spectrum.add_argument(
+        "--device", type=_device, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)"
+    )
+    spectrum.add_argument(
+        "--dtype", choices=list(DTYPES), default="float32", help="default float32"
+    )
+    spectrum.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=3,
+        help="timed runs of each method; medians are reported (default 3)",
+    )
+    spectrum.add_argument(
+        "--max-products",
+        type=_positive_int,
+        default=2000,
+        help="the most products per method (default 2000)",
+    )
     spectrum.add_argument("--seed", type=int, default=0)
-    spectrum.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout) instead of a table")
+    spectrum.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (the last line of stdout) instead of a table",
+    )
     spectrum.set_defaults(handler=_bench_lanczos)
 
 # %% ../nbs/98_cli.ipynb #7436095c
@@ -244,53 +409,111 @@ def _bench_dashboard(args: argparse.Namespace) -> int:
 
 def _add_bench_dashboard(benchmarks) -> None:
     dashboard = benchmarks.add_parser(
-        "dashboard", help="the live dashboard's cost: a run alone and inside qnwb.widgets.Dashboard",
+        "dashboard",
+        help="the live dashboard's cost: a run alone and inside qnwb.widgets.Dashboard",
         description="Median seconds of the same run (the dashboard's default problem, addition at T = 20) by Runner.run alone "
         "and inside qnwb.widgets.Dashboard with its figures built and synchronised as in JupyterLab (no browser), "
-        "interleaved, per optimizer, with their ratio.")
-    dashboard.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=["adam", "hessian_free", "adaqn"],
-                           metavar="NAME", help="names from qnwb.optim.OPTIMIZERS (default: adam hessian_free adaqn)")
-    dashboard.add_argument("--repeat", type=_positive_int, default=3, help="interleaved rounds; medians are reported (default 3)")
-    dashboard.add_argument("--refresh", type=_seconds, default=0.3, help="least seconds between redraws (default 0.3)")
-    dashboard.add_argument("--json", action="store_true", help="print a JSON list (the last line of stdout) instead of a table")
+        "interleaved, per optimizer, with their ratio.",
+    )
+    dashboard.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=sorted(OPTIMIZERS),
+        default=["adam", "hessian_free", "adaqn"],
+        metavar="NAME",
+        help="names from qnwb.optim.OPTIMIZERS (default: adam hessian_free adaqn)",
+    )
+    dashboard.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=3,
+        help="interleaved rounds; medians are reported (default 3)",
+    )
+    dashboard.add_argument(
+        "--refresh", type=_seconds, default=0.3, help="least seconds between redraws (default 0.3)"
+    )
+    dashboard.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list (the last line of stdout) instead of a table",
+    )
     dashboard.set_defaults(handler=_bench_dashboard)
 
 # %% ../nbs/98_cli.ipynb #a596dc8c
 # Sutskever et al. 2013, Table 5, "biases" column: (task, T) -> error
-PAPER_BIASES = {("addition", 80): 0.82, ("multiplication", 80): 0.84, ("memorization_5bit", 200): 2.5, ("memorization_20bit", 80): 8.0}
+PAPER_BIASES = {
+    ("addition", 80): 0.82,
+    ("multiplication", 80): 0.84,
+    ("memorization_5bit", 200): 2.5,
+    ("memorization_20bit", 80): 8.0,
+}
 
 
 def _tasks_biases(args: argparse.Namespace) -> int:
     rows = []
     for (name, T), paper in PAPER_BIASES.items():
-        errors = [input_independent_error(make_task(name, T), cases=args.cases, seed=seed) for seed in range(args.seeds)]
-        rows.append({"task": name, "T": T, "error": sum(errors) / len(errors), "min": min(errors), "max": max(errors), "paper": paper})
+        errors = [
+            input_independent_error(make_task(name, T), cases=args.cases, seed=seed)
+            for seed in range(args.seeds)
+        ]
+        rows.append(
+            {
+                "task": name,
+                "T": T,
+                "error": sum(errors) / len(errors),
+                "min": min(errors),
+                "max": max(errors),
+                "paper": paper,
+            }
+        )
     if args.json:
         print(json.dumps(rows))
     else:
         print(f"{'task':<20} {'T':>4} {'ours':>7} {'(min..max over seeds)':>22} {'paper':>6}")
         for r in rows:
-            print(f"{r['task']:<20} {r['T']:>4} {r['error']:>7.3f} {r['min']:>10.3f}..{r['max']:<10.3f} {r['paper']:>6}")
+            print(
+                f"{r['task']:<20} {r['T']:>4} {r['error']:>7.3f} {r['min']:>10.3f}..{r['max']:<10.3f} {r['paper']:>6}"
+            )
     return 0
 
 
 def _tasks_list(args: argparse.Namespace) -> int:
     for name, cls in TASKS.items():
         task = cls(100)
-        print(f"{name:<20} loss {task.loss:<22} inputs {task.n_in:>3}  outputs {task.n_out:>3}  T ≥ {task.min_T}")
+        print(
+            f"{name:<20} loss {task.loss:<22} inputs {task.n_in:>3}  outputs {task.n_out:>3}  T ≥ {task.min_T}"
+        )
     return 0
 
 
 def _add_tasks(commands) -> None:
-    tasks = commands.add_parser("tasks", help="the pathological problems of the papers",
-                                description="The long-term-dependency problems of Martens & Sutskever 2011, section 4.1.")
+    tasks = commands.add_parser(
+        "tasks",
+        help="the pathological problems of the papers",
+        description="The long-term-dependency problems of Martens & Sutskever 2011, section 4.1.",
+    )
     actions = tasks.add_subparsers(dest="action", metavar="ACTION", required=True)
-    actions.add_parser("list", help="list the problems with their losses and sizes").set_defaults(handler=_tasks_list)
-    biases = actions.add_parser("biases", help="Table 5's 'biases only' error next to the paper's",
-                                description="The zero-one error of the best outputs that ignore the inputs (Sutskever et al. 2013, "
-                                "Table 5, 'biases' column), on each problem's held-out set, averaged over seeds.")
-    biases.add_argument("--seeds", type=_positive_int, default=4, help="seeds to average over (default 4, as in Table 5)")
-    biases.add_argument("--cases", type=_positive_int, default=10_000, help="training cases the biases are fitted on (default 10000)")
+    actions.add_parser("list", help="list the problems with their losses and sizes").set_defaults(
+        handler=_tasks_list
+    )
+    biases = actions.add_parser(
+        "biases",
+        help="Table 5's 'biases only' error next to the paper's",
+        description="The zero-one error of the best outputs that ignore the inputs (Sutskever et al. 2013, "
+        "Table 5, 'biases' column), on each problem's held-out set, averaged over seeds.",
+    )
+    biases.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=4,
+        help="seeds to average over (default 4, as in Table 5)",
+    )
+    biases.add_argument(
+        "--cases",
+        type=_positive_int,
+        default=10_000,
+        help="training cases the biases are fitted on (default 10000)",
+    )
     biases.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     biases.set_defaults(handler=_tasks_biases)
 
@@ -303,9 +526,15 @@ def build_parser() -> argparse.ArgumentParser:
         "optimization of deep and recurrent networks in PyTorch.",
     )
     parser.add_argument("--version", action="version", version=f"qnwb {qnwb.__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error instead of one line",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    info = commands.add_parser("info", help="print versions, platform and the device qnwb would use")
+    info = commands.add_parser(
+        "info", help="print versions, platform and the device qnwb would use"
+    )
     info.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     info.set_defaults(handler=_info)
     _add_bench(commands)
@@ -332,8 +561,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, USER_MISTAKES):
             print(f"qnwb {args.command}: error: {printable(e)}", file=sys.stderr)
             return 2
-        print(f"qnwb {args.command}: failed: {type(e).__name__}: {printable(e)} (qnwb --debug {args.command} ... shows the traceback)",
-              file=sys.stderr)
+        print(
+            f"qnwb {args.command}: failed: {type(e).__name__}: {printable(e)} (qnwb --debug {args.command} ... shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 # %% ../nbs/98_cli.ipynb #a7c1e0d2
@@ -360,23 +591,46 @@ def _report(args: argparse.Namespace) -> int:
     import papermill
 
     try:
-        report = render_report(args.name, _pairs(args.parameter, "parameter"), out=Path(args.out).expanduser(), progress=not args.quiet)
-    except papermill.PapermillExecutionError as e:  # the template itself failed: say where, keep the executed notebook
-        print(f"qnwb report: the template {args.name} failed in cell {e.exec_count}: {e.ename}: {printable(e.evalue)} "
-              f"(the executed notebook is in {args.out})", file=sys.stderr)
+        report = render_report(
+            args.name,
+            _pairs(args.parameter, "parameter"),
+            out=Path(args.out).expanduser(),
+            progress=not args.quiet,
+        )
+    except (
+        papermill.PapermillExecutionError
+    ) as e:  # the template itself failed: say where, keep the executed notebook
+        print(
+            f"qnwb report: the template {args.name} failed in cell {e.exec_count}: {e.ename}: {printable(e.evalue)} "
+            f"(the executed notebook is in {args.out})",
+            file=sys.stderr,
+        )
         return 1
     print(f"report {args.name}: {report.html} ({report.seconds:.0f} s)")
     return 0
 
 
 def _add_report(commands) -> None:
-    report = commands.add_parser("report", help="render a papermill report to HTML (qnwb report --list shows them)",
-                                 description="Execute a report template of nbs/reports with papermill and render it to one HTML file "
-                                             "that opens without network access.")
+    report = commands.add_parser(
+        "report",
+        help="render a papermill report to HTML (qnwb report --list shows them)",
+        description="Execute a report template of nbs/reports with papermill and render it to one HTML file "
+        "that opens without network access.",
+    )
     report.add_argument("name", nargs="?", help="the report (see --list)")
-    report.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
-                        help="override a parameter of the template (repeatable; VALUE is read as a Python literal where it is one)")
-    report.add_argument("--out", default="data/reports", help="the folder for the HTML, the executed notebook and the JSON results")
+    report.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        metavar=("KEY", "VALUE"),
+        help="override a parameter of the template (repeatable; VALUE is read as a Python literal where it is one)",
+    )
+    report.add_argument(
+        "--out",
+        default="data/reports",
+        help="the folder for the HTML, the executed notebook and the JSON results",
+    )
     report.add_argument("--list", action="store_true", help="list the reports and their parameters")
     report.add_argument("--quiet", action="store_true", help="no progress bar")
     report.set_defaults(handler=_report)
@@ -386,26 +640,45 @@ def _train(runner, args: argparse.Namespace) -> int:
     "Run `runner` and say how it ended in one line (or the summary as JSON); the exit status."
     try:
         summary = runner.run()
-    except (KeyboardInterrupt, SystemExit) as e:  # a signal: the run stopped after its step, with its checkpoint
+    except (
+        KeyboardInterrupt,
+        SystemExit,
+    ) as e:  # a signal: the run stopped after its step, with its checkpoint
         name = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
-        print(f"run {runner.run_id}: {runner.status} by {name} after step {runner.step}"
-              + (f"; continue it with: qnwb runs resume {runner.run_id}" if runner.run_id is not None and runner.status == "stopped" else ""),
-              file=sys.stderr)
+        print(
+            f"run {runner.run_id}: {runner.status} by {name} after step {runner.step}"
+            + (
+                f"; continue it with: qnwb runs resume {runner.run_id}"
+                if runner.run_id is not None and runner.status == "stopped"
+                else ""
+            ),
+            file=sys.stderr,
+        )
         return 130 if name == "SIGINT" else 143
     except Exception as e:
-        if args.debug or runner.status in ("created", "resumed"):  # refused before it started (its lock): main says why
+        if args.debug or runner.status in (
+            "created",
+            "resumed",
+        ):  # refused before it started (its lock): main says why
             raise
-        error = getattr(runner, "summary", {}).get("error") or f"{type(e).__name__}: {e}"  # what the store recorded
-        print(f"run {runner.run_id}: failed after step {runner.step}: {printable(error)}"
-              + (f" (qnwb runs show {runner.run_id})" if runner.run_id is not None else ""), file=sys.stderr)
+        error = (
+            getattr(runner, "summary", {}).get("error") or f"{type(e).__name__}: {e}"
+        )  # what the store recorded
+        print(
+            f"run {runner.run_id}: failed after step {runner.step}: {printable(error)}"
+            + (f" (qnwb runs show {runner.run_id})" if runner.run_id is not None else ""),
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         print(as_json(summary))
     else:
         last = summary["last_evaluation"] or {}
-        print(f"run {summary['run_id']}: {summary['status']}, {summary['steps']} steps, held-out error "
-              f"{last.get('validation_error', float('nan')):.4g}, loss {last.get('validation_loss', float('nan')):.4g}, "
-              f"{summary['seconds']:.1f} s")
+        print(
+            f"run {summary['run_id']}: {summary['status']}, {summary['steps']} steps, held-out error "
+            f"{last.get('validation_error', float('nan')):.4g}, loss {last.get('validation_loss', float('nan')):.4g}, "
+            f"{summary['seconds']:.1f} s"
+        )
     return 0 if summary["status"] in ("finished", "stopped") else 1
 
 # %% ../nbs/98_cli.ipynb #ae526118
@@ -413,39 +686,113 @@ def _run(args: argparse.Namespace) -> int:
     from qnwb.runs import Runner, check_config, load_config
 
     if args.config is not None:
-        flags = {"--problem": args.problem, "--optimizer": args.optimizer, "-H": args.hyperparameter, "-b": args.budget, "-o": args.option,
-                 "--seed": args.seed != 0, "--device": args.device, "--evaluate-every": args.evaluate_every != 10, "--name": args.name}
+        flags = {
+            "--problem": args.problem,
+            "--optimizer": args.optimizer,
+            "-H": args.hyperparameter,
+            "-b": args.budget,
+            "-o": args.option,
+            "--seed": args.seed != 0,
+            "--device": args.device,
+            "--evaluate-every": args.evaluate_every != 10,
+            "--name": args.name,
+        }
         given = [flag for flag, value in flags.items() if value]
         if given:
-            raise ValueError(f"config: a configuration file says everything; {', '.join(given)} would be ignored (put them in the file)")
+            raise ValueError(
+                f"config: a configuration file says everything; {', '.join(given)} would be ignored (put them in the file)"
+            )
         config = load_config(Path(args.config).expanduser())
     else:
         if not args.problem or not args.optimizer or not args.budget:
-            raise ValueError("run: give a configuration file, or --problem, --optimizer and --budget")
-        config = check_config({"problem": args.problem, "optimizer": args.optimizer, "problem_options": _pairs(args.option, "option"),
-                               "hyperparameters": _pairs(args.hyperparameter, "hyperparameter"), "budget": _pairs(args.budget, "budget"),
-                               "seed": args.seed, "device": args.device, "evaluate_every": args.evaluate_every, "name": args.name})
-    return _train(Runner(config, store=args.store, progress=not args.quiet, overwrite=args.force), args)
+            raise ValueError(
+                "run: give a configuration file, or --problem, --optimizer and --budget"
+            )
+        config = check_config(
+            {
+                "problem": args.problem,
+                "optimizer": args.optimizer,
+                "problem_options": _pairs(args.option, "option"),
+                "hyperparameters": _pairs(args.hyperparameter, "hyperparameter"),
+                "budget": _pairs(args.budget, "budget"),
+                "seed": args.seed,
+                "device": args.device,
+                "evaluate_every": args.evaluate_every,
+                "name": args.name,
+            }
+        )
+    return _train(
+        Runner(config, store=args.store, progress=not args.quiet, overwrite=args.force), args
+    )
 
 # %% ../nbs/98_cli.ipynb #bf807b28
 def _add_run(commands) -> None:
-    run = commands.add_parser("run", help="train one configuration into the run store",
-                              description="Train one model with one optimizer under a budget, from a JSON / YAML configuration "
-                                          "or from flags, recording every step and evaluation in the run store. SIGINT or SIGTERM "
-                                          "stops the run after its current step with a checkpoint (qnwb runs resume continues it).")
-    run.add_argument("config", nargs="?", help="a JSON or YAML configuration file (keys: see qnwb.runs.check_config)")
-    run.add_argument("--problem", help="a problem of qnwb.problems.PROBLEMS (addition, curves, char_lm, quadratic, ...)")
-    run.add_argument("--optimizer", help="a name of qnwb.optim.OPTIMIZERS (hessian_free, nag, adaqn, lsr1, adam, ...)")
-    run.add_argument("-o", "--option", nargs=2, action="append", metavar=("KEY", "VALUE"), help="a problem option (repeatable)")
-    run.add_argument("-H", "--hyperparameter", nargs=2, action="append", metavar=("KEY", "VALUE"), help="an optimizer hyperparameter (repeatable)")
-    run.add_argument("-b", "--budget", nargs=2, action="append", metavar=("UNIT", "LIMIT"),
-                     help="a budget: steps, gradient_evaluations, curvature_products, evaluations, epochs or seconds (repeatable)")
+    run = commands.add_parser(
+        "run",
+        help="train one configuration into the run store",
+        description="Train one model with one optimizer under a budget, from a JSON / YAML configuration "
+        "or from flags, recording every step and evaluation in the run store. SIGINT or SIGTERM "
+        "stops the run after its current step with a checkpoint (qnwb runs resume continues it).",
+    )
+    run.add_argument(
+        "config",
+        nargs="?",
+        help="a JSON or YAML configuration file (keys: see qnwb.runs.check_config)",
+    )
+    run.add_argument(
+        "--problem",
+        help="a problem of qnwb.problems.PROBLEMS (addition, curves, char_lm, quadratic, ...)",
+    )
+    run.add_argument(
+        "--optimizer",
+        help="a name of qnwb.optim.OPTIMIZERS (hessian_free, nag, adaqn, lsr1, adam, ...)",
+    )
+    run.add_argument(
+        "-o",
+        "--option",
+        nargs=2,
+        action="append",
+        metavar=("KEY", "VALUE"),
+        help="a problem option (repeatable)",
+    )
+    run.add_argument(
+        "-H",
+        "--hyperparameter",
+        nargs=2,
+        action="append",
+        metavar=("KEY", "VALUE"),
+        help="an optimizer hyperparameter (repeatable)",
+    )
+    run.add_argument(
+        "-b",
+        "--budget",
+        nargs=2,
+        action="append",
+        metavar=("UNIT", "LIMIT"),
+        help="a budget: steps, gradient_evaluations, curvature_products, evaluations, epochs or seconds (repeatable)",
+    )
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: QNWB_DEVICE or the best available)")
-    run.add_argument("--evaluate-every", type=float, default=10, help="evaluate on held-out data every this many steps")
+    run.add_argument(
+        "--device",
+        type=_device,
+        default=None,
+        help="cpu, cuda, cuda:N (default: QNWB_DEVICE or the best available)",
+    )
+    run.add_argument(
+        "--evaluate-every",
+        type=float,
+        default=10,
+        help="evaluate on held-out data every this many steps",
+    )
     run.add_argument("--name", default=None, help="a name for the run in the store")
-    run.add_argument("--store", default=None, help="the run store (default: $QNWB_STORE or data/qnwb.sqlite)")
-    run.add_argument("--force", action="store_true", help="replace an existing file at the configuration's checkpoint path")
+    run.add_argument(
+        "--store", default=None, help="the run store (default: $QNWB_STORE or data/qnwb.sqlite)"
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing file at the configuration's checkpoint path",
+    )
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
@@ -457,7 +804,9 @@ def _open_store(path):
 
     location = store_path(path)
     if not location.exists():
-        raise FileNotFoundError(f"store: {location} does not exist (runs create it; --store or QNWB_STORE pick another)")
+        raise FileNotFoundError(
+            f"store: {location} does not exist (runs create it; --store or QNWB_STORE pick another)"
+        )
     return RunStore(location, read_only=True)
 
 
@@ -468,13 +817,36 @@ def _damaged(run: dict) -> str:
 def _runs_list(args: argparse.Namespace) -> int:
     runs = _open_store(args.store).runs(status=args.status)
     if args.json:
-        print(as_json([{k: r.get(k) for k in ("id", "name", "problem", "optimizer", "seed", "status", "steps", "created", "damaged")}
-                       for r in runs]))
+        print(
+            as_json(
+                [
+                    {
+                        k: r.get(k)
+                        for k in (
+                            "id",
+                            "name",
+                            "problem",
+                            "optimizer",
+                            "seed",
+                            "status",
+                            "steps",
+                            "created",
+                            "damaged",
+                        )
+                    }
+                    for r in runs
+                ]
+            )
+        )
         return 0
-    print(f"{'id':>4}  {'status':<9} {'problem':<14} {'optimizer':<13} {'seed':>4} {'steps':>7}  name")
+    print(
+        f"{'id':>4}  {'status':<9} {'problem':<14} {'optimizer':<13} {'seed':>4} {'steps':>7}  name"
+    )
     for r in runs:
-        print(f"{r['id']:>4}  {printable(r['status'], 9):<9} {printable(r['problem'], 14):<14} {printable(r['optimizer'], 13):<13} "
-              f"{printable(r['seed']):>4} {printable(r['steps'] or 0):>7}  {printable(r['name'] or '', 80)}{_damaged(r)}")
+        print(
+            f"{r['id']:>4}  {printable(r['status'], 9):<9} {printable(r['problem'], 14):<14} {printable(r['optimizer'], 13):<13} "
+            f"{printable(r['seed']):>4} {printable(r['steps'] or 0):>7}  {printable(r['name'] or '', 80)}{_damaged(r)}"
+        )
     return 0
 
 # %% ../nbs/98_cli.ipynb #58eccbe8
@@ -483,14 +855,35 @@ def _runs_show(args: argparse.Namespace) -> int:
     run = store.run(args.id)
     evaluations = store.evaluations(args.id)
     if args.json:
-        print(as_json({**run, "evaluations": evaluations, "steering": store.steering_events(args.id)}))
+        print(
+            as_json({**run, "evaluations": evaluations, "steering": store.steering_events(args.id)})
+        )
         return 0
-    for key in ("id", "name", "status", "problem", "optimizer", "seed", "device", "steps", "created", "ended", "git", "checkpoint", "error"):
+    for key in (
+        "id",
+        "name",
+        "status",
+        "problem",
+        "optimizer",
+        "seed",
+        "device",
+        "steps",
+        "created",
+        "ended",
+        "git",
+        "checkpoint",
+        "error",
+    ):
         print(f"{key:>10}: {printable(run.get(key), 2000)}")
     print(f"{'config':>10}: {json.dumps(run['config'])}{_damaged(run)}")
     if evaluations:
         last = evaluations[-1]
-        print(f"{'last eval':>10}: " + printable(f"step {last['step']}, held-out loss {last['validation_loss']}, error {last['validation_error']}"))
+        print(
+            f"{'last eval':>10}: "
+            + printable(
+                f"step {last['step']}, held-out loss {last['validation_loss']}, error {last['validation_error']}"
+            )
+        )
     return 0
 
 # %% ../nbs/98_cli.ipynb #588d79a3
@@ -505,19 +898,33 @@ def _runs_export(args: argparse.Namespace) -> int:
     else:
         data = export_json(store, args.out, runs=runs, overwrite=args.force)
         print(f"{len(data['runs'])} runs written to {printable(args.out)}", file=sys.stderr)
-    damaged = [r["id"] for r in store.runs(ids=runs) if r.get("damaged")] if runs else [r["id"] for r in store.runs() if r.get("damaged")]
+    damaged = (
+        [r["id"] for r in store.runs(ids=runs) if r.get("damaged")]
+        if runs
+        else [r["id"] for r in store.runs() if r.get("damaged")]
+    )
     if damaged:
-        print(f"runs {damaged} have damaged fields, exported empty (see qnwb runs show ID)", file=sys.stderr)
+        print(
+            f"runs {damaged} have damaged fields, exported empty (see qnwb runs show ID)",
+            file=sys.stderr,
+        )
     return 0
 
 
 def _runs_replay(args: argparse.Namespace) -> int:
     from qnwb.runs import replay
 
-    again = replay(args.id, _open_store(args.store), into=args.store if args.record else False, progress=not args.quiet)
+    again = replay(
+        args.id,
+        _open_store(args.store),
+        into=args.store if args.record else False,
+        progress=not args.quiet,
+    )
     events = len(again.history["steering"])
-    print(f"replayed run {args.id}: {again.summary['steps']} steps, {events} steering event(s) applied, status {again.summary['status']}"
-          + (f", recorded as run {again.run_id}" if args.record else ""))
+    print(
+        f"replayed run {args.id}: {again.summary['steps']} steps, {events} steering event(s) applied, status {again.summary['status']}"
+        + (f", recorded as run {again.run_id}" if args.record else "")
+    )
     return 0
 
 
@@ -528,44 +935,85 @@ def _runs_resume(args: argparse.Namespace) -> int:
     store = RunStore(store_path(args.store), create=False)
     checkpoint = store.checkpoint_path(args.id)
     if checkpoint is None or not checkpoint.is_file():
-        raise FileNotFoundError(f"run {args.id}: no checkpoint to resume from ({printable(checkpoint or 'none recorded')})")
+        raise FileNotFoundError(
+            f"run {args.id}: no checkpoint to resume from ({printable(checkpoint or 'none recorded')})"
+        )
     budget = check_budget(_pairs(args.budget, "budget")) if args.budget else None
-    return _train(Runner.resume(checkpoint, store=store, budget=budget, progress=not args.quiet, force=args.force), args)
+    return _train(
+        Runner.resume(
+            checkpoint, store=store, budget=budget, progress=not args.quiet, force=args.force
+        ),
+        args,
+    )
 
 # %% ../nbs/98_cli.ipynb #22dd8ab8
 def _add_runs(commands) -> None:
-    runs = commands.add_parser("runs", help="list, show, export, replay and resume the runs in the run store")
+    runs = commands.add_parser(
+        "runs", help="list, show, export, replay and resume the runs in the run store"
+    )
     actions = runs.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="one line per run")
     listing.add_argument("--status", choices=STATUSES)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_runs_list)
-    show = actions.add_parser("show", help="one run: configuration, versions, status and its last evaluation")
+    show = actions.add_parser(
+        "show", help="one run: configuration, versions, status and its last evaluation"
+    )
     show.add_argument("id", type=_positive_int)
-    show.add_argument("--json", action="store_true", help="everything, with every evaluation and steering event")
+    show.add_argument(
+        "--json", action="store_true", help="everything, with every evaluation and steering event"
+    )
     show.set_defaults(handler=_runs_show)
-    export = actions.add_parser("export", help="write runs as CSV (AlgoPerf-style evaluation columns + stats) or JSON")
+    export = actions.add_parser(
+        "export", help="write runs as CSV (AlgoPerf-style evaluation columns + stats) or JSON"
+    )
     export.add_argument("ids", nargs="*", type=_positive_int, help="run ids (default: every run)")
     export.add_argument("--format", choices=["csv", "json"], default="csv")
-    export.add_argument("--kind", choices=["evaluations", "steps"], default="evaluations", help="CSV rows: evaluations or steps")
-    export.add_argument("--out", required=True, help="the file to write (never the store or a checkpoint)")
+    export.add_argument(
+        "--kind",
+        choices=["evaluations", "steps"],
+        default="evaluations",
+        help="CSV rows: evaluations or steps",
+    )
+    export.add_argument(
+        "--out", required=True, help="the file to write (never the store or a checkpoint)"
+    )
     export.add_argument("--force", action="store_true", help="replace the file if it exists")
     export.set_defaults(handler=_runs_export)
-    replaying = actions.add_parser("replay", help="run a stored run again with its steering events applied after the same steps")
+    replaying = actions.add_parser(
+        "replay",
+        help="run a stored run again with its steering events applied after the same steps",
+    )
     replaying.add_argument("id", type=_positive_int)
-    replaying.add_argument("--record", action="store_true", help="store the replay as a new run of the same store")
+    replaying.add_argument(
+        "--record", action="store_true", help="store the replay as a new run of the same store"
+    )
     replaying.add_argument("--quiet", action="store_true", help="no progress bar")
     replaying.set_defaults(handler=_runs_replay)
-    resuming = actions.add_parser("resume", help="continue a stopped, killed or failed run from its checkpoint",
-                                  description="Continue run ID of the store from the checkpoint the store records for it, as "
-                                              "Runner.resume does: refused while another process runs it, or when the checkpoint is stale.")
+    resuming = actions.add_parser(
+        "resume",
+        help="continue a stopped, killed or failed run from its checkpoint",
+        description="Continue run ID of the store from the checkpoint the store records for it, as "
+        "Runner.resume does: refused while another process runs it, or when the checkpoint is stale.",
+    )
     resuming.add_argument("id", type=_positive_int)
-    resuming.add_argument("-b", "--budget", nargs=2, action="append", metavar=("UNIT", "LIMIT"),
-                          help="a new budget (repeatable; default: the run's own), e.g. to extend a finished run")
-    resuming.add_argument("--force", action="store_true",
-                          help="resume a run marked running by a process of another host or container, which qnwb cannot check")
+    resuming.add_argument(
+        "-b",
+        "--budget",
+        nargs=2,
+        action="append",
+        metavar=("UNIT", "LIMIT"),
+        help="a new budget (repeatable; default: the run's own), e.g. to extend a finished run",
+    )
+    resuming.add_argument(
+        "--force",
+        action="store_true",
+        help="resume a run marked running by a process of another host or container, which qnwb cannot check",
+    )
     resuming.add_argument("--json", action="store_true", help="print the summary as JSON")
     resuming.add_argument("--quiet", action="store_true", help="no progress bar")
     resuming.set_defaults(handler=_runs_resume)
     for action in (listing, show, export, replaying, resuming):
-        action.add_argument("--store", default=None, help="the run store (default: $QNWB_STORE or data/qnwb.sqlite)")
+        action.add_argument(
+            "--store", default=None, help="the run store (default: $QNWB_STORE or data/qnwb.sqlite)"
+        )

@@ -32,7 +32,9 @@ ParamsLike = nn.Module | Iterable[Tensor] | Iterable[Mapping]
 def param_list(params: ParamsLike) -> list[Tensor]:
     """The tensors of `params` in `parameters_to_vector` order, checked to fit in one flat vector."""
     if isinstance(params, Tensor):
-        raise TypeError("params: pass a module or an iterable of tensors, not a single tensor (wrap it in a list)")
+        raise TypeError(
+            "params: pass a module or an iterable of tensors, not a single tensor (wrap it in a list)"
+        )
     if isinstance(params, nn.Module):
         tensors = list(params.parameters())
     else:
@@ -52,14 +54,22 @@ def param_list(params: ParamsLike) -> list[Tensor]:
         if not isinstance(t, Tensor):
             raise TypeError(f"params[{i}]: expected a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
-            raise TypeError(f"params[{i}]: flat vectors hold floating-point tensors, got dtype {t.dtype}")
+            raise TypeError(
+                f"params[{i}]: flat vectors hold floating-point tensors, got dtype {t.dtype}"
+            )
         if id(t) in seen:
-            raise ValueError(f"params[{i}]: the same tensor is listed twice; a flat vector would count it twice")
+            raise ValueError(
+                f"params[{i}]: the same tensor is listed twice; a flat vector would count it twice"
+            )
         seen.add(id(t))
         if t.device != tensors[0].device:
-            raise ValueError(f"params[{i}] is on {t.device} but params[0] is on {tensors[0].device}: one flat vector lives on one device")
+            raise ValueError(
+                f"params[{i}] is on {t.device} but params[0] is on {tensors[0].device}: one flat vector lives on one device"
+            )
         if t.dtype != tensors[0].dtype:
-            raise TypeError(f"params[{i}] has dtype {t.dtype} but params[0] has {tensors[0].dtype}: one flat vector has one dtype")
+            raise TypeError(
+                f"params[{i}] has dtype {t.dtype} but params[0] has {tensors[0].dtype}: one flat vector has one dtype"
+            )
     return tensors
 
 # %% ../nbs/00_core.ipynb #4a5fe8a0
@@ -71,7 +81,11 @@ def _storage_span(tensors: list[Tensor]) -> tuple[int, int] | None:
     pointer, start = nonempty[0].untyped_storage().data_ptr(), nonempty[0].storage_offset()
     end = start
     for t in nonempty:
-        if not t.is_contiguous() or t.untyped_storage().data_ptr() != pointer or t.storage_offset() != end:
+        if (
+            not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != pointer
+            or t.storage_offset() != end
+        ):
             return None
         end += t.numel()
     return start, end - start
@@ -96,7 +110,12 @@ def flat_grads(params: ParamsLike) -> Tensor:
     tensors = param_list(params)
     if all(t.grad is not None for t in tensors):
         return _flatten([t.grad for t in tensors])
-    return torch.cat([(t.grad if t.grad is not None else torch.zeros_like(t)).detach().reshape(-1) for t in tensors])
+    return torch.cat(
+        [
+            (t.grad if t.grad is not None else torch.zeros_like(t)).detach().reshape(-1)
+            for t in tensors
+        ]
+    )
 
 # %% ../nbs/00_core.ipynb #eaa39083
 def _check_vector(vec: Tensor, tensors: list[Tensor], name: str) -> None:
@@ -105,16 +124,22 @@ def _check_vector(vec: Tensor, tensors: list[Tensor], name: str) -> None:
         raise TypeError(f"{name}: expected a 1-D torch.Tensor, got {type(vec).__name__}")
     n = sum(t.numel() for t in tensors)
     if vec.dim() != 1 or vec.numel() != n:
-        raise ValueError(f"{name}: expected a 1-D tensor of {n} elements, got shape {tuple(vec.shape)}")
+        raise ValueError(
+            f"{name}: expected a 1-D tensor of {n} elements, got shape {tuple(vec.shape)}"
+        )
     if vec.device != tensors[0].device or vec.dtype != tensors[0].dtype:
-        raise TypeError(f"{name}: is {vec.dtype} on {vec.device}, the parameters are {tensors[0].dtype} on {tensors[0].device}")
+        raise TypeError(
+            f"{name}: is {vec.dtype} on {vec.device}, the parameters are {tensors[0].dtype} on {tensors[0].device}"
+        )
 
 
 def unflatten(vec: Tensor, params: ParamsLike) -> list[Tensor]:
     """Views of the 1-D `vec` shaped like each tensor of `params` (no copy; autograd flows through them)."""
     tensors = param_list(params)
     _check_vector(vec, tensors, "vec")
-    return [chunk.view(t.shape) for chunk, t in zip(vec.split([t.numel() for t in tensors]), tensors)]
+    return [
+        chunk.view(t.shape) for chunk, t in zip(vec.split([t.numel() for t in tensors]), tensors)
+    ]
 
 
 @torch.no_grad()
@@ -124,8 +149,12 @@ def assign_flat_(params: ParamsLike, vec: Tensor) -> None:
     _check_vector(vec, tensors, "vec")
     span = _storage_span(tensors)
     first = next((t for t in tensors if t.numel()), None)
-    if span is not None and vec.is_contiguous() and vec.storage_offset() == span[0] \
-            and vec.untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
+    if (
+        span is not None
+        and vec.is_contiguous()
+        and vec.storage_offset() == span[0]
+        and vec.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    ):
         return  # `vec` is the parameters' own memory
     for t, chunk in zip(tensors, unflatten(vec, tensors)):
         t.copy_(chunk)
@@ -164,16 +193,24 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     try:
         chosen = torch.device(requested)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: {requested!r} is not a device such as 'cpu', 'cuda' or 'cuda:1'") from e
+        raise ValueError(
+            f"device: {requested!r} is not a device such as 'cpu', 'cuda' or 'cuda:1'"
+        ) from e
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device: {str(chosen)!r} was asked for, but CUDA is not available here (torch {torch.__version__}); use 'cpu'")
+            raise ValueError(
+                f"device: {str(chosen)!r} was asked for, but CUDA is not available here (torch {torch.__version__}); use 'cpu'"
+            )
         if chosen.index is not None and chosen.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {str(chosen)!r} was asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise ValueError(
+                f"device: {str(chosen)!r} was asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
     elif chosen.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device: 'mps' was asked for, but it is not available here; use 'cpu'")
     elif chosen.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device: {str(chosen)!r} is not supported; qnwb runs on 'cpu', 'cuda' or 'mps'")
+        raise ValueError(
+            f"device: {str(chosen)!r} is not supported; qnwb runs on 'cpu', 'cuda' or 'mps'"
+        )
     return chosen
 
 # %% ../nbs/00_core.ipynb #d67651c6
@@ -204,7 +241,13 @@ def rng_state() -> dict:
     name, key, position, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": (str(name), torch.from_numpy(key.astype(np.int64)), int(position), int(has_gauss), float(cached)),
+        "numpy": (
+            str(name),
+            torch.from_numpy(key.astype(np.int64)),
+            int(position),
+            int(has_gauss),
+            float(cached),
+        ),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -214,7 +257,9 @@ def set_rng_state(state: dict) -> None:
     """Restore the global random streams from `rng_state()`."""
     random.setstate(state["python"])
     name, key, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(key.numpy() if isinstance(key, Tensor) else key, dtype=np.uint32), *rest))
+    np.random.set_state(
+        (name, np.asarray(key.numpy() if isinstance(key, Tensor) else key, dtype=np.uint32), *rest)
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -227,11 +272,19 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
-def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
-                 high_open: bool = False) -> float:
+def check_number(
+    name: str,
+    value,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """`value` as a float if it is a finite number in the range, else a ValueError naming `name` and the range."""
     try:  # an int too large for a float (10**400) is no finite number either
-        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        finite = (
+            not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        )
     except OverflowError:
         finite = False
     if not finite:
@@ -248,18 +301,22 @@ SETTING_BOUNDS: dict[str, float | int] = {
     "slots": 10_000,  # buffer sizes: the quasi-Newton memories m and adaQN's Fisher memory m_F
     "iterations": 100_000,  # loop bounds of one step: CG steps, line-search tries, evaluations, Chapelle–Erhan draws, adaQN's L
 }
-_BOUND_REASONS = {"step_size": "a larger step size can only overflow", "scale": "a larger scale can only stall steps or overflow",
-                  "slots": "a larger buffer can only exhaust memory",
-                  "iterations": "one step must end, so that a budget or a signal can stop the run"}
+_BOUND_REASONS = {
+    "step_size": "a larger step size can only overflow",
+    "scale": "a larger scale can only stall steps or overflow",
+    "slots": "a larger buffer can only exhaust memory",
+    "iterations": "one step must end, so that a budget or a signal can stop the run",
+}
 INTEGER_KINDS = ("slots", "iterations")
 
 
-def check_setting(name: str,  # the parameter, for the message
-                  value,  # the value given
-                  kind: str,  # a key of SETTING_BOUNDS: "step_size", "scale", "slots" or "iterations"
-                  low: float = 0.0,  # the lower end of the range (ignored for the integer kinds: they start at 1)
-                  low_open: bool = True,  # whether `low` itself is refused
-                  ) -> float | int:
+def check_setting(
+    name: str,  # the parameter, for the message
+    value,  # the value given
+    kind: str,  # a key of SETTING_BOUNDS: "step_size", "scale", "slots" or "iterations"
+    low: float = 0.0,  # the lower end of the range (ignored for the integer kinds: they start at 1)
+    low_open: bool = True,  # whether `low` itself is refused
+) -> float | int:
     """`value` checked against qnwb's range for a setting of `kind`: a finite number in (low, SETTING_BOUNDS[kind]] (as a
     float), or for the integer kinds ("slots", "iterations") an int in [1, SETTING_BOUNDS[kind]]; else a one-line ValueError
     naming `name` and the range."""
@@ -269,12 +326,16 @@ def check_setting(name: str,  # the parameter, for the message
     if kind in INTEGER_KINDS:
         check_positive_int(name, value)
         if value > bound:
-            raise ValueError(f"{name}: must be an int in [1, {bound}], got {value!r} ({_BOUND_REASONS[kind]}: qnwb.core.SETTING_BOUNDS)")
+            raise ValueError(
+                f"{name}: must be an int in [1, {bound}], got {value!r} ({_BOUND_REASONS[kind]}: qnwb.core.SETTING_BOUNDS)"
+            )
         return value
     number = check_number(name, value, low, math.inf, low_open)
     if number > bound:
-        raise ValueError(f"{name}: must be in {'(' if low_open else '['}{low}, {bound:g}], got {value!r} "
-                         f"({_BOUND_REASONS[kind]}: qnwb.core.SETTING_BOUNDS)")
+        raise ValueError(
+            f"{name}: must be in {'(' if low_open else '['}{low}, {bound:g}], got {value!r} "
+            f"({_BOUND_REASONS[kind]}: qnwb.core.SETTING_BOUNDS)"
+        )
     return number
 
 # %% ../nbs/00_core.ipynb #df2ae175
@@ -286,40 +347,54 @@ def tag_state(optimizer, saved: dict) -> dict:
     return {**saved, "optimizer": type(optimizer).__name__}
 
 
-def check_state_tag(optimizer,  # the optimizer about to load
-                    state_dict,  # what it was given
-                    untagged_ok: bool,  # whether a state without a name is provably this optimizer's
-                    untagged_hint: str = "",  # why an untagged state is refused, for the message
-                    ) -> dict:
+def check_state_tag(
+    optimizer,  # the optimizer about to load
+    state_dict,  # what it was given
+    untagged_ok: bool,  # whether a state without a name is provably this optimizer's
+    untagged_hint: str = "",  # why an untagged state is refused, for the message
+) -> dict:
     """A copy of `state_dict` without its "optimizer" tag, after refusing one that is not a dict, names another optimizer,
     or names none where `untagged_ok` is false (ValueErrors naming both optimizers)."""
     name = type(optimizer).__name__
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"state_dict: expected the dict of {name}.state_dict(), got {type(state_dict).__name__}")
+        raise ValueError(
+            f"state_dict: expected the dict of {name}.state_dict(), got {type(state_dict).__name__}"
+        )
     state_dict = dict(state_dict)
     saved_by = state_dict.pop("optimizer", None)
     if saved_by is None and not untagged_ok:
-        raise ValueError(f"state_dict: names no optimizer (saved before qnwb tagged its states, or not by a qnwb optimizer) "
-                         f"and cannot be proved {name}'s{': ' + untagged_hint if untagged_hint else ''}")
+        raise ValueError(
+            f"state_dict: names no optimizer (saved before qnwb tagged its states, or not by a qnwb optimizer) "
+            f"and cannot be proved {name}'s{': ' + untagged_hint if untagged_hint else ''}"
+        )
     if saved_by is not None and saved_by != name:
         raise ValueError(f"state_dict: saved by {saved_by}, this optimizer is {name}")
     return state_dict
 
 # %% ../nbs/00_core.ipynb #1c68d9e7
-def check_param_groups(optimizer,  # the optimizer about to load
-                       groups,  # the saved state_dict's "param_groups"
-                       ) -> list:
+def check_param_groups(
+    optimizer,  # the optimizer about to load
+    groups,  # the saved state_dict's "param_groups"
+) -> list:
     """`groups` after refusing (ValueError) anything but a list of dicts, one per parameter group of `optimizer`, each with a
     "params" list numbering its parameters as torch's `state_dict()` does: 0, 1, … across the groups, in order."""
     own = optimizer.param_groups
-    if not isinstance(groups, list) or len(groups) != len(own) or not all(isinstance(g, Mapping) for g in groups):
-        raise ValueError(f"state_dict['param_groups']: expected a list of {len(own)} parameter group(s) (dicts), got {groups!r:.80}")
+    if (
+        not isinstance(groups, list)
+        or len(groups) != len(own)
+        or not all(isinstance(g, Mapping) for g in groups)
+    ):
+        raise ValueError(
+            f"state_dict['param_groups']: expected a list of {len(own)} parameter group(s) (dicts), got {groups!r:.80}"
+        )
     start = 0
     for i, (saved, group) in enumerate(zip(groups, own)):
         expected = list(range(start, start + len(group["params"])))
         if not isinstance(saved.get("params"), list) or saved["params"] != expected:
-            raise ValueError(f"state_dict['param_groups'][{i}]['params']: expected the indices of its {len(expected)} "
-                             f"parameters, {expected!r:.60}")
+            raise ValueError(
+                f"state_dict['param_groups'][{i}]['params']: expected the indices of its {len(expected)} "
+                f"parameters, {expected!r:.60}"
+            )
         start += len(expected)
     return groups
 
@@ -346,12 +421,13 @@ def _entry_error(kind: str, value, n: int) -> str | None:
     return None
 
 # %% ../nbs/00_core.ipynb #47ca927f
-def check_state_entries(where: str,  # the entry's place, for messages, e.g. "state_dict['state'][0]"
-                        state,  # the saved per-parameter state (a dict)
-                        required: Mapping[str, str],  # key ↦ kind (STATE_KINDS) of the entries a fresh state has
-                        optional: Mapping[str, str] = {},  # key ↦ kind of entries present after some steps or settings
-                        n: int = 0,  # the length of a "vector"
-                        ) -> None:
+def check_state_entries(
+    where: str,  # the entry's place, for messages, e.g. "state_dict['state'][0]"
+    state,  # the saved per-parameter state (a dict)
+    required: Mapping[str, str],  # key ↦ kind (STATE_KINDS) of the entries a fresh state has
+    optional: Mapping[str, str] = {},  # key ↦ kind of entries present after some steps or settings
+    n: int = 0,  # the length of a "vector"
+) -> None:
     """Refuse (ValueError) a per-parameter state that lacks a required entry, has an unknown one, or holds a value of the
     wrong kind: "int" (a Python int ≥ 0), "count" (a 0-dim integer tensor), "vector" (a floating-point tensor of shape
     (n,)), "scalar" (a 0-dim floating-point tensor), and the same or None for "…_or_none" ("number": an int or a float)."""
@@ -360,22 +436,27 @@ def check_state_entries(where: str,  # the entry's place, for messages, e.g. "st
     missing = sorted(set(required) - set(state))
     unknown = sorted(set(state) - set(required) - set(optional))
     if missing or unknown:
-        raise ValueError(f"{where}: {'missing entries ' + str(missing) if missing else ''}{'; ' if missing and unknown else ''}"
-                         f"{'unknown entries ' + str(unknown) if unknown else ''}")
+        raise ValueError(
+            f"{where}: {'missing entries ' + str(missing) if missing else ''}{'; ' if missing and unknown else ''}"
+            f"{'unknown entries ' + str(unknown) if unknown else ''}"
+        )
     for key, value in state.items():
         error = _entry_error({**optional, **required}[key], value, n)
         if error:
             raise ValueError(f"{where}[{key!r}]: {error}")
 
 # %% ../nbs/00_core.ipynb #cf504204
-def atomic_write(path: str | os.PathLike,
-                 write: Callable[[Path], Any],  # writes the whole content to the (new, empty) path it is given
-                 ) -> Path:
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[Path], Any],  # writes the whole content to the (new, empty) path it is given
+) -> Path:
     """Have `write` fill a new temporary file beside `path`, then rename it to `path` in one step; on any failure the
     temporary file is removed and `path` is left as it was."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
-    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+    os.close(
+        os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    )
     try:
         write(partial)
         os.replace(partial, path)
@@ -385,19 +466,27 @@ def atomic_write(path: str | os.PathLike,
     return path
 
 # %% ../nbs/00_core.ipynb #af2a1de0
-def patch(f: Callable | None = None, *,
-          as_classmethod: bool = False,  # attach as a classmethod
-          ) -> Callable:
+def patch(
+    f: Callable | None = None,
+    *,
+    as_classmethod: bool = False,  # attach as a classmethod
+) -> Callable:
     """Attach `f` to the class its first parameter is annotated with, as the method of the same name; returns `f`."""
     if f is None:
         return lambda g: patch(g, as_classmethod=as_classmethod)
     parameters = list(inspect.signature(f, eval_str=False).parameters.values())
     annotation = parameters[0].annotation if parameters else None
-    if isinstance(annotation, str):  # postponed annotations: the class is a global of the function's module
+    if isinstance(
+        annotation, str
+    ):  # postponed annotations: the class is a global of the function's module
         name = annotation.removeprefix("type[").removesuffix("]")
-        annotation = inspect.unwrap(f).__globals__.get(name) if name.isidentifier() else None  # through decorators
+        annotation = (
+            inspect.unwrap(f).__globals__.get(name) if name.isidentifier() else None
+        )  # through decorators
     if not isinstance(annotation, type) or annotation is inspect.Parameter.empty:
-        raise TypeError(f"patch: the first parameter of {f.__name__} must be annotated with a class of its module")
+        raise TypeError(
+            f"patch: the first parameter of {f.__name__} must be annotated with a class of its module"
+        )
     f.__qualname__ = f"{annotation.__name__}.{f.__name__}"
     setattr(annotation, f.__name__, classmethod(f) if as_classmethod else f)
     return f

@@ -14,7 +14,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, linearize, vjp, vmap
 
-from .core import _check_vector, _flatten, check_positive_int, flat_params, param_list, unflatten
+from qnwb.core import (
+    _check_vector,
+    _flatten,
+    check_positive_int,
+    flat_params,
+    param_list,
+    unflatten,
+)
 from .losses import MatchingLoss, matching_loss
 
 # %% auto #0
@@ -26,7 +33,9 @@ class Linearization:
     """The network at θ on one batch: `outputs` z, the hidden slopes `1 − h²` if asked for, and `jvp` / `vjp`."""
 
     outputs: Tensor
-    hidden_slope: Tensor | None = None  # e'(t) = 1 − tanh(t)² of the hidden units, shaped like t (structural damping)
+    hidden_slope: Tensor | None = (
+        None  # e'(t) = 1 − tanh(t)² of the hidden units, shaped like t (structural damping)
+    )
 
     def jvp(self, tangents: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
         "`(J_z v, J_t v)` for `v` given as parameter-shaped tensors (`J_t v` is None without pre-activations)."
@@ -50,7 +59,14 @@ def _state(model: nn.Module, params: Sequence[Tensor]) -> dict[str, Tensor]:
 class FuncLinearization(Linearization):
     """A `Linearization` of any module, by `torch.func` (`route` "linearize" or "jvp"; the vjp's graph is cached)."""
 
-    def __init__(self, model: nn.Module, params: Sequence[Tensor], inputs: Tensor, preactivations: bool = False, route: str = "linearize"):
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[Tensor],
+        inputs: Tensor,
+        preactivations: bool = False,
+        route: str = "linearize",
+    ):
         if route not in ("linearize", "jvp"):
             raise ValueError(f"route: {route!r} is not 'auto', 'model', 'linearize' or 'jvp'")
         kwargs = {"return_preactivations": True} if preactivations else {}
@@ -62,8 +78,12 @@ class FuncLinearization(Linearization):
         self._with_t = preactivations
         out, self._vjp = vjp(network, *params)
         if route == "linearize":
-            with warnings.catch_warnings():  # torch.fx's constant folding warns about its own get_attr nodes
-                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node", category=UserWarning)
+            with (
+                warnings.catch_warnings()
+            ):  # torch.fx's constant folding warns about its own get_attr nodes
+                warnings.filterwarnings(
+                    "ignore", message="Attempted to insert a get_attr Node", category=UserWarning
+                )
                 _, self._jvp = linearize(network, *params)
         else:
             self._jvp = lambda *v: torch.func.jvp(network, tuple(params), tuple(v))[1]
@@ -117,7 +137,9 @@ class CurvatureOperator:
     def dense(self) -> Tensor:
         "The whole matrix, column by column (small models only)."
         if self.n > 20_000:
-            raise ValueError(f"dense: {self.n} parameters make a {self.n}×{self.n} matrix; use mv on small models")
+            raise ValueError(
+                f"dense: {self.n} parameters make a {self.n}×{self.n} matrix; use mv on small models"
+            )
         eye = torch.eye(self.n, dtype=self.dtype, device=self.device)
         return torch.stack([self.mv(e) for e in eye], dim=1)
 
@@ -137,7 +159,9 @@ def _check_structural(distance: str | None, weight: float) -> float:
     try:
         weight = float(weight)  # Python, NumPy or 0-d tensor numbers
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"structural_weight: expected a number, got {type(weight).__name__}") from None
+        raise TypeError(
+            f"structural_weight: expected a number, got {type(weight).__name__}"
+        ) from None
     if not math.isfinite(weight) or weight < 0:
         raise ValueError(f"structural_weight: must be a finite number ≥ 0, got {weight!r}")
     return weight
@@ -153,8 +177,10 @@ def hidden_block_mv(slope: Tensor, distance: str, u: Tensor, weight: float = 1.0
 
 def _check_preactivations(model: nn.Module) -> None:
     if "return_preactivations" not in inspect.signature(model.forward).parameters:
-        raise ValueError(f"structural_distance: needs a model whose forward(x, return_preactivations=True) returns "
-                         f"(outputs, hidden pre-activations), such as qnwb.models.TanhRNN; {type(model).__name__} has none")
+        raise ValueError(
+            f"structural_distance: needs a model whose forward(x, return_preactivations=True) returns "
+            f"(outputs, hidden pre-activations), such as qnwb.models.TanhRNN; {type(model).__name__} has none"
+        )
 
 
 def _linearize(model, params, inputs, preactivations: bool, route: str) -> Linearization:
@@ -164,7 +190,9 @@ def _linearize(model, params, inputs, preactivations: bool, route: str) -> Linea
         route = "model" if hasattr(model, "linearize") else "linearize"
     if route == "model":
         if not hasattr(model, "linearize"):
-            raise ValueError(f"route: 'model' needs a model with its own linearize(), {type(model).__name__} has none")
+            raise ValueError(
+                f"route: 'model' needs a model with its own linearize(), {type(model).__name__} has none"
+            )
         return model.linearize(inputs, params=params, preactivations=preactivations)
     return FuncLinearization(model, params, inputs, preactivations, route)
 
@@ -175,9 +203,11 @@ class GGN(CurvatureOperator):
     def __init__(
         self,
         model: nn.Module,  # the network: outputs z with cases along dimension 0
-        loss: str | MatchingLoss,  # the matching loss on z (a name from qnwb.losses.LOSSES, or an instance)
+        loss: str
+        | MatchingLoss,  # the matching loss on z (a name from qnwb.losses.LOSSES, or an instance)
         batch: tuple[Tensor, Tensor],  # (inputs, targets); NaN targets mean "no target here"
-        structural_distance: str | None = None,  # None, "tanh" or "squared": the distance D on the hidden states
+        structural_distance: str
+        | None = None,  # None, "tanh" or "squared": the distance D on the hidden states
         structural_weight: float = 0.0,  # w in G + w·G_S (HessianFree passes λμ); may be changed between products
         route: str = "auto",  # "auto", "model" (the model's own linearize), "linearize" or "jvp" (torch.func)
     ):
@@ -186,7 +216,9 @@ class GGN(CurvatureOperator):
         inputs, targets = _split_batch(batch)
         self.structural_distance = structural_distance
         self.structural_weight = structural_weight
-        self.linearization = _linearize(model, self.params, inputs, structural_distance is not None, route)
+        self.linearization = _linearize(
+            model, self.params, inputs, structural_distance is not None, route
+        )
         self.outputs = self.linearization.outputs
         self.loss_hessian = self.loss.hessian(self.outputs, targets)
 
@@ -202,7 +234,11 @@ class GGN(CurvatureOperator):
         "`(G + w G_S) v` for a flat `v` (the structural block applied on the fly from the cached slopes); `G v` with structural=False."
         jz, jt = self.linearization.jvp(self._views(v))
         use = structural and self.structural_distance and self._w
-        dt = hidden_block_mv(self.linearization.hidden_slope, self.structural_distance, jt, self._w) if use else None
+        dt = (
+            hidden_block_mv(self.linearization.hidden_slope, self.structural_distance, jt, self._w)
+            if use
+            else None
+        )
         return _flatten(self.linearization.vjp(self.loss_hessian.mv(jz), dt))
 
 # %% ../nbs/20_curvature.ipynb #fd2cced4
@@ -214,12 +250,18 @@ class Hessian(CurvatureOperator):
         self.loss = matching_loss(loss)
         inputs, targets = _split_batch(batch)
         self._leaves = [p.requires_grad_() for p in self.params]
-        self.value = self.loss(functional_call(model, _state(model, self._leaves), (inputs,)), targets)
-        self._grads = torch.autograd.grad(self.value, self._leaves, create_graph=True, materialize_grads=True)
+        self.value = self.loss(
+            functional_call(model, _state(model, self._leaves), (inputs,)), targets
+        )
+        self._grads = torch.autograd.grad(
+            self.value, self._leaves, create_graph=True, materialize_grads=True
+        )
 
     def mv(self, v: Tensor) -> Tensor:
         "`H v` for a flat `v`."
-        hv = torch.autograd.grad(self._grads, self._leaves, self._views(v), retain_graph=True, materialize_grads=True)
+        hv = torch.autograd.grad(
+            self._grads, self._leaves, self._views(v), retain_graph=True, materialize_grads=True
+        )
         return _flatten(list(hv))
 
 
@@ -233,12 +275,16 @@ def _case_function(model: nn.Module, preactivations: bool = False):
     return case_outputs
 
 # %% ../nbs/20_curvature.ipynb #57e9f32b
-def _case_gradients(model: nn.Module, loss: MatchingLoss, params: Sequence[Tensor], batch, chunk: int | None = None):
+def _case_gradients(
+    model: nn.Module, loss: MatchingLoss, params: Sequence[Tensor], batch, chunk: int | None = None
+):
     "Per-case gradients `(cases, n)` of each case's loss, by `vmap(grad)`, yielded `chunk` cases at a time (None: all at once)."
     inputs, targets = _split_batch(batch)
     outputs = _case_function(model)
     with torch.no_grad():
-        targets = loss.float_targets(_call(model, params, inputs), targets)  # checked once, vmap-ready
+        targets = loss.float_targets(
+            _call(model, params, inputs), targets
+        )  # checked once, vmap-ready
 
     def case_loss(ps, x, t):
         return loss(outputs(ps, x), t[None])
@@ -246,7 +292,9 @@ def _case_gradients(model: nn.Module, loss: MatchingLoss, params: Sequence[Tenso
     per_case = vmap(grad(case_loss), in_dims=(None, 0, 0))
     size = len(inputs) if chunk is None else chunk
     for start in range(0, len(inputs), size):
-        gradients = per_case(tuple(params), inputs[start:start + size], targets[start:start + size])
+        gradients = per_case(
+            tuple(params), inputs[start : start + size], targets[start : start + size]
+        )
         yield torch.cat([g.reshape(g.shape[0], -1) for g in gradients], dim=1)
 
 # %% ../nbs/20_curvature.ipynb #bc495d9e
@@ -270,11 +318,15 @@ class EmpiricalFisher(CurvatureOperator):
 
     def dense(self) -> Tensor:
         if self.n > 20_000:
-            raise ValueError(f"dense: {self.n} parameters make a {self.n}×{self.n} matrix; use mv on small models")
+            raise ValueError(
+                f"dense: {self.n} parameters make a {self.n}×{self.n} matrix; use mv on small models"
+            )
         return self.case_gradients.T @ self.case_gradients / self.cases
 
 # %% ../nbs/20_curvature.ipynb #1ab5db7c
-def empirical_fisher_diagonal(model: nn.Module, loss: str | MatchingLoss, batch: tuple[Tensor, Tensor], chunk: int = 64) -> Tensor:
+def empirical_fisher_diagonal(
+    model: nn.Module, loss: str | MatchingLoss, batch: tuple[Tensor, Tensor], chunk: int = 64
+) -> Tensor:
     """`diag(F) = (1/B) Σ_i sq(g_i)` (M&S 2012 §11.3), streaming `chunk` cases at a time."""
     check_positive_int("chunk", chunk)
     params = [p.detach() for p in param_list(model)]
@@ -287,7 +339,13 @@ def empirical_fisher_diagonal(model: nn.Module, loss: str | MatchingLoss, batch:
 # %% ../nbs/20_curvature.ipynb #aa90ac2a
 def _rademacher(like: Tensor, generator: torch.Generator | None) -> Tensor:
     "±1 with equal probability, shaped like `like`, drawn on the generator's device (CPU by default) and moved to `like`'s."
-    signs = torch.randint(0, 2, like.shape, generator=generator, device=generator.device if generator is not None else like.device)
+    signs = torch.randint(
+        0,
+        2,
+        like.shape,
+        generator=generator,
+        device=generator.device if generator is not None else like.device,
+    )
     return (2 * signs - 1).to(like.device, like.dtype)
 
 
@@ -315,10 +373,14 @@ def ggn_diagonal_estimate(
     loss_hessian = loss.hessian(z, targets)
     if with_t:  # the square root of the diagonal block w·(D∘e)''
         slope = 1 - torch.tanh(t).square()
-        root_hidden = hidden_block_mv(slope, structural_distance, torch.ones_like(slope), structural_weight).sqrt()
+        root_hidden = hidden_block_mv(
+            slope, structural_distance, torch.ones_like(slope), structural_weight
+        ).sqrt()
     case_outputs = _case_function(model, preactivations=with_t)
 
-    def pairing(ps, x, cz, ct):  # <z_i, cz_i> + <t_i, ct_i>: its gradient is J_iᵀ L_i''^{1/2} v_i (+ the G_S part)
+    def pairing(
+        ps, x, cz, ct
+    ):  # <z_i, cz_i> + <t_i, ct_i>: its gradient is J_iᵀ L_i''^{1/2} v_i (+ the G_S part)
         out = case_outputs(ps, x)
         return (out[0][0] * cz).sum() + (out[1][0] * ct).sum() if with_t else (out[0] * cz).sum()
 
@@ -328,13 +390,19 @@ def ggn_diagonal_estimate(
     estimate = torch.zeros(sum(p.numel() for p in params), dtype=z.dtype, device=z.device)
     for _ in range(samples):
         cz = loss_hessian.sqrt_mv(_rademacher(z, generator))
-        ct = root_hidden * _rademacher(root_hidden, generator) if with_t else torch.zeros(len(z), dtype=z.dtype, device=z.device)
+        ct = (
+            root_hidden * _rademacher(root_hidden, generator)
+            if with_t
+            else torch.zeros(len(z), dtype=z.dtype, device=z.device)
+        )
         estimate += vmap(case_square, in_dims=(None, 0, 0, 0))(tuple(params), inputs, cz, ct).sum(0)
     return estimate / samples
 
 # %% ../nbs/20_curvature.ipynb #1d9afac8
 def _relative_error(ours: Tensor, reference: Tensor) -> float:
-    return float((ours - reference).norm() / reference.norm().clamp_min(torch.finfo(reference.dtype).tiny))
+    return float(
+        (ours - reference).norm() / reference.norm().clamp_min(torch.finfo(reference.dtype).tiny)
+    )
 
 
 @torch.no_grad()
@@ -343,14 +411,17 @@ def finite_difference_check(
     loss: str | MatchingLoss,
     batch: tuple[Tensor, Tensor],
     eps: float = 1e-4,  # the finite-difference step; 1e-4 suits float64 (§7.2)
-    coordinates: int | None = None,  # how many parameter coordinates to check Jᵀw and Gv on (default: all up to 500)
+    coordinates: int
+    | None = None,  # how many parameter coordinates to check Jᵀw and Gv on (default: all up to 500)
     route: str = "auto",  # which linearisation to check, as in GGN
     generator: torch.Generator | None = None,  # a CPU generator for the random directions
 ) -> dict[str, float]:
     """Relative errors of `J v`, `Jᵀ w` and `G v` against central finite differences (M&S 2012 §7.2)."""
     if not eps > 0:
         raise ValueError(f"eps: must be positive, got {eps!r}")
-    if coordinates is not None and (isinstance(coordinates, bool) or not isinstance(coordinates, int) or coordinates < 1):
+    if coordinates is not None and (
+        isinstance(coordinates, bool) or not isinstance(coordinates, int) or coordinates < 1
+    ):
         raise ValueError(f"coordinates: must be a positive int or None, got {coordinates!r}")
     ggn = GGN(model, loss, batch, route=route)
     inputs, targets = _split_batch(batch)
@@ -373,14 +444,24 @@ def finite_difference_check(
     jv_fd = directional(v)
     jv = ggn.linearization.jvp(ggn._views(v))[0]
     z = ggn.outputs
-    l_jv_fd = (ggn.loss.grad(z + eps * jv_fd, targets) - ggn.loss.grad(z - eps * jv_fd, targets)) / (2 * eps)
+    l_jv_fd = (
+        ggn.loss.grad(z + eps * jv_fd, targets) - ggn.loss.grad(z - eps * jv_fd, targets)
+    ) / (2 * eps)
     jtw_fd, gv_fd = [], []
     for j in chosen.tolist():  # column J e_j by differences, used at once and dropped
-        column = directional(torch.zeros_like(theta).index_fill_(0, torch.tensor([j], device=theta.device), 1.0))
+        column = directional(
+            torch.zeros_like(theta).index_fill_(0, torch.tensor([j], device=theta.device), 1.0)
+        )
         jtw_fd.append((w * column).sum())
         gv_fd.append((l_jv_fd * column).sum())
     jtw_fd, gv_fd = torch.stack(jtw_fd), torch.stack(gv_fd)
     jtw = _flatten(ggn.linearization.vjp(w))[chosen.to(theta.device)]
     gv = ggn.mv(v)[chosen.to(theta.device)]
-    return {"jvp": _relative_error(jv, jv_fd), "vjp": _relative_error(jtw, jtw_fd), "ggn": _relative_error(gv, gv_fd),
-            "eps": eps, "coordinates": count, "parameters": n}
+    return {
+        "jvp": _relative_error(jv, jv_fd),
+        "vjp": _relative_error(jtw, jtw_fd),
+        "ggn": _relative_error(gv, gv_fd),
+        "eps": eps,
+        "coordinates": count,
+        "parameters": n,
+    }

@@ -52,7 +52,9 @@ def _fraction(value, name: str = "validation") -> float:
 
 def _float_dtype(dtype) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype: expected a floating-point torch.dtype such as torch.float32, got {dtype!r}")
+        raise TypeError(
+            f"dtype: expected a floating-point torch.dtype such as torch.float32, got {dtype!r}"
+        )
     return dtype
 
 
@@ -66,19 +68,35 @@ def _generator(generator) -> torch.Generator | None:
         return None
     if isinstance(generator, torch.Generator):
         if generator.device.type != "cpu":
-            raise ValueError(f"generator: qnwb draws data on the CPU so that a seed gives the same data on every device; "
-                             f"pass make_generator(seed), not a generator on {generator.device}")
+            raise ValueError(
+                f"generator: qnwb draws data on the CPU so that a seed gives the same data on every device; "
+                f"pass make_generator(seed), not a generator on {generator.device}"
+            )
         return generator
     if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
         return make_generator(int(generator))
-    raise TypeError(f"generator: expected a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    raise TypeError(
+        f"generator: expected a torch.Generator, an int seed or None, got {type(generator).__name__}"
+    )
 
 # %% ../nbs/75_data.ipynb #94f6dfe0
-_IDX_TYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32,
-              0x0D: torch.float32, 0x0E: torch.float64}
+_IDX_TYPES = {
+    0x08: torch.uint8,
+    0x09: torch.int8,
+    0x0B: torch.int16,
+    0x0C: torch.int32,
+    0x0D: torch.float32,
+    0x0E: torch.float64,
+}
 _IDX_CODES = {kind: code for code, kind in _IDX_TYPES.items()}
-_BIG_ENDIAN = {torch.uint8: ">u1", torch.int8: ">i1", torch.int16: ">i2", torch.int32: ">i4",
-               torch.float32: ">f4", torch.float64: ">f8"}
+_BIG_ENDIAN = {
+    torch.uint8: ">u1",
+    torch.int8: ">i1",
+    torch.int16: ">i2",
+    torch.int32: ">i4",
+    torch.float32: ">f4",
+    torch.float64: ">f8",
+}
 IDX_MAX_BYTES = 1 << 30  # the default cap on the data of one IDX file (1 GiB)
 _CHUNK = 1 << 24  # bytes read at a time
 
@@ -94,67 +112,99 @@ def _read_up_to(stream, n: int) -> bytearray:
     return data
 
 # %% ../nbs/75_data.ipynb #d1e0c15b
-def read_idx(path: str | os.PathLike,  # an IDX file, gzipped or not
-             device=None,  # where the tensor goes (None: the CPU)
-             dtype: torch.dtype | None = None,  # convert to this dtype (None: the file's own type)
-             max_bytes: int = IDX_MAX_BYTES,  # refuse files whose header declares more data than this
-             ) -> Tensor:
+def read_idx(
+    path: str | os.PathLike,  # an IDX file, gzipped or not
+    device=None,  # where the tensor goes (None: the CPU)
+    dtype: torch.dtype | None = None,  # convert to this dtype (None: the file's own type)
+    max_bytes: int = IDX_MAX_BYTES,  # refuse files whose header declares more data than this
+) -> Tensor:
     """The array stored in the IDX file `path`, as a tensor of the file's shape."""
     path, max_bytes = Path(path), _positive_int(max_bytes, "max_bytes")
     with open(path, "rb") as file:
         gzipped = file.read(2) == b"\x1f\x8b"
         file.seek(0)
-        with gzip.GzipFile(fileobj=file, mode="rb") if gzipped else contextlib.nullcontext(file) as stream:
+        with (
+            gzip.GzipFile(fileobj=file, mode="rb")
+            if gzipped
+            else contextlib.nullcontext(file) as stream
+        ):
             try:
                 magic = bytes(_read_up_to(stream, 4))
                 if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
-                    raise ValueError(f"{path}: not an IDX file (the magic number must start with two zero bytes, got {magic.hex() or 'an empty file'})")
+                    raise ValueError(
+                        f"{path}: not an IDX file (the magic number must start with two zero bytes, got {magic.hex() or 'an empty file'})"
+                    )
                 code, ndim = magic[2], magic[3]
                 if code not in _IDX_TYPES:
-                    raise ValueError(f"{path}: unknown IDX type code 0x{code:02X} (known: {', '.join(f'0x{c:02X}' for c in _IDX_TYPES)})")
+                    raise ValueError(
+                        f"{path}: unknown IDX type code 0x{code:02X} (known: {', '.join(f'0x{c:02X}' for c in _IDX_TYPES)})"
+                    )
                 header = 4 + 4 * ndim
                 sizes = bytes(_read_up_to(stream, 4 * ndim))
                 if len(sizes) < 4 * ndim:
-                    raise ValueError(f"{path}: truncated header ({ndim} dimensions need {header} bytes, the file has {4 + len(sizes)})")
+                    raise ValueError(
+                        f"{path}: truncated header ({ndim} dimensions need {header} bytes, the file has {4 + len(sizes)})"
+                    )
                 shape = tuple(int(s) for s in np.frombuffer(sizes, ">u4"))
                 kind = _IDX_TYPES[code]
                 big = np.dtype(_BIG_ENDIAN[kind])
                 count = math.prod(shape)
                 size = count * big.itemsize
                 if size > max_bytes:
-                    raise ValueError(f"{path}: the header declares shape {shape} of {kind}, {size:,} bytes, more than max_bytes = {max_bytes:,} "
-                                     "(pass a larger max_bytes to read it)")
+                    raise ValueError(
+                        f"{path}: the header declares shape {shape} of {kind}, {size:,} bytes, more than max_bytes = {max_bytes:,} "
+                        "(pass a larger max_bytes to read it)"
+                    )
                 if not gzipped and (on_disk := os.fstat(file.fileno()).st_size) != header + size:
                     problem = "truncated" if on_disk < header + size else "trailing bytes"
-                    raise ValueError(f"{path}: {problem}: shape {shape} of {kind} needs {header + size} bytes, the file has {on_disk}")
+                    raise ValueError(
+                        f"{path}: {problem}: shape {shape} of {kind} needs {header + size} bytes, the file has {on_disk}"
+                    )
                 data = _read_up_to(stream, size)
                 if len(data) < size:
-                    raise ValueError(f"{path}: truncated: shape {shape} of {kind} needs {header + size} bytes, the file holds {header + len(data)}")
+                    raise ValueError(
+                        f"{path}: truncated: shape {shape} of {kind} needs {header + size} bytes, the file holds {header + len(data)}"
+                    )
                 if stream.read(1):
-                    raise ValueError(f"{path}: trailing bytes: shape {shape} of {kind} needs {header + size} bytes, the file holds more")
+                    raise ValueError(
+                        f"{path}: trailing bytes: shape {shape} of {kind} needs {header + size} bytes, the file holds more"
+                    )
             except EOFError as e:
                 raise ValueError(f"{path}: truncated: the gzip stream ends early ({e})") from None
             except (OSError, zlib.error) as e:
                 if not gzipped:
                     raise
-                raise ValueError(f"{path}: looks gzipped but cannot be decompressed ({e})") from None
+                raise ValueError(
+                    f"{path}: looks gzipped but cannot be decompressed ({e})"
+                ) from None
     array = np.frombuffer(data, big, count).astype(big.newbyteorder("=")).reshape(shape)
     return torch.from_numpy(array).to(_device(device), kind if dtype is None else dtype)
 
 # %% ../nbs/75_data.ipynb #8540be48
-def write_idx(path: str | os.PathLike,  # where to write; a name ending in .gz is gzipped
-              tensor: Tensor | np.ndarray,  # uint8, int8, int16, int32, float32 or float64, at most 255 dimensions
-              ) -> Path:
+def write_idx(
+    path: str | os.PathLike,  # where to write; a name ending in .gz is gzipped
+    tensor: Tensor
+    | np.ndarray,  # uint8, int8, int16, int32, float32 or float64, at most 255 dimensions
+) -> Path:
     """Write `tensor` to `path` in IDX format (the folder is created); returns the path."""
     if isinstance(tensor, np.ndarray):
         tensor = torch.from_numpy(tensor)
     if not isinstance(tensor, Tensor):
-        raise TypeError(f"tensor: expected a torch.Tensor or numpy array, got {type(tensor).__name__}")
+        raise TypeError(
+            f"tensor: expected a torch.Tensor or numpy array, got {type(tensor).__name__}"
+        )
     if tensor.dtype not in _IDX_CODES:
-        raise TypeError(f"tensor: IDX stores uint8, int8, int16, int32, float32 or float64, got {tensor.dtype}; convert it first")
+        raise TypeError(
+            f"tensor: IDX stores uint8, int8, int16, int32, float32 or float64, got {tensor.dtype}; convert it first"
+        )
     if tensor.dim() > 255 or any(s >= 2**32 for s in tensor.shape):
-        raise ValueError(f"tensor: IDX holds at most 255 dimensions of fewer than 2**32 entries, got shape {tuple(tensor.shape)}")
-    header = bytes([0, 0, _IDX_CODES[tensor.dtype], tensor.dim()]) + np.asarray(tensor.shape, ">u4").tobytes()
+        raise ValueError(
+            f"tensor: IDX holds at most 255 dimensions of fewer than 2**32 entries, got shape {tuple(tensor.shape)}"
+        )
+    header = (
+        bytes([0, 0, _IDX_CODES[tensor.dtype], tensor.dim()])
+        + np.asarray(tensor.shape, ">u4").tobytes()
+    )
     body = tensor.detach().cpu().contiguous().numpy().astype(_BIG_ENDIAN[tensor.dtype]).tobytes()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,8 +213,10 @@ def write_idx(path: str | os.PathLike,  # where to write; a name ending in .gz i
     return path
 
 # %% ../nbs/75_data.ipynb #6974fb24
-MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def _check_split(split, allowed=("train", "test")) -> str:
@@ -178,12 +230,13 @@ def _find(root: Path, name: str) -> Path | None:
     return next((p for p in (root / name, root / f"{name}.gz") if p.is_file()), None)
 
 
-def load_mnist(root: str | os.PathLike = "data/mnist",  # the folder that holds the IDX files
-               split: str = "train",  # "train" (60,000 images) or "test" (10,000)
-               device=None,  # where the tensors go (None: the CPU)
-               dtype: torch.dtype = torch.float32,  # the images' dtype
-               max_bytes: int = IDX_MAX_BYTES,  # the cap on each file's data (read_idx)
-               ) -> tuple[Tensor, Tensor]:
+def load_mnist(
+    root: str | os.PathLike = "data/mnist",  # the folder that holds the IDX files
+    split: str = "train",  # "train" (60,000 images) or "test" (10,000)
+    device=None,  # where the tensors go (None: the CPU)
+    dtype: torch.dtype = torch.float32,  # the images' dtype
+    max_bytes: int = IDX_MAX_BYTES,  # the cap on each file's data (read_idx)
+) -> tuple[Tensor, Tensor]:
     """`(images, labels)`: images in [0, 1] of shape `(N, 28, 28)`, labels int64 in 0..9."""
     _check_split(split)
     dtype, root = _float_dtype(dtype), Path(root)
@@ -195,22 +248,43 @@ def load_mnist(root: str | os.PathLike = "data/mnist",  # the folder that holds 
         raise FileNotFoundError(
             f"load_mnist: {' and '.join(missing)} (or the same name + .gz) not found in {root.resolve()}. "
             f"qnwb never downloads data: put the MNIST files {every} (gzipped or not) in {root.resolve()}, "
-            f"or pass root= the folder that holds them.")
-    images, labels = read_idx(found[0], max_bytes=max_bytes), read_idx(found[1], max_bytes=max_bytes)
+            f"or pass root= the folder that holds them."
+        )
+    images, labels = (
+        read_idx(found[0], max_bytes=max_bytes),
+        read_idx(found[1], max_bytes=max_bytes),
+    )
     if images.dtype != torch.uint8 or images.dim() != 3:
-        raise ValueError(f"{found[0]}: expected uint8 images of shape (N, rows, columns), got {images.dtype} of shape {tuple(images.shape)}")
+        raise ValueError(
+            f"{found[0]}: expected uint8 images of shape (N, rows, columns), got {images.dtype} of shape {tuple(images.shape)}"
+        )
     if labels.dtype != torch.uint8 or labels.shape != images.shape[:1]:
-        raise ValueError(f"{found[1]}: expected {len(images)} uint8 labels to match {found[0].name}, got {labels.dtype} of shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"{found[1]}: expected {len(images)} uint8 labels to match {found[0].name}, got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
     if labels.numel() and int(labels.max()) > 9:
         bad = (labels > 9).nonzero()[0].item()
-        raise ValueError(f"{found[1]}: labels must be in 0..9, got {int(labels[bad])} at index {bad} "
-                         f"({int((labels > 9).sum())} of {len(labels)} outside)")
+        raise ValueError(
+            f"{found[1]}: labels must be in 0..9, got {int(labels[bad])} at index {bad} "
+            f"({int((labels > 9).sum())} of {len(labels)} outside)"
+        )
     device = _device(device)
     return images.to(device, dtype).div_(255), labels.to(device, torch.int64)
 
 # %% ../nbs/75_data.ipynb #d5a5c793
 CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 
 def _text(value):
@@ -220,63 +294,101 @@ def _text(value):
 
 class _DTypeRecord:
     "What `numpy.dtype(name, align, copy)` in a CIFAR pickle becomes: an integer dtype, its byte order set by BUILD."
+
     _names = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"}
 
     def __init__(self, name, align=False, copy=True):
         if _text(name) not in self._names:
-            raise pickle.UnpicklingError(f"a CIFAR batch holds integer arrays; refusing the dtype {name!r}")
+            raise pickle.UnpicklingError(
+                f"a CIFAR batch holds integer arrays; refusing the dtype {name!r}"
+            )
         self.dtype = np.dtype(_text(name))
 
     def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) >= 5 and _text(state[1]) in ("|", "<", ">", "=")
-                and all(s is None for s in state[2:5])):
-            raise pickle.UnpicklingError("a CIFAR batch holds plain integer dtypes; refusing a dtype with fields or sub-arrays")
+        if not (
+            isinstance(state, tuple)
+            and len(state) >= 5
+            and _text(state[1]) in ("|", "<", ">", "=")
+            and all(s is None for s in state[2:5])
+        ):
+            raise pickle.UnpicklingError(
+                "a CIFAR batch holds plain integer dtypes; refusing a dtype with fields or sub-arrays"
+            )
         if _text(state[1]) in ("<", ">"):
             self.dtype = self.dtype.newbyteorder(_text(state[1]))
 
 # %% ../nbs/75_data.ipynb #a0c1936e
 class _ArrayRecord:
     "What `_reconstruct(ndarray, (0,), b'b')` + BUILD in a CIFAR pickle becomes: an integer array over bytes of the declared size."
+
     array = None
 
     def __setstate__(self, state):
         if not (isinstance(state, tuple) and len(state) == 5):
-            raise pickle.UnpicklingError("a CIFAR batch array has the state (version, shape, dtype, fortran, bytes)")
+            raise pickle.UnpicklingError(
+                "a CIFAR batch array has the state (version, shape, dtype, fortran, bytes)"
+            )
         _, shape, dtype, fortran, raw = state
-        if not (isinstance(dtype, _DTypeRecord) and isinstance(shape, tuple) and len(shape) <= 32
-                and all(type(s) is int and s >= 0 for s in shape) and isinstance(raw, bytes)):
-            raise pickle.UnpicklingError("a CIFAR batch array must be integer data of a fixed shape, stored as bytes")
+        if not (
+            isinstance(dtype, _DTypeRecord)
+            and isinstance(shape, tuple)
+            and len(shape) <= 32
+            and all(type(s) is int and s >= 0 for s in shape)
+            and isinstance(raw, bytes)
+        ):
+            raise pickle.UnpicklingError(
+                "a CIFAR batch array must be integer data of a fixed shape, stored as bytes"
+            )
         if math.prod(shape) * dtype.dtype.itemsize != len(raw):
-            raise pickle.UnpicklingError(f"an array of shape {shape} and {dtype.dtype} needs "
-                                         f"{math.prod(shape) * dtype.dtype.itemsize} bytes, the batch holds {len(raw)}")
+            raise pickle.UnpicklingError(
+                f"an array of shape {shape} and {dtype.dtype} needs "
+                f"{math.prod(shape) * dtype.dtype.itemsize} bytes, the batch holds {len(raw)}"
+            )
         self.array = np.frombuffer(raw, dtype.dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def _reconstruct(cls, shape, typecode):
     if cls is not _ArrayRecord or tuple(shape) != (0,):
-        raise pickle.UnpicklingError("a CIFAR batch reconstructs only empty ndarrays that BUILD then fills")
+        raise pickle.UnpicklingError(
+            "a CIFAR batch reconstructs only empty ndarrays that BUILD then fills"
+        )
     return _ArrayRecord()
 
 
 def _scalar(dtype, raw):
-    if not (isinstance(dtype, _DTypeRecord) and isinstance(raw, bytes) and len(raw) == dtype.dtype.itemsize):
+    if not (
+        isinstance(dtype, _DTypeRecord)
+        and isinstance(raw, bytes)
+        and len(raw) == dtype.dtype.itemsize
+    ):
         raise pickle.UnpicklingError("a CIFAR batch scalar is an integer of its dtype's size")
     return int(np.frombuffer(raw, dtype.dtype)[0])
 
 # %% ../nbs/75_data.ipynb #63618671
 class _BatchUnpickler(pickle.Unpickler):
     "Unpickles dicts, lists, bytes and stand-ins for NumPy arrays, and nothing that could run code or amplify the file."
-    _allowed = {("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype"),
-                ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    _allowed = {
+        ("_codecs", "encode"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
 
     def __init__(self, raw: bytes):
         super().__init__(io.BytesIO(raw), encoding="bytes")
-        self.budget = len(raw)  # bytes that _codecs.encode may still make: no more than the file holds
+        self.budget = len(
+            raw
+        )  # bytes that _codecs.encode may still make: no more than the file holds
 
     def _encode(self, text, encoding="utf-8"):
         if type(text) is not str or _text(encoding).lower().replace("-", "") != "latin1":
-            raise pickle.UnpicklingError(f"a CIFAR batch encodes only text as Latin-1; refusing the codec {encoding!r}")
+            raise pickle.UnpicklingError(
+                f"a CIFAR batch encodes only text as Latin-1; refusing the codec {encoding!r}"
+            )
         self.budget -= len(text)
         if self.budget < 0:
             raise pickle.UnpicklingError("a CIFAR batch encodes more bytes than the file holds")
@@ -284,9 +396,16 @@ class _BatchUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self._allowed:
-            raise pickle.UnpicklingError(f"a CIFAR batch holds only arrays, lists and bytes; refusing to load {module}.{name}")
-        return {"encode": self._encode, "ndarray": _ArrayRecord, "dtype": _DTypeRecord, "_reconstruct": _reconstruct,
-                "scalar": _scalar}[name]
+            raise pickle.UnpicklingError(
+                f"a CIFAR batch holds only arrays, lists and bytes; refusing to load {module}.{name}"
+            )
+        return {
+            "encode": self._encode,
+            "ndarray": _ArrayRecord,
+            "dtype": _DTypeRecord,
+            "_reconstruct": _reconstruct,
+            "scalar": _scalar,
+        }[name]
 
 
 def _check_memo(raw: bytes) -> None:
@@ -295,7 +414,9 @@ def _check_memo(raw: bytes) -> None:
     for opcode, argument, position in pickletools.genops(raw):
         if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
             if argument > stored:
-                raise pickle.UnpicklingError(f"memo index {argument} at byte {position} skips ahead of the {stored} stored objects")
+                raise pickle.UnpicklingError(
+                    f"memo index {argument} at byte {position} skips ahead of the {stored} stored objects"
+                )
             stored += 1
         elif opcode.name == "MEMOIZE":
             stored += 1
@@ -307,31 +428,53 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         _check_memo(raw)
         batch = _BatchUnpickler(raw).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        RecursionError,
+    ) as e:
         raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from e
     if not isinstance(batch, dict):
-        raise ValueError(f"{path}: not a CIFAR-10 python batch (expected a dict, got {type(batch).__name__})")
+        raise ValueError(
+            f"{path}: not a CIFAR-10 python batch (expected a dict, got {type(batch).__name__})"
+        )
     data, labels = (batch.get(key, batch.get(key.decode())) for key in (b"data", b"labels"))
     data = data.array if isinstance(data, _ArrayRecord) else None
     if data is None or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path}: b'data' must be a uint8 array of shape (N, 3072), got "
-                         f"{'nothing of the kind' if data is None else f'{data.dtype} {data.shape}'}")
+        raise ValueError(
+            f"{path}: b'data' must be a uint8 array of shape (N, 3072), got "
+            f"{'nothing of the kind' if data is None else f'{data.dtype} {data.shape}'}"
+        )
     if isinstance(labels, _ArrayRecord) and labels.array.ndim == 1:
         labels = labels.array.astype(np.int64)
-    elif isinstance(labels, list) and len(labels) == len(data) and all(type(v) is int for v in labels):
+    elif (
+        isinstance(labels, list)
+        and len(labels) == len(data)
+        and all(type(v) is int for v in labels)
+    ):
         labels = np.array(labels, dtype=np.int64) if all(0 <= v <= 9 for v in labels) else None
     else:
         labels = None
-    if labels is None or labels.shape != (len(data),) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+    if (
+        labels is None
+        or labels.shape != (len(data),)
+        or (labels.size and (labels.min() < 0 or labels.max() > 9))
+    ):
         raise ValueError(f"{path}: b'labels' must be a list of {len(data)} ints in 0..9")
     return data, labels
 
 # %% ../nbs/75_data.ipynb #e66c3033
-def load_cifar10(root: str | os.PathLike = "data/cifar-10-batches-py",  # the extracted python-version folder
-                 split: str = "train",  # "train" (data_batch_1..5, 50,000 images) or "test" (test_batch, 10,000)
-                 device=None,  # where the tensors go (None: the CPU)
-                 dtype: torch.dtype = torch.float32,  # the images' dtype
-                 ) -> tuple[Tensor, Tensor]:
+def load_cifar10(
+    root: str | os.PathLike = "data/cifar-10-batches-py",  # the extracted python-version folder
+    split: str = "train",  # "train" (data_batch_1..5, 50,000 images) or "test" (test_batch, 10,000)
+    device=None,  # where the tensors go (None: the CPU)
+    dtype: torch.dtype = torch.float32,  # the images' dtype
+) -> tuple[Tensor, Tensor]:
     """`(images, labels)`: images in [0, 1] of shape `(N, 3, 32, 32)` (channels red, green, blue), labels int64 in 0..9."""
     _check_split(split)
     dtype, root = _float_dtype(dtype), Path(root)
@@ -341,17 +484,19 @@ def load_cifar10(root: str | os.PathLike = "data/cifar-10-batches-py",  # the ex
         raise FileNotFoundError(
             f"load_cifar10: {', '.join(missing)} not found in {root.resolve()}. qnwb never downloads data: extract "
             f"cifar-10-python.tar.gz (the 'CIFAR-10 python version') so that {root.resolve()} holds "
-            f"{', '.join(CIFAR10_FILES['train'])} and test_batch, or pass root= the folder that holds them.")
+            f"{', '.join(CIFAR10_FILES['train'])} and test_batch, or pass root= the folder that holds them."
+        )
     parts = [_read_cifar_batch(root / name) for name in names]
     data, labels = (torch.from_numpy(np.concatenate(column)) for column in zip(*parts))
     device = _device(device)
     return data.view(-1, 3, 32, 32).to(device, dtype).div_(255), labels.to(device)
 
 # %% ../nbs/75_data.ipynb #1bae90e6
-def write_cifar10_batch(path: str | os.PathLike,  # the file to write, e.g. root / "test_batch"
-                        images: Tensor | np.ndarray,  # uint8, (N, 3, 32, 32) or (N, 3072)
-                        labels: Sequence[int] | Tensor,  # N ints in 0..9
-                        ) -> Path:
+def write_cifar10_batch(
+    path: str | os.PathLike,  # the file to write, e.g. root / "test_batch"
+    images: Tensor | np.ndarray,  # uint8, (N, 3, 32, 32) or (N, 3072)
+    labels: Sequence[int] | Tensor,  # N ints in 0..9
+) -> Path:
     """Write a pickled CIFAR-10 python batch like the official ones; returns the path."""
     images = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
     if images.dtype != np.uint8:
@@ -360,10 +505,15 @@ def write_cifar10_batch(path: str | os.PathLike,  # the file to write, e.g. root
         raise ValueError(f"images: expected shape (N, 3, 32, 32) or (N, 3072), got {images.shape}")
     labels = [int(v) for v in (labels.tolist() if isinstance(labels, Tensor) else labels)]
     if len(labels) != len(images) or any(not 0 <= v <= 9 for v in labels):
-        raise ValueError(f"labels: expected {len(images)} ints in 0..9, got {len(labels)} of them in {min(labels, default=0)}..{max(labels, default=0)}")
-    batch = {b"batch_label": b"written by qnwb.data.write_cifar10_batch", b"labels": labels,
-             b"data": np.ascontiguousarray(images.reshape(len(images), 3072)),
-             b"filenames": [f"image_{i:05d}.png".encode() for i in range(len(images))]}
+        raise ValueError(
+            f"labels: expected {len(images)} ints in 0..9, got {len(labels)} of them in {min(labels, default=0)}..{max(labels, default=0)}"
+        )
+    batch = {
+        b"batch_label": b"written by qnwb.data.write_cifar10_batch",
+        b"labels": labels,
+        b"data": np.ascontiguousarray(images.reshape(len(images), 3072)),
+        b"filenames": [f"image_{i:05d}.png".encode() for i in range(len(images))],
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
@@ -371,30 +521,47 @@ def write_cifar10_batch(path: str | os.PathLike,  # the file to write, e.g. root
     return path
 
 # %% ../nbs/75_data.ipynb #5dbbb9bc
-def pixel_sequences(images: Tensor,  # (N, rows, columns) or (N, pixels), floats (e.g. from load_mnist)
-                    labels: Tensor,  # (N,) integer class labels
-                    classes: int = 10,  # the number of classes (one-hot width of the targets)
-                    permutation: Tensor | None = None,  # a fixed order of the pixels (None: scan lines)
-                    device=None,  # where the tensors go (None: where `images` are)
-                    dtype: torch.dtype | None = None,  # None: the images' dtype
-                    ) -> tuple[Tensor, Tensor]:
+def pixel_sequences(
+    images: Tensor,  # (N, rows, columns) or (N, pixels), floats (e.g. from load_mnist)
+    labels: Tensor,  # (N,) integer class labels
+    classes: int = 10,  # the number of classes (one-hot width of the targets)
+    permutation: Tensor | None = None,  # a fixed order of the pixels (None: scan lines)
+    device=None,  # where the tensors go (None: where `images` are)
+    dtype: torch.dtype | None = None,  # None: the images' dtype
+) -> tuple[Tensor, Tensor]:
     """`(inputs (N, pixels, 1), targets (N, pixels, classes))`: one pixel per step, the one-hot label at the last step."""
-    if not isinstance(images, Tensor) or not images.is_floating_point() or images.dim() not in (2, 3):
-        raise TypeError(f"images: expected a floating-point tensor (N, rows, columns) or (N, pixels), got "
-                        f"{images.dtype if isinstance(images, Tensor) else type(images).__name__}"
-                        f"{' of shape ' + str(tuple(images.shape)) if isinstance(images, Tensor) else ''}")
+    if (
+        not isinstance(images, Tensor)
+        or not images.is_floating_point()
+        or images.dim() not in (2, 3)
+    ):
+        raise TypeError(
+            f"images: expected a floating-point tensor (N, rows, columns) or (N, pixels), got "
+            f"{images.dtype if isinstance(images, Tensor) else type(images).__name__}"
+            f"{' of shape ' + str(tuple(images.shape)) if isinstance(images, Tensor) else ''}"
+        )
     classes = _positive_int(classes, "classes")
-    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.shape != images.shape[:1]:
-        raise ValueError(f"labels: expected {len(images)} integer labels, got "
-                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+    if (
+        not isinstance(labels, Tensor)
+        or labels.is_floating_point()
+        or labels.shape != images.shape[:1]
+    ):
+        raise ValueError(
+            f"labels: expected {len(images)} integer labels, got "
+            f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}"
+        )
     if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
-        raise ValueError(f"labels: must be in 0..{classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+        raise ValueError(
+            f"labels: must be in 0..{classes - 1}, got {int(labels.min())}..{int(labels.max())}"
+        )
     dtype = images.dtype if dtype is None else _float_dtype(dtype)
     device = images.device if device is None else default_device(device)
     pixels = images.reshape(len(images), -1)
     if permutation is not None:
         permutation = torch.as_tensor(permutation).to(pixels.device)
-        if permutation.shape != (pixels.shape[1],) or not torch.equal(permutation.sort().values, torch.arange(pixels.shape[1], device=pixels.device)):
+        if permutation.shape != (pixels.shape[1],) or not torch.equal(
+            permutation.sort().values, torch.arange(pixels.shape[1], device=pixels.device)
+        ):
             raise ValueError(f"permutation: expected a permutation of 0..{pixels.shape[1] - 1}")
         pixels = pixels[:, permutation]
     inputs = pixels.to(device, dtype)[..., None]
@@ -411,6 +578,7 @@ def _one_hot(indices: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
 # %% ../nbs/75_data.ipynb #9602ebc5
 class _Corpus:
     "What character and word corpora share: a vocabulary, train / validation token indices, batches."
+
     loss = "softmax_cross_entropy"  # the matching loss (qnwb.losses.LOSSES)
     unit = "token"
     vocabulary: list[str]
@@ -432,61 +600,96 @@ class _Corpus:
         return self.train if _check_split(split, ("train", "validation")) == "train" else self.valid
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({len(self.vocabulary):,} {self.unit}s in the vocabulary, "
-                f"{len(self.train):,} train / {len(self.valid):,} validation {self.unit}s)")
+        return (
+            f"{type(self).__name__}({len(self.vocabulary):,} {self.unit}s in the vocabulary, "
+            f"{len(self.train):,} train / {len(self.valid):,} validation {self.unit}s)"
+        )
 
 # %% ../nbs/75_data.ipynb #2864eea4
 @patch
 def _window_source(self: _Corpus, split: str, length: int) -> Tensor:
     tokens = self.tokens(split)
     if len(tokens) < length + 1:
-        raise ValueError(f"length: windows of length + 1 = {length + 1} {self.unit}s do not fit in the {split} split "
-                         f"({len(tokens)} {self.unit}s)")
+        raise ValueError(
+            f"length: windows of length + 1 = {length + 1} {self.unit}s do not fit in the {split} split "
+            f"({len(tokens)} {self.unit}s)"
+        )
     return tokens
 
 
 @patch
-def _encode(self: _Corpus, tokens: Tensor, starts: Tensor, length: int, device, dtype, one_hot_inputs: bool, one_hot_targets: bool):
+def _encode(
+    self: _Corpus,
+    tokens: Tensor,
+    starts: Tensor,
+    length: int,
+    device,
+    dtype,
+    one_hot_inputs: bool,
+    one_hot_targets: bool,
+):
     windows = tokens[starts[:, None] + torch.arange(length + 1)].to(device)  # (cases, length + 1)
     x, y = windows[:, :-1], windows[:, 1:]
     V = len(self.vocabulary)
-    return (_one_hot(x, V, dtype) if one_hot_inputs else x), (_one_hot(y, V, dtype) if one_hot_targets else y)
+    return (_one_hot(x, V, dtype) if one_hot_inputs else x), (
+        _one_hot(y, V, dtype) if one_hot_targets else y
+    )
 
 # %% ../nbs/75_data.ipynb #89542a7d
 @patch
-def batch(self: _Corpus, cases: int,  # sequences in the batch
-          length: int = 50,  # time steps per sequence (adaQN §4.1: 50)
-          split: str = "train",  # "train" or "validation"
-          generator=None,  # a CPU torch.Generator or an int seed (None: torch's global stream)
-          device=None,  # where the tensors go (None: the CPU)
-          dtype: torch.dtype = torch.float32,  # dtype of the one-hot tensors
-          one_hot_inputs: bool = True,  # False: int64 indices (cases, length) instead of (cases, length, V)
-          one_hot_targets: bool = True,  # False: int64 class indices (cases, length) instead of one-hot floats
-          ) -> tuple[Tensor, Tensor]:
+def batch(
+    self: _Corpus,
+    cases: int,  # sequences in the batch
+    length: int = 50,  # time steps per sequence (adaQN §4.1: 50)
+    split: str = "train",  # "train" or "validation"
+    generator=None,  # a CPU torch.Generator or an int seed (None: torch's global stream)
+    device=None,  # where the tensors go (None: the CPU)
+    dtype: torch.dtype = torch.float32,  # dtype of the one-hot tensors
+    one_hot_inputs: bool = True,  # False: int64 indices (cases, length) instead of (cases, length, V)
+    one_hot_targets: bool = True,  # False: int64 class indices (cases, length) instead of one-hot floats
+) -> tuple[Tensor, Tensor]:
     """`(inputs, targets)` from `cases` windows at random offsets: targets are the inputs shifted by one token."""
-    cases, length, dtype = _positive_int(cases, "cases"), _positive_int(length, "length"), _float_dtype(dtype)
+    cases, length, dtype = (
+        _positive_int(cases, "cases"),
+        _positive_int(length, "length"),
+        _float_dtype(dtype),
+    )
     tokens = self._window_source(split, length)
     starts = torch.randint(0, len(tokens) - length, (cases,), generator=_generator(generator))
-    return self._encode(tokens, starts, length, _device(device), dtype, one_hot_inputs, one_hot_targets)
+    return self._encode(
+        tokens, starts, length, _device(device), dtype, one_hot_inputs, one_hot_targets
+    )
 
 # %% ../nbs/75_data.ipynb #11c042df
 @patch
-def epoch(self: _Corpus, cases: int,  # sequences per batch (the last batch may be smaller)
-          length: int = 50,  # time steps per sequence
-          split: str = "train",  # "train" or "validation"
-          shuffle=None,  # a CPU generator or int seed to shuffle the windows with (None: in text order)
-          device=None,  # where the tensors go (None: the CPU)
-          dtype: torch.dtype = torch.float32,  # dtype of the one-hot tensors
-          one_hot_inputs: bool = True,  # False: int64 indices
-          one_hot_targets: bool = True,  # False: int64 class indices
-          ) -> Iterator[tuple[Tensor, Tensor]]:
+def epoch(
+    self: _Corpus,
+    cases: int,  # sequences per batch (the last batch may be smaller)
+    length: int = 50,  # time steps per sequence
+    split: str = "train",  # "train" or "validation"
+    shuffle=None,  # a CPU generator or int seed to shuffle the windows with (None: in text order)
+    device=None,  # where the tensors go (None: the CPU)
+    dtype: torch.dtype = torch.float32,  # dtype of the one-hot tensors
+    one_hot_inputs: bool = True,  # False: int64 indices
+    one_hot_targets: bool = True,  # False: int64 class indices
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Every non-overlapping window of `split` once, as batches of `batch`'s form."""
-    cases, length, dtype = _positive_int(cases, "cases"), _positive_int(length, "length"), _float_dtype(dtype)
+    cases, length, dtype = (
+        _positive_int(cases, "cases"),
+        _positive_int(length, "length"),
+        _float_dtype(dtype),
+    )
     tokens, device = self._window_source(split, length), _device(device)
     count = (len(tokens) - 1) // length
-    order = torch.arange(count) if shuffle is None else torch.randperm(count, generator=_generator(shuffle))
-    return (self._encode(tokens, chunk * length, length, device, dtype, one_hot_inputs, one_hot_targets)
-            for chunk in order.split(cases))
+    order = (
+        torch.arange(count)
+        if shuffle is None
+        else torch.randperm(count, generator=_generator(shuffle))
+    )
+    return (
+        self._encode(tokens, chunk * length, length, device, dtype, one_hot_inputs, one_hot_targets)
+        for chunk in order.split(cases)
+    )
 
 
 @patch
@@ -501,10 +704,14 @@ def _indices(self: _Corpus, indices) -> Tensor:
     t = torch.as_tensor(indices)
     if t.is_floating_point():
         if t.dim() == 0 or t.shape[-1] != len(self.vocabulary):
-            raise ValueError(f"indices: float rows must have {len(self.vocabulary)} entries (the vocabulary), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"indices: float rows must have {len(self.vocabulary)} entries (the vocabulary), got shape {tuple(t.shape)}"
+            )
         t = t.argmax(-1)
     if t.numel() and (t.min() < 0 or t.max() >= len(self.vocabulary)):
-        raise ValueError(f"indices: must be in 0..{len(self.vocabulary) - 1}, got {int(t.min())}..{int(t.max())}")
+        raise ValueError(
+            f"indices: must be in 0..{len(self.vocabulary) - 1}, got {int(t.min())}..{int(t.max())}"
+        )
     return t.cpu()
 
 # %% ../nbs/75_data.ipynb #9d75e185
@@ -517,42 +724,58 @@ def _read_text(path: str | os.PathLike, max_bytes: int, encoding: str) -> str:
     with open(path, "rb") as f:
         raw = f.read(max_bytes + 1)
     if len(raw) > max_bytes:
-        raise ValueError(f"{path}: more than max_bytes = {max_bytes:,} bytes of text (pass a larger max_bytes to read it)")
+        raise ValueError(
+            f"{path}: more than max_bytes = {max_bytes:,} bytes of text (pass a larger max_bytes to read it)"
+        )
     return raw.decode(encoding)
 
 
 class CharCorpus(_Corpus):
     """A character-level language-modelling corpus: `text`, split into train and (the last) validation fraction."""
+
     unit = "character"
 
-    def __init__(self, text: str,  # the whole corpus
-                 validation: float = 0.1,  # the fraction at the end of `text` held out for validation
-                 ):
+    def __init__(
+        self,
+        text: str,  # the whole corpus
+        validation: float = 0.1,  # the fraction at the end of `text` held out for validation
+    ):
         if not isinstance(text, str):
             raise TypeError(f"text: expected a str, got {type(text).__name__}")
         if len(text) < 2:
             raise ValueError(f"text: a corpus needs at least two characters, got {len(text)}")
         validation = _fraction(validation)
         self.vocabulary = sorted(set(text))
-        self._points = torch.tensor([ord(c) for c in self.vocabulary])  # ascending, for searchsorted
+        self._points = torch.tensor(
+            [ord(c) for c in self.vocabulary]
+        )  # ascending, for searchsorted
         codes = self.encode(text)
         cut = len(codes) - round(len(codes) * validation)
         self.train, self.valid = codes[:cut], codes[cut:]
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, validation: float = 0.1, encoding: str = "utf-8",
-                  max_bytes: int = TEXT_MAX_BYTES) -> CharCorpus:
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        validation: float = 0.1,
+        encoding: str = "utf-8",
+        max_bytes: int = TEXT_MAX_BYTES,
+    ) -> CharCorpus:
         "The corpus of the text file `path` (at most `max_bytes` bytes)."
         return cls(_read_text(path, max_bytes, encoding), validation)
 
     def encode(self, text: str) -> Tensor:
         "The int64 vocabulary indices of the characters of `text`."
-        points = torch.from_numpy(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), "<u4").astype(np.int64))
+        points = torch.from_numpy(
+            np.frombuffer(text.encode("utf-32-le", "surrogatepass"), "<u4").astype(np.int64)
+        )
         index = torch.searchsorted(self._points, points).clamp_(max=len(self.vocabulary) - 1)
         unknown = self._points[index] != points
         if unknown.any():
             strangers = sorted({chr(p) for p in points[unknown].tolist()})
-            raise ValueError(f"text: {len(strangers)} character(s) not in the vocabulary: {''.join(strangers[:20])!r}")
+            raise ValueError(
+                f"text: {len(strangers)} character(s) not in the vocabulary: {''.join(strangers[:20])!r}"
+            )
         return index
 
     def decode(self, indices) -> str | list[str]:
@@ -568,22 +791,28 @@ def default_corpus(validation: float = 0.1) -> CharCorpus:
     try:
         from pydoc_data.topics import topics
     except ImportError as e:
-        raise ImportError("default_corpus: this Python has no pydoc_data.topics (some distributions package it "
-                          "separately); use CharCorpus.from_file(path) with any text file") from e
+        raise ImportError(
+            "default_corpus: this Python has no pydoc_data.topics (some distributions package it "
+            "separately); use CharCorpus.from_file(path) with any text file"
+        ) from e
     return CharCorpus("".join(topics[key] for key in sorted(topics)), validation)
 
 # %% ../nbs/75_data.ipynb #28abdd71
 class WordCorpus(_Corpus):
     """A word-level language-modelling corpus over whitespace tokens, the rarest words mapped to `unk`."""
+
     unit = "word"
 
-    def __init__(self, text: str,  # the training text (and the validation text, unless `valid_text` is given)
-                 max_vocabulary: int = 10_000,  # vocabulary size, `unk` included (PTB: 10,000)
-                 validation: float = 0.1,  # the fraction of tokens at the end of `text` held out (ignored with `valid_text`)
-                 *, valid_text: str | None = None,  # a separate validation text
-                 unk: str = "<unk>",  # the token that stands for every word outside the vocabulary
-                 eos: str | None = None,  # a token to add at each line break (PTB readers: "<eos>"), or None
-                 ):
+    def __init__(
+        self,
+        text: str,  # the training text (and the validation text, unless `valid_text` is given)
+        max_vocabulary: int = 10_000,  # vocabulary size, `unk` included (PTB: 10,000)
+        validation: float = 0.1,  # the fraction of tokens at the end of `text` held out (ignored with `valid_text`)
+        *,
+        valid_text: str | None = None,  # a separate validation text
+        unk: str = "<unk>",  # the token that stands for every word outside the vocabulary
+        eos: str | None = None,  # a token to add at each line break (PTB readers: "<eos>"), or None
+    ):
         for name, value in (("text", text), ("unk", unk)):
             if not isinstance(value, str):
                 raise TypeError(f"{name}: expected a str, got {type(value).__name__}")
@@ -593,7 +822,9 @@ class WordCorpus(_Corpus):
             raise ValueError(f"eos: expected one whitespace-free token or None, got {eos!r}")
         self.max_vocabulary = _positive_int(max_vocabulary, "max_vocabulary")
         if self.max_vocabulary < 2:
-            raise ValueError(f"max_vocabulary: must be at least 2 (the unknown word and one more), got {max_vocabulary}")
+            raise ValueError(
+                f"max_vocabulary: must be at least 2 (the unknown word and one more), got {max_vocabulary}"
+            )
         self.unk, self.eos = unk, eos
         words = self.tokenize(text)
         if valid_text is None:
@@ -605,20 +836,38 @@ class WordCorpus(_Corpus):
             raise ValueError(f"text: the training split needs at least two words, got {len(words)}")
         counts = Counter(words)
         counts.pop(unk, None)
-        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[: self.max_vocabulary - 1]
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[
+            : self.max_vocabulary - 1
+        ]
         self.vocabulary = [unk] + [word for word, _ in ranked]
         self.index = {word: i for i, word in enumerate(self.vocabulary)}
         self.train, self.valid = self.encode(words), self.encode(valid_words)
 
     @classmethod
-    def from_files(cls, train_path: str | os.PathLike,  # e.g. ptb.train.txt
-                   valid_path: str | os.PathLike | None = None,  # e.g. ptb.valid.txt (None: the tail of the training text)
-                   max_vocabulary: int = 10_000, validation: float = 0.1, *, unk: str = "<unk>",
-                   eos: str | None = None, encoding: str = "utf-8", max_bytes: int = TEXT_MAX_BYTES) -> WordCorpus:
+    def from_files(
+        cls,
+        train_path: str | os.PathLike,  # e.g. ptb.train.txt
+        valid_path: str
+        | os.PathLike
+        | None = None,  # e.g. ptb.valid.txt (None: the tail of the training text)
+        max_vocabulary: int = 10_000,
+        validation: float = 0.1,
+        *,
+        unk: str = "<unk>",
+        eos: str | None = None,
+        encoding: str = "utf-8",
+        max_bytes: int = TEXT_MAX_BYTES,
+    ) -> WordCorpus:
         "The corpus of a training text file and, optionally, a validation file (each at most `max_bytes` bytes)."
         valid_text = None if valid_path is None else _read_text(valid_path, max_bytes, encoding)
-        return cls(_read_text(train_path, max_bytes, encoding), max_vocabulary, validation,
-                   valid_text=valid_text, unk=unk, eos=eos)
+        return cls(
+            _read_text(train_path, max_bytes, encoding),
+            max_vocabulary,
+            validation,
+            valid_text=valid_text,
+            unk=unk,
+            eos=eos,
+        )
 
 # %% ../nbs/75_data.ipynb #3c481f05
 @patch
@@ -659,7 +908,11 @@ def _natural_spline_moments(x: Tensor, y: Tensor) -> Tensor:
         rhs = 6 * (y.diff(dim=-1) / h).diff(dim=-1)  # (cases, k - 2)
         system = torch.diag_embed(2 * (h[:, :-1] + h[:, 1:]))
         if k > 3:
-            system = system + torch.diag_embed(h[:, 1:-1], offset=1) + torch.diag_embed(h[:, 1:-1], offset=-1)
+            system = (
+                system
+                + torch.diag_embed(h[:, 1:-1], offset=1)
+                + torch.diag_embed(h[:, 1:-1], offset=-1)
+            )
         moments[:, 1:-1] = torch.linalg.solve(system, rhs)
     return moments
 
@@ -682,37 +935,51 @@ def _splat(points: Tensor, weights: Tensor, size: int) -> Tensor:
     "Images `(cases, size, size)` with `weights` at `points` (x, y in pixels) spread bilinearly over the 4 nearest pixels."
     cases = points.shape[0]
     canvas = torch.zeros(cases, size * size, dtype=weights.dtype)
-    u, v = points[..., 0] - 0.5, points[..., 1] - 0.5  # pixel (row, column) has its centre at (column + ½, row + ½)
+    u, v = (
+        points[..., 0] - 0.5,
+        points[..., 1] - 0.5,
+    )  # pixel (row, column) has its centre at (column + ½, row + ½)
     u0, v0 = u.floor(), v.floor()
     fu, fv = u - u0, v - v0
     for du, dv in ((0, 0), (1, 0), (0, 1), (1, 1)):
         column, row = u0.long() + du, v0.long() + dv
         w = weights * (fu if du else 1 - fu) * (fv if dv else 1 - fv)
         inside = (column >= 0) & (column < size) & (row >= 0) & (row < size)
-        canvas.scatter_add_(1, (row * size + column).clamp(0, size * size - 1), torch.where(inside, w, 0.0))
+        canvas.scatter_add_(
+            1, (row * size + column).clamp(0, size * size - 1), torch.where(inside, w, 0.0)
+        )
     return canvas.view(cases, size, size)
 
 
 def _gaussian_blur(images: Tensor, sigma: float) -> Tensor:
     "`images` (cases, size, size) blurred by a normalised Gaussian of `sigma` pixels (zero outside): `K · image · Kᵀ`."
-    radius = max(1, math.ceil(3 * sigma))  # the kernel is cut at 3σ, so far from the stroke the image is exactly 0
-    taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=images.dtype) ** 2 / (2 * sigma**2))
+    radius = max(
+        1, math.ceil(3 * sigma)
+    )  # the kernel is cut at 3σ, so far from the stroke the image is exactly 0
+    taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=images.dtype) ** 2) / (2 * sigma**2))
     offsets = torch.arange(images.shape[-1])
     distance = (offsets[:, None] - offsets[None, :]).abs()
-    kernel = torch.where(distance <= radius, taps[distance.clamp(max=radius) + radius], 0.0) / taps.sum()
+    kernel = (
+        torch.where(distance <= radius, taps[distance.clamp(max=radius) + radius], 0.0) / taps.sum()
+    )
     return kernel @ images @ kernel.T
 
 # %% ../nbs/75_data.ipynb #9ae83fbb
-def make_curves(cases: int,  # number of images
-                generator=None,  # a CPU torch.Generator or an int seed (None: torch's global stream)
-                size: int = 28,  # images are size × size pixels
-                points: int = 3,  # control points of each spline (H&S: 3)
-                width: float = 0.8,  # standard deviation of the Gaussian pen, in pixels at size 28
-                device=None,  # where the images go (None: the CPU)
-                dtype: torch.dtype = torch.float32,  # the images' dtype
-                ) -> Tensor:
+def make_curves(
+    cases: int,  # number of images
+    generator=None,  # a CPU torch.Generator or an int seed (None: torch's global stream)
+    size: int = 28,  # images are size × size pixels
+    points: int = 3,  # control points of each spline (H&S: 3)
+    width: float = 0.8,  # standard deviation of the Gaussian pen, in pixels at size 28
+    device=None,  # where the images go (None: the CPU)
+    dtype: torch.dtype = torch.float32,  # the images' dtype
+) -> Tensor:
     """Images `(cases, size, size)` in [0, 1] of smooth random curves, CURVES-style."""
-    cases, size, points = _positive_int(cases, "cases"), _positive_int(size, "size"), _positive_int(points, "points")
+    cases, size, points = (
+        _positive_int(cases, "cases"),
+        _positive_int(size, "size"),
+        _positive_int(points, "points"),
+    )
     dtype, g = _float_dtype(dtype), _generator(generator)
     if size < 8:
         raise ValueError(f"size: must be at least 8 pixels, got {size}")
@@ -723,9 +990,13 @@ def make_curves(cases: int,  # number of images
     scale = size / 28
     low, high, gap = 2 * scale, size - 2 * scale, 2 * scale
     if (points - 1) * gap >= high - low:
-        raise ValueError(f"points: at most {math.ceil((high - low) / gap)} points fit with x-gaps of {gap:g} pixels, got {points}")
+        raise ValueError(
+            f"points: at most {math.ceil((high - low) / gap)} points fit with x-gaps of {gap:g} pixels, got {points}"
+        )
     # Ordered x with gaps ≥ `gap`: sorted uniforms on a shortened interval, then the gaps added back (uniform on the constrained set).
-    x = low + torch.rand(cases, points, generator=g, dtype=torch.float64).sort(-1).values * (high - low - (points - 1) * gap)
+    x = low + torch.rand(cases, points, generator=g, dtype=torch.float64).sort(-1).values * (
+        high - low - (points - 1) * gap
+    )
     x = x + gap * torch.arange(points, dtype=torch.float64)
     y = low + torch.rand(cases, points, generator=g, dtype=torch.float64) * (high - low)
     curve = _spline_points(x, y, samples=max(16, 2 * size)).float()  # steps well under a pixel
@@ -733,7 +1004,9 @@ def make_curves(cases: int,  # number of images
     ink = _splat((curve[:, 1:] + curve[:, :-1]) / 2, steps.norm(dim=-1), size)  # ink ∝ arc length
     sigma = width * scale
     ink = _gaussian_blur(ink, sigma)
-    gain = 3.0 * math.sqrt(2 * math.pi * (sigma**2 + 1 / 6))  # the centre of a straight stroke reaches ≈ 1 − e⁻³ = 0.95
+    gain = 3.0 * math.sqrt(
+        2 * math.pi * (sigma**2 + 1 / 6)
+    )  # the centre of a straight stroke reaches ≈ 1 − e⁻³ = 0.95
     return (1 - torch.exp(-gain * ink)).to(_device(device), dtype)
 
 # %% ../nbs/75_data.ipynb #ed405c05
@@ -758,19 +1031,27 @@ def _cache_fits(path: Path, images: int) -> bool:
             records = archive.infolist()
     except (OSError, zipfile.BadZipFile, ValueError):
         return False
-    return all(r.compress_type == zipfile.ZIP_STORED for r in records) and sum(r.file_size for r in records) <= images + slack
+    return (
+        all(r.compress_type == zipfile.ZIP_STORED for r in records)
+        and sum(r.file_size for r in records) <= images + slack
+    )
 
 
-def curves_dataset(root: str | os.PathLike | None = "data",  # the cache folder (None: no cache)
-                   train: int = 20_000,  # training images (Table 6: 20,000)
-                   test: int = 10_000,  # test images
-                   seed: int = 0,  # the data set's seed
-                   size: int = 28,  # images are size × size pixels
-                   device=None,  # where the tensors go (None: the CPU)
-                   dtype: torch.dtype = torch.float32,  # the images' dtype
-                   ) -> tuple[Tensor, Tensor]:
+def curves_dataset(
+    root: str | os.PathLike | None = "data",  # the cache folder (None: no cache)
+    train: int = 20_000,  # training images (Table 6: 20,000)
+    test: int = 10_000,  # test images
+    seed: int = 0,  # the data set's seed
+    size: int = 28,  # images are size × size pixels
+    device=None,  # where the tensors go (None: the CPU)
+    dtype: torch.dtype = torch.float32,  # the images' dtype
+) -> tuple[Tensor, Tensor]:
     """`(train (N, size²), test (M, size²))` CURVES-like images in [0, 1], made once and cached under `root`."""
-    train, test, size = _positive_int(train, "train"), _positive_int(test, "test"), _positive_int(size, "size")
+    train, test, size = (
+        _positive_int(train, "train"),
+        _positive_int(test, "test"),
+        _positive_int(size, "size"),
+    )
     seed, dtype, device = _seed(seed), _float_dtype(dtype), _device(device)
     meta = {"format": _CURVES_FORMAT, "size": size, "seed": seed, "train": train, "test": test}
     path = None if root is None else Path(root) / f"curves-{size}px-seed{seed}-{train}-{test}.pt"
@@ -778,30 +1059,60 @@ def curves_dataset(root: str | os.PathLike | None = "data",  # the cache folder 
     if path is not None and path.is_file():
         shapes = {"train": (train, size * size), "test": (test, size * size)}
         try:
-            saved = torch.load(path, weights_only=True) if _cache_fits(path, (train + test) * size * size) else None
-            if (isinstance(saved, dict) and saved.get("meta") == meta
-                    and all(isinstance(saved.get(k), Tensor) and saved[k].dtype == torch.uint8 and tuple(saved[k].shape) == s
-                            for k, s in shapes.items())):
+            saved = (
+                torch.load(path, weights_only=True)
+                if _cache_fits(path, (train + test) * size * size)
+                else None
+            )
+            if (
+                isinstance(saved, dict)
+                and saved.get("meta") == meta
+                and all(
+                    isinstance(saved.get(k), Tensor)
+                    and saved[k].dtype == torch.uint8
+                    and tuple(saved[k].shape) == s
+                    for k, s in shapes.items()
+                )
+            ):
                 parts = saved["train"], saved["test"]
         except Exception:  # an unreadable file is regenerated below
             pass
         if parts is None:
-            warnings.warn(f"{path}: not a cache of these curves (or unreadable); making them again and overwriting it")
+            warnings.warn(
+                f"{path}: not a cache of these curves (or unreadable); making them again and overwriting it",
+                stacklevel=2,
+            )
     if parts is None:
-        parts = tuple((make_curves(n, make_generator(zlib.crc32(f"qnwb curves {name} seed={seed}".encode())), size)
-                       .mul(255).round_().to(torch.uint8).view(n, size * size))
-                      for name, n in (("train", train), ("test", test)))
+        parts = tuple(
+            (
+                make_curves(
+                    n, make_generator(zlib.crc32(f"qnwb curves {name} seed={seed}".encode())), size
+                )
+                .mul(255)
+                .round_()
+                .to(torch.uint8)
+                .view(n, size * size)
+            )
+            for name, n in (("train", train), ("test", test))
+        )
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda partial: torch.save({"meta": meta, "train": parts[0], "test": parts[1]}, partial))  # never half a file
+            atomic_write(
+                path,
+                lambda partial: torch.save(
+                    {"meta": meta, "train": parts[0], "test": parts[1]}, partial
+                ),
+            )  # never half a file
     return tuple(part.to(device, dtype).div_(255) for part in parts)
 
 # %% ../nbs/75_data.ipynb #6d2b127a
 def _square_images(images: Tensor, name: str = "images") -> Tensor:
     "`images` as (N, side, side), from (N, side, side) or (N, side²)."
     if not isinstance(images, Tensor) or images.dim() not in (2, 3):
-        raise ValueError(f"{name}: expected a tensor (N, side, side) or (N, side²), got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+        raise ValueError(
+            f"{name}: expected a tensor (N, side, side) or (N, side²), got "
+            f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
+        )
     if images.dim() == 2:
         side = math.isqrt(images.shape[1])
         if side * side != images.shape[1]:
@@ -813,23 +1124,39 @@ def _square_images(images: Tensor, name: str = "images") -> Tensor:
 def _grid_figure(frames: Tensor, labels: list[str], columns: int, title: str):
     import plotly.express as px
 
-    fig = px.imshow(frames.numpy(), facet_col=0, facet_col_wrap=columns, facet_col_spacing=0.01,
-                    facet_row_spacing=0.04, color_continuous_scale="gray_r", zmin=0, zmax=1)
+    fig = px.imshow(
+        frames.numpy(),
+        facet_col=0,
+        facet_col_wrap=columns,
+        facet_col_spacing=0.01,
+        facet_row_spacing=0.04,
+        color_continuous_scale="gray_r",
+        zmin=0,
+        zmax=1,
+    )
     fig.for_each_annotation(lambda a: a.update(text=labels[int(a.text.split("=")[-1])]))
     fig.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False)
     rows = math.ceil(len(frames) / columns)
-    return fig.update_layout(title=title, coloraxis_showscale=False, height=140 * rows + 100,
-                             width=max(400, 120 * min(columns, len(frames)) + 80), margin=dict(l=20, r=20))
+    return fig.update_layout(
+        title=title,
+        coloraxis_showscale=False,
+        height=140 * rows + 100,
+        width=max(400, 120 * min(columns, len(frames)) + 80),
+        margin=dict(l=20, r=20),
+    )
 
 
-def curves_figure(images: Tensor,  # (N, side, side) or (N, side²), values in [0, 1]
-                  n: int = 8,  # how many images to show (the first n)
-                  columns: int = 8,  # images per row
-                  title: str = "CURVES-like images",
-                  ):
+def curves_figure(
+    images: Tensor,  # (N, side, side) or (N, side²), values in [0, 1]
+    n: int = 8,  # how many images to show (the first n)
+    columns: int = 8,  # images per row
+    title: str = "CURVES-like images",
+):
     """A plotly grid of the first `n` images (ink dark on white)."""
     images = _square_images(images)[: _positive_int(n, "n")]
-    return _grid_figure(images, [f"image {i}" for i in range(len(images))], _positive_int(columns, "columns"), title)
+    return _grid_figure(
+        images, [f"image {i}" for i in range(len(images))], _positive_int(columns, "columns"), title
+    )
 
 # %% ../nbs/75_data.ipynb #d0dd6f5e
 BOX = 10.0  # the side of the box, in the units of positions, radius and speed
@@ -845,30 +1172,48 @@ def _place_balls(cases: int, balls: int, radius: float, g) -> Tensor:
         bad = (gaps < 2 * radius).any(-1)
         if not bad.any():
             return centres
-        centres[bad] = low + span * torch.rand(int(bad.sum()), balls, 2, generator=g, dtype=torch.float64)
-    raise ValueError(f"balls: could not place {balls} balls of radius {radius} without overlap in a box of side {BOX:g}; "
-                     "use fewer or smaller balls")
+        centres[bad] = low + span * torch.rand(
+            int(bad.sum()), balls, 2, generator=g, dtype=torch.float64
+        )
+    raise ValueError(
+        f"balls: could not place {balls} balls of radius {radius} without overlap in a box of side {BOX:g}; "
+        "use fewer or smaller balls"
+    )
 
 # %% ../nbs/75_data.ipynb #7753e88d
-def ball_trajectories(cases: int,  # number of videos
-                      length: int = 30,  # frames per video (M&S 2011: 30)
-                      balls: int = 3,  # balls per video (M&S 2011: 3)
-                      generator=None,  # a CPU torch.Generator or an int seed (None: torch's global stream)
-                      radius: float = 1.2,  # ball radius, in box units (the box has side 10)
-                      speed: float = 0.5,  # distance per frame, in box units
-                      collide: bool = True,  # elastic collisions between balls
-                      substeps: int = 2,  # integration steps per frame
-                      ) -> Tensor:
+def ball_trajectories(
+    cases: int,  # number of videos
+    length: int = 30,  # frames per video (M&S 2011: 30)
+    balls: int = 3,  # balls per video (M&S 2011: 3)
+    generator=None,  # a CPU torch.Generator or an int seed (None: torch's global stream)
+    radius: float = 1.2,  # ball radius, in box units (the box has side 10)
+    speed: float = 0.5,  # distance per frame, in box units
+    collide: bool = True,  # elastic collisions between balls
+    substeps: int = 2,  # integration steps per frame
+) -> Tensor:
     """Ball centres `(cases, length, balls, 2)` as (x, y) in box units, float64 on the CPU."""
-    cases, length, balls = _positive_int(cases, "cases"), _positive_int(length, "length"), _positive_int(balls, "balls")
+    cases, length, balls = (
+        _positive_int(cases, "cases"),
+        _positive_int(length, "length"),
+        _positive_int(balls, "balls"),
+    )
     substeps, g = _positive_int(substeps, "substeps"), _generator(generator)
     for name, value in (("radius", radius), ("speed", speed)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
             raise ValueError(f"{name}: must be a non-negative number, got {value!r}")
     if not 0 < radius < BOX / 2:
-        raise ValueError(f"radius: must be in (0, {BOX / 2:g}) for balls to fit in the box of side {BOX:g}, got {radius}")
+        raise ValueError(
+            f"radius: must be in (0, {BOX / 2:g}) for balls to fit in the box of side {BOX:g}, got {radius}"
+        )
     if speed / substeps >= BOX - 2 * radius:
-        raise ValueError(f"speed: a ball may move less than {BOX - 2 * radius:g} per sub-step, got {speed} / {substeps} substeps")
+        raise ValueError(
+            f"speed: a ball may move less than {BOX - 2 * radius:g} per sub-step, got {speed} / {substeps} substeps"
+        )
     low, high = radius, BOX - radius
     position = _place_balls(cases, balls, radius, g)
     angle = 2 * math.pi * torch.rand(cases, balls, generator=g, dtype=torch.float64)
@@ -879,14 +1224,23 @@ def ball_trajectories(cases: int,  # number of videos
         frames.append(position)
         for _ in range(substeps):
             position = position + velocity
-            below, above = position < low, position > high  # mirror at the walls, velocity pointing back in
-            position = torch.where(below, 2 * low - position, torch.where(above, 2 * high - position, position))
-            velocity = torch.where(below, velocity.abs(), torch.where(above, -velocity.abs(), velocity))
+            below, above = (
+                position < low,
+                position > high,
+            )  # mirror at the walls, velocity pointing back in
+            position = torch.where(
+                below, 2 * low - position, torch.where(above, 2 * high - position, position)
+            )
+            velocity = torch.where(
+                below, velocity.abs(), torch.where(above, -velocity.abs(), velocity)
+            )
             for i, j in pairs:
                 gap = position[:, i] - position[:, j]
                 distance = gap.norm(dim=-1, keepdim=True)
                 normal = gap / distance.clamp_min(1e-12)
-                closing = ((velocity[:, i] - velocity[:, j]) * normal).sum(-1, keepdim=True)  # < 0: approaching
+                closing = ((velocity[:, i] - velocity[:, j]) * normal).sum(
+                    -1, keepdim=True
+                )  # < 0: approaching
                 hit = (distance < 2 * radius) & (closing < 0)
                 exchange = torch.where(hit, closing, 0.0) * normal
                 velocity = velocity.clone()
@@ -895,65 +1249,93 @@ def ball_trajectories(cases: int,  # number of videos
     return torch.stack(frames, 1)
 
 # %% ../nbs/75_data.ipynb #f951e36d
-def render_balls(centres: Tensor,  # (..., balls, 2) ball centres (x, y) in box units
-                 size: int = 15,  # frames are size × size pixels (M&S 2011: 15)
-                 radius: float = 1.2,  # ball radius, in box units
-                 ) -> Tensor:
+def render_balls(
+    centres: Tensor,  # (..., balls, 2) ball centres (x, y) in box units
+    size: int = 15,  # frames are size × size pixels (M&S 2011: 15)
+    radius: float = 1.2,  # ball radius, in box units
+) -> Tensor:
     """Frames `(..., size·size)` in [0, 1]: soft discs `exp(−(d²/r²)⁴)` summed over balls and clipped at 1 (rows: y)."""
     size = _positive_int(size, "size")
     if not isinstance(centres, Tensor) or centres.dim() < 2 or centres.shape[-1] != 2:
-        raise ValueError(f"centres: expected a tensor (..., balls, 2), got "
-                         f"{tuple(centres.shape) if isinstance(centres, Tensor) else type(centres).__name__}")
+        raise ValueError(
+            f"centres: expected a tensor (..., balls, 2), got "
+            f"{tuple(centres.shape) if isinstance(centres, Tensor) else type(centres).__name__}"
+        )
     grid = (torch.arange(size, dtype=centres.dtype, device=centres.device) + 0.5) * BOX / size
-    frames = torch.zeros(*centres.shape[:-2], size, size, dtype=centres.dtype, device=centres.device)
+    frames = torch.zeros(
+        *centres.shape[:-2], size, size, dtype=centres.dtype, device=centres.device
+    )
     for ball in centres.unbind(-2):
         dy = grid[:, None] - ball[..., 1, None, None]
         dx = grid[None, :] - ball[..., 0, None, None]
-        frames += torch.exp(-(((dx**2 + dy**2) / radius**2) ** 2) ** 2)
+        frames += torch.exp(-((((dx**2 + dy**2) / radius**2) ** 2) ** 2))
     return frames.clamp_(max=1).flatten(-2)
 
 # %% ../nbs/75_data.ipynb #c82a7a99
-def bouncing_balls(cases: int,  # number of videos
-                   length: int = 30,  # frames per video (M&S 2011: 30)
-                   size: int = 15,  # frames are size × size pixels (M&S 2011: 15)
-                   balls: int = 3,  # balls per video (M&S 2011: 3)
-                   generator=None,  # a CPU torch.Generator or an int seed (None: torch's global stream)
-                   *, radius: float = 1.2, speed: float = 0.5, collide: bool = True,  # see ball_trajectories
-                   device=None,  # where the videos go (None: the CPU)
-                   dtype: torch.dtype = torch.float32,  # the videos' dtype
-                   ) -> Tensor:
+def bouncing_balls(
+    cases: int,  # number of videos
+    length: int = 30,  # frames per video (M&S 2011: 30)
+    size: int = 15,  # frames are size × size pixels (M&S 2011: 15)
+    balls: int = 3,  # balls per video (M&S 2011: 3)
+    generator=None,  # a CPU torch.Generator or an int seed (None: torch's global stream)
+    *,
+    radius: float = 1.2,
+    speed: float = 0.5,
+    collide: bool = True,  # see ball_trajectories
+    device=None,  # where the videos go (None: the CPU)
+    dtype: torch.dtype = torch.float32,  # the videos' dtype
+) -> Tensor:
     """Videos `(cases, length, size·size)` in [0, 1] of `balls` balls bouncing in a box."""
     dtype = _float_dtype(dtype)
-    centres = ball_trajectories(cases, length, balls, generator, radius=radius, speed=speed, collide=collide)
+    centres = ball_trajectories(
+        cases, length, balls, generator, radius=radius, speed=speed, collide=collide
+    )
     return render_balls(centres.to(dtype), size, radius).to(_device(device))  # drawn on the CPU
 
 
-def next_frame_batch(videos: Tensor,  # (cases, length, pixels)
-                     ) -> tuple[Tensor, Tensor]:
+def next_frame_batch(
+    videos: Tensor,  # (cases, length, pixels)
+) -> tuple[Tensor, Tensor]:
     """`(inputs, targets)` for next-frame prediction: `inputs` is `videos` itself, `targets[:, t] = videos[:, t + 1]`, NaN at the last step."""
-    if not isinstance(videos, Tensor) or not videos.is_floating_point() or videos.dim() != 3 or videos.shape[1] < 2:
-        raise ValueError(f"videos: expected a floating-point tensor (cases, length ≥ 2, pixels), got "
-                         f"{tuple(videos.shape) if isinstance(videos, Tensor) else type(videos).__name__}")
+    if (
+        not isinstance(videos, Tensor)
+        or not videos.is_floating_point()
+        or videos.dim() != 3
+        or videos.shape[1] < 2
+    ):
+        raise ValueError(
+            f"videos: expected a floating-point tensor (cases, length ≥ 2, pixels), got "
+            f"{tuple(videos.shape) if isinstance(videos, Tensor) else type(videos).__name__}"
+        )
     targets = torch.full_like(videos, math.nan)
     targets[:, :-1] = videos[:, 1:]
     return videos, targets
 
 # %% ../nbs/75_data.ipynb #1f0737ec
-def bouncing_balls_figure(video: Tensor,  # (length, size·size) or (length, size, size), one video
-                          frames: int | None = None,  # how many frames to show (None: all)
-                          columns: int = 10,  # frames per row
-                          animate: bool = False,  # an animation with a slider instead of a grid
-                          title: str = "bouncing balls",
-                          ):
+def bouncing_balls_figure(
+    video: Tensor,  # (length, size·size) or (length, size, size), one video
+    frames: int | None = None,  # how many frames to show (None: all)
+    columns: int = 10,  # frames per row
+    animate: bool = False,  # an animation with a slider instead of a grid
+    title: str = "bouncing balls",
+):
     """A plotly figure of one bouncing-balls video: frames in rows, or an animation."""
     video = _square_images(video, "video")
     if frames is not None:
         video = video[: _positive_int(frames, "frames")]
     if not animate:
-        return _grid_figure(video, [f"t = {t}" for t in range(len(video))], _positive_int(columns, "columns"), title)
+        return _grid_figure(
+            video, [f"t = {t}" for t in range(len(video))], _positive_int(columns, "columns"), title
+        )
     import plotly.express as px
 
-    fig = px.imshow(video.numpy(), animation_frame=0, color_continuous_scale="gray_r", zmin=0, zmax=1,
-                    labels=dict(animation_frame="t"))
+    fig = px.imshow(
+        video.numpy(),
+        animation_frame=0,
+        color_continuous_scale="gray_r",
+        zmin=0,
+        zmax=1,
+        labels=dict(animation_frame="t"),
+    )
     fig.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False)
     return fig.update_layout(title=title, coloraxis_showscale=False, width=420, height=480)

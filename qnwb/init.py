@@ -22,13 +22,22 @@ def _sparse_normal(rows: int, cols: int, fan_in: int, generator: torch.Generator
     "A rows×cols matrix with `min(fan_in, cols)` unit-Gaussian entries per row, in random columns, zeros elsewhere."
     keep = min(fan_in, cols)
     columns = torch.rand(rows, cols, generator=generator).argsort(dim=1)[:, :keep]
-    return torch.zeros(rows, cols, dtype=torch.float64).scatter_(1, columns, _normal((rows, keep), generator))
+    return torch.zeros(rows, cols, dtype=torch.float64).scatter_(
+        1, columns, _normal((rows, keep), generator)
+    )
 
 
 def _check_positive(name: str, value, integer: bool = False) -> None:
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: must be a positive {'int' if integer else 'number'}, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kind)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"{name}: must be a positive {'int' if integer else 'number'}, got {value!r}"
+        )
 
 # %% ../nbs/65_init.ipynb #2d794484
 @torch.no_grad()
@@ -44,12 +53,27 @@ def esn_init_(
     """Initialise a TanhRNN as in Sutskever et al. 2013, Table 4; returns the RNN."""
     for name in ("W_hx", "W_hh", "b_h", "h0", "W_zh", "b_z"):
         if not hasattr(rnn, name):
-            raise TypeError(f"rnn: esn_init_ needs a TanhRNN (parameters W_hx, W_hh, b_h, h0, W_zh, b_z); {type(rnn).__name__} lacks {name}")
-    for name, value in (("input_scale", input_scale), ("spectral_radius", spectral_radius), ("output_scale", output_scale)):
+            raise TypeError(
+                f"rnn: esn_init_ needs a TanhRNN (parameters W_hx, W_hh, b_h, h0, W_zh, b_z); {type(rnn).__name__} lacks {name}"
+            )
+    for name, value in (
+        ("input_scale", input_scale),
+        ("spectral_radius", spectral_radius),
+        ("output_scale", output_scale),
+    ):
         _check_positive(name, value)
     _check_positive("fan_in", fan_in, integer=True)
-    layers = [rnn.layer(i) for i in range(rnn.n_layers)] if hasattr(rnn, "layer") else [(rnn.W_hx, rnn.W_hh, rnn.b_h, rnn.h0)]
-    for W_hx, W_hh, b_h, h0 in layers:  # stacked layers: the same recipe per layer (the papers use one layer)
+    layers = (
+        [rnn.layer(i) for i in range(rnn.n_layers)]
+        if hasattr(rnn, "layer")
+        else [(rnn.W_hx, rnn.W_hh, rnn.b_h, rnn.h0)]
+    )
+    for (
+        W_hx,
+        W_hh,
+        b_h,
+        h0,
+    ) in layers:  # stacked layers: the same recipe per layer (the papers use one layer)
         H = W_hh.shape[0]
         W = _sparse_normal(H, H, fan_in, generator)
         W *= spectral_radius / torch.linalg.eigvals(W).abs().max()
@@ -80,21 +104,29 @@ def sparse_init_(
         raise ValueError(f"units: {units!r} is not one of {UNITS}")
     layers = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not layers:
-        raise TypeError(f"module: sparse_init_ initialises nn.Linear layers and {type(module).__name__} has none")
+        raise TypeError(
+            f"module: sparse_init_ initialises nn.Linear layers and {type(module).__name__} has none"
+        )
     weight_factor, bias = (1.0, 0.0) if units == "sigmoid" else (0.25, 0.5)
     for layer in layers:
-        layer.weight.copy_(scale * weight_factor * _sparse_normal(*layer.weight.shape, fan_in, generator))
+        layer.weight.copy_(
+            scale * weight_factor * _sparse_normal(*layer.weight.shape, fan_in, generator)
+        )
         if layer.bias is not None:
             layer.bias.fill_(bias)
     return module
 
 # %% ../nbs/65_init.ipynb #0670834e
 @torch.no_grad()
-def dense_init_(module: nn.Module, std: float = 0.01, generator: torch.Generator | None = None) -> nn.Module:
+def dense_init_(
+    module: nn.Module, std: float = 0.01, generator: torch.Generator | None = None
+) -> nn.Module:
     """Weight matrices from N(0, std²), biases and initial states zero (adaQN §4); returns the module."""
     _check_positive("std", std)
     for param in module.parameters():
-        param.copy_(std * _normal(param.shape, generator) if param.dim() >= 2 else torch.zeros(param.shape))
+        param.copy_(
+            std * _normal(param.shape, generator) if param.dim() >= 2 else torch.zeros(param.shape)
+        )
     return module
 
 # %% ../nbs/65_init.ipynb #163fa822
@@ -109,7 +141,9 @@ def _nanmean_per_unit(t: Tensor) -> Tensor:
 class Centering:
     """Subtract per-channel input means and per-unit target means learned from a sample (Sutskever et al. 2013, A.5)."""
 
-    def __init__(self, inputs: Tensor, targets: Tensor | None = None):  # targets None: centre the inputs only
+    def __init__(
+        self, inputs: Tensor, targets: Tensor | None = None
+    ):  # targets None: centre the inputs only
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
             raise TypeError("inputs: expected a floating-point tensor")
         self.input_mean = _nanmean_per_unit(inputs)
@@ -129,7 +163,11 @@ class Centering:
 
     def restore(self, predictions: Tensor) -> Tensor:
         "Predictions on the original target scale."
-        return predictions if self.target_mean is None else predictions + self.target_mean.to(predictions.device, predictions.dtype)
+        return (
+            predictions
+            if self.target_mean is None
+            else predictions + self.target_mean.to(predictions.device, predictions.dtype)
+        )
 
     def __repr__(self) -> str:
         return f"Centering(input_mean={self.input_mean.tolist()}, target_mean={None if self.target_mean is None else self.target_mean.tolist()})"

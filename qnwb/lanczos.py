@@ -44,24 +44,34 @@ def matvec(A) -> Callable[[Tensor], Tensor]:
         return A.mv
     if callable(A):
         return A
-    raise TypeError(f"A: expected an object with .mv, a square tensor or a function, got {type(A).__name__}")
+    raise TypeError(
+        f"A: expected an object with .mv, a square tensor or a function, got {type(A).__name__}"
+    )
 
 
 def _checked_product(mv, v: Tensor) -> Tensor:
     w = mv(v)
     if not isinstance(w, Tensor) or w.shape != v.shape:
-        raise ValueError(f"A: a product returned {tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}, expected shape {tuple(v.shape)}")
+        raise ValueError(
+            f"A: a product returned {tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}, expected shape {tuple(v.shape)}"
+        )
     return w
 
 # %% ../nbs/32_lanczos.ipynb #660c3a22
 def _like(A, n: int, dtype, device) -> tuple[torch.dtype, torch.device]:
-    dtype = dtype or getattr(A, "dtype", None) or (A.dtype if isinstance(A, Tensor) else torch.get_default_dtype())
+    dtype = (
+        dtype
+        or getattr(A, "dtype", None)
+        or (A.dtype if isinstance(A, Tensor) else torch.get_default_dtype())
+    )
     device = torch.device(device or getattr(A, "device", None) or "cpu")
     return dtype, device
 
 
-def random_vector(n: int, *, seed: int = 0, dtype=torch.float64, device=None, kind: str = "gaussian") -> Tensor:
-    "A probe vector in ℝⁿ from a generator seeded with `seed`: `kind` \"gaussian\" (N(0, I)) or \"rademacher\" (entries ±1)."
+def random_vector(
+    n: int, *, seed: int = 0, dtype=torch.float64, device=None, kind: str = "gaussian"
+) -> Tensor:
+    'A probe vector in ℝⁿ from a generator seeded with `seed`: `kind` "gaussian" (N(0, I)) or "rademacher" (entries ±1).'
     check_positive_int("n", n)
     device = torch.device(device or "cpu")
     g = torch.Generator(device=device).manual_seed(seed)
@@ -72,8 +82,10 @@ def random_vector(n: int, *, seed: int = 0, dtype=torch.float64, device=None, ki
     raise ValueError(f"kind: expected 'gaussian' or 'rademacher', got {kind!r}")
 
 
-def random_unit_vector(n: int, *, seed: int = 0, dtype=torch.float64, device=None, kind: str = "gaussian") -> Tensor:
-    "`random_vector`'s draw normalised: uniform on the sphere (\"gaussian\") or ±1/√n (\"rademacher\")."
+def random_unit_vector(
+    n: int, *, seed: int = 0, dtype=torch.float64, device=None, kind: str = "gaussian"
+) -> Tensor:
+    '`random_vector`\'s draw normalised: uniform on the sphere ("gaussian") or ±1/√n ("rademacher").'
     v = random_vector(n, seed=seed, dtype=dtype, device=device, kind=kind)
     return v / torch.linalg.vector_norm(v)
 
@@ -84,12 +96,18 @@ class LanczosResult:
 
     alpha: Tensor  # (m,) diagonal of T_m
     beta: Tensor  # (m − 1,) off-diagonal of T_m
-    beta_last: Tensor  # β_m, the residual coefficient after the last step (0 on an invariant subspace)
+    beta_last: (
+        Tensor  # β_m, the residual coefficient after the last step (0 on an invariant subspace)
+    )
     basis: Tensor  # (m, n) the orthonormal Lanczos vectors v_1 … v_m (rows)
     products: int  # operator products computed
     stop: str  # "iterations", "converged" (tolerance met) or "invariant" (the Krylov space is exhausted)
-    start_seed: int | None = None  # the seed of the start vector (None: a vector given by the caller)
-    history: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per iteration j: (Ritz values, residual norms), ascending
+    start_seed: int | None = (
+        None  # the seed of the start vector (None: a vector given by the caller)
+    )
+    history: list[tuple[Tensor, Tensor]] = field(
+        default_factory=list
+    )  # per iteration j: (Ritz values, residual norms), ascending
 
     @property
     def steps(self) -> int:
@@ -125,7 +143,9 @@ def _ritz_history(alpha: Tensor, beta: Tensor, beta_last: Tensor) -> list[tuple[
     return history
 
 # %% ../nbs/32_lanczos.ipynb #775e94c0
-def relative_residuals(values: Tensor, residuals: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+def relative_residuals(
+    values: Tensor, residuals: Tensor, dtype: torch.dtype = torch.float64
+) -> Tensor:
     """Residuals relative to |θ|, with |θ| floored at √eps·max|θ| (eps of `dtype`, the working precision).
 
     A Ritz value of a singular operator (a GGN of low rank) converges to 0 and its residual to rounding of size eps·‖A‖:
@@ -137,7 +157,7 @@ def relative_residuals(values: Tensor, residuals: Tensor, dtype: torch.dtype = t
 
 
 def _converged(alpha, beta, j: int, k: int, which: str, tolerance: float, floor: float) -> bool:
-    "Stop after step j? When the k wanted Ritz values (k at each end for \"both\") have converged, or on an invariant subspace (β_j ≤ floor·scale)."
+    'Stop after step j? When the k wanted Ritz values (k at each end for "both") have converged, or on an invariant subspace (β_j ≤ floor·scale).'
     a, b = alpha[:j].to("cpu", torch.float64), beta[:j].to("cpu", torch.float64)
     if b[j - 1] <= floor * max(float(a.abs().max()), float(b.max())):
         return True  # the Krylov space is exhausted: every Ritz value is exact (labelled "invariant" after the loop)
@@ -146,18 +166,30 @@ def _converged(alpha, beta, j: int, k: int, which: str, tolerance: float, floor:
     T = torch.diag(a) + torch.diag(b[: j - 1], 1) + torch.diag(b[: j - 1], -1)
     values, s = torch.linalg.eigh(T)
     relative = relative_residuals(values, (b[j - 1] * s[-1]).abs(), alpha.dtype)
-    wanted = {"largest": relative[-k:], "smallest": relative[:k], "both": torch.cat([relative[:k], relative[-k:]])}[which]
+    wanted = {
+        "largest": relative[-k:],
+        "smallest": relative[:k],
+        "both": torch.cat([relative[:k], relative[-k:]]),
+    }[which]
     return bool((wanted <= tolerance).all())
 
 # %% ../nbs/32_lanczos.ipynb #cf4e123b
-def _lanczos_start(A, n: int | None, start: Tensor | None, seed: int, dtype, device) -> tuple[Tensor, int, torch.dtype, torch.device, int | None]:
+def _lanczos_start(
+    A, n: int | None, start: Tensor | None, seed: int, dtype, device
+) -> tuple[Tensor, int, torch.dtype, torch.device, int | None]:
     "`(v_1, n, dtype, device, seed used)`: the caller's start vector normalised, or a seeded Gaussian unit vector."
     if start is not None:
         if not isinstance(start, Tensor) or start.dim() != 1 or not start.is_floating_point():
             raise TypeError("start: expected a 1-D floating-point tensor")
-        size = operator_size(A, start.numel()) if (n is None and not hasattr(A, "n") and not isinstance(A, Tensor)) else operator_size(A, n)
+        size = (
+            operator_size(A, start.numel())
+            if (n is None and not hasattr(A, "n") and not isinstance(A, Tensor))
+            else operator_size(A, n)
+        )
         if start.numel() != size:
-            raise ValueError(f"start: has {start.numel()} entries, the operator has dimension {size}")
+            raise ValueError(
+                f"start: has {start.numel()} entries, the operator has dimension {size}"
+            )
         norm = torch.linalg.vector_norm(start)
         if not bool(torch.isfinite(norm)) or float(norm) == 0:
             raise ValueError("start: must be finite and non-zero")
@@ -180,7 +212,9 @@ def _check_lanczos_arguments(iterations, k, check_every, which, tolerance, size:
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
         raise ValueError(f"tolerance: must be None or in (0, 1), got {tolerance!r}")
     if tolerance is not None and (2 * k if which == "both" else k) > size:
-        raise ValueError(f"k: {k} eigenvalues {'at each end ' if which == 'both' else ''}exceed the dimension {size}")
+        raise ValueError(
+            f"k: {k} eigenvalues {'at each end ' if which == 'both' else ''}exceed the dimension {size}"
+        )
 
 # %% ../nbs/32_lanczos.ipynb #88399d84
 def _breakdown_floor(m: int, dtype: torch.dtype) -> float:
@@ -207,10 +241,12 @@ def lanczos(
     seed: int = 0,  # the seed of the start vector
     k: int = 1,  # with a tolerance: how many extreme Ritz values must converge
     which: str = "largest",  # "largest", "smallest" or "both" ends of the spectrum for the tolerance test
-    tolerance: float | None = None,  # stop when the k wanted Ritz values have relative residual ≤ this; None: run all steps
+    tolerance: float
+    | None = None,  # stop when the k wanted Ritz values have relative residual ≤ this; None: run all steps
     check_every: int = 1,  # test the tolerance every this many steps (one host read each)
     history: bool = True,  # keep Ritz values and residuals after every iteration
-    dtype: torch.dtype | None = None,  # the basis dtype (default: the operator's, or the start vector's)
+    dtype: torch.dtype
+    | None = None,  # the basis dtype (default: the operator's, or the start vector's)
     device=None,  # the basis device (default: the operator's)
 ) -> LanczosResult:
     """Lanczos with full reorthogonalisation (Gram–Schmidt twice against the whole basis)."""
@@ -222,8 +258,12 @@ def lanczos(
     floor = _breakdown_floor(m, dtype)
     V = torch.zeros(m, size, dtype=dtype, device=device)
     alpha = torch.zeros(m, dtype=dtype, device=device)
-    beta = torch.zeros(m, dtype=dtype, device=device)  # beta[j] couples v_{j+1} and v_{j+2}; beta[m-1] is β_m
-    scale = torch.zeros((), dtype=dtype, device=device)  # the largest |α|, β seen: the scale for breakdown
+    beta = torch.zeros(
+        m, dtype=dtype, device=device
+    )  # beta[j] couples v_{j+1} and v_{j+2}; beta[m-1] is β_m
+    scale = torch.zeros(
+        (), dtype=dtype, device=device
+    )  # the largest |α|, β seen: the scale for breakdown
     V[0] = v
     stop, steps, products = "iterations", m, 0
     for j in range(m):
@@ -236,15 +276,32 @@ def lanczos(
         scale = torch.maximum(scale, torch.maximum(alpha[j].abs(), beta[j]))
         if j + 1 < m:
             V[j + 1] = w / torch.where(beta[j] > 0, beta[j], torch.ones_like(beta[j]))
-        if tolerance is not None and (j + 1) % check_every == 0 and _converged(alpha, beta, j + 1, k, which, tolerance, floor):
+        if (
+            tolerance is not None
+            and (j + 1) % check_every == 0
+            and _converged(alpha, beta, j + 1, k, which, tolerance, floor)
+        ):
             stop, steps = "converged", j + 1
             break
     if (invariant := _invariant_steps(beta, steps, scale, floor)) is not None:
         steps, stop = invariant, "invariant"
         beta[steps - 1] = 0
-    alpha, beta_off, beta_last, V = alpha[:steps].clone(), beta[: steps - 1].clone(), beta[steps - 1].clone(), V[:steps].clone()
-    return LanczosResult(alpha=alpha, beta=beta_off, beta_last=beta_last, basis=V, products=products, stop=stop, start_seed=used_seed,
-                         history=_ritz_history(alpha, beta_off, beta_last) if history else [])
+    alpha, beta_off, beta_last, V = (
+        alpha[:steps].clone(),
+        beta[: steps - 1].clone(),
+        beta[steps - 1].clone(),
+        V[:steps].clone(),
+    )
+    return LanczosResult(
+        alpha=alpha,
+        beta=beta_off,
+        beta_last=beta_last,
+        basis=V,
+        products=products,
+        stop=stop,
+        start_seed=used_seed,
+        history=_ritz_history(alpha, beta_off, beta_last) if history else [],
+    )
 
 # %% ../nbs/32_lanczos.ipynb #a20b9587
 @dataclass
@@ -256,7 +313,9 @@ class PowerResult:
     residuals: Tensor  # (k,) ‖A y − θ y‖
     products: int  # operator products computed (k per iteration)
     stop: str  # "iterations" or "converged"
-    history: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per iteration: (values, residuals)
+    history: list[tuple[Tensor, Tensor]] = field(
+        default_factory=list
+    )  # per iteration: (values, residuals)
 
 # %% ../nbs/32_lanczos.ipynb #ddb2c9ad
 def power_iteration(
@@ -285,7 +344,13 @@ def power_iteration(
     X, _ = torch.linalg.qr(torch.randn(size, k, generator=g, dtype=dtype, device=device))
     history, products, stop = [], 0, "iterations"
     for _ in range(iterations):
-        AX = torch.stack([_checked_product(mv, x if op_dtype in (None, dtype) else x.to(op_dtype)).to(dtype) for x in X.T], dim=1)
+        AX = torch.stack(
+            [
+                _checked_product(mv, x if op_dtype in (None, dtype) else x.to(op_dtype)).to(dtype)
+                for x in X.T
+            ],
+            dim=1,
+        )
         products += k
         values, S = torch.linalg.eigh(X.T @ AX)  # Rayleigh–Ritz on span X
         Y, AY = X @ S, AX @ S
@@ -295,4 +360,6 @@ def power_iteration(
             stop = "converged"
             break
         X, _ = torch.linalg.qr(AY)
-    return PowerResult(values=values, vectors=Y, residuals=residuals, products=products, stop=stop, history=history)
+    return PowerResult(
+        values=values, vectors=Y, residuals=residuals, products=products, stop=stop, history=history
+    )

@@ -21,7 +21,11 @@ class LossHessian:
     """`L''` of a matching loss at fixed outputs: `mv(u) = L''u`, `sqrt_mv(e) = S e` with `S Sᵀ = L''`."""
 
     def __init__(self, loss: MatchingLoss, predictions: Tensor, weight: Tensor):
-        self.loss, self.p, self.weight = loss, predictions, weight  # weight: mask / cases, broadcastable to p
+        self.loss, self.p, self.weight = (
+            loss,
+            predictions,
+            weight,
+        )  # weight: mask / cases, broadcastable to p
         self.sqrt_weight = weight.sqrt()
 
     def mv(self, u: Tensor) -> Tensor:
@@ -55,11 +59,17 @@ class MatchingLoss:
     def check_outputs(self, z: Tensor) -> None:
         "Raise a clear error unless `z` can be the input of this loss."
         if not isinstance(z, Tensor) or not z.is_floating_point():
-            raise TypeError(f"{self.name}: outputs must be a floating-point tensor, got {type(z).__name__ if not isinstance(z, Tensor) else z.dtype}")
+            raise TypeError(
+                f"{self.name}: outputs must be a floating-point tensor, got {type(z).__name__ if not isinstance(z, Tensor) else z.dtype}"
+            )
         if z.dim() < 2 or z.shape[0] == 0:
-            raise ValueError(f"{self.name}: outputs need a case dimension first and a unit dimension last, got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"{self.name}: outputs need a case dimension first and a unit dimension last, got shape {tuple(z.shape)}"
+            )
         if z.shape[-1] < self.min_units:
-            raise ValueError(f"{self.name}: needs at least {self.min_units} output units on the last axis, the model gives {z.shape[-1]}")
+            raise ValueError(
+                f"{self.name}: needs at least {self.min_units} output units on the last axis, the model gives {z.shape[-1]}"
+            )
 
     def prepare(self, z: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         "Targets with NaN replaced by 0, and the 0/1 mask of positions that have a target (broadcastable to `z`)."
@@ -67,12 +77,16 @@ class MatchingLoss:
         if not isinstance(targets, Tensor):
             raise TypeError(f"{self.name}: targets must be a tensor, got {type(targets).__name__}")
         if tuple(targets.shape) != tuple(z.shape):
-            raise ValueError(f"{self.name}: targets of shape {tuple(targets.shape)} do not match outputs of shape {tuple(z.shape)}")
+            raise ValueError(
+                f"{self.name}: targets of shape {tuple(targets.shape)} do not match outputs of shape {tuple(z.shape)}"
+            )
         if targets.device != z.device:
             raise ValueError(f"{self.name}: targets are on {targets.device}, outputs on {z.device}")
         targets = targets.to(z.dtype)
         present = ~torch.isnan(targets)
-        return torch.where(present, targets, torch.zeros((), dtype=z.dtype, device=z.device)), present.to(z.dtype)
+        return torch.where(
+            present, targets, torch.zeros((), dtype=z.dtype, device=z.device)
+        ), present.to(z.dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -82,7 +96,9 @@ class MatchingLoss:
 def value(self: MatchingLoss, z: Tensor, targets: Tensor) -> Tensor:
     "The loss: summed over positions and units, averaged over cases. Differentiable by autograd."
     t, mask = self.prepare(z, targets)
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)  # `where`, not `* mask`: inf·0 at a masked position would be NaN
+    zero = torch.zeros(
+        (), dtype=z.dtype, device=z.device
+    )  # `where`, not `* mask`: inf·0 at a masked position would be NaN
     return torch.where(mask.bool(), self._elementwise(z, t), zero).sum() / z.shape[0]
 
 
@@ -106,7 +122,9 @@ def grad(self: MatchingLoss, z: Tensor, targets: Tensor) -> Tensor:
 def float_targets(self: MatchingLoss, z: Tensor, targets: Tensor) -> Tensor:
     "Checked targets as a float tensor shaped like `z`, NaN where there is no target (for per-case `vmap` code)."
     t, mask = self.prepare(z, targets)
-    return torch.where(mask.bool().expand_as(t), t, torch.full((), math.nan, dtype=t.dtype, device=t.device))
+    return torch.where(
+        mask.bool().expand_as(t), t, torch.full((), math.nan, dtype=t.dtype, device=t.device)
+    )
 
 # %% ../nbs/10_losses.ipynb #5650fc48
 @patch
@@ -118,11 +136,14 @@ def _hessian_scale(self: MatchingLoss, t: Tensor, mask: Tensor) -> Tensor:
 def hessian(self: MatchingLoss, z: Tensor, targets: Tensor) -> LossHessian:
     "`L''` at `z` (independent of the target values, but not of which are missing; soft softmax rows scale it by their sum)."
     t, mask = self.prepare(z, targets)
-    return LossHessian(self, self.predictions(z).detach(), self._hessian_scale(t, mask) / z.shape[0])
+    return LossHessian(
+        self, self.predictions(z).detach(), self._hessian_scale(t, mask) / z.shape[0]
+    )
 
 # %% ../nbs/10_losses.ipynb #24588067
 class SquaredError(MatchingLoss):
     "`½‖z − t‖²` with linear outputs: `L'' = I`."
+
     name = "squared_error"
 
     def predictions(self, z):
@@ -140,6 +161,7 @@ class SquaredError(MatchingLoss):
 # %% ../nbs/10_losses.ipynb #8f73c183
 class SigmoidCrossEntropy(MatchingLoss):
     "`−t log σ(z) − (1 − t) log(1 − σ(z))`, per unit: `L'' = diag(p(1 − p))`."
+
     name = "sigmoid_cross_entropy"
 
     def predictions(self, z):
@@ -157,6 +179,7 @@ class SigmoidCrossEntropy(MatchingLoss):
 # %% ../nbs/10_losses.ipynb #c56c8079
 class SoftmaxCrossEntropy(MatchingLoss):
     "`−Σ_k t_k log softmax(z)_k` over the last axis: `L'' = diag(p) − ppᵀ`."
+
     name = "softmax_cross_entropy"
     min_units = 2
 
@@ -168,15 +191,25 @@ class SoftmaxCrossEntropy(MatchingLoss):
         self.check_outputs(z)
         if isinstance(targets, Tensor) and not targets.is_floating_point():
             if targets.dtype == torch.bool or targets.is_complex():
-                raise TypeError(f"{self.name}: targets must be class indices (integers) or float rows, got {targets.dtype}")
+                raise TypeError(
+                    f"{self.name}: targets must be class indices (integers) or float rows, got {targets.dtype}"
+                )
             if tuple(targets.shape) != tuple(z.shape[:-1]):
-                raise ValueError(f"{self.name}: class-index targets of shape {tuple(targets.shape)} do not match outputs {tuple(z.shape)} without their last axis")
+                raise ValueError(
+                    f"{self.name}: class-index targets of shape {tuple(targets.shape)} do not match outputs {tuple(z.shape)} without their last axis"
+                )
             if targets.device != z.device:
-                raise ValueError(f"{self.name}: targets are on {targets.device}, outputs on {z.device}")
+                raise ValueError(
+                    f"{self.name}: targets are on {targets.device}, outputs on {z.device}"
+                )
             if targets.numel():
-                low, high = (int(v) for v in torch.aminmax(targets))  # one look at the data per batch, not per product
+                low, high = (
+                    int(v) for v in torch.aminmax(targets)
+                )  # one look at the data per batch, not per product
                 if high >= z.shape[-1] or low < -1:
-                    raise ValueError(f"{self.name}: class indices must be in [-1, {z.shape[-1] - 1}] (-1: no target), got {low}..{high}")
+                    raise ValueError(
+                        f"{self.name}: class indices must be in [-1, {z.shape[-1] - 1}] (-1: no target), got {low}..{high}"
+                    )
             present = targets >= 0
             onehot = F.one_hot(targets.clamp(min=0).long(), z.shape[-1]).to(z.dtype)
             return onehot * present[..., None], present[..., None].to(z.dtype)

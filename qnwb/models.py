@@ -24,16 +24,34 @@ def _suffix(layer: int) -> str:
 class TanhRNN(nn.Module):
     """The tanh RNN of Martens & Sutskever 2011, eqs. 1–3, with a learned initial state, linear outputs and optional stacked layers."""
 
-    def __init__(self, n_in: int, n_hidden: int, n_out: int, n_layers: int = 1, *, device=None, dtype=None,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        n_in: int,
+        n_hidden: int,
+        n_out: int,
+        n_layers: int = 1,
+        *,
+        device=None,
+        dtype=None,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
-        for name, size in (("n_in", n_in), ("n_hidden", n_hidden), ("n_out", n_out), ("n_layers", n_layers)):
+        for name, size in (
+            ("n_in", n_in),
+            ("n_hidden", n_hidden),
+            ("n_out", n_out),
+            ("n_layers", n_layers),
+        ):
             check_positive_int(name, size)
         self.n_in, self.n_hidden, self.n_out, self.n_layers = n_in, n_hidden, n_out, n_layers
         options = {"device": device, "dtype": dtype}
         for layer in range(n_layers):
             suffix = _suffix(layer)
-            setattr(self, f"W_hx{suffix}", nn.Parameter(torch.empty(n_hidden, n_in if layer == 0 else n_hidden, **options)))
+            setattr(
+                self,
+                f"W_hx{suffix}",
+                nn.Parameter(torch.empty(n_hidden, n_in if layer == 0 else n_hidden, **options)),
+            )
             setattr(self, f"W_hh{suffix}", nn.Parameter(torch.empty(n_hidden, n_hidden, **options)))
             setattr(self, f"b_h{suffix}", nn.Parameter(torch.empty(n_hidden, **options)))
             setattr(self, f"h0{suffix}", nn.Parameter(torch.empty(n_hidden, **options)))
@@ -51,7 +69,9 @@ class TanhRNN(nn.Module):
         "Gaussian weights scaled by 1/√fan-in (spectral radius of W_hh near 1), zero biases and initial states."
         for param in self.parameters():
             if param.dim() == 2:
-                sample = torch.randn(param.shape, generator=generator, dtype=param.dtype, device="cpu")
+                sample = torch.randn(
+                    param.shape, generator=generator, dtype=param.dtype, device="cpu"
+                )
                 param.copy_(sample / param.shape[1] ** 0.5)
             else:
                 param.zero_()
@@ -59,18 +79,26 @@ class TanhRNN(nn.Module):
     def check_inputs(self, x: Tensor) -> None:
         "Raise a clear error unless `x` is a `(cases, time, n_in)` tensor this network can read."
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"inputs: expected a floating-point tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
+            raise TypeError(
+                f"inputs: expected a floating-point tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}"
+            )
         if x.dim() != 3 or x.shape[2] != self.n_in or x.shape[0] == 0 or x.shape[1] == 0:
-            raise ValueError(f"inputs: expected shape (cases, time, {self.n_in}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"inputs: expected shape (cases, time, {self.n_in}), got {tuple(x.shape)}"
+            )
         if x.device != self.W_hh.device or x.dtype != self.W_hh.dtype:
-            raise ValueError(f"inputs: are {x.dtype} on {x.device}, the network's parameters {self.W_hh.dtype} on {self.W_hh.device}")
+            raise ValueError(
+                f"inputs: are {x.dtype} on {x.device}, the network's parameters {self.W_hh.dtype} on {self.W_hh.device}"
+            )
 
     def extra_repr(self) -> str:
         return f"n_in={self.n_in}, n_hidden={self.n_hidden}, n_out={self.n_out}, n_layers={self.n_layers}"
 
 # %% ../nbs/60_models.ipynb #208dc59e
 @patch
-def forward(self: TanhRNN, x: Tensor, return_hidden: bool = False, return_preactivations: bool = False):
+def forward(
+    self: TanhRNN, x: Tensor, return_hidden: bool = False, return_preactivations: bool = False
+):
     """Outputs `z` of shape (cases, time, n_out); with `return_hidden` also `h`, with `return_preactivations` also `t` (all layers)."""
     self.check_inputs(x)
     B, T, _ = x.shape
@@ -100,7 +128,9 @@ def forward(self: TanhRNN, x: Tensor, return_hidden: bool = False, return_preact
 
 # %% ../nbs/60_models.ipynb #60645849
 @patch(as_classmethod=True)
-def language_model(cls: type[TanhRNN], vocabulary: int, n_hidden: int = 100, n_layers: int = 5, **options) -> TanhRNN:
+def language_model(
+    cls: type[TanhRNN], vocabulary: int, n_hidden: int = 100, n_layers: int = 5, **options
+) -> TanhRNN:
     "A character- or word-level language model: one-hot inputs and softmax outputs over `vocabulary` (adaQN §4: 5 layers, 100 units)."
     return cls(vocabulary, n_hidden, vocabulary, n_layers, **options)
 
@@ -109,16 +139,28 @@ class TanhRNNLinearization(Linearization):
     """`TanhRNN` linearised at fixed parameters on one batch: cached states, hand-written R-forward and BPTT."""
 
     @torch.no_grad()
-    def __init__(self, model: TanhRNN, inputs: Tensor, params: Sequence[Tensor] | None = None, preactivations: bool = False):
+    def __init__(
+        self,
+        model: TanhRNN,
+        inputs: Tensor,
+        params: Sequence[Tensor] | None = None,
+        preactivations: bool = False,
+    ):
         model.check_inputs(inputs)
         params = [p.detach() for p in (model.parameters() if params is None else params)]
         L = model.n_layers
-        self.layers = [params[4 * i: 4 * i + 4] for i in range(L)]  # (W_hx, W_hh, b_h, h0) per layer
-        self.W_zh, self.b_z = params[4 * L:]
+        self.layers = [
+            params[4 * i : 4 * i + 4] for i in range(L)
+        ]  # (W_hx, W_hh, b_h, h0) per layer
+        self.W_zh, self.b_z = params[4 * L :]
         B, T, I = inputs.shape
         H = model.n_hidden
         self.shape = (B, T, H, model.n_out)
-        self.x = torch.empty(T, B, I, dtype=inputs.dtype, device=inputs.device).copy_(inputs.transpose(0, 1)).view(T * B, I)  # time-major copy
+        self.x = (
+            torch.empty(T, B, I, dtype=inputs.dtype, device=inputs.device)
+            .copy_(inputs.transpose(0, 1))
+            .view(T * B, I)
+        )  # time-major copy
         self.hidden, self.slope = [], []  # per layer, (T, B, H)
         sequence = self.x
         for W_hx, W_hh, b_h, h0 in self.layers:
@@ -133,7 +175,9 @@ class TanhRNNLinearization(Linearization):
         self.outputs = torch.addmm(self.b_z, sequence, self.W_zh.T).view(T, B, -1).transpose(0, 1)
         self._with_t = preactivations
         if preactivations:  # a view for one layer: structural damping then costs no memory here
-            self.hidden_slope = (self.slope[0] if L == 1 else torch.cat(self.slope, -1)).transpose(0, 1)
+            self.hidden_slope = (self.slope[0] if L == 1 else torch.cat(self.slope, -1)).transpose(
+                0, 1
+            )
 
     def _inputs(self, index: int) -> Tensor:
         "The (T·B, ·) input sequence of layer `index`."
@@ -142,14 +186,19 @@ class TanhRNNLinearization(Linearization):
 
 # %% ../nbs/60_models.ipynb #2f37286c
 @patch
-def linearize(self: TanhRNN, inputs: Tensor, params: Sequence[Tensor] | None = None, preactivations: bool = False) -> TanhRNNLinearization:
+def linearize(
+    self: TanhRNN,
+    inputs: Tensor,
+    params: Sequence[Tensor] | None = None,
+    preactivations: bool = False,
+) -> TanhRNNLinearization:
     "The hand-written `Linearization` of this network at `params` (default: its own) on `inputs`."
     return TanhRNNLinearization(self, inputs, params, preactivations)
 
 # %% ../nbs/60_models.ipynb #f2c33ae5
 def _groups(tangents, layers: int):
     "The per-layer tangents (V_hx, V_hh, V_b, V_h0) of a TanhRNN's parameter list."
-    return [tangents[4 * i: 4 * i + 4] for i in range(layers)]
+    return [tangents[4 * i : 4 * i + 4] for i in range(layers)]
 
 # %% ../nbs/60_models.ipynb #430cedf0
 @patch
@@ -157,7 +206,9 @@ def _groups(tangents, layers: int):
 def jvp(self: TanhRNNLinearization, tangents):
     B, T, H, O = self.shape
     rts, rh_below = [], None
-    for index, ((W_hx, W_hh, _b_h, h0), (V_hx, V_hh, V_b, V_h0)) in enumerate(zip(self.layers, _groups(tangents, len(self.layers)))):
+    for index, ((W_hx, W_hh, _b_h, h0), (V_hx, V_hh, V_b, V_h0)) in enumerate(
+        zip(self.layers, _groups(tangents, len(self.layers)))
+    ):
         rt = torch.addmm(V_b, self._inputs(index), V_hx.T)  # becomes R t, step by step
         if rh_below is not None:
             rt.addmm_(rh_below, W_hx.T)
@@ -187,12 +238,14 @@ def vjp(self: TanhRNNLinearization, dz, dt=None):
     dz = dz.transpose(0, 1).reshape(T * B, O)
     output_grads = [dz.T @ self.hidden[-1].view(T * B, H), dz.sum(0)]
     dt = dt.transpose(0, 1) if dt is not None else None
-    delta = (dz @ self.W_zh).view(T, B, H)  # cotangents on the top layer's h; becomes its δt step by step
+    delta = (dz @ self.W_zh).view(
+        T, B, H
+    )  # cotangents on the top layer's h; becomes its δt step by step
     layer_grads = []
     for index in range(len(self.layers) - 1, -1, -1):
         W_hx, W_hh, b_h, h0 = self.layers[index]
         slope, hidden = self.slope[index], self.hidden[index]
-        extra = dt[..., index * H:(index + 1) * H] if dt is not None else None
+        extra = dt[..., index * H : (index + 1) * H] if dt is not None else None
         back = None  # δh flowing back from the next step
         for step in range(T - 1, -1, -1):
             d = delta[step]
@@ -226,8 +279,12 @@ class MLP(nn.Sequential):
 
     def __init__(self, sizes: Sequence[int], activation: str = "tanh", *, device=None, dtype=None):
         sizes = list(sizes)
-        if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-            raise ValueError(f"sizes: need at least two positive ints (inputs and outputs), got {sizes!r}")
+        if len(sizes) < 2 or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes
+        ):
+            raise ValueError(
+                f"sizes: need at least two positive ints (inputs and outputs), got {sizes!r}"
+            )
         _activation(activation)
         layers = []
         for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
@@ -250,8 +307,12 @@ class DeepAutoencoder(nn.Sequential):
 
     def __init__(self, sizes: Sequence[int], *, linear_code: bool = True, device=None, dtype=None):
         sizes = list(sizes)
-        if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-            raise ValueError(f"sizes: need the input size and at least a code size, positive ints, got {sizes!r}")
+        if len(sizes) < 2 or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes
+        ):
+            raise ValueError(
+                f"sizes: need the input size and at least a code size, positive ints, got {sizes!r}"
+            )
         full = sizes + sizes[-2::-1]
         code_layer = len(sizes) - 2  # the index of the Linear that produces the code
         layers = []
@@ -281,34 +342,82 @@ class DeepAutoencoder(nn.Sequential):
 # %% ../nbs/60_models.ipynb #a7fd28a6
 def _normal_(module: nn.Module, std: float, generator: torch.Generator | None) -> None:
     with torch.no_grad():
-        module.weight.copy_(std * torch.randn(module.weight.shape, generator=generator, dtype=module.weight.dtype))
+        module.weight.copy_(
+            std * torch.randn(module.weight.shape, generator=generator, dtype=module.weight.dtype)
+        )
         module.bias.zero_()
 
 
 class LeNet(nn.Sequential):
     """The LeNet-like MNIST / CIFAR-10 classifier of the L-SR1 paper's appendix, with or without batch normalisation."""
 
-    def __init__(self, dataset: str = "mnist", batch_norm: bool = False, *, generator: torch.Generator | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        dataset: str = "mnist",
+        batch_norm: bool = False,
+        *,
+        generator: torch.Generator | None = None,
+        device=None,
+        dtype=None,
+    ):
         if dataset not in ("mnist", "cifar10"):
             raise ValueError(f"dataset: {dataset!r} is not 'mnist' or 'cifar10'")
         o = {"device": device, "dtype": dtype}
 
         def norm(channels: int, dims: int = 2) -> list[nn.Module]:
-            return [(nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(channels, **o)] if batch_norm else []
+            return (
+                [(nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(channels, **o)]
+                if batch_norm
+                else []
+            )
 
         if dataset == "mnist":
             convs = [nn.Conv2d(1, 20, 5, **o), nn.Conv2d(20, 50, 5, **o)]
             fc, out = nn.Linear(50 * 4 * 4, 500, **o), nn.Linear(500, 10, **o)
-            layers = [convs[0], nn.ReLU(), *norm(20), nn.MaxPool2d(2), convs[1], nn.ReLU(), *norm(50), nn.MaxPool2d(2),
-                      nn.Flatten(), fc, nn.Tanh(), *norm(500, 1), out]
+            layers = [
+                convs[0],
+                nn.ReLU(),
+                *norm(20),
+                nn.MaxPool2d(2),
+                convs[1],
+                nn.ReLU(),
+                *norm(50),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                fc,
+                nn.Tanh(),
+                *norm(500, 1),
+                out,
+            ]
             for conv in convs:
                 _normal_(conv, 0.1, generator)
         else:
-            convs = [nn.Conv2d(3, 32, 5, padding=2, **o), nn.Conv2d(32, 32, 5, padding=2, **o), nn.Conv2d(32, 64, 5, padding=2, **o)]
+            convs = [
+                nn.Conv2d(3, 32, 5, padding=2, **o),
+                nn.Conv2d(32, 32, 5, padding=2, **o),
+                nn.Conv2d(32, 64, 5, padding=2, **o),
+            ]
             fc, out = nn.Linear(64 * 4 * 4, 64, **o), nn.Linear(64, 10, **o)
-            layers = [convs[0], nn.ReLU(), *norm(32), nn.MaxPool2d(2), nn.ReLU(), convs[1], nn.ReLU(), *norm(32), nn.MaxPool2d(2),
-                      convs[2], nn.ReLU(), *norm(64), nn.MaxPool2d(2), nn.Flatten(), fc, nn.ReLU(), *norm(64, 1), out]
+            layers = [
+                convs[0],
+                nn.ReLU(),
+                *norm(32),
+                nn.MaxPool2d(2),
+                nn.ReLU(),
+                convs[1],
+                nn.ReLU(),
+                *norm(32),
+                nn.MaxPool2d(2),
+                convs[2],
+                nn.ReLU(),
+                *norm(64),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                fc,
+                nn.ReLU(),
+                *norm(64, 1),
+                out,
+            ]
             for conv in convs:
                 _normal_(conv, 0.01, generator)
             _normal_(fc, 0.1, generator)

@@ -31,23 +31,33 @@ class Quadratic:
     settings: dict = field(default_factory=dict)  # how it was made (spectrum, seed, …)
 
     @classmethod
-    def from_spectrum(cls, eigenvalues, seed: int = 0, rotate: bool = True, noise: float = 0.0, **settings) -> Quadratic:
+    def from_spectrum(
+        cls, eigenvalues, seed: int = 0, rotate: bool = True, noise: float = 0.0, **settings
+    ) -> Quadratic:
         """A quadratic with the given positive eigenvalues, a random rotation (unless `rotate=False`) and a random b."""
         lam = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten()
         if lam.numel() == 0:
             raise ValueError("eigenvalues: the spectrum is empty")
         if not bool(torch.isfinite(lam).all()) or not bool((lam > 0).all()):
-            raise ValueError(f"eigenvalues: must all be finite and > 0 (positive definite), got min {float(lam.min()):g}")
+            raise ValueError(
+                f"eigenvalues: must all be finite and > 0 (positive definite), got min {float(lam.min()):g}"
+            )
         check_number("noise", noise, 0.0)
         lam, _ = torch.sort(lam)
         g = make_generator(seed)
         n = lam.numel()
-        U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0] if rotate else torch.eye(n, dtype=torch.float64)
+        U = (
+            torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+            if rotate
+            else torch.eye(n, dtype=torch.float64)
+        )
         b = torch.randn(n, generator=g, dtype=torch.float64)
         return cls(lam, U, b, float(noise), {"seed": seed, "rotate": rotate, **settings})
 
     @classmethod
-    def log_uniform(cls, n: int, low: float = 1e-3, high: float = 1.0, seed: int = 0, **options) -> Quadratic:
+    def log_uniform(
+        cls, n: int, low: float = 1e-3, high: float = 1.0, seed: int = 0, **options
+    ) -> Quadratic:
         """n eigenvalues spread evenly in log scale over [low, high] (condition number high/low)."""
         check_positive_int("n", n)
         check_number("low", low, 0.0, low_open=True)
@@ -56,14 +66,22 @@ class Quadratic:
         return cls.from_spectrum(lam, seed, spectrum=f"log-uniform [{low:g}, {high:g}]", **options)
 
     @classmethod
-    def noisy_quadratic(cls, n: int = 100, seed: int = 0, noise: float = 1.0, **options) -> Quadratic:
+    def noisy_quadratic(
+        cls, n: int = 100, seed: int = 0, noise: float = 1.0, **options
+    ) -> Quadratic:
         """DeepOBS's split: 90 % of the eigenvalues uniform in (0, 1), 10 % uniform in (30, 60)."""
         check_positive_int("n", n)
         g = make_generator(seed + 1)
         high = max(1, round(0.1 * n)) if n >= 2 else 0
-        lam = torch.cat([torch.rand(n - high, generator=g, dtype=torch.float64).clamp_min(1e-6),
-                         30 + 30 * torch.rand(high, generator=g, dtype=torch.float64)])
-        return cls.from_spectrum(lam, seed, noise=noise, spectrum="90 % in (0, 1), 10 % in (30, 60)", **options)
+        lam = torch.cat(
+            [
+                torch.rand(n - high, generator=g, dtype=torch.float64).clamp_min(1e-6),
+                30 + 30 * torch.rand(high, generator=g, dtype=torch.float64),
+            ]
+        )
+        return cls.from_spectrum(
+            lam, seed, noise=noise, spectrum="90 % in (0, 1), 10 % in (30, 60)", **options
+        )
 
     @property
     def n(self) -> int:
@@ -114,11 +132,17 @@ def run_momentum(
     if method not in ("gd", "cm", "nag"):
         raise ValueError(f"method: {method!r} is not 'gd', 'cm' or 'nag'")
     check_positive_int("steps", steps)
-    theta = torch.zeros(quadratic.n, dtype=torch.float64) if x0 is None else torch.as_tensor(x0, dtype=torch.float64).clone()
+    theta = (
+        torch.zeros(quadratic.n, dtype=torch.float64)
+        if x0 is None
+        else torch.as_tensor(x0, dtype=torch.float64).clone()
+    )
     if theta.shape != (quadratic.n,):
         raise ValueError(f"x0: expected shape ({quadratic.n},), got {tuple(theta.shape)}")
     theta.requires_grad_(True)
-    optimizer = (NAG if method == "nag" else CM)([theta], lr=lr, momentum=0.0 if method == "gd" else momentum)
+    optimizer = (NAG if method == "nag" else CM)(
+        [theta], lr=lr, momentum=0.0 if method == "gd" else momentum
+    )
     noise = make_generator(seed)
 
     def closure():
@@ -144,13 +168,17 @@ def iteration_matrix(method: str, lr: float, momentum: float, eigenvalue: float)
     if method == "cm":
         return torch.tensor([[a, momentum], [-lr * eigenvalue, momentum]], dtype=torch.float64)
     if method == "nag":
-        return torch.tensor([[a, momentum * a], [-lr * eigenvalue, momentum * a]], dtype=torch.float64)
+        return torch.tensor(
+            [[a, momentum * a], [-lr * eigenvalue, momentum * a]], dtype=torch.float64
+        )
     raise ValueError(f"method: {method!r} is not 'cm' or 'nag'")
 
 
 def spectral_radius(method: str, lr, momentum, eigenvalues) -> Tensor:
     """Closed-form spectral radius of the iteration matrix, broadcast over `lr`, `momentum` and `eigenvalues`."""
-    lr, momentum, lam = (torch.as_tensor(v, dtype=torch.float64) for v in (lr, momentum, eigenvalues))
+    lr, momentum, lam = (
+        torch.as_tensor(v, dtype=torch.float64) for v in (lr, momentum, eigenvalues)
+    )
     a = 1.0 - lr * lam
     if method == "cm":
         trace, det = a + momentum, momentum * torch.ones_like(a)
@@ -195,7 +223,9 @@ def observed_rates(run: MomentumRun, steps: int = 40) -> Tensor:
     return torch.stack(rates)
 
 # %% ../nbs/80_quadratic.ipynb #84e592b0
-def trajectories_figure(quadratic: Quadratic, runs: list[MomentumRun], title: str = "GD, CM and NAG on a 2-D quadratic"):
+def trajectories_figure(
+    quadratic: Quadratic, runs: list[MomentumRun], title: str = "GD, CM and NAG on a 2-D quadratic"
+):
     """Contours of a 2-D quadratic and the paths of `runs` (Sutskever et al. 2013, Figure 2)."""
     import plotly.graph_objects as go
 
@@ -209,44 +239,96 @@ def trajectories_figure(quadratic: Quadratic, runs: list[MomentumRun], title: st
     X, Y = torch.meshgrid(xs, ys, indexing="xy")
     grid = torch.stack([X.flatten(), Y.flatten()], 1)
     Z = 0.5 * ((grid @ quadratic.A) * grid).sum(1) + grid @ quadratic.b
-    figure = go.Figure(go.Contour(x=xs.tolist(), y=ys.tolist(), z=Z.reshape(X.shape).tolist(), showscale=False,
-                                  colorscale="Greys", ncontours=25, opacity=0.5, hoverinfo="skip"))
+    figure = go.Figure(
+        go.Contour(
+            x=xs.tolist(),
+            y=ys.tolist(),
+            z=Z.reshape(X.shape).tolist(),
+            showscale=False,
+            colorscale="Greys",
+            ncontours=25,
+            opacity=0.5,
+            hoverinfo="skip",
+        )
+    )
     for run in runs:
-        figure.add_scatter(x=run.x[:, 0].tolist(), y=run.x[:, 1].tolist(), mode="lines+markers", marker_size=4,
-                           name=run.method.upper(), customdata=list(range(len(run.x))),
-                           hovertemplate="step %{customdata}<br>x = (%{x:.3g}, %{y:.3g})<extra>" + run.method.upper() + "</extra>")
+        figure.add_scatter(
+            x=run.x[:, 0].tolist(),
+            y=run.x[:, 1].tolist(),
+            mode="lines+markers",
+            marker_size=4,
+            name=run.method.upper(),
+            customdata=list(range(len(run.x))),
+            hovertemplate="step %{customdata}<br>x = (%{x:.3g}, %{y:.3g})<extra>"
+            + run.method.upper()
+            + "</extra>",
+        )
     star = quadratic.minimizer
-    figure.add_scatter(x=[float(star[0])], y=[float(star[1])], mode="markers", marker_symbol="x", marker_size=12,
-                       name="x*", marker_color="black")
-    figure.update_layout(title=title, xaxis_title="x₁", yaxis_title="x₂", template="plotly_white",
-                         yaxis_scaleanchor="x")
+    figure.add_scatter(
+        x=[float(star[0])],
+        y=[float(star[1])],
+        mode="markers",
+        marker_symbol="x",
+        marker_size=12,
+        name="x*",
+        marker_color="black",
+    )
+    figure.update_layout(
+        title=title,
+        xaxis_title="x₁",
+        yaxis_title="x₂",
+        template="plotly_white",
+        yaxis_scaleanchor="x",
+    )
     return figure
 
 
 def oblong_quadratic(condition: float = 50.0, seed: int = 0) -> Quadratic:
     """A 2-D quadratic with eigenvalues (1/condition, 1) along the axes and its minimum at the origin."""
     check_number("condition", condition, 1.0)
-    q = Quadratic.from_spectrum([1.0 / condition, 1.0], seed=seed, rotate=False, spectrum=f"oblong, condition {condition:g}")
+    q = Quadratic.from_spectrum(
+        [1.0 / condition, 1.0], seed=seed, rotate=False, spectrum=f"oblong, condition {condition:g}"
+    )
     q.b = torch.zeros(2, dtype=torch.float64)
     return q
 
 # %% ../nbs/80_quadratic.ipynb #3dd0e203
-def eigendirection_figure(quadratic: Quadratic, runs: list[MomentumRun], directions: int = 4,
-                          title: str = "Error along eigendirections"):
+def eigendirection_figure(
+    quadratic: Quadratic,
+    runs: list[MomentumRun],
+    directions: int = 4,
+    title: str = "Error along eigendirections",
+):
     """|Uᵢᵀ(x_t − x*)| over t for `directions` eigendirections spread over the spectrum, one line per run and direction."""
     import plotly.graph_objects as go
 
-    picks = sorted({round(i * (quadratic.n - 1) / max(1, directions - 1)) for i in range(min(directions, quadratic.n))})
+    picks = sorted(
+        {
+            round(i * (quadratic.n - 1) / max(1, directions - 1))
+            for i in range(min(directions, quadratic.n))
+        }
+    )
     figure = go.Figure()
     dashes = ["solid", "dash", "dot", "dashdot"]
     for r, run in enumerate(runs):
         for i in picks:
             lam = float(quadratic.eigenvalues[i])
-            figure.add_scatter(y=run.errors[:, i].abs().clamp_min(1e-300).tolist(), mode="lines",
-                               name=f"{run.method.upper()} λ = {lam:.3g}", line_dash=dashes[r % len(dashes)],
-                               hovertemplate="step %{x}<br>|error| %{y:.3g}<extra>" + f"{run.method.upper()}, λ = {lam:.3g}" + "</extra>")
-    figure.update_layout(title=title, xaxis_title="step t", yaxis_title="|Uᵢᵀ(x_t − x*)|", yaxis_type="log",
-                         template="plotly_white")
+            figure.add_scatter(
+                y=run.errors[:, i].abs().clamp_min(1e-300).tolist(),
+                mode="lines",
+                name=f"{run.method.upper()} λ = {lam:.3g}",
+                line_dash=dashes[r % len(dashes)],
+                hovertemplate="step %{x}<br>|error| %{y:.3g}<extra>"
+                + f"{run.method.upper()}, λ = {lam:.3g}"
+                + "</extra>",
+            )
+    figure.update_layout(
+        title=title,
+        xaxis_title="step t",
+        yaxis_title="|Uᵢᵀ(x_t − x*)|",
+        yaxis_type="log",
+        template="plotly_white",
+    )
     return figure
 
 
@@ -259,13 +341,37 @@ def rate_map_figure(eigenvalues, lrs, momenta, title: str = "Convergence rate ov
     for col, method in enumerate(("cm", "nag"), start=1):
         rates = rate_map(eigenvalues, lrs, momenta, method)
         z = torch.log10(rates.clamp_min(1e-16)).clamp(max=0.5)
-        figure.add_trace(go.Heatmap(x=list(map(float, lrs)), y=list(map(float, momenta)), z=z.tolist(), zmin=-2, zmax=0.5,
-                                    colorscale="Viridis", colorbar_title="log₁₀ rate", showscale=col == 2,
-                                    hovertemplate="ε %{x:.3g}<br>μ %{y:.3g}<br>log₁₀ rate %{z:.3f}<extra>" + method.upper() + "</extra>"),
-                         row=1, col=col)
-        figure.add_trace(go.Contour(x=list(map(float, lrs)), y=list(map(float, momenta)), z=rates.tolist(), showscale=False,
-                                    contours=dict(start=1.0, end=1.0, coloring="none"), line=dict(color="red", width=2),
-                                    hoverinfo="skip", name="rate = 1"), row=1, col=col)
+        figure.add_trace(
+            go.Heatmap(
+                x=list(map(float, lrs)),
+                y=list(map(float, momenta)),
+                z=z.tolist(),
+                zmin=-2,
+                zmax=0.5,
+                colorscale="Viridis",
+                colorbar_title="log₁₀ rate",
+                showscale=col == 2,
+                hovertemplate="ε %{x:.3g}<br>μ %{y:.3g}<br>log₁₀ rate %{z:.3f}<extra>"
+                + method.upper()
+                + "</extra>",
+            ),
+            row=1,
+            col=col,
+        )
+        figure.add_trace(
+            go.Contour(
+                x=list(map(float, lrs)),
+                y=list(map(float, momenta)),
+                z=rates.tolist(),
+                showscale=False,
+                contours=dict(start=1.0, end=1.0, coloring="none"),
+                line=dict(color="red", width=2),
+                hoverinfo="skip",
+                name="rate = 1",
+            ),
+            row=1,
+            col=col,
+        )
     figure.update_xaxes(title_text="learning rate ε", type="log")
     figure.update_yaxes(title_text="momentum μ", row=1, col=1)
     figure.update_layout(title=title, template="plotly_white")
@@ -278,8 +384,17 @@ def convergence_figure(runs: dict[str, MomentumRun], title: str = "q(x_t) − q(
 
     figure = go.Figure()
     for label, run in runs.items():
-        figure.add_scatter(y=run.values.clamp_min(1e-300).tolist(), mode="lines", name=label,
-                           hovertemplate="step %{x}<br>gap %{y:.3g}<extra>" + label + "</extra>")
-    figure.update_layout(title=title, xaxis_title="step t", yaxis_title="q(x_t) − q(x*)", yaxis_type="log",
-                         template="plotly_white")
+        figure.add_scatter(
+            y=run.values.clamp_min(1e-300).tolist(),
+            mode="lines",
+            name=label,
+            hovertemplate="step %{x}<br>gap %{y:.3g}<extra>" + label + "</extra>",
+        )
+    figure.update_layout(
+        title=title,
+        xaxis_title="step t",
+        yaxis_title="q(x_t) − q(x*)",
+        yaxis_type="log",
+        template="plotly_white",
+    )
     return figure

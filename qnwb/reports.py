@@ -28,15 +28,23 @@ def reports_dir() -> Path:
     configured = os.environ.get("QNWB_REPORTS")
     import qnwb
 
-    folder = Path(configured) if configured else Path(qnwb.__file__).resolve().parent.parent / "nbs" / "reports"
+    folder = (
+        Path(configured)
+        if configured
+        else Path(qnwb.__file__).resolve().parent.parent / "nbs" / "reports"
+    )
     if not folder.is_dir():
-        raise FileNotFoundError(f"report templates: {folder} is not a folder (set QNWB_REPORTS to the folder of templates)")
+        raise FileNotFoundError(
+            f"report templates: {folder} is not a folder (set QNWB_REPORTS to the folder of templates)"
+        )
     return folder
 
 
 def report_names() -> list[str]:
     "The names of the available reports (template file names without `.ipynb`)."
-    return sorted(p.stem for p in reports_dir().glob("*.ipynb") if not p.stem.startswith((".", "_")))
+    return sorted(
+        p.stem for p in reports_dir().glob("*.ipynb") if not p.stem.startswith((".", "_"))
+    )
 
 
 def template_path(name: str) -> Path:
@@ -45,7 +53,9 @@ def template_path(name: str) -> Path:
         raise ValueError(f"report: a name is letters, digits, '-' and '_', got {name!r}")
     path = reports_dir() / f"{name}.ipynb"
     if not path.is_file():
-        raise ValueError(f"report: unknown report {name!r}; available: {', '.join(report_names()) or 'none'}")
+        raise ValueError(
+            f"report: unknown report {name!r}; available: {', '.join(report_names()) or 'none'}"
+        )
     return path
 
 # %% ../nbs/92_reports.ipynb #5e1f0a02
@@ -63,7 +73,9 @@ def _plain(value, where: str, depth: int = 0, tuples: bool = True):
     """`value` checked to be plain data (see above) and copied, tuples as lists; a ValueError naming `where` otherwise.
     `tuples=False` refuses tuples (a template's defaults, which papermill would pass on as they are)."""
     if depth > PARAMETER_DEPTH:
-        raise ValueError(f"parameters: {where} nests lists / dicts more than {PARAMETER_DEPTH} deep")
+        raise ValueError(
+            f"parameters: {where} nests lists / dicts more than {PARAMETER_DEPTH} deep"
+        )
     kind = type(value)
     if value is None or kind in (bool, int, str):
         return value
@@ -76,29 +88,47 @@ def _plain(value, where: str, depth: int = 0, tuples: bool = True):
     if kind is dict:
         for key in value:
             if type(key) is not str:
-                raise ValueError(f"parameters: {where} has the key {_short(key)}, a {type(key).__name__}; dict keys must be str")
+                raise ValueError(
+                    f"parameters: {where} has the key {_short(key)}, a {type(key).__name__}; dict keys must be str"
+                )
         return {key: _plain(v, f"{where}[{key!r}]", depth + 1, tuples) for key, v in value.items()}
     hint = " (write a list instead of a tuple)" if kind is tuple else ""
-    raise ValueError(f"parameters: {where} must be None, a bool, int, float or str, or a list / dict (str keys) of those{hint}; "
-                     f"got a {kind.__name__}: {_short(value)}")
+    raise ValueError(
+        f"parameters: {where} must be None, a bool, int, float or str, or a list / dict (str keys) of those{hint}; "
+        f"got a {kind.__name__}: {_short(value)}"
+    )
 
 # %% ../nbs/92_reports.ipynb #cdb57063
 def template_parameters(path: str | os.PathLike) -> dict:
     "The defaults of a template's `parameters` cell (literal assignments of plain data only)."
     cells = json.loads(Path(path).read_text())["cells"]
-    tagged = [c for c in cells if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", [])]
+    tagged = [
+        c
+        for c in cells
+        if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", [])
+    ]
     if len(tagged) != 1:
-        raise ValueError(f"{path}: a report template needs exactly one code cell tagged 'parameters', found {len(tagged)}")
+        raise ValueError(
+            f"{path}: a report template needs exactly one code cell tagged 'parameters', found {len(tagged)}"
+        )
     source = "".join(tagged[0]["source"])
     defaults = {}
     for statement in ast.parse(source).body:
-        if not (isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name)):
-            raise ValueError(f"{path}: the parameters cell may only assign literals to names, found {ast.unparse(statement)!r}")
+        if not (
+            isinstance(statement, ast.Assign)
+            and len(statement.targets) == 1
+            and isinstance(statement.targets[0], ast.Name)
+        ):
+            raise ValueError(
+                f"{path}: the parameters cell may only assign literals to names, found {ast.unparse(statement)!r}"
+            )
         name = statement.targets[0].id
         try:
             value = ast.literal_eval(statement.value)
         except ValueError:
-            raise ValueError(f"{path}: parameter {name} is not a literal: {ast.unparse(statement.value)}") from None
+            raise ValueError(
+                f"{path}: parameter {name} is not a literal: {ast.unparse(statement.value)}"
+            ) from None
         try:
             defaults[name] = _plain(value, f"the default of {name}", tuples=False)
         except ValueError as e:
@@ -106,17 +136,23 @@ def template_parameters(path: str | os.PathLike) -> dict:
     return defaults
 
 # %% ../nbs/92_reports.ipynb #3815cd3e
-def parse_value(text: str,  # a value as typed on the command line
-                max_length: int = 100_000,  # longer texts are refused before parsing
-                ):
+def parse_value(
+    text: str,  # a value as typed on the command line
+    max_length: int = 100_000,  # longer texts are refused before parsing
+):
     "A command-line value as a Python literal when it is one, else the string itself."
     if not isinstance(text, str):
         raise TypeError(f"value: expected a str, got {type(text).__name__}")
     if len(text) > max_length:
-        raise ValueError(f"value: {len(text):,} characters, more than the {max_length:,} a value may have: {_short(text)}")
+        raise ValueError(
+            f"value: {len(text):,} characters, more than the {max_length:,} a value may have: {_short(text)}"
+        )
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):  # not a literal (a name such as adam, or a nesting the parser refuses): the text itself
+    except (
+        ValueError,
+        SyntaxError,
+    ):  # not a literal (a name such as adam, or a nesting the parser refuses): the text itself
         return text
     except (RecursionError, MemoryError):  # the parser's own recursion / stack limits
         raise ValueError(f"value: nested too deeply to read: {_short(text)}") from None
@@ -146,13 +182,20 @@ def _conform(value, default, where: str, depth: int = 0):
     if default is None:
         return _plain(value, where, depth)
     if depth > PARAMETER_DEPTH:
-        raise ValueError(f"parameters: {where} nests lists / dicts more than {PARAMETER_DEPTH} deep")
+        raise ValueError(
+            f"parameters: {where} nests lists / dicts more than {PARAMETER_DEPTH} deep"
+        )
     kind, expected = type(value), type(default)
-    ok = (kind is expected or expected is float and kind is int
-          or expected is list and kind is tuple)
+    ok = kind is expected or expected is float and kind is int or expected is list and kind is tuple
     if not ok:
-        like = f"like its default {_short(default)}" if depth == 0 else f"like {_short(default)} in the default"
-        raise ValueError(f"parameters: {where} must be a {_type_name(default)} {like}, got {_short(value)}")
+        like = (
+            f"like its default {_short(default)}"
+            if depth == 0
+            else f"like {_short(default)} in the default"
+        )
+        raise ValueError(
+            f"parameters: {where} must be a {_type_name(default)} {like}, got {_short(value)}"
+        )
     if expected is list:
         element = _common(default)
         return [_conform(v, element, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
@@ -161,9 +204,13 @@ def _conform(value, default, where: str, depth: int = 0):
         checked = {}
         for key, v in value.items():
             if type(key) is not str:
-                raise ValueError(f"parameters: {where} has the key {_short(key)}, a {type(key).__name__}; dict keys must be str")
+                raise ValueError(
+                    f"parameters: {where} has the key {_short(key)}, a {type(key).__name__}; dict keys must be str"
+                )
             if key not in default and default and mapping is None:
-                raise ValueError(f"parameters: {where} has no key {key!r}; it takes {', '.join(map(repr, default))}")
+                raise ValueError(
+                    f"parameters: {where} has no key {key!r}; it takes {', '.join(map(repr, default))}"
+                )
             checked[key] = _conform(v, default.get(key, mapping), f"{where}[{key!r}]", depth + 1)
         return checked
     return _plain(value, where, depth)
@@ -174,8 +221,13 @@ def check_parameters(defaults: dict, given: dict | None) -> dict:
     given = dict(given or {})
     unknown = sorted(str(name) for name in given if name not in defaults)
     if unknown:
-        raise ValueError(f"parameters: unknown {', '.join(unknown)}; this report takes {', '.join(defaults) or 'none'}")
-    merged = {name: _plain(default, f"the default of {name}", tuples=False) for name, default in defaults.items()}
+        raise ValueError(
+            f"parameters: unknown {', '.join(unknown)}; this report takes {', '.join(defaults) or 'none'}"
+        )
+    merged = {
+        name: _plain(default, f"the default of {name}", tuples=False)
+        for name, default in defaults.items()
+    }
     for name, value in given.items():
         merged[name] = _conform(value, merged[name], name)
     return merged
@@ -197,35 +249,58 @@ def check_literal_assignments(source: str, parameters: dict) -> dict:
     try:
         body = ast.parse(source).body
     except SyntaxError as e:
-        raise ValueError(f"parameters: the cell to inject is not valid Python ({e.msg}); refusing to run it") from None
+        raise ValueError(
+            f"parameters: the cell to inject is not valid Python ({e.msg}); refusing to run it"
+        ) from None
     assigned = {}
     for statement in body:
-        if not (isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name)):
-            raise ValueError(f"parameters: the cell to inject holds {_short(ast.unparse(statement))}, "
-                             "which is not a literal assignment; refusing to run it")
+        if not (
+            isinstance(statement, ast.Assign)
+            and len(statement.targets) == 1
+            and isinstance(statement.targets[0], ast.Name)
+        ):
+            raise ValueError(
+                f"parameters: the cell to inject holds {_short(ast.unparse(statement))}, "
+                "which is not a literal assignment; refusing to run it"
+            )
         name = statement.targets[0].id
         try:
             assigned[name] = ast.literal_eval(statement.value)
         except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
-            raise ValueError(f"parameters: {name} would reach the report as the code {_short(ast.unparse(statement.value))}, "
-                             "not as a literal; refusing to run it") from None
+            raise ValueError(
+                f"parameters: {name} would reach the report as the code {_short(ast.unparse(statement.value))}, "
+                "not as a literal; refusing to run it"
+            ) from None
     for name in sorted(set(assigned) | set(parameters)):
-        if name not in assigned or name not in parameters or not _identical(assigned[name], parameters[name]):
-            raise ValueError(f"parameters: {name} would reach the report as {_short(assigned.get(name, 'nothing'))} instead of "
-                             f"{_short(parameters.get(name, 'nothing'))}; refusing to run it")
+        if (
+            name not in assigned
+            or name not in parameters
+            or not _identical(assigned[name], parameters[name])
+        ):
+            raise ValueError(
+                f"parameters: {name} would reach the report as {_short(assigned.get(name, 'nothing'))} instead of "
+                f"{_short(parameters.get(name, 'nothing'))}; refusing to run it"
+            )
     return assigned
 
 
-def injected_parameters(template: str | os.PathLike,  # a report template (template_path(name))
-                        parameters: dict,  # the checked parameters (check_parameters)
-                        kernel: str = "python3",  # the kernel papermill will run it with
-                        ) -> str:
+def injected_parameters(
+    template: str | os.PathLike,  # a report template (template_path(name))
+    parameters: dict,  # the checked parameters (check_parameters)
+    kernel: str = "python3",  # the kernel papermill will run it with
+) -> str:
     """The source of the cell papermill injects into `template` for `parameters`, checked by `check_literal_assignments`."""
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    notebook = parameterize_notebook(load_notebook_node(str(template)), parameters, kernel_name=kernel)
-    source = next(cell.source for cell in notebook.cells if "injected-parameters" in cell.metadata.get("tags", []))
+    notebook = parameterize_notebook(
+        load_notebook_node(str(template)), parameters, kernel_name=kernel
+    )
+    source = next(
+        cell.source
+        for cell in notebook.cells
+        if "injected-parameters" in cell.metadata.get("tags", [])
+    )
     check_literal_assignments(source, parameters)
     return source
 
@@ -261,11 +336,15 @@ def to_html(notebook: str | os.PathLike, html: str | os.PathLike) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(template_name="lab", exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter = HTMLExporter(
+        template_name="lab", exclude_input_prompt=True, exclude_output_prompt=True
+    )
     exporter.mathjax_url = ""  # no MathJax from a CDN: the reports' formulas are plain text
     exporter.require_js_url = ""
     body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
-    body = re.sub(r'<script[^>]*\ssrc="(https?://[^"]*)?"[^>]*>\s*</script>', "", body)  # CDN script tags, and the empty ones left
+    body = re.sub(
+        r'<script[^>]*\ssrc="(https?://[^"]*)?"[^>]*>\s*</script>', "", body
+    )  # CDN script tags, and the empty ones left
     Path(html).write_text(body, encoding="utf-8")
     return Path(html)
 
@@ -278,8 +357,12 @@ def _unformatted(path: Path) -> str:
 def _free_stem(folder: Path, name: str) -> str:
     "`NAME-YYYYmmdd-HHMMSS`, with `-2`, `-3`, ... when a rendering in `folder` has that stem already."
     stem = f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    for count in range(2, 1000):  # two renderings in one second: -2, -3, ... rather than overwriting
-        if not any((folder / f"{stem}{suffix}").exists() for suffix in (".ipynb", ".html", ".json")):
+    for count in range(
+        2, 1000
+    ):  # two renderings in one second: -2, -3, ... rather than overwriting
+        if not any(
+            (folder / f"{stem}{suffix}").exists() for suffix in (".ipynb", ".html", ".json")
+        ):
             break
         stem = f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{count}"
     return stem
@@ -301,7 +384,9 @@ def render_report(
 
     template = template_path(name)
     merged = check_parameters(template_parameters(template), parameters)
-    injected_parameters(template, merged, kernel)  # what the kernel will receive: the checked literals, nothing else
+    injected_parameters(
+        template, merged, kernel
+    )  # what the kernel will receive: the checked literals, nothing else
     folder = Path(out)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -310,13 +395,24 @@ def render_report(
     if not os.access(folder, os.W_OK):
         raise ValueError(f"out: the report folder {folder} is not writable")
     stem = _free_stem(folder, name)
-    executed, html, results = folder / f"{stem}.ipynb", folder / f"{stem}.html", folder / f"{stem}.json"
+    executed, html, results = (
+        folder / f"{stem}.ipynb",
+        folder / f"{stem}.html",
+        folder / f"{stem}.json",
+    )
     start = time.perf_counter()
     previous = os.environ.get("QNWB_REPORT_DIR")
     os.environ["QNWB_REPORT_DIR"], os.environ["QNWB_REPORT_STEM"] = str(folder.resolve()), stem
     try:
-        papermill.execute_notebook(_unformatted(template), _unformatted(executed), parameters=merged, kernel_name=kernel, progress_bar=progress,
-                                   cwd=str(template.parent), execution_timeout=timeout)
+        papermill.execute_notebook(
+            _unformatted(template),
+            _unformatted(executed),
+            parameters=merged,
+            kernel_name=kernel,
+            progress_bar=progress,
+            cwd=str(template.parent),
+            execution_timeout=timeout,
+        )
     finally:
         if previous is None:
             os.environ.pop("QNWB_REPORT_DIR", None)
@@ -324,8 +420,14 @@ def render_report(
             os.environ["QNWB_REPORT_DIR"] = previous
         os.environ.pop("QNWB_REPORT_STEM", None)
     to_html(executed, html)
-    return Report(name=name, parameters=merged, notebook=executed, html=html, results=results if results.exists() else None,
-                  seconds=time.perf_counter() - start)
+    return Report(
+        name=name,
+        parameters=merged,
+        notebook=executed,
+        html=html,
+        results=results if results.exists() else None,
+        seconds=time.perf_counter() - start,
+    )
 
 # %% ../nbs/92_reports.ipynb #f796c668
 def report_results(results: dict) -> Path | None:
@@ -341,15 +443,18 @@ def report_results(results: dict) -> Path | None:
     path.write_text(text, encoding="utf-8")
     return path
 
-
 # %% ../nbs/92_reports.ipynb #9152f29e
-def run_grid(optimizers: Sequence[str],  # names of qnwb.optim.OPTIMIZERS
-             seeds: Sequence[int],
-             config: Callable[[str, int], dict],  # (optimizer, seed) ↦ a run configuration (qnwb.runs.check_config)
-             store=None,  # the run store (a RunStore, a path, None: the default store, False: none)
-             progress: bool = False,  # progress bars
-             describe: Callable[[dict], str] | None = None,  # a finished run's summary ↦ the rest of its line
-             ) -> tuple[dict, dict]:
+def run_grid(
+    optimizers: Sequence[str],  # names of qnwb.optim.OPTIMIZERS
+    seeds: Sequence[int],
+    config: Callable[
+        [str, int], dict
+    ],  # (optimizer, seed) ↦ a run configuration (qnwb.runs.check_config)
+    store=None,  # the run store (a RunStore, a path, None: the default store, False: none)
+    progress: bool = False,  # progress bars
+    describe: Callable[[dict], str]
+    | None = None,  # a finished run's summary ↦ the rest of its line
+) -> tuple[dict, dict]:
     """Run every optimizer on every seed: `(runners, failed)` keyed by `(optimizer, seed)`; `failed` holds the diverged."""
     from qnwb.optim import suggested_hyperparameters
     from qnwb.problems import problem_family
@@ -357,18 +462,26 @@ def run_grid(optimizers: Sequence[str],  # names of qnwb.optim.OPTIMIZERS
 
     if not optimizers or not seeds:
         raise ValueError("optimizers and seeds: give at least one of each")
-    describe = describe or (lambda s: f"{s['status']}, {s['steps']} steps, held-out error "
-                                      f"{s['last_evaluation']['validation_error']:.4g}, {s['seconds']:.1f} s")
+    describe = describe or (
+        lambda s: (
+            f"{s['status']}, {s['steps']} steps, held-out error "
+            f"{s['last_evaluation']['validation_error']:.4g}, {s['seconds']:.1f} s"
+        )
+    )
     runners, failed = {}, {}
     for optimizer in optimizers:
         for seed in seeds:
             c = dict(config(optimizer, seed))
             if "hyperparameters" not in c:
-                c["hyperparameters"] = suggested_hyperparameters(optimizer, problem_family(c["problem"]))
+                c["hyperparameters"] = suggested_hyperparameters(
+                    optimizer, problem_family(c["problem"])
+                )
             runner = runners[optimizer, seed] = Runner(c, store=store, progress=progress)
             try:
                 summary = runner.run()
-            except FloatingPointError as e:  # a diverged run: stored as failed (with its evaluations), the others go on
+            except (
+                FloatingPointError
+            ) as e:  # a diverged run: stored as failed (with its evaluations), the others go on
                 failed[optimizer, seed] = str(e)
                 print(f"{optimizer:>13} seed {seed}: failed ({e})")
                 continue
@@ -386,13 +499,17 @@ def _work(row: dict, x: str) -> float:
     if x == "evaluations":
         return float(row["gradient_evaluations"]) + float(row["curvature_products"])
     if x not in row:
-        raise ValueError(f"x: evaluation rows have no {x!r}; use 'evaluations' or one of {sorted(row)}")
+        raise ValueError(
+            f"x: evaluation rows have no {x!r}; use 'evaluations' or one of {sorted(row)}"
+        )
     return float(row[x])
 
 
 def _check_curves(curves) -> dict:
     if not isinstance(curves, dict) or not curves:
-        raise ValueError("curves: expected a non-empty dict label ↦ list of evaluation-row lists (one per seed)")
+        raise ValueError(
+            "curves: expected a non-empty dict label ↦ list of evaluation-row lists (one per seed)"
+        )
     for label, seeds in curves.items():
         if not seeds or any(not runs for runs in seeds):
             raise ValueError(f"curves: {label!r} has a seed without evaluations")
@@ -417,15 +534,36 @@ def learning_curves_figure(
         xs = [sum(_work(rows[k], x) for rows in seeds) / len(seeds) for k in range(length)]
         values = [[_number(rows[k], y) for rows in seeds] for k in range(length)]
         if len(seeds) > 1:
-            figure.add_scatter(x=xs + xs[::-1], y=[max(v) for v in values] + [min(v) for v in values][::-1], fill="toself",
-                               fillcolor=colour, opacity=0.2, line_width=0, name=f"{label} range", legendgroup=label, showlegend=False,
-                               hoverinfo="skip")
-        figure.add_scatter(x=xs, y=[sum(v) / len(v) for v in values], mode="lines+markers", name=label, legendgroup=label,
-                           line_color=colour, customdata=[[min(v), max(v), len(v)] for v in values],
-                           hovertemplate=f"{x} %{{x:.4g}}<br>{y} %{{y:.4g}}<br>range %{{customdata[0]:.4g}} – %{{customdata[1]:.4g}} "
-                                         f"over %{{customdata[2]}} seed(s)<extra>{label}</extra>")
-    figure.update_layout(title=title or f"{y} against {x}", xaxis_title=x.replace("_", " "), yaxis_title=y.replace("_", " "),
-                         yaxis_type="log" if log_y else "linear", template="plotly_white")
+            figure.add_scatter(
+                x=xs + xs[::-1],
+                y=[max(v) for v in values] + [min(v) for v in values][::-1],
+                fill="toself",
+                fillcolor=colour,
+                opacity=0.2,
+                line_width=0,
+                name=f"{label} range",
+                legendgroup=label,
+                showlegend=False,
+                hoverinfo="skip",
+            )
+        figure.add_scatter(
+            x=xs,
+            y=[sum(v) / len(v) for v in values],
+            mode="lines+markers",
+            name=label,
+            legendgroup=label,
+            line_color=colour,
+            customdata=[[min(v), max(v), len(v)] for v in values],
+            hovertemplate=f"{x} %{{x:.4g}}<br>{y} %{{y:.4g}}<br>range %{{customdata[0]:.4g}} – %{{customdata[1]:.4g}} "
+            f"over %{{customdata[2]}} seed(s)<extra>{label}</extra>",
+        )
+    figure.update_layout(
+        title=title or f"{y} against {x}",
+        xaxis_title=x.replace("_", " "),
+        yaxis_title=y.replace("_", " "),
+        yaxis_type="log" if log_y else "linear",
+        template="plotly_white",
+    )
     return figure
 
 # %% ../nbs/92_reports.ipynb #c95dbdb5
@@ -439,10 +577,29 @@ class SummaryTable:
     x: str
 
     def _cells(self) -> tuple[list[str], list[list[str]]]:
-        header = ["optimizer", "seeds", f"final {self.metric}", "range", f"best {self.metric}",
-                  f"{self.x} to ≤ {self.target:g}" if self.target is not None else "speed", "reached", f"total {self.x}"]
-        body = [[r["label"], str(r["seeds"]), f"{r['final']:.4g}", f"{r['final_min']:.4g} – {r['final_max']:.4g}", f"{r['best']:.4g}",
-                 "—" if r["speed"] is None else f"{r['speed']:.4g}", f"{r['reached']}/{r['seeds']}", f"{r['work']:.4g}"] for r in self.rows]
+        header = [
+            "optimizer",
+            "seeds",
+            f"final {self.metric}",
+            "range",
+            f"best {self.metric}",
+            f"{self.x} to ≤ {self.target:g}" if self.target is not None else "speed",
+            "reached",
+            f"total {self.x}",
+        ]
+        body = [
+            [
+                r["label"],
+                str(r["seeds"]),
+                f"{r['final']:.4g}",
+                f"{r['final_min']:.4g} – {r['final_max']:.4g}",
+                f"{r['best']:.4g}",
+                "—" if r["speed"] is None else f"{r['speed']:.4g}",
+                f"{r['reached']}/{r['seeds']}",
+                f"{r['work']:.4g}",
+            ]
+            for r in self.rows
+        ]
         return header, body
 
     def _repr_html_(self) -> str:
@@ -450,13 +607,17 @@ class SummaryTable:
 
         header, body = self._cells()
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body
+        )
         return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
     def __str__(self) -> str:
         header, body = self._cells()
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *body])
+        return "\n".join(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *body]
+        )
 
     __repr__ = __str__
 
@@ -464,7 +625,8 @@ class SummaryTable:
 def summary_table(
     curves: dict,  # label ↦ [evaluation rows of seed 1, …], as for learning_curves_figure
     metric: str = "validation_error",  # lower is better
-    target: float | None = None,  # speed = the work at the first evaluation with metric ≤ target (median over the seeds that reach it)
+    target: float
+    | None = None,  # speed = the work at the first evaluation with metric ≤ target (median over the seeds that reach it)
     x: str = "evaluations",
 ) -> SummaryTable:
     """Final and best value of `metric` per label (mean over seeds, with the range) and the work to reach `target`."""
@@ -473,11 +635,34 @@ def summary_table(
     rows = []
     for label, seeds in _check_curves(curves).items():
         finals = [_number(runs[-1], metric) for runs in seeds]
-        reach = [next((_work(row, x) for row in runs if _number(row, metric) <= target), None) for runs in seeds] if target is not None else []
+        reach = (
+            [
+                next((_work(row, x) for row in runs if _number(row, metric) <= target), None)
+                for runs in seeds
+            ]
+            if target is not None
+            else []
+        )
         reached = [w for w in reach if w is not None]
-        rows.append({"label": label, "seeds": len(seeds), "final": statistics.fmean(finals), "final_min": min(finals), "final_max": max(finals),
-                     "best": min((v for runs in seeds for row in runs if not math.isnan(v := _number(row, metric))), default=math.nan),
-                     "reached": len(reached),
-                     "speed": statistics.median(reached) if reached else None,
-                     "work": statistics.fmean(_work(runs[-1], x) for runs in seeds)})
+        rows.append(
+            {
+                "label": label,
+                "seeds": len(seeds),
+                "final": statistics.fmean(finals),
+                "final_min": min(finals),
+                "final_max": max(finals),
+                "best": min(
+                    (
+                        v
+                        for runs in seeds
+                        for row in runs
+                        if not math.isnan(v := _number(row, metric))
+                    ),
+                    default=math.nan,
+                ),
+                "reached": len(reached),
+                "speed": statistics.median(reached) if reached else None,
+                "work": statistics.fmean(_work(runs[-1], x) for runs in seeds),
+            }
+        )
     return SummaryTable(rows, metric, target, x)

@@ -23,8 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .core import (atomic_write, check_number, check_positive_int, default_device, rng_state,
-                       patch, seed_everything, set_rng_state)
+from qnwb.core import (
+    atomic_write,
+    check_number,
+    check_positive_int,
+    default_device,
+    patch,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from .optim import OPTIMIZERS, make_optimizer, make_schedule, optimizer_entry, take_step
 from .problems import DTYPES, PROBLEMS, EpochStream, make_problem
 from .store import RunLock, RunStore, absolute_path, check_output_path, same_file, store_path
@@ -35,30 +43,59 @@ __all__ = ['BUDGET_UNITS', 'TARGET_METRICS', 'CONFIG_DEFAULTS', 'BUDGET_LIMIT', 
            'check_config', 'load_config', 'Runner', 'check_checkpoint', 'read_checkpoint', 'run_config', 'replay']
 
 # %% ../nbs/87_runs.ipynb #119e6b87
-BUDGET_UNITS = ("steps", "gradient_evaluations", "curvature_products", "evaluations", "epochs", "seconds")
+BUDGET_UNITS = (
+    "steps",
+    "gradient_evaluations",
+    "curvature_products",
+    "evaluations",
+    "epochs",
+    "seconds",
+)
 TARGET_METRICS = ("validation_error", "validation_loss", "train_error", "train_loss")
-CONFIG_DEFAULTS = {"name": None, "problem": None, "problem_options": {}, "optimizer": None, "hyperparameters": {}, "seed": 0,
-                   "device": None, "dtype": None, "budget": None, "evaluate_every": 10, "evaluate_unit": "steps", "target": None,
-                   "checkpoint": None, "checkpoint_every": None, "curvature_batch_size": None}
+CONFIG_DEFAULTS = {
+    "name": None,
+    "problem": None,
+    "problem_options": {},
+    "optimizer": None,
+    "hyperparameters": {},
+    "seed": 0,
+    "device": None,
+    "dtype": None,
+    "budget": None,
+    "evaluate_every": 10,
+    "evaluate_unit": "steps",
+    "target": None,
+    "checkpoint": None,
+    "checkpoint_every": None,
+    "curvature_batch_size": None,
+}
 
 
-BUDGET_LIMIT = 1e15  # the largest limit of any budget unit: counts stay exact in a float and an SQLite integer
+BUDGET_LIMIT = (
+    1e15  # the largest limit of any budget unit: counts stay exact in a float and an SQLite integer
+)
 
 
 def check_budget(budget: Mapping[str, float]) -> dict[str, float]:
     """`budget` checked: a non-empty mapping of BUDGET_UNITS to positive limits (ints for counts)."""
     if not isinstance(budget, Mapping) or not budget:
-        raise ValueError(f"budget: give a mapping with at least one of {BUDGET_UNITS}, e.g. {{'gradient_evaluations': 1000}}; got {reprlib.repr(budget)}")
+        raise ValueError(
+            f"budget: give a mapping with at least one of {BUDGET_UNITS}, e.g. {{'gradient_evaluations': 1000}}; got {reprlib.repr(budget)}"
+        )
     checked = {}
     for unit, limit in budget.items():
         if unit not in BUDGET_UNITS:
             raise ValueError(f"budget: {reprlib.repr(unit)} is not one of {BUDGET_UNITS}")
         if unit in ("epochs", "seconds"):
-            checked[unit] = check_number(f"budget[{unit!r}]", limit, 0.0, BUDGET_LIMIT, low_open=True)
+            checked[unit] = check_number(
+                f"budget[{unit!r}]", limit, 0.0, BUDGET_LIMIT, low_open=True
+            )
         else:
             checked[unit] = check_positive_int(f"budget[{unit!r}]", limit)
             if limit > BUDGET_LIMIT:
-                raise ValueError(f"budget[{unit!r}]: at most {BUDGET_LIMIT:.0e}, got {reprlib.repr(limit)}")
+                raise ValueError(
+                    f"budget[{unit!r}]: at most {BUDGET_LIMIT:.0e}, got {reprlib.repr(limit)}"
+                )
     return checked
 
 # %% ../nbs/87_runs.ipynb #f8893419
@@ -68,12 +105,16 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"config: expected a mapping (dict), got {type(config).__name__}")
     unknown = sorted(set(config) - set(CONFIG_DEFAULTS))
     if unknown:
-        raise ValueError(f"config: unknown keys {reprlib.repr(unknown)}; allowed: {sorted(CONFIG_DEFAULTS)}")
+        raise ValueError(
+            f"config: unknown keys {reprlib.repr(unknown)}; allowed: {sorted(CONFIG_DEFAULTS)}"
+        )
     c = {**copy.deepcopy(CONFIG_DEFAULTS), **copy.deepcopy(dict(config))}
     if c["problem"] not in PROBLEMS:
         raise ValueError(f"problem: {reprlib.repr(c['problem'])} is not one of {sorted(PROBLEMS)}")
     if c["optimizer"] not in OPTIMIZERS:
-        raise ValueError(f"optimizer: {reprlib.repr(c['optimizer'])} is not one of {sorted(OPTIMIZERS)}")
+        raise ValueError(
+            f"optimizer: {reprlib.repr(c['optimizer'])} is not one of {sorted(OPTIMIZERS)}"
+        )
     for key in ("problem_options", "hyperparameters"):
         if not isinstance(c[key], Mapping):
             raise TypeError(f"{key}: expected a mapping, got {type(c[key]).__name__}")
@@ -81,14 +122,20 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(c["seed"], bool) or not isinstance(c["seed"], int) or not 0 <= c["seed"] < 2**32:
         raise ValueError(f"seed: must be an int in [0, 2**32), got {reprlib.repr(c['seed'])}")
     if c["dtype"] is not None and c["dtype"] not in DTYPES:
-        raise ValueError(f"dtype: must be one of {sorted(DTYPES)} or None, got {reprlib.repr(c['dtype'])}")
+        raise ValueError(
+            f"dtype: must be one of {sorted(DTYPES)} or None, got {reprlib.repr(c['dtype'])}"
+        )
     c["budget"] = check_budget(c["budget"])
     if c["evaluate_unit"] not in BUDGET_UNITS:
-        raise ValueError(f"evaluate_unit: {reprlib.repr(c['evaluate_unit'])} is not one of {BUDGET_UNITS}")
+        raise ValueError(
+            f"evaluate_unit: {reprlib.repr(c['evaluate_unit'])} is not one of {BUDGET_UNITS}"
+        )
     check_number("evaluate_every", c["evaluate_every"], 0.0, low_open=True)
     if c["target"] is not None:
         if not isinstance(c["target"], Mapping) or not c["target"]:
-            raise ValueError(f"target: expected a mapping {{metric: threshold}} with metrics from {TARGET_METRICS}, got {reprlib.repr(c['target'])}")
+            raise ValueError(
+                f"target: expected a mapping {{metric: threshold}} with metrics from {TARGET_METRICS}, got {reprlib.repr(c['target'])}"
+            )
         for metric, threshold in c["target"].items():
             if metric not in TARGET_METRICS:
                 raise ValueError(f"target: {reprlib.repr(metric)} is not one of {TARGET_METRICS}")
@@ -103,8 +150,12 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
         c["checkpoint"] = os.fspath(Path(c["checkpoint"]).expanduser())
     if c["name"] is not None and not isinstance(c["name"], str):
         raise TypeError(f"name: expected a str, got {type(c['name']).__name__}")
-    if c["name"] is not None and (len(c["name"]) > 200 or not c["name"].isprintable()):  # names reach terminals and spreadsheets
-        raise ValueError(f"name: at most 200 printable characters (no control characters or escape sequences), got {reprlib.repr(c['name'])}")
+    if c["name"] is not None and (
+        len(c["name"]) > 200 or not c["name"].isprintable()
+    ):  # names reach terminals and spreadsheets
+        raise ValueError(
+            f"name: at most 200 printable characters (no control characters or escape sequences), got {reprlib.repr(c['name'])}"
+        )
     return c
 
 # %% ../nbs/87_runs.ipynb #555c17f1
@@ -118,8 +169,10 @@ def _strict_yaml_loader():
         def compose_node(self, parent, index):
             event = self.peek_event()
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                raise yaml.MarkedYAMLError(problem="anchors and aliases (&name, *name) are not allowed in a configuration",
-                                           problem_mark=event.start_mark)
+                raise yaml.MarkedYAMLError(
+                    problem="anchors and aliases (&name, *name) are not allowed in a configuration",
+                    problem_mark=event.start_mark,
+                )
             return super().compose_node(parent, index)
 
         def construct_mapping(self, node, deep=False):
@@ -134,7 +187,9 @@ def _strict_yaml_loader():
                     except TypeError:  # an unhashable key: SafeLoader's own error below
                         continue
                     if duplicate:
-                        raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
+                        raise yaml.MarkedYAMLError(
+                            problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark
+                        )
                     seen.add(key)
             return super().construct_mapping(node, deep)
 
@@ -164,10 +219,11 @@ def _nesting(data) -> int:
     return deepest
 
 # %% ../nbs/87_runs.ipynb #c82978ff
-def load_config(path: str | os.PathLike,  # a JSON file, or YAML (.yaml / .yml); ~ is expanded
-                max_bytes: int = 1 << 20,  # larger files are refused before they are parsed
-                max_depth: int = 32,  # how deeply the settings may nest mappings and lists
-                ) -> dict[str, Any]:
+def load_config(
+    path: str | os.PathLike,  # a JSON file, or YAML (.yaml / .yml); ~ is expanded
+    max_bytes: int = 1 << 20,  # larger files are refused before they are parsed
+    max_depth: int = 32,  # how deeply the settings may nest mappings and lists
+) -> dict[str, Any]:
     """The checked configuration in the JSON or YAML file `path` (one-line ValueError naming the file when it cannot be read).
     The file is data: YAML is read by a SafeLoader without anchors / aliases, duplicate keys are refused in both formats."""
     path = Path(path).expanduser()
@@ -180,10 +236,13 @@ def load_config(path: str | os.PathLike,  # a JSON file, or YAML (.yaml / .yml);
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"config: cannot read {str(path)!r}: {e}") from None
     if len(raw) > max_bytes:
-        raise ValueError(f"config: {str(path)!r} is larger than max_bytes = {max_bytes:,} bytes; a configuration is a few settings")
+        raise ValueError(
+            f"config: {str(path)!r} is larger than max_bytes = {max_bytes:,} bytes; a configuration is a few settings"
+        )
     try:
         if yaml_file:
             import yaml
+
             data = yaml.load(text, Loader=_strict_yaml_loader())
         else:
             data = json.loads(text, object_pairs_hook=_unique_keys)
@@ -192,12 +251,22 @@ def load_config(path: str | os.PathLike,  # a JSON file, or YAML (.yaml / .yml);
     except Exception as e:  # json.JSONDecodeError, yaml.YAMLError, a duplicate key
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         problem = getattr(e, "problem", None) or getattr(e, "context", None)
-        where, detail = (f" at line {mark.line + 1}, column {mark.column + 1}", problem) if mark is not None and problem else ("", str(e))
-        raise ValueError(f"config: {str(path)!r} is not valid {kind}{where}: {' '.join(detail.split())}") from None  # one line
+        where, detail = (
+            (f" at line {mark.line + 1}, column {mark.column + 1}", problem)
+            if mark is not None and problem
+            else ("", str(e))
+        )
+        raise ValueError(
+            f"config: {str(path)!r} is not valid {kind}{where}: {' '.join(detail.split())}"
+        ) from None  # one line
     if _nesting(data) > max_depth:
-        raise ValueError(f"config: {str(path)!r} nests mappings and lists more than max_depth = {max_depth} deep")
+        raise ValueError(
+            f"config: {str(path)!r} nests mappings and lists more than max_depth = {max_depth} deep"
+        )
     if not isinstance(data, Mapping):
-        raise ValueError(f"config: {str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
+        raise ValueError(
+            f"config: {str(path)!r} must hold a mapping of settings, got {type(data).__name__}"
+        )
     return check_config(data)
 
 # %% ../nbs/87_runs.ipynb #9ce69707
@@ -207,8 +276,13 @@ class Runner:
     def __init__(
         self,
         config: Mapping[str, Any],  # see check_config
-        store: RunStore | str | os.PathLike | None | bool = None,  # a RunStore, a path, None: store_path(), False: no store
-        on_step: Callable[[dict], Any] | None = None,  # called after every step with the step's information
+        store: RunStore
+        | str
+        | os.PathLike
+        | None
+        | bool = None,  # a RunStore, a path, None: store_path(), False: no store
+        on_step: Callable[[dict], Any]
+        | None = None,  # called after every step with the step's information
         progress: bool = True,  # a tqdm bar (terminal or notebook)
         overwrite: bool = False,  # replace an existing file at the checkpoint path (never a store file or another run's checkpoint)
         _run_id: int | None = None,  # (resume) continue this run of the store
@@ -220,24 +294,38 @@ class Runner:
         self.device = default_device(c["device"])
         entry = optimizer_entry(c["optimizer"])
         seed_everything(c["seed"])
-        self.problem = make_problem(c["problem"], c["seed"], self.device, c["dtype"], **c["problem_options"])
+        self.problem = make_problem(
+            c["problem"], c["seed"], self.device, c["dtype"], **c["problem_options"]
+        )
         self._check_epochs()
         self._use_curvature_batches(entry)
         self._check_curvature_units(entry)
         self.model, self.loss = self.problem.model, self.problem.loss
-        self.optimizer = make_optimizer(c["optimizer"], self.model, self.loss, c["hyperparameters"], c["seed"])
+        self.optimizer = make_optimizer(
+            c["optimizer"], self.model, self.loss, c["hyperparameters"], c["seed"]
+        )
         self.entry = entry
         self.on_step, self.progress = on_step, progress
         self.stop_event = threading.Event()
         self._steering, self._steering_lock = [], threading.Lock()
-        self.schedule_specs: dict[str, Any] = {}  # lr / momentum steered to a schedule spec or a number (CM, NAG)
-        self.step, self.train_time, self.eval_time, self.elapsed, self.preemptions = 0, 0.0, 0.0, 0.0, 0
+        self.schedule_specs: dict[
+            str, Any
+        ] = {}  # lr / momentum steered to a schedule spec or a number (CM, NAG)
+        self.step, self.train_time, self.eval_time, self.elapsed, self.preemptions = (
+            0,
+            0.0,
+            0.0,
+            0.0,
+            0,
+        )
         self.counts = {"gradient_evaluations": 0, "curvature_products": 0, "loss_evaluations": 0}
         self.next_evaluation = c["evaluate_every"]
         self.history: dict[str, list] = {"steps": [], "evaluations": [], "steering": []}
         self.status, self.reached_target, self.last_evaluation = "created", False, None
         self._run_lock, self._in_step, self._rejected = None, False, 0
-        self._record_run(store, overwrite, _run_id)  # everything is built and checked: only now the store
+        self._record_run(
+            store, overwrite, _run_id
+        )  # everything is built and checked: only now the store
 
     def __repr__(self) -> str:
         c = self.config
@@ -248,9 +336,13 @@ class Runner:
 def _check_epochs(self: Runner) -> None:
     "Refuse epochs (in the budget or as the evaluation unit) on a problem whose training stream has none."
     c = self.config
-    if ("epochs" in c["budget"] or c["evaluate_unit"] == "epochs") and self.problem.stream.epoch_size is None:
-        raise ValueError(f"budget: {c['problem']!r} draws fresh training data every batch and has no epochs; "
-                         f"use steps, gradient_evaluations, curvature_products, evaluations or seconds")
+    if (
+        "epochs" in c["budget"] or c["evaluate_unit"] == "epochs"
+    ) and self.problem.stream.epoch_size is None:
+        raise ValueError(
+            f"budget: {c['problem']!r} draws fresh training data every batch and has no epochs; "
+            f"use steps, gradient_evaluations, curvature_products, evaluations or seconds"
+        )
 
 
 @patch
@@ -259,10 +351,14 @@ def _check_curvature_units(self: Runner, entry) -> None:
     c = self.config
     if not entry.curvature_products:
         if set(c["budget"]) == {"curvature_products"}:
-            raise ValueError(f"budget: {c['optimizer']!r} computes no curvature-vector products, so a budget of curvature_products "
-                             f"alone would never end; add a limit in another unit")
+            raise ValueError(
+                f"budget: {c['optimizer']!r} computes no curvature-vector products, so a budget of curvature_products "
+                f"alone would never end; add a limit in another unit"
+            )
         if c["evaluate_unit"] == "curvature_products":
-            raise ValueError(f"evaluate_unit: {c['optimizer']!r} computes no curvature-vector products; evaluate in another unit")
+            raise ValueError(
+                f"evaluate_unit: {c['optimizer']!r} computes no curvature-vector products; evaluate in another unit"
+            )
 
 # %% ../nbs/87_runs.ipynb #6b2d0100
 @patch
@@ -272,12 +368,18 @@ def _use_curvature_batches(self: Runner, entry) -> None:
     if c["curvature_batch_size"] is None:
         return
     if entry.curvature_batches is None:
-        raise ValueError(f"curvature_batch_size: {c['optimizer']!r} computes no curvature-vector products; only "
-                         f"{[n for n, e in OPTIMIZERS.items() if e.curvature_batches]} take a curvature batch")
+        raise ValueError(
+            f"curvature_batch_size: {c['optimizer']!r} computes no curvature-vector products; only "
+            f"{[n for n, e in OPTIMIZERS.items() if e.curvature_batches]} take a curvature batch"
+        )
     stream = self.problem.curvature_stream
-    if isinstance(stream, EpochStream):  # a fixed training set: the stream's own (checkpointed) order, smaller batches
+    if isinstance(
+        stream, EpochStream
+    ):  # a fixed training set: the stream's own (checkpointed) order, smaller batches
         if c["curvature_batch_size"] > stream.epoch_size:
-            raise ValueError(f"curvature_batch_size: {c['curvature_batch_size']} exceeds the {stream.epoch_size} training cases")
+            raise ValueError(
+                f"curvature_batch_size: {c['curvature_batch_size']} exceeds the {stream.epoch_size} training cases"
+            )
         stream.batch_size = c["curvature_batch_size"]
     else:  # fresh draws from the distribution: a draw of the new size (stateless apart from the stream's generator)
         stream.batch_size = c["curvature_batch_size"]
@@ -290,27 +392,61 @@ def _resized_draw(self: Runner, size: int):
     c = self.config
     options = {**c["problem_options"], "batch_size": size}
     resized = make_problem(c["problem"], c["seed"], self.device, c["dtype"], **options)
-    seed_everything(c["seed"])  # the second build must not move the global streams the first one left
+    seed_everything(
+        c["seed"]
+    )  # the second build must not move the global streams the first one left
     return resized.stream.draw
 
 # %% ../nbs/87_runs.ipynb #bb1e4fab
 @patch
-def _record_run(self: Runner, store: RunStore | str | os.PathLike | None | bool, overwrite: bool, run_id: int | None) -> None:
+def _record_run(
+    self: Runner,
+    store: RunStore | str | os.PathLike | None | bool,
+    overwrite: bool,
+    run_id: int | None,
+) -> None:
     "Open the store, record the run (or take the resumed `run_id`) and settle its checkpoint path."
     c = self.config
-    self.store = None if store is False else store if isinstance(store, RunStore) else RunStore(None if store in (None, True) else store)
+    self.store = (
+        None
+        if store is False
+        else store
+        if isinstance(store, RunStore)
+        else RunStore(None if store in (None, True) else store)
+    )
     configured = None if c["checkpoint"] is None else absolute_path(c["checkpoint"])
     if run_id is not None:  # resume: the store's run, its own checkpoint
         self.run_id, self.checkpoint_path = run_id, configured
     elif self.store is None:
         self.run_id = None
-        self.checkpoint_path = None if configured is None else check_output_path(configured, "checkpoint", overwrite=overwrite)
+        self.checkpoint_path = (
+            None
+            if configured is None
+            else check_output_path(configured, "checkpoint", overwrite=overwrite)
+        )
     else:
-        def checked(new_id: int) -> Path:  # inside create_run's transaction: a refusal records nothing
-            return check_output_path(configured or self.store.default_checkpoint(new_id), "checkpoint", self.store, new_id,
-                                     overwrite=overwrite)
-        self.run_id = self.store.create_run(c, name=c["name"], problem=c["problem"], optimizer=c["optimizer"], seed=c["seed"],
-                                            device=str(self.device), checkpoint=checked, status="created")
+
+        def checked(
+            new_id: int,
+        ) -> Path:  # inside create_run's transaction: a refusal records nothing
+            return check_output_path(
+                configured or self.store.default_checkpoint(new_id),
+                "checkpoint",
+                self.store,
+                new_id,
+                overwrite=overwrite,
+            )
+
+        self.run_id = self.store.create_run(
+            c,
+            name=c["name"],
+            problem=c["problem"],
+            optimizer=c["optimizer"],
+            seed=c["seed"],
+            device=str(self.device),
+            checkpoint=checked,
+            status="created",
+        )
         self.checkpoint_path = self.store.checkpoint_path(self.run_id)
 
 # %% ../nbs/87_runs.ipynb #98fbcbff
@@ -318,9 +454,17 @@ def _record_run(self: Runner, store: RunStore | str | os.PathLike | None | bool,
 def _step(self: Runner) -> tuple[float, dict]:
     "One optimizer step on the next training batch: (the batch loss before the step, the step's stats)."
     batch = self.problem.stream.next()
-    draws = self.entry.curvature_batches == "source" or self.config["curvature_batch_size"] is not None
-    result = take_step(self.optimizer, self.model, self.loss, batch,
-                       curvature_batches=self.problem.curvature_stream.next if draws else None, monitor_batch=self.problem.monitor)
+    draws = (
+        self.entry.curvature_batches == "source" or self.config["curvature_batch_size"] is not None
+    )
+    result = take_step(
+        self.optimizer,
+        self.model,
+        self.loss,
+        batch,
+        curvature_batches=self.problem.curvature_stream.next if draws else None,
+        monitor_batch=self.problem.monitor,
+    )
     self.counts["gradient_evaluations"] += result.gradient_evaluations
     self.counts["curvature_products"] += result.curvature_products
     self.counts["loss_evaluations"] += result.loss_evaluations
@@ -357,13 +501,24 @@ def evaluate(self: Runner) -> dict:
         torch.cuda.synchronize(self.device)
     self.eval_time += time.perf_counter() - start
     clock = getattr(self, "_clock", None)  # evaluate() may also be called outside run()
-    row = {"step": self.step, "time": self.elapsed + (time.perf_counter() - clock if clock else 0.0), "train_time": self.train_time,
-           "eval_time": self.eval_time, **self.counts, "epoch": self.problem.stream.epoch,
-           "train_loss": train_loss, "train_error": train_error, "validation_loss": validation_loss, "validation_error": validation_error}
+    row = {
+        "step": self.step,
+        "time": self.elapsed + (time.perf_counter() - clock if clock else 0.0),
+        "train_time": self.train_time,
+        "eval_time": self.eval_time,
+        **self.counts,
+        "epoch": self.problem.stream.epoch,
+        "train_loss": train_loss,
+        "train_error": train_error,
+        "validation_loss": validation_loss,
+        "validation_error": validation_error,
+    }
     self.history["evaluations"].append(row)
     self.last_evaluation = row
     if self.store is not None:
-        self.store.log_evaluation(self.run_id, self.step, {k: v for k, v in row.items() if k != "step"})
+        self.store.log_evaluation(
+            self.run_id, self.step, {k: v for k, v in row.items() if k != "step"}
+        )
     target = self.config["target"]
     if target and all(row[metric] <= threshold for metric, threshold in target.items()):
         self.reached_target = True
@@ -377,8 +532,11 @@ def steerable(self: Runner) -> list[str]:
     length L are among them: the optimizers resize their memories, and start a new L with the next cycle (notebooks 44 and 45).
     Settings its registry entry lists as construction-only are not."""
     fixed = self.entry.construction_only
-    return sorted(k for k, v in self.optimizer.param_groups[0].items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in fixed)
+    return sorted(
+        k
+        for k, v in self.optimizer.param_groups[0].items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in fixed
+    )
 
 
 @patch
@@ -395,15 +553,22 @@ def in_force(self: Runner, parameter: str):
 
 # %% ../nbs/87_runs.ipynb #8325bb0f
 @patch
-def steer(self: Runner, parameter: str,
-           value: float | Mapping[str, Any],  # a number, or a schedule spec for a parameter of `schedulable()`
-           ) -> None:
+def steer(
+    self: Runner,
+    parameter: str,
+    value: float
+    | Mapping[str, Any],  # a number, or a schedule spec for a parameter of `schedulable()`
+) -> None:
     """Change `parameter` of the optimizer to `value` before the next step (thread-safe); recorded as a steering event."""
     if parameter not in self.steerable():
-        raise ValueError(f"parameter: {parameter!r} cannot be steered; steerable: {self.steerable()}")
+        raise ValueError(
+            f"parameter: {parameter!r} cannot be steered; steerable: {self.steerable()}"
+        )
     if isinstance(value, Mapping):
         if parameter not in self.schedulable():
-            raise ValueError(f"value: {parameter} of {self.config['optimizer']!r} takes a number, not a schedule")
+            raise ValueError(
+                f"value: {parameter} of {self.config['optimizer']!r} takes a number, not a schedule"
+            )
         value = dict(value)
         try:  # the schedule's own checks, and its value at the optimizer's current update (the optimizer checks later ones)
             self.optimizer._checked(parameter, make_schedule(value), self.optimizer.updates)
@@ -412,9 +577,15 @@ def steer(self: Runner, parameter: str,
     else:
         value = check_number("value", value)
         if isinstance(self.optimizer.param_groups[0][parameter], int) and value.is_integer():
-            value = int(value)  # an integer setting (memory m, L, a CG budget) typed as 4.0 is 4; 2.5 stays and is refused
+            value = int(
+                value
+            )  # an integer setting (memory m, L, a CG budget) typed as 4.0 is 4; 2.5 stays and is refused
     with self._steering_lock:  # checked with the changes still queued, in order: each pair of settings the constructor relates
-        settings = {k: self.in_force(k) for k in self.steerable()} | dict(self._steering) | {parameter: value}
+        settings = (
+            {k: self.in_force(k) for k in self.steerable()}
+            | dict(self._steering)
+            | {parameter: value}
+        )
         self._check_settings(parameter, value, settings)
         self._steering.append((parameter, value))
 
@@ -425,11 +596,19 @@ def _check_settings(self: Runner, parameter: str, value, settings: dict) -> None
     Optimizers of flat vectors are built on a two-parameter stand-in, so no memory of the real size is allocated twice."""
     model = self.model if self.entry.builds_from == "model" else nn.Linear(1, 1)
     try:
-        make_optimizer(self.config["optimizer"], model, self.loss, {**self.config["hyperparameters"], **settings}, self.config["seed"])
+        make_optimizer(
+            self.config["optimizer"],
+            model,
+            self.loss,
+            {**self.config["hyperparameters"], **settings},
+            self.config["seed"],
+        )
     except (ValueError, TypeError) as e:  # a range check
         raise ValueError(f"value: {parameter} = {value!r} is refused: {e}") from None
     except Exception as e:  # e.g. a buffer that cannot be allocated (RuntimeError)
-        raise ValueError(f"value: {parameter} = {value!r} is refused: {type(e).__name__}: {e}") from None
+        raise ValueError(
+            f"value: {parameter} = {value!r} is refused: {type(e).__name__}: {e}"
+        ) from None
 
 
 @patch
@@ -453,7 +632,13 @@ def _apply_steering(self: Runner) -> None:
     for parameter, value in pending:
         old = self.in_force(parameter)
         self._set_hyperparameter(parameter, value)
-        event = {"time": time.time(), "step": self.step, "parameter": parameter, "old_value": old, "new_value": value}
+        event = {
+            "time": time.time(),
+            "step": self.step,
+            "parameter": parameter,
+            "old_value": old,
+            "new_value": value,
+        }
         self.history["steering"].append(event)
         if self.store is not None:
             self.store.log_steering(self.run_id, self.step, parameter, old, value, event["time"])
@@ -467,10 +652,25 @@ def request_stop(self: Runner) -> None:
 # %% ../nbs/87_runs.ipynb #b4f85353
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "qnwb checkpoint", 2
 CHECKPOINT_FIELDS = {  # every field a checkpoint has, with the types it may hold: nothing else is accepted
-    "format": str, "version": int, "config": Mapping, "run_id": (int, type(None)), "store_id": (str, type(None)),
-    "store": (str, type(None)), "step": int, "counts": Mapping, "train_time": (int, float), "eval_time": (int, float),
-    "elapsed": (int, float), "next_evaluation": (int, float), "preemptions": int, "reached_target": bool,
-    "model": Mapping, "optimizer": Mapping, "streams": Mapping, "rng": Mapping, "schedule_specs": Mapping,
+    "format": str,
+    "version": int,
+    "config": Mapping,
+    "run_id": (int, type(None)),
+    "store_id": (str, type(None)),
+    "store": (str, type(None)),
+    "step": int,
+    "counts": Mapping,
+    "train_time": (int, float),
+    "eval_time": (int, float),
+    "elapsed": (int, float),
+    "next_evaluation": (int, float),
+    "preemptions": int,
+    "reached_target": bool,
+    "model": Mapping,
+    "optimizer": Mapping,
+    "streams": Mapping,
+    "rng": Mapping,
+    "schedule_specs": Mapping,
 }
 CHECKPOINT_NODES = 1_000_000  # the most containers and values a checkpoint may hold (a model's tensors are one each)
 
@@ -478,19 +678,43 @@ CHECKPOINT_NODES = 1_000_000  # the most containers and values a checkpoint may 
 @patch
 def state(self: Runner) -> dict:
     """Everything a resumed run needs, as one dict (tensors copied): `CHECKPOINT_FIELDS`."""
-    return copy.deepcopy({
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config, "run_id": self.run_id,
-        "store_id": None if self.store is None else self.store.store_id, "store": None if self.store is None else str(self.store.path),
-        "step": self.step, "counts": self.counts, "train_time": self.train_time, "eval_time": self.eval_time,
-        "elapsed": self.elapsed + (time.perf_counter() - self._clock if getattr(self, "_clock", None) else 0.0),
-        "next_evaluation": self.next_evaluation, "preemptions": self.preemptions, "reached_target": self.reached_target,
-        "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-        "streams": {"train": self.problem.stream.state_dict(), "curvature": self.problem.curvature_stream.state_dict()},
-        "rng": rng_state(), "schedule_specs": self.schedule_specs,
-    })
+    return copy.deepcopy(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": self.config,
+            "run_id": self.run_id,
+            "store_id": None if self.store is None else self.store.store_id,
+            "store": None if self.store is None else str(self.store.path),
+            "step": self.step,
+            "counts": self.counts,
+            "train_time": self.train_time,
+            "eval_time": self.eval_time,
+            "elapsed": self.elapsed
+            + (time.perf_counter() - self._clock if getattr(self, "_clock", None) else 0.0),
+            "next_evaluation": self.next_evaluation,
+            "preemptions": self.preemptions,
+            "reached_target": self.reached_target,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "streams": {
+                "train": self.problem.stream.state_dict(),
+                "curvature": self.problem.curvature_stream.state_dict(),
+            },
+            "rng": rng_state(),
+            "schedule_specs": self.schedule_specs,
+        }
+    )
 
 # %% ../nbs/87_runs.ipynb #f2cc74d0
-CHECKPOINT_LEAVES = (type(None), bool, int, float, str, Tensor)  # all a checkpoint holds besides dicts, lists and tuples
+CHECKPOINT_LEAVES = (
+    type(None),
+    bool,
+    int,
+    float,
+    str,
+    Tensor,
+)  # all a checkpoint holds besides dicts, lists and tuples
 
 
 def _check_contents(value, limit: int) -> int:
@@ -501,14 +725,18 @@ def _check_contents(value, limit: int) -> int:
         item = pending.pop()
         count += 1
         if count > limit:
-            raise ValueError(f"it holds more than {limit:,} values (a structure that expands when read)")
+            raise ValueError(
+                f"it holds more than {limit:,} values (a structure that expands when read)"
+            )
         if isinstance(item, Mapping):
             pending.extend(item.keys())
             pending.extend(item.values())
         elif isinstance(item, (list, tuple)):
             pending.extend(item)
         elif not isinstance(item, CHECKPOINT_LEAVES):
-            raise ValueError(f"it holds a {type(item).__name__}; qnwb writes only dicts, lists, tuples, numbers, strings and tensors")
+            raise ValueError(
+                f"it holds a {type(item).__name__}; qnwb writes only dicts, lists, tuples, numbers, strings and tensors"
+            )
     return count
 
 # %% ../nbs/87_runs.ipynb #b595a6d2
@@ -516,29 +744,59 @@ def check_checkpoint(saved, source: str = "checkpoint") -> dict:
     """`saved` if it is a checkpoint of this version with exactly `CHECKPOINT_FIELDS`, each of its type, else a one-line
     ValueError naming the missing, foreign or mistyped field (`source` names the file)."""
     if not isinstance(saved, Mapping):
-        raise ValueError(f"checkpoint: {source} is not a qnwb checkpoint (it holds a {type(saved).__name__})")
+        raise ValueError(
+            f"checkpoint: {source} is not a qnwb checkpoint (it holds a {type(saved).__name__})"
+        )
     if saved.get("format") != CHECKPOINT_FORMAT:
         old = saved.get("format") == "qnwb checkpoint 1"
-        raise ValueError(f"checkpoint: {source} is " + ("a checkpoint of an earlier qnwb (format 1), which cannot be read without "
-                         "running code it contains; rerun the run" if old else "not a qnwb checkpoint"))
+        raise ValueError(
+            f"checkpoint: {source} is "
+            + (
+                "a checkpoint of an earlier qnwb (format 1), which cannot be read without "
+                "running code it contains; rerun the run"
+                if old
+                else "not a qnwb checkpoint"
+            )
+        )
     if saved.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint: {source} has format version {saved.get('version')!r}; this qnwb reads version {CHECKPOINT_VERSION}")
+        raise ValueError(
+            f"checkpoint: {source} has format version {saved.get('version')!r}; this qnwb reads version {CHECKPOINT_VERSION}"
+        )
     missing = [k for k in CHECKPOINT_FIELDS if k not in saved]
     foreign = [k for k in saved if k not in CHECKPOINT_FIELDS]
     if missing or foreign:
-        raise ValueError(f"checkpoint: {source} " + (f"lacks the field(s) {missing}" if missing else f"has field(s) qnwb does not write: "
-                                                    f"{[reprlib.repr(k) for k in foreign][:5]}"))
+        raise ValueError(
+            f"checkpoint: {source} "
+            + (
+                f"lacks the field(s) {missing}"
+                if missing
+                else f"has field(s) qnwb does not write: {[reprlib.repr(k) for k in foreign][:5]}"
+            )
+        )
     for key, kinds in CHECKPOINT_FIELDS.items():
         if not isinstance(saved[key], kinds) or (kinds is int and isinstance(saved[key], bool)):
-            raise ValueError(f"checkpoint: {source}: the field {key!r} holds a {type(saved[key]).__name__}")
+            raise ValueError(
+                f"checkpoint: {source}: the field {key!r} holds a {type(saved[key]).__name__}"
+            )
     counts, streams, rng = saved["counts"], saved["streams"], saved["rng"]
     if set(counts) != {"gradient_evaluations", "curvature_products", "loss_evaluations"} or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()):
-        raise ValueError(f"checkpoint: {source}: 'counts' must hold the three work counters as ints >= 0")
-    if saved["step"] < 0 or set(streams) != {"train", "curvature"} or not all(isinstance(s, Mapping) for s in streams.values()):
-        raise ValueError(f"checkpoint: {source}: 'step' must be >= 0 and 'streams' must hold the train and curvature stream states")
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()
+    ):
+        raise ValueError(
+            f"checkpoint: {source}: 'counts' must hold the three work counters as ints >= 0"
+        )
+    if (
+        saved["step"] < 0
+        or set(streams) != {"train", "curvature"}
+        or not all(isinstance(s, Mapping) for s in streams.values())
+    ):
+        raise ValueError(
+            f"checkpoint: {source}: 'step' must be >= 0 and 'streams' must hold the train and curvature stream states"
+        )
     if set(rng) != {"python", "numpy", "torch", "cuda"}:
-        raise ValueError(f"checkpoint: {source}: 'rng' must hold the python, numpy, torch and cuda random states")
+        raise ValueError(
+            f"checkpoint: {source}: 'rng' must hold the python, numpy, torch and cuda random states"
+        )
     if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in saved["model"].items()):
         raise ValueError(f"checkpoint: {source}: 'model' must map parameter names to tensors")
     return dict(saved)
@@ -549,18 +807,35 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     stored as written (a compressed member could expand without bound), unpickled with `weights_only=True` (plain data and
     tensors only), at most `CHECKPOINT_NODES` values, each of the types qnwb writes, then `check_checkpoint`. Any problem is a one-line ValueError."""
     import zipfile
+
     path = Path(path).expanduser()
     try:
         with zipfile.ZipFile(path) as archive:
-            packed = [m.filename for m in archive.infolist() if m.compress_type != zipfile.ZIP_STORED]
+            packed = [
+                m.filename for m in archive.infolist() if m.compress_type != zipfile.ZIP_STORED
+            ]
         if packed:
             raise ValueError(f"member {packed[0]!r} is compressed, which qnwb never writes")
         saved = torch.load(path, map_location="cpu", weights_only=True)
         _check_contents(saved, CHECKPOINT_NODES)
-    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError,
-            KeyError, IndexError, MemoryError, RecursionError) as e:
+    except (
+        OSError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        ValueError,
+        EOFError,
+        pickle.UnpicklingError,
+        AttributeError,
+        TypeError,
+        KeyError,
+        IndexError,
+        MemoryError,
+        RecursionError,
+    ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint: cannot read {str(path)!r} as a qnwb checkpoint: {first[:300]}") from None
+        raise ValueError(
+            f"checkpoint: cannot read {str(path)!r} as a qnwb checkpoint: {first[:300]}"
+        ) from None
     return check_checkpoint(saved, repr(str(path)))
 
 # %% ../nbs/87_runs.ipynb #0f7fc09d
@@ -573,16 +848,24 @@ def _apply_state(self: Runner, saved: Mapping[str, Any]) -> None:
     self.problem.curvature_stream.load_state_dict(saved["streams"]["curvature"])
     set_rng_state(saved["rng"])
     self.step, self.counts = saved["step"], dict(saved["counts"])
-    self.train_time, self.eval_time, self.elapsed = saved["train_time"], saved["eval_time"], saved["elapsed"]
+    self.train_time, self.eval_time, self.elapsed = (
+        saved["train_time"],
+        saved["eval_time"],
+        saved["elapsed"],
+    )
     self.next_evaluation, self.preemptions = saved["next_evaluation"], saved["preemptions"]
     self.reached_target = saved["reached_target"]
     self.schedule_specs = {}
-    for parameter, value in self.config["hyperparameters"].items():  # schedules are code: rebuilt from their specs
+    for parameter, value in self.config[
+        "hyperparameters"
+    ].items():  # schedules are code: rebuilt from their specs
         if parameter in self.schedulable() and isinstance(value, Mapping) and "schedule" in value:
             self.optimizer.schedules[parameter] = make_schedule(value)
     for parameter, value in saved["schedule_specs"].items():
         if parameter not in self.schedulable():
-            raise ValueError(f"schedule_specs: {parameter!r} of {self.config['optimizer']!r} takes no schedule")
+            raise ValueError(
+                f"schedule_specs: {parameter!r} of {self.config['optimizer']!r} takes no schedule"
+            )
         self._set_hyperparameter(parameter, value)
 
 # %% ../nbs/87_runs.ipynb #8a5b2186
@@ -592,13 +875,17 @@ def load_state(self: Runner, saved: Mapping[str, Any]) -> None:
     streams, random states and counters are as they were, and a one-line ValueError says what was refused)."""
     saved = check_checkpoint(saved)
     if saved["config"].get("optimizer") != self.config["optimizer"]:
-        raise ValueError(f"checkpoint: saved by a {saved['config'].get('optimizer')!r} run; this run's optimizer is {self.config['optimizer']!r}")
+        raise ValueError(
+            f"checkpoint: saved by a {saved['config'].get('optimizer')!r} run; this run's optimizer is {self.config['optimizer']!r}"
+        )
     before = self.state()
     try:
         self._apply_state(saved)
     except Exception as e:
         self._apply_state(before)
-        raise ValueError(f"checkpoint: refused, nothing was loaded: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
+        raise ValueError(
+            f"checkpoint: refused, nothing was loaded: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        ) from None
 
 # %% ../nbs/87_runs.ipynb #c89315c8
 def _torch_save(value, path: Path) -> None:
@@ -606,6 +893,7 @@ def _torch_save(value, path: Path) -> None:
     torch's writer would only say `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`."""
     failures = []
     with open(path, "wb") as handle:
+
         class Writer:
             def write(self, data):
                 try:
@@ -616,6 +904,7 @@ def _torch_save(value, path: Path) -> None:
 
             def flush(self):
                 handle.flush()
+
         try:
             torch.save(value, Writer())
         except RuntimeError:
@@ -625,17 +914,23 @@ def _torch_save(value, path: Path) -> None:
 
 # %% ../nbs/87_runs.ipynb #dd7d28ad
 @patch
-def save_checkpoint(self: Runner,
-                     path: str | os.PathLike | None = None,  # default: the run's own checkpoint file
-                     overwrite: bool = False,  # replace an existing file at `path` (never a store file or another run's checkpoint)
-                     ) -> Path:
+def save_checkpoint(
+    self: Runner,
+    path: str | os.PathLike | None = None,  # default: the run's own checkpoint file
+    overwrite: bool = False,  # replace an existing file at `path` (never a store file or another run's checkpoint)
+) -> Path:
     """Write `state()` atomically to the run's checkpoint file (recorded in the store as its newest checkpoint), or to
     `path`; the path written. Nothing is left behind when the write fails (a full disk)."""
     own = self.checkpoint_path
     if path is None and own is None:
-        raise ValueError("path: this run has no store and no checkpoint path in its configuration; give one")
-    target = own if path is None or (own is not None and same_file(path, own)) else \
-        check_output_path(path, "path", self.store, self.run_id, overwrite=overwrite)
+        raise ValueError(
+            "path: this run has no store and no checkpoint path in its configuration; give one"
+        )
+    target = (
+        own
+        if path is None or (own is not None and same_file(path, own))
+        else check_output_path(path, "path", self.store, self.run_id, overwrite=overwrite)
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, lambda partial: _torch_save(self.state(), partial))
     if target == own and self.store is not None:
@@ -663,11 +958,17 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: the step in progress is abandoned")
+            raise KeyboardInterrupt(
+                f"{signal.Signals(signum).name} again: the step in progress is abandoned"
+            )
         self.signum = signum
         self.runner.stop_event.set()
-        print(f"\nqnwb: {signal.Signals(signum).name}: stopping run {self.runner.run_id} after the step in progress, with a "
-              f"checkpoint (send it again to abandon the step)", file=sys.stderr, flush=True)
+        print(
+            f"\nqnwb: {signal.Signals(signum).name}: stopping run {self.runner.run_id} after the step in progress, with a "
+            f"checkpoint (send it again to abandon the step)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -678,7 +979,11 @@ class _StopOnSignal:
         "What the run raises once it has stopped on a signal: KeyboardInterrupt for SIGINT, SystemExit(128 + 15) for SIGTERM."
         if self.signum is None:
             return None
-        return KeyboardInterrupt("SIGINT") if self.signum == signal.SIGINT else SystemExit(128 + self.signum)
+        return (
+            KeyboardInterrupt("SIGINT")
+            if self.signum == signal.SIGINT
+            else SystemExit(128 + self.signum)
+        )
 
 # %% ../nbs/87_runs.ipynb #94e314be
 @patch
@@ -705,8 +1010,14 @@ def _loop(self: Runner, bar) -> str:
         self.step += 1
         self._in_step = False
         self._rejected = self._rejected + 1 if stats.get("non_finite") else 0
-        row = {"step": self.step, "time": self.elapsed + time.perf_counter() - self._clock, "train_time": self.train_time,
-               "loss": value, **self.counts, "epoch": self.problem.stream.epoch}
+        row = {
+            "step": self.step,
+            "time": self.elapsed + time.perf_counter() - self._clock,
+            "train_time": self.train_time,
+            "loss": value,
+            **self.counts,
+            "epoch": self.problem.stream.epoch,
+        }
         self.history["steps"].append({**row, "stats": stats})
         if self.store is not None:
             self.store.log_step(self.run_id, self.step, row, stats)
@@ -717,14 +1028,35 @@ def _loop(self: Runner, bar) -> str:
         if not math.isfinite(value):
             raise FloatingPointError(f"the training loss is {value} at step {self.step}")
         if self._rejected >= REJECTED_STEPS:
-            raise FloatingPointError(f"the optimizer rejected {REJECTED_STEPS} steps in a row for a non-finite loss or gradient "
-                                     f"(stats['non_finite']), the last at step {self.step}")
+            raise FloatingPointError(
+                f"the optimizer rejected {REJECTED_STEPS} steps in a row for a non-finite loss or gradient "
+                f"(stats['non_finite']), the last at step {self.step}"
+            )
         bar.update(self.counter(bar_unit) - before)
-        bar.set_postfix(loss=f"{value:.4g}", **({"val_error": f"{self.last_evaluation['validation_error']:.4g}"}
-                                               if self.last_evaluation else {}), refresh=False)
+        bar.set_postfix(
+            loss=f"{value:.4g}",
+            **(
+                {"val_error": f"{self.last_evaluation['validation_error']:.4g}"}
+                if self.last_evaluation
+                else {}
+            ),
+            refresh=False,
+        )
         if self.on_step is not None:
-            self.on_step({"runner": self, "run_id": self.run_id, **row, "stats": stats, "evaluation": evaluation})
-        if c["checkpoint_every"] and self.step % c["checkpoint_every"] == 0 and self.checkpoint_path is not None:
+            self.on_step(
+                {
+                    "runner": self,
+                    "run_id": self.run_id,
+                    **row,
+                    "stats": stats,
+                    "evaluation": evaluation,
+                }
+            )
+        if (
+            c["checkpoint_every"]
+            and self.step % c["checkpoint_every"] == 0
+            and self.checkpoint_path is not None
+        ):
             self.save_checkpoint()
     if self.last_evaluation is None or self.last_evaluation["step"] != self.step:
         self.evaluate()
@@ -740,7 +1072,9 @@ def _begin(self: Runner) -> None:
         self._run_lock = RunLock(self.store, self.run_id)
     try:
         self._run_lock.acquire()
-    except ValueError as e:  # a run that cannot start says so in the store, not only on the terminal
+    except (
+        ValueError
+    ) as e:  # a run that cannot start says so in the store, not only on the terminal
         if self.status == "created":
             self.store.finish_run(self.run_id, "failed", f"not started: {e}")
         raise
@@ -755,28 +1089,41 @@ def _begin(self: Runner) -> None:
 
 # %% ../nbs/87_runs.ipynb #00f01f2f
 @patch
-def run(self: Runner,
-        stop: threading.Event | None = None,  # set it (from another thread) to stop before the next step
-        ) -> dict:
+def run(
+    self: Runner,
+    stop: threading.Event
+    | None = None,  # set it (from another thread) to stop before the next step
+) -> dict:
     """Train until the budget, the target or a stop; the summary (status, steps, work, last evaluation, checkpoint).
     In the main thread, SIGINT or SIGTERM stops the run after the step in progress with a checkpoint, like a stop, and
     then raises KeyboardInterrupt (SIGINT) or SystemExit(143) (SIGTERM); a second signal abandons the step."""
     from tqdm.auto import tqdm
+
     if stop is not None:
         self.stop_event = stop
     bar_unit, bar_total = next(iter(self.config["budget"].items()))
     self._begin()
     self._clock, self.status, self._in_step = time.perf_counter(), "running", False
-    bar = tqdm(total=bar_total, initial=self.counter(bar_unit), desc=f"{self.config['optimizer']} on {self.config['problem']}",
-               unit=bar_unit.replace("_", " "), disable=not self.progress, leave=False, file=sys.stderr)
+    bar = tqdm(
+        total=bar_total,
+        initial=self.counter(bar_unit),
+        desc=f"{self.config['optimizer']} on {self.config['problem']}",
+        unit=bar_unit.replace("_", " "),
+        disable=not self.progress,
+        leave=False,
+        file=sys.stderr,
+    )
     error, raised = None, None
     with _StopOnSignal(self) as signals:
         try:
             status = self._loop(bar)
         except KeyboardInterrupt as e:
             status, raised = "stopped", e
-            error = (f"interrupted during step {self.step + 1}, which was abandoned; the checkpoint holds the last one written"
-                     if self._in_step else "interrupted (KeyboardInterrupt)")
+            error = (
+                f"interrupted during step {self.step + 1}, which was abandoned; the checkpoint holds the last one written"
+                if self._in_step
+                else "interrupted (KeyboardInterrupt)"
+            )
         except BaseException as e:
             status, error, raised = "failed", f"{type(e).__name__}: {e}", e
         if signals.signum is not None and raised is None:
@@ -785,27 +1132,48 @@ def run(self: Runner,
         if status != "failed" and not self._in_step and self.checkpoint_path is not None:
             try:
                 self.save_checkpoint()
-            except Exception as e:  # a full disk, a folder that cannot be written: the run failed, and says why
-                status, error, raised = "failed", f"checkpoint: cannot write {str(self.checkpoint_path)!r}: {type(e).__name__}: {e}", e
+            except (
+                Exception
+            ) as e:  # a full disk, a folder that cannot be written: the run failed, and says why
+                status, error, raised = (
+                    "failed",
+                    f"checkpoint: cannot write {str(self.checkpoint_path)!r}: {type(e).__name__}: {e}",
+                    e,
+                )
         self.status = status
         self.elapsed += time.perf_counter() - self._clock
         self._clock = None
-        self.summary = {"status": status, "steps": self.step, **self.counts, "epochs": self.problem.stream.epoch,
-                        "seconds": self.elapsed, "train_time": self.train_time, "eval_time": self.eval_time,
-                        "reached_target": self.reached_target, "last_evaluation": self.last_evaluation, "error": error}
+        self.summary = {
+            "status": status,
+            "steps": self.step,
+            **self.counts,
+            "epochs": self.problem.stream.epoch,
+            "seconds": self.elapsed,
+            "train_time": self.train_time,
+            "eval_time": self.eval_time,
+            "reached_target": self.reached_target,
+            "last_evaluation": self.last_evaluation,
+            "error": error,
+        }
         try:
             if self.store is not None:
                 self.store.finish_run(self.run_id, status, error, self.summary)
         except Exception as e:  # the store itself cannot be written (a full disk): say so, with the run's own error
-            raised = OSError(f"run {self.run_id} ended {status} ({error or 'no error'}), but the store could not record it: "
-                             f"{type(e).__name__}: {e}")
+            raised = OSError(
+                f"run {self.run_id} ended {status} ({error or 'no error'}), but the store could not record it: "
+                f"{type(e).__name__}: {e}"
+            )
         finally:
             if self._run_lock is not None:
                 self._run_lock.release()
         raised = raised or signals.exception()
     if raised is not None:
         raise raised
-    return {"run_id": self.run_id, **self.summary, "checkpoint": None if self.checkpoint_path is None else str(self.checkpoint_path)}
+    return {
+        "run_id": self.run_id,
+        **self.summary,
+        "checkpoint": None if self.checkpoint_path is None else str(self.checkpoint_path),
+    }
 
 # %% ../nbs/87_runs.ipynb #a2fc009a
 def _checkpoint_store(saved: dict, path: Path, store) -> RunStore | None:
@@ -818,19 +1186,29 @@ def _checkpoint_store(saved: dict, path: Path, store) -> RunStore | None:
         if saved["store_id"] is None:
             return None
         folder = absolute_path(path).parent
-        owner = folder.with_name(folder.name.removesuffix("-runs")) if folder.name.endswith("-runs") else None
+        owner = (
+            folder.with_name(folder.name.removesuffix("-runs"))
+            if folder.name.endswith("-runs")
+            else None
+        )
         store = owner if owner is not None and owner.is_file() else store_path()
     opened = store if isinstance(store, RunStore) else RunStore(store, create=False)
     if saved["store_id"] is not None and opened.store_id != saved["store_id"]:
-        raise ValueError(f"checkpoint: {str(path)!r} belongs to another run store (recorded as {saved['store']!r}), not "
-                         f"{str(opened.path)!r}; pass that store (store=..., qnwb runs resume --store)")
+        raise ValueError(
+            f"checkpoint: {str(path)!r} belongs to another run store (recorded as {saved['store']!r}), not "
+            f"{str(opened.path)!r}; pass that store (store=..., qnwb runs resume --store)"
+        )
     return opened
 
 
 def _without_paths(config: Mapping[str, Any]) -> dict:
     """`config` from a checkpoint or a store, without the paths it names: no checkpoint file, no cache folder (curves are
     made again, identically, in memory). A file from elsewhere must not choose where qnwb writes."""
-    options = dict(config.get("problem_options") or {}) if isinstance(config.get("problem_options"), Mapping) else config.get("problem_options")
+    options = (
+        dict(config.get("problem_options") or {})
+        if isinstance(config.get("problem_options"), Mapping)
+        else config.get("problem_options")
+    )
     if isinstance(options, dict) and "root" in options:
         options["root"] = None
     return {**config, "checkpoint": None, "problem_options": options}
@@ -844,24 +1222,37 @@ def _check_resumable(store: RunStore, run: dict, saved: dict, force: bool) -> No
         if state == "alive":
             raise ValueError(f"run {run['id']}: it is running ({where}); stop it first")
         if state == "unknown" and not force:
-            raise ValueError(f"run {run['id']}: marked running by {where}, in another host or PID namespace, which qnwb cannot "
-                             f"check; if that process has ended, resume with force=True (--force)")
+            raise ValueError(
+                f"run {run['id']}: marked running by {where}, in another host or PID namespace, which qnwb cannot "
+                f"check; if that process has ended, resume with force=True (--force)"
+            )
     if run["checkpoint_step"] is not None and saved["step"] < run["checkpoint_step"]:
-        raise ValueError(f"checkpoint: step {saved['step']} is older than run {run['id']}'s newest checkpoint (step "
-                         f"{run['checkpoint_step']}); it is a stale copy, and resuming it would discard stored history: resume the "
-                         f"run's own checkpoint ({run['checkpoint']})")
+        raise ValueError(
+            f"checkpoint: step {saved['step']} is older than run {run['id']}'s newest checkpoint (step "
+            f"{run['checkpoint_step']}); it is a stale copy, and resuming it would discard stored history: resume the "
+            f"run's own checkpoint ({run['checkpoint']})"
+        )
     if saved["step"] > run["steps"]:
-        raise ValueError(f"checkpoint: step {saved['step']} is ahead of run {run['id']}'s stored history ({run['steps']} steps); "
-                         f"it does not belong to this copy of the store")
+        raise ValueError(
+            f"checkpoint: step {saved['step']} is ahead of run {run['id']}'s stored history ({run['steps']} steps); "
+            f"it does not belong to this copy of the store"
+        )
 
 # %% ../nbs/87_runs.ipynb #0e20886f
 @patch(as_classmethod=True)
-def resume(cls: type[Runner], checkpoint: str | os.PathLike,  # a checkpoint file written by save_checkpoint
-           store: RunStore | str | os.PathLike | None | bool = None,  # None: the store the checkpoint belongs to; False: none
-           budget: Mapping[str, float] | None = None,  # a new budget (None: the saved one)
-           on_step: Callable[[dict], Any] | None = None, progress: bool = True,
-           force: bool = False,  # resume a run marked running by a process of another host or PID namespace (one qnwb cannot check)
-           ) -> Runner:
+def resume(
+    cls: type[Runner],
+    checkpoint: str | os.PathLike,  # a checkpoint file written by save_checkpoint
+    store: RunStore
+    | str
+    | os.PathLike
+    | None
+    | bool = None,  # None: the store the checkpoint belongs to; False: none
+    budget: Mapping[str, float] | None = None,  # a new budget (None: the saved one)
+    on_step: Callable[[dict], Any] | None = None,
+    progress: bool = True,
+    force: bool = False,  # resume a run marked running by a process of another host or PID namespace (one qnwb cannot check)
+) -> Runner:
     """A runner that continues the run saved in `checkpoint` exactly where it stopped (nothing runs until `run()`)."""
     path = Path(checkpoint).expanduser()
     saved = read_checkpoint(path)
@@ -877,17 +1268,27 @@ def resume(cls: type[Runner], checkpoint: str | os.PathLike,  # a checkpoint fil
             lock.release()
             raise
     try:
-        config = _without_paths(saved["config"])  # a path inside a checkpoint is never written to: its run's file is
+        config = _without_paths(
+            saved["config"]
+        )  # a path inside a checkpoint is never written to: its run's file is
         if budget is not None:
             config["budget"] = budget
         try:
-            runner = cls(config, store=False if opened is None else opened, on_step=on_step, progress=progress, _run_id=run_id)
+            runner = cls(
+                config,
+                store=False if opened is None else opened,
+                on_step=on_step,
+                progress=progress,
+                _run_id=run_id,
+            )
         except (ValueError, TypeError) as e:
             raise ValueError(f"checkpoint: its configuration is refused: {e}") from None
         runner.load_state(saved)
         runner._run_lock = lock
         if run_id is not None:
-            runner.checkpoint_path = opened.checkpoint_path(run_id) or opened.default_checkpoint(run_id)
+            runner.checkpoint_path = opened.checkpoint_path(run_id) or opened.default_checkpoint(
+                run_id
+            )
         elif opened is None:
             runner.checkpoint_path = absolute_path(path)
         runner.preemptions += 1
@@ -901,40 +1302,60 @@ def resume(cls: type[Runner], checkpoint: str | os.PathLike,  # a checkpoint fil
     return runner
 
 # %% ../nbs/87_runs.ipynb #91ec519d
-def run_config(config: Mapping[str, Any] | str | os.PathLike,  # a configuration, or a JSON / YAML file of one
-               store: RunStore | str | os.PathLike | None | bool = None,  # as for Runner
-               on_step: Callable[[dict], Any] | None = None,
-               stop: threading.Event | None = None,
-               progress: bool = True) -> dict:
+def run_config(
+    config: Mapping[str, Any] | str | os.PathLike,  # a configuration, or a JSON / YAML file of one
+    store: RunStore | str | os.PathLike | None | bool = None,  # as for Runner
+    on_step: Callable[[dict], Any] | None = None,
+    stop: threading.Event | None = None,
+    progress: bool = True,
+) -> dict:
     """Check, build, run and store one configuration; its summary."""
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
     return Runner(config, store=store, on_step=on_step, progress=progress).run(stop)
 
 # %% ../nbs/87_runs.ipynb #c9e1a0b2
-def replay(run_id: int,  # a run of `store`
-           store: RunStore | str | os.PathLike | None = None,  # the store holding it (None: store_path())
-           into: RunStore | str | os.PathLike | None | bool = False,  # where the replay is recorded (False: nowhere)
-           progress: bool = False) -> Runner:
+def replay(
+    run_id: int,  # a run of `store`
+    store: RunStore | str | os.PathLike | None = None,  # the store holding it (None: store_path())
+    into: RunStore
+    | str
+    | os.PathLike
+    | None
+    | bool = False,  # where the replay is recorded (False: nowhere)
+    progress: bool = False,
+) -> Runner:
     """Run stored run `run_id` again from its configuration, applying its steering events after the same steps."""
     source = store if isinstance(store, RunStore) else RunStore(store, read_only=True)
     row = source.run(run_id)
     if row["config"] is None:
-        raise ValueError(f"run_id: the configuration of run {run_id} is damaged in the store; it cannot be replayed")
+        raise ValueError(
+            f"run_id: the configuration of run {run_id} is damaged in the store; it cannot be replayed"
+        )
     if not row["steps"]:
         raise ValueError(f"run_id: run {run_id} took no steps; there is nothing to replay")
     pending = list(source.steering_events(run_id))
-    config = {**_without_paths(row["config"]), "budget": {"steps": row["steps"]}, "name": f"replay of run {run_id}",
-              "checkpoint_every": None}
+    config = {
+        **_without_paths(row["config"]),
+        "budget": {"steps": row["steps"]},
+        "name": f"replay of run {run_id}",
+        "checkpoint_every": None,
+    }
     runner = Runner(config, store=into, progress=progress)
 
-    def queue(done: int) -> None:  # the events applied when `done` steps were done: before the next step, as in the original
+    def queue(
+        done: int,
+    ) -> (
+        None
+    ):  # the events applied when `done` steps were done: before the next step, as in the original
         while pending and pending[0]["step"] == done:
             event = pending.pop(0)
             try:  # through steer()'s own checks: a stored event is data, and a tampered one is refused like a typed one
                 runner.steer(event["parameter"], event["new_value"])
             except (ValueError, TypeError) as e:
-                raise ValueError(f"run_id: the steering event of run {run_id} after step {done} is refused: {e}") from None
+                raise ValueError(
+                    f"run_id: the steering event of run {run_id} after step {done} is refused: {e}"
+                ) from None
 
     queue(0)
     runner.on_step = lambda info: queue(info["step"])

@@ -37,9 +37,13 @@ class CGResult:
     stop: str  # "progress", "max_iterations", "boundary", "negative_curvature", "converged", "non_finite" or "objective"
     products: int  # matrix-vector products computed (one more than the steps when x0 ≠ 0)
     q: Tensor  # q(x_i) for i = 0 … iterations, from the residual (a device tensor)
-    saved: list[tuple[int, Tensor]] = field(default_factory=list)  # (step, iterate) at the backtracking grid and the last step
+    saved: list[tuple[int, Tensor]] = field(
+        default_factory=list
+    )  # (step, iterate) at the backtracking grid and the last step
     discarded: int = 0  # products computed but not used (the lagged stop on a GPU reads its flag one product late)
-    monitored: list[tuple[int, float]] = field(default_factory=list)  # (step, monitor(x_step)) where the monitor was read
+    monitored: list[tuple[int, float]] = field(
+        default_factory=list
+    )  # (step, monitor(x_step)) where the monitor was read
 
     @property
     def value(self) -> float:
@@ -55,42 +59,84 @@ def _solver_for(preconditioner) -> tuple[Callable[[Tensor], Tensor], Tensor | No
         if preconditioner.dim() != 1:
             raise ValueError("preconditioner: a diagonal preconditioner must be a 1-D tensor")
         if not bool((preconditioner > 0).all()) or not bool(torch.isfinite(preconditioner).all()):
-            raise ValueError("preconditioner: a diagonal preconditioner must be finite and positive")
+            raise ValueError(
+                "preconditioner: a diagonal preconditioner must be finite and positive"
+            )
         return (lambda r: r / preconditioner), preconditioner
     if callable(preconditioner):
         return preconditioner, None
-    raise TypeError(f"preconditioner: expected None, a 1-D tensor or a function, got {type(preconditioner).__name__}")
+    raise TypeError(
+        f"preconditioner: expected None, a 1-D tensor or a function, got {type(preconditioner).__name__}"
+    )
 
 # %% ../nbs/30_solvers.ipynb #b400371b
-def _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius, monitor, monitor_every, monitor_window, monitor_tolerance,
-                        on_step):
+def _check_cg_arguments(
+    b,
+    x0,
+    max_iterations,
+    min_iterations,
+    tolerance,
+    radius,
+    monitor,
+    monitor_every,
+    monitor_window,
+    monitor_tolerance,
+    on_step,
+):
     if not isinstance(b, Tensor) or b.dim() != 1 or not b.is_floating_point():
         raise TypeError("b: expected a 1-D floating-point tensor")
-    if x0 is not None and (not isinstance(x0, Tensor) or x0.shape != b.shape or x0.dtype != b.dtype or x0.device != b.device):
+    if x0 is not None and (
+        not isinstance(x0, Tensor)
+        or x0.shape != b.shape
+        or x0.dtype != b.dtype
+        or x0.device != b.device
+    ):
         raise ValueError(f"x0: must be a tensor like b ({tuple(b.shape)}, {b.dtype}, {b.device})")
     check_positive_int("max_iterations", max_iterations)
-    if isinstance(min_iterations, bool) or not isinstance(min_iterations, int) or not 0 <= min_iterations <= max_iterations:
-        raise ValueError(f"min_iterations: must be an int in [0, max_iterations], got {min_iterations!r}")
+    if (
+        isinstance(min_iterations, bool)
+        or not isinstance(min_iterations, int)
+        or not 0 <= min_iterations <= max_iterations
+    ):
+        raise ValueError(
+            f"min_iterations: must be an int in [0, max_iterations], got {min_iterations!r}"
+        )
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
         raise ValueError(f"tolerance: must be None or in (0, 1), got {tolerance!r}")
-    if radius is not None and not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
+    if radius is not None and not (
+        isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0
+    ):
         raise ValueError(f"radius: must be None or a positive number, got {radius!r}")
     if monitor is not None and not callable(monitor):
-        raise TypeError(f"monitor: expected None or a function x ↦ objective, got {type(monitor).__name__}")
+        raise TypeError(
+            f"monitor: expected None or a function x ↦ objective, got {type(monitor).__name__}"
+        )
     check_positive_int("monitor_every", monitor_every)
     check_positive_int("monitor_window", monitor_window)
-    if isinstance(monitor_tolerance, bool) or not isinstance(monitor_tolerance, (int, float)) or not 0 <= monitor_tolerance < math.inf:
-        raise ValueError(f"monitor_tolerance: must be a finite number ≥ 0, got {monitor_tolerance!r}")
+    if (
+        isinstance(monitor_tolerance, bool)
+        or not isinstance(monitor_tolerance, (int, float))
+        or not 0 <= monitor_tolerance < math.inf
+    ):
+        raise ValueError(
+            f"monitor_tolerance: must be a finite number ≥ 0, got {monitor_tolerance!r}"
+        )
     if on_step is not None and not callable(on_step):
-        raise TypeError(f"on_step: expected None or a function (step, iterate) ↦ None, got {type(on_step).__name__}")
+        raise TypeError(
+            f"on_step: expected None or a function (step, iterate) ↦ None, got {type(on_step).__name__}"
+        )
 
 
-def _cg_operators(A, preconditioner, radius, x0) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], Tensor | None]:
+def _cg_operators(
+    A, preconditioner, radius, x0
+) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], Tensor | None]:
     "`(v ↦ A v, solve P y = r, diagonal of P or None)`, checked against the trust region."
     mv = A.mv if hasattr(A, "mv") else A
     solve, diagonal = _solver_for(preconditioner)
     if radius is not None and preconditioner is not None and diagonal is None:
-        raise ValueError("radius: a trust region needs no preconditioner or a diagonal one (its norm is ‖x‖_P)")
+        raise ValueError(
+            "radius: a trust region needs no preconditioner or a diagonal one (its norm is ‖x‖_P)"
+        )
     if radius is not None and x0 is not None and bool((x0 != 0).any()):
         raise ValueError("radius: Steihaug–Toint truncation starts from x0 = 0 (§8.6)")
     return mv, solve, diagonal
@@ -108,7 +154,9 @@ def _record_iterate(q: Tensor, i: int, r: Tensor, b: Tensor, x: Tensor, on_step)
         on_step(i, x)
 
 
-def _cg_start(mv, solve, b: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+def _cg_start(
+    mv, solve, b: Tensor, x0: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     "Algorithm 2's start: `(x₀, r₀ = Ax₀ − b, p₀ = −y₀, r₀ᵀy₀, products)` with `P y₀ = r₀`; a product only for x₀ ≠ 0."
     products = 0
     if x0 is None:
@@ -121,18 +169,27 @@ def _cg_start(mv, solve, b: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor, 
     return x, r, -y, r @ y, products
 
 # %% ../nbs/30_solvers.ipynb #6b56c2a3
-def _cg_step(x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, pAp: Tensor, ry: Tensor, solve, zero: Tensor):
+def _cg_step(
+    x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, pAp: Tensor, ry: Tensor, solve, zero: Tensor
+):
     "One step of Algorithm 2 given `Ap` and `pAp = pᵀAp`: `(x, r, p, rᵀy, ok)` after it; `ok` (a device bool): the step moved."
     step_size = ry / pAp
-    ok = (pAp > 0) & torch.isfinite(step_size)  # non-positive curvature or an overflow: this step moves nothing,
-    x, r = torch.where(ok, x + step_size * p, x), torch.where(ok, r + step_size * Ap, r)  # and a NaN cannot reach x or r
+    ok = (pAp > 0) & torch.isfinite(
+        step_size
+    )  # non-positive curvature or an overflow: this step moves nothing,
+    x, r = (
+        torch.where(ok, x + step_size * p, x),
+        torch.where(ok, r + step_size * Ap, r),
+    )  # and a NaN cannot reach x or r
     y = solve(r)
     ry_next = r @ y
     p = -y + torch.where(ry > 0, ry_next / ry, zero) * p
     return x, r, p, ry_next, ok
 
 # %% ../nbs/30_solvers.ipynb #4a2ad2b8
-def _stop_flag(q: Tensor, j: int, ok: Tensor, ry: Tensor, min_iterations: int, tolerance: float | None) -> Tensor:
+def _stop_flag(
+    q: Tensor, j: int, ok: Tensor, ry: Tensor, min_iterations: int, tolerance: float | None
+) -> Tensor:
     "A device bool: stop after step j (non-finite, non-positive curvature, an exact solution, or eq. 2's progress test)."
     flag = ~torch.isfinite(q[j]) | ~ok | (ry == 0)
     k = max(10, -(-j // 10))  # ⌈j/10⌉ as in Martens' code
@@ -143,7 +200,11 @@ def _stop_flag(q: Tensor, j: int, ok: Tensor, ry: Tensor, min_iterations: int, t
 
 def _reason(q: Tensor, j: int, pAp: Tensor, ry: Tensor) -> str:
     "Why CG stopped after step j (read once, when it has stopped)."
-    if not bool(torch.isfinite(q[j])) or not bool(torch.isfinite(pAp)) or not bool(torch.isfinite(ry / pAp)):
+    if (
+        not bool(torch.isfinite(q[j]))
+        or not bool(torch.isfinite(pAp))
+        or not bool(torch.isfinite(ry / pAp))
+    ):
         return "non_finite"
     if not bool(pAp > 0):
         return "negative_curvature"
@@ -157,12 +218,16 @@ def _norm2(v: Tensor, diagonal: Tensor | None) -> Tensor:
     return v @ (diagonal * v) if diagonal is not None else v @ v
 
 
-def _leaves_region(x: Tensor, p: Tensor, pAp: Tensor, ry: Tensor, radius: float, diagonal: Tensor | None) -> bool:
+def _leaves_region(
+    x: Tensor, p: Tensor, pAp: Tensor, ry: Tensor, radius: float, diagonal: Tensor | None
+) -> bool:
     "Whether CG stops at the boundary: p has non-positive curvature, or the full step along it leaves ‖x‖_P ≤ radius."
     return not bool(pAp > 0) or bool(_norm2(x + (ry / pAp) * p, diagonal) >= radius**2)
 
 
-def _boundary_point(x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, radius: float, diagonal: Tensor | None) -> tuple[Tensor, Tensor]:
+def _boundary_point(
+    x: Tensor, r: Tensor, p: Tensor, Ap: Tensor, radius: float, diagonal: Tensor | None
+) -> tuple[Tensor, Tensor]:
     "`(x + τp, r + τAp)` with τ the positive root of ‖x + τp‖²_P = radius²."
     xp = x @ (diagonal * p) if diagonal is not None else x @ p
     pp, xx = _norm2(p, diagonal), _norm2(x, diagonal)
@@ -187,19 +252,33 @@ def conjugate_gradient(
     preconditioner=None,  # None, a positive 1-D tensor (diagonal P) or a function solving P y = r
     max_iterations: int = 250,  # §8.7: Martens' cap
     min_iterations: int = 0,  # the progress test is not applied before this step
-    tolerance: float | None = 1e-4,  # eq. 2's threshold on s_j; None: no progress test (and no reads)
+    tolerance: float
+    | None = 1e-4,  # eq. 2's threshold on s_j; None: no progress test (and no reads)
     radius: float | None = None,  # Steihaug–Toint trust region ‖x‖_P ≤ radius (x0 must be zero)
     save_iterates: bool = True,  # keep the iterates at the backtracking grid ⌈5·1.3^j⌉ (§8.7)
     monitor=None,  # a function x ↦ objective (HF: f(θ + x) on the curvature batch, §13's second recipe); None: off
     monitor_every: int = 5,  # read the monitor every this many steps (§13: "do not need to be computed at every step")
     monitor_window: int = 10,  # compare with the value read at least this many steps earlier (§13: "e.g. 10")
     monitor_tolerance: float = 1e-3,  # stop when the value exceeds that one by this fraction of its magnitude
-    on_step: Callable[[int, Tensor], None] | None = None,  # on_step(i, x_i) for the start (i = 0) and every step (diagnostics)
-    _lagged: bool | None = None,  # read the stop flag one step late (default: on CUDA); settable for tests
+    on_step: Callable[[int, Tensor], None]
+    | None = None,  # on_step(i, x_i) for the start (i = 0) and every step (diagnostics)
+    _lagged: bool
+    | None = None,  # read the stop flag one step late (default: on CUDA); settable for tests
 ) -> CGResult:
     """Preconditioned CG (M&S 2012 Algorithm 2) with relative-progress termination (eq. 2) and optional Steihaug–Toint truncation."""
-    _check_cg_arguments(b, x0, max_iterations, min_iterations, tolerance, radius, monitor, monitor_every, monitor_window, monitor_tolerance,
-                        on_step)
+    _check_cg_arguments(
+        b,
+        x0,
+        max_iterations,
+        min_iterations,
+        tolerance,
+        radius,
+        monitor,
+        monitor_every,
+        monitor_window,
+        monitor_tolerance,
+        on_step,
+    )
     mv, solve, diagonal = _cg_operators(A, preconditioner, radius, x0)
     lagged = b.device.type == "cuda" if _lagged is None else _lagged
     x, r, p, ry, products = _cg_start(mv, solve, b, x0)
@@ -211,7 +290,9 @@ def conjugate_gradient(
     for i in range(max_iterations):
         Ap = mv(p)
         products += 1
-        if previous is not None and bool(previous[0]):  # the last step's flag, read while this product runs
+        if previous is not None and bool(
+            previous[0]
+        ):  # the last step's flag, read while this product runs
             products, discarded = products - 1, 1  # that product was computed but is not used
             stop = _reason(*previous[1:])
             break
@@ -229,7 +310,9 @@ def conjugate_gradient(
         _record_iterate(q, steps, r, b, x, on_step)
         if steps in grid:
             saved.append((steps, x))
-        if monitor is not None and steps % monitor_every == 0 and bool(ok):  # a host read, only on monitored steps
+        if (
+            monitor is not None and steps % monitor_every == 0 and bool(ok)
+        ):  # a host read, only on monitored steps
             monitored.append((steps, float(monitor(x))))
             if steps >= min_iterations and _worse(monitored, monitor_window, monitor_tolerance):
                 stop = "objective"
@@ -243,11 +326,22 @@ def conjugate_gradient(
     else:
         if previous is not None and bool(previous[0]):
             stop = _reason(*previous[1:])
-    return _cg_result(x, steps, stop, products, q, saved if save_iterates else None, discarded, monitored, radius)
+    return _cg_result(
+        x, steps, stop, products, q, saved if save_iterates else None, discarded, monitored, radius
+    )
 
 # %% ../nbs/30_solvers.ipynb #3e96b328
-def _cg_result(x: Tensor, steps: int, stop: str, products: int, q: Tensor, saved: list | None, discarded: int, monitored: list,
-               radius: float | None) -> CGResult:
+def _cg_result(
+    x: Tensor,
+    steps: int,
+    stop: str,
+    products: int,
+    q: Tensor,
+    saved: list | None,
+    discarded: int,
+    monitored: list,
+    radius: float | None,
+) -> CGResult:
     "The `CGResult` of a run that stopped after `steps` steps at `x` (`saved` None: iterates not kept)."
     if stop in ("non_finite", "negative_curvature") and radius is None:
         steps -= 1  # the last step was a no-op: report the iterate that x is
@@ -255,5 +349,13 @@ def _cg_result(x: Tensor, steps: int, stop: str, products: int, q: Tensor, saved
     q = q[: steps + 1]
     if saved is not None and (not saved or saved[-1][0] != steps):
         saved.append((steps, x))
-    return CGResult(x=x, iterations=steps, stop=stop, products=products, q=q, saved=[] if saved is None else saved, discarded=discarded,
-                    monitored=monitored)
+    return CGResult(
+        x=x,
+        iterations=steps,
+        stop=stop,
+        products=products,
+        q=q,
+        saved=[] if saved is None else saved,
+        discarded=discarded,
+        monitored=monitored,
+    )

@@ -51,8 +51,11 @@ def store_path(path: str | os.PathLike | None = None) -> Path:
     `~` is expanded."""
     if path is None:
         import qnwb
+
         checkout = Path(qnwb.__file__).resolve().parent.parent
-        path = os.environ.get("QNWB_STORE") or (checkout / DEFAULT_STORE if (checkout / "settings.ini").is_file() else DEFAULT_STORE)
+        path = os.environ.get("QNWB_STORE") or (
+            checkout / DEFAULT_STORE if (checkout / "settings.ini").is_file() else DEFAULT_STORE
+        )
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise TypeError(f"store: expected a file path (str or os.PathLike), got {path!r}")
     return Path(path).expanduser()
@@ -69,15 +72,25 @@ def git_revision(folder: str | os.PathLike | None = None) -> str | None:
     """`git rev-parse HEAD` in `folder` (default: the qnwb package's folder), with `-dirty` when the tree has changes; None without git."""
     if folder is None:
         import qnwb
+
         folder = Path(qnwb.__file__).resolve().parent
     folder = Path(folder)
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10
+        )
         if head.returncode:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder, capture_output=True,
-                               text=True, timeout=10)
-        return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + (
+            "-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else ""
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -88,8 +101,13 @@ def package_versions() -> dict[str, str]:
     import torch
 
     import qnwb
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "qnwb": getattr(qnwb, "__version__", "unknown")}
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "qnwb": getattr(qnwb, "__version__", "unknown"),
+    }
 
 
 def pid_namespace() -> str | None:
@@ -107,7 +125,7 @@ def _process_start(pid: int) -> str | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return text[text.rindex(")") + 2:].split()[19]
+    return text[text.rindex(")") + 2 :].split()[19]
 
 # %% ../nbs/86_store.ipynb #1f2facdf
 def process_alive(pid: int, start: str | None = None) -> bool:
@@ -122,7 +140,7 @@ def process_alive(pid: int, start: str | None = None) -> bool:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return True  # no /proc (macOS): trust the signal test
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     if fields[0] in ("Z", "X"):  # exited, not yet reaped by its parent
         return False
     return start is None or fields[19] == start
@@ -174,15 +192,37 @@ CREATE TABLE IF NOT EXISTS discarded (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
-ADDED_COLUMNS = {"runs": {"pidns": "TEXT", "checkpoint_step": "INTEGER"}}  # columns a store of an earlier version lacks
-STEP_COLUMNS = ("time", "train_time", "loss", "gradient_evaluations", "curvature_products", "loss_evaluations", "epoch")
-EVALUATION_COLUMNS = ("time", "train_time", "eval_time", "gradient_evaluations", "curvature_products", "loss_evaluations",
-                      "epoch", "train_loss", "train_error", "validation_loss", "validation_error")
+ADDED_COLUMNS = {
+    "runs": {"pidns": "TEXT", "checkpoint_step": "INTEGER"}
+}  # columns a store of an earlier version lacks
+STEP_COLUMNS = (
+    "time",
+    "train_time",
+    "loss",
+    "gradient_evaluations",
+    "curvature_products",
+    "loss_evaluations",
+    "epoch",
+)
+EVALUATION_COLUMNS = (
+    "time",
+    "train_time",
+    "eval_time",
+    "gradient_evaluations",
+    "curvature_products",
+    "loss_evaluations",
+    "epoch",
+    "train_loss",
+    "train_error",
+    "validation_loss",
+    "validation_error",
+)
 
 # %% ../nbs/86_store.ipynb #b53077c2
-def jsonable(value,
-             strict: bool = False,  # raise TypeError on a value of another type instead of writing its repr
-             ):
+def jsonable(
+    value,
+    strict: bool = False,  # raise TypeError on a value of another type instead of writing its repr
+):
     "A JSON-ready copy of `value`: tensors and numpy scalars as Python numbers, non-finite floats as strings (standard JSON)."
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
@@ -215,6 +255,7 @@ def _loads(text: str | None):
         if isinstance(value, list):
             return [walk(v) for v in value]
         return number(value)
+
     return None if text is None else walk(json.loads(text))
 
 
@@ -238,7 +279,12 @@ def _finite_or_none(value):
     return value if math.isfinite(value) else None
 
 # %% ../nbs/86_store.ipynb #10347557
-STORE_TABLES = ("runs", "steps", "evaluations", "steering")  # what makes a SQLite database a run store
+STORE_TABLES = (
+    "runs",
+    "steps",
+    "evaluations",
+    "steering",
+)  # what makes a SQLite database a run store
 
 
 class RunStore:
@@ -246,7 +292,9 @@ class RunStore:
 
     def __init__(
         self,
-        path: str | os.PathLike | None = None,  # the database file (None: $QNWB_STORE, else data/qnwb.sqlite)
+        path: str
+        | os.PathLike
+        | None = None,  # the database file (None: $QNWB_STORE, else data/qnwb.sqlite)
         timeout: float = 60.0,  # seconds a write waits for another process's write lock (SQLite's busy timeout)
         create: bool = True,  # make the file (and its folder) when missing; False: a missing store is an error
         mark_dead: bool = True,  # mark this host's runs whose process died "killed" on opening (not when read_only)
@@ -257,11 +305,18 @@ class RunStore:
         self._lock = threading.RLock()
         self._connection, self._checked, self.store_id = None, False, None
         if (not create or read_only) and not self.path.is_file():
-            raise ValueError(f"store: {str(self.path)!r} does not exist" + ("" if read_only else " (create=False)"))
+            raise ValueError(
+                f"store: {str(self.path)!r} does not exist"
+                + ("" if read_only else " (create=False)")
+            )
         if self.path.exists() and not self.path.is_file():
-            raise ValueError(f"store: {str(self.path)!r} is not a file (a folder or a device); give the path of a database file")
+            raise ValueError(
+                f"store: {str(self.path)!r} is not a file (a folder or a device); give the path of a database file"
+            )
         try:
-            self._connection = self._open_read_only(timeout) if read_only else self._open_for_writing(timeout)
+            self._connection = (
+                self._open_read_only(timeout) if read_only else self._open_for_writing(timeout)
+            )
             self.store_id = self._store_id()
         except sqlite3.DatabaseError as e:
             self.close()
@@ -271,7 +326,9 @@ class RunStore:
 
     @staticmethod
     def _connect(target: str, timeout: float, uri: bool = False) -> sqlite3.Connection:
-        connection = sqlite3.connect(target, timeout=timeout, isolation_level=None, check_same_thread=False, uri=uri)
+        connection = sqlite3.connect(
+            target, timeout=timeout, isolation_level=None, check_same_thread=False, uri=uri
+        )
         connection.row_factory = sqlite3.Row
         connection.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         return connection
@@ -283,16 +340,26 @@ def _open_for_writing(self: RunStore, timeout: float) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"store: cannot make the folder of {str(self.path)!r}: {e}") from None
-    if not os.access(self.path.parent, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
+    if not os.access(self.path.parent, os.W_OK) or (
+        self.path.exists() and not os.access(self.path, os.W_OK)
+    ):
         raise ValueError(f"store: {str(self.path)!r} cannot be written (no permission)")
     connection = self._connect(str(self.path), timeout)
-    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if tables and not set(STORE_TABLES) <= tables:  # someone else's database: qnwb never adds its tables to it
+    tables = {
+        row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    if (
+        tables and not set(STORE_TABLES) <= tables
+    ):  # someone else's database: qnwb never adds its tables to it
         connection.close()
-        raise sqlite3.DatabaseError(f"it is a SQLite database with other tables ({', '.join(sorted(tables)[:5])}), not a run store")
+        raise sqlite3.DatabaseError(
+            f"it is a SQLite database with other tables ({', '.join(sorted(tables)[:5])}), not a run store"
+        )
     mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if mode.lower() != "wal":
-        raise sqlite3.OperationalError(f"the journal mode stays {mode!r} (WAL needs a local file system)")
+        raise sqlite3.OperationalError(
+            f"the journal mode stays {mode!r} (WAL needs a local file system)"
+        )
     connection.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process kills
     connection.execute("PRAGMA foreign_keys = ON")
     self._connection = connection
@@ -305,7 +372,9 @@ def _open_for_writing(self: RunStore, timeout: float) -> sqlite3.Connection:
             for column, kind in columns.items():
                 if column not in present:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+        db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,)
+        )
     return connection
 
 # %% ../nbs/86_store.ipynb #ac40d06a
@@ -318,7 +387,9 @@ def _open_read_only(self: RunStore, timeout: float) -> sqlite3.Connection:
         connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.OperationalError:
         connection = self._connect(f"file:{location}?immutable=1", timeout, uri=True)
-    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    tables = {
+        row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
     if not set(STORE_TABLES) <= tables:
         connection.close()
         raise sqlite3.DatabaseError(f"it has no {', '.join(STORE_TABLES)} tables")
@@ -340,7 +411,9 @@ def transaction(self: RunStore):
     """A context manager: one `BEGIN IMMEDIATE … COMMIT` (rolled back on an exception), holding the store's lock."""
     store = self
     if self.read_only:
-        raise ValueError(f"store: {str(self.path)!r} was opened read-only; open it with read_only=False to write")
+        raise ValueError(
+            f"store: {str(self.path)!r} was opened read-only; open it with read_only=False to write"
+        )
 
     class _Transaction:
         def __enter__(self):
@@ -358,6 +431,7 @@ def transaction(self: RunStore):
             finally:
                 store._lock.release()
             return False
+
     return _Transaction()
 
 
@@ -378,8 +452,10 @@ def check_integrity(self: RunStore) -> None:
     except sqlite3.DatabaseError as e:
         problems = [str(e)]
     if problems != ["ok"]:
-        raise ValueError(f"store: {str(self.path)!r} is damaged (SQLite quick_check: {'; '.join(map(str, problems[:3]))}); "
-                         f"nothing was written to it: copy it aside and use another store")
+        raise ValueError(
+            f"store: {str(self.path)!r} is damaged (SQLite quick_check: {'; '.join(map(str, problems[:3]))}); "
+            f"nothing was written to it: copy it aside and use another store"
+        )
     self._checked = True
 
 
@@ -435,7 +511,9 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-RESERVED_NAME = re.compile(r"run-\d+\.(pt|lock)")  # the names a store gives the files of its folder <store>-runs/
+RESERVED_NAME = re.compile(
+    r"run-\d+\.(pt|lock)"
+)  # the names a store gives the files of its folder <store>-runs/
 
 
 def _store_file_of(target: Path) -> str | None:
@@ -443,17 +521,20 @@ def _store_file_of(target: Path) -> str | None:
     if target.parent.name.endswith("-runs") and RESERVED_NAME.fullmatch(target.name):
         return f"a name reserved for the store in {target.parent.name}/ (run-N.pt and run-N.lock are the store's own)"
     for suffix in ("-wal", "-shm", "-journal"):
-        if target.name.endswith(suffix) and is_sqlite_file(target.with_name(target.name.removesuffix(suffix))):
+        if target.name.endswith(suffix) and is_sqlite_file(
+            target.with_name(target.name.removesuffix(suffix))
+        ):
             return f"the {suffix} file of the SQLite database {target.name.removesuffix(suffix)!r} (a run store?)"
     return None
 
 # %% ../nbs/86_store.ipynb #726a5e71
-def check_output_path(path: str | os.PathLike,  # the file a command is about to write
-                      what: str,  # the parameter's name, for the error message ("out", "checkpoint")
-                      store: RunStore | None = None,  # protect this store's files and its runs' checkpoints
-                      run_id: int | None = None,  # the run that writes (its own checkpoint is not another run's)
-                      overwrite: bool = False,  # replace an existing file that is not protected
-                      ) -> Path:
+def check_output_path(
+    path: str | os.PathLike,  # the file a command is about to write
+    what: str,  # the parameter's name, for the error message ("out", "checkpoint")
+    store: RunStore | None = None,  # protect this store's files and its runs' checkpoints
+    run_id: int | None = None,  # the run that writes (its own checkpoint is not another run's)
+    overwrite: bool = False,  # replace an existing file that is not protected
+) -> Path:
     """`path` (`~` expanded) if a command may write there, else a one-line ValueError: never a folder, never the store
     or its -wal / -shm / -journal file, never another run's checkpoint or lock, never an existing SQLite database, and an
     existing file only with `overwrite`."""
@@ -463,21 +544,33 @@ def check_output_path(path: str | os.PathLike,  # the file a command is about to
     try:
         folder = target.is_dir()
     except OSError as e:  # a name too long, a loop of links
-        raise ValueError(f"{what}: {reprlib.repr(str(path))} cannot be a file: {e.strerror}") from None
+        raise ValueError(
+            f"{what}: {reprlib.repr(str(path))} cannot be a file: {e.strerror}"
+        ) from None
     if folder:
         raise ValueError(f"{what}: {str(path)!r} is a folder; give the path of a file")
     if store is not None:
         for protected, description in store.protected_paths(except_run=run_id).items():
             if same_file(target, protected):
-                raise ValueError(f"{what}: {str(path)!r} is {description}; writing there would destroy it, choose another file")
-    own = store is not None and run_id is not None and same_file(target, store.default_checkpoint(run_id))
+                raise ValueError(
+                    f"{what}: {str(path)!r} is {description}; writing there would destroy it, choose another file"
+                )
+    own = (
+        store is not None
+        and run_id is not None
+        and same_file(target, store.default_checkpoint(run_id))
+    )
     reserved = None if own else _store_file_of(absolute_path(target))
     if reserved is not None:
         raise ValueError(f"{what}: {str(path)!r} is {reserved}; choose another file")
     if is_sqlite_file(target):
-        raise ValueError(f"{what}: {str(path)!r} is a SQLite database (a run store?); qnwb never writes over one, choose another file")
+        raise ValueError(
+            f"{what}: {str(path)!r} is a SQLite database (a run store?); qnwb never writes over one, choose another file"
+        )
     if target.exists() and not overwrite:
-        raise ValueError(f"{what}: {str(path)!r} exists; pass --force (overwrite=True) to replace it")
+        raise ValueError(
+            f"{what}: {str(path)!r} exists; pass --force (overwrite=True) to replace it"
+        )
     return target
 
 # %% ../nbs/86_store.ipynb #5c660014
@@ -499,21 +592,29 @@ class RunLock:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if os.path.islink(self.path.parent):
-            raise ValueError(f"run {self.run_id}: the store's folder {str(self.path.parent)!r} is a link to another folder; remove it")
+            raise ValueError(
+                f"run {self.run_id}: the store's folder {str(self.path.parent)!r} is a link to another folder; remove it"
+            )
         try:  # never through a link: a planted link must not make qnwb truncate another file
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:
-            raise ValueError(f"run {self.run_id}: {str(self.path)!r} is not a lock file of qnwb ({e.strerror}); remove it") from None
+            raise ValueError(
+                f"run {self.run_id}: {str(self.path)!r} is not a lock file of qnwb ({e.strerror}); remove it"
+            ) from None
         if os.fstat(fd).st_nlink != 1:
             os.close(fd)
-            raise ValueError(f"run {self.run_id}: {str(self.path)!r} is not a lock file of qnwb (a link to another file); remove it")
+            raise ValueError(
+                f"run {self.run_id}: {str(self.path)!r} is not a lock file of qnwb (a link to another file); remove it"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
             os.close(fd)
-            raise ValueError(f"run {self.run_id}: another process is running it ({holder or 'it holds ' + str(self.path)}); "
-                             f"stop that process first") from None
+            raise ValueError(
+                f"run {self.run_id}: another process is running it ({holder or 'it holds ' + str(self.path)}); "
+                f"stop that process first"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
@@ -539,7 +640,12 @@ def _run_check(self: RunStore, run_id: int) -> None:
 
 def _process_identity() -> dict:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "pidns": pid_namespace(), "process_start": _process_start(pid)}
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "pidns": pid_namespace(),
+        "process_start": _process_start(pid),
+    }
 
 
 @patch
@@ -562,14 +668,21 @@ def resolved_path(self: RunStore, recorded: str | None) -> Path | None:
 
 # %% ../nbs/86_store.ipynb #7231e835
 @patch
-def create_run(self: RunStore,
-               config: Mapping[str, Any],  # the full configuration (stored as JSON)
-               name: str | None = None, problem: str | None = None, optimizer: str | None = None,
-               seed: int | None = None, device: str | None = None,
-               checkpoint: str | os.PathLike | Callable[[int], str | os.PathLike] | None = None,  # the run's checkpoint file, or
-               # a function of the new run's id that returns it (or raises: the run is then not recorded)
-               status: str = "running",  # "created": built but not started (`start_run` starts it)
-               ) -> int:
+def create_run(
+    self: RunStore,
+    config: Mapping[str, Any],  # the full configuration (stored as JSON)
+    name: str | None = None,
+    problem: str | None = None,
+    optimizer: str | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    checkpoint: str
+    | os.PathLike
+    | Callable[[int], str | os.PathLike]
+    | None = None,  # the run's checkpoint file, or
+    # a function of the new run's id that returns it (or raises: the run is then not recorded)
+    status: str = "running",  # "created": built but not started (`start_run` starts it)
+) -> int:
     """Insert a run with this process, host, package versions and git revision; its id."""
     if not isinstance(config, Mapping):
         raise TypeError(f"config: expected a mapping, got {type(config).__name__}")
@@ -582,11 +695,33 @@ def create_run(self: RunStore,
         cursor = db.execute(
             "INSERT INTO runs (name, problem, optimizer, seed, device, config, status, created, started, heartbeat, pid, host, "
             "pidns, process_start, versions, git, checkpoint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (name, problem, optimizer, seed, None if device is None else str(device), _dumps(config), status, now,
-             now if status == "running" else None, now, process["pid"], process["host"], process["pidns"], process["process_start"],
-             versions, revision, None if checkpoint is None or callable(checkpoint) else self.recorded_path(checkpoint)))
+            (
+                name,
+                problem,
+                optimizer,
+                seed,
+                None if device is None else str(device),
+                _dumps(config),
+                status,
+                now,
+                now if status == "running" else None,
+                now,
+                process["pid"],
+                process["host"],
+                process["pidns"],
+                process["process_start"],
+                versions,
+                revision,
+                None
+                if checkpoint is None or callable(checkpoint)
+                else self.recorded_path(checkpoint),
+            ),
+        )
         if callable(checkpoint):
-            db.execute("UPDATE runs SET checkpoint = ? WHERE id = ?", (self.recorded_path(checkpoint(cursor.lastrowid)), cursor.lastrowid))
+            db.execute(
+                "UPDATE runs SET checkpoint = ? WHERE id = ?",
+                (self.recorded_path(checkpoint(cursor.lastrowid)), cursor.lastrowid),
+            )
         return cursor.lastrowid
 
 
@@ -600,7 +735,9 @@ def default_checkpoint(self: RunStore, run_id: int) -> Path:
 def checkpoint_path(self: RunStore, run_id: int) -> Path | None:
     "The checkpoint file of run `run_id` (absolute), or None."
     _run_check(self, run_id)
-    return self.resolved_path(self._query("SELECT checkpoint FROM runs WHERE id = ?", (run_id,))[0]["checkpoint"])
+    return self.resolved_path(
+        self._query("SELECT checkpoint FROM runs WHERE id = ?", (run_id,))[0]["checkpoint"]
+    )
 
 
 @patch
@@ -609,49 +746,77 @@ def start_run(self: RunStore, run_id: int) -> None:
     _run_check(self, run_id)
     now = time.time()
     with self.transaction() as db:
-        changed = db.execute("UPDATE runs SET status = 'running', started = ?, heartbeat = ?, pid = ?, host = ?, pidns = ?, "
-                             "process_start = ? WHERE id = ? AND status = 'created'", (now, now, *_process_identity().values(), run_id))
+        changed = db.execute(
+            "UPDATE runs SET status = 'running', started = ?, heartbeat = ?, pid = ?, host = ?, pidns = ?, "
+            "process_start = ? WHERE id = ? AND status = 'created'",
+            (now, now, *_process_identity().values(), run_id),
+        )
         if changed.rowcount != 1:
             raise ValueError(f"run_id: run {run_id} is not a created run; resume it instead")
 
 # %% ../nbs/86_store.ipynb #93602880
 @patch
-def log_step(self: RunStore, run_id: int,
-             step: int,  # the step just completed, 1, 2, …
-             values: Mapping[str, Any],  # STEP_COLUMNS (missing ones NULL)
-             stats: Mapping[str, Any] | None = None,  # the optimizer's `stats` after this step
-             ) -> None:
+def log_step(
+    self: RunStore,
+    run_id: int,
+    step: int,  # the step just completed, 1, 2, …
+    values: Mapping[str, Any],  # STEP_COLUMNS (missing ones NULL)
+    stats: Mapping[str, Any] | None = None,  # the optimizer's `stats` after this step
+) -> None:
     """Store one completed step and move the run's heartbeat and step count, in one transaction."""
     row = [_finite_or_none(values.get(c)) for c in STEP_COLUMNS]
     with self.transaction() as db:
-        db.execute(f"INSERT INTO steps (run_id, step, {', '.join(STEP_COLUMNS)}, stats) VALUES (?, ?, {', '.join('?' * len(row))}, ?)",
-                   (run_id, step, *row, None if stats is None else _dumps(stats)))
-        db.execute("UPDATE runs SET steps = ?, heartbeat = ? WHERE id = ?", (step, time.time(), run_id))
+        db.execute(
+            f"INSERT INTO steps (run_id, step, {', '.join(STEP_COLUMNS)}, stats) VALUES (?, ?, {', '.join('?' * len(row))}, ?)",
+            (run_id, step, *row, None if stats is None else _dumps(stats)),
+        )
+        db.execute(
+            "UPDATE runs SET steps = ?, heartbeat = ? WHERE id = ?", (step, time.time(), run_id)
+        )
 
 
 @patch
-def log_evaluation(self: RunStore, run_id: int, step: int,
-                   values: Mapping[str, Any],  # EVALUATION_COLUMNS; anything else goes to `extra` (JSON)
-                   ) -> None:
+def log_evaluation(
+    self: RunStore,
+    run_id: int,
+    step: int,
+    values: Mapping[str, Any],  # EVALUATION_COLUMNS; anything else goes to `extra` (JSON)
+) -> None:
     """Store one held-out evaluation taken after `step` steps."""
     row = [_finite_or_none(values.get(c)) for c in EVALUATION_COLUMNS]
     extra = {k: v for k, v in values.items() if k not in EVALUATION_COLUMNS}
     with self.transaction() as db:
-        db.execute(f"INSERT OR REPLACE INTO evaluations (run_id, step, {', '.join(EVALUATION_COLUMNS)}, extra) "
-                   f"VALUES (?, ?, {', '.join('?' * len(row))}, ?)", (run_id, step, *row, _dumps(extra) if extra else None))
+        db.execute(
+            f"INSERT OR REPLACE INTO evaluations (run_id, step, {', '.join(EVALUATION_COLUMNS)}, extra) "
+            f"VALUES (?, ?, {', '.join('?' * len(row))}, ?)",
+            (run_id, step, *row, _dumps(extra) if extra else None),
+        )
         db.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", (time.time(), run_id))
 
 
 @patch
-def log_steering(self: RunStore, run_id: int, step: int,
-                 parameter: str,  # e.g. "lr", "damping", "momentum"
-                 old_value: Any, new_value: Any,
-                 when: float | None = None,  # Unix time (default: now)
-                 ) -> None:
+def log_steering(
+    self: RunStore,
+    run_id: int,
+    step: int,
+    parameter: str,  # e.g. "lr", "damping", "momentum"
+    old_value: Any,
+    new_value: Any,
+    when: float | None = None,  # Unix time (default: now)
+) -> None:
     """Record a change made to a running run from outside (the dashboard)."""
     with self.transaction() as db:
-        db.execute("INSERT INTO steering (run_id, time, step, parameter, old_value, new_value) VALUES (?, ?, ?, ?, ?, ?)",
-                   (run_id, time.time() if when is None else when, step, str(parameter), _dumps(old_value), _dumps(new_value)))
+        db.execute(
+            "INSERT INTO steering (run_id, time, step, parameter, old_value, new_value) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                time.time() if when is None else when,
+                step,
+                str(parameter),
+                _dumps(old_value),
+                _dumps(new_value),
+            ),
+        )
 
 
 @patch
@@ -662,43 +827,68 @@ def log_checkpoint(self: RunStore, run_id: int, step: int) -> None:
 
 
 @patch
-def finish_run(self: RunStore, run_id: int,
-               status: str,  # "finished", "stopped", "failed" or "killed"
-               error: str | None = None,  # what went wrong (failed runs)
-               summary: Mapping[str, Any] | None = None,  # final numbers (JSON)
-               ) -> None:
+def finish_run(
+    self: RunStore,
+    run_id: int,
+    status: str,  # "finished", "stopped", "failed" or "killed"
+    error: str | None = None,  # what went wrong (failed runs)
+    summary: Mapping[str, Any] | None = None,  # final numbers (JSON)
+) -> None:
     """Set a run's final status, end time, error and summary."""
     if status not in FINAL_STATUSES:
         raise ValueError(f"status: {status!r} is not one of {FINAL_STATUSES}")
     with self.transaction() as db:
-        db.execute("UPDATE runs SET status = ?, ended = ?, heartbeat = ?, error = ?, summary = ? WHERE id = ?",
-                   (status, time.time(), time.time(), error, None if summary is None else _dumps(summary), run_id))
+        db.execute(
+            "UPDATE runs SET status = ?, ended = ?, heartbeat = ?, error = ?, summary = ? WHERE id = ?",
+            (
+                status,
+                time.time(),
+                time.time(),
+                error,
+                None if summary is None else _dumps(summary),
+                run_id,
+            ),
+        )
 
 # %% ../nbs/86_store.ipynb #472447ea
 @patch
-def resume_run(self: RunStore, run_id: int,
-               step: int,  # the checkpoint's step: rows stored after it move to `discarded`
-               preempted: bool = True,  # count a preemption (False: the same runner continues, e.g. with a raised budget)
-               ) -> None:
+def resume_run(
+    self: RunStore,
+    run_id: int,
+    step: int,  # the checkpoint's step: rows stored after it move to `discarded`
+    preempted: bool = True,  # count a preemption (False: the same runner continues, e.g. with a raised budget)
+) -> None:
     """Mark `run_id` running again in this process (one more preemption when `preempted`). The rows it stored after `step`
     (written after its last checkpoint by a process that died) move to the `discarded` table: nothing is deleted. A step
     before the run's newest checkpoint is refused: that checkpoint is stale and resuming it would discard checkpointed history."""
     _run_check(self, run_id)
     self.check_integrity()
     with self.transaction() as db:
-        run = dict(db.execute("SELECT checkpoint_step, preemption_count FROM runs WHERE id = ?", (run_id,)).fetchone())
+        run = dict(
+            db.execute(
+                "SELECT checkpoint_step, preemption_count FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+        )
         if run["checkpoint_step"] is not None and step < run["checkpoint_step"]:
-            raise ValueError(f"checkpoint: step {step} is older than run {run_id}'s newest checkpoint (step {run['checkpoint_step']}); "
-                             f"it is a stale copy, and resuming it would discard stored history: resume the run's own checkpoint")
+            raise ValueError(
+                f"checkpoint: step {step} is older than run {run_id}'s newest checkpoint (step {run['checkpoint_step']}); "
+                f"it is a stale copy, and resuming it would discard stored history: resume the run's own checkpoint"
+            )
         for kind, table in (("step", "steps"), ("evaluation", "evaluations")):
-            for row in db.execute(f"SELECT * FROM {table} WHERE run_id = ? AND step > ?", (run_id, step)).fetchall():
-                db.execute("INSERT INTO discarded (run_id, preemption, kind, step, row) VALUES (?, ?, ?, ?, ?)",
-                           (run_id, run["preemption_count"], kind, row["step"], _dumps(dict(row))))
+            for row in db.execute(
+                f"SELECT * FROM {table} WHERE run_id = ? AND step > ?", (run_id, step)
+            ).fetchall():
+                db.execute(
+                    "INSERT INTO discarded (run_id, preemption, kind, step, row) VALUES (?, ?, ?, ?, ?)",
+                    (run_id, run["preemption_count"], kind, row["step"], _dumps(dict(row))),
+                )
             db.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?", (run_id, step))
-        db.execute("UPDATE runs SET status = 'running', ended = NULL, error = NULL, summary = NULL, steps = ?, heartbeat = ?, "
-                   "preemption_count = preemption_count + ?, pid = ?, host = ?, pidns = ?, process_start = ?, "
-                   "started = COALESCE(started, ?) WHERE id = ?",
-                   (step, time.time(), int(preempted), *_process_identity().values(), time.time(), run_id))
+        db.execute(
+            "UPDATE runs SET status = 'running', ended = NULL, error = NULL, summary = NULL, steps = ?, heartbeat = ?, "
+            "preemption_count = preemption_count + ?, pid = ?, host = ?, pidns = ?, process_start = ?, "
+            "started = COALESCE(started, ?) WHERE id = ?",
+            (step, time.time(), int(preempted), *_process_identity().values(), time.time(), run_id),
+        )
 
 # %% ../nbs/86_store.ipynb #f96841c9
 KILLED_ERROR = "the process ended while the run was running (killed or crashed)"
@@ -716,14 +906,20 @@ def process_state(self: RunStore, run: Mapping[str, Any]) -> str:
 
 
 @patch
-def dead_runs(self: RunStore,
-              stale_after: float | None = None,  # seconds: also runs that cannot be judged (another host or namespace) silent this long
-              ) -> list[int]:
+def dead_runs(
+    self: RunStore,
+    stale_after: float
+    | None = None,  # seconds: also runs that cannot be judged (another host or namespace) silent this long
+) -> list[int]:
     """The "running" runs whose process is gone (nothing is written)."""
     now, dead = time.time(), []
     for run in self._query("SELECT * FROM runs WHERE status = 'running'"):
         state = self.process_state(run)
-        if state == "dead" or (state == "unknown" and stale_after is not None and (run["heartbeat"] or 0) < now - stale_after):
+        if state == "dead" or (
+            state == "unknown"
+            and stale_after is not None
+            and (run["heartbeat"] or 0) < now - stale_after
+        ):
             dead.append(run["id"])
     return dead
 
@@ -734,23 +930,28 @@ def mark_dead_runs(self: RunStore, stale_after: float | None = None) -> list[int
     dead = self.dead_runs(stale_after)
     for run_id in dead:
         with self.transaction() as db:
-            db.execute("UPDATE runs SET status = 'killed', ended = heartbeat, error = ? WHERE id = ? AND status = 'running'",
-                       (KILLED_ERROR, run_id))
+            db.execute(
+                "UPDATE runs SET status = 'killed', ended = heartbeat, error = ? WHERE id = ? AND status = 'running'",
+                (KILLED_ERROR, run_id),
+            )
     return dead
 
 # %% ../nbs/86_store.ipynb #b9e011c5
 def _decode_run(store: RunStore, row: dict) -> dict:
     _decode(row, {"config": None, "versions": None, "summary": None})
-    row["checkpoint"] = None if row.get("checkpoint") is None else str(store.resolved_path(row["checkpoint"]))
+    row["checkpoint"] = (
+        None if row.get("checkpoint") is None else str(store.resolved_path(row["checkpoint"]))
+    )
     return row
 
 
 @patch
-def runs(self: RunStore,
-         status: str | Iterable[str] | None = None,  # only runs with this status (or these)
-         ids: Iterable[int] | None = None,  # only these runs
-         **equal,  # column = value filters: problem="addition", optimizer="lbfgs", seed=0, name=...
-         ) -> list[dict]:
+def runs(
+    self: RunStore,
+    status: str | Iterable[str] | None = None,  # only runs with this status (or these)
+    ids: Iterable[int] | None = None,  # only these runs
+    **equal,  # column = value filters: problem="addition", optimizer="lbfgs", seed=0, name=...
+) -> list[dict]:
     """The runs (oldest first), with their configuration, versions and summary decoded (a field that cannot be decoded is
     None and named in the row's `damaged` list). Dead runs are marked "killed" first (a read-only store only shows them so)."""
     where, parameters = [], []
@@ -766,7 +967,9 @@ def runs(self: RunStore,
         parameters += ids
     for key, value in equal.items():
         if key not in ("name", "problem", "optimizer", "seed", "device", "git"):
-            raise ValueError(f"{key}: runs can be filtered by name, problem, optimizer, seed, device or git")
+            raise ValueError(
+                f"{key}: runs can be filtered by name, problem, optimizer, seed, device or git"
+            )
         where.append(f"{key} = ?")
         parameters.append(value)
     dead = set(self.dead_runs()) if self.read_only else set(self.mark_dead_runs())
@@ -791,14 +994,22 @@ def run(self: RunStore, run_id: int) -> dict:
 def steps(self: RunStore, run_id: int) -> list[dict]:
     """The completed steps of a run, in order, with the optimizer's statistics under `stats`."""
     _run_check(self, run_id)
-    return [_decode(row, {"stats": {}}) for row in self._query("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (run_id,))]
+    return [
+        _decode(row, {"stats": {}})
+        for row in self._query("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (run_id,))
+    ]
 
 
 @patch
 def evaluations(self: RunStore, run_id: int) -> list[dict]:
     """The held-out evaluations of a run, in order (`extra` decoded)."""
     _run_check(self, run_id)
-    return [_decode(row, {"extra": {}}) for row in self._query("SELECT * FROM evaluations WHERE run_id = ? ORDER BY step", (run_id,))]
+    return [
+        _decode(row, {"extra": {}})
+        for row in self._query(
+            "SELECT * FROM evaluations WHERE run_id = ? ORDER BY step", (run_id,)
+        )
+    ]
 
 # %% ../nbs/86_store.ipynb #6eadf256
 @patch
@@ -814,7 +1025,10 @@ def discarded(self: RunStore, run_id: int) -> list[dict]:
     """The rows a resume replaced: `{"preemption", "kind": "step" | "evaluation", "step", "row"}` in order."""
     _run_check(self, run_id)
     try:
-        rows = self._query("SELECT preemption, kind, step, row FROM discarded WHERE run_id = ? ORDER BY rowid", (run_id,))
+        rows = self._query(
+            "SELECT preemption, kind, step, row FROM discarded WHERE run_id = ? ORDER BY rowid",
+            (run_id,),
+        )
     except sqlite3.OperationalError:  # a store of an earlier version, read-only
         return []
     return [_decode(row, {"row": {}}) for row in rows]
@@ -825,20 +1039,31 @@ def protected_paths(self: RunStore, except_run: int | None = None) -> dict[Path,
     """The files no command may write over, each with what it is: the store, its -wal / -shm / -journal files, and the
     checkpoint and lock of every run (but `except_run`'s)."""
     base = absolute_path(self.path)
-    protected = {Path(f"{base}{suffix}"): f"the run store {str(self.path)!r}" if not suffix else f"the {suffix} file of the run store"
-                 for suffix in ("", "-wal", "-shm", "-journal")}
+    protected = {
+        Path(f"{base}{suffix}"): f"the run store {str(self.path)!r}"
+        if not suffix
+        else f"the {suffix} file of the run store"
+        for suffix in ("", "-wal", "-shm", "-journal")
+    }
     for row in self._query("SELECT id, checkpoint FROM runs"):
         if row["id"] != except_run:
             if row["checkpoint"] is not None and isinstance(row["checkpoint"], str):
-                protected[absolute_path(self.resolved_path(row["checkpoint"]))] = f"the checkpoint of run {row['id']}"
+                protected[absolute_path(self.resolved_path(row["checkpoint"]))] = (
+                    f"the checkpoint of run {row['id']}"
+                )
             protected[RunLock(self, row["id"]).path] = f"the lock file of run {row['id']}"
     return protected
 
 # %% ../nbs/86_store.ipynb #b3a9639d
 ALGOPERF_COLUMNS = {  # our evaluation column -> AlgoPerf's name
-    "step": "global_step", "preemption_count": "preemption_count", "time": "total_duration",
-    "train_time": "accumulated_submission_time", "eval_time": "accumulated_eval_time",
-    "train_loss": "train/loss", "train_error": "train/error", "validation_loss": "validation/loss",
+    "step": "global_step",
+    "preemption_count": "preemption_count",
+    "time": "total_duration",
+    "train_time": "accumulated_submission_time",
+    "eval_time": "accumulated_eval_time",
+    "train_loss": "train/loss",
+    "train_error": "train/error",
+    "validation_loss": "validation/loss",
     "validation_error": "validation/error",
 }
 RUN_COLUMNS = ("run_id", "name", "problem", "optimizer", "seed", "device", "status")
@@ -848,7 +1073,11 @@ WORK_COLUMNS = ("epoch", "gradient_evaluations", "curvature_products", "loss_eva
 def _selected(store: RunStore, runs) -> list[dict]:
     if runs is None:
         return store.runs()
-    ids = [runs] if isinstance(runs, int) else [r["id"] if isinstance(r, Mapping) else r for r in runs]
+    ids = (
+        [runs]
+        if isinstance(runs, int)
+        else [r["id"] if isinstance(r, Mapping) else r for r in runs]
+    )
     found = store.runs(ids=ids)
     missing = sorted(set(ids) - {r["id"] for r in found})
     if missing:
@@ -856,10 +1085,11 @@ def _selected(store: RunStore, runs) -> list[dict]:
     return found
 
 # %% ../nbs/86_store.ipynb #25e65a1a
-def csv_rows(store: RunStore,
-             runs: int | Iterable[int] | None = None,  # run ids (None: every run)
-             kind: str = "evaluations",  # "evaluations" (AlgoPerf-style) or "steps"
-             ) -> tuple[list[str], list[dict]]:
+def csv_rows(
+    store: RunStore,
+    runs: int | Iterable[int] | None = None,  # run ids (None: every run)
+    kind: str = "evaluations",  # "evaluations" (AlgoPerf-style) or "steps"
+) -> tuple[list[str], list[dict]]:
     """`(columns, rows)` of the CSV export: one row per evaluation (or per step) of each run."""
     if kind not in ("evaluations", "steps"):
         raise ValueError(f"kind: {kind!r} is not 'evaluations' or 'steps'")
@@ -869,35 +1099,92 @@ def csv_rows(store: RunStore,
         steps = {s["step"]: s for s in store.steps(r["id"])}
 
         def damaged(*rows):  # the fields of the run and its rows that could not be decoded
-            names = [f"{what}.{field}" for what, row in zip(("run", "row", "step"), rows) for field in row.get("damaged", [])]
+            names = [
+                f"{what}.{field}"
+                for what, row in zip(("run", "row", "step"), rows)
+                for field in row.get("damaged", [])
+            ]
             return {"damaged": "; ".join(names)} if names else {}
+
         if kind == "evaluations":
             for e in store.evaluations(r["id"]):
                 stats = steps.get(e["step"], {}).get("stats", {})
-                row = {**identity, "global_step": e["step"], "preemption_count": r["preemption_count"],
-                       **{ALGOPERF_COLUMNS[c]: e[c] for c in ("time", "train_time", "eval_time", "train_loss", "train_error",
-                                                           "validation_loss", "validation_error")},
-                       **{c: e[c] for c in WORK_COLUMNS}, **{f"extra/{k}": v for k, v in e["extra"].items()},
-                       **{f"stats/{k}": v for k, v in stats.items()}, **damaged(r, e, steps.get(e["step"], {}))}
+                row = {
+                    **identity,
+                    "global_step": e["step"],
+                    "preemption_count": r["preemption_count"],
+                    **{
+                        ALGOPERF_COLUMNS[c]: e[c]
+                        for c in (
+                            "time",
+                            "train_time",
+                            "eval_time",
+                            "train_loss",
+                            "train_error",
+                            "validation_loss",
+                            "validation_error",
+                        )
+                    },
+                    **{c: e[c] for c in WORK_COLUMNS},
+                    **{f"extra/{k}": v for k, v in e["extra"].items()},
+                    **{f"stats/{k}": v for k, v in stats.items()},
+                    **damaged(r, e, steps.get(e["step"], {})),
+                }
                 rows.append(row)
         else:
             for s in steps.values():
-                row = {**identity, "global_step": s["step"], "total_duration": s["time"], "accumulated_submission_time": s["train_time"],
-                       "train/batch_loss": s["loss"], **{c: s[c] for c in WORK_COLUMNS},
-                       **{f"stats/{k}": v for k, v in s["stats"].items()}, **damaged(r, {}, s)}
+                row = {
+                    **identity,
+                    "global_step": s["step"],
+                    "total_duration": s["time"],
+                    "accumulated_submission_time": s["train_time"],
+                    "train/batch_loss": s["loss"],
+                    **{c: s[c] for c in WORK_COLUMNS},
+                    **{f"stats/{k}": v for k, v in s["stats"].items()},
+                    **damaged(r, {}, s),
+                }
                 rows.append(row)
-    for row in rows:  # once over all runs' rows (inside the loop over runs it rescanned every earlier run's rows)
+    for row in (
+        rows
+    ):  # once over all runs' rows (inside the loop over runs it rescanned every earlier run's rows)
         stat_names.update(dict.fromkeys(k for k in row if k.startswith(("stats/", "extra/"))))
     if kind == "evaluations":
-        base = [*RUN_COLUMNS, "global_step", "preemption_count", "total_duration", "accumulated_submission_time",
-                "accumulated_eval_time", *WORK_COLUMNS, "train/loss", "train/error", "validation/loss", "validation/error"]
+        base = [
+            *RUN_COLUMNS,
+            "global_step",
+            "preemption_count",
+            "total_duration",
+            "accumulated_submission_time",
+            "accumulated_eval_time",
+            *WORK_COLUMNS,
+            "train/loss",
+            "train/error",
+            "validation/loss",
+            "validation/error",
+        ]
     else:
-        base = [*RUN_COLUMNS, "global_step", "total_duration", "accumulated_submission_time", *WORK_COLUMNS, "train/batch_loss"]
-    extras = sorted(k for k in stat_names if k.startswith("extra/")) + sorted(k for k in stat_names if k.startswith("stats/"))
+        base = [
+            *RUN_COLUMNS,
+            "global_step",
+            "total_duration",
+            "accumulated_submission_time",
+            *WORK_COLUMNS,
+            "train/batch_loss",
+        ]
+    extras = sorted(k for k in stat_names if k.startswith("extra/")) + sorted(
+        k for k in stat_names if k.startswith("stats/")
+    )
     return base + extras + (["damaged"] if any("damaged" in row for row in rows) else []), rows
 
 
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula
+FORMULA_STARTS = (
+    "=",
+    "+",
+    "-",
+    "@",
+    "\t",
+    "\r",
+)  # what makes a spreadsheet read a cell as a formula
 
 
 def csv_cell(value):
@@ -910,12 +1197,13 @@ def csv_cell(value):
     return value
 
 # %% ../nbs/86_store.ipynb #43b3ea3d
-def export_csv(store: RunStore,
-               path: str | os.PathLike | io.TextIOBase,  # a file path or an open text file
-               runs: int | Iterable[int] | None = None,  # run ids (None: every run)
-               kind: str = "evaluations",  # "evaluations" (AlgoPerf-style) or "steps"
-               overwrite: bool = False,  # replace an existing file (never the store's files or a checkpoint)
-               ) -> int:
+def export_csv(
+    store: RunStore,
+    path: str | os.PathLike | io.TextIOBase,  # a file path or an open text file
+    runs: int | Iterable[int] | None = None,  # run ids (None: every run)
+    kind: str = "evaluations",  # "evaluations" (AlgoPerf-style) or "steps"
+    overwrite: bool = False,  # replace an existing file (never the store's files or a checkpoint)
+) -> int:
     """Write the runs' evaluations (or steps) as CSV, atomically; the number of rows written."""
     columns, rows = csv_rows(store, runs, kind)
 
@@ -931,24 +1219,40 @@ def export_csv(store: RunStore,
         def write_file(partial: Path):
             with open(partial, "w", newline="", encoding="utf-8") as handle:
                 write(handle)
+
         atomic_write(target, write_file)
     else:
         write(path)
     return len(rows)
 
 # %% ../nbs/86_store.ipynb #eb6ffdd2
-def export_json(store: RunStore,
-                path: str | os.PathLike | io.TextIOBase | None = None,  # a file path, an open text file, or None: return only
-                runs: int | Iterable[int] | None = None,  # run ids (None: every run)
-                overwrite: bool = False,  # replace an existing file (never the store's files or a checkpoint)
-                ) -> dict:
+def export_json(
+    store: RunStore,
+    path: str
+    | os.PathLike
+    | io.TextIOBase
+    | None = None,  # a file path, an open text file, or None: return only
+    runs: int | Iterable[int] | None = None,  # run ids (None: every run)
+    overwrite: bool = False,  # replace an existing file (never the store's files or a checkpoint)
+) -> dict:
     """`{"runs": [run with its config, steps, evaluations, steering events and discarded rows]}`, written to `path`
     (atomically) when given."""
-    target = check_output_path(path, "out", store, overwrite=overwrite) if isinstance(path, (str, os.PathLike)) else None
+    target = (
+        check_output_path(path, "out", store, overwrite=overwrite)
+        if isinstance(path, (str, os.PathLike))
+        else None
+    )
     document = {"format": "qnwb runs 1", "store": str(store.path), "runs": []}
     for r in _selected(store, runs):
-        document["runs"].append({**r, "steps": store.steps(r["id"]), "evaluations": store.evaluations(r["id"]),
-                                 "steering": store.steering_events(r["id"]), "discarded": store.discarded(r["id"])})
+        document["runs"].append(
+            {
+                **r,
+                "steps": store.steps(r["id"]),
+                "evaluations": store.evaluations(r["id"]),
+                "steering": store.steering_events(r["id"]),
+                "discarded": store.discarded(r["id"]),
+            }
+        )
     if path is not None:
         text = json.dumps(jsonable(document), indent=1)
         if target is not None:

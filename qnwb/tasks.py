@@ -28,7 +28,9 @@ class Task:
     n_in: int = 0
     n_out: int = 0
     min_T: int = 10  # the smallest T whose marker windows still make sense
-    input_scale: float = 0.001  # Sutskever et al. 2013 Table 4: input weights for this task's ESN initialisation
+    input_scale: float = (
+        0.001  # Sutskever et al. 2013 Table 4: input weights for this task's ESN initialisation
+    )
     tolerance: float | None = None  # regression tasks: |error| above this is wrong (0.04)
 
     def __init__(self, T: int):
@@ -46,14 +48,18 @@ class Task:
     def _generate(self, cases: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def batch(self, cases: int, generator: torch.Generator | None = None, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    def batch(
+        self, cases: int, generator: torch.Generator | None = None, device=None, dtype=torch.float32
+    ) -> tuple[Tensor, Tensor]:
         """`(inputs, targets)` for `cases` sequences drawn with `generator` (a CPU generator; None: torch's global one)."""
         check_positive_int("cases", cases)
         inputs, targets = self._generate(cases, generator)
         device = torch.device("cpu") if device is None else default_device(device)
         return inputs.to(device, dtype), targets.to(device, dtype)
 
-    def held_out(self, seed: int = 0, cases: int = 2000, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    def held_out(
+        self, seed: int = 0, cases: int = 2000, device=None, dtype=torch.float32
+    ) -> tuple[Tensor, Tensor]:
         """The fixed held-out set of this task, `T` and `seed` (from a stream of its own)."""
         stream = zlib.crc32(f"qnwb held-out {self.name} T={self.T} seed={seed}".encode())
         return self.batch(cases, make_generator(stream), device, dtype)
@@ -61,7 +67,9 @@ class Task:
     def wrong(self, outputs: Tensor, targets: Tensor) -> Tensor:
         "The number of wrongly predicted target steps in each case (outputs are the network's z)."
         if outputs.shape != targets.shape:
-            raise ValueError(f"outputs of shape {tuple(outputs.shape)} do not match targets of shape {tuple(targets.shape)}")
+            raise ValueError(
+                f"outputs of shape {tuple(outputs.shape)} do not match targets of shape {tuple(targets.shape)}"
+            )
         present = ~torch.isnan(targets).any(-1)  # (cases, time)
         if self.loss == "squared_error":
             bad = (outputs - targets).abs().amax(-1) > self.tolerance
@@ -108,17 +116,41 @@ def task_figure(task: Task, cases: int = 3, seed: int = 0):
 
     inputs, targets = task.batch(cases, make_generator(seed))
     titles = [f"case {i}: target {_describe_target(task, targets[i])}" for i in range(cases)]
-    fig = make_subplots(rows=cases, cols=1, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.08)
+    fig = make_subplots(
+        rows=cases, cols=1, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.08
+    )
     for i in range(cases):
-        fig.add_trace(go.Heatmap(z=inputs[i].T.numpy(), colorscale="Blues", showscale=False,
-                                 hovertemplate="step %{x}, channel %{y}: %{z:.3f}<extra></extra>"), row=i + 1, col=1)
+        fig.add_trace(
+            go.Heatmap(
+                z=inputs[i].T.numpy(),
+                colorscale="Blues",
+                showscale=False,
+                hovertemplate="step %{x}, channel %{y}: %{z:.3f}<extra></extra>",
+            ),
+            row=i + 1,
+            col=1,
+        )
         steps = (~torch.isnan(targets[i]).any(-1)).nonzero().flatten().tolist()
-        fig.add_trace(go.Scatter(x=steps, y=[task.n_in - 0.5] * len(steps), mode="markers", marker_symbol="triangle-down",
-                                 marker_color="crimson", name="target step", showlegend=i == 0,
-                                 hovertext=[_describe_target(task, targets[i, s:s + 1]) for s in steps]), row=i + 1, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=[task.n_in - 0.5] * len(steps),
+                mode="markers",
+                marker_symbol="triangle-down",
+                marker_color="crimson",
+                name="target step",
+                showlegend=i == 0,
+                hovertext=[_describe_target(task, targets[i, s : s + 1]) for s in steps],
+            ),
+            row=i + 1,
+            col=1,
+        )
         fig.update_yaxes(title_text="input channel", row=i + 1, col=1)
     fig.update_xaxes(title_text="time step", row=cases, col=1)
-    fig.update_layout(title=f"{task.name}, T = {task.T} ({task.length} steps, loss: {task.loss})", height=220 * cases + 80)
+    fig.update_layout(
+        title=f"{task.name}, T = {task.T} ({task.length} steps, loss: {task.loss})",
+        height=220 * cases + 80,
+    )
     return fig
 
 
@@ -126,7 +158,11 @@ def _describe_target(task: Task, targets: Tensor) -> str:
     "The targets of one sequence in words: values for regression, class indices otherwise."
     rows = targets[~torch.isnan(targets).any(-1)]
     if task.loss == "softmax_cross_entropy":
-        return " ".join(str(int(r.argmax())) for r in rows) if len(rows) <= 12 else f"{len(rows)} symbols, last {[int(r.argmax()) for r in rows[-12:]]}"
+        return (
+            " ".join(str(int(r.argmax())) for r in rows)
+            if len(rows) <= 12
+            else f"{len(rows)} symbols, last {[int(r.argmax()) for r in rows[-12:]]}"
+        )
     return ", ".join(f"{float(v):.3f}" for v in rows.flatten())
 
 # %% ../nbs/70_tasks.ipynb #0b0ed8b7
@@ -153,6 +189,7 @@ class _TwoMarked(Task):
 
 class Addition(_TwoMarked):
     "Problem 1: the sum of the two marked values."
+
     name, loss, tolerance = "addition", "squared_error", 0.04
 
     def _combine(self, a, b):
@@ -161,6 +198,7 @@ class Addition(_TwoMarked):
 
 class Multiplication(_TwoMarked):
     "Problem 2: the product of the two marked values."
+
     name, loss, tolerance = "multiplication", "squared_error", 0.04
 
     def _combine(self, a, b):
@@ -169,6 +207,7 @@ class Multiplication(_TwoMarked):
 
 class Xor(_TwoMarked):
     "Problem 3: the XOR of the two marked bits among random bits."
+
     name, loss = "xor", "sigmoid_cross_entropy"
 
     def _values(self, cases, g):
@@ -183,6 +222,7 @@ NOISE, X_SYMBOL, START, TRIGGER = 4, 4, 6, 7  # a–d are 0–3, X = 4, Y = 5
 
 class TemporalOrder(Task):
     "Problem 4 (H&S 6a): classify the order of X/Y at two distant steps."
+
     name, loss, n_in = "temporal_order", "softmax_cross_entropy", 8
     windows = ((10, 20), (50, 60))
 
@@ -200,17 +240,21 @@ class TemporalOrder(Task):
             bit = torch.randint(0, 2, (cases,), generator=g)
             symbols[rows, where] = X_SYMBOL + bit
             label = 2 * label + bit
-        return F.one_hot(symbols, self.n_in).float(), _final_target(F.one_hot(label, self.n_out).float(), T)
+        return F.one_hot(symbols, self.n_in).float(), _final_target(
+            F.one_hot(label, self.n_out).float(), T
+        )
 
 
 class TemporalOrder3(TemporalOrder):
     "Problem 5 (H&S 6b): classify the order of X/Y at three distant steps."
+
     name = "temporal_order_3bit"
     windows = ((10, 20), (33, 43), (66, 76))
 
 # %% ../nbs/70_tasks.ipynb #5ad1b9ee
 class RandomPermutation(Task):
     "Problem 6 (H&S 2b): recall which of two symbols started a sequence of random symbols."
+
     name, loss, n_in, n_out, min_T = "random_permutation", "softmax_cross_entropy", 100, 100, 3
 
     def _generate(self, cases, g):
@@ -222,6 +266,7 @@ class RandomPermutation(Task):
 # %% ../nbs/70_tasks.ipynb #0f436776
 class Memorization(Task):
     "Problem 7: reproduce `symbols` data symbols from an alphabet of `alphabet` after a blank gap of T steps."
+
     loss, min_T, input_scale = "softmax_cross_entropy", 1, 0.1
     symbols, alphabet = 5, 2
 
@@ -244,22 +289,35 @@ class Memorization(Task):
         inputs[:, :n] = data
         inputs[:, L - n - 1] = A + 1  # the trigger: the last step of the gap
         targets = torch.full((cases, L), A)
-        targets[:, L - n:] = data
+        targets[:, L - n :] = data
         return F.one_hot(inputs, A + 2).float(), F.one_hot(targets, A + 1).float()
 
 
 class Memorization5Bit(Memorization):
     "Problem 7: memorise 5 bits."
+
     name, symbols, alphabet = "memorization_5bit", 5, 2
 
 
 class Memorization20Bit(Memorization):
     "Problem 7, harder variant: memorise 10 symbols from {1..5} (over 20 bits)."
+
     name, symbols, alphabet = "memorization_20bit", 10, 5
 
 # %% ../nbs/70_tasks.ipynb #e0f6f39d
-TASKS = {cls.name: cls for cls in
-         (Addition, Multiplication, Xor, TemporalOrder, TemporalOrder3, RandomPermutation, Memorization5Bit, Memorization20Bit)}
+TASKS = {
+    cls.name: cls
+    for cls in (
+        Addition,
+        Multiplication,
+        Xor,
+        TemporalOrder,
+        TemporalOrder3,
+        RandomPermutation,
+        Memorization5Bit,
+        Memorization20Bit,
+    )
+}
 
 
 def make_task(name: str, T: int) -> Task:
@@ -273,7 +331,9 @@ def input_independent_outputs(task: Task, cases: int = 10_000, seed: int = 0) ->
     """The best outputs `(length, n_out)` that ignore the inputs: per step, the mean target (or log-frequencies / logits)."""
     _, targets = task.batch(cases, make_generator(seed), dtype=torch.float64)
     present = ~torch.isnan(targets)
-    mean = torch.where(present, targets, 0.0).sum(0) / present.sum(0).clamp_min(1)  # (length, n_out)
+    mean = torch.where(present, targets, 0.0).sum(0) / present.sum(0).clamp_min(
+        1
+    )  # (length, n_out)
     if task.loss == "squared_error":
         return mean
     tiny = torch.finfo(mean.dtype).tiny
@@ -282,7 +342,9 @@ def input_independent_outputs(task: Task, cases: int = 10_000, seed: int = 0) ->
     return mean.clamp_min(tiny).log()
 
 
-def input_independent_error(task: Task, cases: int = 10_000, held_out: int = 2000, seed: int = 0) -> float:
+def input_independent_error(
+    task: Task, cases: int = 10_000, held_out: int = 2000, seed: int = 0
+) -> float:
     """Table 5's "biases" error: the zero-one error, on the held-out set, of the best input-independent outputs."""
     outputs = input_independent_outputs(task, cases, seed)
     _, targets = task.held_out(seed, held_out, dtype=torch.float64)

@@ -23,23 +23,31 @@ class TrustRegionStep:
     """A global minimiser of q(p) = gᵀp + ½pᵀBp over ‖p‖ ≤ radius, and how it was found."""
 
     p: Tensor  # the step, in g's dtype and on g's device
-    sigma: float  # the multiplier σ ≥ 0 of N&W Theorem 4.1: (B + σI)p = −g, B + σI ⪰ 0, σ(Δ − ‖p‖) = 0
+    sigma: (
+        float  # the multiplier σ ≥ 0 of N&W Theorem 4.1: (B + σI)p = −g, B + σI ⪰ 0, σ(Δ − ‖p‖) = 0
+    )
     on_boundary: bool  # ‖p‖ = radius (a root of the secular equation, or the hard case); False: σ = 0, interior
     hard_case: bool  # g ⟂ the eigenspace of λ_min ≤ 0 and p = p(−λ_min) + τz (N&W §4.3)
     value: float  # the model value q(p), from the eigen-coordinates in float64
-    step_norm: float  # ‖p‖ from the eigen-coordinates (the radius, up to round-off, when on_boundary)
+    step_norm: (
+        float  # ‖p‖ from the eigen-coordinates (the radius, up to round-off, when on_boundary)
+    )
     lambda_min: float  # B's smallest eigenvalue
     eigenvalues: Tensor  # float64 on the CPU, ascending; compact: the `rank` eigenvalues λ̂ᵢ + γ on range Ψ; dense: all n
     rank: int  # compact: dim range Ψ after dropping dependent columns (γ is B's eigenvalue on the other n − rank); dense: n
     iterations: int  # Newton steps on the secular equation (dense: bisection steps); 0 for interior and hard-case steps
-    converged: bool = True  # False only if max_iterations ran out (p is then the last feasible iterate)
+    converged: bool = (
+        True  # False only if max_iterations ran out (p is then the last feasible iterate)
+    )
 
 # %% ../nbs/35_trust_region.ipynb #ecd03a01
 def _real(name: str, value, *, positive: bool = False) -> float:
     "`value` (a real number or a 0-d real tensor) as a finite float, positive if asked; else a clear error naming `name`."
     if isinstance(value, Tensor):
         if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name}: expected a real number or a 0-d real tensor, got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+            raise TypeError(
+                f"{name}: expected a real number or a 0-d real tensor, got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
         value = float(value)
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
@@ -53,7 +61,9 @@ def _real(name: str, value, *, positive: bool = False) -> float:
 
 def _check_gradient(g) -> int:
     if not isinstance(g, Tensor) or not g.is_floating_point():
-        raise TypeError(f"g: expected a 1-D floating-point torch.Tensor, got {type(g).__name__ if not isinstance(g, Tensor) else g.dtype}")
+        raise TypeError(
+            f"g: expected a 1-D floating-point torch.Tensor, got {type(g).__name__ if not isinstance(g, Tensor) else g.dtype}"
+        )
     if g.dim() != 1 or g.numel() == 0:
         raise ValueError(f"g: expected a non-empty 1-D tensor, got shape {tuple(g.shape)}")
     return g.numel()
@@ -68,7 +78,9 @@ def _symmetric_float64(name: str, A: Tensor) -> Tensor:
         return A64
     asymmetry, size = float((A64 - A64.mT).abs().max()), float(A64.abs().max())
     if asymmetry > math.sqrt(torch.finfo(A.dtype).eps) * size:
-        raise ValueError(f"{name}: must be symmetric, got max |{name} − {name}ᵀ| = {asymmetry:.3g} for max |{name}| = {size:.3g}")
+        raise ValueError(
+            f"{name}: must be symmetric, got max |{name} − {name}ᵀ| = {asymmetry:.3g} for max |{name}| = {size:.3g}"
+        )
     return 0.5 * (A64 + A64.mT)
 
 # %% ../nbs/35_trust_region.ipynb #f25be27c
@@ -77,21 +89,34 @@ def _check_compact_arguments(g, gamma, Psi, M, radius, rank_tolerance, max_itera
     if not isinstance(Psi, Tensor):
         raise TypeError(f"Psi: expected a 2-D torch.Tensor, got {type(Psi).__name__}")
     if Psi.dim() != 2 or Psi.shape[0] != n:
-        raise ValueError(f"Psi: expected shape (n, k) = ({n}, k) to match g, got {tuple(Psi.shape)}")
+        raise ValueError(
+            f"Psi: expected shape (n, k) = ({n}, k) to match g, got {tuple(Psi.shape)}"
+        )
     if Psi.dtype != g.dtype or Psi.device != g.device:
         raise TypeError(f"Psi: is {Psi.dtype} on {Psi.device}, but g is {g.dtype} on {g.device}")
     k = Psi.shape[1]
     if not isinstance(M, Tensor) or not M.is_floating_point():
-        raise TypeError(f"M: expected a floating-point torch.Tensor, got {type(M).__name__ if not isinstance(M, Tensor) else M.dtype}")
+        raise TypeError(
+            f"M: expected a floating-point torch.Tensor, got {type(M).__name__ if not isinstance(M, Tensor) else M.dtype}"
+        )
     if M.shape != (k, k):
-        raise ValueError(f"M: expected shape ({k}, {k}) to match the {k} columns of Psi, got {tuple(M.shape)}")
+        raise ValueError(
+            f"M: expected shape ({k}, {k}) to match the {k} columns of Psi, got {tuple(M.shape)}"
+        )
     gamma = _real("gamma", gamma)
     radius = _real("radius", radius, positive=True)
-    if rank_tolerance is not None and not (isinstance(rank_tolerance, numbers.Real) and not isinstance(rank_tolerance, bool)
-                                           and 0 <= rank_tolerance < 1):
-        raise ValueError(f"rank_tolerance: must be None or a number in [0, 1), got {rank_tolerance!r}")
+    if rank_tolerance is not None and not (
+        isinstance(rank_tolerance, numbers.Real)
+        and not isinstance(rank_tolerance, bool)
+        and 0 <= rank_tolerance < 1
+    ):
+        raise ValueError(
+            f"rank_tolerance: must be None or a number in [0, 1), got {rank_tolerance!r}"
+        )
     check_positive_int("max_iterations", max_iterations)
-    finite_g, finite_psi = torch.stack([torch.isfinite(g).all(), torch.isfinite(Psi).all()]).tolist()
+    finite_g, finite_psi = torch.stack(
+        [torch.isfinite(g).all(), torch.isfinite(Psi).all()]
+    ).tolist()
     if not finite_g:
         raise ValueError("g: has non-finite entries")
     if not finite_psi:
@@ -99,7 +124,9 @@ def _check_compact_arguments(g, gamma, Psi, M, radius, rank_tolerance, max_itera
     return n, k, gamma, radius, _symmetric_float64("M", M)
 
 # %% ../nbs/35_trust_region.ipynb #53353347
-def _hard_case_parts(values: Tensor, a2: Tensor, lam_min: float, radius: float, eps: float) -> Tensor | None:
+def _hard_case_parts(
+    values: Tensor, a2: Tensor, lam_min: float, radius: float, eps: float
+) -> Tensor | None:
     """For λ_min ≤ 0: the scales 1/(λᵢ − λ_min) of the hard case (0 on λ_min's eigenspace), or None if it is not the hard case.
 
     `values` are B's eigenvalues, `a2` the squared components of g along them, `eps` the round-off of the input's dtype."""
@@ -107,7 +134,9 @@ def _hard_case_parts(values: Tensor, a2: Tensor, lam_min: float, radius: float, 
     bottom = gaps <= 100 * eps * float(values.abs().max())
     if float(a2[bottom].sum()) > (100 * eps) ** 2 * float(a2.sum()):
         return None  # g has a component along the bottom eigenvector(s): ‖p(σ)‖ → ∞ as σ ↓ −λ_min, a root exists
-    scales = torch.where(bottom, torch.zeros_like(gaps), 1.0 / torch.where(bottom, torch.ones_like(gaps), gaps))
+    scales = torch.where(
+        bottom, torch.zeros_like(gaps), 1.0 / torch.where(bottom, torch.ones_like(gaps), gaps)
+    )
     if float((a2 * scales**2).sum()) > radius**2:
         return None  # ‖p(−λ_min)‖ > Δ: the root lies right of −λ_min after all
     return scales
@@ -142,8 +171,10 @@ def dense_trust_region(
         delta, hard = 0.0, True
         tau = math.sqrt(max(radius**2 - float((a2 * scales**2).sum()), 0.0))
     else:
+
         def too_long(delta):  # ‖p‖ > Δ at σ = δ − λ_min
             return float((a2 / (gaps + delta) ** 2).sum()) > radius**2
+
         low, high = max(lam_min, 0.0), math.sqrt(float(a2.sum())) / radius
         while high - low > 4 * torch.finfo(torch.float64).eps * high:
             middle = 0.5 * (low + high)
@@ -175,9 +206,13 @@ def _compact_basis(Psi: Tensor, M64: Tensor, g: Tensor, rank_tolerance: float) -
     m = Q.shape[1]
     Qg = Q.mT @ g
     h = g - Q @ Qg
-    correction = Q.mT @ h  # round-off left h partly inside range Q: project twice ("twice is enough")
+    correction = (
+        Q.mT @ h
+    )  # round-off left h partly inside range Q: project twice ("twice is enough")
     Qg, h = Qg + correction, h - Q @ correction
-    small = torch.cat([R.reshape(-1), Qg, (h @ h).reshape(1)]).to("cpu", torch.float64)  # one copy to the host
+    small = torch.cat([R.reshape(-1), Qg, (h @ h).reshape(1)]).to(
+        "cpu", torch.float64
+    )  # one copy to the host
     R64, Qg64, h2 = small[: m * k].view(m, k), small[m * k : m * k + m], float(small[-1])
     U_R, S, Vh = torch.linalg.svd(R64, full_matrices=False)
     r = int((S > rank_tolerance * S[0]).sum()) if m and float(S[0]) > 0 else 0
@@ -185,10 +220,22 @@ def _compact_basis(Psi: Tensor, M64: Tensor, g: Tensor, rank_tolerance: float) -
     inner = R_r @ M64 @ R_r.mT
     lam_hat, U = torch.linalg.eigh(0.5 * (inner + inner.mT))
     W, dropped = U_R[:, :r] @ U, U_R[:, r:]
-    return dict(Q=Q, h=h, W=W, lam_hat=lam_hat, g_par=W.mT @ Qg64, dropped=dropped, g_dropped=dropped.mT @ Qg64, h2=h2, rank=r)
+    return dict(
+        Q=Q,
+        h=h,
+        W=W,
+        lam_hat=lam_hat,
+        g_par=W.mT @ Qg64,
+        dropped=dropped,
+        g_dropped=dropped.mT @ Qg64,
+        h2=h2,
+        rank=r,
+    )
 
 # %% ../nbs/35_trust_region.ipynb #5e6fe297
-def _secular_newton(gaps: Tensor, a2: Tensor, radius: float, delta: float, max_iterations: int) -> tuple[float, int, bool]:
+def _secular_newton(
+    gaps: Tensor, a2: Tensor, radius: float, delta: float, max_iterations: int
+) -> tuple[float, int, bool]:
     """The root δ > 0 of ‖p‖ = Δ, ‖p‖² = Σ a2ᵢ/(gapsᵢ + δ)², by Newton's method on 1/‖p‖ from the safe start `delta`.
 
     Returns (δ, Newton steps, converged)."""
@@ -197,7 +244,9 @@ def _secular_newton(gaps: Tensor, a2: Tensor, radius: float, delta: float, max_i
     for step in range(max_iterations + 1):
         d = gaps + delta
         pole = active & (d == 0)
-        if bool(pole.any()):  # σ = −λ_min with g not ⟂ its eigenspace: ‖p‖ = ∞, φ = −1/Δ, φ′ = 1/‖a_min‖
+        if bool(
+            pole.any()
+        ):  # σ = −λ_min with g not ⟂ its eigenspace: ‖p‖ = ∞, φ = −1/Δ, φ′ = 1/‖a_min‖
             new = math.sqrt(float(a2[pole].sum())) / radius
         else:
             safe_d = torch.where(active, d, torch.ones_like(d))
@@ -221,14 +270,18 @@ def _secular_newton(gaps: Tensor, a2: Tensor, radius: float, delta: float, max_i
 # %% ../nbs/35_trust_region.ipynb #4ac450d9
 def _outside_unit_vector(Q: Tensor) -> Tensor:
     "A unit vector orthogonal to the orthonormal columns of the n × m `Q` (m < n), without a host read."
-    j = (Q * Q).sum(1).argmin().reshape(1)  # the row of smallest norm: ‖(I − QQᵀ)eⱼ‖² = 1 − ‖Qⱼ‖² ≥ 1 − m/n
+    j = (
+        (Q * Q).sum(1).argmin().reshape(1)
+    )  # the row of smallest norm: ‖(I − QQᵀ)eⱼ‖² = 1 − ‖Qⱼ‖² ≥ 1 − m/n
     z = -(Q @ Q.index_select(0, j).reshape(-1))
     z = z.index_add(0, j, torch.ones(1, dtype=Q.dtype, device=Q.device))
     z = z - Q @ (Q.mT @ z)  # a second Gram–Schmidt pass
     return z / z.norm()
 
 
-def _assemble_step(basis: dict, scales: Tensor, tau: float, bottom: int, complement: bool, g: Tensor) -> Tensor:
+def _assemble_step(
+    basis: dict, scales: Tensor, tau: float, bottom: int, complement: bool, g: Tensor
+) -> Tensor:
     "`p = Q v + c_⊥ h (+ τz)` from the scales 1/(λᵢ + σ) (the complement's last), in g's dtype and on its device."
     r, W, Q = basis["rank"], basis["W"], basis["Q"]
     # p = Q v + c_perp h + τ z: v holds the range-Ψ coordinates and the dropped-direction part of g_⊥
@@ -257,31 +310,47 @@ def solve_trust_region_compact(
     M: Tensor,  # the symmetric k × k middle matrix (any floating dtype and device; used in float64 on the CPU)
     radius: float,  # the trust-region radius Δ > 0
     *,
-    rank_tolerance: float | None = None,  # singular values of R below this × the largest are dropped; None: max(n, k)·ε of g's dtype
+    rank_tolerance: float
+    | None = None,  # singular values of R below this × the largest are dropped; None: max(n, k)·ε of g's dtype
     max_iterations: int = 100,  # Newton steps on the secular equation (it typically needs fewer than 10)
 ) -> TrustRegionStep:
     """The global minimiser of gᵀp + ½pᵀBp s.t. ‖p‖ ≤ radius for B = γI + ΨMΨᵀ, by the OBS method (Brust, Erway & Marcia 2017)."""
-    n, k, gamma, radius, M64 = _check_compact_arguments(g, gamma, Psi, M, radius, rank_tolerance, max_iterations)
+    n, k, gamma, radius, M64 = _check_compact_arguments(
+        g, gamma, Psi, M, radius, rank_tolerance, max_iterations
+    )
     eps = torch.finfo(g.dtype).eps
-    basis = _compact_basis(Psi.detach(), M64, g.detach(), max(n, k) * eps if rank_tolerance is None else float(rank_tolerance))
+    basis = _compact_basis(
+        Psi.detach(),
+        M64,
+        g.detach(),
+        max(n, k) * eps if rank_tolerance is None else float(rank_tolerance),
+    )
     r = basis["rank"]
     values, a2 = basis["lam_hat"] + gamma, basis["g_par"] ** 2
     complement = r < n  # γ is an eigenvalue of B on the orthogonal complement of range Ψ
     if complement:
         values = torch.cat([values, values.new_tensor([gamma])])
-        a2 = torch.cat([a2, a2.new_tensor([basis["h2"] + float(basis["g_dropped"].square().sum())])])
+        a2 = torch.cat(
+            [a2, a2.new_tensor([basis["h2"] + float(basis["g_dropped"].square().sum())])]
+        )
     lam_min, bottom = float(values.min()), int(values.argmin())
     tau, iterations, converged, hard, interior = 0.0, 0, True, False, False
     if lam_min > 0 and float((a2 / values**2).sum()) <= radius**2:
         scales, sigma, interior = 1.0 / values, 0.0, True
-    elif lam_min <= 0 and (scales := _hard_case_parts(values, a2, lam_min, radius, eps)) is not None:
+    elif (
+        lam_min <= 0 and (scales := _hard_case_parts(values, a2, lam_min, radius, eps)) is not None
+    ):
         sigma, hard = -lam_min, True
         tau = math.sqrt(max(radius**2 - float((a2 * scales**2).sum()), 0.0))
     else:
         gaps = (values - lam_min).clamp_min(0.0)
-        delta, iterations, converged = _secular_newton(gaps, a2, radius, max(lam_min, 0.0), max_iterations)
+        delta, iterations, converged = _secular_newton(
+            gaps, a2, radius, max(lam_min, 0.0), max_iterations
+        )
         d = gaps + delta
-        scales = torch.where(a2 > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+        scales = torch.where(
+            a2 > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d)
+        )
         sigma = delta - lam_min
     return TrustRegionStep(
         p=_assemble_step(basis, scales, tau, bottom, complement, g),

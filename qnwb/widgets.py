@@ -10,14 +10,14 @@ import math
 import threading
 import time
 import weakref
-from typing import Mapping
+from collections.abc import Mapping
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .core import patch
 from .optim import OPTIMIZERS, entry_for, make_schedule, suggested_hyperparameters
-from .problems import problem_family, PROBLEM_LIMITS, problem_options, PROBLEMS
+from .problems import PROBLEM_LIMITS, PROBLEMS, problem_family, problem_options
 from .runs import Runner
 
 # %% auto #0
@@ -26,21 +26,47 @@ __all__ = ['RUN_DEFAULTS', 'DEFAULT_CONFIG', 'INTEGER_SETTINGS', 'LABELS', 'MOME
            'hyperparameter_figure', 'Dashboard']
 
 # %% ../nbs/95_widgets.ipynb #963d4495
-RUN_DEFAULTS = {"budget": {"steps": 100_000}, "evaluate_every": 10, "seed": 0}  # what a dashboard's run has unless configured
-DEFAULT_CONFIG = {"problem": "addition", "problem_options": {"T": 20, "hidden": 16}, "optimizer": "hessian_free", **RUN_DEFAULTS}
+RUN_DEFAULTS = {
+    "budget": {"steps": 100_000},
+    "evaluate_every": 10,
+    "seed": 0,
+}  # what a dashboard's run has unless configured
+DEFAULT_CONFIG = {
+    "problem": "addition",
+    "problem_options": {"T": 20, "hidden": 16},
+    "optimizer": "hessian_free",
+    **RUN_DEFAULTS,
+}
 
 
-
-def starting_hyperparameters(optimizer: str,  # a key of qnwb.optim.OPTIMIZERS
-                             problem: str,  # a key of qnwb.problems.PROBLEMS
-                             ) -> dict:
+def starting_hyperparameters(
+    optimizer: str,  # a key of qnwb.optim.OPTIMIZERS
+    problem: str,  # a key of qnwb.problems.PROBLEMS
+) -> dict:
     "What a reset gives `optimizer` on `problem`: the registry's suggestion for the problem's family."
     return suggested_hyperparameters(optimizer, problem_family(problem))
 
-INTEGER_SETTINGS = ("memory", "fisher_memory", "L", "cg_max_iterations", "cg_min_iterations", "max_evaluations")  # integer boxes
 
-LABELS = {"damping": "λ", "structural_damping": "μ (structural)", "cg_max_iterations": "CG iterations ≤", "lr": "step size",
-          "L": "L", "memory": "memory m", "increase": "radius ×", "decrease": "radius ÷ (factor)", "momentum": "μ"}
+INTEGER_SETTINGS = (
+    "memory",
+    "fisher_memory",
+    "L",
+    "cg_max_iterations",
+    "cg_min_iterations",
+    "max_evaluations",
+)  # integer boxes
+
+LABELS = {
+    "damping": "λ",
+    "structural_damping": "μ (structural)",
+    "cg_max_iterations": "CG iterations ≤",
+    "lr": "step size",
+    "L": "L",
+    "memory": "memory m",
+    "increase": "radius ×",
+    "decrease": "radius ÷ (factor)",
+    "momentum": "μ",
+}
 
 MOMENTUM_SCHEDULES = {  # the momentum-schedule choices for CM and NAG: label ↦ (schedule, name of its μ_max argument)
     "constant μ": (None, None),
@@ -50,17 +76,22 @@ MOMENTUM_SCHEDULES = {  # the momentum-schedule choices for CM and NAG: label �
 }
 
 
-def momentum_spec(label: str,  # a key of MOMENTUM_SCHEDULES
-                  mu_max: float,
-                  current=None,  # the momentum in force: a spec of the same schedule keeps its other arguments (period, switch, ...)
-                  ) -> float | dict:
+def momentum_spec(
+    label: str,  # a key of MOMENTUM_SCHEDULES
+    mu_max: float,
+    current=None,  # the momentum in force: a spec of the same schedule keeps its other arguments (period, switch, ...)
+) -> float | dict:
     """What `Runner.steer("momentum", ...)` gets for a schedule choice: the number itself, or a schedule spec."""
     if label not in MOMENTUM_SCHEDULES:
         raise ValueError(f"label: {label!r} is not one of {list(MOMENTUM_SCHEDULES)}")
     schedule, argument = MOMENTUM_SCHEDULES[label]
     if schedule is None:
         return mu_max
-    kept = dict(current) if isinstance(current, Mapping) and current.get("schedule") == schedule else {"schedule": schedule}
+    kept = (
+        dict(current)
+        if isinstance(current, Mapping) and current.get("schedule") == schedule
+        else {"schedule": schedule}
+    )
     return {**kept, argument: mu_max}
 
 
@@ -76,10 +107,15 @@ def momentum_choice(value) -> tuple[str, float] | None:
 # %% ../nbs/95_widgets.ipynb #cc3ec219
 def _thinned(properties: dict, n: int, every: int) -> dict:
     "Every `every`-th entry of each per-point array (length `n`) of a trace's properties, nested ones (marker.color) too."
+
     def cut(value):
         if isinstance(value, dict):
             return {k: cut(v) for k, v in value.items()}
-        return value[::every] if not isinstance(value, str) and hasattr(value, "__len__") and len(value) == n else value
+        return (
+            value[::every]
+            if not isinstance(value, str) and hasattr(value, "__len__") and len(value) == n
+            else value
+        )
 
     return cut(properties)
 
@@ -93,38 +129,88 @@ def sync_figure(widget: go.FigureWidget, figure: go.Figure, limit: int = 2000) -
         widget.add_traces(list(figure.data))
     with widget.batch_update():
         for mine, theirs in zip(widget.data, figure.data):
-            properties = {k: v for k, v in theirs.to_plotly_json().items() if k not in ("type", "uid")}
+            properties = {
+                k: v for k, v in theirs.to_plotly_json().items() if k not in ("type", "uid")
+            }
             n = 0 if properties.get("x") is None else len(properties["x"])
             if theirs.type != "heatmap" and n > limit:
                 properties = _thinned(properties, n, math.ceil(n / limit))
             mine.update(properties, overwrite=True)
         widget.layout.title = figure.layout.title
-        widget.layout.shapes, widget.layout.annotations = figure.layout.shapes, figure.layout.annotations
+        widget.layout.shapes, widget.layout.annotations = (
+            figure.layout.shapes,
+            figure.layout.annotations,
+        )
 
 # %% ../nbs/95_widgets.ipynb #310bbb05
-def progress_figure(rows: list[dict],  # per step: {"step", "loss"}
-                    evaluations: list[dict],  # per evaluation: the runner's evaluation rows
-                    title: str = "") -> go.Figure:
+def progress_figure(
+    rows: list[dict],  # per step: {"step", "loss"}
+    evaluations: list[dict],  # per evaluation: the runner's evaluation rows
+    title: str = "",
+) -> go.Figure:
     """Training and held-out loss (top, log) and the task's error at each evaluation (bottom)."""
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, subplot_titles=("loss", "error"))
-    figure.add_scatter(name="training loss", x=[r["step"] for r in rows], y=[r["loss"] for r in rows], mode="lines", row=1, col=1)
+    figure = make_subplots(
+        rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, subplot_titles=("loss", "error")
+    )
+    figure.add_scatter(
+        name="training loss",
+        x=[r["step"] for r in rows],
+        y=[r["loss"] for r in rows],
+        mode="lines",
+        row=1,
+        col=1,
+    )
     steps = [e["step"] for e in evaluations]
-    figure.add_scatter(name="held-out loss", x=steps, y=[e["validation_loss"] for e in evaluations], mode="lines+markers", row=1, col=1)
-    figure.add_scatter(name="held-out error", x=steps, y=[e["validation_error"] for e in evaluations], mode="lines+markers", row=2, col=1)
-    figure.add_scatter(name="training error", x=steps, y=[e["train_error"] for e in evaluations], mode="lines", row=2, col=1)
+    figure.add_scatter(
+        name="held-out loss",
+        x=steps,
+        y=[e["validation_loss"] for e in evaluations],
+        mode="lines+markers",
+        row=1,
+        col=1,
+    )
+    figure.add_scatter(
+        name="held-out error",
+        x=steps,
+        y=[e["validation_error"] for e in evaluations],
+        mode="lines+markers",
+        row=2,
+        col=1,
+    )
+    figure.add_scatter(
+        name="training error",
+        x=steps,
+        y=[e["train_error"] for e in evaluations],
+        mode="lines",
+        row=2,
+        col=1,
+    )
     figure.update_yaxes(type="log", row=1, col=1)
-    return figure.update_layout(title=title, template="plotly_white", height=480, xaxis2_title="step")
+    return figure.update_layout(
+        title=title, template="plotly_white", height=480, xaxis2_title="step"
+    )
 
 
-def hyperparameter_figure(rows: list[dict],  # per step: {"step", "stats"} with the optimizer's stats
-                          names: tuple[str, ...] = ("lr", "momentum"),  # stats to draw, one row each
-                          title: str = "") -> go.Figure:
+def hyperparameter_figure(
+    rows: list[dict],  # per step: {"step", "stats"} with the optimizer's stats
+    names: tuple[str, ...] = ("lr", "momentum"),  # stats to draw, one row each
+    title: str = "",
+) -> go.Figure:
     """The stats `names` per step (those present): a step size and momentum schedule, and every steered change."""
     names = [n for n in names if any(n in r["stats"] for r in rows)] or list(names[:1])
     figure = make_subplots(rows=len(names), cols=1, shared_xaxes=True, subplot_titles=names)
     for i, name in enumerate(names, 1):
-        figure.add_scatter(name=name, x=[r["step"] for r in rows], y=[r["stats"].get(name) for r in rows], mode="lines", row=i, col=1)
-    return figure.update_layout(title=title, template="plotly_white", height=200 + 160 * len(names), showlegend=False)
+        figure.add_scatter(
+            name=name,
+            x=[r["step"] for r in rows],
+            y=[r["stats"].get(name) for r in rows],
+            mode="lines",
+            row=i,
+            col=1,
+        )
+    return figure.update_layout(
+        title=title, template="plotly_white", height=200 + 160 * len(names), showlegend=False
+    )
 
 # %% ../nbs/95_widgets.ipynb #55d516d9
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # the dashboards not closed yet, for the cell watcher
@@ -143,32 +229,72 @@ class Dashboard:
         import ipywidgets as widgets
 
         self.store, self.refresh_s, self.probe_sequences = store, refresh_s, probe_sequences
-        self.thread, self.stop_event, self.error, self.closed, self.stopped = None, threading.Event(), None, False, False
+        self.thread, self.stop_event, self.error, self.closed, self.stopped = (
+            None,
+            threading.Event(),
+            None,
+            False,
+            False,
+        )
         self._one_step, self._spectrum_requested, self.controls = False, False, {}
-        self._lock = threading.RLock()  # one redraw at a time (the training thread's, or one asked for while paused)
+        self._lock = (
+            threading.RLock()
+        )  # one redraw at a time (the training thread's, or one asked for while paused)
         config = dict(DEFAULT_CONFIG if config is None else config)
         device = ["cpu"] + (["cuda"] if _cuda_available() else [])
         self.pickers = {
-            "problem": widgets.Dropdown(options=sorted(PROBLEMS), value=config["problem"], description="task"),
+            "problem": widgets.Dropdown(
+                options=sorted(PROBLEMS), value=config["problem"], description="task"
+            ),
             "T": widgets.BoundedIntText(min=1, max=PROBLEM_LIMITS["T"], description="T"),
-            "hidden": widgets.BoundedIntText(min=1, max=PROBLEM_LIMITS["hidden"], description="hidden units"),
-            "optimizer": widgets.Dropdown(options=sorted(OPTIMIZERS), value=config["optimizer"], description="optimizer"),
-            "device": widgets.Dropdown(options=device, value=str(config.get("device") or "cpu").split(":")[0], description="device"),
+            "hidden": widgets.BoundedIntText(
+                min=1, max=PROBLEM_LIMITS["hidden"], description="hidden units"
+            ),
+            "optimizer": widgets.Dropdown(
+                options=sorted(OPTIMIZERS), value=config["optimizer"], description="optimizer"
+            ),
+            "device": widgets.Dropdown(
+                options=device,
+                value=str(config.get("device") or "cpu").split(":")[0],
+                description="device",
+            ),
             "seed": widgets.IntText(value=int(config.get("seed", 0)), description="seed"),
         }
         self.pickers["problem"].observe(lambda change: self._problem_picked(), names="value")
-        self.buttons = {label: widgets.Button(description=label) for label in ("reset", "start", "pause", "step", "stop", "spectrum")}
+        self.buttons = {
+            label: widgets.Button(description=label)
+            for label in ("reset", "start", "pause", "step", "stop", "spectrum")
+        }
         for picker in self.pickers.values():
             picker.style.description_width = "initial"
         for label, button in self.buttons.items():
             button.on_click(lambda _, label=label: self._press(label))
-        self.buttons["spectrum"].tooltip = "Lanczos estimate of the curvature's top eigenvalues on the monitoring sample, now"
-        self.message, self.controls_box = widgets.HTML(), widgets.HBox(layout=dict(flex_flow="row wrap"))
-        self.figures = {name: go.FigureWidget() for name in ("progress", "optimizer", "hidden", "spectrum")}
-        self.widget = widgets.VBox([
-            widgets.HBox(list(self.pickers.values()) + [self.buttons["reset"]], layout=dict(flex_flow="row wrap")),
-            widgets.HBox([self.buttons[b] for b in ("start", "pause", "step", "stop", "spectrum")]), self.controls_box,
-            self.message, *self.figures.values()])
+        self.buttons[
+            "spectrum"
+        ].tooltip = (
+            "Lanczos estimate of the curvature's top eigenvalues on the monitoring sample, now"
+        )
+        self.message, self.controls_box = (
+            widgets.HTML(),
+            widgets.HBox(layout=dict(flex_flow="row wrap")),
+        )
+        self.figures = {
+            name: go.FigureWidget() for name in ("progress", "optimizer", "hidden", "spectrum")
+        }
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox(
+                    list(self.pickers.values()) + [self.buttons["reset"]],
+                    layout=dict(flex_flow="row wrap"),
+                ),
+                widgets.HBox(
+                    [self.buttons[b] for b in ("start", "pause", "step", "stop", "spectrum")]
+                ),
+                self.controls_box,
+                self.message,
+                *self.figures.values(),
+            ]
+        )
         self.cell = _current_cell()
         _LIVE.add(self)
         _watch_cells()
@@ -223,9 +349,21 @@ def _config_from_pickers(self: Dashboard) -> dict:
     kept = dict(config.get("problem_options", {})) if p["problem"] == config["problem"] else {}
     kept.update({name: p[name] for name in ("T", "hidden") if name in options})
     same = p["optimizer"] == config["optimizer"]
-    hyper = config.get("hyperparameters", {}) if same else starting_hyperparameters(p["optimizer"], p["problem"])
-    return {**config, "problem": p["problem"], "problem_options": kept, "optimizer": p["optimizer"], "hyperparameters": dict(hyper),
-            "device": p["device"], "seed": p["seed"], "name": None}
+    hyper = (
+        config.get("hyperparameters", {})
+        if same
+        else starting_hyperparameters(p["optimizer"], p["problem"])
+    )
+    return {
+        **config,
+        "problem": p["problem"],
+        "problem_options": kept,
+        "optimizer": p["optimizer"],
+        "hyperparameters": dict(hyper),
+        "device": p["device"],
+        "seed": p["seed"],
+        "name": None,
+    }
 
 
 @patch
@@ -236,7 +374,10 @@ def _fill_pickers(self: Dashboard) -> None:
     for name in ("T", "hidden"):
         if name in c.get("problem_options", {}):
             self.pickers[name].value = c["problem_options"][name]
-    self.pickers["device"].value, self.pickers["seed"].value = str(self.runner.device.type), int(c.get("seed", 0))
+    self.pickers["device"].value, self.pickers["seed"].value = (
+        str(self.runner.device.type),
+        int(c.get("seed", 0)),
+    )
 
 # %% ../nbs/95_widgets.ipynb #b0e7f49a
 def _recorder(optimizer) -> tuple:
@@ -259,11 +400,24 @@ def reset(self: Dashboard, config: Mapping | None = None) -> None:
     """Stop the current run and start a new one from `config` (None: from the pickers); refused configurations are shown."""
     if config is None:
         config = self._config_from_pickers()
-    config = {"hyperparameters": starting_hyperparameters(config["optimizer"], config["problem"]), **RUN_DEFAULTS, **config}
-    runner = Runner(config, store=self.store, progress=False)  # raises on a bad configuration: the old run goes on
+    config = {
+        "hyperparameters": starting_hyperparameters(config["optimizer"], config["problem"]),
+        **RUN_DEFAULTS,
+        **config,
+    }
+    runner = Runner(
+        config, store=self.store, progress=False
+    )  # raises on a bad configuration: the old run goes on
     if self.thread is not None and self.thread.is_alive():
-        self.pause(timeout=None)  # the step in progress ends first: its thread never writes into the new run
-    self.config, self.runner, self.stopped, self._spectrum_requested = dict(config), runner, False, False
+        self.pause(
+            timeout=None
+        )  # the step in progress ends first: its thread never writes into the new run
+    self.config, self.runner, self.stopped, self._spectrum_requested = (
+        dict(config),
+        runner,
+        False,
+        False,
+    )
     runner.on_step = lambda info: self._on_step(info) if runner is self.runner else None
     self.rows, self._drawn, self._draw_wait, self.error = [], 0.0, self.refresh_s, None
     self.hidden_probe, self.spectrum_snapshot = None, None
@@ -273,8 +427,10 @@ def reset(self: Dashboard, config: Mapping | None = None) -> None:
     for figure in self.figures.values():
         figure.data, figure.layout = (), {}
     self.redraw()
-    self._say(f"run {runner.run_id if runner.run_id is not None else '(not stored)'}: {config['optimizer']} on {config['problem']}, "
-              f"{sum(p.numel() for p in runner.model.parameters()):,} parameters; press start")
+    self._say(
+        f"run {runner.run_id if runner.run_id is not None else '(not stored)'}: {config['optimizer']} on {config['problem']}, "
+        f"{sum(p.numel() for p in runner.model.parameters()):,} parameters; press start"
+    )
 
 # %% ../nbs/95_widgets.ipynb #92cb4c5d
 @patch
@@ -287,12 +443,20 @@ def _build_controls(self: Dashboard) -> None:
         control.close()
     self.controls, self._echo = {}, {}
     for name in names:
-        if name in runner.schedulable() and name == "momentum" and momentum_choice(runner.in_force(name)) is not None:
+        if (
+            name in runner.schedulable()
+            and name == "momentum"
+            and momentum_choice(runner.in_force(name)) is not None
+        ):
             label, mu_max = momentum_choice(runner.in_force(name))
-            self.controls["momentum_schedule"] = widgets.Dropdown(options=list(MOMENTUM_SCHEDULES), value=label, description="μ schedule")
+            self.controls["momentum_schedule"] = widgets.Dropdown(
+                options=list(MOMENTUM_SCHEDULES), value=label, description="μ schedule"
+            )
             self.controls["mu_max"] = widgets.FloatText(value=mu_max, description="μ_max")
             continue
-        kind = widgets.IntText if name in INTEGER_SETTINGS else widgets.FloatText  # torch's SGD has an int momentum 0
+        kind = (
+            widgets.IntText if name in INTEGER_SETTINGS else widgets.FloatText
+        )  # torch's SGD has an int momentum 0
         self.controls[name] = kind(value=group[name], description=LABELS.get(name, name))
     for name, control in self.controls.items():
         control.observe(lambda change, name=name: self._changed(name, change), names="value")
@@ -304,13 +468,21 @@ def _build_controls(self: Dashboard) -> None:
 @patch
 def _changed(self: Dashboard, name: str, change) -> None:
     "A control changed: steer the runner (checked there); a refused value is put back and explained."
-    if name in self._echo and self._echo[name] == change["new"]:  # the dashboard's own write (following the optimizer)
+    if (
+        name in self._echo and self._echo[name] == change["new"]
+    ):  # the dashboard's own write (following the optimizer)
         del self._echo[name]
         return
     parameter, value = name, change["new"]
     if name in ("momentum_schedule", "mu_max"):
-        parameter, value = "momentum", momentum_spec(self.controls["momentum_schedule"].value, self.controls["mu_max"].value,
-                                                     self.runner.in_force("momentum"))
+        parameter, value = (
+            "momentum",
+            momentum_spec(
+                self.controls["momentum_schedule"].value,
+                self.controls["mu_max"].value,
+                self.runner.in_force("momentum"),
+            ),
+        )
     try:
         self.runner.steer(parameter, value)
         self._say(f"{LABELS.get(name, name)} → {change['new']} from step {self.runner.step + 1}")
@@ -335,11 +507,17 @@ def _follow(self: Dashboard) -> None:
         return
     group = self.runner.optimizer.param_groups[0]
     for name in self.controls:
-        if name in group and name not in self.runner.schedulable() and isinstance(group[name], (int, float)):
+        if (
+            name in group
+            and name not in self.runner.schedulable()
+            and isinstance(group[name], (int, float))
+        ):
             self._show(name, group[name])
 
 # %% ../nbs/95_widgets.ipynb #a1c2146d
-DRAW_SHARE = 4.0  # after a redraw that took d seconds, train at least DRAW_SHARE·d seconds before the next
+DRAW_SHARE = (
+    4.0  # after a redraw that took d seconds, train at least DRAW_SHARE·d seconds before the next
+)
 
 
 @patch
@@ -362,18 +540,29 @@ def _probe_hidden(self: Dashboard) -> None:
     from qnwb.diagnostics import probe_hidden_states
     from qnwb.models import TanhRNN
 
-    if not isinstance(self.runner.model, TanhRNN) or (self.hidden_probe is not None and self.hidden_probe.label == f"step {self.runner.step}"):
+    if not isinstance(self.runner.model, TanhRNN) or (
+        self.hidden_probe is not None and self.hidden_probe.label == f"step {self.runner.step}"
+    ):
         return
     x, y = self.runner.problem.held_out
     k = self.probe_sequences
-    self.hidden_probe = probe_hidden_states(self.runner.model, inputs=x[:k], targets=y[:k], loss=self.runner.loss,
-                                            label=f"step {self.runner.step}")
+    self.hidden_probe = probe_hidden_states(
+        self.runner.model,
+        inputs=x[:k],
+        targets=y[:k],
+        loss=self.runner.loss,
+        label=f"step {self.runner.step}",
+    )
 
 
 @patch
 def snapshot_spectrum(self: Dashboard, k: int = 5, iterations: int = 40) -> None:
     """The top-k eigenvalues of the curvature at the current weights (Lanczos, `ritz_figure`); between steps when running."""
-    if self.thread is not None and self.thread.is_alive() and threading.current_thread() is not self.thread:
+    if (
+        self.thread is not None
+        and self.thread.is_alive()
+        and threading.current_thread() is not self.thread
+    ):
         self._spectrum_requested = True  # the training thread takes it after the step in progress
         self._say("spectrum: after the step in progress")
         return
@@ -381,10 +570,18 @@ def snapshot_spectrum(self: Dashboard, k: int = 5, iterations: int = 40) -> None
 
     self._spectrum_requested = False
     kind = "ggn" if self.config["optimizer"] == "hessian_free" else "hessian"
-    operators = curvature_operators(self.runner.model, self.runner.loss, [self.runner.problem.monitor], kind=kind)
+    operators = curvature_operators(
+        self.runner.model, self.runner.loss, [self.runner.problem.monitor], kind=kind
+    )
     n = sum(p.numel() for p in self.runner.model.parameters())
-    self.spectrum_snapshot = (self.runner.step, kind, spectrum_probe(operators, k=min(k, n), iterations=min(iterations, n)))
-    self._say(f"spectrum of the {kind.upper()} at step {self.runner.step}: λ_max ≈ {self.spectrum_snapshot[2].runs[0].values.max().item():.4g}")
+    self.spectrum_snapshot = (
+        self.runner.step,
+        kind,
+        spectrum_probe(operators, k=min(k, n), iterations=min(iterations, n)),
+    )
+    self._say(
+        f"spectrum of the {kind.upper()} at step {self.runner.step}: λ_max ≈ {self.spectrum_snapshot[2].runs[0].values.max().item():.4g}"
+    )
     self.redraw()
 
 # %% ../nbs/95_widgets.ipynb #55c1fcef
@@ -398,24 +595,45 @@ def redraw(self: Dashboard) -> None:
     with self._lock:
         start = time.perf_counter()
         try:
-            title = f"{self.config['optimizer']} on {self.config['problem']}, step {self.runner.step}"
-            sync_figure(self.figures["progress"], progress_figure(self.rows, self.runner.history["evaluations"], title))  # step 0's too
+            title = (
+                f"{self.config['optimizer']} on {self.config['problem']}, step {self.runner.step}"
+            )
+            sync_figure(
+                self.figures["progress"],
+                progress_figure(self.rows, self.runner.history["evaluations"], title),
+            )  # step 0's too
             if self.recorder is not None and self.recorder.rows:
-                sync_figure(self.figures["optimizer"], self._optimizer_figure(self.recorder.trace()))
+                sync_figure(
+                    self.figures["optimizer"], self._optimizer_figure(self.recorder.trace())
+                )
             elif self.recorder is None and self.rows:
-                sync_figure(self.figures["optimizer"], hyperparameter_figure(self.rows, title="step size and momentum"))
+                sync_figure(
+                    self.figures["optimizer"],
+                    hyperparameter_figure(self.rows, title="step size and momentum"),
+                )
             self._probe_hidden()
             if self.hidden_probe is not None:
-                sync_figure(self.figures["hidden"], hidden_heatmap_figure(self.hidden_probe).update_layout(
-                    title=f"hidden states of {self.probe_sequences} held-out sequences at step {self.runner.step}"))
+                sync_figure(
+                    self.figures["hidden"],
+                    hidden_heatmap_figure(self.hidden_probe).update_layout(
+                        title=f"hidden states of {self.probe_sequences} held-out sequences at step {self.runner.step}"
+                    ),
+                )
             if self.spectrum_snapshot is not None:
                 step, kind, probe = self.spectrum_snapshot
-                sync_figure(self.figures["spectrum"], ritz_figure(probe).update_layout(title=f"top {probe.k} {kind.upper()} eigenvalues at step {step} (Lanczos)"))
+                sync_figure(
+                    self.figures["spectrum"],
+                    ritz_figure(probe).update_layout(
+                        title=f"top {probe.k} {kind.upper()} eigenvalues at step {step} (Lanczos)"
+                    ),
+                )
             self._follow()
         except Exception as e:  # a drawing failure is shown; training goes on
             self._say(f"{type(e).__name__}: {e}", "figure error:")
         self._drawn = time.perf_counter()
-        self._draw_wait = max(self.refresh_s, DRAW_SHARE * (self._drawn - start))  # drawing takes ≤ 1/(1 + DRAW_SHARE) of the time
+        self._draw_wait = max(
+            self.refresh_s, DRAW_SHARE * (self._drawn - start)
+        )  # drawing takes ≤ 1/(1 + DRAW_SHARE) of the time
 
 # %% ../nbs/95_widgets.ipynb #575ee6b9
 @patch
@@ -426,7 +644,11 @@ def _ready(self: Dashboard, action: str) -> bool:
     if self.stopped:
         self._say(f"the run was stopped: press reset for a new one ({action} refused)")
     elif self.thread is not None and self.thread.is_alive():
-        self._say("already running" if action == "start" else "pause first: a single step runs while the run is paused")
+        self._say(
+            "already running"
+            if action == "start"
+            else "pause first: a single step runs while the run is paused"
+        )
     else:
         return True
     return False
@@ -491,8 +713,15 @@ def close(self: Dashboard) -> None:
     self.pause()
     self.closed = True
     _LIVE.discard(self)
-    for widget in [*self.pickers.values(), *self.buttons.values(), *self.controls.values(), *self.figures.values(),
-                   self.message, self.controls_box, self.widget]:
+    for widget in [
+        *self.pickers.values(),
+        *self.buttons.values(),
+        *self.controls.values(),
+        *self.figures.values(),
+        self.message,
+        self.controls_box,
+        self.widget,
+    ]:
         widget.close()
 
 # %% ../nbs/95_widgets.ipynb #784ac40f
@@ -507,7 +736,9 @@ def _shell():
 
 def _current_cell() -> str | None:
     "The id of the cell IPython is running now (JupyterLab sends it with each execution request), or None."
-    result = getattr(getattr(_shell(), "displayhook", None), "exec_result", None)  # set for the cell being run
+    result = getattr(
+        getattr(_shell(), "displayhook", None), "exec_result", None
+    )  # set for the cell being run
     return getattr(getattr(result, "info", None), "cell_id", None)
 
 

@@ -1,5 +1,6 @@
 """Headless Chromium for the tests: a rendered HTML file (what it drew, which script errors it logged), and a notebook
 run in JupyterLab started by `make lab` (what its outputs showed), driven over the Chrome DevTools protocol."""
+
 import base64
 import fcntl
 import json
@@ -22,15 +23,35 @@ from pathlib import Path
 
 def chromium() -> str | None:
     """The headless Chromium on this machine, if any."""
-    return next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
+    return next(
+        (
+            path
+            for name in ("chromium", "chromium-browser", "google-chrome")
+            if (path := shutil.which(name))
+        ),
+        None,
+    )
 
 
 def open_in_chromium(path, wait_ms: int = 15000) -> tuple[str, list[str]]:
     """(the DOM after scripts ran, console messages) for the HTML file at `path`, offline."""
     result = subprocess.run(
-        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-         f"--virtual-time-budget={wait_ms}", "--proxy-server=127.0.0.1:9", "--dump-dom", f"file://{path}"],
-        capture_output=True, text=True, timeout=300)
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--virtual-time-budget={wait_ms}",
+            "--proxy-server=127.0.0.1:9",
+            "--dump-dom",
+            f"file://{path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
     return result.stdout, console
 
@@ -60,7 +81,10 @@ ERROR_MIME = "application/vnd.jupyter.error"
 LAB_SETTINGS = {
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
-        "fetchNews": "false", "checkForUpdates": False, "doNotDisturbMode": True},
+        "fetchNews": "false",
+        "checkForUpdates": False,
+        "doNotDisturbMode": True,
+    },
 }
 
 
@@ -71,6 +95,7 @@ class LabError(RuntimeError):
 @dataclass
 class LabResult:
     """What a notebook run in JupyterLab showed."""
+
     notebook: str  # its path relative to the server's notebook directory
     matches: int  # elements matching `wait_for` in the notebook panel when the check ended
     counts: dict[str, int]  # the same for every selector asked for (wait_for, `also`)
@@ -79,18 +104,24 @@ class LabResult:
     timed_out: bool  # `timeout` passed before the run ended with the expected elements shown
     errors: list[str]  # the text of each error output (a traceback), as "cell N: text"
     stderr: list[str]  # the text of each stderr output, as "cell N: text"
-    widget_errors: list[str]  # outputs where a widget could not be shown ("Error displaying widget...")
+    widget_errors: list[
+        str
+    ]  # outputs where a widget could not be shown ("Error displaying widget...")
     exceptions: list[str]  # exceptions the page did not catch (Runtime.exceptionThrown)
     console_errors: list[str]  # console.error calls and browser log entries at level error
     console: list[str] = field(repr=False)  # every console message, "type: text"
     probe: object = None  # the value of the `probe` expression, if one was given
     screenshot: Path | None = None  # a PNG of the page when the check ended, if one was asked for
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: server, browser, page, run, total (this run)
+    timings: dict[str, float] = field(
+        default_factory=dict
+    )  # seconds: server, browser, page, run, total (this run)
 
     def summary(self) -> str:
         "Everything a failing assertion should show."
-        lines = [f"{self.notebook}: {self.counts} finished={self.finished} completed={self.completed} timed_out={self.timed_out} "
-                 f"timings={ {k: round(v, 1) for k, v in self.timings.items()} } screenshot={self.screenshot}"]
+        lines = [
+            f"{self.notebook}: {self.counts} finished={self.finished} completed={self.completed} timed_out={self.timed_out} "
+            f"timings={ {k: round(v, 1) for k, v in self.timings.items()} } screenshot={self.screenshot}"
+        ]
         for name in ("errors", "stderr", "widget_errors", "exceptions", "console_errors"):
             lines += [f"{name}: {item[:2000]}" for item in getattr(self, name)]
         return "\n".join(lines)
@@ -119,17 +150,27 @@ class DevTools:
                 self.events.append(message)
                 if message.get("method") == "Page.javascriptDialogOpening":
                     # an alert / confirm / beforeunload would block the page (and every evaluation) until answered
-                    self._write("Page.handleJavaScriptDialog", {"accept": True}, message.get("sessionId"))
+                    self._write(
+                        "Page.handleJavaScriptDialog", {"accept": True}, message.get("sessionId")
+                    )
 
     def _write(self, method: str, params: dict | None, session: str | None) -> int:
         self.next_id += 1
-        message = {"id": self.next_id, "method": method, "params": params or {}} | ({"sessionId": session} if session else {})
+        message = {"id": self.next_id, "method": method, "params": params or {}} | (
+            {"sessionId": session} if session else {}
+        )
         data = json.dumps(message).encode() + b"\0"
         while data:
-            data = data[os.write(self.write_fd, data):]
+            data = data[os.write(self.write_fd, data) :]
         return self.next_id
 
-    def send(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 30):
+    def send(
+        self,
+        method: str,
+        params: dict | None = None,
+        session: str | None = None,
+        timeout: float = 30,
+    ):
         "Send a command and wait for its reply (the events that come meanwhile are kept in `events`)."
         sent = self._write(method, params, session)
         end = time.monotonic() + timeout
@@ -269,28 +310,52 @@ class JupyterLab:
         for name, values in LAB_SETTINGS.items():
             (settings / name).parent.mkdir(parents=True, exist_ok=True)
             (settings / name).write_text(json.dumps(values))
-        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+        }
         # Nothing of the developer's Jupyter set-up leaks in: config, settings, workspaces, user kernels, runtime files.
-        env |= {"JUPYTER_CONFIG_DIR": str(config), "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTER_DATA_DIR": str(data),
-                "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(config / "lab" / "workspaces"),
-                "JUPYTER_PLATFORM_DIRS": "0", "PYTHONUNBUFFERED": "1"}
-        lab_args = ["--no-browser", "--ip=127.0.0.1", "--port=0", f"--IdentityProvider.token={self.token}",
-                    "--LabApp.expose_app_in_browser=True",
-                    # offline and quiet: no news feed, no update check, no PyPI extension manager, no terminals
-                    "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-                    "--LabApp.extension_manager=readonly", "--ServerApp.terminals_enabled=False"]
+        env |= {
+            "JUPYTER_CONFIG_DIR": str(config),
+            "JUPYTER_RUNTIME_DIR": str(runtime),
+            "JUPYTER_DATA_DIR": str(data),
+            "JUPYTERLAB_SETTINGS_DIR": str(settings),
+            "JUPYTERLAB_WORKSPACES_DIR": str(config / "lab" / "workspaces"),
+            "JUPYTER_PLATFORM_DIRS": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
+        lab_args = [
+            "--no-browser",
+            "--ip=127.0.0.1",
+            "--port=0",
+            f"--IdentityProvider.token={self.token}",
+            "--LabApp.expose_app_in_browser=True",
+            # offline and quiet: no news feed, no update check, no PyPI extension manager, no terminals
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            "--LabApp.extension_manager=readonly",
+            "--ServerApp.terminals_enabled=False",
+        ]
         text = " ".join(shlex.quote(a) for a in lab_args)
         if "$" in text:
             raise LabError(f"make would expand '$' in LAB_ARGS: {text}")
         self.log_path = self.home / "server.log"
         with open(self.log_path, "wb") as log:
-            self.server = subprocess.Popen(["make", "--no-print-directory", "-C", str(REPO), "lab", f"LAB_ARGS={text}"],
-                                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True)
+            self.server = subprocess.Popen(
+                ["make", "--no-print-directory", "-C", str(REPO), "lab", f"LAB_ARGS={text}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         end = start + self.start_timeout
         while True:
             if self.server.poll() is not None:
-                raise LabError(f"`make lab` exited with status {self.server.returncode}:\n{self.log_tail()}")
+                raise LabError(
+                    f"`make lab` exited with status {self.server.returncode}:\n{self.log_tail()}"
+                )
             info = next(runtime.glob("jpserver-*.json"), None) if runtime.exists() else None
             if info is not None:
                 try:
@@ -300,7 +365,9 @@ class JupyterLab:
                 except (ValueError, KeyError, OSError):
                     pass
             if time.monotonic() > end:
-                raise LabError(f"JupyterLab did not answer /api/status within {self.start_timeout} s:\n{self.log_tail()}")
+                raise LabError(
+                    f"JupyterLab did not answer /api/status within {self.start_timeout} s:\n{self.log_tail()}"
+                )
             time.sleep(0.1)
         self.timings["server"] = time.monotonic() - start
 
@@ -311,30 +378,62 @@ class JupyterLab:
         to_chrome, from_chrome = os.pipe(), os.pipe()
         chrome_in, my_out = _free_fd(to_chrome[0]), _free_fd(to_chrome[1])
         my_in, chrome_out = _free_fd(from_chrome[0]), _free_fd(from_chrome[1])
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--remote-debugging-pipe",
-                 f"--user-data-dir={self.home / 'chromium'}", "--window-size=1400,1000", "--no-first-run",
-                 "--no-default-browser-check", "--disable-extensions", "--disable-sync", "--disable-background-networking",
-                 "--disable-component-update", "--disable-default-apps", "--mute-audio",
-                 # loopback is never proxied: the lab answers, anything on the internet fails at once
-                 "--proxy-server=127.0.0.1:9",
-                 # a headless page is "hidden": keep its timers and rendering at full speed
-                 "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
-                 "--disable-backgrounding-occluded-windows", "about:blank"]
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={self.home / 'chromium'}",
+            "--window-size=1400,1000",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-extensions",
+            "--disable-sync",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-default-apps",
+            "--mute-audio",
+            # loopback is never proxied: the lab answers, anything on the internet fails at once
+            "--proxy-server=127.0.0.1:9",
+            # a headless page is "hidden": keep its timers and rendering at full speed
+            "--disable-background-timer-throttling",
+            "--disable-renderer-backgrounding",
+            "--disable-backgrounding-occluded-windows",
+            "about:blank",
+        ]
         with open(self.home / "chromium.log", "wb") as log:
             self.browser = subprocess.Popen(
-                ["bash", "-c", f'exec 3<&{chrome_in} 4>&{chrome_out} {chrome_in}<&- {chrome_out}>&-; exec "$@"', "bash",
-                 binary, *flags], pass_fds=(chrome_in, chrome_out), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    "bash",
+                    "-c",
+                    f'exec 3<&{chrome_in} 4>&{chrome_out} {chrome_in}<&- {chrome_out}>&-; exec "$@"',
+                    "bash",
+                    binary,
+                    *flags,
+                ],
+                pass_fds=(chrome_in, chrome_out),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         os.close(chrome_in), os.close(chrome_out)
         self.devtools = DevTools(my_in, my_out)
 
     def _connect_browser(self) -> None:
         start = time.monotonic()
-        target = self.devtools.send("Target.createTarget", {"url": "about:blank"}, timeout=60)["targetId"]
-        self.session = self.devtools.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        target = self.devtools.send("Target.createTarget", {"url": "about:blank"}, timeout=60)[
+            "targetId"
+        ]
+        self.session = self.devtools.send(
+            "Target.attachToTarget", {"targetId": target, "flatten": True}
+        )["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             self.page(f"{domain}.enable")
-        self.timings["browser"] = time.monotonic() - start  # what the browser's start added to the server's
+        self.timings["browser"] = (
+            time.monotonic() - start
+        )  # what the browser's start added to the server's
 
     # --- helpers
     def log_tail(self, lines: int = 40) -> str:
@@ -345,8 +444,12 @@ class JupyterLab:
 
     def api(self, path: str, method: str = "GET", timeout: float = 10):
         "A call to the server's REST API with the token; the decoded JSON reply (None when empty)."
-        request = urllib.request.Request(self.url + path, method=method, headers={"Authorization": f"token {self.token}"},
-                                         data=b"" if method in ("POST", "DELETE") else None)
+        request = urllib.request.Request(
+            self.url + path,
+            method=method,
+            headers={"Authorization": f"token {self.token}"},
+            data=b"" if method in ("POST", "DELETE") else None,
+        )
         with urllib.request.urlopen(request, timeout=timeout) as reply:
             body = reply.read()
         return json.loads(body) if body else None
@@ -356,11 +459,16 @@ class JupyterLab:
 
     def evaluate(self, expression: str, timeout: float = 30):
         "The value of a JavaScript expression in the page (promises awaited); exceptions raise LabError."
-        result = self.page("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True},
-                           timeout)
+        result = self.page(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+            timeout,
+        )
         if "exceptionDetails" in result:
             details = result["exceptionDetails"]
-            raise LabError(f"in the page: {details.get('exception', {}).get('description') or details.get('text')}")
+            raise LabError(
+                f"in the page: {details.get('exception', {}).get('description') or details.get('text')}"
+            )
         return result["result"].get("value")
 
     def _page_messages(self) -> tuple[list[str], list[str], list[str]]:
@@ -373,9 +481,14 @@ class JupyterLab:
             if method == "Runtime.exceptionThrown":
                 details = params["exceptionDetails"]
                 text = details.get("exception", {}).get("description") or details.get("text", "")
-                exceptions.append(f"{text} ({details.get('url', '')}:{details.get('lineNumber', '')})")
+                exceptions.append(
+                    f"{text} ({details.get('url', '')}:{details.get('lineNumber', '')})"
+                )
             elif method == "Runtime.consoleAPICalled":
-                text = " ".join(str(a.get("value", a.get("description", a.get("type")))) for a in params.get("args", []))
+                text = " ".join(
+                    str(a.get("value", a.get("description", a.get("type"))))
+                    for a in params.get("args", [])
+                )
                 console.append(f"{params['type']}: {text}")
                 if params["type"] in ("error", "assert"):
                     errors.append(text)
@@ -383,7 +496,9 @@ class JupyterLab:
                 console.append(f"dialog ({params.get('type')}, accepted): {params.get('message')}")
             elif method == "Log.entryAdded":
                 entry = params["entry"]
-                console.append(f"{entry['level']} ({entry['source']}): {entry['text']} {entry.get('url', '')}")
+                console.append(
+                    f"{entry['level']} ({entry['source']}): {entry['text']} {entry.get('url', '')}"
+                )
                 if entry["level"] == "error":
                     errors.append(f"{entry['text']} {entry.get('url', '')}".strip())
         return exceptions, errors, console
@@ -399,9 +514,17 @@ class JupyterLab:
                         raise
 
     # --- the check
-    def run(self, notebook: Path | str, wait_for: str = FIGURE, count: int = 1, timeout: float = 240,
-            also: dict[str, int] | None = None, settle: float = 30, probe: str | None = None,
-            screenshot: Path | str | None = None) -> LabResult:
+    def run(
+        self,
+        notebook: Path | str,
+        wait_for: str = FIGURE,
+        count: int = 1,
+        timeout: float = 240,
+        also: dict[str, int] | None = None,
+        settle: float = 30,
+        probe: str | None = None,
+        screenshot: Path | str | None = None,
+    ) -> LabResult:
         """Open `notebook` (a path under the repository) in JupyterLab, wait for its kernel to be idle, run all cells,
         and wait until the run has ended and `count` elements of the notebook panel match the CSS selector `wait_for`
         (and each selector of `also` its count), for `settle` s at most once the run has ended (outputs render after
@@ -413,7 +536,9 @@ class JupyterLab:
         try:
             relative = notebook.relative_to(self.notebook_dir).as_posix()
         except ValueError:
-            raise ValueError(f"{notebook} is not under the lab's notebook directory {self.notebook_dir}") from None
+            raise ValueError(
+                f"{notebook} is not under the lab's notebook directory {self.notebook_dir}"
+            ) from None
         if not notebook.is_file():
             raise FileNotFoundError(notebook)
         wanted = {wait_for: count} | (also or {})
@@ -421,7 +546,10 @@ class JupyterLab:
         state_js = _STATE % {"panel": panel, "selectors": json.dumps(list(wanted))}
         end = start + timeout
         self._page_messages()  # forget what earlier pages logged
-        self.page("Page.navigate", {"url": f"{self.url}/lab/tree/{urllib.parse.quote(relative)}?token={self.token}"})
+        self.page(
+            "Page.navigate",
+            {"url": f"{self.url}/lab/tree/{urllib.parse.quote(relative)}?token={self.token}"},
+        )
         state = {}
         try:
             while True:  # the page loads, the notebook opens, its kernel starts
@@ -432,12 +560,18 @@ class JupyterLab:
                 if state.get("stage") == "ready" and state.get("kernel") == "idle":
                     break
                 if state.get("stage") == "dialog":
-                    raise LabError(f"JupyterLab shows a dialog instead of running {relative}: {state['text']}")
+                    raise LabError(
+                        f"JupyterLab shows a dialog instead of running {relative}: {state['text']}"
+                    )
                 if state.get("kernel") == "dead":
-                    raise LabError(f"the kernel of {relative} died while starting:\n{self.log_tail()}")
+                    raise LabError(
+                        f"the kernel of {relative} died while starting:\n{self.log_tail()}"
+                    )
                 if time.monotonic() > end:
-                    raise LabError(f"{relative} did not open with an idle kernel in {timeout} s (last state {state})\n"
-                                   f"{self.log_tail()}")
+                    raise LabError(
+                        f"{relative} did not open with an idle kernel in {timeout} s (last state {state})\n"
+                        f"{self.log_tail()}"
+                    )
                 time.sleep(0.2)
             opened = time.monotonic()
             self.evaluate(_RUN % {"panel": panel})
@@ -445,7 +579,9 @@ class JupyterLab:
             while True:  # the cells run, their outputs render
                 state = self.evaluate(state_js)
                 if state.get("stage") == "dialog":
-                    raise LabError(f"JupyterLab shows a dialog while running {relative}: {state['text']}")
+                    raise LabError(
+                        f"JupyterLab shows a dialog while running {relative}: {state['text']}"
+                    )
                 reached = all(state["counts"][s] >= n for s, n in wanted.items())
                 if state["done"]:
                     ended = ended or time.monotonic()
@@ -467,7 +603,10 @@ class JupyterLab:
             exceptions, console_errors, console = self._page_messages()
             # Leave the page unsaved (no beforeunload prompt, no stray save), then shut its kernel down.
             try:
-                self.evaluate(f"(() => {{ const p = {panel}; if (p) p.context.model.dirty = false; }})()", timeout=5)
+                self.evaluate(
+                    f"(() => {{ const p = {panel}; if (p) p.context.model.dirty = false; }})()",
+                    timeout=5,
+                )
             except LabError:
                 pass
             try:
@@ -477,12 +616,23 @@ class JupyterLab:
                 pass
         counts = state["counts"]
         return LabResult(
-            notebook=relative, matches=counts[wait_for], counts=counts, finished=state["done"],
-            completed=bool(state["done"] and state["ok"]), timed_out=not (state["done"] and reached) and ran > end,
-            errors=outputs["errors"], stderr=outputs["stderr"], widget_errors=outputs["widget_errors"],
-            exceptions=exceptions, console_errors=console_errors, console=console, probe=probed,
+            notebook=relative,
+            matches=counts[wait_for],
+            counts=counts,
+            finished=state["done"],
+            completed=bool(state["done"] and state["ok"]),
+            timed_out=not (state["done"] and reached) and ran > end,
+            errors=outputs["errors"],
+            stderr=outputs["stderr"],
+            widget_errors=outputs["widget_errors"],
+            exceptions=exceptions,
+            console_errors=console_errors,
+            console=console,
+            probe=probed,
             screenshot=Path(screenshot) if screenshot is not None else None,
-            timings=self.timings | {"page": opened - start, "run": ran - opened, "total": time.monotonic() - start})
+            timings=self.timings
+            | {"page": opened - start, "run": ran - opened, "total": time.monotonic() - start},
+        )
 
     # --- tear down
     def close(self) -> None:
@@ -518,8 +668,13 @@ class JupyterLab:
             self.home = None
 
 
-def run_in_jupyterlab(notebook_path: Path | str, wait_for: str = FIGURE, count: int = 1, timeout: float = 240,
-                      **options) -> LabResult:
+def run_in_jupyterlab(
+    notebook_path: Path | str,
+    wait_for: str = FIGURE,
+    count: int = 1,
+    timeout: float = 240,
+    **options,
+) -> LabResult:
     """Start JupyterLab with `make lab`, open the notebook (a path in the repository) in headless Chromium, run all
     its cells, wait for `count` elements matching `wait_for`, tear everything down.
     `options`: those of `JupyterLab.run` (also, settle, probe, screenshot). Raises LabError when the check cannot run;

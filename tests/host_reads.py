@@ -1,4 +1,5 @@
 """A guard for tests: any way of reading a tensor's value on the host raises inside `no_host_reads()`."""
+
 import contextlib
 
 import torch
@@ -19,6 +20,7 @@ def no_host_reads():
     def refuse(name):
         def method(self, *args, **kwargs):
             raise HostRead(f"Tensor.{name} called: a host sync in the hot path")
+
         return method
 
     try:

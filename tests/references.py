@@ -3,6 +3,7 @@
 Each is written the plain way, independent of the code under test: the quasi-Newton matrices by their textbook
 recursions on explicit n × n matrices, and curvature matrices from torch.func (Jacobians by `jacrev` of the model's
 outputs as a function of one flat parameter vector, loss Hessians by `torch.func.hessian`)."""
+
 import torch
 from torch.func import functional_call, hessian, jacrev
 
@@ -13,12 +14,15 @@ F64 = torch.float64
 
 # --- quasi-Newton recursions ------------------------------------------------------------------------------------------
 
+
 def dense_bfgs_inverse(pairs, H0):
     """H ← (I − ρsyᵀ) H (I − ρysᵀ) + ρssᵀ from H0, oldest pair first (N&W eq. 6.17); `pairs` of (s, y) vectors."""
     H = H0.clone()
     for s, y in pairs:
         rho, eye = 1 / (s @ y), torch.eye(len(s), dtype=F64)
-        H = (eye - rho * torch.outer(s, y)) @ H @ (eye - rho * torch.outer(y, s)) + rho * torch.outer(s, s)
+        H = (eye - rho * torch.outer(s, y)) @ H @ (
+            eye - rho * torch.outer(y, s)
+        ) + rho * torch.outer(s, s)
     return H
 
 
@@ -33,6 +37,7 @@ def dense_sr1(pairs, B0):
 
 
 # --- curvature matrices from torch.func -------------------------------------------------------------------------------
+
 
 def flat_function(model, inputs, **kwargs):
     """The model's outputs on `inputs` as a function of one flat parameter vector (an unflatten of its own)."""

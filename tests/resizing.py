@@ -1,4 +1,5 @@
 """Helpers for the tests of buffer sizes set between steps (`memory`, `fisher_memory` and `L` in a parameter group)."""
+
 import copy
 import math
 
@@ -6,8 +7,10 @@ import torch
 
 from qnwb.optim.memory import PairMemory
 
-
-PARTS = {"memory": "memory", "fisher_memory": "fisher"}  # a size setting ↦ the optimizer's buffer it sizes
+PARTS = {
+    "memory": "memory",
+    "fisher_memory": "fisher",
+}  # a size setting ↦ the optimizer's buffer it sizes
 
 
 def twin(model, optimizer, build, **sizes) -> tuple:
@@ -46,7 +49,11 @@ def same(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return (
+            isinstance(b, (list, tuple))
+            and len(a) == len(b)
+            and all(same(x, y) for x, y in zip(a, b))
+        )
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return type(a) is type(b) and a == b

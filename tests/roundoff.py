@@ -7,6 +7,7 @@ small the difference is. Kernels differ between CPUs (ATen picks AVX-512, AVX2 o
 picks its own), so a bound below a few ulps of that scale passes on one machine and fails on another. `floor` is the
 explained bound: c·ε·scale with c = 100 by default (room for short sums and a few chained operations; never more than
 a few hundred)."""
+
 import torch
 
 EPS = torch.finfo(torch.float64).eps  # 2.2e-16
@@ -14,7 +15,10 @@ EPS = torch.finfo(torch.float64).eps  # 2.2e-16
 
 def size(*values) -> float:
     """The largest magnitude among tensors and numbers: the scale of the quantities a result is computed from."""
-    return max(float(v.detach().abs().max()) if isinstance(v, torch.Tensor) else abs(float(v)) for v in values)
+    return max(
+        float(v.detach().abs().max()) if isinstance(v, torch.Tensor) else abs(float(v))
+        for v in values
+    )
 
 
 def floor(*values, c: float = 100, eps: float = EPS) -> float:

@@ -1,12 +1,13 @@
 """qnwb.optim.adaqn.AdaQN, Algorithm 1 of Keskar & Berahas: a regression test for each defect found in public reference implementations."""
+
 import copy
 import math
 
 import pytest
 import torch
+from host_reads import no_host_reads
 from hypothesis import given
 from hypothesis import strategies as st
-from host_reads import no_host_reads
 from roundoff import floor
 from torch import nn
 
@@ -24,7 +25,9 @@ SQUARED = matching_loss("squared_error")
 def regression(seed=0, n=300, d=5):
     g = make_generator(seed)
     X = torch.randn(n, d, generator=g, dtype=F64)
-    Y = torch.tanh(X @ torch.randn(d, 1, generator=g, dtype=F64)) + 0.05 * torch.randn(n, 1, generator=g, dtype=F64)
+    Y = torch.tanh(X @ torch.randn(d, 1, generator=g, dtype=F64)) + 0.05 * torch.randn(
+        n, 1, generator=g, dtype=F64
+    )
     torch.manual_seed(seed)
     return nn.Linear(d, 1, dtype=F64), X, Y
 
@@ -45,6 +48,7 @@ class Driver:
             value = SQUARED(self.model(self.X[rows]), self.Y[rows])
             value.backward()
             return value
+
         return closure
 
     def monitor(self):
@@ -70,6 +74,7 @@ class Driver:
 
 # --- the defects of public reference implementations ------------------------------------------------------------------
 
+
 def test_the_adagrad_accumulator_accumulates_on_every_step_even_across_a_rejection():
     # cycles of L = 2: tests at steps 4 (accept: 1 ≤ 1.01·1), 6 (reject: 5 > 1.01·1) and 8 (accept)
     run = Driver(1, monitor_values=[1.0, 1.0, 5.0, 1.0, 1.0, 1.0], lr=0.05, L=2)
@@ -88,7 +93,9 @@ def test_the_first_two_cycles_are_adagrad_steps_with_epsilon_inside_the_root():
         squares += run.gradients[-1] ** 2
         expected = run.iterates[-1] - 0.1 * run.gradients[-1] / torch.sqrt(squares + 1e-6)
         # θ − lr·g/√(Σg² + ε) in another order: round-off of the size of θ and of the update, even where they cancel
-        torch.testing.assert_close(flat_params(run.model), expected, rtol=0, atol=floor(run.iterates[-1], expected))
+        torch.testing.assert_close(
+            flat_params(run.model), expected, rtol=0, atol=floor(run.iterates[-1], expected)
+        )
 
 
 def test_a_rejection_restores_the_average_clears_memory_and_fifo_and_restarts_the_window():
@@ -98,20 +105,39 @@ def test_a_rejection_restores_the_average_clears_memory_and_fifo_and_restarts_th
     previous = run.state["previous_average"].clone()
     run.step(3)  # step 12: 2.0 > 1.01·1.0
     s = run.optimizer.stats
-    assert s["rejected"] == 1 and s["rejections"] == 1 and s["memory_size"] == 0 and s["fisher_size"] == 0
-    assert torch.equal(flat_params(run.model), previous) and torch.equal(run.state["previous_average"], previous)
+    assert (
+        s["rejected"] == 1
+        and s["rejections"] == 1
+        and s["memory_size"] == 0
+        and s["fisher_size"] == 0
+    )
+    assert torch.equal(flat_params(run.model), previous) and torch.equal(
+        run.state["previous_average"], previous
+    )
     assert torch.equal(run.state["iterate_sum"], torch.zeros_like(previous))
     run.monitor_values = iter([1.0, 1.0])
     run.step(3)  # the next window: steps 13–15, starting from w̄ₒ
     assert run.iterates[12].equal(previous)
     (s_new,), _ = run.optimizer.memory.pairs()
     # a difference of averaged iterates: its round-off is of the iterates' size, not of s's
-    torch.testing.assert_close(s_new, torch.stack(run.iterates[12:15]).mean(0) - previous, rtol=1e-12, atol=floor(*run.iterates))
+    torch.testing.assert_close(
+        s_new,
+        torch.stack(run.iterates[12:15]).mean(0) - previous,
+        rtol=1e-12,
+        atol=floor(*run.iterates),
+    )
     assert run.optimizer.stats["fisher_size"] == 3  # only the gradients since the rejection
 
 
 def test_the_fifo_switch_keeps_the_gradients_across_a_rejection():
-    run = Driver(4, monitor_values=[1.0, 1.0, 2.0, 1.0], lr=0.05, L=3, fisher_memory=50, clear_fisher_on_reject=False)
+    run = Driver(
+        4,
+        monitor_values=[1.0, 1.0, 2.0, 1.0],
+        lr=0.05,
+        L=3,
+        fisher_memory=50,
+        clear_fisher_on_reject=False,
+    )
     run.step(9)
     assert run.optimizer.stats["rejected"] == 1 and run.optimizer.stats["memory_size"] == 0
     assert run.optimizer.stats["fisher_size"] == 9
@@ -128,14 +154,24 @@ def test_the_fifo_holds_exactly_the_last_m_F_gradients():
 
 @pytest.mark.parametrize("normalization, divide", [("count", True), ("none", False)])
 def test_y_equals_the_explicit_accumulated_fisher_product(normalization, divide):
-    run = Driver(6, lr=0.05, L=3, fisher_memory=5, fisher_normalization=normalization, curvature_rule="cosine", epsilon=0.0)
+    run = Driver(
+        6,
+        lr=0.05,
+        L=3,
+        fisher_memory=5,
+        fisher_normalization=normalization,
+        curvature_rule="cosine",
+        epsilon=0.0,
+    )
     run.step(6)
     (s,), (y,) = run.optimizer.memory.pairs()
     G = torch.stack(run.gradients[-5:])
     expected = G.T @ (G @ s) / (5 if divide else 1)
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-15)
     averages = [torch.stack(run.iterates[i : i + 3]).mean(0) for i in (0, 3)]
-    torch.testing.assert_close(s, averages[1] - averages[0], rtol=1e-12, atol=floor(*run.iterates))  # s from averaged iterates
+    torch.testing.assert_close(
+        s, averages[1] - averages[0], rtol=1e-12, atol=floor(*run.iterates)
+    )  # s from averaged iterates
 
 
 @pytest.mark.parametrize("advance", [False, True])
@@ -151,14 +187,22 @@ def test_a_skipped_pair_does_not_advance_the_old_average_unless_asked(advance):
 
 # --- the acceptance tests --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("values, options, rejected", [
-    ([1.0101, 1.0], dict(), 1), ([1.0099, 1.0], dict(), 0), ([1.0, 1.0], dict(), 0),
-    ([math.nan, 1.0], dict(), 1), ([1.3, 1.0], dict(gamma=1.5), 0),
-    ([1.04, 1.0], dict(acceptance="relative", relative_threshold=0.05), 0),
-    ([1.06, 1.0], dict(acceptance="relative", relative_threshold=0.05), 1),
-    ([0.0, 0.0], dict(acceptance="relative"), 0), ([1e-9, 0.0], dict(acceptance="relative"), 1),
-    ([-0.96, -1.0], dict(acceptance="relative", relative_threshold=0.05), 0),
-])
+
+@pytest.mark.parametrize(
+    "values, options, rejected",
+    [
+        ([1.0101, 1.0], dict(), 1),
+        ([1.0099, 1.0], dict(), 0),
+        ([1.0, 1.0], dict(), 0),
+        ([math.nan, 1.0], dict(), 1),
+        ([1.3, 1.0], dict(gamma=1.5), 0),
+        ([1.04, 1.0], dict(acceptance="relative", relative_threshold=0.05), 0),
+        ([1.06, 1.0], dict(acceptance="relative", relative_threshold=0.05), 1),
+        ([0.0, 0.0], dict(acceptance="relative"), 0),
+        ([1e-9, 0.0], dict(acceptance="relative"), 1),
+        ([-0.96, -1.0], dict(acceptance="relative", relative_threshold=0.05), 0),
+    ],
+)
 def test_rejection_tests(values, options, rejected):
     run = Driver(8, monitor_values=values, lr=0.05, L=2, **options)
     run.step(4)
@@ -205,6 +249,7 @@ def test_steps_between_cycle_ends_never_read_a_tensor_on_the_host():
 
 # --- convergence, state, errors --------------------------------------------------------------------------------------
 
+
 def test_adaqn_reduces_the_loss_of_a_regression_and_of_a_small_tanh_rnn():
     run = Driver(12, lr=0.1, L=5)
     start = float(SQUARED(run.model(run.X), run.Y).detach())
@@ -245,26 +290,42 @@ def test_state_dict_mid_cycle_continues_identically():
     resumed.optimizer.load_state_dict(saved_optimizer)
     resumed.generator.set_state(saved_generator)
     resumed.step(7)
-    assert torch.equal(flat_params(resumed.model), expected) and resumed.optimizer.stats == expected_stats
+    assert (
+        torch.equal(flat_params(resumed.model), expected)
+        and resumed.optimizer.stats == expected_stats
+    )
     other = AdaQN(run.model.parameters(), L=3, memory=2, fisher_memory=5)
-    other.load_state_dict(saved_optimizer)  # buffer sizes are no longer fixed at construction: the saved ones are taken
+    other.load_state_dict(
+        saved_optimizer
+    )  # buffer sizes are no longer fixed at construction: the saved ones are taken
     assert other.fisher.size == other.param_groups[0]["fisher_memory"] == 4
 
 
-@pytest.mark.parametrize("options, error, name", [
-    (dict(lr=0.0), ValueError, "lr"), (dict(L=0), ValueError, "L:"), (dict(memory=0), ValueError, "memory"),
-    (dict(fisher_memory=0), ValueError, "fisher_memory"), (dict(gamma=0.99), ValueError, "gamma"),
-    (dict(epsilon=-1e-4), ValueError, "epsilon"), (dict(adagrad_epsilon=0.0), ValueError, "adagrad_epsilon"),
-    (dict(curvature_rule="angle"), ValueError, "curvature_rule"), (dict(fisher_normalization="batch"), ValueError, "fisher_normalization"),
-    (dict(acceptance="improvement"), ValueError, "acceptance"), (dict(relative_threshold=1.0), ValueError, "relative_threshold"),
-    (dict(clear_fisher_on_reject=0), TypeError, "clear_fisher_on_reject"), (dict(advance_on_skip="no"), TypeError, "advance_on_skip"),
-])
+@pytest.mark.parametrize(
+    "options, error, name",
+    [
+        (dict(lr=0.0), ValueError, "lr"),
+        (dict(L=0), ValueError, "L:"),
+        (dict(memory=0), ValueError, "memory"),
+        (dict(fisher_memory=0), ValueError, "fisher_memory"),
+        (dict(gamma=0.99), ValueError, "gamma"),
+        (dict(epsilon=-1e-4), ValueError, "epsilon"),
+        (dict(adagrad_epsilon=0.0), ValueError, "adagrad_epsilon"),
+        (dict(curvature_rule="angle"), ValueError, "curvature_rule"),
+        (dict(fisher_normalization="batch"), ValueError, "fisher_normalization"),
+        (dict(acceptance="improvement"), ValueError, "acceptance"),
+        (dict(relative_threshold=1.0), ValueError, "relative_threshold"),
+        (dict(clear_fisher_on_reject=0), TypeError, "clear_fisher_on_reject"),
+        (dict(advance_on_skip="no"), TypeError, "advance_on_skip"),
+    ],
+)
 def test_bad_hyperparameters_name_the_parameter(options, error, name):
     with pytest.raises(error, match=name):
         AdaQN([torch.zeros(3, requires_grad=True)], **options)
 
 
 # --- the FIFO itself -------------------------------------------------------------------------------------------------
+
 
 @given(st.integers(1, 5), st.lists(st.booleans(), max_size=15))
 def test_gradient_fifo_matches_a_bounded_deque_and_masks_stale_slots(size, accepts):
@@ -314,7 +375,9 @@ def test_gradient_fifo_resized_between_pushes_matches_a_bounded_list(size, opera
         assert fifo.held().sum().item() == len(model)
     s = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
     expected = sum(v * v for v in model) / max(len(model), 1)
-    torch.testing.assert_close(fifo.product(s), torch.full((3,), float(expected), dtype=F64), rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        fifo.product(s), torch.full((3,), float(expected), dtype=F64), rtol=1e-15, atol=0
+    )
 
 
 def test_gradient_fifo_resize_errors_no_op_and_device(device):
@@ -366,13 +429,23 @@ def trajectory(optimizer, model, X, Y, steps, generator, calls=None):
     return out
 
 
-
 def test_memory_and_fisher_memory_set_in_the_group_resize_at_the_next_step_like_fresh_buffers_of_the_newest_entries():
     model, X, Y = regression(40)
-    adaqn = AdaQN(model.parameters(), lr=0.05, L=2, memory=4, fisher_memory=6, epsilon=0.0, curvature_rule="cosine")
+    adaqn = AdaQN(
+        model.parameters(),
+        lr=0.05,
+        L=2,
+        memory=4,
+        fisher_memory=6,
+        epsilon=0.0,
+        curvature_rule="cosine",
+    )
     generator = make_generator(41)
     trajectory(adaqn, model, X, Y, 13, generator)
-    assert adaqn.stats["memory_size"] == 4 and adaqn.stats["fisher_size"] == adaqn.stats["fisher_capacity"] == 6
+    assert (
+        adaqn.stats["memory_size"] == 4
+        and adaqn.stats["fisher_size"] == adaqn.stats["fisher_capacity"] == 6
+    )
     build = lambda m, **sizes: AdaQN(m.parameters(), L=2, **sizes)  # noqa: E731
     for memory, fisher in ((2, 3), (3, 9), (1, 1)):  # shrink both, grow both, to one entry each
         copy_model, reference = twin(model, adaqn, build, memory=memory, fisher_memory=fisher)
@@ -381,7 +454,9 @@ def test_memory_and_fisher_memory_set_in_the_group_resize_at_the_next_step_like_
         got = trajectory(adaqn, model, X, Y, 7, generator)
         assert (adaqn.memory.size, adaqn.fisher.size) == (memory, fisher)
         assert (got[0][1]["memory_capacity"], got[0][1]["fisher_capacity"]) == (memory, fisher)
-        for (a, stats_a), (b, stats_b) in zip(got, trajectory(reference, copy_model, X, Y, 7, copy_generator)):
+        for (a, stats_a), (b, stats_b) in zip(
+            got, trajectory(reference, copy_model, X, Y, 7, copy_generator)
+        ):
             assert torch.equal(a, b) and same(stats_a, stats_b)
 
 
@@ -395,9 +470,15 @@ def test_a_bad_size_set_in_the_group_is_refused_at_the_step_with_nothing_changed
     theta, state = flat_params(model).clone(), optimizer_state(adaqn)
     calls = []
     adaqn.param_groups[0][name] = bad
-    with pytest.raises(ValueError, match=rf"{name}: must be a positive int.*param_groups\[0\]\['{name}'\]"):
+    with pytest.raises(
+        ValueError, match=rf"{name}: must be a positive int.*param_groups\[0\]\['{name}'\]"
+    ):
         adaqn.step(lambda: calls.append(1), lambda: calls.append(2))
-    assert calls == [] and torch.equal(flat_params(model), theta) and same(optimizer_state(adaqn), state)
+    assert (
+        calls == []
+        and torch.equal(flat_params(model), theta)
+        and same(optimizer_state(adaqn), state)
+    )
     assert (adaqn.memory.size, adaqn.fisher.size) == (3, 4)
 
 
@@ -405,7 +486,9 @@ def test_a_new_L_takes_effect_at_the_next_cycle_boundary():
     """L = 5, set to 2 before step 7: the cycle of steps 6–10 keeps its length (the test and a pair at step 10), then
     cycles of two steps (tests and pairs at 12, 14, 16), the first averaging the iterates of steps 11 and 12."""
     model, X, Y = regression(44)
-    adaqn = AdaQN(model.parameters(), lr=0.05, L=5, gamma=1e9, epsilon=0.0, curvature_rule="cosine")  # no rejection
+    adaqn = AdaQN(
+        model.parameters(), lr=0.05, L=5, gamma=1e9, epsilon=0.0, curvature_rule="cosine"
+    )  # no rejection
     generator, calls, iterates, out = make_generator(45), [], [], []
     for step in range(1, 17):
         if step == 7:
@@ -415,13 +498,26 @@ def test_a_new_L_takes_effect_at_the_next_cycle_boundary():
     stats = [s for _, s in out]
     assert [s["step"] for s in stats if s["cycle_end"]] == [5, 10, 12, 14, 16]
     assert [s["step"] for s in stats if s["pair_stored"]] == [10, 12, 14, 16]
-    assert calls == [10, 10, 12, 12, 14, 14, 16, 16]  # the monitor: twice at every cycle end after the first
+    assert calls == [
+        10,
+        10,
+        12,
+        12,
+        14,
+        14,
+        16,
+        16,
+    ]  # the monitor: twice at every cycle end after the first
     assert [s["cycle_length"] for s in stats] == [5] * 10 + [2] * 6
     S, _ = adaqn.memory.pairs()
-    first, second, third = (torch.stack(iterates[a:b]).mean(0) for a, b in ((0, 5), (5, 10), (10, 12)))
+    first, second, third = (
+        torch.stack(iterates[a:b]).mean(0) for a, b in ((0, 5), (5, 10), (10, 12))
+    )
     # differences of averaged iterates: round-off of the iterates' size
     torch.testing.assert_close(S[0], second - first, rtol=1e-12, atol=floor(*iterates))
-    torch.testing.assert_close(S[1], third - second, rtol=1e-12, atol=floor(*iterates))  # the first cycle of two: over 2 iterates
+    torch.testing.assert_close(
+        S[1], third - second, rtol=1e-12, atol=floor(*iterates)
+    )  # the first cycle of two: over 2 iterates
 
 
 def test_a_rejection_ends_a_cycle_of_the_length_it_started_with():
@@ -447,7 +543,9 @@ def test_a_rejection_ends_a_cycle_of_the_length_it_started_with():
 
 
 @pytest.mark.parametrize("between", [False, True])
-def test_a_checkpoint_after_resizes_and_a_new_L_resumes_in_an_optimizer_built_with_the_constructor_sizes(between):
+def test_a_checkpoint_after_resizes_and_a_new_L_resumes_in_an_optimizer_built_with_the_constructor_sizes(
+    between,
+):
     """As qnwb.runs resumes: AdaQN(params, **configuration) with L = 5, m_L = 10, m_F = 100, then load_state_dict."""
     model, X, Y = regression(48)
     adaqn = AdaQN(model.parameters(), lr=0.05)
@@ -466,6 +564,8 @@ def test_a_checkpoint_after_resizes_and_a_new_L_resumes_in_an_optimizer_built_wi
     resumed.load_state_dict(saved)
     assert (resumed.memory.size, resumed.fisher.size) == ((10, 100) if between else (2, 3))
     generator.set_state(saved_generator)
-    for (a, stats_a), (b, stats_b) in zip(expected, trajectory(resumed, resumed_model, X, Y, 9, generator)):
+    for (a, stats_a), (b, stats_b) in zip(
+        expected, trajectory(resumed, resumed_model, X, Y, 9, generator)
+    ):
         assert torch.equal(a, b) and same(stats_a, stats_b)
     assert expected[-1][1]["fisher_capacity"] == 3 and expected[-1][1]["cycle_length"] == 2

@@ -1,4 +1,5 @@
 """qnwb.core against torch's own references: parameters_to_vector, vector_to_parameters, autograd."""
+
 import random
 
 import numpy as np
@@ -25,7 +26,9 @@ from qnwb.core import (
     unflatten,
 )
 
-shapes = st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple), min_size=1, max_size=6)
+shapes = st.lists(
+    st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple), min_size=1, max_size=6
+)
 
 
 def tensors_of(shape_list, seed=0, dtype=torch.float64, device="cpu"):
@@ -70,9 +73,14 @@ def test_non_contiguous_and_reordered_tensors_are_copied_correctly():
     base = torch.randn(4, 6, dtype=torch.float64)
     transposed = [base.t(), torch.randn(3, dtype=torch.float64)]
     # parameters_to_vector itself refuses non-contiguous tensors; the reference is a row-major cat.
-    torch.testing.assert_close(flat_params(transposed), torch.cat([t.reshape(-1) for t in transposed]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        flat_params(transposed), torch.cat([t.reshape(-1) for t in transposed]), rtol=0, atol=0
+    )
     flat = torch.randn(10, dtype=torch.float64)
-    reversed_slices = [flat[5:], flat[:5]]  # one storage, but out of order: must not be taken as a view
+    reversed_slices = [
+        flat[5:],
+        flat[:5],
+    ]  # one storage, but out of order: must not be taken as a view
     out = flat_params(reversed_slices)
     assert out.data_ptr() != flat.data_ptr()
     torch.testing.assert_close(out, torch.cat([flat[5:], flat[:5]]))
@@ -117,7 +125,9 @@ def test_flat_buffer_survives_set_to_none_and_rebinds_on_zero_grad(device):
     x = torch.randn(4, 3, dtype=torch.float64, device=device)
     net(x).sum().backward()
     first = buffer.grad.clone()
-    torch.optim.SGD(net.parameters(), lr=0.0).zero_grad()  # set_to_none=True detaches .grad from the buffer
+    torch.optim.SGD(
+        net.parameters(), lr=0.0
+    ).zero_grad()  # set_to_none=True detaches .grad from the buffer
     net(x).sum().backward()
     assert flat_grads(net).data_ptr() != buffer.grad.data_ptr()
     torch.testing.assert_close(flat_grads(net), first)  # still correct, by copying
@@ -243,7 +253,9 @@ def test_make_generator_is_independent_of_the_global_stream(device):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("seed, error", [(-1, ValueError), (2**32, ValueError), (1.5, TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "seed, error", [(-1, ValueError), (2**32, ValueError), (1.5, TypeError), (True, TypeError)]
+)
 def test_bad_seeds_are_refused(seed, error):
     with pytest.raises(error, match="seed"):
         seed_everything(seed)

@@ -1,4 +1,5 @@
 """qnwb.data: IDX / MNIST / CIFAR-10 readers on files written here, corpora, CURVES, bouncing balls, pixel MNIST."""
+
 import ast
 import math
 import pickle
@@ -46,7 +47,9 @@ def _sample(dtype, shape, seed=0):
     return torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.float32, torch.float64]
+)
 @pytest.mark.parametrize("shape", [(7,), (3, 4), (2, 3, 5), (1, 2, 1, 3), (0, 4)])
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_idx_round_trip(tmp_path, dtype, shape, suffix):
@@ -71,14 +74,17 @@ def test_idx_gzip_detected_by_content(tmp_path):
     assert torch.equal(read_idx(tmp_path / "plain-name"), t)
 
 
-@pytest.mark.parametrize("raw, message", [
-    (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", "not an IDX file"),
-    (b"", "not an IDX file"),
-    (b"\x00\x00\x07\x01\x00\x00\x00\x01\x05", "unknown IDX type code 0x07"),
-    (b"\x00\x00\x08\x02\x00\x00\x00\x01", "truncated header"),
-    (b"\x00\x00\x08\x01\x00\x00\x00\x03\x05", "truncated"),
-    (b"\x00\x00\x08\x01\x00\x00\x00\x01\x05\x06", "trailing bytes"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", "not an IDX file"),
+        (b"", "not an IDX file"),
+        (b"\x00\x00\x07\x01\x00\x00\x00\x01\x05", "unknown IDX type code 0x07"),
+        (b"\x00\x00\x08\x02\x00\x00\x00\x01", "truncated header"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x03\x05", "truncated"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x01\x05\x06", "trailing bytes"),
+    ],
+)
 def test_idx_bad_files(tmp_path, raw, message):
     (tmp_path / "bad").write_bytes(raw)
     with pytest.raises(ValueError, match=message):
@@ -91,7 +97,9 @@ def test_idx_bad_gzip(tmp_path):
         read_idx(tmp_path / "bad.gz")
 
 
-@pytest.mark.parametrize("value", [torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.bool), [1, 2]])
+@pytest.mark.parametrize(
+    "value", [torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.bool), [1, 2]]
+)
 def test_write_idx_rejects_other_types(tmp_path, value):
     with pytest.raises(TypeError, match="tensor:"):
         write_idx(tmp_path / "x", value)
@@ -132,7 +140,9 @@ def test_load_mnist_names_the_missing_files(tmp_path):
     assert "train-images-idx3-ubyte" in message and str(root.resolve()) in message
     assert "never downloads" in message
     assert "t10k-images-idx3-ubyte" in message  # where the whole set goes
-    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"):
+    with pytest.raises(
+        FileNotFoundError, match="t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"
+    ):
         load_mnist(tmp_path / "nowhere", "test")
 
 
@@ -151,7 +161,10 @@ def test_load_mnist_checks_contents(tmp_path):
 
 def test_cifar10_round_trip(tmp_path, device):
     g = make_generator(1)
-    parts = [torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.int64).to(torch.uint8) for _ in range(5)]
+    parts = [
+        torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.int64).to(torch.uint8)
+        for _ in range(5)
+    ]
     labels = [[i, (i + 3) % 10] for i in range(5)]
     for name, images, y in zip(CIFAR10_FILES["train"], parts, labels):
         write_cifar10_batch(tmp_path / name, images, y)
@@ -168,7 +181,11 @@ def test_cifar10_layout_is_row_major_channel_first(tmp_path):
     write_cifar10_batch(tmp_path / "test_batch", flat, [9])
     with open(tmp_path / "test_batch", "rb") as f:
         batch = pickle.load(f, encoding="bytes")
-    assert set(batch) >= {b"data", b"labels"} and batch[b"data"].shape == (1, 3072) and batch[b"labels"] == [9]
+    assert (
+        set(batch) >= {b"data", b"labels"}
+        and batch[b"data"].shape == (1, 3072)
+        and batch[b"labels"] == [9]
+    )
     x, y = load_cifar10(tmp_path, "test")
     assert x[0, 2, 5, 7] == 1 and x.sum() == 1 and y.tolist() == [9]
 
@@ -211,7 +228,9 @@ def test_char_corpus_vocabulary_and_split():
     assert corpus.vocabulary == sorted(set(TEXT)) and corpus.n_in == corpus.n_out == len(set(TEXT))
     assert len(corpus.train) + len(corpus.valid) == len(TEXT)
     assert len(corpus.valid) == round(0.25 * len(TEXT))
-    assert corpus.decode(corpus.train) + corpus.decode(corpus.valid) == TEXT  # the validation split is the tail
+    assert (
+        corpus.decode(corpus.train) + corpus.decode(corpus.valid) == TEXT
+    )  # the validation split is the tail
     assert corpus.decode(corpus.encode("lazy fox")) == "lazy fox"
     with pytest.raises(ValueError, match="not in the vocabulary: 'XZ'"):
         corpus.encode("Zebra X")
@@ -220,10 +239,14 @@ def test_char_corpus_vocabulary_and_split():
 def test_char_corpus_batch_is_shifted_by_one(device):
     corpus = CharCorpus(TEXT, validation=0.2)
     V = len(corpus.vocabulary)
-    x, y = corpus.batch(16, length=12, generator=make_generator(0), device=device, dtype=torch.float64)
+    x, y = corpus.batch(
+        16, length=12, generator=make_generator(0), device=device, dtype=torch.float64
+    )
     assert x.shape == y.shape == (16, 12, V) and x.dtype == y.dtype == torch.float64
     assert x.device.type == y.device.type == device.type
-    assert torch.equal(x.sum(-1), torch.ones(16, 12, dtype=torch.float64, device=device))  # one-hot rows
+    assert torch.equal(
+        x.sum(-1), torch.ones(16, 12, dtype=torch.float64, device=device)
+    )  # one-hot rows
     assert torch.equal(x.argmax(-1)[:, 1:], y.argmax(-1)[:, :-1])
     for i in range(16):  # every window is a piece of the training text
         window = corpus.decode(x[i].cpu()) + corpus.decode(y[i, -1:].cpu())
@@ -252,18 +275,27 @@ def test_char_corpus_epoch_covers_every_window_once():
     length = 7
     count = corpus.windows(length, "validation")
     assert count == (len(corpus.valid) - 1) // length
-    batches = list(corpus.epoch(5, length, "validation", one_hot_inputs=False, one_hot_targets=False))
+    batches = list(
+        corpus.epoch(5, length, "validation", one_hot_inputs=False, one_hot_targets=False)
+    )
     assert [len(x) for x, _ in batches] == [5] * (count // 5) + ([count % 5] if count % 5 else [])
     inputs = torch.cat([x for x, _ in batches])
-    assert torch.equal(inputs.flatten(), corpus.valid[: count * length])  # in text order, back to back
-    shuffled = torch.cat([x for x, _ in corpus.epoch(5, length, "validation", shuffle=0, one_hot_inputs=False)])
+    assert torch.equal(
+        inputs.flatten(), corpus.valid[: count * length]
+    )  # in text order, back to back
+    shuffled = torch.cat(
+        [x for x, _ in corpus.epoch(5, length, "validation", shuffle=0, one_hot_inputs=False)]
+    )
     assert not torch.equal(shuffled, inputs)
     assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, inputs.tolist()))
 
 
 def test_char_corpus_errors(tmp_path):
     corpus = CharCorpus("abcdefgh", validation=0.25)
-    with pytest.raises(ValueError, match="length: windows of length \\+ 1 = 3 characters do not fit in the validation split"):
+    with pytest.raises(
+        ValueError,
+        match="length: windows of length \\+ 1 = 3 characters do not fit in the validation split",
+    ):
         corpus.batch(1, length=2, split="validation")
     with pytest.raises(ValueError, match="split: must be one of 'train', 'validation'"):
         corpus.batch(1, length=2, split="test")
@@ -300,7 +332,9 @@ def test_word_corpus_unk_and_cap():
     text = "a a a a b b b c c d e\n" * 2
     corpus = WordCorpus(text, max_vocabulary=3, validation=0)
     assert corpus.vocabulary == ["<unk>", "a", "b"]  # capped: unk plus the two most frequent words
-    assert corpus.decode(corpus.train).split()[:11] == "a a a a b b b <unk> <unk> <unk> <unk>".split()
+    assert (
+        corpus.decode(corpus.train).split()[:11] == "a a a a b b b <unk> <unk> <unk> <unk>".split()
+    )
     assert corpus.unknown_rate() == pytest.approx(8 / 22)
     assert corpus.encode("b zebra a").tolist() == [2, 0, 1]
     roomy = WordCorpus(text, max_vocabulary=100, validation=0)
@@ -316,7 +350,9 @@ def test_word_corpus_existing_unk_counts_as_that_word():
 
 def test_word_corpus_vocabulary_from_training_only():
     corpus = WordCorpus("one two three four five six seven eight nine ten", validation=0.2)
-    assert corpus.decode(corpus.valid) == "<unk> <unk>"  # nine and ten appear only in the validation tail
+    assert (
+        corpus.decode(corpus.valid) == "<unk> <unk>"
+    )  # nine and ten appear only in the validation tail
     assert "nine" not in corpus.vocabulary and len(corpus.train) == 8
 
 
@@ -328,9 +364,15 @@ def test_word_corpus_from_files_and_eos(tmp_path, device):
     assert corpus.vocabulary[:4] == ["<unk>", "<eos>", "sat", "the"]
     x, y = corpus.batch(3, length=4, generator=0, device=device)
     assert x.shape == y.shape == (3, 4, len(corpus.vocabulary)) and x.device.type == device.type
-    xi, yi = corpus.batch(3, length=4, generator=0, device=device, one_hot_inputs=False, one_hot_targets=False)
+    xi, yi = corpus.batch(
+        3, length=4, generator=0, device=device, one_hot_inputs=False, one_hot_targets=False
+    )
     assert xi.dtype == yi.dtype == torch.int64 and xi.shape == (3, 4)
-    assert torch.equal(xi, x.argmax(-1)) and torch.equal(yi, y.argmax(-1)) and torch.equal(xi[:, 1:], yi[:, :-1])
+    assert (
+        torch.equal(xi, x.argmax(-1))
+        and torch.equal(yi, y.argmax(-1))
+        and torch.equal(xi[:, 1:], yi[:, :-1])
+    )
     without = WordCorpus.from_files(tmp_path / "train.txt", validation=0.5)
     assert "<eos>" not in without.vocabulary and len(without.train) == len(without.valid) == 3
 
@@ -367,7 +409,11 @@ def test_pixel_sequences_permutation_and_errors():
     images = torch.rand(2, 16, generator=make_generator(1), dtype=torch.float64)
     order = torch.randperm(16, generator=make_generator(2))
     x, y = pixel_sequences(images, torch.tensor([1, 2]), classes=3, permutation=order)
-    assert x.dtype == torch.float64 and torch.equal(x[..., 0], images[:, order]) and y.shape == (2, 16, 3)
+    assert (
+        x.dtype == torch.float64
+        and torch.equal(x[..., 0], images[:, order])
+        and y.shape == (2, 16, 3)
+    )
     with pytest.raises(ValueError, match="permutation: expected a permutation of 0..15"):
         pixel_sequences(images, torch.tensor([1, 2]), permutation=torch.zeros(16, dtype=torch.long))
     with pytest.raises(ValueError, match="labels: must be in 0..2"):
@@ -396,7 +442,9 @@ def test_make_curves_shapes_range_and_seeds():
 def test_make_curves_options(device):
     small = make_curves(4, 0, size=16, points=5, width=0.6, device=device)
     assert small.shape == (4, 16, 16) and small.device.type == device.type
-    assert torch.equal(small.cpu(), make_curves(4, 0, size=16, points=5, width=0.6))  # same data on every device
+    assert torch.equal(
+        small.cpu(), make_curves(4, 0, size=16, points=5, width=0.6)
+    )  # same data on every device
     line = make_curves(1, 0, points=2)  # two points: a straight stroke
     assert line.max() > 0.8
     with pytest.raises(ValueError, match="points: at most"):
@@ -465,7 +513,11 @@ def test_curves_figure():
 
 def test_bouncing_balls_shapes_range_and_seeds(device):
     videos = bouncing_balls(8, generator=make_generator(0), device=device)
-    assert videos.shape == (8, 30, 225) and videos.device.type == device.type and videos.dtype == torch.float32
+    assert (
+        videos.shape == (8, 30, 225)
+        and videos.device.type == device.type
+        and videos.dtype == torch.float32
+    )
     assert videos.min() >= 0 and videos.max() <= 1 and videos.max() == 1
     cpu = bouncing_balls(8, generator=0)
     assert torch.equal(videos.cpu(), cpu)
@@ -559,5 +611,9 @@ def test_bouncing_balls_figure():
 
 def test_data_imports_only_lower_layers():
     source = Path(data.__file__).read_text(encoding="utf-8")
-    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.level}
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.level
+    }
     assert imported <= {"core", "losses", "tasks"}

@@ -1,4 +1,5 @@
 """qnwb.optim.HessianFree: the Levenberg–Marquardt rule, ρ, convergence, structural damping, state_dict, safety."""
+
 import copy
 import math
 
@@ -14,8 +15,20 @@ from qnwb.optim import HessianFree, levenberg_marquardt
 from qnwb.tasks import Addition
 
 
-@pytest.mark.parametrize("rho, expected", [(0.76, 2 / 3), (0.75, 1.0), (0.5, 1.0), (0.25, 1.0), (0.24, 1.5), (-2.0, 1.5),
-                                           (math.nan, 1.5), (math.inf, 1.5), (5.0, 2 / 3)])
+@pytest.mark.parametrize(
+    "rho, expected",
+    [
+        (0.76, 2 / 3),
+        (0.75, 1.0),
+        (0.5, 1.0),
+        (0.25, 1.0),
+        (0.24, 1.5),
+        (-2.0, 1.5),
+        (math.nan, 1.5),
+        (math.inf, 1.5),
+        (5.0, 2 / 3),
+    ],
+)
 def test_levenberg_marquardt_rule_of_section_8_5(rho, expected):
     assert levenberg_marquardt(1.0, rho) == pytest.approx(expected)
 
@@ -23,7 +36,9 @@ def test_levenberg_marquardt_rule_of_section_8_5(rho, expected):
 def least_squares(seed=0, n=200):
     g = make_generator(seed)
     X = torch.randn(n, 6, generator=g, dtype=torch.float64)
-    Y = X @ torch.randn(6, 2, generator=g, dtype=torch.float64) + 0.1 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    Y = X @ torch.randn(6, 2, generator=g, dtype=torch.float64) + 0.1 * torch.randn(
+        n, 2, generator=g, dtype=torch.float64
+    )
     torch.manual_seed(seed)
     return nn.Linear(6, 2, dtype=torch.float64), X, Y
 
@@ -39,7 +54,12 @@ def test_convex_least_squares_is_solved_in_a_handful_of_steps(curvature):
     hf = HessianFree(model, "squared_error", damping=1e-3, curvature=curvature)
     for _ in range(4):
         hf.step((X, Y))
-    torch.testing.assert_close(torch.cat([model.weight.T, model.bias[None]]).detach(), lstsq_solution(X, Y), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        torch.cat([model.weight.T, model.bias[None]]).detach(),
+        lstsq_solution(X, Y),
+        rtol=1e-8,
+        atol=1e-10,
+    )
 
 
 def test_rho_is_one_on_a_quadratic_and_the_damped_switch_measures_against_cg_s_model():
@@ -58,14 +78,18 @@ def test_rho_is_one_on_a_quadratic_and_the_damped_switch_measures_against_cg_s_m
 
 def addition_rnn(T=10, hidden=8, seed=0):
     task = Addition(T)
-    model = esn_init_(TanhRNN(2, hidden, 1, dtype=torch.float64), input_scale=0.1, generator=make_generator(seed))
+    model = esn_init_(
+        TanhRNN(2, hidden, 1, dtype=torch.float64), input_scale=0.1, generator=make_generator(seed)
+    )
     batch = task.batch(64, make_generator(seed + 1), dtype=torch.float64)
     return model, batch
 
 
 def test_state_dict_round_trips_mid_run_and_the_resumed_run_continues_identically():
     model, batch = addition_rnn()
-    hf = HessianFree(model, "squared_error", damping=0.5, structural_damping=0.3, cg_max_iterations=30)
+    hf = HessianFree(
+        model, "squared_error", damping=0.5, structural_damping=0.3, cg_max_iterations=30
+    )
     for _ in range(2):
         hf.step(batch)
     saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(hf.state_dict())
@@ -75,8 +99,12 @@ def test_state_dict_round_trips_mid_run_and_the_resumed_run_continues_identicall
 
     resumed_model, _ = addition_rnn()
     resumed_model.load_state_dict(saved_model)
-    resumed = HessianFree(resumed_model, "squared_error", damping=123.0, structural_damping=0.3, cg_max_iterations=30)
-    resumed.load_state_dict(saved_optimizer)  # λ, μ, the previous update and the step count come back
+    resumed = HessianFree(
+        resumed_model, "squared_error", damping=123.0, structural_damping=0.3, cg_max_iterations=30
+    )
+    resumed.load_state_dict(
+        saved_optimizer
+    )  # λ, μ, the previous update and the step count come back
     for _ in range(2):
         resumed.step(batch)
     torch.testing.assert_close(flat_params(resumed_model), expected, rtol=0, atol=0)
@@ -86,7 +114,15 @@ def test_state_dict_round_trips_mid_run_and_the_resumed_run_continues_identicall
 def first_update(**options):
     model, batch = addition_rnn(seed=3)
     before = flat_params(model).clone()
-    hf = HessianFree(model, "squared_error", damping=0.1, cg_max_iterations=20, line_search=False, iterate_selection="last", **options)
+    hf = HessianFree(
+        model,
+        "squared_error",
+        damping=0.1,
+        cg_max_iterations=20,
+        line_search=False,
+        iterate_selection="last",
+        **options,
+    )
     hf.step(batch)
     return flat_params(model) - before, hf.stats
 
@@ -96,14 +132,18 @@ def test_structural_damping_changes_the_update_and_can_use_the_squared_distance(
     tanh, s1 = first_update(structural_damping=1.0)
     squared, s2 = first_update(structural_damping=1.0, structural_distance="squared")
     assert s0["structural_weight"] == 0 and s1["structural_weight"] == pytest.approx(0.1)  # λμ
-    assert (plain - tanh).norm() > 1e-3 * plain.norm() and (tanh - squared).norm() > 1e-4 * tanh.norm()
+    assert (plain - tanh).norm() > 1e-3 * plain.norm() and (
+        tanh - squared
+    ).norm() > 1e-4 * tanh.norm()
     # What structural damping penalises is the predicted change of the hidden states, δᵀG_Sδ (M&S 2011 §3.2),
     # not the length of δ: measured 38.4 without it and 0.025 with it on this problem.
     model, batch = addition_rnn(seed=3)
     G = GGN(model, "squared_error", batch, structural_distance="tanh", structural_weight=0.0)
     G_plus = GGN(model, "squared_error", batch, structural_distance="tanh", structural_weight=1.0)
+
     def hidden_change(d):
         return (d @ G_plus.mv(d) - d @ G.mv(d)).item()
+
     assert hidden_change(tanh) < hidden_change(plain) / 100
 
 
@@ -120,14 +160,18 @@ class ExplodesBeyond(nn.Module):
 
     def forward(self, x):
         out = self.linear(x)
-        return torch.where(self.linear.weight.abs().max() > self.bound, torch.full_like(out, math.nan), out)
+        return torch.where(
+            self.linear.weight.abs().max() > self.bound, torch.full_like(out, math.nan), out
+        )
 
 
 def test_a_non_finite_loss_never_reaches_the_parameters():
     model = ExplodesBeyond()
     g = make_generator(0)
     X = torch.randn(50, 3, generator=g, dtype=torch.float64)
-    Y = X @ torch.tensor([[10.0], [0.0], [0.0]], dtype=torch.float64)  # the full step wants a weight of 10
+    Y = X @ torch.tensor(
+        [[10.0], [0.0], [0.0]], dtype=torch.float64
+    )  # the full step wants a weight of 10
     hf = HessianFree(model, "squared_error", damping=1e-4)
     hf.step((X, Y))
     s = hf.stats
@@ -141,11 +185,28 @@ def test_a_smaller_curvature_batch_and_the_counts():
     hf = HessianFree(model, "squared_error", damping=1e-2)
     hf.step((X, Y), curvature_batch=(X[:50], Y[:50]))
     s = hf.stats
-    assert s["curvature_products"] == s["cg_iterations"] + 1  # CG's products plus one for the undamped ρ
+    assert (
+        s["curvature_products"] == s["cg_iterations"] + 1
+    )  # CG's products plus one for the undamped ρ
     hf.step((X, Y), curvature_batch=(X[:50], Y[:50]))
-    assert hf.stats["curvature_products"] == hf.stats["cg_iterations"] + 2  # a warm start costs one product more
-    assert set(s) >= {"loss", "loss_after", "rho", "damping", "cg_iterations", "cg_stop", "chosen_iterate", "step_size",
-                      "model_reduction_undamped", "model_reduction_damped", "gradient_s", "cg_s", "evaluation_s"}
+    assert (
+        hf.stats["curvature_products"] == hf.stats["cg_iterations"] + 2
+    )  # a warm start costs one product more
+    assert set(s) >= {
+        "loss",
+        "loss_after",
+        "rho",
+        "damping",
+        "cg_iterations",
+        "cg_stop",
+        "chosen_iterate",
+        "step_size",
+        "model_reduction_undamped",
+        "model_reduction_damped",
+        "gradient_s",
+        "cg_s",
+        "evaluation_s",
+    }
 
 
 @pytest.mark.parametrize(
@@ -231,10 +292,17 @@ def test_the_backtracking_of_section_8_8_is_the_shared_armijo_search(monkeypatch
     with torch.enable_grad():
         value = hf.loss(model(X), Y)
         g = torch.cat([v.flatten() for v in torch.autograd.grad(value, list(model.parameters()))])
-    reference = armijo_backtracking(phi, f0, float(g @ delta), 0.8, c1=1e-2, factor=0.8, max_evaluations=60, resolution=None)
-    assert reference.success and reference.evaluations == 2  # 3·0.8 and 3·0.64 times the update: the second is short enough
+    reference = armijo_backtracking(
+        phi, f0, float(g @ delta), 0.8, c1=1e-2, factor=0.8, max_evaluations=60, resolution=None
+    )
+    assert (
+        reference.success and reference.evaluations == 2
+    )  # 3·0.8 and 3·0.64 times the update: the second is short enough
     assert (hf.stats["step_size"], hf.stats["line_search_tries"], hf.stats["loss_after"]) == (
-        reference.alpha, reference.evaluations, reference.value)
+        reference.alpha,
+        reference.evaluations,
+        reference.value,
+    )
     assert torch.equal(after, theta + reference.alpha * delta)
 
 
@@ -261,9 +329,11 @@ def test_the_next_cg_run_starts_from_zeta_times_the_chosen_update(monkeypatch):
     stored = hf.state[hf.param_groups[0]["params"][0]]["previous_update"]
     torch.testing.assert_close(stored, delta, rtol=1e-12, atol=1e-14)
     starts, original = [], qnwb.optim.hessian_free.conjugate_gradient
+
     def recording(A, b, x0=None, **kwargs):
         starts.append(x0)
         return original(A, b, x0, **kwargs)
+
     monkeypatch.setattr(qnwb.optim.hessian_free, "conjugate_gradient", recording)
     hf.step((X, Y))
     torch.testing.assert_close(starts[0], 0.9 * delta, rtol=1e-12, atol=1e-14)
@@ -271,10 +341,20 @@ def test_the_next_cg_run_starts_from_zeta_times_the_chosen_update(monkeypatch):
 
 def test_a_step_that_raised_the_loss_raises_lambda_even_when_the_model_predicted_an_increase():
     model, X, Y = least_squares(8)
-    hf = HessianFree(model, "squared_error", damping=1.0, warm_start=1.0, cg_max_iterations=1, iterate_selection="last",
-                     line_search=False, preconditioner=None)
+    hf = HessianFree(
+        model,
+        "squared_error",
+        damping=1.0,
+        warm_start=1.0,
+        cg_max_iterations=1,
+        iterate_selection="last",
+        line_search=False,
+        preconditioner=None,
+    )
     far = 20.0 * torch.randn(14, generator=make_generator(0), dtype=torch.float64)
-    hf.state[hf.param_groups[0]["params"][0]]["previous_update"] = far  # a warm start far away: M(δ) > 0 after one CG step
+    hf.state[hf.param_groups[0]["params"][0]]["previous_update"] = (
+        far  # a warm start far away: M(δ) > 0 after one CG step
+    )
     # (measured: M(δ) = +11.0, f 5.3 → 16.3; Δf/M would be +1.0 and would have lowered λ)
     hf.step((X, Y))
     s = hf.stats
@@ -286,7 +366,9 @@ def test_the_preconditioner_follows_lambda_and_is_on_for_feed_forward_nets_only(
     from qnwb.curvature import EmpiricalFisher
 
     model, X, Y = least_squares(4)
-    hf = HessianFree(model, "squared_error", damping=0.5)  # "auto": a feed-forward net gets the Fisher diagonal
+    hf = HessianFree(
+        model, "squared_error", damping=0.5
+    )  # "auto": a feed-forward net gets the Fisher diagonal
     for _ in range(2):
         before = copy.deepcopy(model)
         hf.step((X, Y))
@@ -295,10 +377,17 @@ def test_the_preconditioner_follows_lambda_and_is_on_for_feed_forward_nets_only(
         torch.testing.assert_close(hf.last_preconditioner, expected)
     assert hf.stats["damping"] != 0.5  # λ moved, and the preconditioner moved with it
     rnn, batch = addition_rnn()
-    assert HessianFree(rnn, "squared_error").options["preconditioner"] is None  # M&S 2011: off for RNNs
-    estimated = HessianFree(rnn, "squared_error", structural_damping=0.1, preconditioner="chapelle_erhan")
+    assert (
+        HessianFree(rnn, "squared_error").options["preconditioner"] is None
+    )  # M&S 2011: off for RNNs
+    estimated = HessianFree(
+        rnn, "squared_error", structural_damping=0.1, preconditioner="chapelle_erhan"
+    )
     estimated.step(batch)
-    assert estimated.last_preconditioner.shape == flat_params(rnn).shape and (estimated.last_preconditioner > 0).all()
+    assert (
+        estimated.last_preconditioner.shape == flat_params(rnn).shape
+        and (estimated.last_preconditioner > 0).all()
+    )
 
 
 def test_a_good_diagonal_preconditioner_speeds_up_a_badly_scaled_problem():
@@ -310,7 +399,14 @@ def test_a_good_diagonal_preconditioner_speeds_up_a_badly_scaled_problem():
     for kind in (None, "fisher"):
         torch.manual_seed(0)
         model = nn.Linear(6, 1, dtype=torch.float64)
-        hf = HessianFree(model, "squared_error", damping=1e-6, preconditioner=kind, preconditioner_exponent=1.0, cg_tolerance=1e-10)
+        hf = HessianFree(
+            model,
+            "squared_error",
+            damping=1e-6,
+            preconditioner=kind,
+            preconditioner_exponent=1.0,
+            cg_tolerance=1e-10,
+        )
         hf.step((X, Y))
         iterations[kind] = hf.stats["cg_iterations"]
     assert iterations["fisher"] < iterations[None]
@@ -319,10 +415,18 @@ def test_a_good_diagonal_preconditioner_speeds_up_a_badly_scaled_problem():
 def test_presets_of_section_13():
     model, X, Y = least_squares(5)
     original = HessianFree.preset("martens2010", model, "squared_error")
-    assert original.options["iterate_selection"] == "backtracking" and original.options["line_search"] and original.options["preconditioner"] == "fisher"
+    assert (
+        original.options["iterate_selection"] == "backtracking"
+        and original.options["line_search"]
+        and original.options["preconditioner"] == "fisher"
+    )
     rnn, batch = addition_rnn()
-    assert HessianFree.preset("rnn2011", rnn, "squared_error").param_groups[0]["structural_damping"] == pytest.approx(1 / 30)
-    hybrid = HessianFree.preset("hybrid2013", model, "squared_error", cg_max_iterations=20)  # any argument can be changed
+    assert HessianFree.preset("rnn2011", rnn, "squared_error").param_groups[0][
+        "structural_damping"
+    ] == pytest.approx(1 / 30)
+    hybrid = HessianFree.preset(
+        "hybrid2013", model, "squared_error", cg_max_iterations=20
+    )  # any argument can be changed
     assert not hybrid.options["line_search"] and hybrid.param_groups[0]["cg_max_iterations"] == 20
     with pytest.raises(ValueError, match="preset"):
         HessianFree.preset("newton", model, "squared_error")
@@ -333,8 +437,16 @@ def test_the_learning_rate_scales_the_update_when_there_is_no_line_search():
     for rate in (1.0, 0.25):
         model, X, Y = least_squares(6)
         before = flat_params(model).clone()
-        hf = HessianFree(model, "squared_error", damping=0.1, lr=rate, line_search=False, iterate_selection="last",
-                         preconditioner=None, cg_max_iterations=5)
+        hf = HessianFree(
+            model,
+            "squared_error",
+            damping=0.1,
+            lr=rate,
+            line_search=False,
+            iterate_selection="last",
+            preconditioner=None,
+            cg_max_iterations=5,
+        )
         hf.step((X, Y))
         updates[rate] = flat_params(model) - before
         assert hf.stats["step_size"] == rate
@@ -373,11 +485,14 @@ def tanh_regression(seed=0):
 def recording_cg(monkeypatch):
     """Record every CG call's starting point, monitor and result."""
     import qnwb.optim.hessian_free as module
+
     calls, original = [], module.conjugate_gradient
+
     def recording(A, b, x0=None, **kwargs):
         result = original(A, b, x0, **kwargs)
         calls.append({"x0": x0, "monitor": kwargs.get("monitor"), "result": result})
         return result
+
     monkeypatch.setattr(module, "conjugate_gradient", recording)
     return calls
 
@@ -386,16 +501,22 @@ def recording_cg(monkeypatch):
 def loss_at(model, params, x, batch):
     saved = flat_params(model).clone()
     assign_flat_(list(model.parameters()), params + x)
-    value = float(nn.functional.mse_loss(model(batch[0]), batch[1], reduction="sum") / (2 * len(batch[0])))
+    value = float(
+        nn.functional.mse_loss(model(batch[0]), batch[1], reduction="sum") / (2 * len(batch[0]))
+    )
     assign_flat_(list(model.parameters()), saved)
     return value
 
 
-def test_the_objective_recipe_stops_cg_on_the_curvature_batch_and_picks_the_least_f_on_other_data(monkeypatch):
+def test_the_objective_recipe_stops_cg_on_the_curvature_batch_and_picks_the_least_f_on_other_data(
+    monkeypatch,
+):
     calls = recording_cg(monkeypatch)
     model, batch, curvature, selection = tanh_regression()
     hf = HessianFree.preset("objective2012", model, "squared_error", damping=1e-4)
-    hf.step(batch, curvature)  # a first step without selection data: its iterate becomes the next warm start
+    hf.step(
+        batch, curvature
+    )  # a first step without selection data: its iterate becomes the next warm start
     stops = []
     for _ in range(3):
         theta = flat_params(model).clone()
@@ -414,11 +535,17 @@ def test_the_objective_recipe_stops_cg_on_the_curvature_batch_and_picks_the_leas
         assert stats["chosen_iterate"] == min(values, key=values.get)
         assert stats["loss_evaluations"] >= len(call["result"].monitored) + len(values)
         # rho and the line search measure f on the gradient batch, not on the selection data
-        assert stats["loss_after"] == pytest.approx(loss_at(model, flat_params(model), 0.0, batch), rel=1e-12)
-    assert "objective" in stops  # with a curvature batch of 16 cases CG overfits it and the test fires
+        assert stats["loss_after"] == pytest.approx(
+            loss_at(model, flat_params(model), 0.0, batch), rel=1e-12
+        )
+    assert (
+        "objective" in stops
+    )  # with a curvature batch of 16 cases CG overfits it and the test fires
 
 
-def test_a_step_without_the_objective_recipe_passes_no_monitor_and_warm_starts_from_the_update(monkeypatch):
+def test_a_step_without_the_objective_recipe_passes_no_monitor_and_warm_starts_from_the_update(
+    monkeypatch,
+):
     calls = recording_cg(monkeypatch)
     model, batch, curvature, selection = tanh_regression()
     hf = HessianFree(model, "squared_error", damping=1e-4, iterate_selection="minimum")
@@ -434,11 +561,21 @@ def test_schedules_set_the_learning_rate_and_warm_start_of_every_step(monkeypatc
     calls = recording_cg(monkeypatch)
     model, X, Y = least_squares(1)
     seen = []
+
     def rate(t):
         seen.append(t)
         return 1.0 / (t + 1)
-    hf = HessianFree(model, "squared_error", damping=0.1, lr=rate, warm_start=lambda t: 0.5 if t < 2 else 0.9,
-                     line_search=False, iterate_selection="last", cg_max_iterations=3)
+
+    hf = HessianFree(
+        model,
+        "squared_error",
+        damping=0.1,
+        lr=rate,
+        warm_start=lambda t: 0.5 if t < 2 else 0.9,
+        line_search=False,
+        iterate_selection="last",
+        cg_max_iterations=3,
+    )
     for t in range(4):
         before = flat_params(model).clone()
         hf.step((X, Y))
@@ -446,7 +583,9 @@ def test_schedules_set_the_learning_rate_and_warm_start_of_every_step(monkeypatc
         update = dict(calls[-1]["result"].saved)[hf.stats["chosen_iterate"]]
         torch.testing.assert_close(flat_params(model) - before, update / (t + 1))
         if t > 0:
-            torch.testing.assert_close(calls[-1]["x0"], hf.stats["warm_start"] * calls[-2]["result"].x)
+            torch.testing.assert_close(
+                calls[-1]["x0"], hf.stats["warm_start"] * calls[-2]["result"].x
+            )
     assert seen[-4:] == [0, 1, 2, 3]
     saved = copy.deepcopy(hf.state_dict())
     assert "lr" not in saved["options"]  # schedules are code: the constructor brings them back
@@ -454,8 +593,15 @@ def test_schedules_set_the_learning_rate_and_warm_start_of_every_step(monkeypatc
 
 def test_state_dict_carries_the_options_and_the_chapelle_erhan_generator():
     model, batch = addition_rnn()
-    options = dict(damping=0.5, structural_damping=0.3, cg_max_iterations=20, preconditioner="chapelle_erhan", seed=7,
-                   iterate_selection="minimum", warm_start_from="last")
+    options = dict(
+        damping=0.5,
+        structural_damping=0.3,
+        cg_max_iterations=20,
+        preconditioner="chapelle_erhan",
+        seed=7,
+        iterate_selection="minimum",
+        warm_start_from="last",
+    )
     hf = HessianFree(model, "squared_error", **options)
     hf.step(batch)
     saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(hf.state_dict())
@@ -465,10 +611,20 @@ def test_state_dict_carries_the_options_and_the_chapelle_erhan_generator():
 
     resumed_model, _ = addition_rnn()
     resumed_model.load_state_dict(saved_model)
-    resumed = HessianFree(resumed_model, "squared_error", damping=0.5, structural_damping=0.3, cg_max_iterations=20,
-                          preconditioner="chapelle_erhan", seed=99)  # other options and seed: the state brings them back
+    resumed = HessianFree(
+        resumed_model,
+        "squared_error",
+        damping=0.5,
+        structural_damping=0.3,
+        cg_max_iterations=20,
+        preconditioner="chapelle_erhan",
+        seed=99,
+    )  # other options and seed: the state brings them back
     resumed.load_state_dict(saved_optimizer)
-    assert resumed.options["iterate_selection"] == "minimum" and resumed.options["warm_start_from"] == "last"
+    assert (
+        resumed.options["iterate_selection"] == "minimum"
+        and resumed.options["warm_start_from"] == "last"
+    )
     for _ in range(2):
         resumed.step(batch)
     torch.testing.assert_close(flat_params(resumed_model), expected, rtol=0, atol=0)
@@ -477,9 +633,15 @@ def test_state_dict_carries_the_options_and_the_chapelle_erhan_generator():
 @pytest.mark.parametrize("how, expected", [("backtracking", 9), ("minimum", 5), ("last", 11)])
 def test_the_iterate_selection_rules(how, expected):
     from types import SimpleNamespace
+
     model, _, _ = least_squares()
     hf = HessianFree(model, "squared_error", iterate_selection=how)
-    values = {5: 1.0, 7: 3.0, 9: 2.0, 11: 2.5}  # walking back from 11: 9 improves, 7 does not (§8.7 stops there)
+    values = {
+        5: 1.0,
+        7: 3.0,
+        9: 2.0,
+        11: 2.5,
+    }  # walking back from 11: 9 improves, 7 does not (§8.7 stops there)
     iterates = {step: torch.full((3,), float(step)) for step in values}
     cg = SimpleNamespace(saved=list(iterates.items()))
     step, delta, f = hf._choose(cg, lambda x, data: values[int(x[0])], None)
@@ -488,21 +650,37 @@ def test_the_iterate_selection_rules(how, expected):
 
 def test_selection_data_only_choose_the_iterate_rho_and_the_line_search_use_the_gradient_batch():
     model, X, Y = least_squares(2)
-    hf = HessianFree(model, "squared_error", damping=0.1, iterate_selection="minimum", cg_max_iterations=20)
-    hf.step((X, Y), selection_batch=(X, Y + 10.0))  # f on the selection data is far above f on the gradient batch
+    hf = HessianFree(
+        model, "squared_error", damping=0.1, iterate_selection="minimum", cg_max_iterations=20
+    )
+    hf.step(
+        (X, Y), selection_batch=(X, Y + 10.0)
+    )  # f on the selection data is far above f on the gradient batch
     assert hf.stats["rho"] == pytest.approx(1.0, abs=0.05)  # a linear model: the quadratic is exact
-    assert hf.stats["loss_after"] == pytest.approx(loss_at(model, flat_params(model), 0.0, (X, Y)), rel=1e-12)
+    assert hf.stats["loss_after"] == pytest.approx(
+        loss_at(model, flat_params(model), 0.0, (X, Y)), rel=1e-12
+    )
 
 
 def test_the_undamped_model_of_rho_leaves_out_the_structural_term(monkeypatch):
     calls = recording_cg(monkeypatch)
     model, batch = addition_rnn()
     theta = flat_params(model).clone()
-    grads = torch.autograd.grad(HessianFree(model, "squared_error").loss(model(batch[0]), batch[1]), list(model.parameters()))
+    grads = torch.autograd.grad(
+        HessianFree(model, "squared_error").loss(model(batch[0]), batch[1]),
+        list(model.parameters()),
+    )
     g = torch.cat([t.flatten() for t in grads])
     plain = GGN(model, "squared_error", batch)  # G at θ, no structural damping
-    hf = HessianFree(model, "squared_error", damping=0.5, structural_damping=0.5, cg_max_iterations=10, line_search=False,
-                     iterate_selection="last")
+    hf = HessianFree(
+        model,
+        "squared_error",
+        damping=0.5,
+        structural_damping=0.5,
+        cg_max_iterations=10,
+        line_search=False,
+        iterate_selection="last",
+    )
     hf.step(batch)
     delta = calls[-1]["result"].x
     expected = float(g @ delta + 0.5 * delta @ plain.mv(delta))

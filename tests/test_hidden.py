@@ -1,19 +1,28 @@
 """qnwb.diagnostics.hidden: hidden states, saturation and back-propagated errors of TanhRNN against dense references."""
+
 import math
 
 import pytest
 import torch
 
 from qnwb.core import make_generator
-from qnwb.diagnostics.hidden import (compare_hidden_states, comparison_figure, gradient_norm_figure,
-                                     hidden_heatmap_figure, probe_hidden_states, saturation_figure)
+from qnwb.diagnostics.hidden import (
+    compare_hidden_states,
+    comparison_figure,
+    gradient_norm_figure,
+    hidden_heatmap_figure,
+    probe_hidden_states,
+    saturation_figure,
+)
 from qnwb.init import Centering, esn_init_
 from qnwb.losses import matching_loss
 from qnwb.models import TanhRNN
 from qnwb.tasks import make_task
 
 
-def rnn(n_in=3, n_hidden=5, n_out=2, layers=1, seed=0, scale=0.5, dtype=torch.float64, device="cpu"):
+def rnn(
+    n_in=3, n_hidden=5, n_out=2, layers=1, seed=0, scale=0.5, dtype=torch.float64, device="cpu"
+):
     "A small random RNN whose units are neither linear nor saturated (|h| mostly in 0.1–0.9)."
     net = TanhRNN(n_in, n_hidden, n_out, layers, dtype=dtype, generator=make_generator(seed))
     g = make_generator(seed + 100)
@@ -43,7 +52,7 @@ def reference_errors(net, x, t, loss):
     def total(eps):
         below = [x[:, s] for s in range(T)]  # fine here: a reference, not library code
         for l in range(L):
-            W_hx, W_hh, b_h, h0 = params[4 * l: 4 * l + 4]
+            W_hx, W_hh, b_h, h0 = params[4 * l : 4 * l + 4]
             h, out = h0.expand(B, H), []
             for s in range(T):
                 h = torch.tanh(below[s] @ W_hx.T + h @ W_hh.T + b_h) + eps[l, s]
@@ -83,7 +92,9 @@ def bptt_errors(net, x, t, loss):
 
 
 @pytest.mark.parametrize("layers", [1, 3])
-@pytest.mark.parametrize("loss", ["squared_error", "sigmoid_cross_entropy", "softmax_cross_entropy"])
+@pytest.mark.parametrize(
+    "loss", ["squared_error", "sigmoid_cross_entropy", "softmax_cross_entropy"]
+)
 def test_errors_equal_dense_references(layers, loss):
     net = rnn(layers=layers)
     x, t = data()
@@ -93,7 +104,9 @@ def test_errors_equal_dense_references(layers, loss):
         t = torch.where(torch.isnan(t), t, torch.softmax(torch.nan_to_num(t), -1))
     probe = probe_hidden_states(net, inputs=x, targets=t, loss=loss)
     hidden = net(x, return_hidden=True)[1].detach()
-    assert 0.05 < float(hidden.abs().mean()) < 0.9 and float(hidden.abs().max()) < 0.999  # neither linear nor saturated
+    assert (
+        0.05 < float(hidden.abs().mean()) < 0.9 and float(hidden.abs().max()) < 0.999
+    )  # neither linear nor saturated
     expected = reference_errors(net, x, t, loss)
     assert float(expected.abs().max()) > 1e-3
     torch.testing.assert_close(probe.grads, expected, rtol=1e-10, atol=1e-12)
@@ -102,7 +115,9 @@ def test_errors_equal_dense_references(layers, loss):
     # each sequence's errors are those of its own loss: probing one sequence alone gives its row
     alone = probe_hidden_states(net, inputs=x[2:3], targets=t[2:3], loss=loss)
     torch.testing.assert_close(alone.grads[0], probe.grads[2], rtol=1e-10, atol=1e-12)
-    assert probe.loss == pytest.approx(float(matching_loss(loss).value(net(x), t).detach()), rel=1e-12)
+    assert probe.loss == pytest.approx(
+        float(matching_loss(loss).value(net(x), t).detach()), rel=1e-12
+    )
 
 
 def test_errors_give_the_models_own_bias_gradients():
@@ -124,11 +139,18 @@ def test_saturation_is_a_direct_count(threshold):
     hidden = net(x, return_hidden=True)[1].detach().view(5, 8, 2, 7)
     for l in range(2):
         for s in range(8):
-            count = sum(abs(float(hidden[b, s, l, u])) > threshold for b in range(5) for u in range(7))
+            count = sum(
+                abs(float(hidden[b, s, l, u])) > threshold for b in range(5) for u in range(7)
+            )
             assert float(probe.saturation[l, s]) == pytest.approx(count / 35)
     assert 0 < float(probe.saturation.mean()) < 1
     torch.testing.assert_close(probe.saturation_per_layer, probe.saturation.mean(1))
-    assert probe.grads is None and probe.grad_norms is None and probe.loss is None and probe.threshold == threshold
+    assert (
+        probe.grads is None
+        and probe.grad_norms is None
+        and probe.loss is None
+        and probe.threshold == threshold
+    )
 
 
 @pytest.mark.parametrize("layers", [1, 2, 4])
@@ -173,7 +195,13 @@ def test_tasks_seeds_centering_and_conversion():
     assert torch.equal(a.inputs, x)
     torch.testing.assert_close(a.targets, t, equal_nan=True)
     assert torch.equal(a.hidden, b.hidden) and torch.equal(a.grads, b.grads)
-    assert (a.task, a.T, a.seed, a.sequences, a.settings["loss"]) == ("addition", 20, 5, 3, "squared_error")
+    assert (a.task, a.T, a.seed, a.sequences, a.settings["loss"]) == (
+        "addition",
+        20,
+        5,
+        3,
+        "squared_error",
+    )
     assert "addition, T = 20, 3 sequences, seed 5" in a.describe()
     assert probe_hidden_states(net, task).sequences == 4  # the default
     other = probe_hidden_states(net, task, sequences=3, seed=6)
@@ -182,11 +210,18 @@ def test_tasks_seeds_centering_and_conversion():
     centering = Centering(sample_x, sample_t)
     centred = probe_hidden_states(net, task, sequences=3, seed=5, centering=centering)
     torch.testing.assert_close(centred.inputs, centering.inputs(x))
-    manual = probe_hidden_states(net, inputs=centering.inputs(x), targets=centering.targets(t), loss="squared_error")
+    manual = probe_hidden_states(
+        net, inputs=centering.inputs(x), targets=centering.targets(t), loss="squared_error"
+    )
     torch.testing.assert_close(centred.grads, manual.grads, rtol=0, atol=0)
     # float32 inputs are converted to the model's dtype; `sequences` takes the first cases of given inputs
     given = probe_hidden_states(net, inputs=x.float(), sequences=2)
-    assert given.inputs.dtype == torch.float64 and given.sequences == 2 and given.task is None and given.seed is None
+    assert (
+        given.inputs.dtype == torch.float64
+        and given.sequences == 2
+        and given.task is None
+        and given.seed is None
+    )
     float_net = TanhRNN(2, 8, 1, dtype=torch.float32, generator=make_generator(0))
     assert probe_hidden_states(float_net, task, sequences=2).hidden.dtype == torch.float32
 
@@ -206,7 +241,11 @@ def test_bad_input_is_a_clear_error():
         (dict(inputs=x, sequences=0), ValueError, "sequences"),
         (dict(inputs=x, sequences=5), ValueError, "sequences: 5 is more than the 4 cases"),
         (dict(inputs=x, targets=t), ValueError, "loss: targets given without a task"),
-        (dict(inputs=x, targets=t[..., :1], loss="squared_error"), ValueError, "targets: expected shape (4, 6, 2)"),
+        (
+            dict(inputs=x, targets=t[..., :1], loss="squared_error"),
+            ValueError,
+            "targets: expected shape (4, 6, 2)",
+        ),
         (dict(), ValueError, "give exactly one of"),
         (dict(task="addition", inputs=x), ValueError, "give exactly one of"),
     ]
@@ -236,14 +275,18 @@ def test_compare_two_settings_on_the_same_sequences():
     other = TanhRNN(2, 6, 1, dtype=torch.float64)
     esn_init_(other, input_scale=0.1, spectral_radius=3.0, generator=make_generator(1))
     kept = {k: v.clone() for k, v in net.state_dict().items()}
-    first, second = compare_hidden_states(net, None, other.state_dict(), task, sequences=3, seed=2, labels=("a", "b"))
+    first, second = compare_hidden_states(
+        net, None, other.state_dict(), task, sequences=3, seed=2, labels=("a", "b")
+    )
     for k, v in net.state_dict().items():
         assert torch.equal(v, kept[k])
     assert (first.label, second.label) == ("a", "b") and torch.equal(first.inputs, second.inputs)
     assert torch.equal(first.hidden, probe_hidden_states(net, task, sequences=3, seed=2).hidden)
     assert torch.equal(second.grads, probe_hidden_states(other, task, sequences=3, seed=2).grads)
     as_model = compare_hidden_states(net, other, None, task, sequences=3, seed=2)
-    assert torch.equal(as_model[0].hidden, second.hidden) and torch.equal(as_model[1].hidden, first.hidden)
+    assert torch.equal(as_model[0].hidden, second.hidden) and torch.equal(
+        as_model[1].hidden, first.hidden
+    )
     # a bad setting is an error, and the model is still restored
     broken = {k: v.clone() for k, v in other.state_dict().items()}
     broken.pop("b_z")
@@ -268,15 +311,22 @@ def test_heatmap_figure_draws_each_sequence_and_layer():
     assert names == [f"sequence {s}, layer {l}" for l in range(2) for s in range(3)]
     for trace in figure.data:
         s, l = int(trace.name.split()[1][:-1]), int(trace.name.split()[-1])
-        assert torch.equal(torch.tensor(trace.z, dtype=torch.float64), probe.hidden[s, l])  # time down, units across
+        assert torch.equal(
+            torch.tensor(trace.z, dtype=torch.float64), probe.hidden[s, l]
+        )  # time down, units across
         assert trace.visible == (l == 0) and "step %{y}" in trace.hovertemplate
     buttons = figure.layout.updatemenus[0].buttons
     assert [b.label for b in buttons] == ["layer 0", "layer 1"]
     assert list(buttons[1].args[0]["visible"]) == [False] * 3 + [True] * 3
-    assert figure.layout.yaxis.title.text == "time step" and figure.layout.xaxis.title.text == "unit"
+    assert (
+        figure.layout.yaxis.title.text == "time step" and figure.layout.xaxis.title.text == "unit"
+    )
     assert "probe" in figure.layout.title.text
     chosen = hidden_heatmap_figure(probe, sequences=[4, 1], layers=[1])
-    assert [t.name for t in chosen.data] == ["sequence 4, layer 1", "sequence 1, layer 1"] and not chosen.layout.updatemenus
+    assert [t.name for t in chosen.data] == [
+        "sequence 4, layer 1",
+        "sequence 1, layer 1",
+    ] and not chosen.layout.updatemenus
     for bad in ([5], [], [-1]):
         with pytest.raises(ValueError, match="sequences: need indices in"):
             hidden_heatmap_figure(probe, sequences=bad)
@@ -288,9 +338,16 @@ def test_saturation_and_error_norm_figures():
     net = rnn(layers=2, scale=3.0)
     x, t = data()
     a = probe_hidden_states(net, inputs=x, targets=t, loss="squared_error", label="a")
-    b = probe_hidden_states(net, inputs=x, targets=t, loss="squared_error", label="b", threshold=0.5)
+    b = probe_hidden_states(
+        net, inputs=x, targets=t, loss="squared_error", label="b", threshold=0.5
+    )
     figure = saturation_figure(a, b)
-    assert [tr.name for tr in figure.data] == ["a, layer 0", "a, layer 1", "b, layer 0", "b, layer 1"]
+    assert [tr.name for tr in figure.data] == [
+        "a, layer 0",
+        "a, layer 1",
+        "b, layer 0",
+        "b, layer 1",
+    ]
     for tr, (p, l) in zip(figure.data, [(a, 0), (a, 1), (b, 0), (b, 1)]):
         assert tr.y == tuple(p.saturation[l].tolist())
     assert "0.5, 0.95" in figure.layout.title.text and figure.layout.xaxis.title.text == "time step"
@@ -299,9 +356,13 @@ def test_saturation_and_error_norm_figures():
     assert len(norms.data) == 2 * (1 + 4)
     mean0, seq3 = norms.data[0], norms.data[4]
     assert mean0.name == "a, layer 0" and seq3.name == "a, layer 0, sequence 3"
-    torch.testing.assert_close(torch.tensor(mean0.y, dtype=torch.float64), a.grad_norms[:, 0].mean(0))
+    torch.testing.assert_close(
+        torch.tensor(mean0.y, dtype=torch.float64), a.grad_norms[:, 0].mean(0)
+    )
     torch.testing.assert_close(torch.tensor(seq3.y, dtype=torch.float64), a.grad_norms[3, 0])
-    torch.testing.assert_close(torch.tensor(mean0.customdata, dtype=torch.float64)[:, 1], a.grad_norms[:, 0].amax(0))
+    torch.testing.assert_close(
+        torch.tensor(mean0.customdata, dtype=torch.float64)[:, 1], a.grad_norms[:, 0].amax(0)
+    )
     assert len(gradient_norm_figure(a, b).data) == 4
     single = probe_hidden_states(rnn(), inputs=x, targets=t, loss="squared_error")
     assert [tr.name for tr in saturation_figure(single).data] == ["layer 0"]
@@ -318,14 +379,34 @@ def test_comparison_figure():
     esn_init_(net, input_scale=0.1, generator=make_generator(0))
     other = TanhRNN(2, 6, 1, dtype=torch.float64)
     esn_init_(other, input_scale=0.1, spectral_radius=2.0, generator=make_generator(1))
-    first, second = compare_hidden_states(net, None, other, task, sequences=3, labels=("init", "later"))
+    first, second = compare_hidden_states(
+        net, None, other, task, sequences=3, labels=("init", "later")
+    )
     figure = comparison_figure(first, second, sequence=2)
     names = [tr.name for tr in figure.data]
-    assert names == ["init", "later", "later − init", "saturated: init", "‖∂L/∂h‖: init", "saturated: later", "‖∂L/∂h‖: later"]
-    torch.testing.assert_close(torch.tensor(figure.data[0].z, dtype=torch.float64), first.hidden[2, 0])
-    torch.testing.assert_close(torch.tensor(figure.data[2].z, dtype=torch.float64), second.hidden[2, 0] - first.hidden[2, 0])
-    torch.testing.assert_close(torch.tensor(figure.data[6].y, dtype=torch.float64), second.grad_norms[:, 0].mean(0))
-    assert figure.data[5].y == tuple(second.saturation[0].tolist()) and figure.data[5].line.dash == "dash"
+    assert names == [
+        "init",
+        "later",
+        "later − init",
+        "saturated: init",
+        "‖∂L/∂h‖: init",
+        "saturated: later",
+        "‖∂L/∂h‖: later",
+    ]
+    torch.testing.assert_close(
+        torch.tensor(figure.data[0].z, dtype=torch.float64), first.hidden[2, 0]
+    )
+    torch.testing.assert_close(
+        torch.tensor(figure.data[2].z, dtype=torch.float64),
+        second.hidden[2, 0] - first.hidden[2, 0],
+    )
+    torch.testing.assert_close(
+        torch.tensor(figure.data[6].y, dtype=torch.float64), second.grad_norms[:, 0].mean(0)
+    )
+    assert (
+        figure.data[5].y == tuple(second.saturation[0].tolist())
+        and figure.data[5].line.dash == "dash"
+    )
     assert figure.layout.yaxis5.type == "log" and "sequence 2, layer 0" in figure.layout.title.text
     no_targets = compare_hidden_states(net, None, other, inputs=first.inputs)
     assert len(comparison_figure(*no_targets).data) == 5
@@ -340,6 +421,10 @@ def test_comparison_figure():
 def test_on_every_device(device):
     net = rnn(layers=2, device=device)
     x, t = data()
-    probe = probe_hidden_states(net, inputs=x.to(device), targets=t.to(device), loss="squared_error")
+    probe = probe_hidden_states(
+        net, inputs=x.to(device), targets=t.to(device), loss="squared_error"
+    )
     assert probe.hidden.device.type == "cpu" and probe.settings["device"].startswith(device.type)
-    torch.testing.assert_close(probe.grads, reference_errors(rnn(layers=2), x, t, "squared_error"), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(
+        probe.grads, reference_errors(rnn(layers=2), x, t, "squared_error"), rtol=1e-9, atol=1e-11
+    )

@@ -1,11 +1,20 @@
 """qnwb.lanczos against dense float64 references (torch.linalg.eigvalsh / eigh), on random symmetric matrices and on
 the GGN and Hessian of small tanh networks whose units are neither linear nor saturated."""
+
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qnwb.curvature import GGN, Hessian
-from qnwb.lanczos import lanczos, matvec, operator_size, power_iteration, random_unit_vector, relative_residuals
+from qnwb.lanczos import (
+    lanczos,
+    matvec,
+    operator_size,
+    power_iteration,
+    random_unit_vector,
+    relative_residuals,
+)
 from qnwb.models import MLP, TanhRNN
 
 F64 = torch.float64
@@ -71,7 +80,10 @@ def test_top_and_bottom_of_a_real_hessian_and_ggn(kind):
     assert exact[0] < 0 < exact[-1], "the Hessian of a tanh network here is indefinite"
     r = lanczos(hessian, hessian.n, k=2, which="both", tolerance=1e-11)
     values = r.ritz()[0]
-    assert relative_error(values[-2:], exact[-2:]) < 1e-8 and relative_error(values[:2], exact[:2]) < 1e-8
+    assert (
+        relative_error(values[-2:], exact[-2:]) < 1e-8
+        and relative_error(values[:2], exact[:2]) < 1e-8
+    )
 
     ggn = GGN(model, "squared_error", batch)
     G = ggn.dense()
@@ -85,14 +97,16 @@ def test_top_and_bottom_of_a_real_hessian_and_ggn(kind):
     rank = int((exact > 1e-10 * exact[-1]).sum())
     assert full.stop == "invariant" and full.steps <= rank + 1
     nonzero = full.ritz()[0][full.ritz()[0] > 1e-8 * exact[-1]]
-    torch.testing.assert_close(nonzero, exact[-nonzero.numel():], rtol=1e-8, atol=0)
+    torch.testing.assert_close(nonzero, exact[-nonzero.numel() :], rtol=1e-8, atol=0)
 
 
 def test_ritz_residual_formula_is_the_true_residual():
     A = symmetric(60, seed=1)
     r = lanczos(A, 25)
     values, residuals, Y = r.ritz(vectors=True)
-    torch.testing.assert_close(torch.linalg.vector_norm(A @ Y - Y * values, dim=0), residuals, rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(A @ Y - Y * values, dim=0), residuals, rtol=0, atol=1e-10
+    )
     # and the history: at iteration j the residuals are those of the leading j Lanczos vectors
     for j in (1, 5, 12):
         V = r.basis[:j]
@@ -100,7 +114,9 @@ def test_ritz_residual_formula_is_the_true_residual():
         theta, S = torch.linalg.eigh(V @ A @ V.T)
         Yj = V.T @ S
         torch.testing.assert_close(hist_values, theta, rtol=0, atol=1e-10)
-        torch.testing.assert_close(hist_residuals, torch.linalg.vector_norm(A @ Yj - Yj * theta, dim=0), rtol=0, atol=1e-9)
+        torch.testing.assert_close(
+            hist_residuals, torch.linalg.vector_norm(A @ Yj - Yj * theta, dim=0), rtol=0, atol=1e-9
+        )
 
 
 def test_basis_is_orthonormal_and_tridiagonalises():
@@ -109,7 +125,9 @@ def test_basis_is_orthonormal_and_tridiagonalises():
     V = r.basis
     torch.testing.assert_close(V @ V.T, torch.eye(60, dtype=F64), rtol=0, atol=1e-12)
     torch.testing.assert_close(V @ A @ V.T, r.tridiagonal(), rtol=0, atol=1e-10)
-    assert len(r.history) == r.steps and all(values.numel() == j + 1 for j, (values, _) in enumerate(r.history))
+    assert len(r.history) == r.steps and all(
+        values.numel() == j + 1 for j, (values, _) in enumerate(r.history)
+    )
 
 
 @pytest.mark.parametrize("distinct, expected", [([1.0, 2.0, 5.0], 3), ([-4.0, 0.5], 2), ([3.0], 1)])
@@ -118,9 +136,13 @@ def test_invariant_subspace_stops_with_exact_eigenvalues(distinct, expected):
     A = symmetric(spectrum.numel(), seed=4, spectrum=spectrum)
     r = lanczos(A, 20)
     assert (r.stop, r.steps) == ("invariant", expected)
-    assert r.products == 20  # without a tolerance the loop reads nothing from the device: it finds the breakdown afterwards
+    assert (
+        r.products == 20
+    )  # without a tolerance the loop reads nothing from the device: it finds the breakdown afterwards
     assert r.beta_last == 0
-    torch.testing.assert_close(r.ritz()[0], torch.tensor(sorted(distinct), dtype=F64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        r.ritz()[0], torch.tensor(sorted(distinct), dtype=F64), rtol=0, atol=1e-10
+    )
 
 
 def test_start_vector_in_an_eigenspace_stops_at_its_dimension():
@@ -177,13 +199,17 @@ def test_quadrature_reproduces_the_moments_of_the_start_vector():
     for p in range(2 * m):
         torch.testing.assert_close((weights * nodes**p).sum(), v @ power, rtol=1e-9, atol=1e-13)
         power = A @ power
-    assert abs(float((weights * nodes ** (2 * m)).sum() - v @ power)) > 1e-9  # degree 2m is not exact
+    assert (
+        abs(float((weights * nodes ** (2 * m)).sum() - v @ power)) > 1e-9
+    )  # degree 2m is not exact
 
 
 def test_function_operator_and_float32_operator_in_a_float64_basis():
     A = symmetric(30, seed=10)
     exact = torch.linalg.eigvalsh(A)
-    r = lanczos(lambda v: A @ v, 30, n=30, dtype=F64)  # a function has no dtype: the default one unless told
+    r = lanczos(
+        lambda v: A @ v, 30, n=30, dtype=F64
+    )  # a function has no dtype: the default one unless told
     torch.testing.assert_close(r.ritz()[0], exact, rtol=0, atol=1e-9)
 
     class Float32Operator:
@@ -199,15 +225,27 @@ def test_function_operator_and_float32_operator_in_a_float64_basis():
 
 
 def test_power_iteration_converges_to_the_top_eigenvalues():
-    spectrum = torch.cat([torch.tensor([10.0, 8.0, 6.0], dtype=F64), torch.linspace(0.1, 3.0, 37, dtype=F64)])
+    spectrum = torch.cat(
+        [torch.tensor([10.0, 8.0, 6.0], dtype=F64), torch.linspace(0.1, 3.0, 37, dtype=F64)]
+    )
     A = symmetric(40, seed=11, spectrum=spectrum)
     p = power_iteration(A, 500, k=3, tolerance=1e-10)
     assert p.stop == "converged" and p.products == 3 * len(p.history)
-    torch.testing.assert_close(p.values, torch.tensor([6.0, 8.0, 10.0], dtype=F64), rtol=1e-9, atol=0)
-    torch.testing.assert_close(torch.linalg.vector_norm(A @ p.vectors - p.vectors * p.values, dim=0), p.residuals, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        p.values, torch.tensor([6.0, 8.0, 10.0], dtype=F64), rtol=1e-9, atol=0
+    )
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(A @ p.vectors - p.vectors * p.values, dim=0),
+        p.residuals,
+        rtol=0,
+        atol=1e-12,
+    )
     assert (p.residuals <= 1e-10 * p.values.abs()).all()
     # the rate is (λ_{k+1}/λ_k) per iteration: with a gap 6 → 3 the error falls about 2× (4× for the values) per step
-    errors = [(values - torch.tensor([6.0, 8.0, 10.0], dtype=F64)).abs().max().item() for values, _ in p.history[:8]]
+    errors = [
+        (values - torch.tensor([6.0, 8.0, 10.0], dtype=F64)).abs().max().item()
+        for values, _ in p.history[:8]
+    ]
     assert errors[-1] < errors[0] / 100
     # Lanczos needs fewer products for the same residual
     assert lanczos(A, 40, k=3, tolerance=1e-10).products < p.products
@@ -227,7 +265,9 @@ def test_full_lanczos_equals_eigvalsh_on_random_symmetric_matrices(n, seed):
     r = lanczos(A, n, seed=seed)
     exact = torch.linalg.eigvalsh(A)
     scale = exact.abs().max().clamp_min(1e-300)
-    if r.stop == "invariant":  # a start vector orthogonal to some eigenvectors: only the ones it sees
+    if (
+        r.stop == "invariant"
+    ):  # a start vector orthogonal to some eigenvectors: only the ones it sees
         values = r.ritz()[0]
         assert all(((exact - v).abs().min() <= 1e-9 * scale) for v in values)
     else:
@@ -244,27 +284,62 @@ def test_lanczos_on_the_device(device):
     assert p.values.device.type == device.type
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda A: lanczos(A, 5, k=11, tolerance=1e-3), ValueError, "k: 11 eigenvalues exceed the dimension 10"),
-    (lambda A: lanczos(A, 5, k=6, which="both", tolerance=1e-3), ValueError, "at each end exceed the dimension 10"),
-    (lambda A: lanczos(A, 5, which="middle"), ValueError, "which: expected one of"),
-    (lambda A: lanczos(A, 5, tolerance=1.5), ValueError, "tolerance: must be None or in (0, 1)"),
-    (lambda A: lanczos(A, 0), ValueError, "iterations"),
-    (lambda A: lanczos(A, 5, k=0), ValueError, "k"),
-    (lambda A: lanczos(A, 5, check_every=0), ValueError, "check_every"),
-    (lambda A: lanczos(A, 5, n=12), ValueError, "n: the operator has dimension 10, not 12"),
-    (lambda A: lanczos(A, 5, start=torch.ones(9, dtype=F64)), ValueError, "start: has 9 entries, the operator has dimension 10"),
-    (lambda A: lanczos(A, 5, start=torch.zeros(10, dtype=F64)), ValueError, "start: must be finite and non-zero"),
-    (lambda A: lanczos(A, 5, start=[1.0] * 10), TypeError, "start: expected a 1-D floating-point tensor"),
-    (lambda A: lanczos(lambda v: A @ v, 5), ValueError, "n: give the dimension"),
-    (lambda A: lanczos(lambda v: v[:-1], 5, n=10), ValueError, "expected shape (10,)"),
-    (lambda A: lanczos(A[:, :9], 5, n=10), ValueError, "must be square"),
-    (lambda A: lanczos("A", 5, n=10), TypeError, "A: expected an object with .mv"),
-    (lambda A: power_iteration(A, 5, k=11), ValueError, "k: 11 eigenvalues exceed the dimension 10"),
-    (lambda A: power_iteration(A, 0), ValueError, "iterations"),
-    (lambda A: power_iteration(A, 5, tolerance=0), ValueError, "tolerance"),
-    (lambda A: random_unit_vector(5, kind="uniform"), ValueError, "kind: expected 'gaussian' or 'rademacher'"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda A: lanczos(A, 5, k=11, tolerance=1e-3),
+            ValueError,
+            "k: 11 eigenvalues exceed the dimension 10",
+        ),
+        (
+            lambda A: lanczos(A, 5, k=6, which="both", tolerance=1e-3),
+            ValueError,
+            "at each end exceed the dimension 10",
+        ),
+        (lambda A: lanczos(A, 5, which="middle"), ValueError, "which: expected one of"),
+        (
+            lambda A: lanczos(A, 5, tolerance=1.5),
+            ValueError,
+            "tolerance: must be None or in (0, 1)",
+        ),
+        (lambda A: lanczos(A, 0), ValueError, "iterations"),
+        (lambda A: lanczos(A, 5, k=0), ValueError, "k"),
+        (lambda A: lanczos(A, 5, check_every=0), ValueError, "check_every"),
+        (lambda A: lanczos(A, 5, n=12), ValueError, "n: the operator has dimension 10, not 12"),
+        (
+            lambda A: lanczos(A, 5, start=torch.ones(9, dtype=F64)),
+            ValueError,
+            "start: has 9 entries, the operator has dimension 10",
+        ),
+        (
+            lambda A: lanczos(A, 5, start=torch.zeros(10, dtype=F64)),
+            ValueError,
+            "start: must be finite and non-zero",
+        ),
+        (
+            lambda A: lanczos(A, 5, start=[1.0] * 10),
+            TypeError,
+            "start: expected a 1-D floating-point tensor",
+        ),
+        (lambda A: lanczos(lambda v: A @ v, 5), ValueError, "n: give the dimension"),
+        (lambda A: lanczos(lambda v: v[:-1], 5, n=10), ValueError, "expected shape (10,)"),
+        (lambda A: lanczos(A[:, :9], 5, n=10), ValueError, "must be square"),
+        (lambda A: lanczos("A", 5, n=10), TypeError, "A: expected an object with .mv"),
+        (
+            lambda A: power_iteration(A, 5, k=11),
+            ValueError,
+            "k: 11 eigenvalues exceed the dimension 10",
+        ),
+        (lambda A: power_iteration(A, 0), ValueError, "iterations"),
+        (lambda A: power_iteration(A, 5, tolerance=0), ValueError, "tolerance"),
+        (
+            lambda A: random_unit_vector(5, kind="uniform"),
+            ValueError,
+            "kind: expected 'gaussian' or 'rademacher'",
+        ),
+    ],
+)
 def test_bad_input_is_a_clear_error(call, error, message):
     with pytest.raises(error, match=pytest.importorskip("re").escape(message)):
         call(symmetric(10))
@@ -281,7 +356,9 @@ def test_operator_helpers():
 def test_float32_ill_conditioned_operator_is_not_cut_short_as_invariant():
     # A GGN-like float32 spectrum: a few large eigenvalues over a cluster 1e4 times smaller. β of order 1e-4 ‖A‖ is real
     # progress into the cluster, not rounding (float32's eps is 1.2e-7): Lanczos must go on and find the cluster's ends.
-    values = torch.cat([torch.tensor([1e4, 1e3, 1e2]), torch.linspace(1.0, 3.0, 200)]).to(torch.float32)
+    values = torch.cat([torch.tensor([1e4, 1e3, 1e2]), torch.linspace(1.0, 3.0, 200)]).to(
+        torch.float32
+    )
     result = lanczos(torch.diag(values), 40, seed=3)
     assert result.stop == "iterations" and result.steps == 40
     ritz = result.ritz()[0].double()
@@ -296,11 +373,15 @@ def test_zero_eigenvalues_of_a_singular_operator_converge_under_a_tolerance():
     A = B @ B.T  # rank 8
     result = lanczos(A, 60, k=2, which="smallest", tolerance=1e-6)
     assert result.stop in ("converged", "invariant") and result.steps < 60
-    assert abs(float(result.ritz()[0][0])) < 1e-10  # the null space shows as one Ritz value at 0 (Krylov sees one direction of it)
+    assert (
+        abs(float(result.ritz()[0][0])) < 1e-10
+    )  # the null space shows as one Ritz value at 0 (Krylov sees one direction of it)
 
 
 def test_relative_residuals_floor_small_values_at_the_working_precision():
     values = torch.tensor([1e-18, 0.5, 2.0], dtype=torch.float64)
     residuals = torch.tensor([1e-15, 1e-3, 1e-3], dtype=torch.float64)
     relative = relative_residuals(values, residuals)
-    torch.testing.assert_close(relative, torch.tensor([1e-15 / (2.0 * 2**-26), 2e-3, 5e-4], dtype=torch.float64))
+    torch.testing.assert_close(
+        relative, torch.tensor([1e-15 / (2.0 * 2**-26), 2e-3, 5e-4], dtype=torch.float64)
+    )

@@ -1,9 +1,9 @@
 """The house's layering, read from the exported library: every import of a qnwb module points to a notebook with a
 lower number (notebooks are numbered by layer, and a notebook's number is above those of all it imports)."""
+
 import ast
 import re
 from pathlib import Path
-
 
 LIBRARY = Path(__file__).resolve().parents[1] / "qnwb"
 
@@ -14,7 +14,9 @@ def notebook_numbers() -> dict[str, int]:
     for path in LIBRARY.rglob("*.py"):
         match = re.search(r"File to edit: [./]*nbs/(\d+)_", path.read_text()[:400])
         if match:
-            module = ".".join(("qnwb",) + path.relative_to(LIBRARY).with_suffix("").parts).removesuffix(".__init__")
+            module = ".".join(
+                ("qnwb",) + path.relative_to(LIBRARY).with_suffix("").parts
+            ).removesuffix(".__init__")
             numbers[module] = int(match.group(1))
     return numbers
 
@@ -43,13 +45,21 @@ def test_every_import_points_down_the_layers():
     assert len(numbers) >= 30
     upward = []
     for path in LIBRARY.rglob("*.py"):
-        module = ".".join(("qnwb",) + path.relative_to(LIBRARY).with_suffix("").parts).removesuffix(".__init__")
+        module = ".".join(("qnwb",) + path.relative_to(LIBRARY).with_suffix("").parts).removesuffix(
+            ".__init__"
+        )
         if module not in numbers:
             continue
         for imported in imported_modules(path, module, set(numbers)):
-            package_init = module.startswith(imported + ".")  # a package's own __init__ may be imported by its modules' package
-            if numbers[imported] >= numbers[module] and not (package_init or imported.startswith(module + ".")):
-                upward.append(f"{module} ({numbers[module]}) imports {imported} ({numbers[imported]})")
+            package_init = module.startswith(
+                imported + "."
+            )  # a package's own __init__ may be imported by its modules' package
+            if numbers[imported] >= numbers[module] and not (
+                package_init or imported.startswith(module + ".")
+            ):
+                upward.append(
+                    f"{module} ({numbers[module]}) imports {imported} ({numbers[imported]})"
+                )
     assert not upward, "imports that reach up a layer:\n" + "\n".join(sorted(upward))
 
 

@@ -1,4 +1,5 @@
-"""qnwb.optim.lbfgs and its line searches (qnwb.optim.line_search): quadratic termination, a reference implementation on Rosenbrock, safety, reproducibility, state."""
+"""qnwb.optim.lbfgs and its line searches: quadratic termination, a reference implementation on Rosenbrock, safety, reproducibility, state."""
+
 import copy
 import math
 
@@ -25,17 +26,21 @@ def closure_for(optimizer, loss_fn):
         loss = loss_fn()
         loss.backward()
         return loss
+
     return closure
 
 
 def quadratic_problem(n, seed):
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
-    A = Q @ torch.diag(torch.logspace(0, 2, n, dtype=F64)) @ Q.T  # distinct eigenvalues: CG needs all n steps
+    A = (
+        Q @ torch.diag(torch.logspace(0, 2, n, dtype=F64)) @ Q.T
+    )  # distinct eigenvalues: CG needs all n steps
     return A, torch.randn(n, generator=g, dtype=F64)
 
 
 # --- line searches ---------------------------------------------------------------------------------------------------
+
 
 def test_cubic_interpolation_is_exact_on_a_parabola_and_refuses_when_there_is_no_minimiser():
     for a, b in [(0.0, 3.0), (2.5, -1.0), (0.1, 0.2)]:
@@ -43,8 +48,12 @@ def test_cubic_interpolation_is_exact_on_a_parabola_and_refuses_when_there_is_no
         d = lambda t: 4 * (t - 0.7)  # noqa: E731
         assert cubic_minimizer(a, f(a), d(a), b, f(b), d(b)) == pytest.approx(0.7, abs=1e-12)
     assert math.isnan(cubic_minimizer(0.0, 0.0, -1.0, 1.0, -1.0, -1.0))  # a line: no minimiser
-    assert math.isnan(cubic_minimizer(0.0, 0.0, -1.0, 1.0, -2.0, -4.0))  # −α³ − α: decreasing, no minimiser
-    assert cubic_minimizer(0.0, 0.0, -1.0, 2.0, 8.0 / 3.0 - 2.0, 3.0) == pytest.approx(1.0)  # α³/3 − α: minimiser at 1
+    assert math.isnan(
+        cubic_minimizer(0.0, 0.0, -1.0, 1.0, -2.0, -4.0)
+    )  # −α³ − α: decreasing, no minimiser
+    assert cubic_minimizer(0.0, 0.0, -1.0, 2.0, 8.0 / 3.0 - 2.0, 3.0) == pytest.approx(
+        1.0
+    )  # α³/3 − α: minimiser at 1
     assert math.isnan(cubic_minimizer(1.0, 0.0, -1.0, 1.0, 0.0, -1.0))
 
 
@@ -61,7 +70,9 @@ def test_strong_wolfe_returns_a_point_that_satisfies_both_conditions():
     for start in (0.01, 1.0, 30.0):
         calls.clear()
         r = strong_wolfe(phi, phi_f(0), phi_d(0), start, c1=1e-4, c2=0.1)
-        assert r.success and r.stop == "wolfe" and r.evaluations == len(calls) and r.payload == r.alpha
+        assert (
+            r.success and r.stop == "wolfe" and r.evaluations == len(calls) and r.payload == r.alpha
+        )
         assert r.value <= phi_f(0) + 1e-4 * r.alpha * phi_d(0)
         assert abs(r.slope) <= 0.1 * abs(phi_d(0))
 
@@ -83,13 +94,22 @@ def test_line_searches_treat_non_finite_values_as_too_far_and_fail_cleanly():
 
 # --- convergence -----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("h0", ["scaling", "identity"])
 @pytest.mark.parametrize("n, seed", [(5, 0), (10, 1)])
 def test_quadratic_termination_in_n_steps_with_an_exact_line_search(h0, n, seed):
     A, b = quadratic_problem(n, seed)
     x = torch.zeros(n, dtype=F64, requires_grad=True)
-    optimizer = LBFGS([x], memory=n, h0=h0, line_search="strong_wolfe", armijo=1e-8, wolfe=1e-6, max_evaluations=60,
-                      full_batch=True)
+    optimizer = LBFGS(
+        [x],
+        memory=n,
+        h0=h0,
+        line_search="strong_wolfe",
+        armijo=1e-8,
+        wolfe=1e-6,
+        max_evaluations=60,
+        full_batch=True,
+    )
     closure = closure_for(optimizer, lambda: 0.5 * x @ A @ x - b @ x)
     residuals = []
     for _ in range(n):
@@ -142,9 +162,21 @@ def test_full_batch_rosenbrock_matches_torch_lbfgs_iteration_counts(dimension, m
     (2-D: 35; 10-D: 85, 83, 73 for m = 3, 5, 10).
     """
     start = torch.tensor([-1.2, 1.0] * (dimension // 2), dtype=F64)
-    ours = iterations_to(lambda ps: LBFGS(ps, memory=memory, line_search="strong_wolfe", full_batch=True), start)
-    reference = iterations_to(lambda ps: torch.optim.LBFGS(ps, max_iter=1, max_eval=26, history_size=memory,
-                                                           line_search_fn="strong_wolfe", tolerance_grad=0, tolerance_change=0), start)
+    ours = iterations_to(
+        lambda ps: LBFGS(ps, memory=memory, line_search="strong_wolfe", full_batch=True), start
+    )
+    reference = iterations_to(
+        lambda ps: torch.optim.LBFGS(
+            ps,
+            max_iter=1,
+            max_eval=26,
+            history_size=memory,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=0,
+            tolerance_change=0,
+        ),
+        start,
+    )
     assert reference <= 200
     assert abs(ours - reference) <= max(2, 0.1 * reference), (ours, reference)
 
@@ -152,7 +184,10 @@ def test_full_batch_rosenbrock_matches_torch_lbfgs_iteration_counts(dimension, m
 def logistic_problem(seed=0, n=300, d=6):
     g = make_generator(seed)
     X = torch.randn(n, d, generator=g, dtype=F64)
-    Y = (torch.rand(n, generator=g, dtype=F64) < torch.sigmoid(2 * X @ torch.randn(d, generator=g, dtype=F64))).to(F64)
+    Y = (
+        torch.rand(n, generator=g, dtype=F64)
+        < torch.sigmoid(2 * X @ torch.randn(d, generator=g, dtype=F64))
+    ).to(F64)
     torch.manual_seed(seed)
     return nn.Linear(d, 1, dtype=F64), X, Y
 
@@ -164,7 +199,9 @@ def logistic_loss(model, X, Y):
 @pytest.mark.parametrize("line_search", ["strong_wolfe", "armijo", None])
 def test_full_batch_logistic_regression_reaches_the_minimiser(line_search):
     model, X, Y = logistic_problem()
-    optimizer = LBFGS(model.parameters(), line_search=line_search, full_batch=line_search is not None)
+    optimizer = LBFGS(
+        model.parameters(), line_search=line_search, full_batch=line_search is not None
+    )
     closure = closure_for(optimizer, lambda: logistic_loss(model, X, Y))
     losses = [float(closure().detach())]
     for _ in range(20):
@@ -184,7 +221,9 @@ def test_stochastic_lbfgs_reduces_a_logistic_regression_loss_with_mini_batches()
     for _ in range(40):
         rows = torch.randperm(len(X), generator=generator)[:50]
         optimizer.step(closure_for(optimizer, lambda: logistic_loss(model, X[rows], Y[rows])))
-        assert optimizer.stats["gradient_evaluations"] == 2  # both gradients of a pair on the same batch
+        assert (
+            optimizer.stats["gradient_evaluations"] == 2
+        )  # both gradients of a pair on the same batch
     assert float(logistic_loss(model, X, Y).detach()) < 0.5 * start
     assert optimizer.stats["pairs_stored"] > 30
 
@@ -208,6 +247,7 @@ def test_lbfgs_reduces_the_loss_of_a_small_tanh_rnn(line_search, lr, factor):
 
 
 # --- safety ----------------------------------------------------------------------------------------------------------
+
 
 def test_a_failed_line_search_restores_the_parameters_bit_for_bit_and_clears_the_memory():
     model, X, Y = logistic_problem(3)
@@ -271,14 +311,23 @@ def test_a_non_finite_trial_without_line_search_never_reaches_the_parameters():
     optimizer.step(second_call_is_nan)
     assert torch.equal(flat_params(model), before)
     s = optimizer.stats
-    assert s["non_finite"] is True and s["step_size"] == 0.0 and s["pair_stored"] is False and s["memory_size"] == 0
+    assert (
+        s["non_finite"] is True
+        and s["step_size"] == 0.0
+        and s["pair_stored"] is False
+        and s["memory_size"] == 0
+    )
     optimizer.step(closure_for(optimizer, lambda: logistic_loss(model, X, Y)))
     assert optimizer.stats["non_finite"] is False and optimizer.stats["memory_size"] == 1
 
 
 def test_the_stochastic_step_never_reads_a_tensor_on_the_host():
     model, X, Y = logistic_problem(5)
-    for options in (dict(h0="scaling", powell_damping=True), dict(h0="adagrad", forget_every=2), dict(h0="identity")):
+    for options in (
+        dict(h0="scaling", powell_damping=True),
+        dict(h0="adagrad", forget_every=2),
+        dict(h0="identity"),
+    ):
         optimizer = LBFGS(model.parameters(), lr=0.2, memory=3, **options)
         closure = closure_for(optimizer, lambda: logistic_loss(model, X, Y))
         with no_host_reads():
@@ -307,6 +356,7 @@ def test_negative_curvature_pairs_are_skipped_and_powell_damping_keeps_them_posi
 
 # --- memory management and counters ----------------------------------------------------------------------------------
 
+
 def test_forgetting_clears_the_memory_every_k_steps():
     model, X, Y = logistic_problem(6)
     optimizer = LBFGS(model.parameters(), lr=0.5, memory=10, forget_every=3)
@@ -334,7 +384,9 @@ def test_adagrad_h0_accumulates_the_gradient_at_every_iterate():
         if step == 0:  # no pair yet: an Adagrad step with the accumulated H0 of eq. 9
             expected = theta - 0.1 * g / torch.sqrt(squares + 1e-6)
             # θ − lr·g/√(Σg² + ε) in another order: round-off of the size of θ and of the update, even where they cancel
-            torch.testing.assert_close(flat_params(model), expected, rtol=0, atol=floor(theta, expected))
+            torch.testing.assert_close(
+                flat_params(model), expected, rtol=0, atol=floor(theta, expected)
+            )
     # 4 squares summed in two orders: a few ε of the positive sum
     torch.testing.assert_close(optimizer.scaling.accumulator, squares, rtol=floor(1), atol=0)
 
@@ -355,6 +407,7 @@ def test_full_batch_reuses_the_last_evaluation_and_notices_outside_changes():
 
 
 # --- reproducibility and state ---------------------------------------------------------------------------------------
+
 
 def stochastic_run(model, optimizer, X, Y, steps, generator):
     trajectory = []
@@ -378,7 +431,14 @@ def test_same_seed_same_trajectory():
 CONFIGURATIONS = [
     dict(lr=0.3, memory=3, h0="adagrad", powell_damping=True),
     dict(lr=1.0, memory=4, line_search="strong_wolfe", forget_every=4),
-    dict(lr=1.0, memory=5, line_search="armijo", h0="identity", curvature_rule="adaqn", curvature_skip=1e-4),
+    dict(
+        lr=1.0,
+        memory=5,
+        line_search="armijo",
+        h0="identity",
+        curvature_rule="adaqn",
+        curvature_skip=1e-4,
+    ),
     dict(lr=0.5, memory=3, full_batch=True, h0="rmsprop"),
 ]
 
@@ -400,7 +460,10 @@ def test_state_dict_mid_run_continues_identically(options):
         return stochastic_run(m, opt, X, Y, steps, gen)
 
     run(model, optimizer, 5, generator)
-    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    saved_model, saved_optimizer = (
+        copy.deepcopy(model.state_dict()),
+        copy.deepcopy(optimizer.state_dict()),
+    )
     saved_generator = generator.get_state()
     expected = run(model, optimizer, 6, generator)
 
@@ -421,27 +484,45 @@ def test_loading_a_mismatched_state_is_refused():
     optimizer.step(closure_for(optimizer, lambda: logistic_loss(model, X, Y)))
     state = optimizer.state_dict()
     other = LBFGS(model.parameters(), memory=4, h0="adagrad")
-    other.load_state_dict(state)  # a memory size is no longer fixed at construction: the saved one is taken
+    other.load_state_dict(
+        state
+    )  # a memory size is no longer fixed at construction: the saved one is taken
     assert other.memory.size == other.param_groups[0]["memory"] == 3
     with pytest.raises(ValueError, match="h0"):
         LBFGS(model.parameters(), memory=3, h0="scaling").load_state_dict(state)
     with pytest.raises(ValueError, match="memory"):
-        LBFGS(model.parameters(), memory=3, h0="adagrad").load_state_dict({k: v for k, v in state.items() if k != "memory"})
+        LBFGS(model.parameters(), memory=3, h0="adagrad").load_state_dict(
+            {k: v for k, v in state.items() if k != "memory"}
+        )
 
 
 # --- hyperparameters -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("options, error, name", [
-    (dict(lr=0.0), ValueError, "lr"), (dict(lr=-1.0), ValueError, "lr"), (dict(lr=math.nan), ValueError, "lr"),
-    (dict(memory=0), ValueError, "memory"), (dict(memory=2.5), ValueError, "memory"),
-    (dict(line_search="wolfe"), ValueError, "line_search"), (dict(forget_every=0), ValueError, "forget_every"),
-    (dict(h0="adam"), ValueError, "h0"), (dict(curvature_skip=-1e-8), ValueError, "curvature_skip"),
-    (dict(curvature_rule="angle"), ValueError, "curvature_rule"), (dict(powell_damping=1), TypeError, "powell_damping"),
-    (dict(armijo=0.0), ValueError, "armijo"), (dict(armijo=0.5, wolfe=0.4), ValueError, "wolfe"),
-    (dict(wolfe=1.0), ValueError, "wolfe"), (dict(backtrack=1.0), ValueError, "backtrack"),
-    (dict(max_evaluations=0), ValueError, "max_evaluations"), (dict(h0_epsilon=0.0), ValueError, "h0_epsilon"),
-    (dict(rmsprop_decay=1.5), ValueError, "rmsprop_decay"), (dict(full_batch="yes"), TypeError, "full_batch"),
-])
+
+@pytest.mark.parametrize(
+    "options, error, name",
+    [
+        (dict(lr=0.0), ValueError, "lr"),
+        (dict(lr=-1.0), ValueError, "lr"),
+        (dict(lr=math.nan), ValueError, "lr"),
+        (dict(memory=0), ValueError, "memory"),
+        (dict(memory=2.5), ValueError, "memory"),
+        (dict(line_search="wolfe"), ValueError, "line_search"),
+        (dict(forget_every=0), ValueError, "forget_every"),
+        (dict(h0="adam"), ValueError, "h0"),
+        (dict(curvature_skip=-1e-8), ValueError, "curvature_skip"),
+        (dict(curvature_rule="angle"), ValueError, "curvature_rule"),
+        (dict(powell_damping=1), TypeError, "powell_damping"),
+        (dict(armijo=0.0), ValueError, "armijo"),
+        (dict(armijo=0.5, wolfe=0.4), ValueError, "wolfe"),
+        (dict(wolfe=1.0), ValueError, "wolfe"),
+        (dict(backtrack=1.0), ValueError, "backtrack"),
+        (dict(max_evaluations=0), ValueError, "max_evaluations"),
+        (dict(h0_epsilon=0.0), ValueError, "h0_epsilon"),
+        (dict(rmsprop_decay=1.5), ValueError, "rmsprop_decay"),
+        (dict(full_batch="yes"), TypeError, "full_batch"),
+    ],
+)
 def test_bad_hyperparameters_name_the_parameter(options, error, name):
     x = torch.zeros(3, requires_grad=True)
     with pytest.raises(error, match=name):
@@ -470,18 +551,28 @@ def test_bad_params_and_closures():
 def test_loading_a_state_keeps_the_counters_integers_and_the_buffers_dtypes(make):
     """torch's Optimizer.load_state_dict casts every state tensor to the parameters' dtype; qnwb's loader must not."""
     import copy as copy_module
+
     from qnwb.optim import LSR1, AdaQN
+
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(6))  # float32 parameters
-    build = {"lbfgs": lambda: LBFGS([p], lr=0.1), "adaqn": lambda: AdaQN([p], lr=0.1, L=2), "lsr1": lambda: LSR1([p])}[make]
+    build = {
+        "lbfgs": lambda: LBFGS([p], lr=0.1),
+        "adaqn": lambda: AdaQN([p], lr=0.1, L=2),
+        "lsr1": lambda: LSR1([p]),
+    }[make]
     optimizer = build()
+
     def closure():
         optimizer.zero_grad()
         value = (p**2 * torch.arange(1.0, 7.0)).sum()
         value.backward()
         return value
+
     for _ in range(5):
-        optimizer.step(closure, monitor=lambda: (p**2).sum()) if make == "adaqn" else optimizer.step(closure)
+        optimizer.step(
+            closure, monitor=lambda: (p**2).sum()
+        ) if make == "adaqn" else optimizer.step(closure)
     saved = copy_module.deepcopy(optimizer.state_dict())
     before = {k: v.dtype for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
     resumed = build()
@@ -494,16 +585,22 @@ def test_loading_a_state_keeps_the_counters_integers_and_the_buffers_dtypes(make
 @pytest.mark.parametrize("make", ["lbfgs", "adaqn"])
 def test_a_state_dict_is_a_snapshot_that_later_steps_do_not_change(make):
     from qnwb.optim import AdaQN
+
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
     optimizer = LBFGS([p], lr=0.1) if make == "lbfgs" else AdaQN([p], lr=0.1, L=2)
+
     def closure():
         optimizer.zero_grad()
         value = (p**4).sum()
         value.backward()
         return value
+
     def step():
-        optimizer.step(closure, monitor=lambda: (p**4).sum()) if make == "adaqn" else optimizer.step(closure)
+        optimizer.step(
+            closure, monitor=lambda: (p**4).sum()
+        ) if make == "adaqn" else optimizer.step(closure)
+
     for _ in range(3):
         step()
     saved, theta = optimizer.state_dict(), p.detach().clone()
@@ -521,28 +618,43 @@ def test_a_state_dict_is_a_snapshot_that_later_steps_do_not_change(make):
 
 # --- a memory size set between steps (the dashboard steers param_groups[0]["memory"]) ---------------------------------
 
-from resizing import generator_copy, optimizer_state, same, twin  # noqa: E402
 from references import dense_bfgs_inverse  # noqa: E402  the dense float64 reference, one copy
+from resizing import generator_copy, optimizer_state, same, twin  # noqa: E402
 
 
-
-@pytest.mark.parametrize("options", [dict(lr=0.3), dict(lr=1.0, line_search="strong_wolfe", h0="adagrad"),
-                                     dict(lr=0.5, full_batch=True, powell_damping=True)])
-def test_a_memory_set_in_the_group_resizes_at_the_next_step_like_a_fresh_memory_of_the_newest_pairs(options):
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(lr=0.3),
+        dict(lr=1.0, line_search="strong_wolfe", h0="adagrad"),
+        dict(lr=0.5, full_batch=True, powell_damping=True),
+    ],
+)
+def test_a_memory_set_in_the_group_resizes_at_the_next_step_like_a_fresh_memory_of_the_newest_pairs(
+    options,
+):
     model, X, Y = logistic_problem(21)
     optimizer = LBFGS(model.parameters(), memory=5, **options)
     generator = make_generator(22)
     stochastic_run(model, optimizer, X, Y, 8, generator)
     assert optimizer.stats["memory_size"] == optimizer.stats["memory_capacity"] == 5
     for size in (2, 4, 1):  # shrink, grow, shrink to one pair
-        twin_model, reference = twin(model, optimizer, lambda m, memory: LBFGS(m.parameters(), memory=memory, **options),
-                                     memory=size)
+        twin_model, reference = twin(
+            model,
+            optimizer,
+            lambda m, memory: LBFGS(m.parameters(), memory=memory, **options),
+            memory=size,
+        )
         optimizer.param_groups[0]["memory"] = size
         assert optimizer.memory.size != size  # nothing happens before the next step
         twin_generator = generator_copy(generator)
         got = stochastic_run(model, optimizer, X, Y, 4, generator)
         expected = stochastic_run(twin_model, reference, X, Y, 4, twin_generator)
-        assert optimizer.memory.size == size and got[0][1]["memory_capacity"] == size and got[0][1]["memory_size"] <= size
+        assert (
+            optimizer.memory.size == size
+            and got[0][1]["memory_capacity"] == size
+            and got[0][1]["memory_size"] <= size
+        )
         for (a, stats_a), (b, stats_b) in zip(got, expected):
             assert torch.equal(a, b) and stats_a == stats_b
 
@@ -552,7 +664,10 @@ def test_a_steered_memory_follows_a_dense_float64_l_bfgs_with_the_same_schedule(
     m(k) at every step, and applies the dense BFGS inverse; memory 5, then 2 from step 7, then 4 from step 11."""
     g = make_generator(27)
     X = torch.randn(200, 5, generator=g, dtype=F64)
-    Y = (torch.rand(200, generator=g, dtype=F64) < torch.sigmoid(X @ torch.randn(5, generator=g, dtype=F64))).to(F64)
+    Y = (
+        torch.rand(200, generator=g, dtype=F64)
+        < torch.sigmoid(X @ torch.randn(5, generator=g, dtype=F64))
+    ).to(F64)
 
     def loss_and_gradient(w):
         w = w.detach().requires_grad_(True)
@@ -562,7 +677,9 @@ def test_a_steered_memory_follows_a_dense_float64_l_bfgs_with_the_same_schedule(
     schedule = {6: 2, 10: 4}  # steps are counted from 0: the 7th step is k = 6
     w = torch.zeros(5, dtype=F64, requires_grad=True)
     optimizer = LBFGS([w], lr=0.8, memory=5)
-    closure = closure_for(optimizer, lambda: nn.functional.binary_cross_entropy_with_logits(X @ w, Y))
+    closure = closure_for(
+        optimizer, lambda: nn.functional.binary_cross_entropy_with_logits(X @ w, Y)
+    )
     reference, pairs, m = torch.zeros(5, dtype=F64), [], 5
     for k in range(16):
         if k in schedule:
@@ -576,7 +693,9 @@ def test_a_steered_memory_follows_a_dense_float64_l_bfgs_with_the_same_schedule(
         if s @ y > 1e-8 * s.norm() * y.norm():
             pairs = (pairs + [(s, y)])[-m:]
         reference = new
-        assert optimizer.stats["memory_size"] == len(pairs) and optimizer.stats["memory_capacity"] == m
+        assert (
+            optimizer.stats["memory_size"] == len(pairs) and optimizer.stats["memory_capacity"] == m
+        )
         torch.testing.assert_close(w.detach(), reference, rtol=1e-10, atol=1e-12)
 
 
@@ -586,23 +705,35 @@ def test_a_bad_memory_set_in_the_group_is_refused_at_the_step_with_nothing_chang
     optimizer = LBFGS(model.parameters(), memory=3, lr=0.3, h0="adagrad")
     generator = make_generator(24)
     stochastic_run(model, optimizer, X, Y, 4, generator)
-    twin_model, reference = twin(model, optimizer, lambda m: LBFGS(m.parameters(), memory=3, h0="adagrad"))
+    twin_model, reference = twin(
+        model, optimizer, lambda m: LBFGS(m.parameters(), memory=3, h0="adagrad")
+    )
     theta, state = flat_params(model).clone(), optimizer_state(optimizer)
     calls = []
     optimizer.param_groups[0]["memory"] = bad
-    with pytest.raises(ValueError, match=r"memory: must be a positive int.*param_groups\[0\]\['memory'\]"):
+    with pytest.raises(
+        ValueError, match=r"memory: must be a positive int.*param_groups\[0\]\['memory'\]"
+    ):
         optimizer.step(lambda: calls.append(1))
-    assert calls == [] and torch.equal(flat_params(model), theta) and same(optimizer_state(optimizer), state)
+    assert (
+        calls == []
+        and torch.equal(flat_params(model), theta)
+        and same(optimizer_state(optimizer), state)
+    )
     assert optimizer.memory.size == 3
     optimizer.param_groups[0]["memory"] = 3  # put right: the run goes on as if nothing had happened
     twin_generator = generator_copy(generator)
-    for (a, stats_a), (b, stats_b) in zip(stochastic_run(model, optimizer, X, Y, 3, generator),
-                                          stochastic_run(twin_model, reference, X, Y, 3, twin_generator)):
+    for (a, stats_a), (b, stats_b) in zip(
+        stochastic_run(model, optimizer, X, Y, 3, generator),
+        stochastic_run(twin_model, reference, X, Y, 3, twin_generator),
+    ):
         assert torch.equal(a, b) and stats_a == stats_b
 
 
 @pytest.mark.parametrize("between", [False, True])
-def test_a_checkpoint_after_a_resize_resumes_in_an_optimizer_built_with_the_constructor_sizes(between):
+def test_a_checkpoint_after_a_resize_resumes_in_an_optimizer_built_with_the_constructor_sizes(
+    between,
+):
     """As qnwb.runs resumes: the constructor from the configuration (memory = the default 10), then load_state_dict.
     `between`: saved after the group's memory changed but before the step that resizes."""
     model, X, Y = logistic_problem(25)
@@ -623,5 +754,7 @@ def test_a_checkpoint_after_a_resize_resumes_in_an_optimizer_built_with_the_cons
     resumed.load_state_dict(saved)
     assert resumed.param_groups[0]["memory"] == 3 and resumed.memory.size == (10 if between else 3)
     generator.set_state(saved_generator)
-    for (a, stats_a), (b, stats_b) in zip(expected, stochastic_run(resumed_model, resumed, X, Y, 6, generator)):
+    for (a, stats_a), (b, stats_b) in zip(
+        expected, stochastic_run(resumed_model, resumed, X, Y, 6, generator)
+    ):
         assert torch.equal(a, b) and stats_a == stats_b

@@ -1,10 +1,17 @@
 """qnwb.losses against independent references: torch.nn.functional values, autograd, torch.func.hessian."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import hessian
 
-from qnwb.losses import LOSSES, SigmoidCrossEntropy, SoftmaxCrossEntropy, SquaredError, matching_loss
+from qnwb.losses import (
+    LOSSES,
+    SigmoidCrossEntropy,
+    SoftmaxCrossEntropy,
+    SquaredError,
+    matching_loss,
+)
 
 NAN = float("nan")
 SHAPES = {"cases x units": (4, 3), "cases x time x units": (3, 5, 4)}
@@ -15,7 +22,11 @@ def outputs_and_targets(loss, shape, mask, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = 1.5 * torch.randn(shape, generator=g, dtype=torch.float64)
     raw = torch.randn(shape, generator=g, dtype=torch.float64)
-    t = {"squared_error": raw, "sigmoid_cross_entropy": torch.sigmoid(raw), "softmax_cross_entropy": torch.softmax(raw, -1)}[loss]
+    t = {
+        "squared_error": raw,
+        "sigmoid_cross_entropy": torch.sigmoid(raw),
+        "softmax_cross_entropy": torch.softmax(raw, -1),
+    }[loss]
     if mask == "last step":
         t[..., :-1, :] = NAN  # for 2-D shapes: every case but the last has no target
     elif mask == "scattered":
@@ -31,9 +42,13 @@ def reference_value(loss, z, t):
     if loss == "squared_error":
         return (0.5 * F.mse_loss(z, tt, reduction="none") * present).sum() / z.shape[0]
     if loss == "sigmoid_cross_entropy":
-        return (F.binary_cross_entropy_with_logits(z, tt, reduction="none") * present).sum() / z.shape[0]
+        return (
+            F.binary_cross_entropy_with_logits(z, tt, reduction="none") * present
+        ).sum() / z.shape[0]
     rows = present.all(-1)
-    per_row = F.cross_entropy(z.reshape(-1, z.shape[-1]), tt.reshape(-1, z.shape[-1]), reduction="none").reshape(rows.shape)
+    per_row = F.cross_entropy(
+        z.reshape(-1, z.shape[-1]), tt.reshape(-1, z.shape[-1]), reduction="none"
+    ).reshape(rows.shape)
     return (per_row * rows).sum() / z.shape[0]
 
 
@@ -52,7 +67,9 @@ masks = pytest.mark.parametrize("mask", MASKS)
 @masks
 def test_value_matches_torch_functional(loss_name, shape, mask):
     z, t = outputs_and_targets(loss_name, shape, mask)
-    torch.testing.assert_close(matching_loss(loss_name)(z, t), reference_value(loss_name, z, t), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        matching_loss(loss_name)(z, t), reference_value(loss_name, z, t), rtol=1e-12, atol=1e-12
+    )
 
 
 @cases
@@ -108,19 +125,57 @@ def test_softmax_class_indices_equal_one_hot_targets():
 def test_sigmoid_loss_is_finite_for_large_outputs():
     z = torch.tensor([[800.0, -800.0]], dtype=torch.float64)
     t = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
-    torch.testing.assert_close(SigmoidCrossEntropy()(z, t), torch.tensor(1600.0, dtype=torch.float64))
+    torch.testing.assert_close(
+        SigmoidCrossEntropy()(z, t), torch.tensor(1600.0, dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize(
     "loss, z, t, error, words",
     [
-        (SquaredError(), torch.zeros(3, 2), torch.zeros(3, 3), ValueError, r"targets of shape \(3, 3\) do not match outputs of shape \(3, 2\)"),
+        (
+            SquaredError(),
+            torch.zeros(3, 2),
+            torch.zeros(3, 3),
+            ValueError,
+            r"targets of shape \(3, 3\) do not match outputs of shape \(3, 2\)",
+        ),
         (SquaredError(), torch.zeros(3), torch.zeros(3), ValueError, "case dimension first"),
-        (SquaredError(), torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, 2), TypeError, "floating-point"),
-        (SquaredError(), torch.zeros(3, 2), [[0.0, 0.0]] * 3, TypeError, "targets must be a tensor"),
-        (SoftmaxCrossEntropy(), torch.zeros(3, 1), torch.zeros(3, 1), ValueError, "at least 2 output units"),
-        (SoftmaxCrossEntropy(), torch.zeros(3, 4), torch.zeros(4, dtype=torch.int64), ValueError, "class-index targets"),
-        (SoftmaxCrossEntropy(), torch.zeros(3, 4), torch.tensor([0, 1, 4]), ValueError, r"class indices must be in \[-1, 3\].*got 0\.\.4"),
+        (
+            SquaredError(),
+            torch.zeros(3, 2, dtype=torch.int64),
+            torch.zeros(3, 2),
+            TypeError,
+            "floating-point",
+        ),
+        (
+            SquaredError(),
+            torch.zeros(3, 2),
+            [[0.0, 0.0]] * 3,
+            TypeError,
+            "targets must be a tensor",
+        ),
+        (
+            SoftmaxCrossEntropy(),
+            torch.zeros(3, 1),
+            torch.zeros(3, 1),
+            ValueError,
+            "at least 2 output units",
+        ),
+        (
+            SoftmaxCrossEntropy(),
+            torch.zeros(3, 4),
+            torch.zeros(4, dtype=torch.int64),
+            ValueError,
+            "class-index targets",
+        ),
+        (
+            SoftmaxCrossEntropy(),
+            torch.zeros(3, 4),
+            torch.tensor([0, 1, 4]),
+            ValueError,
+            r"class indices must be in \[-1, 3\].*got 0\.\.4",
+        ),
     ],
 )
 def test_bad_outputs_and_targets_get_clear_errors(loss, z, t, error, words):
@@ -148,7 +203,9 @@ def test_softmax_with_soft_targets_that_do_not_sum_to_one(shape):
     loss = SoftmaxCrossEntropy()
     g = torch.Generator().manual_seed(4)
     z = torch.randn(shape, generator=g, dtype=torch.float64)
-    t = torch.rand(shape, generator=g, dtype=torch.float64) * 1.5  # row sums anywhere in (0, 1.5·units)
+    t = (
+        torch.rand(shape, generator=g, dtype=torch.float64) * 1.5
+    )  # row sums anywhere in (0, 1.5·units)
     t[0] = NAN  # and a missing row
     zz = z.clone().requires_grad_()
     loss(zz, t).backward()
@@ -168,7 +225,11 @@ def test_huge_outputs_where_there_is_no_target_do_not_make_nan(loss_name):
     zz = z.clone().requires_grad_()
     value = loss(zz, t)
     value.backward()
-    assert torch.isfinite(value) and torch.isfinite(zz.grad).all() and torch.isfinite(loss.grad(z, t)).all()
+    assert (
+        torch.isfinite(value)
+        and torch.isfinite(zz.grad).all()
+        and torch.isfinite(loss.grad(z, t)).all()
+    )
     torch.testing.assert_close(value, loss(z[1:], t[1:]) / 2)
 
 

@@ -1,12 +1,13 @@
 """qnwb.models: stacked TanhRNN layers against dense references, the autoencoders and LeNet-like nets of the papers."""
+
 import pytest
 import torch
+from references import explicit_ggn, explicit_structural  # the dense torch.func references
 
 from qnwb.core import make_generator
 from qnwb.curvature import GGN, finite_difference_check
 from qnwb.init import esn_init_
 from qnwb.models import AUTOENCODERS, DeepAutoencoder, LeNet, TanhRNN
-from references import explicit_ggn, explicit_structural  # the dense torch.func references
 
 
 def stacked(layers, device="cpu"):
@@ -14,7 +15,9 @@ def stacked(layers, device="cpu"):
     model = TanhRNN(3, 4, 2, n_layers=layers, dtype=torch.float64, generator=g)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.7 if p.dim() == 2 else 0.3))
+            p.copy_(
+                torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.7 if p.dim() == 2 else 0.3)
+            )
     return model.to(device)
 
 
@@ -30,8 +33,17 @@ def batch(device="cpu"):
 @pytest.mark.parametrize("route", ["model", "linearize", "jvp"])
 def test_stacked_ggn_with_structural_damping_equals_the_explicit_reference(layers, route, device):
     model, data = stacked(layers), batch()
-    reference = explicit_ggn(model, "squared_error", data) + 0.2 * explicit_structural(model, data, "tanh")
-    ggn = GGN(stacked(layers, device), "squared_error", batch(device), structural_distance="tanh", structural_weight=0.2, route=route)
+    reference = explicit_ggn(model, "squared_error", data) + 0.2 * explicit_structural(
+        model, data, "tanh"
+    )
+    ggn = GGN(
+        stacked(layers, device),
+        "squared_error",
+        batch(device),
+        structural_distance="tanh",
+        structural_weight=0.2,
+        route=route,
+    )
     torch.testing.assert_close(ggn.dense().cpu(), reference, rtol=1e-9, atol=1e-12)
 
 
@@ -39,14 +51,36 @@ def test_stacked_ggn_with_structural_damping_equals_the_explicit_reference(layer
 def test_stacked_finite_differences(layers):
     # Central differences err by O(eps^2 * third derivative); three stacked tanh layers have larger third
     # derivatives than one, so eps = 1e-5 here (round-off stays near 1e-11). Exactness is the dense test above.
-    report = finite_difference_check(stacked(layers), "squared_error", batch(), eps=1e-5, route="model", generator=make_generator(0))
+    report = finite_difference_check(
+        stacked(layers),
+        "squared_error",
+        batch(),
+        eps=1e-5,
+        route="model",
+        generator=make_generator(0),
+    )
     assert max(report["jvp"], report["vjp"], report["ggn"]) < 1e-6, report
 
 
 def test_stacked_layout_and_names():
     model = TanhRNN(3, 4, 2, n_layers=3)
     names = [n for n, _ in model.named_parameters()]
-    assert names == ["W_hx", "W_hh", "b_h", "h0", "W_hx_1", "W_hh_1", "b_h_1", "h0_1", "W_hx_2", "W_hh_2", "b_h_2", "h0_2", "W_zh", "b_z"]
+    assert names == [
+        "W_hx",
+        "W_hh",
+        "b_h",
+        "h0",
+        "W_hx_1",
+        "W_hh_1",
+        "b_h_1",
+        "h0_1",
+        "W_hx_2",
+        "W_hh_2",
+        "b_h_2",
+        "h0_2",
+        "W_zh",
+        "b_z",
+    ]
     assert model.W_hx_1.shape == (4, 4) and model.W_hx.shape == (4, 3)
     z, h, t = model(torch.randn(2, 6, 3), return_hidden=True, return_preactivations=True)
     assert z.shape == (2, 6, 2) and h.shape == t.shape == (2, 6, 12)
@@ -58,7 +92,9 @@ def test_stacked_layout_and_names():
 
 
 def test_esn_init_layer_zero_radius():
-    model = esn_init_(TanhRNN(2, 30, 1, n_layers=2, dtype=torch.float64), generator=make_generator(0))
+    model = esn_init_(
+        TanhRNN(2, 30, 1, n_layers=2, dtype=torch.float64), generator=make_generator(0)
+    )
     assert abs(torch.linalg.eigvals(model.W_hh).abs().max().item() - 1.1) < 1e-6
 
 
@@ -72,13 +108,18 @@ def test_autoencoders_of_table_6(name):
     assert loss == expected_loss
     kinds = [type(m).__name__ for m in model]
     code = 2 * (len(sizes) - 1) - 2  # position of the code layer's Linear
-    assert kinds[code] == "Linear" and kinds[code + 1] == "Linear"  # a linear code: no sigmoid after it
+    assert (
+        kinds[code] == "Linear" and kinds[code + 1] == "Linear"
+    )  # a linear code: no sigmoid after it
     assert kinds[-1] == "Linear" and kinds.count("Sigmoid") == 2 * (len(sizes) - 1) - 2
     x = torch.rand(3, sizes[0])
     assert model(x).shape == x.shape and model.encode(x).shape == (3, sizes[-1])
 
 
-@pytest.mark.parametrize("dataset, shape, parameters", [("mnist", (1, 28, 28), 431_080), ("cifar10", (3, 32, 32), 145_578)])
+@pytest.mark.parametrize(
+    "dataset, shape, parameters",
+    [("mnist", (1, 28, 28), 431_080), ("cifar10", (3, 32, 32), 145_578)],
+)
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_lenet_like_nets_of_the_lsr1_appendix(dataset, shape, parameters, batch_norm):
     model = LeNet(dataset, batch_norm=batch_norm, generator=make_generator(0))
@@ -95,10 +136,17 @@ def test_lenet_like_nets_of_the_lsr1_appendix(dataset, shape, parameters, batch_
 
 
 def test_esn_init_initialises_every_stacked_layer():
-    model = esn_init_(TanhRNN(2, 30, 1, n_layers=3, dtype=torch.float64), input_scale=0.1, generator=make_generator(0))
+    model = esn_init_(
+        TanhRNN(2, 30, 1, n_layers=3, dtype=torch.float64),
+        input_scale=0.1,
+        generator=make_generator(0),
+    )
     for index in range(3):
         W_hx, W_hh, b_h, h0 = model.layer(index)
-        assert abs(torch.linalg.eigvals(W_hh).abs().max().item() - 1.1) < 1e-6 and ((W_hh != 0).sum(1) == 15).all()
+        assert (
+            abs(torch.linalg.eigvals(W_hh).abs().max().item() - 1.1) < 1e-6
+            and ((W_hh != 0).sum(1) == 15).all()
+        )
         assert abs(W_hx.std().item() - 0.1) < 0.03 and (b_h == 0).all() and (h0 == 0).all()
 
 
@@ -115,7 +163,10 @@ def test_curvature_products_on_lenet_leave_batch_norm_statistics_alone(batch_nor
     x = torch.rand(6, 1, 28, 28, generator=g, dtype=torch.float64)
     y = torch.nn.functional.one_hot(torch.arange(6) % 10, 10).double()
     before = {name: b.clone() for name, b in net.named_buffers()}
-    G, G2 = GGN(net, "softmax_cross_entropy", (x, y), route="jvp"), GGN(net, "softmax_cross_entropy", (x, y), route="linearize")
+    G, G2 = (
+        GGN(net, "softmax_cross_entropy", (x, y), route="jvp"),
+        GGN(net, "softmax_cross_entropy", (x, y), route="linearize"),
+    )
     u, v = (torch.randn(G.n, generator=g, dtype=torch.float64) for _ in range(2))
     Gv, Gu = G.mv(v), G.mv(u)
     torch.testing.assert_close(u @ Gv, v @ Gu, rtol=1e-9, atol=1e-12)
@@ -123,7 +174,9 @@ def test_curvature_products_on_lenet_leave_batch_norm_statistics_alone(batch_nor
     torch.testing.assert_close(G2.mv(v), Gv, rtol=1e-9, atol=1e-12)
     # ReLU and max-pool have kinks: a step eps along a random direction over 431k weights crosses some of them
     # (measured: Jv error 2e-3 at eps=1e-4, 1e-4 at 1e-6, 1e-9 at 1e-8), so this check takes a tiny step.
-    report = finite_difference_check(net, "softmax_cross_entropy", (x, y), eps=1e-8, coordinates=12, generator=make_generator(2))
+    report = finite_difference_check(
+        net, "softmax_cross_entropy", (x, y), eps=1e-8, coordinates=12, generator=make_generator(2)
+    )
     assert max(report["jvp"], report["vjp"], report["ggn"]) < 1e-6, report
     for name, b in net.named_buffers():  # a curvature product is not a training step
         assert torch.equal(b, before[name]), name

@@ -1,12 +1,13 @@
 """qnwb.optim.memory against dense float64 references: the ring buffer, the two-loop recursion, safeguards, compact forms."""
+
 import math
 from collections import deque
 
 import pytest
 import torch
+from host_reads import HostRead, no_host_reads
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from host_reads import HostRead, no_host_reads
 from references import dense_bfgs_inverse, dense_sr1  # the dense float64 recursions, one copy
 from roundoff import floor
 
@@ -72,6 +73,7 @@ def h0_matrix(kind, pairs, n, g):
 
 # --- the ring buffer -------------------------------------------------------------------------------------------------
 
+
 @given(st.integers(1, 5), st.lists(st.booleans(), max_size=20))
 def test_ring_buffer_order_after_wrap_around_matches_a_bounded_deque(m, accepts):
     memory, model = PairMemory(m, 3, dtype=F64), deque(maxlen=m)
@@ -87,16 +89,20 @@ def test_ring_buffer_order_after_wrap_around_matches_a_bounded_deque(m, accepts)
         assert len(memory) == len(model)
         slots, held = memory.order()
         assert held.tolist() == [j < len(model) for j in range(m)]
-    torch.testing.assert_close(memory.sy[memory.order()[0][: len(model)]],
-                               torch.tensor([3 * i * (i + 0.5) for i in model], dtype=F64))
+    torch.testing.assert_close(
+        memory.sy[memory.order()[0][: len(model)]],
+        torch.tensor([3 * i * (i + 0.5) for i in model], dtype=F64),
+    )
 
 
 def test_a_rejected_pair_changes_nothing_bit_for_bit():
     g = torch.Generator().manual_seed(1)
     memory = filled(3, 5, convex_pairs(5, 4, g))
     before = memory.state_dict()
-    for s, y in [(torch.randn(5, dtype=F64, generator=g), torch.randn(5, dtype=F64, generator=g)),
-                 (torch.full((5,), math.nan, dtype=F64), torch.full((5,), math.inf, dtype=F64))]:
+    for s, y in [
+        (torch.randn(5, dtype=F64, generator=g), torch.randn(5, dtype=F64, generator=g)),
+        (torch.full((5,), math.nan, dtype=F64), torch.full((5,), math.inf, dtype=F64)),
+    ]:
         assert memory.push(s, y, torch.tensor(False)).item() is False
         memory.push(s, y, False)
         after = memory.state_dict()
@@ -136,11 +142,16 @@ def test_state_dict_round_trip_and_identical_continuation():
         restored.push(s, y)
     v = torch.randn(6, generator=g, dtype=F64)
     assert torch.equal(two_loop(memory, v), two_loop(restored, v))
-    assert all(torch.equal(a, b) for a, b in zip(memory.state_dict().values(), restored.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(memory.state_dict().values(), restored.state_dict().values())
+    )
     with pytest.raises(ValueError, match=r"state\['S'\]"):
         PairMemory(3, 6, dtype=F64).load_state_dict(saved)
     with pytest.raises(ValueError, match="'count'"):
-        PairMemory(4, 6, dtype=F64).load_state_dict({k: v for k, v in saved.items() if k != "count"})
+        PairMemory(4, 6, dtype=F64).load_state_dict(
+            {k: v for k, v in saved.items() if k != "count"}
+        )
     bad = dict(saved, count=torch.tensor(7))
     with pytest.raises(ValueError, match="count"):
         PairMemory(4, 6, dtype=F64).load_state_dict(bad)
@@ -172,8 +183,14 @@ def test_bad_vectors_and_flags_name_the_parameter():
 
 # --- the two-loop recursion ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["identity", "scaling", "number", "diagonal"])
-@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 10), m=st.integers(1, 6), count=st.integers(0, 10))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 10),
+    m=st.integers(1, 6),
+    count=st.integers(0, 10),
+)
 def test_two_loop_equals_the_dense_bfgs_inverse(kind, seed, n, m, count):
     g = torch.Generator().manual_seed(seed)
     pairs = convex_pairs(n, count, g)
@@ -194,7 +211,13 @@ def test_two_loop_ignores_stale_slots_after_clear_and_drop():
     memory = filled(3, 5, pairs)
     v = torch.randn(5, generator=g, dtype=F64)
     memory.drop_oldest(2)
-    assert rel(two_loop(memory, v, "identity"), dense_bfgs_inverse(pairs[-1:], torch.eye(5, dtype=F64)) @ v) < 1e-12
+    assert (
+        rel(
+            two_loop(memory, v, "identity"),
+            dense_bfgs_inverse(pairs[-1:], torch.eye(5, dtype=F64)) @ v,
+        )
+        < 1e-12
+    )
     memory.clear()
     assert torch.equal(two_loop(memory, v, "scaling"), v)  # empty: "scaling" falls back to H0 = I
     d = torch.rand(5, generator=g, dtype=F64) + 0.5
@@ -215,14 +238,24 @@ def test_two_loop_in_float32_keeps_the_pairs_dtype():
     assert rel(out.double(), H @ v) < 1e-5
 
 
-@pytest.mark.parametrize("h0, match", [("adagrad", "h0"), (-1.0, "h0"), (0.0, "h0"), (math.inf, "h0"), (True, "h0")])
+@pytest.mark.parametrize(
+    "h0, match", [("adagrad", "h0"), (-1.0, "h0"), (0.0, "h0"), (math.inf, "h0"), (True, "h0")]
+)
 def test_bad_initial_matrices(h0, match):
     with pytest.raises(ValueError, match=match):
         two_loop(PairMemory(2, 3, dtype=F64), torch.ones(3, dtype=F64), h0)
 
 
-@pytest.mark.parametrize("diagonal", [torch.tensor([1.0, 0.0, 2.0]), torch.tensor([1.0, -1.0, 2.0]),
-                                      torch.tensor([1.0, math.nan, 2.0]), torch.ones(4), torch.ones(3, 3)])
+@pytest.mark.parametrize(
+    "diagonal",
+    [
+        torch.tensor([1.0, 0.0, 2.0]),
+        torch.tensor([1.0, -1.0, 2.0]),
+        torch.tensor([1.0, math.nan, 2.0]),
+        torch.ones(4),
+        torch.ones(3, 3),
+    ],
+)
 def test_non_positive_or_misshapen_diagonals_are_refused(diagonal):
     with pytest.raises(ValueError, match="h0"):
         two_loop(PairMemory(2, 3, dtype=F64), torch.ones(3, dtype=F64), diagonal.to(F64))
@@ -254,24 +287,38 @@ def test_the_hot_path_never_reads_a_tensor_on_the_host():
 
 # --- safeguards ------------------------------------------------------------------------------------------------------
 
+
 def nextafter(x, toward):
     return math.nextafter(x, toward)
 
 
 def test_curvature_skip_rules_fire_exactly_at_their_thresholds():
-    s, y = torch.ones(4, dtype=F64), torch.tensor([1.0, 0, 0, 0], dtype=F64)  # sᵀy = 1, ‖s‖ = 2, ‖y‖ = 1, sᵀs = 4
+    s, y = (
+        torch.ones(4, dtype=F64),
+        torch.tensor([1.0, 0, 0, 0], dtype=F64),
+    )  # sᵀy = 1, ‖s‖ = 2, ‖y‖ = 1, sᵀs = 4
     assert not curvature_condition(s, y, 0.5)  # sᵀy = ε‖s‖‖y‖: skipped (strict)
     assert curvature_condition(s, y, nextafter(0.5, 0))
     assert not curvature_condition(s, y, 0.25, rule="adaqn")  # sᵀy = ε sᵀs
     assert curvature_condition(s, y, nextafter(0.25, 0), rule="adaqn")
-    assert not curvature_condition(7 * s, 3 * y, 0.5) and curvature_condition(7 * s, 3 * y, nextafter(0.5, 0))  # scale-invariant
-    assert curvature_condition(7 * s, 3 * y, 0.02, rule="adaqn") and not curvature_condition(7 * s, 3 * y, 0.12, rule="adaqn")
+    assert not curvature_condition(7 * s, 3 * y, 0.5) and curvature_condition(
+        7 * s, 3 * y, nextafter(0.5, 0)
+    )  # scale-invariant
+    assert curvature_condition(7 * s, 3 * y, 0.02, rule="adaqn") and not curvature_condition(
+        7 * s, 3 * y, 0.12, rule="adaqn"
+    )
     for eps in (0.0, 1e-8):
         for rule in ("cosine", "adaqn"):
             assert not curvature_condition(s, -y, eps, rule)  # negative curvature: never
-            assert not curvature_condition(s, torch.zeros(4, dtype=F64), eps, rule)  # sᵀy = 0: never
-            assert not curvature_condition(s, torch.tensor([math.inf, 0, 0, 0], dtype=F64), eps, rule)
-            assert not curvature_condition(s, torch.tensor([math.nan, 1, 0, 0], dtype=F64), eps, rule)
+            assert not curvature_condition(
+                s, torch.zeros(4, dtype=F64), eps, rule
+            )  # sᵀy = 0: never
+            assert not curvature_condition(
+                s, torch.tensor([math.inf, 0, 0, 0], dtype=F64), eps, rule
+            )
+            assert not curvature_condition(
+                s, torch.tensor([math.nan, 1, 0, 0], dtype=F64), eps, rule
+            )
 
 
 def test_sr1_skip_rule_fires_exactly_at_its_threshold():
@@ -322,7 +369,13 @@ def test_powell_damping_on_the_boundary_and_with_errors():
 
 # --- compact forms ---------------------------------------------------------------------------------------------------
 
-@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 9), k=st.integers(1, 5), gamma=st.sampled_from([0.5, 1.0, 3.0, -1.0]))
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(2, 9),
+    k=st.integers(1, 5),
+    gamma=st.sampled_from([0.5, 1.0, 3.0, -1.0]),
+)
 def test_compact_sr1_equals_the_recursive_update_for_general_pairs(seed, n, k, gamma):
     g = torch.Generator().manual_seed(seed)
     A = symmetric_indefinite(n, g)
@@ -352,22 +405,31 @@ def test_compact_sr1_satisfies_every_secant_equation_for_pairs_from_a_quadratic(
     pairs = [(s, A @ s) for s in torch.randn(k, n, generator=g, dtype=F64)]
     try:
         form = sr1_compact(filled(k, n, pairs), 1.0, drop_singular=False)
-    except ValueError:  # a (near-)singular middle matrix: the SR1 update of these pairs is not defined
+    except (
+        ValueError
+    ):  # a (near-)singular middle matrix: the SR1 update of these pairs is not defined
         assume(False)
     assume(form.M_inv.abs().max() < 1e6 and torch.linalg.cond(form.M_inv) < 1e6)
     for s, y in pairs:
         assert rel(form.mv(s), y) < 1e-8
-    torch.testing.assert_close(form.dense(), dense_sr1(pairs, torch.eye(n, dtype=F64)), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        form.dense(), dense_sr1(pairs, torch.eye(n, dtype=F64)), rtol=1e-8, atol=1e-8
+    )
 
 
 def test_inverse_sr1_form_is_the_inverse_of_the_direct_form():
     g = torch.Generator().manual_seed(7)
     n, A = 7, symmetric_indefinite(7, g)
-    pairs = [(s, A @ s + 0.2 * torch.randn(7, generator=g, dtype=F64)) for s in torch.randn(3, n, generator=g, dtype=F64)]
+    pairs = [
+        (s, A @ s + 0.2 * torch.randn(7, generator=g, dtype=F64))
+        for s in torch.randn(3, n, generator=g, dtype=F64)
+    ]
     B = sr1_compact(filled(3, n, pairs), 2.0)
     H = sr1_compact(filled(3, n, pairs), 0.5, inverse=True)
     torch.testing.assert_close(B.dense() @ H.dense(), torch.eye(n, dtype=F64), rtol=0, atol=1e-9)
-    H_recursive = dense_sr1([(y, s) for s, y in pairs], 0.5 * torch.eye(n, dtype=F64))  # the dual update on (y, s)
+    H_recursive = dense_sr1(
+        [(y, s) for s, y in pairs], 0.5 * torch.eye(n, dtype=F64)
+    )  # the dual update on (y, s)
     torch.testing.assert_close(H.dense(), H_recursive, rtol=1e-9, atol=1e-9)
 
 
@@ -389,14 +451,24 @@ def test_singular_middle_matrix_drops_the_oldest_pairs():
     assert form.dropped == 1 and form.k == 2
 
 
-@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 9), k=st.integers(0, 4), gamma=st.sampled_from([0.7, 2.0, -1.5]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(2, 9),
+    k=st.integers(0, 4),
+    gamma=st.sampled_from([0.7, 2.0, -1.5]),
+)
 def test_compact_spectrum_matches_a_dense_symmetric_eigensolver(seed, n, k, gamma):
     g = torch.Generator().manual_seed(seed)
     A = symmetric_indefinite(n, g)
-    pairs = [(s, A @ s + 0.3 * torch.randn(n, generator=g, dtype=F64)) for s in torch.randn(k, n, generator=g, dtype=F64)]
+    pairs = [
+        (s, A @ s + 0.3 * torch.randn(n, generator=g, dtype=F64))
+        for s in torch.randn(k, n, generator=g, dtype=F64)
+    ]
     form = sr1_compact(filled(max(k, 1), n, pairs), gamma)
     B = form.dense()
-    torch.testing.assert_close(form.eigenvalues(), torch.linalg.eigvalsh(B), rtol=1e-9, atol=1e-9 * float(B.abs().max()))
+    torch.testing.assert_close(
+        form.eigenvalues(), torch.linalg.eigvalsh(B), rtol=1e-9, atol=1e-9 * float(B.abs().max())
+    )
     values, P = form.eigh()
     assert P.shape == (n, form.k if form.k <= n else n)
     torch.testing.assert_close(P.T @ P, torch.eye(P.shape[1], dtype=F64), rtol=0, atol=1e-10)
@@ -404,7 +476,12 @@ def test_compact_spectrum_matches_a_dense_symmetric_eigensolver(seed, n, k, gamm
 
 
 @pytest.mark.parametrize("kind", ["identity", "scaling", "number", "diagonal"])
-@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 8), m=st.integers(1, 4), count=st.integers(0, 6))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 8),
+    m=st.integers(1, 4),
+    count=st.integers(0, 6),
+)
 def test_compact_bfgs_is_the_inverse_of_the_two_loop_matrix(kind, seed, n, m, count):
     g = torch.Generator().manual_seed(seed)
     pairs = convex_pairs(n, count, g)
@@ -420,7 +497,9 @@ def test_compact_bfgs_is_the_inverse_of_the_two_loop_matrix(kind, seed, n, m, co
         s, y = kept[-1]
         assert rel(form.mv(s), y) < 1e-10  # B sₖ = yₖ
     if kind != "diagonal":
-        torch.testing.assert_close(form.eigenvalues(), torch.linalg.eigvalsh(form.dense()), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(
+            form.eigenvalues(), torch.linalg.eigvalsh(form.dense()), rtol=1e-9, atol=1e-9
+        )
         assert bool((form.eigenvalues() > 0).all())  # BFGS stays positive definite
 
 
@@ -428,9 +507,16 @@ def test_compact_forms_with_an_empty_memory_and_bad_arguments():
     memory = PairMemory(3, 4, dtype=F64)
     v = torch.arange(4, dtype=F64)
     form = sr1_compact(memory, 2.5)
-    assert isinstance(form, CompactForm) and form.k == 0 and form.Psi.shape == (4, 0) and form.M.shape == (0, 0)
+    assert (
+        isinstance(form, CompactForm)
+        and form.k == 0
+        and form.Psi.shape == (4, 0)
+        and form.M.shape == (0, 0)
+    )
     assert torch.equal(form.mv(v), 2.5 * v)
-    assert form.eigh()[0].numel() == 0 and torch.equal(form.eigenvalues(), torch.full((4,), 2.5, dtype=F64))
+    assert form.eigh()[0].numel() == 0 and torch.equal(
+        form.eigenvalues(), torch.full((4,), 2.5, dtype=F64)
+    )
     assert torch.equal(bfgs_compact(memory, "scaling").mv(v), v)
     with pytest.raises(ValueError, match="gamma"):
         sr1_compact(memory, 0.0)
@@ -445,20 +531,32 @@ def test_compact_forms_with_an_empty_memory_and_bad_arguments():
 
 # --- the adaQN diagonal ----------------------------------------------------------------------------------------------
 
+
 def test_adagrad_diagonal_accumulates_every_gradient_and_rmsprop_averages():
     g = torch.Generator().manual_seed(9)
     grads = torch.randn(5, 6, generator=g, dtype=F64)
-    adagrad, rmsprop = DiagonalScaling(6, dtype=F64, epsilon=1e-6), DiagonalScaling(6, "rmsprop", decay=0.9, dtype=F64)
+    adagrad, rmsprop = (
+        DiagonalScaling(6, dtype=F64, epsilon=1e-6),
+        DiagonalScaling(6, "rmsprop", decay=0.9, dtype=F64),
+    )
     average = torch.zeros(6, dtype=F64)
     for row in grads:
         adagrad.update(row)
         rmsprop.update(row)
         average = 0.9 * average + 0.1 * row**2
     # positive sums of 5 squares in two orders, a root and a reciprocal: a few ε relative, whatever the CPU's kernels
-    torch.testing.assert_close(adagrad.diagonal(), 1 / torch.sqrt((grads**2).sum(0) + 1e-6), rtol=floor(1), atol=0)
-    torch.testing.assert_close(rmsprop.diagonal(), 1 / torch.sqrt(average + 1e-8), rtol=floor(1), atol=0)
-    adagrad.update(torch.full((6,), math.nan, dtype=F64), torch.tensor(False))  # a skipped gradient leaves it alone
-    torch.testing.assert_close(adagrad.diagonal(), 1 / torch.sqrt((grads**2).sum(0) + 1e-6), rtol=floor(1), atol=0)
+    torch.testing.assert_close(
+        adagrad.diagonal(), 1 / torch.sqrt((grads**2).sum(0) + 1e-6), rtol=floor(1), atol=0
+    )
+    torch.testing.assert_close(
+        rmsprop.diagonal(), 1 / torch.sqrt(average + 1e-8), rtol=floor(1), atol=0
+    )
+    adagrad.update(
+        torch.full((6,), math.nan, dtype=F64), torch.tensor(False)
+    )  # a skipped gradient leaves it alone
+    torch.testing.assert_close(
+        adagrad.diagonal(), 1 / torch.sqrt((grads**2).sum(0) + 1e-6), rtol=floor(1), atol=0
+    )
     copy = DiagonalScaling(6, dtype=F64, epsilon=1e-6)
     copy.load_state_dict(adagrad.state_dict())
     assert torch.equal(copy.diagonal(), adagrad.diagonal())
@@ -474,42 +572,65 @@ def test_adagrad_diagonal_accumulates_every_gradient_and_rmsprop_averages():
 
 # --- resizing (a memory size steered between steps) ------------------------------------------------------------------
 
+
 def indefinite_pairs(n, count, g):
     A = symmetric_indefinite(n, g)
     return [(s, A @ s) for s in torch.randn(count, n, generator=g, dtype=F64)]
 
 
 @pytest.mark.parametrize("kind", ["identity", "scaling", "number", "diagonal"])
-@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 6), count=st.integers(0, 12), size=st.integers(1, 7))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.integers(1, 6),
+    count=st.integers(0, 12),
+    size=st.integers(1, 7),
+)
 def test_resize_keeps_the_newest_pairs_as_a_memory_built_from_them(kind, seed, m, count, size):
     n = 6
     g = torch.Generator().manual_seed(seed)
     pairs = convex_pairs(n, count, g)
     memory = filled(m, n, pairs)  # wrapped around when count > m
     memory.resize(size)
-    kept = pairs[-min(m, size):] if pairs else []
+    kept = pairs[-min(m, size) :] if pairs else []
     fresh = filled(size, n, kept)
-    assert memory.size == size and len(memory) == len(kept) and memory.S.shape == (size, n) and memory.sy.shape == (size,)
+    assert (
+        memory.size == size
+        and len(memory) == len(kept)
+        and memory.S.shape == (size, n)
+        and memory.sy.shape == (size,)
+    )
     S, Y = memory.pairs()
     assert torch.equal(S, fresh.pairs()[0]) and torch.equal(Y, fresh.pairs()[1])
-    if size != m:  # reallocated: slots 0 … count−1 hold the kept pairs oldest first, exactly as in the fresh memory
+    if (
+        size != m
+    ):  # reallocated: slots 0 … count−1 hold the kept pairs oldest first, exactly as in the fresh memory
         assert int(memory.head) == len(kept) % size
-        assert all(torch.equal(a, b) for a, b in zip(memory.state_dict().values(), fresh.state_dict().values()))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(memory.state_dict().values(), fresh.state_dict().values())
+        )
     h0, H0 = h0_matrix(kind, kept, n, g)
     v = torch.randn(n, generator=g, dtype=F64)
     assert torch.equal(two_loop(memory, v, h0), two_loop(fresh, v, h0))  # bit for bit
-    assert rel(two_loop(memory, v, h0), dense_bfgs_inverse(kept, H0) @ v) < 1e-10  # the float64 reference
+    assert (
+        rel(two_loop(memory, v, h0), dense_bfgs_inverse(kept, H0) @ v) < 1e-10
+    )  # the float64 reference
     assert torch.equal(bfgs_compact(memory, h0).dense(), bfgs_compact(fresh, h0).dense())
 
 
-@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 5), count=st.integers(1, 9), size=st.integers(1, 4))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.integers(1, 5),
+    count=st.integers(1, 9),
+    size=st.integers(1, 4),
+)
 def test_resize_keeps_the_compact_sr1_form_of_the_newest_pairs(seed, m, count, size):
     n = 7  # more dimensions than pairs: M⁻¹ of generic pairs is nonsingular, nothing is dropped
     g = torch.Generator().manual_seed(seed)
     pairs = indefinite_pairs(n, count, g)
     memory = filled(m, n, pairs)
     memory.resize(size)
-    kept = pairs[-min(m, size):]
+    kept = pairs[-min(m, size) :]
     form, fresh = sr1_compact(memory, 1.5), sr1_compact(filled(size, n, kept), 1.5)
     assert form.dropped == fresh.dropped == 0
     assert torch.equal(form.dense(), fresh.dense())
@@ -526,7 +647,9 @@ def test_grow_then_push_fills_the_new_slots_and_shrink_to_one_keeps_the_newest()
     assert torch.equal(memory.pairs()[0], torch.stack([s for s, _ in pairs[2:5]]))
     for s, y in pairs[5:7]:  # the two new slots
         memory.push(s, y)
-    assert len(memory) == 5 and torch.equal(memory.pairs()[0], torch.stack([s for s, _ in pairs[2:7]]))
+    assert len(memory) == 5 and torch.equal(
+        memory.pairs()[0], torch.stack([s for s, _ in pairs[2:7]])
+    )
     memory.push(*pairs[7])  # full again: the oldest goes
     assert torch.equal(memory.pairs()[0], torch.stack([s for s, _ in pairs[3:8]]))
     memory.resize(1)
@@ -547,12 +670,16 @@ def test_resize_to_the_same_size_is_a_no_op_and_bad_sizes_change_nothing():
     buffers = (memory.S, memory.Y, memory.sy, memory.yy)
     before = memory.state_dict()
     memory.resize(3)
-    assert all(a is b for a, b in zip(buffers, (memory.S, memory.Y, memory.sy, memory.yy)))  # not even reallocated
+    assert all(
+        a is b for a, b in zip(buffers, (memory.S, memory.Y, memory.sy, memory.yy))
+    )  # not even reallocated
     assert all(torch.equal(before[k], v) for k, v in memory.state_dict().items())
     for size in (0, -3, 2.5, True, None):
         with pytest.raises(ValueError, match="size"):
             memory.resize(size)
-    assert memory.size == 3 and all(torch.equal(before[k], v) for k, v in memory.state_dict().items())
+    assert memory.size == 3 and all(
+        torch.equal(before[k], v) for k, v in memory.state_dict().items()
+    )
 
 
 def test_resize_keeps_dtype_and_device_and_reads_nothing_on_the_host(device):
@@ -560,12 +687,16 @@ def test_resize_keeps_dtype_and_device_and_reads_nothing_on_the_host(device):
     memory = PairMemory(4, 5, device=device)  # float32
     with no_host_reads():
         for s, y in convex_pairs(5, 6, g):
-            memory.push(s.float().to(device), y.float().to(device), torch.tensor(True, device=device))
+            memory.push(
+                s.float().to(device), y.float().to(device), torch.tensor(True, device=device)
+            )
         memory.resize(2)
         memory.resize(6)
         memory.push(torch.ones(5, device=device), torch.ones(5, device=device))
     assert memory.S.dtype == memory.Y.dtype == torch.float32 and memory.sy.dtype == torch.float64
-    assert {t.device.type for t in (memory.S, memory.Y, memory.sy, memory.yy, memory.head, memory.count)} == {device.type}
+    assert {
+        t.device.type for t in (memory.S, memory.Y, memory.sy, memory.yy, memory.head, memory.count)
+    } == {device.type}
     assert len(memory) == 3 and memory.size == 6
 
 
@@ -580,6 +711,9 @@ def test_a_state_saved_at_another_size_loads_after_a_resize_to_it():
         restored.load_state_dict(saved)  # loading itself never changes the size
     restored.resize(restored.saved_size(saved))
     restored.load_state_dict(saved)
-    assert all(torch.equal(a, b) for a, b in zip(memory.state_dict().values(), restored.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(memory.state_dict().values(), restored.state_dict().values())
+    )
     with pytest.raises(ValueError, match=r"state\['S'\]"):
         restored.saved_size({"S": torch.zeros(0, 4)})

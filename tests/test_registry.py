@@ -1,10 +1,19 @@
 """Adding an optimizer in one place: a registry entry is all the runner, the benchmarks, the reports' run grid and the
 dashboard need; and the step adapter drives every registered optimizer the same way."""
+
 import pytest
 import torch
 
-from qnwb.optim import (OPTIMIZERS, OptimizerEntry, entry_for, make_optimizer, optimizer_entry, register_optimizer,
-                        suggested_hyperparameters, take_step)
+from qnwb.optim import (
+    OPTIMIZERS,
+    OptimizerEntry,
+    entry_for,
+    make_optimizer,
+    optimizer_entry,
+    register_optimizer,
+    suggested_hyperparameters,
+    take_step,
+)
 
 
 class SignDescent(torch.optim.Optimizer):
@@ -30,21 +39,43 @@ class SignDescent(torch.optim.Optimizer):
 
 @pytest.fixture
 def sign_descent():
-    entry = register_optimizer("sign_descent", OptimizerEntry(SignDescent, controls=("lr",), construction_only=("shrink",),
-                                                                 suggested={"default": {"lr": 0.02}}))
+    entry = register_optimizer(
+        "sign_descent",
+        OptimizerEntry(
+            SignDescent,
+            controls=("lr",),
+            construction_only=("shrink",),
+            suggested={"default": {"lr": 0.02}},
+        ),
+    )
     yield entry
     del OPTIMIZERS["sign_descent"]
 
 
-SMALL = {"problem": "addition", "problem_options": {"T": 10, "hidden": 4, "batch_size": 20, "held_out": 20}}
+SMALL = {
+    "problem": "addition",
+    "problem_options": {"T": 10, "hidden": 4, "batch_size": 20, "held_out": 20},
+}
 
 
 def test_a_registered_optimizer_runs_through_the_runner(sign_descent):
     from qnwb.runs import Runner
-    runner = Runner({**SMALL, "optimizer": "sign_descent", "hyperparameters": {"lr": 0.01}, "budget": {"steps": 6}},
-                    store=False, progress=False)
+
+    runner = Runner(
+        {
+            **SMALL,
+            "optimizer": "sign_descent",
+            "hyperparameters": {"lr": 0.01},
+            "budget": {"steps": 6},
+        },
+        store=False,
+        progress=False,
+    )
     assert runner.run()["steps"] == 6
-    assert runner.counts["gradient_evaluations"] == 6 and runner.history["steps"][-1]["stats"]["lr"] == 0.01
+    assert (
+        runner.counts["gradient_evaluations"] == 6
+        and runner.history["steps"][-1]["stats"]["lr"] == 0.01
+    )
     assert runner.steerable() == ["lr"]  # shrink is construction-only
     runner.steer("lr", 0.005)
     runner.config["budget"] = {"steps": 7}
@@ -54,24 +85,41 @@ def test_a_registered_optimizer_runs_through_the_runner(sign_descent):
 
 def test_a_registered_optimizer_runs_in_the_benchmark(sign_descent):
     from qnwb.bench import bench_optimizers
-    result = bench_optimizers(["sign_descent", "adam"], steps=3, lrs={"sign_descent": 0.01}, hidden=6, layers=1, length=4, batch=3,
-                              evaluate_every=3)
+
+    result = bench_optimizers(
+        ["sign_descent", "adam"],
+        steps=3,
+        lrs={"sign_descent": 0.01},
+        hidden=6,
+        layers=1,
+        length=4,
+        batch=3,
+        evaluate_every=3,
+    )
     assert set(result["optimizers"]) == {"sign_descent", "adam"}
     assert len(result["optimizers"]["sign_descent"]["train"]) == 3
 
 
 def test_a_registered_optimizer_runs_in_a_report_grid(sign_descent, capsys):
     from qnwb.reports import run_grid
-    runners, failed = run_grid(["sign_descent"], [0, 1], lambda o, s: {**SMALL, "optimizer": o, "seed": s, "budget": {"steps": 2}},
-                               store=False)
+
+    runners, failed = run_grid(
+        ["sign_descent"],
+        [0, 1],
+        lambda o, s: {**SMALL, "optimizer": o, "seed": s, "budget": {"steps": 2}},
+        store=False,
+    )
     assert sorted(runners) == [("sign_descent", 0), ("sign_descent", 1)] and not failed
-    assert runners["sign_descent", 1].config["hyperparameters"] == {"lr": 0.02}  # its entry's suggestion
+    assert runners["sign_descent", 1].config["hyperparameters"] == {
+        "lr": 0.02
+    }  # its entry's suggestion
     assert "sign_descent seed 1: finished" in capsys.readouterr().out
 
 
 def test_a_registered_optimizer_gets_its_dashboard_controls(sign_descent):
     pytest.importorskip("ipywidgets")
     from qnwb.widgets import Dashboard
+
     board = Dashboard({**SMALL, "optimizer": "sign_descent", "budget": {"steps": 2}}, store=False)
     try:
         assert list(board.controls) == ["lr"] and board.controls["lr"].value == 0.02
@@ -100,20 +148,38 @@ def test_the_step_adapter_counts_what_the_optimizer_reports(name):
     net = torch.nn.Linear(3, 2).double()
     x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
     from qnwb.losses import matching_loss
+
     loss = matching_loss("squared_error")
     optimizer = make_optimizer(name, net, loss, suggested_hyperparameters(name))
     with torch.no_grad():
         before = float(loss(net(x), y))
     closure_calls = []
-    wrap = lambda f: (lambda: (closure_calls.append(1), f())[1])
-    result = take_step(optimizer, net, loss, (x, y), curvature_batches=lambda: (x, y), monitor_batch=(x, y), wrap=wrap)
+    wrap = lambda f: lambda: (closure_calls.append(1), f())[1]
+    result = take_step(
+        optimizer,
+        net,
+        loss,
+        (x, y),
+        curvature_batches=lambda: (x, y),
+        monitor_batch=(x, y),
+        wrap=wrap,
+    )
     entry = entry_for(optimizer)[1]
     if entry.step_takes == "closure":
-        assert result.gradient_evaluations == len(closure_calls) >= 1  # every closure call, counted (no monitor at step 1)
+        assert (
+            result.gradient_evaluations == len(closure_calls) >= 1
+        )  # every closure call, counted (no monitor at step 1)
     else:
-        assert result.gradient_evaluations == result.stats["gradient_evaluations"] and not closure_calls
-    assert (result.curvature_products > 0) == (entry.curvature_products and name == "hessian_free")  # SQN's first pair comes later
-    assert result.loss == pytest.approx(before, rel=1e-9)  # the batch loss at the parameters before the step
+        assert (
+            result.gradient_evaluations == result.stats["gradient_evaluations"]
+            and not closure_calls
+        )
+    assert (result.curvature_products > 0) == (
+        entry.curvature_products and name == "hessian_free"
+    )  # SQN's first pair comes later
+    assert result.loss == pytest.approx(
+        before, rel=1e-9
+    )  # the batch loss at the parameters before the step
     with torch.no_grad():
         assert float(loss(net(x), y)) != before  # and the step moved them
 
@@ -121,6 +187,7 @@ def test_the_step_adapter_counts_what_the_optimizer_reports(name):
 def test_a_step_that_needs_curvature_batches_says_so():
     net = torch.nn.Linear(2, 1)
     from qnwb.losses import matching_loss
+
     loss = matching_loss("squared_error")
     optimizer = make_optimizer("sqn", net, loss)
     with pytest.raises(ValueError, match="curvature_batches: 'sqn'"):

@@ -1,14 +1,24 @@
 """The character-model report: adaQN, Adagrad and Adam under one budget, rendered by papermill with overridden parameters."""
+
 import math
 
 import papermill
 import pytest
-
-from qnwb.reports import render_report
 from reporting import render_with_store
 
-SMALL = {"hidden": 8, "length": 10, "batch_size": 8, "budget": 60, "evaluate_every": 20, "average_every": 20, "L": 3,
-         "optimizers": ["adaqn", "adagrad", "adam"], "target_bpc": 6.0}
+from qnwb.reports import render_report
+
+SMALL = {
+    "hidden": 8,
+    "length": 10,
+    "batch_size": 8,
+    "budget": 60,
+    "evaluate_every": 20,
+    "average_every": 20,
+    "L": 3,
+    "optimizers": ["adaqn", "adagrad", "adam"],
+    "target_bpc": 6.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +30,26 @@ def test_each_optimizer_runs_the_same_budget_through_the_store(report):
     rendered, results, store = report
     assert sorted(results["runs"]) == ["adagrad seed 0", "adam seed 0", "adaqn seed 0"]
     runs = store.runs()
-    assert [(r["optimizer"], r["problem"], r["status"]) for r in runs] == [(o, "char_lm", "finished") for o in SMALL["optimizers"]]
+    assert [(r["optimizer"], r["problem"], r["status"]) for r in runs] == [
+        (o, "char_lm", "finished") for o in SMALL["optimizers"]
+    ]
     for run in runs:
         assert run["summary"]["gradient_evaluations"] == 60 and run["steps"] == 60
-        assert run["config"]["problem_options"] == {"hidden": 8, "layers": 1, "length": 10, "batch_size": 8}
-    assert runs[0]["config"]["hyperparameters"] == {"lr": 0.1, "L": 3}  # adaQN: Adagrad's step size and the given L
-    assert results["runs"]["adaqn seed 0"]["loss_evaluations"] > 0 == results["runs"]["adam seed 0"]["loss_evaluations"]
+        assert run["config"]["problem_options"] == {
+            "hidden": 8,
+            "layers": 1,
+            "length": 10,
+            "batch_size": 8,
+        }
+    assert runs[0]["config"]["hyperparameters"] == {
+        "lr": 0.1,
+        "L": 3,
+    }  # adaQN: Adagrad's step size and the given L
+    assert (
+        results["runs"]["adaqn seed 0"]["loss_evaluations"]
+        > 0
+        == results["runs"]["adam seed 0"]["loss_evaluations"]
+    )
     assert rendered.html.stat().st_size > 1_000_000
 
 
@@ -41,8 +65,13 @@ def test_the_table_is_in_bits_per_character_of_the_stored_evaluations(report):
         assert math.isclose(row["final"], bits[-1]) and math.isclose(row["best"], min(bits))
         reached = [r["gradient_evaluations"] for r, b in zip(rows, bits) if b <= 6.0]
         assert row["speed"] == (reached[0] if reached else None)
-    initial = [store.evaluations(run["id"])[0]["validation_loss"] / (10 * math.log(2)) for run in store.runs()]
-    assert all(math.isclose(b, math.log2(103), rel_tol=1e-3) for b in initial)  # N(0, 0.01²) weights: uniform over 103 characters
+    initial = [
+        store.evaluations(run["id"])[0]["validation_loss"] / (10 * math.log(2))
+        for run in store.runs()
+    ]
+    assert all(
+        math.isclose(b, math.log2(103), rel_tol=1e-3) for b in initial
+    )  # N(0, 0.01²) weights: uniform over 103 characters
 
 
 def test_the_memory_numbers_are_adaqns_stored_statistics(report):
@@ -53,11 +82,20 @@ def test_the_memory_numbers_are_adaqns_stored_statistics(report):
     last = steps[-1]["stats"]
     assert memory["steps"] == len(steps) == 60 and memory["capacity"] == 10
     assert (memory["pairs_stored"], memory["pairs_skipped"], memory["rejections"]) == (
-        last["pairs_stored"], last["pairs_skipped"], last["rejections"])
-    assert memory["pairs_stored"] + memory["pairs_skipped"] + memory["rejections"] == 60 // 3 - 1  # one test per cycle after the first
+        last["pairs_stored"],
+        last["pairs_skipped"],
+        last["rejections"],
+    )
+    assert (
+        memory["pairs_stored"] + memory["pairs_skipped"] + memory["rejections"] == 60 // 3 - 1
+    )  # one test per cycle after the first
     assert len(memory["average_memory"]) == 3  # 60 steps in windows of 20
-    used = [0] + [int(row["stats"]["memory_size"]) for row in steps[:-1]]  # pairs held before each step (no forgetting)
-    assert memory["average_memory"] == pytest.approx([sum(used[i:i + 20]) / 20 for i in (0, 20, 40)])
+    used = [0] + [
+        int(row["stats"]["memory_size"]) for row in steps[:-1]
+    ]  # pairs held before each step (no forgetting)
+    assert memory["average_memory"] == pytest.approx(
+        [sum(used[i : i + 20]) / 20 for i in (0, 20, 40)]
+    )
     assert memory["steps_with_pairs"] == sum(u > 0 for u in used)
 
 
@@ -72,6 +110,12 @@ def test_the_html_draws_every_figure_offline_in_chromium(report):
 
 
 def test_an_optimizer_without_a_step_size_is_refused(tmp_path):
-    with pytest.raises(papermill.PapermillExecutionError, match=r"learning_rates: no step size for \['sgd'\]"):
-        render_report("charlm", SMALL | {"optimizers": ["sgd"], "store": str(tmp_path / "r.sqlite")}, out=tmp_path / "reports",
-                      progress=False)
+    with pytest.raises(
+        papermill.PapermillExecutionError, match=r"learning_rates: no step size for \['sgd'\]"
+    ):
+        render_report(
+            "charlm",
+            SMALL | {"optimizers": ["sgd"], "store": str(tmp_path / "r.sqlite")},
+            out=tmp_path / "reports",
+            progress=False,
+        )

@@ -1,4 +1,5 @@
 """The pathological report: success means every held-out sequence right, read from the run store, and counted per optimizer."""
+
 import json
 import statistics
 
@@ -14,8 +15,15 @@ def _work(row: dict) -> int:
 
 
 def _small_pathological(tmp_path, **overrides):
-    parameters = {"T": 10, "budget": 2500, "evaluate_every": 100, "seeds": [0], "optimizers": ["hessian_free", "adam"],
-                  "store": str(tmp_path / "pathological.sqlite"), **overrides}
+    parameters = {
+        "T": 10,
+        "budget": 2500,
+        "evaluate_every": 100,
+        "seeds": [0],
+        "optimizers": ["hessian_free", "adam"],
+        "store": str(tmp_path / "pathological.sqlite"),
+        **overrides,
+    }
     return render_report("pathological", parameters, out=tmp_path / "reports", progress=False)
 
 
@@ -31,23 +39,40 @@ def test_success_rate_and_work_to_success_agree_with_the_stored_runs(tmp_path):
         rows = store.evaluations(runs[optimizer, 0]["id"])
         zero = [row for row in rows if row["validation_error"] == 0]
         success = results["success"][optimizer]
-        if zero:  # success: the run stopped at the first evaluation with every held-out sequence right
+        if (
+            zero
+        ):  # success: the run stopped at the first evaluation with every held-out sequence right
             assert rows[-1]["step"] == zero[0]["step"]
             assert _work(rows[-2]) < 2500 and rows[-2]["validation_error"] > 0
             assert success["successes"] == 1 and success["rate"] == 1.0
-            assert success["evaluations_to_success"] == {"0": _work(zero[0])} and success["median_evaluations_to_success"] == _work(zero[0])
+            assert success["evaluations_to_success"] == {"0": _work(zero[0])} and success[
+                "median_evaluations_to_success"
+            ] == _work(zero[0])
             outcomes.add("solved")
         else:  # failure: the whole budget spent, never error 0
             assert _work(rows[-1]) >= 2500
-            assert success == {"successes": 0, "seeds": 1, "rate": 0.0, "median_evaluations_to_success": None,
-                               "evaluations_to_success": {"0": None}, "best_error": min(r["validation_error"] for r in rows)}
+            assert success == {
+                "successes": 0,
+                "seeds": 1,
+                "rate": 0.0,
+                "median_evaluations_to_success": None,
+                "evaluations_to_success": {"0": None},
+                "best_error": min(r["validation_error"] for r in rows),
+            }
             outcomes.add("failed")
         assert results["runs"][f"{optimizer} seed 0"]["reached_target"] == bool(zero)
-    assert outcomes == {"solved", "failed"}  # with these settings HF solves T = 10 and Adam does not: both paths are exercised
+    assert outcomes == {
+        "solved",
+        "failed",
+    }  # with these settings HF solves T = 10 and Adam does not: both paths are exercised
     table = {row["label"]: row for row in results["summary"]}
-    assert {label: row["reached"] for label, row in table.items()} == {o: results["success"][o]["successes"] for o in table}
+    assert {label: row["reached"] for label, row in table.items()} == {
+        o: results["success"][o]["successes"] for o in table
+    }
     html = report.html.read_text()
-    assert html.count("Plotly.newPlot") >= 4  # the task, the error with its band, every run, the loss
+    assert (
+        html.count("Plotly.newPlot") >= 4
+    )  # the task, the error with its band, every run, the loss
     assert "solved addition at T = 10 in 1 of 1 seeds" in html
 
 
@@ -59,12 +84,16 @@ def test_the_median_is_over_the_seeds_that_succeed(tmp_path):
     for run in store.runs():
         rows = store.evaluations(run["id"])
         first = next((row for row in rows if row["validation_error"] == 0), None)
-        assert results["success"]["hessian_free"]["evaluations_to_success"][str(run["seed"])] == (None if first is None else _work(first))
+        assert results["success"]["hessian_free"]["evaluations_to_success"][str(run["seed"])] == (
+            None if first is None else _work(first)
+        )
         if first is not None:
             solved.append(_work(first))
     assert solved, "no HF seed solved addition at T = 10 within 3000 evaluations"
     assert results["success"]["hessian_free"]["successes"] == len(solved)
-    assert results["success"]["hessian_free"]["median_evaluations_to_success"] == statistics.median(solved)
+    assert results["success"]["hessian_free"]["median_evaluations_to_success"] == statistics.median(
+        solved
+    )
 
 
 def test_a_problem_that_is_not_pathological_is_refused(tmp_path):

@@ -1,26 +1,53 @@
 """Report machinery: parameters read from the template, checked before running, real papermill execution and HTML."""
+
 import json
 import math
 import re
 
 import pytest
 
-from qnwb.reports import check_parameters, parse_value, render_report, report_names, template_parameters, template_path
+from qnwb.reports import (
+    check_parameters,
+    parse_value,
+    render_report,
+    report_names,
+    template_parameters,
+    template_path,
+)
 
 
 def _template(folder, parameters: str, body: list[str]):
-    cells = [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": parameters, "outputs": [], "execution_count": None}]
-    cells += [{"cell_type": "code", "metadata": {}, "source": src, "outputs": [], "execution_count": None} for src in body]
-    nb = {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-          "nbformat": 4, "nbformat_minor": 5}
+    cells = [
+        {
+            "cell_type": "code",
+            "metadata": {"tags": ["parameters"]},
+            "source": parameters,
+            "outputs": [],
+            "execution_count": None,
+        }
+    ]
+    cells += [
+        {"cell_type": "code", "metadata": {}, "source": src, "outputs": [], "execution_count": None}
+        for src in body
+    ]
+    nb = {
+        "cells": cells,
+        "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
     (folder / "demo.ipynb").write_text(json.dumps(nb))
     return folder / "demo.ipynb"
 
 
-FIGURES = ["from qnwb.reports import use_static_figures, report_results\nuse_static_figures()\nimport plotly.graph_objects as go",
-           "go.Figure(go.Scatter(y=list(range(steps)), name='line'), layout=dict(title=title))",
-           "go.Figure(go.Bar(y=[1, 2, 3], name='bars'))",
-           "report_results({'steps': steps, 'title': title})"]
+FIGURES = [
+    "from qnwb.reports import use_static_figures, report_results\nuse_static_figures()\nimport plotly.graph_objects as go",
+    "go.Figure(go.Scatter(y=list(range(steps)), name='line'), layout=dict(title=title))",
+    "go.Figure(go.Bar(y=[1, 2, 3], name='bars'))",
+    "report_results({'steps': steps, 'title': title})",
+]
 
 
 @pytest.fixture
@@ -56,12 +83,31 @@ def test_unknown_report_and_bad_names(templates):
 def test_parameter_checks():
     defaults = {"steps": 10, "rate": 0.1, "names": ["a"], "seed": None, "flag": False}
     assert check_parameters(defaults, {"rate": 1, "names": ("b",), "seed": 3, "flag": True}) == {
-        "steps": 10, "rate": 1, "names": ["b"], "seed": 3, "flag": True}
-    for given, message in [({"step": 1}, "unknown step"), ({"steps": 2.5}, "steps must be a int"), ({"steps": True}, "steps must be a int"),
-                           ({"rate": "fast"}, "rate must be a float"), ({"flag": 1}, "flag must be a bool"), ({"names": "a"}, "names must be a list")]:
+        "steps": 10,
+        "rate": 1,
+        "names": ["b"],
+        "seed": 3,
+        "flag": True,
+    }
+    for given, message in [
+        ({"step": 1}, "unknown step"),
+        ({"steps": 2.5}, "steps must be a int"),
+        ({"steps": True}, "steps must be a int"),
+        ({"rate": "fast"}, "rate must be a float"),
+        ({"flag": 1}, "flag must be a bool"),
+        ({"names": "a"}, "names must be a list"),
+    ]:
         with pytest.raises(ValueError, match=message):
             check_parameters(defaults, given)
-    assert [parse_value(s) for s in ["3", "-0.5", "[1, 2]", "True", "None", "adam", "1e-3"]] == [3, -0.5, [1, 2], True, None, "adam", 1e-3]
+    assert [parse_value(s) for s in ["3", "-0.5", "[1, 2]", "True", "None", "adam", "1e-3"]] == [
+        3,
+        -0.5,
+        [1, 2],
+        True,
+        None,
+        "adam",
+        1e-3,
+    ]
 
 
 def test_render_runs_papermill_with_the_given_parameters(templates, tmp_path):
@@ -69,9 +115,14 @@ def test_render_runs_papermill_with_the_given_parameters(templates, tmp_path):
     assert report.parameters == {"steps": 5, "title": "demo", "rate": 0.5}
     assert json.loads(report.results.read_text()) == {"steps": 5, "title": "demo"}
     html = report.html.read_text()
-    assert re.findall(r'<script[^>]*\ssrc=', html) == []  # nothing loaded from elsewhere: not a CDN, not an empty src
+    assert (
+        re.findall(r"<script[^>]*\ssrc=", html) == []
+    )  # nothing loaded from elsewhere: not a CDN, not an empty src
     assert len(re.findall(r"plotly\.js v\d", html)) == 1  # plotly.js inlined once for both figures
-    assert html.count("Plotly.newPlot") >= 2 and report.html.stem == report.notebook.stem == report.results.stem
+    assert (
+        html.count("Plotly.newPlot") >= 2
+        and report.html.stem == report.notebook.stem == report.results.stem
+    )
 
 
 def test_bad_parameters_fail_before_anything_is_written(templates, tmp_path):
@@ -113,7 +164,12 @@ def test_rendered_html_draws_every_figure_offline_in_chromium(templates, tmp_pat
 
 
 def _small_tour(tmp_path):
-    parameters = {"budget": 300, "evaluate_every": 100, "optimizers": ["hessian_free", "nag"], "store": str(tmp_path / "tour.sqlite")}
+    parameters = {
+        "budget": 300,
+        "evaluate_every": 100,
+        "optimizers": ["hessian_free", "nag"],
+        "store": str(tmp_path / "tour.sqlite"),
+    }
     return render_report("tour", parameters, out=tmp_path / "reports", progress=False)
 
 
@@ -122,12 +178,20 @@ def test_the_tour_runs_with_overridden_parameters_and_writes_store_json_and_html
 
     report = _small_tour(tmp_path)
     results = json.loads(report.results.read_text())
-    assert results["parameters"]["budget"] == 300 and sorted(results["runs"]) == ["hessian_free seed 0", "nag seed 0"]
+    assert results["parameters"]["budget"] == 300 and sorted(results["runs"]) == [
+        "hessian_free seed 0",
+        "nag seed 0",
+    ]
     assert [row["label"] for row in results["summary"]] == ["hessian_free", "nag"]
     runs = RunStore(tmp_path / "tour.sqlite").runs()
-    assert [(r["optimizer"], r["status"]) for r in runs] == [("hessian_free", "finished"), ("nag", "finished")]
+    assert [(r["optimizer"], r["status"]) for r in runs] == [
+        ("hessian_free", "finished"),
+        ("nag", "finished"),
+    ]
     assert all(r["steps"] > 0 for r in runs)
-    assert report.html.name.startswith("tour-") and report.html.stat().st_size > 1_000_000  # plotly.js inlined
+    assert (
+        report.html.name.startswith("tour-") and report.html.stat().st_size > 1_000_000
+    )  # plotly.js inlined
 
 
 @pytest.mark.browser
@@ -136,17 +200,26 @@ def test_the_tour_html_draws_every_figure_offline_in_chromium(tmp_path):
 
     report = _small_tour(tmp_path)
     dom, console = open_in_chromium(report.html)
-    assert drawn_plots(dom) == 5, console  # two learning curves, the spectrum, the CG run, CM vs NAG
+    assert drawn_plots(dom) == 5, (
+        console
+    )  # two learning curves, the spectrum, the CG run, CM vs NAG
     assert script_errors(console) == []
 
 
 def test_tables_and_curves_take_diverged_runs_whose_metrics_the_store_kept_as_null():
     from qnwb.reports import learning_curves_figure, summary_table
 
-    rows = lambda errors: [{"gradient_evaluations": 10 * k, "curvature_products": 0, "validation_error": e} for k, e in enumerate(errors)]
+    rows = lambda errors: [
+        {"gradient_evaluations": 10 * k, "curvature_products": 0, "validation_error": e}
+        for k, e in enumerate(errors)
+    ]
     curves = {"diverged": [rows([0.9, None])], "fine": [rows([0.9, 0.2])]}
     table = summary_table(curves, target=0.5)
-    assert math.isnan(table.rows[0]["final"]) and table.rows[0]["best"] == 0.9 and table.rows[0]["reached"] == 0
+    assert (
+        math.isnan(table.rows[0]["final"])
+        and table.rows[0]["best"] == 0.9
+        and table.rows[0]["reached"] == 0
+    )
     assert table.rows[1]["speed"] == 10.0
     figure = learning_curves_figure(curves)
     assert math.isnan(figure.data[0].y[1]) and list(figure.data[1].y) == [0.9, 0.2]
@@ -165,5 +238,8 @@ def test_two_renderings_in_one_second_do_not_overwrite_each_other(templates, tmp
     monkeypatch.setattr(qnwb.reports._dt, "datetime", Frozen)
     first = render_report("demo", out=tmp_path / "out", progress=False)
     second = render_report("demo", out=tmp_path / "out", progress=False)
-    assert first.html.name == "demo-20261122-120000.html" and second.html.name == "demo-20261122-120000-2.html"
+    assert (
+        first.html.name == "demo-20261122-120000.html"
+        and second.html.name == "demo-20261122-120000-2.html"
+    )
     assert json.loads(first.results.read_text()) == json.loads(second.results.read_text())

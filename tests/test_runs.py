@@ -1,4 +1,5 @@
 """The runner: problems, budgets, evaluations, steering, bit-for-bit resume, SIGKILL and concurrent runs, bad input."""
+
 import json
 import math
 import os
@@ -12,24 +13,43 @@ import time
 import pytest
 import torch
 
+from qnwb.problems import PROBLEMS, EpochStream, make_problem, problem_options
 from qnwb.quadratic import Quadratic
-from qnwb.problems import EpochStream, make_problem, problem_options, PROBLEMS
 from qnwb.runs import BUDGET_UNITS, Runner, check_config, load_config, run_config
 from qnwb.store import RunStore
 
-TINY = {"addition": {"T": 10, "hidden": 6, "batch_size": 20, "held_out": 50},
-        "curves": {"size": 8, "sizes": [12, 4], "train": 60, "test": 20, "batch_size": 25},
-        "char_lm": {"hidden": 8, "length": 6, "batch_size": 8, "held_out": 10},
-        "quadratic": {"n": 6, "batch_size": 3}}
-HYPER = {"hessian_free": {"cg_max_iterations": 5}, "lbfgs": {"lr": 0.1, "line_search": "armijo", "memory": 3},
-         "sqn": {"lr": 0.05, "L": 2, "memory": 3}, "adaqn": {"lr": 0.05, "L": 2, "memory": 3, "fisher_memory": 4},
-         "lsr1": {"memory": 3}, "cm": {"lr": 0.01}, "nag": {"lr": 0.01, "momentum": {"schedule": "SutskeverMomentum", "period": 3}},
-         "sgd": {"lr": 0.01}, "adagrad": {"lr": 0.05}, "adam": {"lr": 0.01}}
+TINY = {
+    "addition": {"T": 10, "hidden": 6, "batch_size": 20, "held_out": 50},
+    "curves": {"size": 8, "sizes": [12, 4], "train": 60, "test": 20, "batch_size": 25},
+    "char_lm": {"hidden": 8, "length": 6, "batch_size": 8, "held_out": 10},
+    "quadratic": {"n": 6, "batch_size": 3},
+}
+HYPER = {
+    "hessian_free": {"cg_max_iterations": 5},
+    "lbfgs": {"lr": 0.1, "line_search": "armijo", "memory": 3},
+    "sqn": {"lr": 0.05, "L": 2, "memory": 3},
+    "adaqn": {"lr": 0.05, "L": 2, "memory": 3, "fisher_memory": 4},
+    "lsr1": {"memory": 3},
+    "cm": {"lr": 0.01},
+    "nag": {"lr": 0.01, "momentum": {"schedule": "SutskeverMomentum", "period": 3}},
+    "sgd": {"lr": 0.01},
+    "adagrad": {"lr": 0.05},
+    "adam": {"lr": 0.01},
+}
 
 
 def config(optimizer="adam", problem="addition", steps=6, **more):
-    return {"problem": problem, "problem_options": TINY[problem], "optimizer": optimizer, "hyperparameters": HYPER[optimizer],
-            "budget": {"steps": steps}, "evaluate_every": 2, "device": "cpu", "seed": 3, **more}
+    return {
+        "problem": problem,
+        "problem_options": TINY[problem],
+        "optimizer": optimizer,
+        "hyperparameters": HYPER[optimizer],
+        "budget": {"steps": steps},
+        "evaluate_every": 2,
+        "device": "cpu",
+        "seed": 3,
+        **more,
+    }
 
 
 def params(runner):
@@ -38,17 +58,24 @@ def params(runner):
 
 def untimed(steps):
     "The steps' stats as JSON (NaN == NaN), without timings (HF's gradient_s, cg_s, evaluation_s)."
-    return json.dumps([{k: v for k, v in x["stats"].items() if not k.endswith("_s")} for x in steps], sort_keys=True)
+    return json.dumps(
+        [{k: v for k, v in x["stats"].items() if not k.endswith("_s")} for x in steps],
+        sort_keys=True,
+    )
 
 
 def stop_at(k):
     return lambda info: info["step"] == k and info["runner"].request_stop()
 
+
 # --------------------------------------------------------------------------------------------------------------------
 # problems
 
 
-@pytest.mark.parametrize("name", ["addition", "xor", "temporal_order", "memorization_5bit", "curves", "char_lm", "quadratic"])
+@pytest.mark.parametrize(
+    "name",
+    ["addition", "xor", "temporal_order", "memorization_5bit", "curves", "char_lm", "quadratic"],
+)
 def test_every_problem_builds_and_evaluates(name):
     options = TINY.get(name, {"T": 10, "hidden": 5, "batch_size": 10, "held_out": 20})
     p = make_problem(name, seed=0, device="cpu", **options)
@@ -62,6 +89,7 @@ def test_every_problem_builds_and_evaluates(name):
 
 def test_the_registry_covers_the_pathological_tasks_the_autoencoder_the_char_lm_and_quadratics():
     from qnwb.tasks import TASKS
+
     assert set(TASKS) | {"curves", "char_lm", "quadratic"} == set(PROBLEMS)
     assert problem_options("addition")["T"] == 20
 
@@ -81,7 +109,9 @@ def test_every_optimizer_sees_the_same_batches_for_one_seed():
         runner = Runner(config(name, steps=3), store=False, progress=False)
         draw = runner.problem.stream.draw
         batches = []
-        runner.problem.stream.draw = lambda g, draw=draw, batches=batches: batches.append(draw(g)) or batches[-1]
+        runner.problem.stream.draw = lambda g, draw=draw, batches=batches: (
+            batches.append(draw(g)) or batches[-1]
+        )
         runner.run()
         seen[name] = batches
     assert all(torch.equal(a[0], b[0]) for a, b in zip(seen["adam"], seen["lbfgs"]))
@@ -107,12 +137,15 @@ def test_epoch_stream_visits_every_case_once_per_epoch_and_restores():
     with pytest.raises(ValueError, match="batch_size"):
         EpochStream((torch.arange(3),), seed=0, batch_size=4)
 
+
 # --------------------------------------------------------------------------------------------------------------------
 # resume, bit for bit
 
 
 @pytest.mark.parametrize("optimizer", sorted(HYPER))
-def test_a_stopped_and_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(tmp_path, optimizer):
+def test_a_stopped_and_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(
+    tmp_path, optimizer
+):
     problem = "quadratic" if optimizer in ("lsr1",) else "addition"
     c = config(optimizer, problem, steps=9)
     whole = Runner(c, store=tmp_path / "s.sqlite", progress=False)
@@ -136,10 +169,14 @@ def test_a_stopped_and_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_d
 
 @pytest.mark.parametrize("problem", ["curves", "char_lm"])
 def test_resume_keeps_the_data_position_of_epoch_and_window_streams(tmp_path, problem):
-    c = config("adam", problem, steps=7, checkpoint=str(tmp_path / "c.pt"))  # curves: an epoch is 2 batches of 25 of 60
+    c = config(
+        "adam", problem, steps=7, checkpoint=str(tmp_path / "c.pt")
+    )  # curves: an epoch is 2 batches of 25 of 60
     whole = Runner(c, store=False, progress=False)
     whole.run()
-    part = Runner(c, store=False, on_step=stop_at(3), progress=False, overwrite=True)  # replaces the first run's checkpoint
+    part = Runner(
+        c, store=False, on_step=stop_at(3), progress=False, overwrite=True
+    )  # replaces the first run's checkpoint
     part.run()
     resumed = Runner.resume(tmp_path / "c.pt", store=False, progress=False)
     resumed.run()
@@ -157,6 +194,7 @@ def test_a_crashed_run_resumes_from_its_last_periodic_checkpoint(tmp_path):
     def crash(info):
         if info["step"] == 8:
             raise RuntimeError("power cut")
+
     broken = Runner(c, store=path, on_step=crash, progress=False)
     with pytest.raises(RuntimeError, match="power cut"):
         broken.run()
@@ -169,7 +207,9 @@ def test_a_crashed_run_resumes_from_its_last_periodic_checkpoint(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(params(whole), params(resumed)))
     with RunStore(path) as s:
         assert [x["step"] for x in s.steps(broken.run_id)] == list(range(1, 11))
-        assert [x["loss"] for x in s.steps(broken.run_id)] == [x["loss"] for x in s.steps(whole.run_id)]
+        assert [x["loss"] for x in s.steps(broken.run_id)] == [
+            x["loss"] for x in s.steps(whole.run_id)
+        ]
 
 
 def test_resume_can_extend_the_budget_of_a_finished_run(tmp_path):
@@ -190,19 +230,32 @@ def test_resume_refuses_what_is_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="not a qnwb checkpoint"):
         Runner.resume(tmp_path / "y.pt")
 
+
 # --------------------------------------------------------------------------------------------------------------------
 # budgets, evaluations, targets, callbacks
 
 
 def test_budgets_count_closure_calls_and_curvature_products():
-    lbfgs = Runner(config("lbfgs", steps=1000, budget={"gradient_evaluations": 12}), store=False, progress=False)
+    lbfgs = Runner(
+        config("lbfgs", steps=1000, budget={"gradient_evaluations": 12}),
+        store=False,
+        progress=False,
+    )
     calls = [0]
     step = lbfgs.optimizer.step
-    lbfgs.optimizer.step = lambda closure, **kw: step(lambda: (calls.__setitem__(0, calls[0] + 1), closure())[1], **kw)
+    lbfgs.optimizer.step = lambda closure, **kw: step(
+        lambda: (calls.__setitem__(0, calls[0] + 1), closure())[1], **kw
+    )
     out = lbfgs.run()
     assert out["gradient_evaluations"] == calls[0] >= 12
-    assert calls[0] - sum(1 for _ in [0]) < 12 + 25  # stops at the first step boundary past the limit
-    hf = Runner(config("hessian_free", budget={"curvature_products": 20, "steps": 100}), store=False, progress=False)
+    assert (
+        calls[0] - sum(1 for _ in [0]) < 12 + 25
+    )  # stops at the first step boundary past the limit
+    hf = Runner(
+        config("hessian_free", budget={"curvature_products": 20, "steps": 100}),
+        store=False,
+        progress=False,
+    )
     products = []
     original = hf.optimizer.step
 
@@ -210,6 +263,7 @@ def test_budgets_count_closure_calls_and_curvature_products():
         value = original(batch)
         products.append(hf.optimizer.stats["curvature_products"])
         return value
+
     hf.optimizer.step = counted
     out = hf.run()
     assert out["curvature_products"] == sum(products) >= 20 > sum(products[:-1])
@@ -218,32 +272,57 @@ def test_budgets_count_closure_calls_and_curvature_products():
 
 def test_an_epoch_budget_and_the_evaluations_unit():
     out = run_config(config("sgd", "curves", budget={"epochs": 2.0}), store=False, progress=False)
-    assert out["steps"] == 5 and out["epochs"] == pytest.approx(5 * 25 / 60)  # 2 batches per epoch of 60; the 5th starts at 1.67
+    assert out["steps"] == 5 and out["epochs"] == pytest.approx(
+        5 * 25 / 60
+    )  # 2 batches per epoch of 60; the 5th starts at 1.67
     hf = run_config(config("hessian_free", budget={"evaluations": 30}), store=False, progress=False)
     assert hf["gradient_evaluations"] + hf["curvature_products"] >= 30
 
 
 def test_evaluations_at_the_interval_at_the_start_and_at_the_end(tmp_path):
-    runner = Runner(config("adam", steps=7, evaluate_every=3), store=tmp_path / "s.sqlite", progress=False)
+    runner = Runner(
+        config("adam", steps=7, evaluate_every=3), store=tmp_path / "s.sqlite", progress=False
+    )
     runner.run()
     with RunStore(tmp_path / "s.sqlite") as s:
         rows = s.evaluations(runner.run_id)
     assert [r["step"] for r in rows] == [0, 3, 6, 7]
     assert all(r["validation_loss"] is not None and r["train_loss"] is not None for r in rows)
-    assert rows[-1]["validation_loss"] == pytest.approx(runner.problem.evaluate(runner.problem.held_out)[0])
-    work = Runner(config("hessian_free", steps=12, evaluate_every=10, evaluate_unit="evaluations"), store=False, progress=False)
+    assert rows[-1]["validation_loss"] == pytest.approx(
+        runner.problem.evaluate(runner.problem.held_out)[0]
+    )
+    work = Runner(
+        config("hessian_free", steps=12, evaluate_every=10, evaluate_unit="evaluations"),
+        store=False,
+        progress=False,
+    )
     work.run()
-    done = [0] + [x["gradient_evaluations"] + x["curvature_products"] for x in work.history["steps"]]
-    assert max(b - a for a, b in zip(done, done[1:])) < 10  # a step does less work than the interval
-    crossed = [t for t in range(1, len(done)) if done[t] // 10 > done[t - 1] // 10]  # steps that pass a multiple of 10 evaluations
+    done = [0] + [
+        x["gradient_evaluations"] + x["curvature_products"] for x in work.history["steps"]
+    ]
+    assert (
+        max(b - a for a, b in zip(done, done[1:])) < 10
+    )  # a step does less work than the interval
+    crossed = [
+        t for t in range(1, len(done)) if done[t] // 10 > done[t - 1] // 10
+    ]  # steps that pass a multiple of 10 evaluations
     assert len(crossed) >= 3
-    assert [e["step"] for e in work.history["evaluations"]] == [0, *crossed] + ([12] if crossed[-1] != 12 else [])
+    assert [e["step"] for e in work.history["evaluations"]] == [0, *crossed] + (
+        [12] if crossed[-1] != 12 else []
+    )
 
 
 def test_a_target_stops_the_run_early():
-    c = {"problem": "quadratic", "problem_options": {"n": 6}, "optimizer": "lbfgs", "device": "cpu",
-         "hyperparameters": {"line_search": "strong_wolfe", "full_batch": True}, "budget": {"steps": 200}, "evaluate_every": 1,
-         "target": {"validation_error": 1e-8}}
+    c = {
+        "problem": "quadratic",
+        "problem_options": {"n": 6},
+        "optimizer": "lbfgs",
+        "device": "cpu",
+        "hyperparameters": {"line_search": "strong_wolfe", "full_batch": True},
+        "budget": {"steps": 200},
+        "evaluate_every": 1,
+        "target": {"validation_error": 1e-8},
+    }
     out = run_config(c, store=False, progress=False)
     assert out["reached_target"] and out["status"] == "finished" and out["steps"] < 200
     assert out["last_evaluation"]["validation_error"] <= 1e-8
@@ -260,8 +339,12 @@ def test_on_step_gets_the_step_the_work_the_stats_and_the_evaluation():
 
 def test_a_background_run_stops_on_its_event_and_records_steering(tmp_path):
     stop, steps = threading.Event(), []
-    runner = Runner(config("cm", steps=10_000), store=tmp_path / "s.sqlite", on_step=lambda i: steps.append(i["step"]),
-                    progress=False)
+    runner = Runner(
+        config("cm", steps=10_000),
+        store=tmp_path / "s.sqlite",
+        on_step=lambda i: steps.append(i["step"]),
+        progress=False,
+    )
     thread = threading.Thread(target=runner.run, kwargs={"stop": stop})
     thread.start()
     while len(steps) < 3:
@@ -276,7 +359,10 @@ def test_a_background_run_stops_on_its_event_and_records_steering(tmp_path):
         run = s.run(runner.run_id)
         events = s.steering_events(runner.run_id)
     assert run["status"] == "stopped" and run["steps"] == runner.step < 10_000
-    assert [(e["parameter"], e["old_value"], e["new_value"]) for e in events] == [("lr", 0.01, 0.005), ("momentum", 0.9, 0.5)]
+    assert [(e["parameter"], e["old_value"], e["new_value"]) for e in events] == [
+        ("lr", 0.01, 0.005),
+        ("momentum", 0.9, 0.5),
+    ]
     assert events[0]["step"] == events[1]["step"] >= 3
     with pytest.raises(ValueError, match="steerable"):
         runner.steer("momentun", 0.5)
@@ -284,26 +370,43 @@ def test_a_background_run_stops_on_its_event_and_records_steering(tmp_path):
 
 def test_a_scheduled_momentum_is_steered_to_another_schedule_and_to_a_number(tmp_path):
     from qnwb.optim.schedules import SutskeverMomentum
+
     c = config("nag", steps=9)  # momentum: SutskeverMomentum with period 3 (μ_max 0.999)
     runner = Runner(c, store=tmp_path / "s.sqlite", progress=False)
     spec = {"schedule": "SutskeverMomentum", "mu_max": 0.8, "period": 1}
-    runner.on_step = lambda info: (info["step"] == 3 and runner.steer("momentum", spec)) or (info["step"] == 6 and runner.steer("momentum", 0.3))
+    runner.on_step = lambda info: (
+        (info["step"] == 3 and runner.steer("momentum", spec))
+        or (info["step"] == 6 and runner.steer("momentum", 0.3))
+    )
     seen = []
-    runner.on_step, steer = (lambda info: (seen.append(runner.optimizer.param_groups[0]["momentum"]), steer(info))), runner.on_step
+    runner.on_step, steer = (
+        (lambda info: (seen.append(runner.optimizer.param_groups[0]["momentum"]), steer(info))),
+        runner.on_step,
+    )
     runner.run()
     configured, steered = SutskeverMomentum(period=3), SutskeverMomentum(mu_max=0.8, period=1)
     # the momentum of update t (t = 0, 1, ...): the configured schedule, then the steered one at the same t, then the number
     assert seen == [configured(t) for t in range(3)] + [steered(t) for t in range(3, 6)] + [0.3] * 3
-    assert steered(5) == 0.8 and configured(5) == 0.75  # the two schedules differ where it is checked
+    assert (
+        steered(5) == 0.8 and configured(5) == 0.75
+    )  # the two schedules differ where it is checked
     with RunStore(tmp_path / "s.sqlite") as s:
         events = s.steering_events(runner.run_id)
     assert [(e["step"], e["old_value"], e["new_value"]) for e in events] == [
-        (3, {"schedule": "SutskeverMomentum", "period": 3}, spec), (6, spec, 0.3)]
+        (3, {"schedule": "SutskeverMomentum", "period": 3}, spec),
+        (6, spec, 0.3),
+    ]
 
 
-@pytest.mark.parametrize("value, message", [
-    ({"schedule": "Bogus"}, "is not one of"), ({"schedule": "SutskeverMomentum", "mu_max": 1.5}, "mu_max"),
-    ({"schedule": "RNNMomentum", "mu_zero": 0.9}, "refused"), (1.0, "momentum = 1.0 is refused")])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"schedule": "Bogus"}, "is not one of"),
+        ({"schedule": "SutskeverMomentum", "mu_max": 1.5}, "mu_max"),
+        ({"schedule": "RNNMomentum", "mu_zero": 0.9}, "refused"),
+        (1.0, "momentum = 1.0 is refused"),
+    ],
+)
 def test_bad_momentum_schedules_are_refused_and_change_nothing(value, message):
     runner = Runner(config("nag"), store=False, progress=False)
     with pytest.raises(ValueError, match=message):
@@ -313,20 +416,25 @@ def test_bad_momentum_schedules_are_refused_and_change_nothing(value, message):
 
 def test_only_cm_and_nag_take_schedules():
     hf = Runner({**_SMALL, "optimizer": "hessian_free"}, store=False, progress=False)
-    assert hf.schedulable() == [] and Runner(config("cm"), store=False, progress=False).schedulable() == ["lr", "momentum"]
+    assert hf.schedulable() == [] and Runner(
+        config("cm"), store=False, progress=False
+    ).schedulable() == ["lr", "momentum"]
     with pytest.raises(ValueError, match="takes a number, not a schedule"):
         hf.steer("damping", {"schedule": "Constant", "value": 1.0})
 
 
 def test_a_steered_schedule_survives_a_checkpoint_and_a_replay(tmp_path):
     from qnwb.runs import replay
+
     c = config("nag", steps=8)
     spec = {"schedule": "RNNMomentum", "mu0": 0.5, "switch": 5, "initial": 0.2}
     whole = Runner(c, store=tmp_path / "s.sqlite", progress=False)
     whole.on_step = lambda info: info["step"] == 2 and whole.steer("momentum", spec)
     whole.run()
     part = Runner(c, store=tmp_path / "s.sqlite", progress=False)
-    part.on_step = lambda info: (info["step"] == 2 and part.steer("momentum", spec)) or stop_at(4)(info)
+    part.on_step = lambda info: (
+        (info["step"] == 2 and part.steer("momentum", spec)) or stop_at(4)(info)
+    )
     first = part.run()
     resumed = Runner.resume(first["checkpoint"], progress=False)
     assert resumed.schedule_specs == {"momentum": spec}
@@ -338,8 +446,14 @@ def test_a_steered_schedule_survives_a_checkpoint_and_a_replay(tmp_path):
 
 
 def test_a_diverging_run_is_marked_failed(tmp_path):
-    c = {"problem": "quadratic", "problem_options": {"n": 6, "condition": 10.0}, "optimizer": "sgd", "device": "cpu",
-         "hyperparameters": {"lr": 1e4}, "budget": {"steps": 50}}
+    c = {
+        "problem": "quadratic",
+        "problem_options": {"n": 6, "condition": 10.0},
+        "optimizer": "sgd",
+        "device": "cpu",
+        "hyperparameters": {"lr": 1e4},
+        "budget": {"steps": 50},
+    }
     runner = Runner(c, store=tmp_path / "s.sqlite", progress=False)
     with pytest.raises(FloatingPointError, match="not finite|inf|nan"):
         runner.run()
@@ -353,29 +467,33 @@ def test_the_progress_bar_counts_the_budget_unit(capsys):
     err = capsys.readouterr().err
     assert "adam on addition" in err and "/3 " in err and "steps/s" in err
 
+
 # --------------------------------------------------------------------------------------------------------------------
 # bad input: a clear error and no rows
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"optimizer": "adamw"}, "optimizer: 'adamw' is not one of"),
-    ({"problem": "adittion"}, "problem: 'adittion' is not one of"),
-    ({"budget": {"steps": 0}}, r"budget\['steps'\]: must be a positive int"),
-    ({"budget": {"gradient_evaluations": 0}}, "must be a positive int"),
-    ({"budget": {"seconds": 0.0}}, r"budget\['seconds'\]: must be in \(0"),
-    ({"budget": {}}, "budget: give a mapping"),
-    ({"budget": {"flops": 3}}, "'flops' is not one of"),
-    ({"hyperparameters": {"lrr": 0.1}}, r"\['lrr'\] are not hyperparameters of 'adam'"),
-    ({"hyperparameters": {"lr": -1.0}}, "hyperparameters of .adam.: lr: must be in"),
-    ({"problem_options": {"T": 1}}, "T"),
-    ({"problem": "addition", "budget": {"epochs": 1}}, "has no epochs"),
-    ({"target": {"accuracy": 0.9}}, "'accuracy' is not one of"),
-    ({"seed": -1}, "seed"),
-    ({"seeds": [1, 2]}, r"unknown keys \['seeds'\]"),
-    ({"device": "tpu"}, "device"),
-    ({"budget": {"curvature_products": 10}}, "would never end"),  # adam computes none
-    ({"evaluate_unit": "curvature_products"}, "evaluate_unit"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"optimizer": "adamw"}, "optimizer: 'adamw' is not one of"),
+        ({"problem": "adittion"}, "problem: 'adittion' is not one of"),
+        ({"budget": {"steps": 0}}, r"budget\['steps'\]: must be a positive int"),
+        ({"budget": {"gradient_evaluations": 0}}, "must be a positive int"),
+        ({"budget": {"seconds": 0.0}}, r"budget\['seconds'\]: must be in \(0"),
+        ({"budget": {}}, "budget: give a mapping"),
+        ({"budget": {"flops": 3}}, "'flops' is not one of"),
+        ({"hyperparameters": {"lrr": 0.1}}, r"\['lrr'\] are not hyperparameters of 'adam'"),
+        ({"hyperparameters": {"lr": -1.0}}, "hyperparameters of .adam.: lr: must be in"),
+        ({"problem_options": {"T": 1}}, "T"),
+        ({"problem": "addition", "budget": {"epochs": 1}}, "has no epochs"),
+        ({"target": {"accuracy": 0.9}}, "'accuracy' is not one of"),
+        ({"seed": -1}, "seed"),
+        ({"seeds": [1, 2]}, r"unknown keys \['seeds'\]"),
+        ({"device": "tpu"}, "device"),
+        ({"budget": {"curvature_products": 10}}, "would never end"),  # adam computes none
+        ({"evaluate_unit": "curvature_products"}, "evaluate_unit"),
+    ],
+)
 def test_bad_configurations_fail_clearly_and_store_nothing(tmp_path, change, message):
     path = tmp_path / "s.sqlite"
     RunStore(path).close()
@@ -385,13 +503,16 @@ def test_bad_configurations_fail_clearly_and_store_nothing(tmp_path, change, mes
         assert s.runs() == []
 
 
-@pytest.mark.parametrize("name, text, message", [
-    ("missing.json", None, "cannot read"),
-    ("bad.json", "{problem: addition", "is not valid JSON"),
-    ("bad.yaml", "problem: [addition", "is not valid YAML"),
-    ("list.json", "[1, 2]", "must hold a mapping"),
-    ("binary.json", b"\xff\xfe\x00", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("missing.json", None, "cannot read"),
+        ("bad.json", "{problem: addition", "is not valid JSON"),
+        ("bad.yaml", "problem: [addition", "is not valid YAML"),
+        ("list.json", "[1, 2]", "must hold a mapping"),
+        ("binary.json", b"\xff\xfe\x00", "cannot read"),
+    ],
+)
 def test_unreadable_configurations_fail_clearly_and_store_nothing(tmp_path, name, text, message):
     path = tmp_path / name
     if isinstance(text, bytes):
@@ -425,9 +546,16 @@ def test_every_budget_unit_is_accepted():
         problem = "curves" if unit == "epochs" else "addition"
         limit = 1e-6 if unit == "seconds" else 1
         optimizer = "hessian_free" if unit == "curvature_products" else "sgd"
-        runner = Runner(config(optimizer, problem, budget={"steps": 50, unit: limit}), store=False, progress=False)
+        runner = Runner(
+            config(optimizer, problem, budget={"steps": 50, unit: limit}),
+            store=False,
+            progress=False,
+        )
         out = runner.run()
-        assert out["status"] == "finished" and 1 <= out["steps"] < 50 and runner.counter(unit) >= limit
+        assert (
+            out["status"] == "finished" and 1 <= out["steps"] < 50 and runner.counter(unit) >= limit
+        )
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # processes: SIGKILL and concurrent writers
@@ -449,8 +577,13 @@ SCRIPT = textwrap.dedent("""
 
 def _spawn(store, c, barrier=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(store), json.dumps(c), str(barrier)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(store), json.dumps(c), str(barrier)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def test_sigkill_mid_run_leaves_a_readable_store_with_every_completed_step(tmp_path):
@@ -475,15 +608,23 @@ def test_sigkill_mid_run_leaves_a_readable_store_with_every_completed_step(tmp_p
         steps = s.steps(run["id"])
         assert run["status"] == "killed"
         assert len(steps) >= 20 and [x["step"] for x in steps] == list(range(1, len(steps) + 1))
-        assert run["steps"] == len(steps)  # the run row agrees with its steps: one transaction for both
+        assert run["steps"] == len(
+            steps
+        )  # the run row agrees with its steps: one transaction for both
         assert all(math.isfinite(x["loss"]) and x["stats"] for x in steps)
         assert s.evaluations(run["id"])[0]["step"] == 0
 
 
 def test_two_runs_in_two_processes_write_one_store_at_once(tmp_path):
     path = tmp_path / "s.sqlite"
-    children = [_spawn(path, {**config("adam", steps=150, evaluate_every=10), "seed": seed, "name": f"seed {seed}"}, barrier=2)
-                for seed in (0, 1)]
+    children = [
+        _spawn(
+            path,
+            {**config("adam", steps=150, evaluate_every=10), "seed": seed, "name": f"seed {seed}"},
+            barrier=2,
+        )
+        for seed in (0, 1)
+    ]
     outputs = [child.communicate() for child in children]
     assert [child.returncode for child in children] == [0, 0], outputs
     assert [out.strip() for out, _ in outputs] == ["finished", "finished"]
@@ -491,19 +632,32 @@ def test_two_runs_in_two_processes_write_one_store_at_once(tmp_path):
         runs = s.runs()
         assert sorted(r["name"] for r in runs) == ["seed 0", "seed 1"]
         for r in runs:
-            assert r["status"] == "finished" and [x["step"] for x in s.steps(r["id"])] == list(range(1, 151))
+            assert r["status"] == "finished" and [x["step"] for x in s.steps(r["id"])] == list(
+                range(1, 151)
+            )
             assert [e["step"] for e in s.evaluations(r["id"])] == list(range(0, 151, 10))
         a, b = (s.steps(r["id"]) for r in runs)
-        assert max(r["started"] for r in runs) < min(r["ended"] for r in runs)  # they ran at the same time (the barrier)
+        assert max(r["started"] for r in runs) < min(
+            r["ended"] for r in runs
+        )  # they ran at the same time (the barrier)
     assert [x["loss"] for x in a] != [x["loss"] for x in b]  # different seeds, different runs
 
 
 # Each of these once misbehaved silently; the tests keep it from coming back.
-_SMALL = {"problem": "addition", "problem_options": {"T": 10, "hidden": 8, "batch_size": 50}, "budget": {"steps": 3}, "evaluate_every": 3}
+_SMALL = {
+    "problem": "addition",
+    "problem_options": {"T": 10, "hidden": 8, "batch_size": 50},
+    "budget": {"steps": 3},
+    "evaluate_every": 3,
+}
 
 
 def test_hessian_free_gets_its_own_curvature_batch_when_one_is_configured():
-    runner = Runner({**_SMALL, "optimizer": "hessian_free", "curvature_batch_size": 10}, store=False, progress=False)
+    runner = Runner(
+        {**_SMALL, "optimizer": "hessian_free", "curvature_batch_size": 10},
+        store=False,
+        progress=False,
+    )
     sizes, step = [], runner.optimizer.step
 
     def spy(batch, curvature_batch=None, **options):
@@ -514,7 +668,9 @@ def test_hessian_free_gets_its_own_curvature_batch_when_one_is_configured():
     runner.run()
     assert sizes == [10, 10, 10]
     with pytest.raises(ValueError, match="'adam' computes no curvature-vector products"):
-        Runner({**_SMALL, "optimizer": "adam", "curvature_batch_size": 10}, store=False, progress=False)
+        Runner(
+            {**_SMALL, "optimizer": "adam", "curvature_batch_size": 10}, store=False, progress=False
+        )
 
 
 def test_running_again_with_a_raised_budget_marks_the_run_running(tmp_path):
@@ -526,7 +682,12 @@ def test_running_again_with_a_raised_budget_marks_the_run_running(tmp_path):
     runner.config["budget"] = {"steps": 6}
     runner.run()
     row = store.run(runner.run_id)
-    assert seen == ["running"] * 3 and row["status"] == "finished" and row["steps"] == 6 and row["preemption_count"] == 0
+    assert (
+        seen == ["running"] * 3
+        and row["status"] == "finished"
+        and row["steps"] == 6
+        and row["preemption_count"] == 0
+    )
 
 
 def test_steering_refuses_values_the_constructor_refuses():
@@ -546,11 +707,21 @@ def test_steering_refuses_values_the_constructor_refuses():
 
 
 def test_resume_is_bit_for_bit_with_a_curvature_batch_on_a_fixed_training_set(tmp_path):
-    config = {"problem": "curves", "problem_options": {"size": 8, "train": 200, "test": 50, "batch_size": 50}, "optimizer": "sqn",
-              "budget": {"steps": 8}, "evaluate_every": 4, "curvature_batch_size": 20}
+    config = {
+        "problem": "curves",
+        "problem_options": {"size": 8, "train": 200, "test": 50, "batch_size": 50},
+        "optimizer": "sqn",
+        "budget": {"steps": 8},
+        "evaluate_every": 4,
+        "curvature_batch_size": 20,
+    }
     whole = Runner(config, store=False, progress=False)
     whole.run()
-    first = Runner({**config, "budget": {"steps": 4}, "checkpoint": str(tmp_path / "ck.pt")}, store=False, progress=False)
+    first = Runner(
+        {**config, "budget": {"steps": 4}, "checkpoint": str(tmp_path / "ck.pt")},
+        store=False,
+        progress=False,
+    )
     first.run()
     rest = Runner.resume(tmp_path / "ck.pt", store=False, budget={"steps": 8}, progress=False)
     rest.run()
@@ -563,21 +734,34 @@ def test_evaluate_works_outside_run():
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "sqn", "adaqn", "lsr1"])
-def test_a_steered_memory_size_and_L_take_effect_survive_a_checkpoint_and_replay(tmp_path, optimizer):
+def test_a_steered_memory_size_and_L_take_effect_survive_a_checkpoint_and_replay(
+    tmp_path, optimizer
+):
     from qnwb.runs import replay
+
     problem = "quadratic" if optimizer == "lsr1" else "addition"
     c = config(optimizer, problem, steps=10)
-    changes = {3: [("memory", 1)], 5: [("L", 3)] if optimizer in ("sqn", "adaqn") else [], 6: [("memory", 4)]}
+    changes = {
+        3: [("memory", 1)],
+        5: [("L", 3)] if optimizer in ("sqn", "adaqn") else [],
+        6: [("memory", 4)],
+    }
 
     def steer(runner):
         return lambda info: [runner.steer(*change) for change in changes.get(info["step"], [])]
 
     whole = Runner(c, store=tmp_path / "s.sqlite", progress=False)
     capacity = []
-    whole.on_step = lambda info: (capacity.append(info["stats"]["memory_capacity"]), steer(whole)(info))
+    whole.on_step = lambda info: (
+        capacity.append(info["stats"]["memory_capacity"]),
+        steer(whole)(info),
+    )
     whole.run()
     assert capacity == [3] * 3 + [1] * 3 + [4] * 4 and whole.optimizer.memory.size == 4
-    if optimizer in ("sqn", "adaqn"):  # steered after step 5, inside the cycle of steps 5–6: that cycle keeps L = 2
+    if optimizer in (
+        "sqn",
+        "adaqn",
+    ):  # steered after step 5, inside the cycle of steps 5–6: that cycle keeps L = 2
         assert [s["stats"]["cycle_length"] for s in whole.history["steps"]] == [2] * 6 + [3] * 4
     part = Runner(c, store=tmp_path / "s.sqlite", progress=False)
     part.on_step = lambda info: (steer(part)(info), stop_at(7)(info))
@@ -590,13 +774,22 @@ def test_a_steered_memory_size_and_L_take_effect_survive_a_checkpoint_and_replay
 
 
 def test_queued_changes_are_checked_together_and_construction_only_settings_are_not_steerable():
-    hf = Runner({**_SMALL, "optimizer": "hessian_free", "hyperparameters": {"cg_max_iterations": 10}}, store=False, progress=False)
+    hf = Runner(
+        {**_SMALL, "optimizer": "hessian_free", "hyperparameters": {"cg_max_iterations": 10}},
+        store=False,
+        progress=False,
+    )
     hf.steer("cg_min_iterations", 8)  # fine with the 10 in force
     with pytest.raises(ValueError, match="cg_max_iterations = 5 is refused"):
         hf.steer("cg_max_iterations", 5)  # 5 < the queued cg_min_iterations 8
     assert hf._steering == [("cg_min_iterations", 8)]
-    for optimizer, fixed in (("lsr1", "gamma"), ("adaqn", "adagrad_epsilon"), ("lbfgs", "h0_epsilon"), ("lbfgs", "rmsprop_decay"),
-                             ("adagrad", "initial_accumulator_value")):
+    for optimizer, fixed in (
+        ("lsr1", "gamma"),
+        ("adaqn", "adagrad_epsilon"),
+        ("lbfgs", "h0_epsilon"),
+        ("lbfgs", "rmsprop_decay"),
+        ("adagrad", "initial_accumulator_value"),
+    ):
         runner = Runner({**_SMALL, "optimizer": optimizer}, store=False, progress=False)
         assert fixed not in runner.steerable() and fixed in runner.optimizer.param_groups[0]
         with pytest.raises(ValueError, match="cannot be steered"):
@@ -605,7 +798,9 @@ def test_queued_changes_are_checked_together_and_construction_only_settings_are_
 
 def test_a_memory_that_cannot_be_allocated_is_refused_as_a_value_and_nothing_of_the_real_size_is_built():
     adaqn = Runner({**_SMALL, "optimizer": "adaqn"}, store=False, progress=False)
-    with pytest.raises(ValueError, match="memory = 10000000000000 is refused: "):  # by the bound on slots, before allocating
+    with pytest.raises(
+        ValueError, match="memory = 10000000000000 is refused: "
+    ):  # by the bound on slots, before allocating
         adaqn.steer("memory", 10**13)
     assert adaqn._steering == [] and adaqn.optimizer.memory.size == 10
 
@@ -613,6 +808,14 @@ def test_a_memory_that_cannot_be_allocated_is_refused_as_a_value_and_nothing_of_
 def test_a_schedule_is_checked_at_the_optimizers_current_update():
     runner = Runner(config("nag", steps=4), store=False, progress=False)
     runner.run()  # 4 updates taken
-    late = {"schedule": "FineTuning", "base": {"schedule": "Constant", "value": 0.9}, "total": 6, "last": 4, "value": -0.5}
-    with pytest.raises(ValueError, match="momentum"):  # fine at t = 0 … 1, negative from t = 2: refused now, at t = 4
+    late = {
+        "schedule": "FineTuning",
+        "base": {"schedule": "Constant", "value": 0.9},
+        "total": 6,
+        "last": 4,
+        "value": -0.5,
+    }
+    with pytest.raises(
+        ValueError, match="momentum"
+    ):  # fine at t = 0 … 1, negative from t = 2: refused now, at t = 4
         runner.steer("momentum", late)

@@ -1,6 +1,7 @@
 """Bad numbers and bad state against qnwb's seven optimizers: CM and NAG reject a non-finite loss or gradient (θ, v and the
 update count stay, one host read per step); every `load_state_dict` refuses another optimizer's state and a corrupted
 state of its own with nothing changed; absurd hyperparameters are refused before anything is allocated."""
+
 import contextlib
 import copy
 import itertools
@@ -8,13 +9,13 @@ import math
 
 import pytest
 import torch
+from resizing import same
 from torch import nn
 
 from qnwb.core import SETTING_BOUNDS
 from qnwb.losses import matching_loss
 from qnwb.optim import CM, LBFGS, LSR1, NAG, SQN, AdaQN, HessianFree
 from qnwb.optim.schedules import SutskeverMomentum
-from resizing import same
 
 F64 = torch.float64
 LOSS = matching_loss("squared_error")
@@ -49,6 +50,7 @@ def step(optimizer, model, X, Y):
         loss = LOSS(model(X), Y)
         loss.backward()
         return loss
+
     if isinstance(optimizer, SQN):
         return optimizer.step(closure, curvature_batch=(X, Y))
     if isinstance(optimizer, AdaQN):
@@ -92,6 +94,7 @@ def counted_host_reads():
         def method(self, *args, **kwargs):
             counter["reads"] += not counter["paused"]
             return saved[name](self, *args, **kwargs)
+
         return method
 
     try:
@@ -107,7 +110,9 @@ def counted_host_reads():
 
 POISONS = {  # what a closure does wrong
     "nan_gradient": lambda loss, params: params[0].grad.view(-1).__setitem__(0, math.nan) or loss,
-    "inf_gradient": lambda loss, params: params[-1].grad.view(-1).__setitem__(-1, -math.inf) or loss,
+    "inf_gradient": lambda loss, params: (
+        params[-1].grad.view(-1).__setitem__(-1, -math.inf) or loss
+    ),
     "nan_loss": lambda loss, params: loss * math.nan,  # the gradients stay finite
     "inf_loss_as_a_number": lambda loss, params: math.inf,
 }
@@ -130,11 +135,17 @@ def test_a_non_finite_loss_or_gradient_is_rejected_by_cm_and_nag(name, poison, d
         loss.backward()
         counter["paused"] = False
         return POISONS[poison](loss, params) if poison else loss
+
     with counted_host_reads() as counter:
         optimizer.step(lambda: closure(poison))  # no raise: the caller decides
     assert counter["reads"] <= 1  # one decision for all gradients, never one per parameter
-    assert all(torch.equal(p, q) for p, q in zip(params, theta))  # NAG: θ back from θ + μv, bit for bit
-    assert all(torch.equal(optimizer.state[p]["velocity"], v) and "_theta" not in optimizer.state[p] for p, v in zip(params, velocity))
+    assert all(
+        torch.equal(p, q) for p, q in zip(params, theta)
+    )  # NAG: θ back from θ + μv, bit for bit
+    assert all(
+        torch.equal(optimizer.state[p]["velocity"], v) and "_theta" not in optimizer.state[p]
+        for p, v in zip(params, velocity)
+    )
     assert optimizer.updates == updates  # the schedules do not advance
     assert optimizer.stats["non_finite"] is True and optimizer.stats["step"] == stats["step"]
     with counted_host_reads() as counter:
@@ -142,10 +153,13 @@ def test_a_non_finite_loss_or_gradient_is_rejected_by_cm_and_nag(name, poison, d
     assert counter["reads"] <= 1 and optimizer.stats["non_finite"] is False
     step(reference, reference_model, X, Y)
     assert same(optimizer.stats, reference.stats)
-    assert all(torch.equal(p, q) for p, q in zip(params, reference_model.parameters()))  # as if never tried
+    assert all(
+        torch.equal(p, q) for p, q in zip(params, reference_model.parameters())
+    )  # as if never tried
 
 
 # --- 2. load_state_dict refuses another optimizer's state and a corrupted one, before anything changes ------------------
+
 
 @pytest.mark.parametrize("saved_by, loader", list(itertools.permutations(NAMES, 2)))
 def test_load_state_dict_refuses_another_optimizers_state_and_changes_nothing(saved_by, loader):
@@ -153,9 +167,13 @@ def test_load_state_dict_refuses_another_optimizers_state_and_changes_nothing(sa
     optimizer, model, X, Y = trained(loader, steps=2)
     reference, reference_model, _, _ = trained(loader, steps=2)
     before = copy.deepcopy(optimizer.state_dict())
-    with pytest.raises(ValueError, match=f"^state_dict: saved by {saved_by}, this optimizer is {loader}$"):
+    with pytest.raises(
+        ValueError, match=f"^state_dict: saved by {saved_by}, this optimizer is {loader}$"
+    ):
         optimizer.load_state_dict(saved)
-    untagged = {k: v for k, v in saved.items() if k != "optimizer"}  # as saved before states were tagged
+    untagged = {
+        k: v for k, v in saved.items() if k != "optimizer"
+    }  # as saved before states were tagged
     with pytest.raises(ValueError, match="^state_dict"):
         optimizer.load_state_dict(untagged)
     assert same(optimizer.state_dict(), before)
@@ -167,7 +185,11 @@ def test_an_untagged_state_loads_only_where_it_is_provably_the_loaders():
     """States saved before they were tagged: the five optimizers whose settings no other qnwb optimizer has all of load their
     own (and continue identically); CM's and NAG's look alike and are refused with a message that says how to tag them."""
     for name in NAMES:
-        saved = {k: v for k, v in copy.deepcopy(trained(name)[0].state_dict()).items() if k != "optimizer"}
+        saved = {
+            k: v
+            for k, v in copy.deepcopy(trained(name)[0].state_dict()).items()
+            if k != "optimizer"
+        }
         optimizer, model, X, Y = trained(name, steps=1)
         if name in ("CM", "NAG"):
             with pytest.raises(ValueError, match="names no optimizer.*'optimizer': 'CM' or 'NAG'"):
@@ -229,8 +251,14 @@ def corruptions(saved, optional=()):
         yield "a negative step count", replaced(saved, ("state", 0, "step"), lambda k: -1)
     if "updates" in saved:
         yield "a negative update count", replaced(saved, ("updates",), lambda k: -1)
-    yield "parameters renumbered", replaced(saved, ("param_groups", 0, "params"), lambda indices: [i + 1 for i in indices])
-    yield "a parameter missing", replaced(saved, ("param_groups", 0, "params"), lambda indices: indices[:-1])
+    yield (
+        "parameters renumbered",
+        replaced(saved, ("param_groups", 0, "params"), lambda indices: [i + 1 for i in indices]),
+    )
+    yield (
+        "a parameter missing",
+        replaced(saved, ("param_groups", 0, "params"), lambda indices: indices[:-1]),
+    )
     group = saved["param_groups"][0]
     setting = "lr" if "lr" in group else "damping" if "damping" in group else "memory"
     yield f"{setting} as a string", replaced(saved, ("param_groups", 0, setting), lambda v: "0.1")
@@ -261,23 +289,42 @@ def test_a_truncated_or_corrupted_state_of_the_right_optimizer_is_refused_and_ch
 # --- 3. absurd hyperparameters are refused -----------------------------------------------------------------------------
 
 ABSURD = [
-    ("HessianFree", {"lr": 1e300}, "lr"), ("HessianFree", {"damping": 1e300}, "damping"),
+    ("HessianFree", {"lr": 1e300}, "lr"),
+    ("HessianFree", {"damping": 1e300}, "damping"),
     ("HessianFree", {"preconditioner_shift": 1e300}, "preconditioner_shift"),
     ("HessianFree", {"structural_damping": 1e300}, "structural_damping"),
-    ("LBFGS", {"lr": 1e300}, "lr"), ("LBFGS", {"memory": 10**12}, "memory"),
-    ("SQN", {"lr": 1e300}, "lr"), ("SQN", {"memory": 10**12}, "memory"),
-    ("AdaQN", {"lr": 1e300}, "lr"), ("AdaQN", {"memory": 10**12}, "memory"), ("AdaQN", {"fisher_memory": 10**12}, "fisher_memory"),
-    ("LSR1", {"memory": 10**12}, "memory"), ("LSR1", {"radius": 1e300}, "radius"), ("LSR1", {"max_radius": 1e300}, "max_radius"),
-    ("LSR1", {"gamma": -1e300}, "gamma"), ("LSR1", {"method": "line_search", "gamma": 1e-300}, "gamma"),
-    ("CM", {"lr": 1e300}, "lr"), ("NAG", {"lr": 1e300}, "lr"),
+    ("LBFGS", {"lr": 1e300}, "lr"),
+    ("LBFGS", {"memory": 10**12}, "memory"),
+    ("SQN", {"lr": 1e300}, "lr"),
+    ("SQN", {"memory": 10**12}, "memory"),
+    ("AdaQN", {"lr": 1e300}, "lr"),
+    ("AdaQN", {"memory": 10**12}, "memory"),
+    ("AdaQN", {"fisher_memory": 10**12}, "fisher_memory"),
+    ("LSR1", {"memory": 10**12}, "memory"),
+    ("LSR1", {"radius": 1e300}, "radius"),
+    ("LSR1", {"max_radius": 1e300}, "max_radius"),
+    ("LSR1", {"gamma": -1e300}, "gamma"),
+    ("LSR1", {"method": "line_search", "gamma": 1e-300}, "gamma"),
+    ("CM", {"lr": 1e300}, "lr"),
+    ("NAG", {"lr": 1e300}, "lr"),
 ]
 
 
 @pytest.mark.parametrize("name, options, setting", ABSURD)
 def test_an_absurd_hyperparameter_is_refused_by_the_constructor(name, options, setting):
     model, _, _ = problem()
-    model_args = (model, "squared_error") if name in ("HessianFree", "SQN") else (model.parameters(),)
-    cls = {"HessianFree": HessianFree, "LBFGS": LBFGS, "SQN": SQN, "AdaQN": AdaQN, "LSR1": LSR1, "CM": CM, "NAG": NAG}[name]
+    model_args = (
+        (model, "squared_error") if name in ("HessianFree", "SQN") else (model.parameters(),)
+    )
+    cls = {
+        "HessianFree": HessianFree,
+        "LBFGS": LBFGS,
+        "SQN": SQN,
+        "AdaQN": AdaQN,
+        "LSR1": LSR1,
+        "CM": CM,
+        "NAG": NAG,
+    }[name]
     if name in ("CM", "NAG"):
         options = {"lr": 0.1, **options}
     with pytest.raises(ValueError, match=f"{setting}.*(SETTING_BOUNDS|must be)"):
@@ -285,13 +332,23 @@ def test_an_absurd_hyperparameter_is_refused_by_the_constructor(name, options, s
     assert SETTING_BOUNDS["step_size"] < 1e300 and SETTING_BOUNDS["slots"] < 10**12
 
 
-STEERED = [("LBFGS", "memory", 10**12), ("LBFGS", "lr", 1e300), ("SQN", "memory", 10**12), ("SQN", "lr", 1e300),
-           ("AdaQN", "fisher_memory", 10**12), ("AdaQN", "lr", 1e300), ("LSR1", "memory", 10**12), ("CM", "lr", 1e300),
-           ("NAG", "lr", 1e300)]
+STEERED = [
+    ("LBFGS", "memory", 10**12),
+    ("LBFGS", "lr", 1e300),
+    ("SQN", "memory", 10**12),
+    ("SQN", "lr", 1e300),
+    ("AdaQN", "fisher_memory", 10**12),
+    ("AdaQN", "lr", 1e300),
+    ("LSR1", "memory", 10**12),
+    ("CM", "lr", 1e300),
+    ("NAG", "lr", 1e300),
+]
 
 
 @pytest.mark.parametrize("name, setting, value", STEERED)
-def test_an_absurd_value_set_between_steps_is_refused_at_the_next_step_and_changes_nothing(name, setting, value):
+def test_an_absurd_value_set_between_steps_is_refused_at_the_next_step_and_changes_nothing(
+    name, setting, value
+):
     optimizer, model, X, Y = trained(name)
     before = copy.deepcopy(optimizer.state_dict())
     theta = [p.detach().clone() for p in model.parameters()]
@@ -304,4 +361,7 @@ def test_an_absurd_value_set_between_steps_is_refused_at_the_next_step_and_chang
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), theta))
     optimizer.param_groups[0][setting] = good
     after = optimizer.state_dict()
-    assert same({k: v for k, v in after.items() if k != "param_groups"}, {k: v for k, v in before.items() if k != "param_groups"})
+    assert same(
+        {k: v for k, v in after.items() if k != "param_groups"},
+        {k: v for k, v in before.items() if k != "param_groups"},
+    )

@@ -1,5 +1,6 @@
 """Safe to share: crafted checkpoints, live and stale resumes, path mistakes, damaged and read-only stores, a full disk,
 SIGTERM, and what the store prints. Each test names what it guards against; each failed on the code before the guard."""
+
 import io
 import json
 import os
@@ -22,8 +23,16 @@ from qnwb.runs import Runner
 from qnwb.store import RunStore
 
 QNWB = Path(sys.executable).parent / "qnwb"
-SMALL = {"problem": "quadratic", "problem_options": {"n": 6, "batch_size": 3}, "optimizer": "adam", "hyperparameters": {"lr": 0.01},
-         "budget": {"steps": 6}, "evaluate_every": 2, "device": "cpu", "seed": 1}
+SMALL = {
+    "problem": "quadratic",
+    "problem_options": {"n": 6, "batch_size": 3},
+    "optimizer": "adam",
+    "hyperparameters": {"lr": 0.01},
+    "budget": {"steps": 6},
+    "evaluate_every": 2,
+    "device": "cpu",
+    "seed": 1,
+}
 
 
 def config(**changes):
@@ -39,13 +48,19 @@ def stop_at(k):
 
 
 def cli(*args, env=None, timeout=300):
-    return subprocess.run([str(QNWB), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [str(QNWB), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def in_process(*args):
     "`(status, stdout, stderr)` of `qnwb ARGS` run in this process."
     from qnwb.cli import main
+
     with redirect_stdout(io.StringIO()) as out, redirect_stderr(io.StringIO()) as err:
         status = main([str(a) for a in args])
     return status, out.getvalue(), err.getvalue()
@@ -63,20 +78,28 @@ def stored_runs(path) -> list[dict]:
 def rows(path):
     "Every row of every table of the store at `path`, as plain tuples (what must survive a mistake)."
     with sqlite3.connect(path) as db:
-        return {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in ("runs", "steps", "evaluations", "steering")}
+        return {
+            t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+            for t in ("runs", "steps", "evaluations", "steering")
+        }
 
 
 @contextmanager
 def mounted(folder: Path, size: str = "1m"):
     "A tmpfs of `size` at `folder` (root only; the test is skipped where mounting is not allowed)."
     folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # checkpoints are data
@@ -115,16 +138,24 @@ def test_checkpoint_fields_are_checked_one_by_one(tmp_path):
     runner.run()
     good = runner.state()
     path = tmp_path / "c.pt"
-    cases = [({k: v for k, v in good.items() if k != "step"}, "lacks the field(s) ['step']"),
-             ({**good, "extra": 1}, "has field(s) qnwb does not write"),
-             ({**good, "step": "7"}, "the field 'step' holds a str"),
-             ({**good, "version": 1}, "format version 1"),
-             ({**good, "counts": {"gradient_evaluations": -1}}, "'counts' must hold"),
-             ({**good, "model": {"theta": [1.0]}}, "'model' must map parameter names to tensors"),
-             ({**good, "schedule_specs": {"lr": torch.float32}}, "it holds a dtype")]  # torch's loader allows it; qnwb never writes one
+    cases = [
+        ({k: v for k, v in good.items() if k != "step"}, "lacks the field(s) ['step']"),
+        ({**good, "extra": 1}, "has field(s) qnwb does not write"),
+        ({**good, "step": "7"}, "the field 'step' holds a str"),
+        ({**good, "version": 1}, "format version 1"),
+        ({**good, "counts": {"gradient_evaluations": -1}}, "'counts' must hold"),
+        ({**good, "model": {"theta": [1.0]}}, "'model' must map parameter names to tensors"),
+        ({**good, "schedule_specs": {"lr": torch.float32}}, "it holds a dtype"),
+    ]  # torch's loader allows it; qnwb never writes one
     for saved, message in cases:
         torch.save(saved, path)
-        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(
+            ValueError,
+            match=message.replace("(", r"\(")
+            .replace(")", r"\)")
+            .replace("[", r"\[")
+            .replace("]", r"\]"),
+        ):
             Runner.resume(path, store=False, progress=False)
     torch.save(good, path)
     Runner.resume(path, store=False, progress=False)  # the unmodified checkpoint loads
@@ -135,8 +166,13 @@ def test_a_checkpoint_that_expands_when_read_is_refused(tmp_path):
     runner.run()
     path = tmp_path / "c.pt"
     torch.save(runner.state(), path)
-    packed = tmp_path / "packed.pt"  # the same members, deflated: a small file that could hold gigabytes
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+    packed = (
+        tmp_path / "packed.pt"
+    )  # the same members, deflated: a small file that could hold gigabytes
+    with (
+        zipfile.ZipFile(path) as source,
+        zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target,
+    ):
         for member in source.infolist():
             target.writestr(member.filename, source.read(member.filename))
     with pytest.raises(ValueError, match="is compressed"):
@@ -156,7 +192,9 @@ def test_a_refused_checkpoint_leaves_the_model_and_optimizer_untouched(tmp_path)
     other.run()
     before, optimizer_before = params(other), json.dumps(str(other.optimizer.state_dict()))
     broken = first.state()
-    broken["streams"]["train"]["generator"] = torch.zeros(3, dtype=torch.uint8)  # refused after the model and optimizer loaded
+    broken["streams"]["train"]["generator"] = torch.zeros(
+        3, dtype=torch.uint8
+    )  # refused after the model and optimizer loaded
     with pytest.raises(Exception) as refused:
         other.load_state(broken)
     assert all(torch.equal(a, b) for a, b in zip(before, params(other)))
@@ -170,11 +208,15 @@ def test_a_refused_checkpoint_leaves_the_model_and_optimizer_untouched(tmp_path)
 def test_resume_never_opens_the_store_path_written_inside_a_checkpoint(tmp_path):
     a = Runner(config(), store=tmp_path / "a.sqlite", progress=False)
     a.run()
-    b = Runner(config(seed=5), store=tmp_path / "b.sqlite", progress=False)  # run 1 of another store
+    b = Runner(
+        config(seed=5), store=tmp_path / "b.sqlite", progress=False
+    )  # run 1 of another store
     b.run()
     with pytest.raises(ValueError, match="belongs to another run store"):
         Runner.resume(a.checkpoint_path, store=tmp_path / "b.sqlite", progress=False)
-    copy = tmp_path / "elsewhere" / "copy.pt"  # outside its store's folder: the default store, which is not its store
+    copy = (
+        tmp_path / "elsewhere" / "copy.pt"
+    )  # outside its store's folder: the default store, which is not its store
     copy.parent.mkdir()
     shutil.copy(a.checkpoint_path, copy)
     os.environ["QNWB_STORE"], saved = str(tmp_path / "b.sqlite"), os.environ.get("QNWB_STORE")
@@ -182,8 +224,11 @@ def test_resume_never_opens_the_store_path_written_inside_a_checkpoint(tmp_path)
         with pytest.raises(ValueError, match="belongs to another run store"):
             Runner.resume(copy, progress=False)
     finally:
-        os.environ.pop("QNWB_STORE") if saved is None else os.environ.__setitem__("QNWB_STORE", saved)
+        os.environ.pop("QNWB_STORE") if saved is None else os.environ.__setitem__(
+            "QNWB_STORE", saved
+        )
     assert RunStore(tmp_path / "b.sqlite").run(b.run_id)["preemption_count"] == 0
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # resume: never two processes on one run, never a stale checkpoint
@@ -198,36 +243,62 @@ CHILD = textwrap.dedent("""
 
 def test_a_run_that_another_process_runs_cannot_be_resumed(tmp_path):
     path = tmp_path / "s.sqlite"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), json.dumps(config(budget={"steps": 10**7}, checkpoint_every=2))],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(path),
+            json.dumps(config(budget={"steps": 10**7}, checkpoint_every=2)),
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while True:
             assert child.poll() is None, child.communicate()
             assert time.monotonic() < deadline, "the child never wrote a checkpoint"
             run = (stored_runs(path) or [None])[0]
-            if run and run["steps"] >= 4 and run["checkpoint"] and Path(run["checkpoint"]).is_file():
+            if (
+                run
+                and run["steps"] >= 4
+                and run["checkpoint"]
+                and Path(run["checkpoint"]).is_file()
+            ):
                 break
             time.sleep(0.05)
         with pytest.raises(ValueError, match="another process is running it|it is running"):
             Runner.resume(run["checkpoint"], progress=False)
         with RunStore(path, mark_dead=False) as s:
-            assert s.run(run["id"])["status"] == "running" and s.run(run["id"])["preemption_count"] == 0
+            assert (
+                s.run(run["id"])["status"] == "running"
+                and s.run(run["id"])["preemption_count"] == 0
+            )
             assert s.run(run["id"])["steps"] >= run["steps"]  # the live run's rows are all there
     finally:
         child.kill()
         child.wait()
 
 
-def test_a_live_run_of_another_pid_namespace_is_not_marked_killed_and_not_resumed_without_force(tmp_path):
+def test_a_live_run_of_another_pid_namespace_is_not_marked_killed_and_not_resumed_without_force(
+    tmp_path,
+):
     store = RunStore(tmp_path / "s.sqlite")
     runner = Runner(config(), store=store, on_step=stop_at(3), progress=False)
     runner.run()
-    with store.transaction() as db:  # as another container on this host records it: its own pid numbering
-        db.execute("UPDATE runs SET status = 'running', pid = ?, pidns = 'pid:[4026500000]', host = ? WHERE id = ?",
-                   (2**22 + 4321, socket.gethostname(), runner.run_id))
+    with (
+        store.transaction() as db
+    ):  # as another container on this host records it: its own pid numbering
+        db.execute(
+            "UPDATE runs SET status = 'running', pid = ?, pidns = 'pid:[4026500000]', host = ? WHERE id = ?",
+            (2**22 + 4321, socket.gethostname(), runner.run_id),
+        )
     again = RunStore(tmp_path / "s.sqlite")
-    assert again.run(runner.run_id)["status"] == "running"  # a reader cannot judge it, so it does not mark it killed
+    assert (
+        again.run(runner.run_id)["status"] == "running"
+    )  # a reader cannot judge it, so it does not mark it killed
     with pytest.raises(ValueError, match="another host or PID namespace"):
         Runner.resume(runner.checkpoint_path, progress=False)
     resumed = Runner.resume(runner.checkpoint_path, progress=False, force=True)
@@ -249,8 +320,12 @@ def test_a_stale_copy_of_a_checkpoint_keeps_the_stored_history(tmp_path):
 
 def test_rows_after_the_checkpoint_of_a_killed_run_move_aside_instead_of_vanishing(tmp_path):
     path = tmp_path / "s.sqlite"
-    runner = Runner(config(budget={"steps": 9}, checkpoint_every=3), store=path, on_step=lambda i: i["step"] == 7 and 1 / 0,
-                    progress=False)
+    runner = Runner(
+        config(budget={"steps": 9}, checkpoint_every=3),
+        store=path,
+        on_step=lambda i: i["step"] == 7 and 1 / 0,
+        progress=False,
+    )
     with pytest.raises(ZeroDivisionError):
         runner.run()  # failed at step 7: its newest checkpoint is of step 6
     lost = [r["loss"] for r in RunStore(path).steps(runner.run_id)][6:]
@@ -261,6 +336,7 @@ def test_rows_after_the_checkpoint_of_a_killed_run_move_aside_instead_of_vanishi
         discarded = s.discarded(runner.run_id)
         assert [(d["kind"], d["step"]) for d in discarded if d["kind"] == "step"] == [("step", 7)]
         assert [d["row"]["loss"] for d in discarded if d["kind"] == "step"] == lost
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # path mistakes never destroy the store
@@ -273,20 +349,34 @@ def test_no_path_mistake_destroys_the_store(tmp_path):
     os.link(path, tmp_path / "hard.sqlite")
     (tmp_path / "soft.sqlite").symlink_to(path)
     before = rows(path)
-    mistakes = [str(path), f"{path}-wal", f"{path}-shm", str(tmp_path / "hard.sqlite"), str(tmp_path / "soft.sqlite"),
-                str(done.checkpoint_path), str(tmp_path / "." / "s.sqlite")]
+    mistakes = [
+        str(path),
+        f"{path}-wal",
+        f"{path}-shm",
+        str(tmp_path / "hard.sqlite"),
+        str(tmp_path / "soft.sqlite"),
+        str(done.checkpoint_path),
+        str(tmp_path / "." / "s.sqlite"),
+    ]
     for target in mistakes:
         with pytest.raises(ValueError, match="run store|checkpoint of run|SQLite database"):
             Runner(config(checkpoint=target), store=path, progress=False)
         status, _, err = in_process("runs", "export", "--out", target, "--store", path, "--force")
         assert status == 2 and err.count("\n") == 1, (target, err)
-        status, _, err = in_process("runs", "export", "--format", "json", "--out", target, "--store", path, "--force")
+        status, _, err = in_process(
+            "runs", "export", "--format", "json", "--out", target, "--store", path, "--force"
+        )
         assert status == 2, (target, err)
     other = tmp_path / "other.sqlite"
     RunStore(other).close()
-    with pytest.raises(ValueError, match="SQLite database"):  # another store: no list knows it, its header does
+    with pytest.raises(
+        ValueError, match="SQLite database"
+    ):  # another store: no list knows it, its header does
         Runner(config(checkpoint=str(other)), store=path, progress=False)
-    assert rows(path) == before and RunStore(path)._query("PRAGMA integrity_check")[0]["integrity_check"] == "ok"
+    assert (
+        rows(path) == before
+        and RunStore(path)._query("PRAGMA integrity_check")[0]["integrity_check"] == "ok"
+    )
 
 
 def test_an_existing_file_is_replaced_only_with_force_and_atomically(tmp_path):
@@ -298,19 +388,34 @@ def test_an_existing_file_is_replaced_only_with_force_and_atomically(tmp_path):
     assert status == 2 and "exists; pass --force" in err and out.read_text() == "my notes"
     with pytest.raises(ValueError, match="exists; pass --force"):
         Runner(config(checkpoint=str(out)), store=path, progress=False)
-    assert out.read_text() == "my notes" and len(RunStore(path).runs()) == 1  # refused before the run was recorded
+    assert (
+        out.read_text() == "my notes" and len(RunStore(path).runs()) == 1
+    )  # refused before the run was recorded
     assert in_process("runs", "export", "--out", out, "--store", path, "--force")[0] == 0
-    assert out.read_text().startswith("run_id,") and not list(tmp_path.glob("*.partial")) + list(tmp_path.glob(".*partial"))
+    assert out.read_text().startswith("run_id,") and not list(tmp_path.glob("*.partial")) + list(
+        tmp_path.glob(".*partial")
+    )
 
 
 def test_two_stores_in_one_folder_never_share_a_checkpoint(tmp_path):
-    a = Runner(config(budget={"steps": 8}), store=tmp_path / "a.sqlite", on_step=stop_at(3), progress=False)
+    a = Runner(
+        config(budget={"steps": 8}), store=tmp_path / "a.sqlite", on_step=stop_at(3), progress=False
+    )
     a.run()
-    b = Runner(config(seed=4, budget={"steps": 8}), store=tmp_path / "b.sqlite", on_step=stop_at(5), progress=False)
+    b = Runner(
+        config(seed=4, budget={"steps": 8}),
+        store=tmp_path / "b.sqlite",
+        on_step=stop_at(5),
+        progress=False,
+    )
     b.run()
     assert a.run_id == b.run_id == 1 and a.checkpoint_path != b.checkpoint_path
     resumed = Runner.resume(RunStore(tmp_path / "a.sqlite").run(1)["checkpoint"], progress=False)
-    assert (resumed.step, resumed.config["seed"], resumed.store.path) == (3, 1, tmp_path / "a.sqlite")
+    assert (resumed.step, resumed.config["seed"], resumed.store.path) == (
+        3,
+        1,
+        tmp_path / "a.sqlite",
+    )
 
 
 def test_store_paths_survive_a_change_of_working_directory(tmp_path, monkeypatch):
@@ -321,7 +426,10 @@ def test_store_paths_survive_a_change_of_working_directory(tmp_path, monkeypatch
     monkeypatch.chdir(elsewhere)
     store = RunStore(tmp_path / "data" / "s.sqlite")
     assert Path(store.run(1)["checkpoint"]) == tmp_path / "data" / "s.sqlite-runs" / "run-1.pt"
-    assert in_process("runs", "resume", "1", "--store", tmp_path / "data" / "s.sqlite", "--quiet")[0] == 0
+    assert (
+        in_process("runs", "resume", "1", "--store", tmp_path / "data" / "s.sqlite", "--quiet")[0]
+        == 0
+    )
 
 
 def test_tilde_means_home_in_config_paths(tmp_path, monkeypatch):
@@ -329,6 +437,7 @@ def test_tilde_means_home_in_config_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Runner(config(checkpoint="~/c.pt"), store=False, progress=False).run()
     assert (tmp_path / "home" / "c.pt").is_file() and not (tmp_path / "~").exists()
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # the store: read-only, damaged, full
@@ -341,7 +450,11 @@ def test_a_read_only_store_lists_shows_and_exports(tmp_path):
         runner.run()
         runner.store.close()  # no file of the mount may stay open for it to become read-only
         subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
-        for args in (("runs", "list"), ("runs", "show", "1"), ("runs", "export", "--out", tmp_path / "out.csv")):
+        for args in (
+            ("runs", "list"),
+            ("runs", "show", "1"),
+            ("runs", "export", "--out", tmp_path / "out.csv"),
+        ):
             done = cli(*args, "--store", folder / "s.sqlite")
             assert done.returncode == 0, (args, done.stderr)
         assert "finished" in cli("runs", "list", "--store", folder / "s.sqlite").stdout
@@ -356,7 +469,11 @@ def test_reading_never_writes_to_the_store(tmp_path):
         with s.transaction() as db:
             db.execute("UPDATE runs SET pid = ? WHERE id = 2", (2**22 + 99,))
     before = rows(path)
-    for args in (("runs", "list"), ("runs", "show", "2"), ("runs", "export", "--out", tmp_path / "o.json", "--format", "json")):
+    for args in (
+        ("runs", "list"),
+        ("runs", "show", "2"),
+        ("runs", "export", "--out", tmp_path / "o.json", "--format", "json"),
+    ):
         assert in_process(*args, "--store", path)[0] == 0
     assert rows(path) == before  # shown as killed, not written
     assert "killed" in in_process("runs", "list", "--store", path)[1]
@@ -371,10 +488,16 @@ def test_a_damaged_row_is_shown_as_damaged_and_the_others_list_and_export(tmp_pa
         db.execute("UPDATE steps SET stats = 'not json' WHERE run_id = 3 AND step = 2")
     status, out, err = in_process("runs", "list", "--store", path)
     assert status == 0 and len(out.splitlines()) == 4 and "[damaged: config]" in out, err
-    status, out, err = in_process("runs", "export", "--out", tmp_path / "steps.csv", "--kind", "steps", "--store", path)
+    status, out, err = in_process(
+        "runs", "export", "--out", tmp_path / "steps.csv", "--kind", "steps", "--store", path
+    )
     assert status == 0 and "[2]" in err, err
     lines = (tmp_path / "steps.csv").read_text().splitlines()
-    assert len(lines) == 1 + 3 * 6 and lines[0].endswith(",damaged") and sum("step.stats" in line for line in lines) == 1
+    assert (
+        len(lines) == 1 + 3 * 6
+        and lines[0].endswith(",damaged")
+        and sum("step.stats" in line for line in lines) == 1
+    )
     assert in_process("runs", "show", "2", "--store", path)[0] == 0
 
 
@@ -385,14 +508,28 @@ def test_a_damaged_store_file_is_reported_before_anything_is_appended(tmp_path):
         Runner(config(seed=seed, budget={"steps": 30}), store=store, progress=False).run()
     store.close()  # the last connection folds the write-ahead log into the file
     pages = bytearray(path.read_bytes())
-    pages[3 * 4096:4 * 4096] = b"\xa5" * 4096
+    pages[3 * 4096 : 4 * 4096] = b"\xa5" * 4096
     path.write_bytes(pages)
-    status, _, err = in_process("run", "--problem", "quadratic", "--optimizer", "adam", "-b", "steps", "2", "--store", path, "--quiet")
+    status, _, err = in_process(
+        "run",
+        "--problem",
+        "quadratic",
+        "--optimizer",
+        "adam",
+        "-b",
+        "steps",
+        "2",
+        "--store",
+        path,
+        "--quiet",
+    )
     assert status == 2 and "is damaged" in err and err.count("\n") == 1, err
     assert path.read_bytes() == bytes(pages)
 
 
-def test_a_checkpoint_that_cannot_be_written_fails_the_run_with_its_error_and_leaves_no_partial_file(tmp_path, monkeypatch):
+def test_a_checkpoint_that_cannot_be_written_fails_the_run_with_its_error_and_leaves_no_partial_file(
+    tmp_path, monkeypatch
+):
     import qnwb.runs
 
     def full(obj, f, *args, **kwargs):
@@ -401,40 +538,109 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run_with_its_error_and_le
         else:
             Path(f).write_bytes(b"half a checkpoint")
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(qnwb.runs.torch, "save", full)
     runner = Runner(config(), store=tmp_path / "s.sqlite", progress=False)
     with pytest.raises(OSError, match="No space left"):
         runner.run()
     run = RunStore(tmp_path / "s.sqlite").run(runner.run_id)
-    assert run["status"] == "failed" and "checkpoint: cannot write" in run["error"] and "No space left" in run["error"]
-    assert not [p for p in tmp_path.rglob("*") if "partial" in p.name] and not runner.checkpoint_path.exists()
+    assert (
+        run["status"] == "failed"
+        and "checkpoint: cannot write" in run["error"]
+        and "No space left" in run["error"]
+    )
+    assert (
+        not [p for p in tmp_path.rglob("*") if "partial" in p.name]
+        and not runner.checkpoint_path.exists()
+    )
 
 
 def test_a_full_disk_fails_the_run_with_the_real_error(tmp_path):
     runs = tmp_path / "tiny"
     with mounted(runs, size="64k"):
-        problem = {"problem": "addition", "problem_options": {"T": 10, "hidden": 100, "batch_size": 10, "held_out": 10}}  # 42 kB a copy
-        done = cli("run", "--problem", "addition", "--optimizer", "adam", "-o", "T", 10, "-o", "hidden", 100, "-o", "batch_size", 10,
-                   "-o", "held_out", 10, "-b", "steps", 2, "--store", tmp_path / "s.sqlite", "--quiet")
-        assert problem and done.returncode == 0, done.stderr  # the store is elsewhere; now the checkpoint on the tiny disk
+        problem = {
+            "problem": "addition",
+            "problem_options": {"T": 10, "hidden": 100, "batch_size": 10, "held_out": 10},
+        }  # 42 kB a copy
+        done = cli(
+            "run",
+            "--problem",
+            "addition",
+            "--optimizer",
+            "adam",
+            "-o",
+            "T",
+            10,
+            "-o",
+            "hidden",
+            100,
+            "-o",
+            "batch_size",
+            10,
+            "-o",
+            "held_out",
+            10,
+            "-b",
+            "steps",
+            2,
+            "--store",
+            tmp_path / "s.sqlite",
+            "--quiet",
+        )
+        assert problem and done.returncode == 0, (
+            done.stderr
+        )  # the store is elsewhere; now the checkpoint on the tiny disk
         config_file = tmp_path / "c.json"
-        config_file.write_text(json.dumps({**problem, "optimizer": "adam", "budget": {"steps": 2}, "checkpoint": str(runs / "c.pt")}))
+        config_file.write_text(
+            json.dumps(
+                {
+                    **problem,
+                    "optimizer": "adam",
+                    "budget": {"steps": 2},
+                    "checkpoint": str(runs / "c.pt"),
+                }
+            )
+        )
         done = cli("run", config_file, "--store", tmp_path / "s.sqlite", "--quiet")
-        assert done.returncode == 1 and "No space left on device" in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert (
+            done.returncode == 1
+            and "No space left on device" in done.stderr
+            and "Traceback" not in done.stderr
+        ), done.stderr
         run = RunStore(tmp_path / "s.sqlite").run(2)
         assert run["status"] == "failed" and "No space left on device" in run["error"]
         assert list(runs.iterdir()) == []  # no partial file
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # signals
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_and_it_resumes(tmp_path, sig, code):
+def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_and_it_resumes(
+    tmp_path, sig, code
+):
     path = tmp_path / "s.sqlite"
-    child = subprocess.Popen([str(QNWB), "run", "--problem", "quadratic", "--optimizer", "adam", "-b", "steps", str(10**7),
-                              "--store", str(path), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    child = subprocess.Popen(
+        [
+            str(QNWB),
+            "run",
+            "--problem",
+            "quadratic",
+            "--optimizer",
+            "adam",
+            "-b",
+            "steps",
+            str(10**7),
+            "--store",
+            str(path),
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.monotonic() + 240
     while True:
         assert child.poll() is None, child.communicate()
@@ -445,14 +651,19 @@ def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_and_it_resumes(
     child.send_signal(sig)
     out, err = child.communicate(timeout=120)
     assert child.returncode == code, err
-    assert f"stopped by {sig.name}" in err and "qnwb runs resume 1" in err and "Traceback" not in err, err
+    assert (
+        f"stopped by {sig.name}" in err and "qnwb runs resume 1" in err and "Traceback" not in err
+    ), err
     with RunStore(path, read_only=True) as s:
         run = s.run(1)
         assert run["status"] == "stopped" and run["error"] == f"stopped by {sig.name}"
         assert run["checkpoint_step"] == run["steps"] >= 5
     steps = run["steps"]
-    status, out, err = in_process("runs", "resume", "1", "-b", "steps", steps + 3, "--store", path, "--quiet")
+    status, out, err = in_process(
+        "runs", "resume", "1", "-b", "steps", steps + 3, "--store", path, "--quiet"
+    )
     assert status == 0 and out.startswith(f"run 1: finished, {steps + 3} steps"), err
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # what the store prints, and smaller guards
@@ -460,26 +671,46 @@ def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_and_it_resumes(
 
 def test_names_reach_the_terminal_escaped_and_spreadsheets_as_text(tmp_path):
     path = tmp_path / "s.sqlite"
-    Runner(config(name='=HYPERLINK("http://example.invalid","x")'), store=path, progress=False).run()
+    Runner(
+        config(name='=HYPERLINK("http://example.invalid","x")'), store=path, progress=False
+    ).run()
     Runner(config(), store=path, progress=False).run()
     with sqlite3.connect(path) as db:  # a store written by someone else, or by hand
-        db.execute("UPDATE runs SET name = ?, error = ? WHERE id = 2", ("\x1b[2J\x1b[31mowned\r", "\x1b]0;title\x07"))
+        db.execute(
+            "UPDATE runs SET name = ?, error = ? WHERE id = 2",
+            ("\x1b[2J\x1b[31mowned\r", "\x1b]0;title\x07"),
+        )
     status, out, _ = in_process("runs", "list", "--store", path)
     assert status == 0 and "\x1b" not in out and "\r" not in out and "\\x1b[2J" in out
     status, out, _ = in_process("runs", "show", "2", "--store", path)
     assert status == 0 and "\x1b" not in out and "\x07" not in out
     in_process("runs", "export", "--out", tmp_path / "r.csv", "--store", path)
     text = (tmp_path / "r.csv").read_text()
-    assert "'=HYPERLINK" in text and ',=HYPERLINK' not in text and '"=HYPERLINK' not in text
+    assert "'=HYPERLINK" in text and ",=HYPERLINK" not in text and '"=HYPERLINK' not in text
     with pytest.raises(ValueError, match="printable"):
         Runner(config(name="\x1b[31mred"), store=path, progress=False)
 
 
 def test_a_failed_run_is_one_line_not_a_traceback(tmp_path):
-    diverging = tmp_path / "diverging.json"  # plain gradient descent with 100 times too long a step, in float32: inf within 50 steps
-    diverging.write_text(json.dumps(config(optimizer="sgd", hyperparameters={"lr": 100.0}, dtype="float32", budget={"steps": 50})))
+    diverging = (
+        tmp_path / "diverging.json"
+    )  # plain gradient descent with 100 times too long a step, in float32: inf within 50 steps
+    diverging.write_text(
+        json.dumps(
+            config(
+                optimizer="sgd",
+                hyperparameters={"lr": 100.0},
+                dtype="float32",
+                budget={"steps": 50},
+            )
+        )
+    )
     done = cli("run", diverging, "--store", tmp_path / "s.sqlite", "--quiet")
-    assert done.returncode == 1 and "FloatingPointError" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert (
+        done.returncode == 1
+        and "FloatingPointError" in done.stderr
+        and "Traceback" not in done.stderr
+    ), done.stderr
     assert done.stderr.strip().count("\n") == 0, done.stderr
     debug = cli("--debug", "run", diverging, "--store", tmp_path / "s.sqlite", "--quiet")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
@@ -492,11 +723,18 @@ def test_a_replay_applies_stored_steering_events_only_through_steers_checks(tmp_
     steered.run()
     with store.transaction() as db:  # an edited store: a rate the constructor refuses
         db.execute("UPDATE steering SET new_value = '-1.0' WHERE run_id = ?", (steered.run_id,))
-    status, _, err = in_process("runs", "replay", steered.run_id, "--store", tmp_path / "s.sqlite", "--quiet")
+    status, _, err = in_process(
+        "runs", "replay", steered.run_id, "--store", tmp_path / "s.sqlite", "--quiet"
+    )
     assert status == 2 and "is refused" in err, err
     with store.transaction() as db:
-        db.execute("UPDATE steering SET parameter = 'params', new_value = '1' WHERE run_id = ?", (steered.run_id,))
-    status, _, err = in_process("runs", "replay", steered.run_id, "--store", tmp_path / "s.sqlite", "--quiet")
+        db.execute(
+            "UPDATE steering SET parameter = 'params', new_value = '1' WHERE run_id = ?",
+            (steered.run_id,),
+        )
+    status, _, err = in_process(
+        "runs", "replay", steered.run_id, "--store", tmp_path / "s.sqlite", "--quiet"
+    )
     assert status == 2 and "cannot be steered" in err, err
 
 
@@ -504,7 +742,9 @@ def test_a_dashboard_reset_before_start_leaves_no_running_rows(tmp_path):
     from qnwb.widgets import Dashboard
 
     path = tmp_path / "s.sqlite"
-    board = Dashboard({"problem": "quadratic", "optimizer": "adam", "budget": {"steps": 3}}, store=path)
+    board = Dashboard(
+        {"problem": "quadratic", "optimizer": "adam", "budget": {"steps": 3}}, store=path
+    )
     board.reset()
     board.reset()
     board.close()
@@ -513,32 +753,73 @@ def test_a_dashboard_reset_before_start_leaves_no_running_rows(tmp_path):
 
 
 def test_a_run_fails_after_ten_rejected_steps_in_a_row_with_theta_kept(tmp_path):
-    runner = Runner(config(optimizer="nag", budget={"steps": 50}), store=tmp_path / "s.sqlite", progress=False)
+    runner = Runner(
+        config(optimizer="nag", budget={"steps": 50}), store=tmp_path / "s.sqlite", progress=False
+    )
     before = params(runner)
-    runner.model.theta.register_hook(lambda g: g * float("nan"))  # a finite loss, a NaN gradient: NAG rejects every step
+    runner.model.theta.register_hook(
+        lambda g: g * float("nan")
+    )  # a finite loss, a NaN gradient: NAG rejects every step
     with pytest.raises(FloatingPointError, match="rejected 10 steps in a row"):
         runner.run()
     assert all(torch.equal(a, b) for a, b in zip(before, params(runner)))
     run = RunStore(tmp_path / "s.sqlite").run(runner.run_id)
     assert (run["status"], run["steps"]) == ("failed", 10)
 
+
 # --------------------------------------------------------------------------------------------------------------------
 # further ways in, found by trying: each guarded and tested
 
 
-@pytest.mark.parametrize("optimizer, setting", [("hessian_free", {"preconditioner": "chapelle_erhan", "preconditioner_samples": 10**12}),
-                                                ("hessian_free", {"cg_max_iterations": 10**9}), ("lbfgs", {"max_evaluations": 10**9}),
-                                                ("lsr1", {"max_evaluations": 10**9}), ("adaqn", {"L": 10**9}), ("sqn", {"L": 10**9})])
+@pytest.mark.parametrize(
+    "optimizer, setting",
+    [
+        ("hessian_free", {"preconditioner": "chapelle_erhan", "preconditioner_samples": 10**12}),
+        ("hessian_free", {"cg_max_iterations": 10**9}),
+        ("lbfgs", {"max_evaluations": 10**9}),
+        ("lsr1", {"max_evaluations": 10**9}),
+        ("adaqn", {"L": 10**9}),
+        ("sqn", {"L": 10**9}),
+    ],
+)
 def test_one_step_always_ends_so_a_budget_or_a_signal_can_stop_the_run(optimizer, setting):
     with pytest.raises(ValueError, match="must be an int in \\[1, 100000\\]"):
-        Runner({"problem": "addition", "problem_options": {"T": 10, "hidden": 4}, "optimizer": optimizer, "hyperparameters": setting,
-                "budget": {"seconds": 5}}, store=False, progress=False)
+        Runner(
+            {
+                "problem": "addition",
+                "problem_options": {"T": 10, "hidden": 4},
+                "optimizer": optimizer,
+                "hyperparameters": setting,
+                "budget": {"seconds": 5},
+            },
+            store=False,
+            progress=False,
+        )
 
 
-@pytest.mark.parametrize("options", [{"hidden": 10**6}, {"T": 10**9}, {"held_out": 10**9}, {"T": 2000, "batch_size": 100_000, "hidden": 4096}])
-def test_problem_sizes_that_would_allocate_without_bound_are_refused_before_anything_is_built(options):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"hidden": 10**6},
+        {"T": 10**9},
+        {"held_out": 10**9},
+        {"T": 2000, "batch_size": 100_000, "hidden": 4096},
+    ],
+)
+def test_problem_sizes_that_would_allocate_without_bound_are_refused_before_anything_is_built(
+    options,
+):
     with pytest.raises(ValueError, match="at most|ELEMENTS_LIMIT"):
-        Runner({"problem": "addition", "problem_options": options, "optimizer": "adam", "budget": {"steps": 1}}, store=False, progress=False)
+        Runner(
+            {
+                "problem": "addition",
+                "problem_options": options,
+                "optimizer": "adam",
+                "budget": {"steps": 1},
+            },
+            store=False,
+            progress=False,
+        )
 
 
 def test_a_lock_name_planted_as_a_link_never_truncates_another_file(tmp_path):
@@ -546,27 +827,93 @@ def test_a_lock_name_planted_as_a_link_never_truncates_another_file(tmp_path):
     victim.write_text("precious")
     (tmp_path / "s.sqlite-runs").mkdir()
     (tmp_path / "s.sqlite-runs" / "run-1.lock").symlink_to(victim)
-    status, _, err = in_process("run", "--problem", "quadratic", "--optimizer", "adam", "-b", "steps", 3, "--store", tmp_path / "s.sqlite",
-                                "--quiet")
+    status, _, err = in_process(
+        "run",
+        "--problem",
+        "quadratic",
+        "--optimizer",
+        "adam",
+        "-b",
+        "steps",
+        3,
+        "--store",
+        tmp_path / "s.sqlite",
+        "--quiet",
+    )
     assert status == 2 and "not a lock file" in err and victim.read_text() == "precious", err
-    assert RunStore(tmp_path / "s.sqlite").run(1)["status"] == "failed"  # the store says why run 1 never started
-    os.link(victim, tmp_path / "s.sqlite-runs" / "run-3.lock")  # a hard link: the same file under the lock's name of run 3
-    assert in_process("run", "--problem", "quadratic", "--optimizer", "adam", "-b", "steps", 3, "--store", tmp_path / "s.sqlite")[0] == 0
-    status, _, err = in_process("run", "--problem", "quadratic", "--optimizer", "adam", "-b", "steps", 3, "--store", tmp_path / "s.sqlite")
+    assert (
+        RunStore(tmp_path / "s.sqlite").run(1)["status"] == "failed"
+    )  # the store says why run 1 never started
+    os.link(
+        victim, tmp_path / "s.sqlite-runs" / "run-3.lock"
+    )  # a hard link: the same file under the lock's name of run 3
+    assert (
+        in_process(
+            "run",
+            "--problem",
+            "quadratic",
+            "--optimizer",
+            "adam",
+            "-b",
+            "steps",
+            3,
+            "--store",
+            tmp_path / "s.sqlite",
+        )[0]
+        == 0
+    )
+    status, _, err = in_process(
+        "run",
+        "--problem",
+        "quadratic",
+        "--optimizer",
+        "adam",
+        "-b",
+        "steps",
+        3,
+        "--store",
+        tmp_path / "s.sqlite",
+    )
     assert status == 2 and "not a lock file" in err and victim.read_text() == "precious", err
 
 
 def test_the_names_of_a_stores_folder_are_reserved_for_it(tmp_path):
     a = Runner(config(), store=tmp_path / "a.sqlite", progress=False)
     a.run()
-    for name in ("a.sqlite-runs/run-5.pt", "a.sqlite-runs/run-2.lock", "a.sqlite-runs/run-1.lock"):  # a later run's, locks
+    for name in (
+        "a.sqlite-runs/run-5.pt",
+        "a.sqlite-runs/run-2.lock",
+        "a.sqlite-runs/run-1.lock",
+    ):  # a later run's, locks
         with pytest.raises(ValueError, match="reserved for the store|the lock file of run 1"):
-            Runner(config(checkpoint=str(tmp_path / name)), store=tmp_path / "a.sqlite", progress=False, overwrite=True)
-    Runner(config(), store=tmp_path / "a.sqlite", progress=False).run()  # run 2 is not jammed by any of them
+            Runner(
+                config(checkpoint=str(tmp_path / name)),
+                store=tmp_path / "a.sqlite",
+                progress=False,
+                overwrite=True,
+            )
+    Runner(
+        config(), store=tmp_path / "a.sqlite", progress=False
+    ).run()  # run 2 is not jammed by any of them
     before = a.checkpoint_path.read_bytes()
-    with pytest.raises(ValueError, match="reserved for the store"):  # another store's checkpoint, even with --force
-        Runner(config(checkpoint=str(a.checkpoint_path)), store=tmp_path / "b.sqlite", progress=False, overwrite=True)
-    status, _, err = in_process("runs", "export", "--out", tmp_path / "a.sqlite-wal", "--store", tmp_path / "b.sqlite", "--force")
+    with pytest.raises(
+        ValueError, match="reserved for the store"
+    ):  # another store's checkpoint, even with --force
+        Runner(
+            config(checkpoint=str(a.checkpoint_path)),
+            store=tmp_path / "b.sqlite",
+            progress=False,
+            overwrite=True,
+        )
+    status, _, err = in_process(
+        "runs",
+        "export",
+        "--out",
+        tmp_path / "a.sqlite-wal",
+        "--store",
+        tmp_path / "b.sqlite",
+        "--force",
+    )
     assert status == 2 and "SQLite database" in err and a.checkpoint_path.read_bytes() == before
 
 
@@ -576,7 +923,19 @@ def test_someone_elses_database_is_never_turned_into_a_store(tmp_path):
         db.execute("CREATE TABLE users (name TEXT)")
         db.execute("INSERT INTO users VALUES ('ada')")
     before = path.read_bytes()
-    status, _, err = in_process("run", "--problem", "quadratic", "--optimizer", "adam", "-b", "steps", 2, "--store", path, "--quiet")
+    status, _, err = in_process(
+        "run",
+        "--problem",
+        "quadratic",
+        "--optimizer",
+        "adam",
+        "-b",
+        "steps",
+        2,
+        "--store",
+        path,
+        "--quiet",
+    )
     assert status == 2 and "not a run store" in err, err
     assert path.read_bytes() == before and not Path(f"{path}-wal").exists()
 
@@ -592,14 +951,32 @@ def test_a_temporary_file_cannot_be_redirected_by_a_planted_link(tmp_path):
         (out / f".e.csv.{os.getpid()}.partial").unlink(missing_ok=True)
     (out / f".e.csv.{os.getpid()}.partial").symlink_to(victim)
     import threading
+
     (out / f".e.csv.{os.getpid()}-{threading.get_ident()}.partial").symlink_to(victim)
-    assert in_process("runs", "export", "--out", out / "e.csv", "--store", tmp_path / "s.sqlite")[0] == 0
+    assert (
+        in_process("runs", "export", "--out", out / "e.csv", "--store", tmp_path / "s.sqlite")[0]
+        == 0
+    )
     assert victim.read_text() == "precious" and not (out / "e.csv").is_symlink()
 
 
 def test_a_checkpoint_or_a_store_does_not_choose_where_the_curves_cache_goes(tmp_path):
-    runner = Runner({"problem": "curves", "problem_options": {"size": 8, "sizes": [12, 4], "train": 60, "test": 20, "batch_size": 25},
-                     "optimizer": "adam", "budget": {"steps": 2}}, store=False, progress=False)
+    runner = Runner(
+        {
+            "problem": "curves",
+            "problem_options": {
+                "size": 8,
+                "sizes": [12, 4],
+                "train": 60,
+                "test": 20,
+                "batch_size": 25,
+            },
+            "optimizer": "adam",
+            "budget": {"steps": 2},
+        },
+        store=False,
+        progress=False,
+    )
     runner.run()
     crafted = runner.state()
     crafted["config"]["problem_options"]["root"] = str(tmp_path / "elsewhere" / "deep")
@@ -611,20 +988,46 @@ def test_a_checkpoint_or_a_store_does_not_choose_where_the_curves_cache_goes(tmp
 def test_a_dashboard_shows_error_text_as_text(tmp_path):
     from qnwb.widgets import Dashboard
 
-    board = Dashboard({"problem": "quadratic", "optimizer": "adam", "budget": {"steps": 3}}, store=False)
-    board._say("a message holding <img src=x onerror=alert(1)>")  # as an error message or a refused value would
-    assert "<img" not in board.message.value and "&lt;img src=x onerror=alert(1)&gt;" in board.message.value
+    board = Dashboard(
+        {"problem": "quadratic", "optimizer": "adam", "budget": {"steps": 3}}, store=False
+    )
+    board._say(
+        "a message holding <img src=x onerror=alert(1)>"
+    )  # as an error message or a refused value would
+    assert (
+        "<img" not in board.message.value
+        and "&lt;img src=x onerror=alert(1)&gt;" in board.message.value
+    )
     board.close()
 
 
 def test_huge_numbers_are_one_line_mistakes_and_json_output_is_standard_json(tmp_path):
     path = tmp_path / "s.sqlite"
-    for flags in (("--evaluate-every", "1" + "0" * 400), ("-b", "steps", "1" + "0" * 400), ("-H", "lr", "1" + "0" * 400)):
-        status, _, err = in_process("run", "--problem", "quadratic", "--optimizer", "adam", "-b", "seconds", 5, *flags, "--store", path)
+    for flags in (
+        ("--evaluate-every", "1" + "0" * 400),
+        ("-b", "steps", "1" + "0" * 400),
+        ("-H", "lr", "1" + "0" * 400),
+    ):
+        status, _, err = in_process(
+            "run",
+            "--problem",
+            "quadratic",
+            "--optimizer",
+            "adam",
+            "-b",
+            "seconds",
+            5,
+            *flags,
+            "--store",
+            path,
+        )
         assert status == 2 and err.count("\n") == 1 and "Overflow" not in err, (flags, err)
     Runner(config(), store=path, progress=False).run()
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE evaluations SET validation_loss = 'NaN', validation_error = ? WHERE run_id = 1", ("\x1b]0;pwned\x07",))
+        db.execute(
+            "UPDATE evaluations SET validation_loss = 'NaN', validation_error = ? WHERE run_id = 1",
+            ("\x1b]0;pwned\x07",),
+        )
     status, out, _ = in_process("runs", "show", "1", "--store", path)
     assert status == 0 and "\x1b" not in out and "\x07" not in out
     status, out, _ = in_process("runs", "show", "1", "--json", "--store", path)

@@ -1,4 +1,5 @@
 """qnwb.optim.sqn.SQN: pairs from averaged iterates, y from the curvature engine at the average, schedule, state, safety."""
+
 import copy
 
 import pytest
@@ -11,8 +12,8 @@ from qnwb.core import flat_grads, flat_params, make_generator
 from qnwb.curvature import GGN
 from qnwb.init import esn_init_
 from qnwb.models import MLP, TanhRNN
-from qnwb.optim.sqn import SQN
 from qnwb.optim.memory import two_loop
+from qnwb.optim.sqn import SQN
 from qnwb.tasks import Addition
 
 F64 = torch.float64
@@ -21,7 +22,9 @@ F64 = torch.float64
 def regression(seed=0, n=300, d=5, model=None):
     g = make_generator(seed)
     X = torch.randn(n, d, generator=g, dtype=F64)
-    Y = torch.tanh(X @ torch.randn(d, 2, generator=g, dtype=F64)) + 0.05 * torch.randn(n, 2, generator=g, dtype=F64)
+    Y = torch.tanh(X @ torch.randn(d, 2, generator=g, dtype=F64)) + 0.05 * torch.randn(
+        n, 2, generator=g, dtype=F64
+    )
     torch.manual_seed(seed)
     return (model or nn.Linear(d, 2, dtype=F64)), X, Y
 
@@ -32,6 +35,7 @@ def closure_for(optimizer, model, X, Y):
         value = optimizer.loss(model(X), Y)
         value.backward()
         return value
+
     return closure
 
 
@@ -41,7 +45,10 @@ def run(optimizer, model, X, Y, steps, generator, curvature_rows=100, record=Non
         rows = torch.randperm(len(X), generator=generator)[:batch]
         if record is not None:
             record.append(flat_params(model).clone())
-        optimizer.step(closure_for(optimizer, model, X[rows], Y[rows]), (X[:curvature_rows], Y[:curvature_rows]))
+        optimizer.step(
+            closure_for(optimizer, model, X[rows], Y[rows]),
+            (X[:curvature_rows], Y[:curvature_rows]),
+        )
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
@@ -56,11 +63,17 @@ def test_pairs_come_from_averaged_iterates_and_y_is_the_exact_curvature_product(
     expected_s = torch.stack([b - a for a, b in zip(averages, averages[1:])])
     # differences of averaged iterates: round-off of the iterates' size, not of s's
     torch.testing.assert_close(S, expected_s, rtol=1e-12, atol=floor(*iterates))
-    design = X[:100]  # ½‖Wx + b − t‖² averaged over the curvature batch: H is the same for the Hessian and the GGN
+    design = X[
+        :100
+    ]  # ½‖Wx + b − t‖² averaged over the curvature batch: H is the same for the Hessian and the GGN
     for s, y in zip(S, Ys):
         weight_s, bias_s = s[:10].view(2, 5), s[10:]  # the weight (2 × 5, row-major), then the bias
-        expected = torch.cat([(weight_s @ design.T @ design / 100 + bias_s[:, None] * design.mean(0)).reshape(-1),
-                              weight_s @ design.mean(0) + bias_s])
+        expected = torch.cat(
+            [
+                (weight_s @ design.T @ design / 100 + bias_s[:, None] * design.mean(0)).reshape(-1),
+                weight_s @ design.mean(0) + bias_s,
+            ]
+        )
         torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -83,7 +96,9 @@ def test_y_matches_a_finite_difference_of_gradients_at_the_average():
     h = 1e-4 / float(s.norm())
     difference = (gradient_at(average + h * s) - gradient_at(average - h * s)) / (2 * h)
     assert float((y - difference).norm() / difference.norm()) < 1e-6
-    at_the_current_point = GGN(model, "squared_error", (X[:100], Y[:100])).mv(s)  # not where y is measured
+    at_the_current_point = GGN(model, "squared_error", (X[:100], Y[:100])).mv(
+        s
+    )  # not where y is measured
     assert float((y - at_the_current_point).norm() / y.norm()) > 1e-3
 
 
@@ -129,13 +144,24 @@ def test_a_pair_every_L_steps_and_sgd_steps_until_the_first():
 
 def test_a_skipped_pair_still_advances_the_previous_average():
     model, X, Y = regression(9)
-    sqn = SQN(model, "squared_error", lr=0.05, L=2, curvature_skip=1.0)  # cos(s, y) > 1 never holds: every pair skipped
+    sqn = SQN(
+        model, "squared_error", lr=0.05, L=2, curvature_skip=1.0
+    )  # cos(s, y) > 1 never holds: every pair skipped
     iterates = []
     run(sqn, model, X, Y, 6, make_generator(10), record=iterates)
-    assert sqn.stats["pairs_skipped"] == 2 and sqn.stats["memory_size"] == 0 and sqn.stats["pair_skipped"] is True
+    assert (
+        sqn.stats["pairs_skipped"] == 2
+        and sqn.stats["memory_size"] == 0
+        and sqn.stats["pair_skipped"] is True
+    )
     state = sqn.state[model.weight]
     # an average of two iterates in another order: round-off of the iterates' size, even where they cancel
-    torch.testing.assert_close(state["previous_average"], torch.stack(iterates[4:6]).mean(0), rtol=0, atol=floor(*iterates[4:6]))
+    torch.testing.assert_close(
+        state["previous_average"],
+        torch.stack(iterates[4:6]).mean(0),
+        rtol=0,
+        atol=floor(*iterates[4:6]),
+    )
 
 
 def test_curvature_batch_is_needed_only_when_a_pair_is_formed_and_drawn_only_then():
@@ -182,13 +208,20 @@ def test_a_non_finite_gradient_never_reaches_the_parameters():
         return value
 
     sqn.step(bad)
-    assert torch.equal(flat_params(model), before) and sqn.stats["non_finite"] is True and sqn.stats["step_size"] == 0.0
+    assert (
+        torch.equal(flat_params(model), before)
+        and sqn.stats["non_finite"] is True
+        and sqn.stats["step_size"] == 0.0
+    )
 
 
 def test_sqn_reduces_a_logistic_regression_loss():
     g = make_generator(15)
     X = torch.randn(400, 6, generator=g, dtype=F64)
-    Y = (torch.rand(400, 1, generator=g, dtype=F64) < torch.sigmoid(2 * X @ torch.randn(6, 1, generator=g, dtype=F64))).to(F64)
+    Y = (
+        torch.rand(400, 1, generator=g, dtype=F64)
+        < torch.sigmoid(2 * X @ torch.randn(6, 1, generator=g, dtype=F64))
+    ).to(F64)
     torch.manual_seed(15)
     model = nn.Linear(6, 1, dtype=F64)
     sqn = SQN(model, "sigmoid_cross_entropy", lr=0.2, memory=5, L=5)
@@ -213,7 +246,11 @@ def test_state_dict_mid_run_continues_identically():
     sqn = SQN(model, "squared_error", lr=0.05, memory=3, L=3)
     generator = make_generator(21)
     run(sqn, model, X, Y, 7, generator)  # mid-cycle, with pairs and a partial running sum
-    saved_model, saved_optimizer, saved_generator = copy.deepcopy(model.state_dict()), copy.deepcopy(sqn.state_dict()), generator.get_state()
+    saved_model, saved_optimizer, saved_generator = (
+        copy.deepcopy(model.state_dict()),
+        copy.deepcopy(sqn.state_dict()),
+        generator.get_state(),
+    )
     run(sqn, model, X, Y, 8, generator)
     expected, expected_stats = flat_params(model).clone(), dict(sqn.stats)
 
@@ -225,15 +262,25 @@ def test_state_dict_mid_run_continues_identically():
     run(resumed, resumed_model, X, Y, 8, generator)
     assert torch.equal(flat_params(resumed_model), expected) and resumed.stats == expected_stats
     other = SQN(resumed_model, "squared_error", memory=4)
-    other.load_state_dict(saved_optimizer)  # a memory size is no longer fixed at construction: the saved one is taken
+    other.load_state_dict(
+        saved_optimizer
+    )  # a memory size is no longer fixed at construction: the saved one is taken
     assert other.memory.size == other.param_groups[0]["memory"] == 3
 
 
-@pytest.mark.parametrize("options, error, name", [
-    (dict(lr=0.0), ValueError, "lr"), (dict(memory=0), ValueError, "memory"), (dict(L=0), ValueError, "L:"),
-    (dict(L=1.5), ValueError, "L:"), (dict(curvature="fisher"), ValueError, "curvature"), (dict(h0="adagrad"), ValueError, "h0"),
-    (dict(curvature_skip=-1.0), ValueError, "curvature_skip"), (dict(curvature_rule="angle"), ValueError, "curvature_rule"),
-])
+@pytest.mark.parametrize(
+    "options, error, name",
+    [
+        (dict(lr=0.0), ValueError, "lr"),
+        (dict(memory=0), ValueError, "memory"),
+        (dict(L=0), ValueError, "L:"),
+        (dict(L=1.5), ValueError, "L:"),
+        (dict(curvature="fisher"), ValueError, "curvature"),
+        (dict(h0="adagrad"), ValueError, "h0"),
+        (dict(curvature_skip=-1.0), ValueError, "curvature_skip"),
+        (dict(curvature_rule="angle"), ValueError, "curvature_rule"),
+    ],
+)
 def test_bad_hyperparameters_name_the_parameter(options, error, name):
     with pytest.raises(error, match=name):
         SQN(nn.Linear(2, 1), "squared_error", **options)
@@ -255,25 +302,45 @@ def trajectory(optimizer, model, X, Y, steps, generator):
     return out
 
 
-
 def test_a_memory_set_in_the_group_resizes_at_the_next_step_like_a_fresh_memory_of_the_newest_pairs():
     model, X, Y = regression(30, model=MLP([5, 4, 2], dtype=F64))
     sqn = SQN(model, "squared_error", lr=0.1, memory=4, L=2)
     generator = make_generator(31)
-    run(sqn, model, X, Y, 13, generator)  # six pairs formed: the memory is full and has wrapped around
+    run(
+        sqn, model, X, Y, 13, generator
+    )  # six pairs formed: the memory is full and has wrapped around
     assert sqn.stats["memory_size"] == sqn.stats["memory_capacity"] == 4
     for size in (2, 3, 1):  # shrink, grow, shrink to one pair
-        copy_model, reference = twin(model, sqn, lambda m, memory: SQN(m, "squared_error", memory=memory), memory=size)
+        copy_model, reference = twin(
+            model, sqn, lambda m, memory: SQN(m, "squared_error", memory=memory), memory=size
+        )
         sqn.param_groups[0]["memory"] = size
         copy_generator = generator_copy(generator)
         got = trajectory(sqn, model, X, Y, 6, generator)
-        assert sqn.memory.size == got[0][1]["memory_capacity"] == size and got[0][1]["memory_size"] <= size
-        for (a, stats_a), (b, stats_b) in zip(got, trajectory(reference, copy_model, X, Y, 6, copy_generator)):
+        assert (
+            sqn.memory.size == got[0][1]["memory_capacity"] == size
+            and got[0][1]["memory_size"] <= size
+        )
+        for (a, stats_a), (b, stats_b) in zip(
+            got, trajectory(reference, copy_model, X, Y, 6, copy_generator)
+        ):
             assert torch.equal(a, b) and same(stats_a, stats_b)
 
 
-@pytest.mark.parametrize("name, bad", [("memory", 0), ("memory", -3), ("memory", 2.5), ("memory", True), ("L", 0),
-                                       ("L", -3), ("L", 2.5), ("L", True), ("L", None)])
+@pytest.mark.parametrize(
+    "name, bad",
+    [
+        ("memory", 0),
+        ("memory", -3),
+        ("memory", 2.5),
+        ("memory", True),
+        ("L", 0),
+        ("L", -3),
+        ("L", 2.5),
+        ("L", True),
+        ("L", None),
+    ],
+)
 def test_a_bad_memory_or_L_set_in_the_group_is_refused_at_the_step_with_nothing_changed(name, bad):
     model, X, Y = regression(32)
     sqn = SQN(model, "squared_error", lr=0.05, memory=3, L=3)
@@ -282,9 +349,13 @@ def test_a_bad_memory_or_L_set_in_the_group_is_refused_at_the_step_with_nothing_
     theta, state = flat_params(model).clone(), optimizer_state(sqn)
     calls = []
     sqn.param_groups[0][name] = bad
-    with pytest.raises(ValueError, match=rf"{name}: must be a positive int.*param_groups\[0\]\['{name}'\]"):
+    with pytest.raises(
+        ValueError, match=rf"{name}: must be a positive int.*param_groups\[0\]\['{name}'\]"
+    ):
         sqn.step(lambda: calls.append(1), lambda: calls.append(2))
-    assert calls == [] and torch.equal(flat_params(model), theta) and same(optimizer_state(sqn), state)
+    assert (
+        calls == [] and torch.equal(flat_params(model), theta) and same(optimizer_state(sqn), state)
+    )
 
 
 def test_a_new_L_takes_effect_at_the_next_cycle_boundary():
@@ -296,18 +367,27 @@ def test_a_new_L_takes_effect_at_the_next_cycle_boundary():
     for step in range(1, 17):
         if step == 7:
             sqn.param_groups[0]["L"] = 2
-        run(sqn, model, X, Y, 1, generator, record=iterates)  # iterates[step − 1]: the iterate of that step
+        run(
+            sqn, model, X, Y, 1, generator, record=iterates
+        )  # iterates[step − 1]: the iterate of that step
         formed.append(sqn.stats["pair_formed"])
         lengths.append(sqn.stats["cycle_length"])
     assert [step for step, f in enumerate(formed, 1) if f] == [10, 12, 14, 16]
     assert lengths == [5] * 10 + [2] * 6
     assert sqn.stats["cycles"] == 5 and sqn.stats["memory_size"] == 4
     S, _ = sqn.memory.pairs()
-    averages = {10: torch.stack(iterates[5:10]).mean(0), 12: torch.stack(iterates[10:12]).mean(0),
-                14: torch.stack(iterates[12:14]).mean(0)}
+    averages = {
+        10: torch.stack(iterates[5:10]).mean(0),
+        12: torch.stack(iterates[10:12]).mean(0),
+        14: torch.stack(iterates[12:14]).mean(0),
+    }
     # differences of averaged iterates: round-off of the iterates' size
-    torch.testing.assert_close(S[0], averages[10] - torch.stack(iterates[0:5]).mean(0), rtol=1e-12, atol=floor(*iterates))
-    torch.testing.assert_close(S[1], averages[12] - averages[10], rtol=1e-12, atol=floor(*iterates))  # over 2 iterates
+    torch.testing.assert_close(
+        S[0], averages[10] - torch.stack(iterates[0:5]).mean(0), rtol=1e-12, atol=floor(*iterates)
+    )
+    torch.testing.assert_close(
+        S[1], averages[12] - averages[10], rtol=1e-12, atol=floor(*iterates)
+    )  # over 2 iterates
     torch.testing.assert_close(S[2], averages[14] - averages[12], rtol=1e-12, atol=floor(*iterates))
 
 
@@ -330,7 +410,9 @@ def test_an_L_changed_and_changed_back_within_a_cycle_changes_nothing():
 
 
 @pytest.mark.parametrize("between", [False, True])
-def test_a_checkpoint_after_a_resize_and_a_new_L_resumes_in_an_optimizer_built_with_the_constructor_sizes(between):
+def test_a_checkpoint_after_a_resize_and_a_new_L_resumes_in_an_optimizer_built_with_the_constructor_sizes(
+    between,
+):
     """As qnwb.runs resumes: SQN(model, loss, **configuration) with memory and L the defaults 10, then load_state_dict."""
     model, X, Y = regression(38)
     sqn = SQN(model, "squared_error", lr=0.05)
@@ -338,7 +420,9 @@ def test_a_checkpoint_after_a_resize_and_a_new_L_resumes_in_an_optimizer_built_w
     run(sqn, model, X, Y, 33, generator)  # 3 cycles of 10 and a bit
     sqn.param_groups[0].update(memory=2, L=3)
     if not between:
-        run(sqn, model, X, Y, 10, generator)  # the 4th cycle ends at step 40; cycles of 3 from step 41
+        run(
+            sqn, model, X, Y, 10, generator
+        )  # the 4th cycle ends at step 40; cycles of 3 from step 41
     saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(sqn.state_dict())
     saved_generator = generator.get_state()
     expected = trajectory(sqn, model, X, Y, 8, generator)
@@ -350,7 +434,9 @@ def test_a_checkpoint_after_a_resize_and_a_new_L_resumes_in_an_optimizer_built_w
     resumed.load_state_dict(saved)
     assert resumed.param_groups[0]["memory"] == 2 and resumed.memory.size == (10 if between else 2)
     generator.set_state(saved_generator)
-    for (a, stats_a), (b, stats_b) in zip(expected, trajectory(resumed, resumed_model, X, Y, 8, generator)):
+    for (a, stats_a), (b, stats_b) in zip(
+        expected, trajectory(resumed, resumed_model, X, Y, 8, generator)
+    ):
         assert torch.equal(a, b) and same(stats_a, stats_b)
 
 
@@ -370,5 +456,7 @@ def test_a_state_saved_before_cycles_were_recorded_resumes_identically():
     resumed = SQN(resumed_model, "squared_error", memory=3, L=4)
     resumed.load_state_dict(saved)
     generator.set_state(saved_generator)
-    for (a, stats_a), (b, stats_b) in zip(expected, trajectory(resumed, resumed_model, X, Y, 7, generator)):
+    for (a, stats_a), (b, stats_b) in zip(
+        expected, trajectory(resumed, resumed_model, X, Y, 7, generator)
+    ):
         assert torch.equal(a, b) and same(stats_a, stats_b)

@@ -1,20 +1,30 @@
 """The run store: round trips, non-finite numbers, WAL, dead-run detection, bad paths, concurrent writers, export."""
+
 import csv
 import io
 import json
 import math
 import os
-from pathlib import Path
 import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from qnwb.store import (ALGOPERF_COLUMNS, STATUSES, RunStore, _process_start, csv_rows, export_csv, export_json, process_alive,
-                        store_path)
+from qnwb.store import (
+    ALGOPERF_COLUMNS,
+    STATUSES,
+    RunStore,
+    _process_start,
+    csv_rows,
+    export_csv,
+    export_json,
+    process_alive,
+    store_path,
+)
 
 
 @pytest.fixture
@@ -24,14 +34,39 @@ def store(tmp_path):
 
 
 def _write_run(store, steps=3, status="finished", **identity):
-    rid = store.create_run({"problem": "p", "optimizer": "o", **identity}, problem="p", optimizer="o", seed=identity.get("seed", 0),
-                           device="cpu")
+    rid = store.create_run(
+        {"problem": "p", "optimizer": "o", **identity},
+        problem="p",
+        optimizer="o",
+        seed=identity.get("seed", 0),
+        device="cpu",
+    )
     for t in range(1, steps + 1):
-        store.log_step(rid, t, {"loss": 1.0 / t, "gradient_evaluations": 2 * t, "curvature_products": 10 * t, "time": 0.1 * t,
-                                "train_time": 0.05 * t}, {"rho": 0.5 * t, "memory_size": t})
+        store.log_step(
+            rid,
+            t,
+            {
+                "loss": 1.0 / t,
+                "gradient_evaluations": 2 * t,
+                "curvature_products": 10 * t,
+                "time": 0.1 * t,
+                "train_time": 0.05 * t,
+            },
+            {"rho": 0.5 * t, "memory_size": t},
+        )
         if t % 2 == 0 or t == steps:
-            store.log_evaluation(rid, t, {"validation_loss": 2.0 / t, "validation_error": 1.0 / (t + 1), "train_loss": 1.5 / t,
-                                          "gradient_evaluations": 2 * t, "curvature_products": 10 * t, "time": 0.1 * t})
+            store.log_evaluation(
+                rid,
+                t,
+                {
+                    "validation_loss": 2.0 / t,
+                    "validation_error": 1.0 / (t + 1),
+                    "train_loss": 1.5 / t,
+                    "gradient_evaluations": 2 * t,
+                    "curvature_products": 10 * t,
+                    "time": 0.1 * t,
+                },
+            )
     if status != "running":
         store.finish_run(rid, status, summary={"steps": steps})
     return rid
@@ -41,7 +76,13 @@ def test_round_trip_of_every_table(store):
     rid = _write_run(store, steps=4)
     store.log_steering(rid, 2, "damping", 1.0, 0.5)
     run = store.run(rid)
-    assert (run["status"], run["steps"], run["problem"], run["seed"], run["device"]) == ("finished", 4, "p", 0, "cpu")
+    assert (run["status"], run["steps"], run["problem"], run["seed"], run["device"]) == (
+        "finished",
+        4,
+        "p",
+        0,
+        "cpu",
+    )
     assert run["config"] == {"problem": "p", "optimizer": "o"}
     assert set(run["versions"]) >= {"python", "torch", "qnwb"}
     assert run["pid"] == os.getpid() and run["host"] == socket.gethostname()
@@ -53,7 +94,9 @@ def test_round_trip_of_every_table(store):
     assert [e["step"] for e in store.evaluations(rid)] == [2, 4]
     assert store.evaluations(rid)[1]["validation_error"] == pytest.approx(0.2)
     events = store.steering_events(rid)
-    assert [(e["step"], e["parameter"], e["old_value"], e["new_value"]) for e in events] == [(2, "damping", 1.0, 0.5)]
+    assert [(e["step"], e["parameter"], e["old_value"], e["new_value"]) for e in events] == [
+        (2, "damping", 1.0, 0.5)
+    ]
 
 
 def test_wal_mode_and_busy_timeout_are_set(store):
@@ -64,10 +107,16 @@ def test_wal_mode_and_busy_timeout_are_set(store):
 
 def test_non_finite_numbers_are_null_in_columns_and_exact_in_json(store):
     rid = store.create_run({"x": float("nan")})
-    store.log_step(rid, 1, {"loss": float("inf")}, {"rho": float("-inf"), "sy": float("nan"), "flag": True})
+    store.log_step(
+        rid, 1, {"loss": float("inf")}, {"rho": float("-inf"), "sy": float("nan"), "flag": True}
+    )
     step = store.steps(rid)[0]
     assert step["loss"] is None
-    assert step["stats"]["rho"] == -math.inf and math.isnan(step["stats"]["sy"]) and step["stats"]["flag"] is True
+    assert (
+        step["stats"]["rho"] == -math.inf
+        and math.isnan(step["stats"]["sy"])
+        and step["stats"]["flag"] is True
+    )
     assert math.isnan(store.run(rid)["config"]["x"])
 
 
@@ -87,8 +136,11 @@ def test_a_failed_transaction_leaves_nothing(store):
 def test_store_path_from_argument_environment_and_default(monkeypatch, tmp_path):
     monkeypatch.delenv("QNWB_STORE", raising=False)
     import qnwb
+
     checkout = Path(qnwb.__file__).resolve().parent.parent
-    assert store_path() == checkout / "data" / "qnwb.sqlite"  # the checkout's, whatever the current folder
+    assert (
+        store_path() == checkout / "data" / "qnwb.sqlite"
+    )  # the checkout's, whatever the current folder
     monkeypatch.chdir(tmp_path)
     assert store_path() == checkout / "data" / "qnwb.sqlite"
     monkeypatch.setenv("QNWB_STORE", str(tmp_path / "env.sqlite"))
@@ -99,11 +151,20 @@ def test_store_path_from_argument_environment_and_default(monkeypatch, tmp_path)
     assert (tmp_path / "env.sqlite").is_file()
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p, "is not a file"),  # a folder
-    (lambda p: (p / "f").write_text("x") and p / "f" / "s.sqlite", "cannot make the folder"),  # its folder is a file
-    (lambda p: (p / "t.sqlite").write_text("not sqlite " * 100) and p / "t.sqlite", "cannot open"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p, "is not a file"),  # a folder
+        (
+            lambda p: (p / "f").write_text("x") and p / "f" / "s.sqlite",
+            "cannot make the folder",
+        ),  # its folder is a file
+        (
+            lambda p: (p / "t.sqlite").write_text("not sqlite " * 100) and p / "t.sqlite",
+            "cannot open",
+        ),
+    ],
+)
 def test_paths_that_cannot_hold_a_store_fail_clearly(tmp_path, make, message):
     path = make(tmp_path)
     before = sorted(os.listdir(tmp_path))
@@ -153,9 +214,15 @@ def test_dead_runs_of_this_host_are_marked_killed_and_keep_their_steps(store):
     dead = _write_run(store, steps=5, status="running")
     finished = _write_run(store)
     with store.transaction() as db:
-        db.execute("UPDATE runs SET process_start = '1' WHERE id = ?", (dead,))  # its process is gone (another one has its id)
+        db.execute(
+            "UPDATE runs SET process_start = '1' WHERE id = ?", (dead,)
+        )  # its process is gone (another one has its id)
     assert store.mark_dead_runs() == [dead]
-    assert [store.run(i)["status"] for i in (alive, dead, finished)] == ["running", "killed", "finished"]
+    assert [store.run(i)["status"] for i in (alive, dead, finished)] == [
+        "running",
+        "killed",
+        "finished",
+    ]
     assert len(store.steps(dead)) == 5
     assert "killed" in STATUSES
 
@@ -163,7 +230,9 @@ def test_dead_runs_of_this_host_are_marked_killed_and_keep_their_steps(store):
 def test_runs_of_other_hosts_are_marked_only_when_stale(store):
     rid = _write_run(store, status="running")
     with store.transaction() as db:
-        db.execute("UPDATE runs SET host = 'elsewhere', heartbeat = heartbeat - 1000 WHERE id = ?", (rid,))
+        db.execute(
+            "UPDATE runs SET host = 'elsewhere', heartbeat = heartbeat - 1000 WHERE id = ?", (rid,)
+        )
     assert store.mark_dead_runs() == []
     assert store.mark_dead_runs(stale_after=2000) == []
     assert store.mark_dead_runs(stale_after=500) == [rid]
@@ -184,7 +253,12 @@ def test_resume_run_drops_later_rows_and_counts_preemptions(store):
     rid = _write_run(store, steps=6, status="stopped")
     store.resume_run(rid, 3)
     run = store.run(rid)
-    assert (run["status"], run["steps"], run["preemption_count"], run["ended"]) == ("running", 3, 1, None)
+    assert (run["status"], run["steps"], run["preemption_count"], run["ended"]) == (
+        "running",
+        3,
+        1,
+        None,
+    )
     assert [s["step"] for s in store.steps(rid)] == [1, 2, 3]
     assert [e["step"] for e in store.evaluations(rid)] == [2]
 
@@ -212,7 +286,12 @@ def test_csv_export_has_algoperf_columns_and_the_stats_of_each_evaluated_step(st
     assert export_csv(store, buffer, [a, b]) == 4  # evaluations at steps 2, 4 and 2, 3
     rows = list(csv.DictReader(io.StringIO(buffer.getvalue())))
     assert set(ALGOPERF_COLUMNS.values()) <= set(rows[0])
-    assert [(int(r["run_id"]), int(r["global_step"])) for r in rows] == [(a, 2), (a, 4), (b, 2), (b, 3)]
+    assert [(int(r["run_id"]), int(r["global_step"])) for r in rows] == [
+        (a, 2),
+        (a, 4),
+        (b, 2),
+        (b, 3),
+    ]
     assert float(rows[1]["validation/error"]) == pytest.approx(0.2)
     assert float(rows[1]["stats/rho"]) == pytest.approx(2.0)  # the stats of step 4
     assert int(rows[3]["curvature_products"]) == 30
@@ -270,8 +349,14 @@ WRITER = textwrap.dedent("""
 def test_two_processes_write_one_store_at_once(tmp_path):
     path = tmp_path / "shared.sqlite"
     RunStore(path).close()  # the schema exists; both writers race on rows
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag, "1000"], stderr=subprocess.PIPE, text=True)
-               for tag in ("a", "b")]  # 1000 steps each
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), tag, "1000"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for tag in ("a", "b")
+    ]  # 1000 steps each
     errors = [w.communicate()[1] for w in writers]
     assert [w.returncode for w in writers] == [0, 0], errors
     with RunStore(path) as s:
@@ -284,4 +369,6 @@ def test_two_processes_write_one_store_at_once(tmp_path):
             assert {x["stats"]["tag"] for x in steps} == {r["name"]}
             assert len(s.evaluations(r["id"])) == 100
         spans = [(s.steps(r["id"])[0]["time"], s.steps(r["id"])[-1]["time"]) for r in runs]
-        assert max(a for a, _ in spans) < min(b for _, b in spans)  # the two runs wrote at the same time
+        assert max(a for a, _ in spans) < min(
+            b for _, b in spans
+        )  # the two runs wrote at the same time

@@ -1,4 +1,5 @@
 """qnwb.tasks: every generator against its definition, the error measures on hand-made predictions, seeds."""
+
 import json
 import math
 import subprocess
@@ -37,8 +38,10 @@ def marked(inputs):
     return steps, values
 
 
-@pytest.mark.parametrize("cls, combine", [(Addition, torch.add), (Multiplication, torch.mul),
-                                          (Xor, lambda a, b: (a != b).float())])
+@pytest.mark.parametrize(
+    "cls, combine",
+    [(Addition, torch.add), (Multiplication, torch.mul), (Xor, lambda a, b: (a != b).float())],
+)
 @pytest.mark.parametrize("T", [10, 37, 100])
 def test_two_marked_problems(cls, combine, T):
     inputs, targets = cls(T).batch(CASES, make_generator(T))
@@ -46,16 +49,25 @@ def test_two_marked_problems(cls, combine, T):
     assert set(inputs[..., 1].unique().tolist()) == {0.0, 1.0}
     assert (inputs[..., 1].sum(1) == 2).all()  # exactly two markers
     steps, values = marked(inputs)
-    assert (steps[:, 0] < T // 10).all() and (steps[:, 1] >= T // 10).all() and (steps[:, 1] < T // 2).all()
+    assert (
+        (steps[:, 0] < T // 10).all()
+        and (steps[:, 1] >= T // 10).all()
+        and (steps[:, 1] < T // 2).all()
+    )
     assert torch.isnan(targets[:, :-1]).all() and not torch.isnan(targets[:, -1]).any()
     torch.testing.assert_close(targets[:, -1, 0], combine(values[:, 0], values[:, 1]))
     if cls is Xor:
         assert set(inputs[..., 0].unique().tolist()) == {0.0, 1.0}
     else:
-        assert inputs[..., 0].min() >= 0 and inputs[..., 0].max() <= 1  # U[0, 1] (Sutskever et al. A.4)
+        assert (
+            inputs[..., 0].min() >= 0 and inputs[..., 0].max() <= 1
+        )  # U[0, 1] (Sutskever et al. A.4)
 
 
-@pytest.mark.parametrize("cls, windows", [(TemporalOrder, ((10, 20), (50, 60))), (TemporalOrder3, ((10, 20), (33, 43), (66, 76)))])
+@pytest.mark.parametrize(
+    "cls, windows",
+    [(TemporalOrder, ((10, 20), (50, 60))), (TemporalOrder3, ((10, 20), (33, 43), (66, 76)))],
+)
 @pytest.mark.parametrize("T", [10, 100, 150])
 def test_temporal_order(cls, windows, T):
     task = cls(T)
@@ -67,7 +79,10 @@ def test_temporal_order(cls, windows, T):
     assert (relevant.sum(1) == len(windows)).all()
     steps = relevant.nonzero()[:, 1].view(CASES, len(windows))
     for k, (start, stop) in enumerate(windows):
-        low, high = max(1, math.floor(start * T / 100)), max(max(1, math.floor(start * T / 100)), math.floor(stop * T / 100))
+        low, high = (
+            max(1, math.floor(start * T / 100)),
+            max(max(1, math.floor(start * T / 100)), math.floor(stop * T / 100)),
+        )
         assert (steps[:, k] >= low).all() and (steps[:, k] <= high).all()
     bits = (symbols.gather(1, steps) == 5).long()  # Y = 1
     label = sum(bits[:, k] << (len(windows) - 1 - k) for k in range(len(windows)))
@@ -91,7 +106,11 @@ def test_memorization(cls, n, alphabet, T):
     task = cls(T)
     inputs, targets = task.batch(CASES, make_generator(3))
     L = T + 2 * n
-    assert task.length == L and inputs.shape == (CASES, L, alphabet + 2) and targets.shape == (CASES, L, alphabet + 1)
+    assert (
+        task.length == L
+        and inputs.shape == (CASES, L, alphabet + 2)
+        and targets.shape == (CASES, L, alphabet + 1)
+    )
     symbols, wanted = inputs.argmax(-1), targets.argmax(-1)
     blank, trigger = alphabet, alphabet + 1
     assert (symbols[:, :n] < alphabet).all()
@@ -155,7 +174,9 @@ def test_input_independent_error_matches_the_analysis_and_table_5_where_it_can()
     assert abs(input_independent_error(Memorization20Bit(80), cases=4000) - 8.0) < 0.2
 
 
-@pytest.mark.parametrize("name, T", [("addition", 10), ("xor", 12), ("temporal_order", 10), ("memorization_5bit", 2)])
+@pytest.mark.parametrize(
+    "name, T", [("addition", 10), ("xor", 12), ("temporal_order", 10), ("memorization_5bit", 2)]
+)
 def test_task_batches_drive_the_curvature_engine(name, T):
     task = make_task(name, T)
     model = TanhRNN(task.n_in, 3, task.n_out, dtype=torch.float64, generator=make_generator(0))
@@ -163,7 +184,9 @@ def test_task_batches_drive_the_curvature_engine(name, T):
         for p in model.parameters():
             p.add_(0.5 * torch.randn(p.shape, generator=make_generator(1), dtype=p.dtype))
     batch = task.batch(3, make_generator(2), dtype=torch.float64)
-    report = finite_difference_check(model, task.loss, batch, coordinates=40, generator=make_generator(3))
+    report = finite_difference_check(
+        model, task.loss, batch, coordinates=40, generator=make_generator(3)
+    )
     assert max(report["jvp"], report["vjp"], report["ggn"]) < 1e-6, report
 
 
@@ -195,21 +218,48 @@ def test_batches_on_the_requested_device_and_dtype(device):
 
 
 def test_biases_command_reports_the_papers_numbers_beside_ours():
-    done = subprocess.run([str(Path(sys.executable).parent / "qnwb"), "tasks", "biases", "--seeds", "1", "--cases", "2000", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "qnwb"),
+            "tasks",
+            "biases",
+            "--seeds",
+            "1",
+            "--cases",
+            "2000",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     rows = {(r["task"], r["T"]): r for r in json.loads(done.stdout.splitlines()[-1])}
-    assert rows[("memorization_20bit", 80)]["paper"] == 8.0 and abs(rows[("memorization_20bit", 80)]["error"] - 8.0) < 0.3
-    assert set(rows) == {("addition", 80), ("multiplication", 80), ("memorization_5bit", 200), ("memorization_20bit", 80)}
+    assert (
+        rows[("memorization_20bit", 80)]["paper"] == 8.0
+        and abs(rows[("memorization_20bit", 80)]["error"] - 8.0) < 0.3
+    )
+    assert set(rows) == {
+        ("addition", 80),
+        ("multiplication", 80),
+        ("memorization_5bit", 200),
+        ("memorization_20bit", 80),
+    }
 
 
 @pytest.mark.parametrize("name", ["addition", "xor", "temporal_order", "random_permutation"])
 def test_outputs_at_steps_without_a_target_never_count(name):
     task = make_task(name, 20)
     _, targets = task.batch(16, make_generator(4))
-    right = {"squared_error": lambda t: t, "sigmoid_cross_entropy": lambda t: 4 * t - 2, "softmax_cross_entropy": lambda t: 4 * t}
+    right = {
+        "squared_error": lambda t: t,
+        "sigmoid_cross_entropy": lambda t: 4 * t - 2,
+        "softmax_cross_entropy": lambda t: 4 * t,
+    }
     perfect = right[task.loss](targets.nan_to_num())  # right at the target step
     noisy = perfect.clone()
-    noisy[:, :-1] = 50 * torch.randn(noisy[:, :-1].shape, generator=make_generator(5))  # confident nonsense elsewhere
+    noisy[:, :-1] = 50 * torch.randn(
+        noisy[:, :-1].shape, generator=make_generator(5)
+    )  # confident nonsense elsewhere
     assert task.error(perfect, targets) == 0.0
     assert task.error(noisy, targets) == 0.0 and task.success(noisy, targets)

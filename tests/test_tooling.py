@@ -1,4 +1,5 @@
 """The project's own plumbing: the notebook/library/README sync check, and the Jupyter kernel of `make lab`."""
+
 import ast
 import importlib.util
 import json
@@ -25,12 +26,22 @@ def project(tmp_path):
     for name in ("settings.ini", "README.md"):
         shutil.copy2(ROOT / name, tmp_path)
     for name in ("nbs", "qnwb", "tools"):
-        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+        shutil.copytree(
+            ROOT / name,
+            tmp_path / name,
+            ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"),
+        )
     return tmp_path
 
 
 def check(root: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/nbsync.py", "check"], cwd=root, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "tools/nbsync.py", "check"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def edit_notebook(path: Path, edit) -> None:
@@ -48,8 +59,13 @@ def test_sync_check_passes_on_an_untouched_copy(project):
 def test_sync_check_names_every_kind_of_drift_and_changes_nothing(project):
     def edit_exported_cell(cells):
         cell = next(c for c in cells if "def flat_params" in "".join(c["source"]))
-        cell["source"] = [line.replace("one detached 1-D tensor", "ONE detached 1-D tensor") for line in cell["source"]]
-        next(c for c in cells if c["cell_type"] == "code")["execution_count"] = 7  # an unclean notebook too
+        cell["source"] = [
+            line.replace("one detached 1-D tensor", "ONE detached 1-D tensor")
+            for line in cell["source"]
+        ]
+        next(c for c in cells if c["cell_type"] == "code")["execution_count"] = (
+            7  # an unclean notebook too
+        )
 
     edit_notebook(project / "nbs" / "00_core.ipynb", edit_exported_cell)
     (project / "qnwb" / "stale.py").write_text("x = 1\n")
@@ -70,12 +86,25 @@ def test_sync_check_names_every_kind_of_drift_and_changes_nothing(project):
 def test_readme_keeps_markdown_and_visible_code_and_drops_hidden_cells(tmp_path):
     cells = [
         {"cell_type": "markdown", "metadata": {}, "source": ["# Title\n", "\n", "Text."]},
-        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": ["#| hide\n", "secret = 1"]},
-        {"cell_type": "code", "metadata": {}, "execution_count": None, "source": ["#| eval: false\n", "print(2)"],
-         "outputs": [{"output_type": "stream", "name": "stdout", "text": ["2\n"]}]},
+        {
+            "cell_type": "code",
+            "metadata": {},
+            "outputs": [],
+            "execution_count": None,
+            "source": ["#| hide\n", "secret = 1"],
+        },
+        {
+            "cell_type": "code",
+            "metadata": {},
+            "execution_count": None,
+            "source": ["#| eval: false\n", "print(2)"],
+            "outputs": [{"output_type": "stream", "name": "stdout", "text": ["2\n"]}],
+        },
     ]
     notebook = tmp_path / "index.ipynb"
-    notebook.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    notebook.write_text(
+        json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
+    )
     readme = load_nbsync().render_readme(notebook)
     assert "# Title\n\nText." in readme
     assert "secret" not in readme and "#|" not in readme
@@ -103,9 +132,19 @@ def test_the_lab_kernel_imports_qnwb():
 
 def write_notebook(path: Path, *cells: tuple[str, str]) -> None:
     "A notebook of (cell type, source) pairs."
-    made = [{"cell_type": kind, "metadata": {}, "source": source.splitlines(keepends=True),
-             **({"outputs": [], "execution_count": None} if kind == "code" else {})} for kind, source in cells]
-    path.write_text(json.dumps({"cells": made, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}), encoding="utf-8")
+    made = [
+        {
+            "cell_type": kind,
+            "metadata": {},
+            "source": source.splitlines(keepends=True),
+            **({"outputs": [], "execution_count": None} if kind == "code" else {}),
+        }
+        for kind, source in cells
+    ]
+    path.write_text(
+        json.dumps({"cells": made, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}),
+        encoding="utf-8",
+    )
 
 
 def tiny_project(root: Path, first_cell: str) -> Path:
@@ -116,54 +155,109 @@ def tiny_project(root: Path, first_cell: str) -> Path:
     (root / "nbs").mkdir()
     (root / "qnwb").mkdir()
     write_notebook(root / "nbs" / "index.ipynb", ("markdown", "# Tiny project\n\nText."))
-    write_notebook(root / "nbs" / "01_tiny.ipynb", ("markdown", first_cell), ("code", "#| default_exp tiny"),
-                   ("code", "#| export\ndef one(x):\n    return x + 1"))
-    done = subprocess.run([sys.executable, "tools/nbsync.py", "fix"], cwd=root, capture_output=True, text=True, timeout=300)
+    write_notebook(
+        root / "nbs" / "01_tiny.ipynb",
+        ("markdown", first_cell),
+        ("code", "#| default_exp tiny"),
+        ("code", "#| export\ndef one(x):\n    return x + 1"),
+    )
+    done = subprocess.run(
+        [sys.executable, "tools/nbsync.py", "fix"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return root
 
 
 def test_sync_check_refuses_a_summary_wrapped_over_several_lines(tmp_path):
-    wrapped = tiny_project(tmp_path / "wrapped", "# Tiny\n\n> Adds one to a number, the smallest step there is,\n> and nothing else.")
-    assert (wrapped / "qnwb" / "tiny.py").read_text().startswith('"""Adds one to a number, the smallest step there is,"""')
+    wrapped = tiny_project(
+        tmp_path / "wrapped",
+        "# Tiny\n\n> Adds one to a number, the smallest step there is,\n> and nothing else.",
+    )
+    assert (
+        (wrapped / "qnwb" / "tiny.py")
+        .read_text()
+        .startswith('"""Adds one to a number, the smallest step there is,"""')
+    )
     done = check(wrapped)
     assert done.returncode == 1
-    problems = [line for line in done.stderr.splitlines() if line.strip()][:-1]  # the last line counts them
+    problems = [line for line in done.stderr.splitlines() if line.strip()][
+        :-1
+    ]  # the last line counts them
     assert len(problems) == 1  # one line, naming the notebook: everything else is in sync
     assert problems[0].startswith("nbs/01_tiny.ipynb: the summary is wrapped over 2 `> ` lines")
 
-    whole = tiny_project(tmp_path / "whole", "# Tiny\n\n> Adds one to a number, the smallest step there is.\n\nAnd nothing else.")
+    whole = tiny_project(
+        tmp_path / "whole",
+        "# Tiny\n\n> Adds one to a number, the smallest step there is.\n\nAnd nothing else.",
+    )
     done = check(whole)
     assert done.returncode == 0, done.stderr
     assert "in sync" in done.stdout
 
 
-@pytest.mark.parametrize("first_cell, complaint", [
-    ("# Tiny\n\n> Adds one to a number.", None),
-    ("# Tiny\n\n> Does it add one?", None),
-    ("# Tiny\n\n> Adds one (see `one`.)", None),
-    ("# Tiny\n\n> Adds one: `x + 1.`", None),
-    ("# Tiny\n\n> Adds one to a number and", "does not end a sentence"),
-    ("# Tiny\n\n> Adds one (see `one`)", "does not end a sentence"),
-    ("# Tiny\n\nAdds one to a number.", "no summary"),
-    ("Adds one to a number.", "no summary"),
-    ("# Tiny\n\n> Adds one\n>\n> to a number.", "wrapped over 3"),
-    ("# Tiny\n\n> Adds one to a number.\n\nLater, a quotation:\n\n> quoted\n> over two lines", None),
-], ids=["period", "question", "period-in-parentheses", "period-in-code", "mid-sentence", "no-punctuation", "no-quote", "no-title",
-        "wrapped", "a-later-quotation"])
+@pytest.mark.parametrize(
+    "first_cell, complaint",
+    [
+        ("# Tiny\n\n> Adds one to a number.", None),
+        ("# Tiny\n\n> Does it add one?", None),
+        ("# Tiny\n\n> Adds one (see `one`.)", None),
+        ("# Tiny\n\n> Adds one: `x + 1.`", None),
+        ("# Tiny\n\n> Adds one to a number and", "does not end a sentence"),
+        ("# Tiny\n\n> Adds one (see `one`)", "does not end a sentence"),
+        ("# Tiny\n\nAdds one to a number.", "no summary"),
+        ("Adds one to a number.", "no summary"),
+        ("# Tiny\n\n> Adds one\n>\n> to a number.", "wrapped over 3"),
+        (
+            "# Tiny\n\n> Adds one to a number.\n\nLater, a quotation:\n\n> quoted\n> over two lines",
+            None,
+        ),
+    ],
+    ids=[
+        "period",
+        "question",
+        "period-in-parentheses",
+        "period-in-code",
+        "mid-sentence",
+        "no-punctuation",
+        "no-quote",
+        "no-title",
+        "wrapped",
+        "a-later-quotation",
+    ],
+)
 def test_the_summary_must_be_one_quoted_line_that_ends_a_sentence(tmp_path, first_cell, complaint):
     "What the sync check asks of the first cell of an exporting notebook, on the notebook and the module nbdev makes from it."
     (tmp_path / "nbs").mkdir()
     (tmp_path / "qnwb").mkdir()
-    write_notebook(tmp_path / "nbs" / "01_tiny.ipynb", ("markdown", first_cell), ("code", "#|  default_exp tiny"))
-    write_notebook(tmp_path / "nbs" / "index.ipynb", ("markdown", "# Not exported\n\n> wrapped\n> summary"))
-    summary = next((line[2:] for line in first_cell.splitlines() if line.startswith("> ")), "") if first_cell.startswith("# ") else ""
-    (tmp_path / "qnwb" / "tiny.py").write_text((f'"""{summary}"""\n\n' if summary else "") + "x = 1\n", encoding="utf-8")
+    write_notebook(
+        tmp_path / "nbs" / "01_tiny.ipynb",
+        ("markdown", first_cell),
+        ("code", "#|  default_exp tiny"),
+    )
+    write_notebook(
+        tmp_path / "nbs" / "index.ipynb", ("markdown", "# Not exported\n\n> wrapped\n> summary")
+    )
+    summary = (
+        next((line[2:] for line in first_cell.splitlines() if line.startswith("> ")), "")
+        if first_cell.startswith("# ")
+        else ""
+    )
+    (tmp_path / "qnwb" / "tiny.py").write_text(
+        (f'"""{summary}"""\n\n' if summary else "") + "x = 1\n", encoding="utf-8"
+    )
     problems = load_nbsync().summary_problems(tmp_path, "qnwb", "nbs")
     if complaint is None:
         assert problems == []
     else:
-        assert len(problems) == 1 and problems[0].startswith("nbs/01_tiny.ipynb: ") and complaint in problems[0]
+        assert (
+            len(problems) == 1
+            and problems[0].startswith("nbs/01_tiny.ipynb: ")
+            and complaint in problems[0]
+        )
         assert "\n" not in problems[0]
 
 
@@ -190,7 +284,9 @@ def test_no_test_file_imports_conftest_or_another_test_file():
     for path in files:
         if path.name == "conftest.py":
             continue
-        for line, module in imported_modules(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        for line, module in imported_modules(
+            ast.parse(path.read_text(encoding="utf-8"), str(path))
+        ):
             if module == "conftest" or module.startswith("test_"):
                 offences.append(f"tests/{path.name}:{line} imports {module}")
     assert not offences, "\n".join(offences)

@@ -1,13 +1,14 @@
 """qnwb.trust_region: the compact (OBS) L-SR1 trust-region solver against N&W Theorem 4.1 and the dense reference, in float64."""
+
 import math
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from roundoff import floor
 
 from qnwb.trust_region import TrustRegionStep, dense_trust_region, solve_trust_region_compact
-from roundoff import floor
 
 F64 = torch.float64
 
@@ -19,7 +20,9 @@ def instance(n, k, gamma, seed, *, kind="indefinite", rank=None, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     Psi = torch.randn(n, k, generator=gen, dtype=F64)
     if rank is not None and rank < k:
-        Psi = Psi[:, :rank] @ torch.randn(rank, k, generator=gen, dtype=F64)  # every column a combination of `rank` vectors
+        Psi = Psi[:, :rank] @ torch.randn(
+            rank, k, generator=gen, dtype=F64
+        )  # every column a combination of `rank` vectors
     A = torch.randn(k, k, generator=gen, dtype=F64)
     M = A @ A.T + 0.1 * torch.eye(k, dtype=F64) if kind == "definite" else 0.5 * (A + A.T)
     g = torch.randn(n, generator=gen, dtype=F64)
@@ -42,7 +45,9 @@ def assert_kkt(B, g, radius, step, tol=1e-9):
     residual = ((B + step.sigma * torch.eye(n, dtype=F64)) @ p + g).norm().item()
     assert residual <= tol * (scale * max(norm, 1.0) + g.norm().item()), residual
     assert step.sigma * abs(radius - norm) <= tol * scale * radius
-    assert torch.linalg.eigvalsh(B + step.sigma * torch.eye(n, dtype=F64)).min().item() >= -tol * scale
+    assert (
+        torch.linalg.eigvalsh(B + step.sigma * torch.eye(n, dtype=F64)).min().item() >= -tol * scale
+    )
     if step.on_boundary:
         assert abs(norm - radius) <= 1e-10 * radius
     else:
@@ -57,13 +62,24 @@ def assert_same_solution(step, reference, B, tol=1e-8):
     size = max(reference.p.norm().item(), 1.0)
     assert (step.p.cpu() - reference.p.cpu()).norm().item() <= tol * size
     assert abs(step.value - reference.value) <= tol * (abs(reference.value) + 1.0)
-    assert abs(step.sigma - reference.sigma) <= tol * (abs(reference.sigma) + torch.linalg.matrix_norm(B.cpu(), 2).item())
+    assert abs(step.sigma - reference.sigma) <= tol * (
+        abs(reference.sigma) + torch.linalg.matrix_norm(B.cpu(), 2).item()
+    )
     assert (step.on_boundary, step.hard_case) == (reference.on_boundary, reference.hard_case)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("n", [8, 50])
-@pytest.mark.parametrize("gamma, kind", [(1.0, "definite"), (1.0, "indefinite"), (0.0, "indefinite"), (-0.5, "indefinite"), (-2.0, "definite")])
+@pytest.mark.parametrize(
+    "gamma, kind",
+    [
+        (1.0, "definite"),
+        (1.0, "indefinite"),
+        (0.0, "indefinite"),
+        (-0.5, "indefinite"),
+        (-2.0, "definite"),
+    ],
+)
 @pytest.mark.parametrize("radius", [0.05, 1.0, 1e3])
 def test_kkt_and_agreement_with_the_dense_solver(n, k, gamma, kind, radius):
     g, Psi, M, B = instance(n, k, gamma, seed=1000 * n + 10 * k + int(10 * gamma) % 7, kind=kind)
@@ -96,7 +112,9 @@ def test_positive_definite_model_with_a_small_radius_stops_on_the_boundary():
 
 
 @pytest.mark.parametrize("newton_norm", [0.01, 0.3, 3.0, 100.0])
-def test_the_switch_from_interior_to_boundary_is_at_newton_step_length_equal_to_the_radius(newton_norm):
+def test_the_switch_from_interior_to_boundary_is_at_newton_step_length_equal_to_the_radius(
+    newton_norm,
+):
     g, Psi, M, B = instance(15, 3, 0.4, seed=3, kind="definite")
     g = g * newton_norm / torch.linalg.solve(B, g).norm()  # now ‖B⁻¹g‖ = newton_norm
     inside = solve_trust_region_compact(g, 0.4, Psi, M, newton_norm * (1 + 1e-6))
@@ -117,7 +135,9 @@ def bottom_eigenvector(B):
 def test_hard_case_in_the_range_of_psi(n, k, gamma):
     """g ⟂ the bottom eigenvector, which lies in range Ψ (γ above it); the radius is large enough for the hard case."""
     g, Psi, M, B = instance(n, k, gamma, seed=n + k, kind="indefinite")
-    M = M - (torch.linalg.eigvalsh(M)[0] + 1.0) * torch.eye(k, dtype=F64)  # λ̂_min(M) = −1: negative curvature inside range Ψ
+    M = M - (torch.linalg.eigvalsh(M)[0] + 1.0) * torch.eye(
+        k, dtype=F64
+    )  # λ̂_min(M) = −1: negative curvature inside range Ψ
     B = gamma * torch.eye(n, dtype=F64) + Psi @ M @ Psi.T
     lam_min, z = bottom_eigenvector(B)
     assert lam_min < min(gamma, 0.0)  # the bottom eigenvalue is one of range Ψ's
@@ -139,7 +159,9 @@ def test_hard_case_in_the_range_of_psi(n, k, gamma):
     assert abs(step.value - reference.value) <= 1e-9 * abs(reference.value)
 
 
-@pytest.mark.parametrize("n, k, rank", [(10, 2, None), (30, 5, None), (50, 6, None), (20, 4, 2), (5, 6, 4)])
+@pytest.mark.parametrize(
+    "n, k, rank", [(10, 2, None), (30, 5, None), (50, 6, None), (20, 4, 2), (5, 6, 4)]
+)
 def test_hard_case_on_the_complement_of_range_psi(n, k, rank):
     """γ < 0 is the smallest eigenvalue (M ≻ 0 and Ψ's range has eigenvalues above γ) and g ∈ range Ψ.
 
@@ -151,7 +173,9 @@ def test_hard_case_on_the_complement_of_range_psi(n, k, rank):
     lam_min = torch.linalg.eigvalsh(B)[0].item()
     assert abs(lam_min - gamma) <= 1e-10
     projector = Psi @ torch.linalg.pinv(Psi, rtol=1e-10)  # onto range Ψ
-    p_range = -torch.linalg.pinv(Psi @ M @ Psi.T, rtol=1e-10, hermitian=True) @ g  # p(−γ) = −(B − γI)⁺g, inside range Ψ
+    p_range = (
+        -torch.linalg.pinv(Psi @ M @ Psi.T, rtol=1e-10, hermitian=True) @ g
+    )  # p(−γ) = −(B − γI)⁺g, inside range Ψ
     radius = 3.0 * p_range.norm().item() + 0.5
     step = solve_trust_region_compact(g, gamma, Psi, M, radius)
     reference = dense_trust_region(g, B, radius)
@@ -162,7 +186,10 @@ def test_hard_case_on_the_complement_of_range_psi(n, k, rank):
     # the range-Ψ part is unique; the rest is a vector of length τ in the complement (not unique when n − rank > 1)
     torch.testing.assert_close(projector @ step.p, p_range, rtol=1e-8, atol=1e-8 * radius)
     outside = step.p - projector @ step.p
-    assert abs(outside.norm().item() - math.sqrt(radius**2 - p_range.norm().item() ** 2)) <= 1e-8 * radius
+    assert (
+        abs(outside.norm().item() - math.sqrt(radius**2 - p_range.norm().item() ** 2))
+        <= 1e-8 * radius
+    )
     assert abs(step.value - reference.value) <= 1e-9 * (abs(reference.value) + 1)
 
 
@@ -192,7 +219,9 @@ def test_nearly_hard_case_keeps_its_accuracy(component):
     # size and λ_min comes from eigh, each a few ε‖B‖ off (6e-14 on some CPUs); the floor is 100 ε‖B‖ ≈ 2e-12, below
     # the δ* of the larger components but far above the 1e-15 of 1e-12, which then checks σ = −λ_min to round-off
     scale = torch.linalg.matrix_norm(B, 2).item()
-    assert step.sigma + step.lambda_min >= 0  # right of the pole in the solver's own numbers (δ ≥ 0 by construction)
+    assert (
+        step.sigma + step.lambda_min >= 0
+    )  # right of the pole in the solver's own numbers (δ ≥ 0 by construction)
     assert -floor(scale) <= step.sigma + lam_min <= 10 * component / radius + floor(scale)
     assert_kkt(B, g, radius, step, tol=1e-10)
     assert_same_solution(step, reference, B, tol=1e-7)
@@ -252,16 +281,24 @@ def test_an_empty_memory_is_a_scaled_identity():
     step = solve_trust_region_compact(g, -1.0, empty, none, 2.0)
     torch.testing.assert_close(step.p, -2.0 * g / g.norm())
     assert step.on_boundary and not step.hard_case and step.rank == 0
-    assert step.iterations == 1 and step.converged  # one term: OBS's first step from the pole, δ = ‖g‖/Δ, is the root
+    assert (
+        step.iterations == 1 and step.converged
+    )  # one term: OBS's first step from the pole, δ = ‖g‖/Δ, is the root
     assert_kkt(-torch.eye(9, dtype=F64), g, 2.0, step)
     zero_gradient = solve_trust_region_compact(torch.zeros(9, dtype=F64), -1.0, empty, none, 2.0)
-    assert zero_gradient.hard_case and abs(zero_gradient.p.norm().item() - 2.0) < 1e-12 and zero_gradient.value == pytest.approx(-2.0)
+    assert (
+        zero_gradient.hard_case
+        and abs(zero_gradient.p.norm().item() - 2.0) < 1e-12
+        and zero_gradient.value == pytest.approx(-2.0)
+    )
 
 
 def test_float32_inputs_give_a_float32_step_close_to_float64():
     g, Psi, M, B = instance(40, 5, 0.3, seed=31)
     exact = solve_trust_region_compact(g, 0.3, Psi, M, 0.7)
-    single = solve_trust_region_compact(g.float(), torch.tensor(0.3), Psi.float(), M.float(), torch.tensor(0.7))
+    single = solve_trust_region_compact(
+        g.float(), torch.tensor(0.3), Psi.float(), M.float(), torch.tensor(0.7)
+    )
     assert single.p.dtype == torch.float32
     assert (single.p.double() - exact.p).norm() <= 1e-4 * exact.p.norm()
     assert abs(single.value - exact.value) <= 1e-4 * abs(exact.value)
@@ -294,8 +331,12 @@ def test_global_optimality_against_random_feasible_points(n, k, gamma, log_radiu
     directions = torch.randn(64, n, generator=gen, dtype=F64)
     lengths = radius * torch.rand(64, 1, generator=gen, dtype=F64) ** (1.0 / n)
     points = directions / directions.norm(dim=1, keepdim=True) * lengths
-    points[:16] = directions[:16] / directions[:16].norm(dim=1, keepdim=True) * radius  # on the boundary
-    points = torch.cat([points, -points[:1], step.p[None] * (1 - 1e-3), torch.linalg.eigh(B)[1][:, :1].T * radius])
+    points[:16] = (
+        directions[:16] / directions[:16].norm(dim=1, keepdim=True) * radius
+    )  # on the boundary
+    points = torch.cat(
+        [points, -points[:1], step.p[None] * (1 - 1e-3), torch.linalg.eigh(B)[1][:, :1].T * radius]
+    )
     values = points @ g + 0.5 * ((points @ B) * points).sum(1)
     assert step.value <= values.min().item() + 1e-9 * (abs(step.value) + 1.0)
 
@@ -313,31 +354,66 @@ def test_global_optimality_against_random_feasible_points(n, k, gamma, log_radiu
         (dict(g=torch.ones(6, 2, dtype=F64)), ValueError, "g: expected a non-empty 1-D"),
         (dict(g=torch.ones(6, dtype=torch.int64)), TypeError, "g: expected a 1-D floating-point"),
         (dict(g=[1.0] * 6), TypeError, "g: expected"),
-        (dict(g=torch.tensor([1.0, float("nan"), 0, 0, 0, 0], dtype=F64)), ValueError, "g: has non-finite"),
-        (dict(Psi=torch.ones(5, 2, dtype=F64)), ValueError, r"Psi: expected shape \(n, k\) = \(6, k\)"),
+        (
+            dict(g=torch.tensor([1.0, float("nan"), 0, 0, 0, 0], dtype=F64)),
+            ValueError,
+            "g: has non-finite",
+        ),
+        (
+            dict(Psi=torch.ones(5, 2, dtype=F64)),
+            ValueError,
+            r"Psi: expected shape \(n, k\) = \(6, k\)",
+        ),
         (dict(Psi=torch.ones(6, 2, dtype=torch.float32)), TypeError, "Psi: is torch.float32"),
         (dict(Psi=torch.full((6, 2), float("inf"), dtype=F64)), ValueError, "Psi: has non-finite"),
         (dict(M=torch.ones(3, 3, dtype=F64)), ValueError, r"M: expected shape \(2, 2\)"),
-        (dict(M=torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=F64)), ValueError, "M: must be symmetric"),
-        (dict(M=torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]], dtype=F64)), ValueError, "M: has non-finite"),
+        (
+            dict(M=torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=F64)),
+            ValueError,
+            "M: must be symmetric",
+        ),
+        (
+            dict(M=torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]], dtype=F64)),
+            ValueError,
+            "M: has non-finite",
+        ),
         (dict(M=[[1.0, 0.0], [0.0, 1.0]]), TypeError, "M: expected a floating-point"),
         (dict(max_iterations=0), ValueError, "max_iterations"),
         (dict(rank_tolerance=-0.1), ValueError, "rank_tolerance"),
     ],
 )
 def test_bad_arguments_get_clear_errors(change, error, words):
-    arguments = dict(g=torch.ones(6, dtype=F64), gamma=1.0, Psi=torch.eye(6, 2, dtype=F64), M=torch.eye(2, dtype=F64), radius=1.0)
+    arguments = dict(
+        g=torch.ones(6, dtype=F64),
+        gamma=1.0,
+        Psi=torch.eye(6, 2, dtype=F64),
+        M=torch.eye(2, dtype=F64),
+        radius=1.0,
+    )
     arguments.update(change)
-    options = {key: arguments.pop(key) for key in ("max_iterations", "rank_tolerance") if key in arguments}
+    options = {
+        key: arguments.pop(key) for key in ("max_iterations", "rank_tolerance") if key in arguments
+    }
     with pytest.raises(error, match=words):
-        solve_trust_region_compact(arguments["g"], arguments["gamma"], arguments["Psi"], arguments["M"], arguments["radius"], **options)
+        solve_trust_region_compact(
+            arguments["g"],
+            arguments["gamma"],
+            arguments["Psi"],
+            arguments["M"],
+            arguments["radius"],
+            **options,
+        )
 
 
 def test_round_off_asymmetry_in_m_is_accepted_and_the_dense_solver_checks_its_arguments():
     g, Psi, M, B = instance(10, 3, 1.0, seed=41)
     nudged = M.clone()
     nudged[0, 1] += 1e-12 * M.abs().max()
-    assert_same_solution(solve_trust_region_compact(g, 1.0, Psi, nudged, 0.5), solve_trust_region_compact(g, 1.0, Psi, M, 0.5), B)
+    assert_same_solution(
+        solve_trust_region_compact(g, 1.0, Psi, nudged, 0.5),
+        solve_trust_region_compact(g, 1.0, Psi, M, 0.5),
+        B,
+    )
     with pytest.raises(ValueError, match=r"B: expected shape \(10, 10\)"):
         dense_trust_region(g, B[:9, :9], 1.0)
     with pytest.raises(ValueError, match="B: must be symmetric"):
@@ -351,4 +427,6 @@ def test_running_out_of_newton_steps_is_reported_and_the_step_stays_feasible():
     full = solve_trust_region_compact(g, -1.0, Psi, M, 0.3)
     short = solve_trust_region_compact(g, -1.0, Psi, M, 0.3, max_iterations=1)
     assert full.converged and full.iterations > 1
-    assert not short.converged and short.iterations == 1 and short.p.norm().item() <= 0.3 * (1 + 1e-12)
+    assert (
+        not short.converged and short.iterations == 1 and short.p.norm().item() <= 0.3 * (1 + 1e-12)
+    )

@@ -12,6 +12,7 @@ and compares the result with the tree. It also checks each exporting notebook's 
 keeps only the first `> ` line, so the summary must be one whole line, and the docstring must end
 a sentence.
 """
+
 import ast
 import difflib
 import json
@@ -20,14 +21,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from itertools import takewhile
 from configparser import ConfigParser
+from itertools import takewhile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 IGNORE = shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "*.pyc")
-GENERATED_NOTE = "<!-- Generated from nbs/index.ipynb by `make readme`: edit the notebook, not this file. -->"
+GENERATED_NOTE = (
+    "<!-- Generated from nbs/index.ipynb by `make readme`: edit the notebook, not this file. -->"
+)
 
 
 def settings(root: Path) -> dict:
@@ -37,7 +40,9 @@ def settings(root: Path) -> dict:
 
 
 def _is_hidden(source: str) -> bool:
-    return any(line.replace(" ", "") in ("#|hide", "#|include:false") for line in source.splitlines())
+    return any(
+        line.replace(" ", "") in ("#|hide", "#|include:false") for line in source.splitlines()
+    )
 
 
 def _code_block(text: str, lang: str = "") -> str:
@@ -61,7 +66,9 @@ def render_readme(notebook: Path) -> str:
         if cell["cell_type"] == "markdown":
             parts.append(source.strip())
         elif cell["cell_type"] == "code":
-            code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith("#|"))
+            code = "\n".join(
+                line for line in source.splitlines() if not line.lstrip().startswith("#|")
+            )
             parts.append(_code_block(code, "python"))
             outputs = "".join(_output_text(o) for o in cell.get("outputs", []))
             if outputs.strip():
@@ -71,7 +78,9 @@ def render_readme(notebook: Path) -> str:
 
 def write_readme(root: Path) -> None:
     cfg = settings(root)
-    (root / "README.md").write_text(render_readme(root / cfg["nbs_path"] / cfg["readme_nb"]), encoding="utf-8")
+    (root / "README.md").write_text(
+        render_readme(root / cfg["nbs_path"] / cfg["readme_nb"]), encoding="utf-8"
+    )
 
 
 def run_nbdev(root: Path, *commands: str) -> None:
@@ -85,7 +94,8 @@ def files_under(folder: Path, pattern: str) -> dict[str, str]:
     return {
         str(f.relative_to(folder)): f.read_text(encoding="utf-8")
         for f in sorted(folder.rglob(pattern))
-        if f.is_file() and not any(part in ("__pycache__", ".ipynb_checkpoints") for part in f.parts)
+        if f.is_file()
+        and not any(part in ("__pycache__", ".ipynb_checkpoints") for part in f.parts)
     }
 
 
@@ -93,15 +103,24 @@ def compare(label: str, ours: dict[str, str], made: dict[str, str], remedy: str)
     problems = []
     for name in sorted(set(ours) | set(made)):
         if name not in made:
-            problems.append(f"{label}/{name}: no notebook exports it any more ({remedy}, then delete it)")
+            problems.append(
+                f"{label}/{name}: no notebook exports it any more ({remedy}, then delete it)"
+            )
         elif name not in ours:
             problems.append(f"{label}/{name}: missing; the notebooks export it ({remedy})")
         elif ours[name] != made[name]:
             diff = difflib.unified_diff(
-                ours[name].splitlines(), made[name].splitlines(), f"{label}/{name} (tree)", f"{label}/{name} (expected)", lineterm="", n=1
+                ours[name].splitlines(),
+                made[name].splitlines(),
+                f"{label}/{name} (tree)",
+                f"{label}/{name} (expected)",
+                lineterm="",
+                n=1,
             )
             shown = "\n".join(list(diff)[:40])
-            problems.append(f"{label}/{name}: differs from what the notebooks give ({remedy})\n{shown}")
+            problems.append(
+                f"{label}/{name}: differs from what the notebooks give ({remedy})\n{shown}"
+            )
     return problems
 
 
@@ -116,7 +135,12 @@ def _exporting_notebooks(nbs: Path) -> dict[Path, str]:
         if any(part.startswith(("_", ".")) for part in notebook.relative_to(nbs).parts):
             continue
         cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
-        names = [m.group(1) for c in cells if c["cell_type"] == "code" for m in DEFAULT_EXP.finditer("".join(c["source"]))]
+        names = [
+            m.group(1)
+            for c in cells
+            if c["cell_type"] == "code"
+            for m in DEFAULT_EXP.finditer("".join(c["source"]))
+        ]
         if names:
             found[notebook] = names[-1]
     return found
@@ -132,23 +156,42 @@ def summary_problems(work: Path, lib: str, nbs: str) -> list[str]:
     for notebook, module in _exporting_notebooks(work / nbs).items():
         name = f"{nbs}/{notebook.relative_to(work / nbs).as_posix()}"
         cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
-        title = next((c for c in cells if c["cell_type"] == "markdown" and "".join(c["source"]).startswith("# ")), None)
+        title = next(
+            (
+                c
+                for c in cells
+                if c["cell_type"] == "markdown" and "".join(c["source"]).startswith("# ")
+            ),
+            None,
+        )
         lines = "".join(title["source"]).splitlines() if title else []
         start = next((i for i, line in enumerate(lines) if line.startswith(">")), len(lines))
-        quoted = list(takewhile(lambda line: line.startswith(">"), lines[start:]))  # the summary's quote block
+        quoted = list(
+            takewhile(lambda line: line.startswith(">"), lines[start:])
+        )  # the summary's quote block
         if not quoted:
-            problems.append(f"{name}: no summary: its first markdown cell needs `# Title` and then one `> ` line, "
-                            "a whole sentence that nbdev makes the module's docstring")
+            problems.append(
+                f"{name}: no summary: its first markdown cell needs `# Title` and then one `> ` line, "
+                "a whole sentence that nbdev makes the module's docstring"
+            )
             continue
         if len(quoted) > 1:
-            problems.append(f"{name}: the summary is wrapped over {len(quoted)} `> ` lines and nbdev keeps only the first "
-                            "as the module's docstring: make it one whole `> ` line and move the rest into a paragraph after it")
+            problems.append(
+                f"{name}: the summary is wrapped over {len(quoted)} `> ` lines and nbdev keeps only the first "
+                "as the module's docstring: make it one whole `> ` line and move the rest into a paragraph after it"
+            )
             continue
         path = work / lib / Path(*module.split(".")).with_suffix(".py")
-        docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) if path.exists() else None
+        docstring = (
+            ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+            if path.exists()
+            else None
+        )
         if not docstring or not SENTENCE_END.search(docstring.strip()):
-            problems.append(f"{name}: the docstring of {lib}/{path.relative_to(work / lib).as_posix()} does not end a sentence "
-                            f"(with ., ? or !, before any closing ) or `): {docstring!r}")
+            problems.append(
+                f"{name}: the docstring of {lib}/{path.relative_to(work / lib).as_posix()} does not end a sentence "
+                f"(with ., ? or !, before any closing ) or `): {docstring!r}"
+            )
     return problems
 
 
@@ -165,22 +208,38 @@ def check(root: Path) -> int:
         run_nbdev(work, "nbdev_clean", "nbdev_export")
         write_readme(work)
         problems = (
-            compare(lib, files_under(root / lib, "*.py"), files_under(work / lib, "*.py"),
-                    "the library is out of sync with the notebooks: run `make sync` or `nbdev_export`")
-            + compare(nbs, files_under(root / nbs, "*.ipynb"), files_under(work / nbs, "*.ipynb"),
-                      "the notebook is not clean: run `make sync` or `nbdev_clean`")
-            + compare(".", {"README.md": (root / "README.md").read_text(encoding="utf-8")},
-                      {"README.md": (work / "README.md").read_text(encoding="utf-8")},
-                      "README.md is out of date with nbs/index.ipynb: run `make sync` or `make readme`")
+            compare(
+                lib,
+                files_under(root / lib, "*.py"),
+                files_under(work / lib, "*.py"),
+                "the library is out of sync with the notebooks: run `make sync` or `nbdev_export`",
+            )
+            + compare(
+                nbs,
+                files_under(root / nbs, "*.ipynb"),
+                files_under(work / nbs, "*.ipynb"),
+                "the notebook is not clean: run `make sync` or `nbdev_clean`",
+            )
+            + compare(
+                ".",
+                {"README.md": (root / "README.md").read_text(encoding="utf-8")},
+                {"README.md": (work / "README.md").read_text(encoding="utf-8")},
+                "README.md is out of date with nbs/index.ipynb: run `make sync` or `make readme`",
+            )
             + summary_problems(work, lib, nbs)
         )
     for problem in problems:
         print(problem, end="\n\n", file=sys.stderr)
     if problems:
-        print(f"nbsync: {len(problems)} problem(s): files out of sync or summaries that are not one whole line; "
-              "nothing in the tree was changed.", file=sys.stderr)
+        print(
+            f"nbsync: {len(problems)} problem(s): files out of sync or summaries that are not one whole line; "
+            "nothing in the tree was changed.",
+            file=sys.stderr,
+        )
         return 1
-    print("nbsync: library, notebooks and README.md are in sync, and every module summary is one whole line.")
+    print(
+        "nbsync: library, notebooks and README.md are in sync, and every module summary is one whole line."
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ after it, on the same machine (torch picks kernels by CPU, so the last bits diff
 
 `compare` exits 1 at the first number that differs in any bit, naming run, step and field.
 """
+
 import argparse
 import hashlib
 import json
@@ -26,9 +27,17 @@ PROBLEMS = {  # small float64 instances: 25 steps of every optimizer take second
     "quadratic": {"n": 20},
 }
 EXTRA = [  # settings beyond the defaults that take other paths through the code
-    ("nag", "addition", {"lr": 0.01, "momentum": {"schedule": "SutskeverMomentum", "mu_max": 0.99, "period": 5}}),
+    (
+        "nag",
+        "addition",
+        {"lr": 0.01, "momentum": {"schedule": "SutskeverMomentum", "mu_max": 0.99, "period": 5}},
+    ),
     ("hessian_free", "addition", {"structural_damping": 0.03}),
-    ("hessian_free", "curves", {"preconditioner": "chapelle_erhan", "iterate_selection": "minimum"}),
+    (
+        "hessian_free",
+        "curves",
+        {"preconditioner": "chapelle_erhan", "iterate_selection": "minimum"},
+    ),
     ("lbfgs", "curves", {"line_search": "strong_wolfe"}),
     ("lbfgs", "quadratic", {"line_search": "armijo"}),
     ("lsr1", "curves", {"method": "line_search"}),
@@ -38,7 +47,12 @@ RENAMED = {  # stats keys renamed since the recording: old ↦ new (a redesign r
     "function_evaluations": "gradient_evaluations",  # the quasi-Newton methods counted both; they were always equal
     "total_function_evaluations": "total_gradient_evaluations",
 }
-SKIP_TIMES = ("time", "train_time", "eval_time", "seconds")  # and every stats key ending in "_s" (a timing)
+SKIP_TIMES = (
+    "time",
+    "train_time",
+    "eval_time",
+    "seconds",
+)  # and every stats key ending in "_s" (a timing)
 
 
 def exact(value):
@@ -46,7 +60,9 @@ def exact(value):
     if isinstance(value, float):
         return {"hex": value.hex()} if math.isfinite(value) else {"nonfinite": repr(value)}
     if isinstance(value, dict):
-        return {k: exact(v) for k, v in value.items() if k not in SKIP_TIMES and not k.endswith("_s")}
+        return {
+            k: exact(v) for k, v in value.items() if k not in SKIP_TIMES and not k.endswith("_s")
+        }
     if isinstance(value, (list, tuple)):
         return [exact(v) for v in value]
     if isinstance(value, torch.Tensor):
@@ -56,23 +72,40 @@ def exact(value):
 
 def one_run(optimizer: str, problem: str, hyperparameters: dict, steps: int) -> dict:
     from qnwb.runs import Runner
-    config = {"problem": problem, "problem_options": PROBLEMS[problem], "optimizer": optimizer,
-              "hyperparameters": hyperparameters, "seed": 3, "dtype": "float64", "budget": {"steps": steps},
-              "evaluate_every": 10}
+
+    config = {
+        "problem": problem,
+        "problem_options": PROBLEMS[problem],
+        "optimizer": optimizer,
+        "hyperparameters": hyperparameters,
+        "seed": 3,
+        "dtype": "float64",
+        "budget": {"steps": steps},
+        "evaluate_every": 10,
+    }
     runner = Runner(config, store=False, progress=False)
     runner.run()
     theta = torch.cat([p.detach().flatten() for p in runner.model.parameters()])
-    return {"steps": exact(runner.history["steps"]), "evaluations": exact(runner.history["evaluations"]),
-            "theta_sha256": hashlib.sha256(theta.double().numpy().tobytes()).hexdigest()}
+    return {
+        "steps": exact(runner.history["steps"]),
+        "evaluations": exact(runner.history["evaluations"]),
+        "theta_sha256": hashlib.sha256(theta.double().numpy().tobytes()).hexdigest(),
+    }
 
 
 def runs(steps: int):
     from qnwb.optim import OPTIMIZERS
+
     for problem in PROBLEMS:
         for optimizer in OPTIMIZERS:
             yield f"{optimizer}/{problem}", optimizer, problem, {}
     for optimizer, problem, hyper in EXTRA:
-        yield f"{optimizer}/{problem}/{json.dumps(hyper, sort_keys=True)}", optimizer, problem, hyper
+        yield (
+            f"{optimizer}/{problem}/{json.dumps(hyper, sort_keys=True)}",
+            optimizer,
+            problem,
+            hyper,
+        )
 
 
 def renamed(recording):
@@ -119,10 +152,23 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     recorded = renamed({key: one_run(o, p, h, args.steps) for key, o, p, h in runs(args.steps)})
-    meta = {"torch": torch.__version__, "threads": 1, "steps": args.steps, "date": time.strftime("%Y-%m-%d"),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-            "machine": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                            platform.processor())}
+    meta = {
+        "torch": torch.__version__,
+        "threads": 1,
+        "steps": args.steps,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "machine": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in open("/proc/cpuinfo")
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        ),
+    }
     if args.action == "record":
         with open(args.path, "w") as f:
             json.dump({"meta": meta, "runs": recorded}, f)
@@ -135,7 +181,9 @@ def main():
         d = first_difference(saved.get(key), recorded.get(key), key)
         print(f"{'DIFFERS' if d else 'same   '} {key}" + (f"  ({d})" if d else ""))
         failed += bool(d)
-    print(f"{len(recorded) - failed} of {len(set(saved) | set(recorded))} runs identical bit for bit")
+    print(
+        f"{len(recorded) - failed} of {len(set(saved) | set(recorded))} runs identical bit for bit"
+    )
     return 1 if failed else 0
 
 

@@ -6,13 +6,19 @@
 __all__ = ['PROBES']
 
 # %% ../../nbs/89_diagnostics.ipynb #d8bc3a6a
-from .spectrum import *
-from .cg import *
-from .traces import *
-from .hidden import *
 from . import cg, hidden, spectrum, traces
+from .cg import *
+from .hidden import *
+from .spectrum import *
+from .traces import *
 
-__all__ = ["PROBES", *spectrum.__all__, *cg.__all__, *traces.__all__, *hidden.__all__]  # `import *` gives every probe
+__all__ = [
+    "PROBES",
+    *spectrum.__all__,
+    *cg.__all__,
+    *traces.__all__,
+    *hidden.__all__,
+]  # `import *` gives every probe
 
 # %% ../../nbs/89_diagnostics.ipynb #5a6b1351
 PROBES = {  # probe ↦ its figure builder(s), the map of the package

@@ -33,14 +33,18 @@ class CGTrace:
     damped: Tensor  # M̂(x_i) − f(θ) = gᵀx_i + ½x_iᵀ(B + λμG_S + λI)x_i, from products at x_i
     undamped: Tensor  # M(x_i) − f(θ) = gᵀx_i + ½x_iᵀBx_i (eq. 1; ρ's denominator, eq. 10)
     cg_q: Tensor  # CG's own q(x_i) from its residual recursion (equals `damped` up to rounding)
-    objectives: dict[str, Tensor]  # f(θ + x_i) per data set: "curvature batch", "gradient batch" (when separate), "held-out"
+    objectives: dict[
+        str, Tensor
+    ]  # f(θ + x_i) per data set: "curvature batch", "gradient batch" (when separate), "held-out"
     f0: dict[str, float]  # f(θ) on the same data sets
     norms: Tensor  # ‖x_i‖
     grid: list[int]  # the iterates CG-backtracking considers: ⌈5·1.3^j⌉ ≤ m, and m
     backtracking_step: int  # HF's choice (iterate_selection="backtracking") on the gradient batch
     heldout_step: int | None  # the iterate of least f on the held-out data (None without it)
     stop: str  # why CG stopped (qnwb.solvers.CGResult.stop)
-    settings: dict = field(default_factory=dict)  # λ, μ, curvature, batch sizes, CG options, products, seed, ...
+    settings: dict = field(
+        default_factory=dict
+    )  # λ, μ, curvature, batch sizes, CG options, products, seed, ...
     iterates: Tensor | None = None  # (m + 1, n) with keep_iterates=True
 
     @property
@@ -57,10 +61,16 @@ def _batch_size(batch) -> int:
 
 
 def _check_batch(name: str, batch) -> None:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(isinstance(t, Tensor) for t in batch):
+    if (
+        not isinstance(batch, (tuple, list))
+        or len(batch) != 2
+        or not all(isinstance(t, Tensor) for t in batch)
+    ):
         raise TypeError(f"{name}: expected a pair of tensors (inputs, targets)")
     if batch[0].shape[0] == 0 or batch[0].shape[0] != batch[1].shape[0]:
-        raise ValueError(f"{name}: needs at least one case and as many targets as inputs, got {batch[0].shape[0]} and {batch[1].shape[0]}")
+        raise ValueError(
+            f"{name}: needs at least one case and as many targets as inputs, got {batch[0].shape[0]} and {batch[1].shape[0]}"
+        )
 
 
 def backtracking_choice(values: Tensor, grid: list[int]) -> int:
@@ -75,8 +85,18 @@ def backtracking_choice(values: Tensor, grid: list[int]) -> int:
     return grid[-1] if chosen is None else chosen
 
 # %% ../../nbs/82_cg_probes.ipynb #595dea7b
-def _check_trace_arguments(model, loss, batch, curvature_batch, heldout, damping, structural_damping, curvature, structural_distance,
-                           max_iterations):
+def _check_trace_arguments(
+    model,
+    loss,
+    batch,
+    curvature_batch,
+    heldout,
+    damping,
+    structural_damping,
+    curvature,
+    structural_distance,
+    max_iterations,
+):
     "The matching loss, λ and μ, checked (with the batches, the curvature and the CG cap)."
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -90,7 +110,9 @@ def _check_trace_arguments(model, loss, batch, curvature_batch, heldout, damping
     if curvature not in ("ggn", "hessian"):
         raise ValueError(f"curvature: {curvature!r} is not 'ggn' or 'hessian'")
     if structural_distance not in STRUCTURAL_DISTANCES:
-        raise ValueError(f"structural_distance: {structural_distance!r} is not one of {STRUCTURAL_DISTANCES}")
+        raise ValueError(
+            f"structural_distance: {structural_distance!r} is not one of {STRUCTURAL_DISTANCES}"
+        )
     if curvature == "hessian" and structural_damping > 0:
         raise ValueError("structural_damping: needs curvature='ggn' (it is a Gauss-Newton term)")
     check_positive_int("max_iterations", max_iterations)
@@ -103,25 +125,63 @@ def _loss_on(model: nn.Module, loss_fn, batch) -> Tensor:
     return loss_fn(model(batch[0]), batch[1]).detach()
 
 
-def _hf_quadratic(model, loss_fn, params, batch, curvature_batch, curvature, damping, structural_damping, structural_distance, route,
-                  preconditioner, preconditioner_exponent):
+def _hf_quadratic(
+    model,
+    loss_fn,
+    params,
+    batch,
+    curvature_batch,
+    curvature,
+    damping,
+    structural_damping,
+    structural_distance,
+    route,
+    preconditioner,
+    preconditioner_exponent,
+):
     "`(∇f on batch, the curvature operator without λ, the preconditioner P, its kind)` as HessianFree builds them."
     with torch.enable_grad():
         value = loss_fn(model(batch[0]), batch[1])
         g = _flatten(list(torch.autograd.grad(value, params, materialize_grads=True))).clone()
-    op = curvature_operator(model, loss_fn, curvature_batch, curvature, damping, structural_damping, structural_distance, route)
+    op = curvature_operator(
+        model,
+        loss_fn,
+        curvature_batch,
+        curvature,
+        damping,
+        structural_damping,
+        structural_distance,
+        route,
+    )
     if isinstance(preconditioner, str):
         if preconditioner != "fisher":
-            raise ValueError(f"preconditioner: {preconditioner!r} is not None, 'fisher' or a positive 1-D tensor")
+            raise ValueError(
+                f"preconditioner: {preconditioner!r} is not None, 'fisher' or a positive 1-D tensor"
+            )
         check_number("preconditioner_exponent", preconditioner_exponent, 0.0, 1.0, low_open=True)
-        P, kind = (empirical_fisher_diagonal(model, loss_fn, curvature_batch) + damping).pow(preconditioner_exponent), "fisher"
+        P, kind = (
+            (empirical_fisher_diagonal(model, loss_fn, curvature_batch) + damping).pow(
+                preconditioner_exponent
+            ),
+            "fisher",
+        )
     else:
         P, kind = preconditioner, None if preconditioner is None else "given"
     return g, op, P, kind
 
 # %% ../../nbs/82_cg_probes.ipynb #7c6f8ad0
-def _iterate_recorder(model, loss_fn, op, g: Tensor, damping: float, weight: float, params, theta: Tensor, data: dict,
-                      keep_iterates: bool):
+def _iterate_recorder(
+    model,
+    loss_fn,
+    op,
+    g: Tensor,
+    damping: float,
+    weight: float,
+    params,
+    theta: Tensor,
+    data: dict,
+    keep_iterates: bool,
+):
     "`(record, rows, kept)`: `record(i, x)` appends the models, ‖x‖ and f(θ + x) per data set to `rows` (and x to `kept`)."
     rows: dict[str, list[Tensor]] = {name: [] for name in ("damped", "undamped", "norms", *data)}
     kept: list[Tensor] = []
@@ -159,8 +219,10 @@ def cg_trace(
     structural_damping: float = 0.0,  # μ: the GGN gets λμ·G_S (M&S 2011 §3.2); needs a TanhRNN-like model
     structural_distance: str = "tanh",  # "tanh" or "squared" (qnwb.curvature.STRUCTURAL_DISTANCES)
     curvature: str = "ggn",  # "ggn" (§6) or "hessian" (§5)
-    curvature_batch: tuple[Tensor, Tensor] | None = None,  # for the curvature products (§12.1); default: batch
-    heldout: tuple[Tensor, Tensor] | None = None,  # data outside both batches, for f(θ + x_i); None: not evaluated
+    curvature_batch: tuple[Tensor, Tensor]
+    | None = None,  # for the curvature products (§12.1); default: batch
+    heldout: tuple[Tensor, Tensor]
+    | None = None,  # data outside both batches, for f(θ + x_i); None: not evaluated
     preconditioner=None,  # None, "fisher" (§11.3, (diag F + λ)^ξ) or a positive 1-D tensor P
     preconditioner_exponent: float = 0.75,  # ξ for "fisher" (§11.2)
     x0: Tensor | None = None,  # CG's start (HF: ζ·δ_{k−1}, §10); None: zero
@@ -168,75 +230,178 @@ def cg_trace(
     min_iterations: int = 1,
     tolerance: float | None = 1e-4,  # eq. 2; None: run all max_iterations steps
     route: str = "auto",  # the GGN's linearisation route (qnwb.curvature.GGN)
-    seed: int | None = None,  # recorded in settings: the seed that made the model and data (the probe draws nothing)
+    seed: int
+    | None = None,  # recorded in settings: the seed that made the model and data (the probe draws nothing)
     keep_iterates: bool = False,  # also return every iterate, (m + 1, n)
 ) -> CGTrace:
     """Run CG once on the damped quadratic of an HF step at θ and record M̂, M and f(θ + x_i) at every iterate."""
-    loss_fn, damping, structural_damping = _check_trace_arguments(model, loss, batch, curvature_batch, heldout, damping, structural_damping,
-                                                                  curvature, structural_distance, max_iterations)
+    loss_fn, damping, structural_damping = _check_trace_arguments(
+        model,
+        loss,
+        batch,
+        curvature_batch,
+        heldout,
+        damping,
+        structural_damping,
+        curvature,
+        structural_distance,
+        max_iterations,
+    )
     params = param_list(model)
     theta = _flatten(params).clone()
     separate = curvature_batch is not None and curvature_batch is not batch
     curvature_batch = batch if curvature_batch is None else curvature_batch
     weight = damping * structural_damping
-    g, op, P, kind = _hf_quadratic(model, loss_fn, params, batch, curvature_batch, curvature, damping, structural_damping,
-                                   structural_distance, route, preconditioner, preconditioner_exponent)
-    data = {"curvature batch": curvature_batch, **({"gradient batch": batch} if separate else {}),
-            **({"held-out": heldout} if heldout is not None else {})}
-    record, rows, kept = _iterate_recorder(model, loss_fn, op, g, damping, weight, params, theta, data, keep_iterates)
+    g, op, P, kind = _hf_quadratic(
+        model,
+        loss_fn,
+        params,
+        batch,
+        curvature_batch,
+        curvature,
+        damping,
+        structural_damping,
+        structural_distance,
+        route,
+        preconditioner,
+        preconditioner_exponent,
+    )
+    data = {
+        "curvature batch": curvature_batch,
+        **({"gradient batch": batch} if separate else {}),
+        **({"held-out": heldout} if heldout is not None else {}),
+    }
+    record, rows, kept = _iterate_recorder(
+        model, loss_fn, op, g, damping, weight, params, theta, data, keep_iterates
+    )
     try:
         f0 = {name: float(_loss_on(model, loss_fn, d)) for name, d in data.items()}
-        cg = conjugate_gradient(lambda v: op.mv(v) + damping * v, -g, x0, preconditioner=P, max_iterations=max_iterations,
-                                min_iterations=min(min_iterations, max_iterations), tolerance=tolerance, save_iterates=False,
-                                on_step=record)
+        cg = conjugate_gradient(
+            lambda v: op.mv(v) + damping * v,
+            -g,
+            x0,
+            preconditioner=P,
+            max_iterations=max_iterations,
+            min_iterations=min(min_iterations, max_iterations),
+            tolerance=tolerance,
+            save_iterates=False,
+            on_step=record,
+        )
     finally:
         assign_flat_(params, theta)
     m = cg.iterations
-    rows = {name: torch.stack(values[: m + 1]) for name, values in rows.items()}  # a step CG took back is dropped
+    rows = {
+        name: torch.stack(values[: m + 1]) for name, values in rows.items()
+    }  # a step CG took back is dropped
     objectives = {name: rows[name] for name in data}
     grid = _trace_grid(max_iterations, m)
     chooser = objectives.get("gradient batch", objectives["curvature batch"])
-    heldout_step = int(torch.argmin(torch.nan_to_num(objectives["held-out"], nan=math.inf))) if heldout is not None else None
-    settings = dict(damping=damping, structural_damping=structural_damping, structural_weight=weight,
-                    structural_distance=structural_distance if structural_damping > 0 else None, curvature=curvature,
-                    batch_size=_batch_size(batch), curvature_batch_size=_batch_size(curvature_batch),
-                    heldout_size=None if heldout is None else _batch_size(heldout), preconditioner=kind,
-                    preconditioner_exponent=preconditioner_exponent if kind == "fisher" else None,
-                    warm_start=x0 is not None, max_iterations=max_iterations, min_iterations=min_iterations, tolerance=tolerance,
-                    iterations=m, stop=cg.stop, products=cg.products, probe_products=(2 if weight > 0 else 1) * (m + 1),
-                    parameters=op.n, dtype=str(g.dtype), device=str(g.device), seed=seed)
-    return CGTrace(steps=torch.arange(m + 1), damped=rows["damped"], undamped=rows["undamped"], cg_q=cg.q.detach().clone(),
-                   objectives=objectives, f0=f0, norms=rows["norms"], grid=grid,
-                   backtracking_step=backtracking_choice(chooser.to("cpu", torch.float64), grid), heldout_step=heldout_step,
-                   stop=cg.stop, settings=settings, iterates=torch.stack(kept[: m + 1]) if keep_iterates else None)
+    heldout_step = (
+        int(torch.argmin(torch.nan_to_num(objectives["held-out"], nan=math.inf)))
+        if heldout is not None
+        else None
+    )
+    settings = dict(
+        damping=damping,
+        structural_damping=structural_damping,
+        structural_weight=weight,
+        structural_distance=structural_distance if structural_damping > 0 else None,
+        curvature=curvature,
+        batch_size=_batch_size(batch),
+        curvature_batch_size=_batch_size(curvature_batch),
+        heldout_size=None if heldout is None else _batch_size(heldout),
+        preconditioner=kind,
+        preconditioner_exponent=preconditioner_exponent if kind == "fisher" else None,
+        warm_start=x0 is not None,
+        max_iterations=max_iterations,
+        min_iterations=min_iterations,
+        tolerance=tolerance,
+        iterations=m,
+        stop=cg.stop,
+        products=cg.products,
+        probe_products=(2 if weight > 0 else 1) * (m + 1),
+        parameters=op.n,
+        dtype=str(g.dtype),
+        device=str(g.device),
+        seed=seed,
+    )
+    return CGTrace(
+        steps=torch.arange(m + 1),
+        damped=rows["damped"],
+        undamped=rows["undamped"],
+        cg_q=cg.q.detach().clone(),
+        objectives=objectives,
+        f0=f0,
+        norms=rows["norms"],
+        grid=grid,
+        backtracking_step=backtracking_choice(chooser.to("cpu", torch.float64), grid),
+        heldout_step=heldout_step,
+        stop=cg.stop,
+        settings=settings,
+        iterates=torch.stack(kept[: m + 1]) if keep_iterates else None,
+    )
 
 # %% ../../nbs/82_cg_probes.ipynb #0575ad4d
-def cg_trace_figure(trace: CGTrace, title: str = "Quadratic model vs true objective along CG (M&S 2012 §8.7, Fig. 4)"):
+def cg_trace_figure(
+    trace: CGTrace,
+    title: str = "Quadratic model vs true objective along CG (M&S 2012 §8.7, Fig. 4)",
+):
     """`M̂(x_i) − f(θ)`, `M(x_i) − f(θ)` and `f(θ + x_i) − f(θ)` per data set over the CG steps, with HF's choice marked."""
     import plotly.graph_objects as go
 
     steps = trace.steps.tolist()
     figure = go.Figure()
-    for name, values, colour, dash in (("damped model M̂(x) − f(θ)", trace.damped, "#1f77b4", "solid"),
-                                       ("undamped model M(x) − f(θ)", trace.undamped, "#1f77b4", "dot")):
-        figure.add_scatter(x=steps, y=values.tolist(), mode="lines", name=name, line=dict(color=colour, dash=dash),
-                           hovertemplate="CG step %{x}<br>%{y:.4g}<extra>" + name + "</extra>")
+    for name, values, colour, dash in (
+        ("damped model M̂(x) − f(θ)", trace.damped, "#1f77b4", "solid"),
+        ("undamped model M(x) − f(θ)", trace.undamped, "#1f77b4", "dot"),
+    ):
+        figure.add_scatter(
+            x=steps,
+            y=values.tolist(),
+            mode="lines",
+            name=name,
+            line=dict(color=colour, dash=dash),
+            hovertemplate="CG step %{x}<br>%{y:.4g}<extra>" + name + "</extra>",
+        )
     colours = {"curvature batch": "#d62728", "gradient batch": "#ff7f0e", "held-out": "#9467bd"}
     for data, values in trace.objectives.items():
         name = f"f(θ + x) − f(θ), {data}"
-        figure.add_scatter(x=steps, y=(values - trace.f0[data]).tolist(), mode="lines", name=name,
-                           line=dict(color=colours.get(data)), hovertemplate="CG step %{x}<br>%{y:.4g}<extra>" + name + "</extra>")
+        figure.add_scatter(
+            x=steps,
+            y=(values - trace.f0[data]).tolist(),
+            mode="lines",
+            name=name,
+            line=dict(color=colours.get(data)),
+            hovertemplate="CG step %{x}<br>%{y:.4g}<extra>" + name + "</extra>",
+        )
     chooser = "gradient batch" if "gradient batch" in trace.objectives else "curvature batch"
     reduction = trace.reduction(chooser)
-    figure.add_scatter(x=trace.grid, y=[float(reduction[s]) for s in trace.grid], mode="markers", name="backtracking grid",
-                       marker=dict(color="black", size=6), hovertemplate="grid step %{x}<br>%{y:.4g}<extra>" + chooser + "</extra>")
+    figure.add_scatter(
+        x=trace.grid,
+        y=[float(reduction[s]) for s in trace.grid],
+        mode="markers",
+        name="backtracking grid",
+        marker=dict(color="black", size=6),
+        hovertemplate="grid step %{x}<br>%{y:.4g}<extra>" + chooser + "</extra>",
+    )
     s = trace.backtracking_step
-    figure.add_scatter(x=[s], y=[float(reduction[s])], mode="markers", name=f"HF's choice (step {s})",
-                       marker=dict(color="black", size=14, symbol="star"), hovertemplate="chosen step %{x}<br>%{y:.4g}<extra></extra>")
+    figure.add_scatter(
+        x=[s],
+        y=[float(reduction[s])],
+        mode="markers",
+        name=f"HF's choice (step {s})",
+        marker=dict(color="black", size=14, symbol="star"),
+        hovertemplate="chosen step %{x}<br>%{y:.4g}<extra></extra>",
+    )
     st = trace.settings
     subtitle = f"λ = {st['damping']:.3g}, μ = {st['structural_damping']:.3g}, {st['curvature']}, stop: {trace.stop}"
-    figure.update_layout(title=dict(text=f"{title}<br><sup>{subtitle}</sup>"), xaxis_title="CG step i",
-                         yaxis_title="change from f(θ)", template="plotly_white", hovermode="x unified")
+    figure.update_layout(
+        title=dict(text=f"{title}<br><sup>{subtitle}</sup>"),
+        xaxis_title="CG step i",
+        yaxis_title="change from f(θ)",
+        template="plotly_white",
+        hovermode="x unified",
+    )
     return figure
 
 # %% ../../nbs/82_cg_probes.ipynb #b140bb18
@@ -251,19 +416,39 @@ def cg_trace_for(
     from qnwb.optim import HessianFree
 
     if not isinstance(optimizer, HessianFree):
-        raise TypeError(f"optimizer: expected a qnwb.optim.HessianFree, got {type(optimizer).__name__}")
+        raise TypeError(
+            f"optimizer: expected a qnwb.optim.HessianFree, got {type(optimizer).__name__}"
+        )
     group, options = optimizer.param_groups[0], optimizer.options
     previous = optimizer.state[group["params"][0]].get("previous_update")
     zeta = group["warm_start"]
     if optimizer.options["preconditioner"] is not None and "preconditioner" not in changes:
-        generator = optimizer.generator.get_state()  # Chapelle–Erhan draws from it: the probe must not move the run's stream,
-        changes["preconditioner"] = optimizer._preconditioner(batch if curvature_batch is None else curvature_batch, group)
+        generator = (
+            optimizer.generator.get_state()
+        )  # Chapelle–Erhan draws from it: the probe must not move the run's stream,
+        changes["preconditioner"] = optimizer._preconditioner(
+            batch if curvature_batch is None else curvature_batch, group
+        )
         optimizer.generator.set_state(generator)  # so the next step builds exactly this P
-    settings = dict(damping=group["damping"], structural_damping=group["structural_damping"],
-                    structural_distance=options["structural_distance"], curvature=options["curvature"],
-                    x0=zeta * previous if previous is not None and zeta > 0 else None, max_iterations=group["cg_max_iterations"],
-                    min_iterations=group["cg_min_iterations"], tolerance=group["cg_tolerance"], route=options["route"])
-    return cg_trace(optimizer.model, optimizer.loss, batch, curvature_batch=curvature_batch, heldout=heldout, **{**settings, **changes})
+    settings = dict(
+        damping=group["damping"],
+        structural_damping=group["structural_damping"],
+        structural_distance=options["structural_distance"],
+        curvature=options["curvature"],
+        x0=zeta * previous if previous is not None and zeta > 0 else None,
+        max_iterations=group["cg_max_iterations"],
+        min_iterations=group["cg_min_iterations"],
+        tolerance=group["cg_tolerance"],
+        route=options["route"],
+    )
+    return cg_trace(
+        optimizer.model,
+        optimizer.loss,
+        batch,
+        curvature_batch=curvature_batch,
+        heldout=heldout,
+        **{**settings, **changes},
+    )
 
 # %% ../../nbs/82_cg_probes.ipynb #87a8a0ba
 @dataclass
@@ -298,11 +483,15 @@ def _dense_matrix(A, n: int, dense_limit: int, like: Tensor) -> Tensor:
     if isinstance(A, Tensor):
         return A
     if n > dense_limit:
-        raise ValueError(f"method: 'dense' builds an {n}×{n} matrix, above dense_limit = {dense_limit}; use method='ritz'")
+        raise ValueError(
+            f"method: 'dense' builds an {n}×{n} matrix, above dense_limit = {dense_limit}; use method='ritz'"
+        )
     if hasattr(A, "dense"):
         return A.dense()
     mv = matvec(A)
-    eye = torch.eye(n, dtype=getattr(A, "dtype", like.dtype), device=getattr(A, "device", like.device))  # a function: b's dtype and device
+    eye = torch.eye(
+        n, dtype=getattr(A, "dtype", like.dtype), device=getattr(A, "device", like.device)
+    )  # a function: b's dtype and device
     return torch.stack([mv(e) for e in eye], dim=1)
 
 
@@ -323,7 +512,8 @@ def eigendirection_errors(
     n: int | None = None,  # the dimension of a function operator
     x0: Tensor | None = None,  # CG's start; None: zero
     method: str = "auto",  # "dense" (exact), "ritz" (Lanczos on K_m(A, r_0), approximate) or "auto": dense up to dense_limit
-    ritz_steps: int | None = None,  # m, the Lanczos steps for "ritz"; None: min(3 × iterations, n) (see below)
+    ritz_steps: int
+    | None = None,  # m, the Lanczos steps for "ritz"; None: min(3 × iterations, n) (see below)
     dense_limit: int = 2000,  # the largest n "auto" treats densely
 ) -> EigendirectionErrors:
     """The per-eigendirection split `q(x_i) − q(x*) = Σ_j ω_j p(λ_j)²` (M&S 2012 §9 eq. 13) along one CG run."""
@@ -344,38 +534,78 @@ def eigendirection_errors(
     else:
         # With m = iterations, x_m is the exact minimiser over K_m, so every direction would look solved at the last step:
         # a longer Lanczos run makes the reference q(x_m) a fair stand-in for q(x*) for the iterates analysed.
-        steps = min(3 * iterations, size) if ritz_steps is None else check_positive_int("ritz_steps", ritz_steps)
+        steps = (
+            min(3 * iterations, size)
+            if ritz_steps is None
+            else check_positive_int("ritz_steps", ritz_steps)
+        )
         if steps > size:
             raise ValueError(f"ritz_steps: {steps} Lanczos steps exceed the dimension {size}")
         run = lanczos(A, steps, n=size, start=r0, history=False, dtype=b.dtype, device=b.device)
         values, residuals, vectors = run.ritz(vectors=True)
     if not bool((values > 0).all()):
-        raise ValueError(f"A: the split needs a positive-definite (damped) matrix; its smallest {'Ritz ' if method == 'ritz' else ''}"
-                         f"eigenvalue is {float(values.min()):.3g}")
+        raise ValueError(
+            f"A: the split needs a positive-definite (damped) matrix; its smallest {'Ritz ' if method == 'ritz' else ''}"
+            f"eigenvalue is {float(values.min()):.3g}"
+        )
     eta = vectors.T @ r0
     optimum = -eta / values  # β*_j
     omega = 0.5 * eta**2 / values
     betas: list[Tensor] = []
-    cg = conjugate_gradient(mv, b, x0, max_iterations=iterations, tolerance=None, save_iterates=False,
-                            on_step=lambda i, x: betas.append(vectors.T @ (x - start)))
+    cg = conjugate_gradient(
+        mv,
+        b,
+        x0,
+        max_iterations=iterations,
+        tolerance=None,
+        save_iterates=False,
+        on_step=lambda i, x: betas.append(vectors.T @ (x - start)),
+    )
     beta = torch.stack(betas[: cg.iterations + 1])
     errors = 0.5 * values * (beta - optimum) ** 2
-    polynomial = torch.where(eta != 0, (1 + values * beta / torch.where(eta != 0, eta, 1)) ** 2, torch.ones_like(beta))
+    polynomial = torch.where(
+        eta != 0, (1 + values * beta / torch.where(eta != 0, eta, 1)) ** 2, torch.ones_like(beta)
+    )
     q0 = float(cg.q[0])
     if method == "dense":
         xstar = vectors @ (vectors.T @ b / values)
         reference = float(0.5 * xstar @ mv(xstar) - b @ xstar)
     else:
         reference = q0 - float(omega.sum())
-    settings = dict(iterations=cg.iterations, stop=cg.stop, products=cg.products, n=size, warm_start=x0 is not None,
-                    ritz_steps=steps, lanczos_products=None if steps is None else run.products,
-                    lanczos_stop=None if steps is None else run.stop, dtype=str(b.dtype), device=str(b.device))
-    return EigendirectionErrors(values, eta, omega, errors, polynomial, cg.q.detach().clone(), reference, method, residuals, settings)
+    settings = dict(
+        iterations=cg.iterations,
+        stop=cg.stop,
+        products=cg.products,
+        n=size,
+        warm_start=x0 is not None,
+        ritz_steps=steps,
+        lanczos_products=None if steps is None else run.products,
+        lanczos_stop=None if steps is None else run.stop,
+        dtype=str(b.dtype),
+        device=str(b.device),
+    )
+    return EigendirectionErrors(
+        values,
+        eta,
+        omega,
+        errors,
+        polynomial,
+        cg.q.detach().clone(),
+        reference,
+        method,
+        residuals,
+        settings,
+    )
 
 # %% ../../nbs/82_cg_probes.ipynb #3391d998
-def eigendirection_error_figure(result: EigendirectionErrors, kind: str = "heatmap", relative: bool = True,
-                          iterations: list[int] | None = None, floor: float = 1e-16,
-                          title: str = "CG error per eigendirection (M&S 2012 §9, eq. 13)"):
+def eigendirection_error_figure(
+    result: EigendirectionErrors,
+    kind: str = "heatmap",
+    relative: bool = True,
+    iterations: list[int] | None = None,
+    floor: float = 1e-16,
+    title: str = "CG error per eigendirection (M&S 2012 §9, eq. 13)",
+):
     """Heatmap (CG step × eigendirection) or lines (over λ_j, for chosen steps) of p_i(λ_j)² or ω_j p_i(λ_j)², log scale."""
     import plotly.graph_objects as go
 
@@ -385,25 +615,60 @@ def eigendirection_error_figure(result: EigendirectionErrors, kind: str = "heatm
     label = "p_i(λ_j)²" if relative else "ω_j p_i(λ_j)²"
     lam = result.eigenvalues.to("cpu", torch.float64)
     m = values.shape[0] - 1
-    approx = "" if result.method == "dense" else f" — Ritz pairs of K_{result.settings.get('ritz_steps')}, reference q(x_m), approximate"
+    approx = (
+        ""
+        if result.method == "dense"
+        else f" — Ritz pairs of K_{result.settings.get('ritz_steps')}, reference q(x_m), approximate"
+    )
     figure = go.Figure()
     if kind == "heatmap":
-        z = torch.log10(values.clamp_min(floor)).T.numpy()  # rows: eigendirections (ascending λ), columns: CG steps
+        z = torch.log10(
+            values.clamp_min(floor)
+        ).T.numpy()  # rows: eigendirections (ascending λ), columns: CG steps
         omega = result.omega.to("cpu", torch.float64)
-        custom = torch.stack([lam, omega], 1)[:, None, :].expand(len(lam), m + 1, 2).numpy()  # NumPy: fast to validate
-        figure.add_trace(go.Heatmap(z=z, x=list(range(m + 1)), y=list(range(len(lam))), customdata=custom,
-                                    colorscale="Viridis", colorbar_title=f"log₁₀ {label}", name=label,
-                                    hovertemplate="CG step %{x}<br>direction %{y}: λ = %{customdata[0]:.4g}, ω = %{customdata[1]:.3g}"
-                                                  "<br>log₁₀ " + label + " = %{z:.2f}<extra></extra>"))
-        figure.update_layout(xaxis_title="CG step i", yaxis_title="eigendirection j (ascending λ_j)")
+        custom = (
+            torch.stack([lam, omega], 1)[:, None, :].expand(len(lam), m + 1, 2).numpy()
+        )  # NumPy: fast to validate
+        figure.add_trace(
+            go.Heatmap(
+                z=z,
+                x=list(range(m + 1)),
+                y=list(range(len(lam))),
+                customdata=custom,
+                colorscale="Viridis",
+                colorbar_title=f"log₁₀ {label}",
+                name=label,
+                hovertemplate="CG step %{x}<br>direction %{y}: λ = %{customdata[0]:.4g}, ω = %{customdata[1]:.3g}"
+                "<br>log₁₀ " + label + " = %{z:.2f}<extra></extra>",
+            )
+        )
+        figure.update_layout(
+            xaxis_title="CG step i", yaxis_title="eigendirection j (ascending λ_j)"
+        )
     else:
-        picks = iterations if iterations is not None else sorted({0, 1, m // 8, m // 4, m // 2, m} - {-1})
+        picks = (
+            iterations
+            if iterations is not None
+            else sorted({0, 1, m // 8, m // 4, m // 2, m} - {-1})
+        )
         for i in picks:
             if not 0 <= i <= m:
                 raise ValueError(f"iterations: step {i} is outside 0 … {m}")
-            figure.add_scatter(x=lam.tolist(), y=values[i].clamp_min(floor).tolist(), mode="markers", name=f"step {i}",
-                               marker=dict(size=4), hovertemplate="λ = %{x:.4g}<br>" + label + " = %{y:.3g}<extra>step " + str(i) + "</extra>")
-        figure.update_layout(xaxis_title="eigenvalue λ_j", yaxis_title=label, xaxis_type="log", yaxis_type="log")
+            figure.add_scatter(
+                x=lam.tolist(),
+                y=values[i].clamp_min(floor).tolist(),
+                mode="markers",
+                name=f"step {i}",
+                marker=dict(size=4),
+                hovertemplate="λ = %{x:.4g}<br>"
+                + label
+                + " = %{y:.3g}<extra>step "
+                + str(i)
+                + "</extra>",
+            )
+        figure.update_layout(
+            xaxis_title="eigenvalue λ_j", yaxis_title=label, xaxis_type="log", yaxis_type="log"
+        )
     figure.update_layout(title=title + approx, template="plotly_white")
     return figure
 
@@ -425,7 +690,7 @@ class CGvsNAG:
 
 # %% ../../nbs/82_cg_probes.ipynb #9b23a1ee
 def _check_momenta(momenta):
-    "The momenta as a sequence, each a number in [0, 1) or \"auto\"."
+    'The momenta as a sequence, each a number in [0, 1) or "auto".'
     if isinstance(momenta, (int, float, str)):
         momenta = (momenta,)
     if len(momenta) == 0:
@@ -436,19 +701,29 @@ def _check_momenta(momenta):
     return momenta
 
 
-def _extreme_eigenvalues(A, size: int, b: Tensor, dense: bool, dense_limit: int, eigen_iterations: int):
+def _extreme_eigenvalues(
+    A, size: int, b: Tensor, dense: bool, dense_limit: int, eigen_iterations: int
+):
     "`(λ_min, λ_max, the dense matrix, the Lanczos run)`: by eigvalsh when `dense` (no run), else by Lanczos (no matrix)."
     if dense:
         matrix = _dense_matrix(A, size, max(dense_limit, size), b).to(b.dtype)
         spectrum = torch.linalg.eigvalsh(matrix)
         return float(spectrum[0]), float(spectrum[-1]), matrix, None
-    run = lanczos(A, min(eigen_iterations, size), n=size, which="both", history=False, dtype=b.dtype, device=b.device)
+    run = lanczos(
+        A,
+        min(eigen_iterations, size),
+        n=size,
+        which="both",
+        history=False,
+        dtype=b.dtype,
+        device=b.device,
+    )
     values, _ = run.ritz()
     return float(values[0]), float(values[-1]), None, run
 
 
 def _nag_momenta(momenta, kappa: float) -> dict[str, float]:
-    "label ↦ μ, with \"auto\" = (√κ − 1)/(√κ + 1)."
+    'label ↦ μ, with "auto" = (√κ − 1)/(√κ + 1).'
     labels = {}
     for mu in momenta:
         value = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1) if mu == "auto" else float(mu)
@@ -456,21 +731,36 @@ def _nag_momenta(momenta, kappa: float) -> dict[str, float]:
     return labels
 
 # %% ../../nbs/82_cg_probes.ipynb #b33c5c50
-def _optimum(mv, b: Tensor, dense: bool, matrix: Tensor | None, iterations: int, reference_iterations: int | None) -> tuple[float, str]:
+def _optimum(
+    mv,
+    b: Tensor,
+    dense: bool,
+    matrix: Tensor | None,
+    iterations: int,
+    reference_iterations: int | None,
+) -> tuple[float, str]:
     "`(q*, how it was found)`: a dense solve, or CG run for `reference_iterations` (None: 4 × iterations) steps."
     if dense:
         xstar = torch.linalg.solve(matrix, b)
         optimum = "dense solve"
     else:
         steps = reference_iterations if reference_iterations is not None else 4 * iterations
-        xstar = conjugate_gradient(mv, b, max_iterations=check_positive_int("reference_iterations", steps), tolerance=None,
-                                   save_iterates=False).x
+        xstar = conjugate_gradient(
+            mv,
+            b,
+            max_iterations=check_positive_int("reference_iterations", steps),
+            tolerance=None,
+            save_iterates=False,
+        ).x
         optimum = f"CG, {steps} steps (estimate)"
     return float(0.5 * xstar @ mv(xstar) - b @ xstar), optimum
 
 # %% ../../nbs/82_cg_probes.ipynb #94b5999f
-def _nag_gaps(mv, b: Tensor, x0: Tensor | None, lr: float, mu: float, iterations: int, q_star: float) -> Tensor:
+def _nag_gaps(
+    mv, b: Tensor, x0: Tensor | None, lr: float, mu: float, iterations: int, q_star: float
+) -> Tensor:
     "q(θ_t) − q* for t = 0 … iterations of NAG (eqs. 3–4) with ε = lr and momentum μ from x0 (None: zero)."
+
     def value(x: Tensor) -> Tensor:
         return 0.5 * x @ mv(x) - b @ x
 
@@ -498,7 +788,8 @@ def cg_vs_nag(
     x0: Tensor | None = None,  # the common start; None: zero (as in their Figure 5)
     dense_limit: int = 2000,  # up to this n: exact eigenvalues and q* by dense algebra
     eigen_iterations: int = 80,  # Lanczos steps for λ_min, λ_max above dense_limit
-    reference_iterations: int | None = None,  # CG steps for q* above dense_limit; None: 4 × iterations
+    reference_iterations: int
+    | None = None,  # CG steps for q* above dense_limit; None: 4 × iterations
 ) -> CGvsNAG:
     """CG and NAG (ε = 1/λ_max) from one start on one quadratic: the optimality gap against products (Sutskever et al. 2013 Fig. 5)."""
     if isinstance(A, Quadratic):
@@ -515,25 +806,51 @@ def cg_vs_nag(
     dense = isinstance(A, Tensor) or size <= dense_limit
     low, high, matrix, run = _extreme_eigenvalues(A, size, b, dense, dense_limit, eigen_iterations)
     if not low > 0:
-        raise ValueError(f"A: CG and NAG need a positive-definite (damped) matrix; its smallest eigenvalue is {low:.3g}")
+        raise ValueError(
+            f"A: CG and NAG need a positive-definite (damped) matrix; its smallest eigenvalue is {low:.3g}"
+        )
     lr = 1.0 / high if lr is None else check_number("lr", lr, 0.0, low_open=True)
     kappa = high / low
     labels = _nag_momenta(momenta, kappa)
     q_star, optimum = _optimum(mv, b, dense, matrix, iterations, reference_iterations)
 
-    cg = conjugate_gradient(mv, b, x0, max_iterations=iterations, tolerance=None, save_iterates=False)
+    cg = conjugate_gradient(
+        mv, b, x0, max_iterations=iterations, tolerance=None, save_iterates=False
+    )
     extra = 1 if x0 is not None else 0
     cg_gap = cg.q.detach() - q_star
     cg_products = torch.arange(cg.iterations + 1) + extra
     nag = {label: _nag_gaps(mv, b, x0, lr, mu, iterations, q_star) for label, mu in labels.items()}
-    settings = dict(iterations=iterations, n=size, warm_start=x0 is not None, cg_stop=cg.stop, cg_products=cg.products,
-                    condition_number=kappa, dtype=str(b.dtype), device=str(b.device),
-                    eigenvalues="dense" if dense else f"Lanczos, {run.products} products")
-    return CGvsNAG(cg_gap, cg_products, nag, torch.arange(iterations + 1), labels, lr, (low, high), q_star, optimum, settings)
+    settings = dict(
+        iterations=iterations,
+        n=size,
+        warm_start=x0 is not None,
+        cg_stop=cg.stop,
+        cg_products=cg.products,
+        condition_number=kappa,
+        dtype=str(b.dtype),
+        device=str(b.device),
+        eigenvalues="dense" if dense else f"Lanczos, {run.products} products",
+    )
+    return CGvsNAG(
+        cg_gap,
+        cg_products,
+        nag,
+        torch.arange(iterations + 1),
+        labels,
+        lr,
+        (low, high),
+        q_star,
+        optimum,
+        settings,
+    )
 
 # %% ../../nbs/82_cg_probes.ipynb #535204b6
-def cg_vs_nag_figure(result: CGvsNAG, title: str = "CG vs NAG on one damped quadratic (Sutskever et al. 2013, Fig. 5)",
-                     floor: float | None = None):
+def cg_vs_nag_figure(
+    result: CGvsNAG,
+    title: str = "CG vs NAG on one damped quadratic (Sutskever et al. 2013, Fig. 5)",
+    floor: float | None = None,
+):
     """q(x) − q(x*) of CG and each NAG run against matrix-vector products, log scale; gaps ≤ floor are left out.
 
     `floor` (None: 10·eps·max(|q*|, q(x₀) − q*)) is the rounding level of q − q*: below it a gap is noise around 0,
@@ -542,18 +859,40 @@ def cg_vs_nag_figure(result: CGvsNAG, title: str = "CG vs NAG on one damped quad
 
     figure = go.Figure()
     if floor is None:
-        floor = 10 * torch.finfo(result.cg.dtype).eps * max(abs(float(result.q_star)), float(result.cg[0]))
+        floor = (
+            10
+            * torch.finfo(result.cg.dtype).eps
+            * max(abs(float(result.q_star)), float(result.cg[0]))
+        )
 
-    def shown(gaps: Tensor) -> list:  # a converged gap is rounding around 0: a gap in the line, not a point at 1e-300
+    def shown(
+        gaps: Tensor,
+    ) -> list:  # a converged gap is rounding around 0: a gap in the line, not a point at 1e-300
         return [float(g) if g > floor else None for g in gaps]
 
-    figure.add_scatter(x=result.cg_products.tolist(), y=shown(result.cg), mode="lines", name="CG",
-                       line=dict(color="black", width=3), hovertemplate="products %{x}<br>q − q* = %{y:.3g}<extra>CG</extra>")
+    figure.add_scatter(
+        x=result.cg_products.tolist(),
+        y=shown(result.cg),
+        mode="lines",
+        name="CG",
+        line=dict(color="black", width=3),
+        hovertemplate="products %{x}<br>q − q* = %{y:.3g}<extra>CG</extra>",
+    )
     for label, gaps in result.nag.items():
-        figure.add_scatter(x=result.nag_products.tolist(), y=shown(gaps), mode="lines", name=label,
-                           hovertemplate="products %{x}<br>q − q* = %{y:.3g}<extra>" + label + "</extra>")
+        figure.add_scatter(
+            x=result.nag_products.tolist(),
+            y=shown(gaps),
+            mode="lines",
+            name=label,
+            hovertemplate="products %{x}<br>q − q* = %{y:.3g}<extra>" + label + "</extra>",
+        )
     low, high = result.eigenvalue_range
     subtitle = f"ε = 1/λ_max = {result.lr:.3g}, κ = {high / low:.3g}, q* by {result.optimum}"
-    figure.update_layout(title=dict(text=f"{title}<br><sup>{subtitle}</sup>"), xaxis_title="matrix-vector products",
-                         yaxis_title="q(x) − q(x*)", yaxis_type="log", template="plotly_white")
+    figure.update_layout(
+        title=dict(text=f"{title}<br><sup>{subtitle}</sup>"),
+        xaxis_title="matrix-vector products",
+        yaxis_title="q(x) − q(x*)",
+        yaxis_type="log",
+        template="plotly_white",
+    )
     return figure

@@ -41,7 +41,11 @@ def _unrolled(model: TanhRNN, x: Tensor, probes: Tensor | None) -> tuple[Tensor,
         hidden = torch.stack(hs)  # time-major (T, B, H)
         sequence = hidden.view(T * B, H)
         states.append(hidden)
-    z = torch.addmm(model.b_z.detach(), sequence, model.W_zh.detach().T).view(T, B, model.n_out).transpose(0, 1)
+    z = (
+        torch.addmm(model.b_z.detach(), sequence, model.W_zh.detach().T)
+        .view(T, B, model.n_out)
+        .transpose(0, 1)
+    )
     return z, torch.stack(states)
 
 # %% ../../nbs/84_hidden_states.ipynb #a383f1fe
@@ -52,15 +56,21 @@ class HiddenStates:
     hidden: Tensor  # (sequences, layers, steps, units): h_t of every layer
     saturation: Tensor  # (layers, steps): fraction of |h| > threshold over the sequences and units
     inputs: Tensor  # (sequences, steps, n_in)
-    targets: Tensor | None  # (sequences, steps, n_out), NaN where there is no target; None: no targets
-    grads: Tensor | None  # (sequences, layers, steps, units): ∂L_b/∂h_t, L_b the loss of sequence b; None without targets
+    targets: (
+        Tensor | None
+    )  # (sequences, steps, n_out), NaN where there is no target; None: no targets
+    grads: (
+        Tensor | None
+    )  # (sequences, layers, steps, units): ∂L_b/∂h_t, L_b the loss of sequence b; None without targets
     loss: float | None  # the loss averaged over the sequences (the task loss of qnwb.losses)
     threshold: float  # |h| above this counts as saturated
     task: str | None = None  # the task's name, if the sequences came from one
     T: int | None = None  # the task's minimal time lag (the number of steps is hidden.shape[2])
     seed: int | None = None  # the seed of the task batch
     label: str = ""  # for legends and titles
-    settings: dict = field(default_factory=dict)  # everything else: loss name, dtype, device, sizes, centring
+    settings: dict = field(
+        default_factory=dict
+    )  # everything else: loss name, dtype, device, sizes, centring
 
     @property
     def sequences(self) -> int:
@@ -91,46 +101,69 @@ class HiddenStates:
     def describe(self) -> str:
         "The settings in words, for titles."
         source = f"{self.task}, T = {self.T}" if self.task else "given inputs"
-        return f"{source}, {self.sequences} sequences" + (f", seed {self.seed}" if self.seed is not None else "")
+        return f"{source}, {self.sequences} sequences" + (
+            f", seed {self.seed}" if self.seed is not None else ""
+        )
 
 # %% ../../nbs/84_hidden_states.ipynb #3bf95a45
 def _data(model, task, inputs, targets, T, sequences, seed, loss, centering):
     "`(inputs, targets, loss, task)` on the model's device and dtype, checked."
     if (task is None) == (inputs is None):
-        raise ValueError("task / inputs: give exactly one of a task (a Task or its name with T) and an input tensor")
+        raise ValueError(
+            "task / inputs: give exactly one of a task (a Task or its name with T) and an input tensor"
+        )
     if task is not None:
         if isinstance(task, str):
             if T is None:
                 raise ValueError(f"T: a task given by name ({task!r}) needs its minimal time lag T")
             task = make_task(task, T)
         elif not isinstance(task, Task):
-            raise TypeError(f"task: expected a qnwb.tasks.Task or a task name, got {type(task).__name__}")
+            raise TypeError(
+                f"task: expected a qnwb.tasks.Task or a task name, got {type(task).__name__}"
+            )
         elif T is not None and T != task.T:
             raise ValueError(f"T: {T} contradicts the task's T = {task.T}")
         if task.n_in != model.n_in or task.n_out != model.n_out:
-            raise ValueError(f"model: {task!r} has {task.n_in} inputs and {task.n_out} outputs, the model {model.n_in} and {model.n_out}")
-        inputs, targets = task.batch(check_positive_int("sequences", 4 if sequences is None else sequences),
-                                     make_generator(seed), dtype=torch.float64)
+            raise ValueError(
+                f"model: {task!r} has {task.n_in} inputs and {task.n_out} outputs, the model {model.n_in} and {model.n_out}"
+            )
+        inputs, targets = task.batch(
+            check_positive_int("sequences", 4 if sequences is None else sequences),
+            make_generator(seed),
+            dtype=torch.float64,
+        )
         loss = task.loss if loss is None else loss
     else:
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
-            raise TypeError(f"inputs: expected a floating-point tensor, got {type(inputs).__name__ if not isinstance(inputs, Tensor) else inputs.dtype}")
+            raise TypeError(
+                f"inputs: expected a floating-point tensor, got {type(inputs).__name__ if not isinstance(inputs, Tensor) else inputs.dtype}"
+            )
         if inputs.dim() != 3 or inputs.shape[2] != model.n_in or inputs.shape[1] == 0:
-            raise ValueError(f"inputs: expected shape (cases, steps, {model.n_in}) with at least one step, got {tuple(inputs.shape)}")
+            raise ValueError(
+                f"inputs: expected shape (cases, steps, {model.n_in}) with at least one step, got {tuple(inputs.shape)}"
+            )
         if inputs.shape[0] == 0:
             raise ValueError("inputs: no sequences (0 cases)")
         if sequences is not None:
             if check_positive_int("sequences", sequences) > inputs.shape[0]:
-                raise ValueError(f"sequences: {sequences} is more than the {inputs.shape[0]} cases of the inputs")
+                raise ValueError(
+                    f"sequences: {sequences} is more than the {inputs.shape[0]} cases of the inputs"
+                )
             inputs = inputs[:sequences]
             targets = None if targets is None else targets[:sequences]
         if targets is not None:
             if not isinstance(targets, Tensor) or not targets.is_floating_point():
-                raise TypeError("targets: expected a floating-point tensor (NaN where there is no target)")
+                raise TypeError(
+                    "targets: expected a floating-point tensor (NaN where there is no target)"
+                )
             if tuple(targets.shape) != (*inputs.shape[:2], model.n_out):
-                raise ValueError(f"targets: expected shape {(*inputs.shape[:2], model.n_out)}, got {tuple(targets.shape)}")
+                raise ValueError(
+                    f"targets: expected shape {(*inputs.shape[:2], model.n_out)}, got {tuple(targets.shape)}"
+                )
             if loss is None:
-                raise ValueError("loss: targets given without a task need a loss (a name of qnwb.losses.LOSSES or a MatchingLoss)")
+                raise ValueError(
+                    "loss: targets given without a task need a loss (a name of qnwb.losses.LOSSES or a MatchingLoss)"
+                )
     if centering is not None:
         inputs = centering.inputs(inputs)
         targets = None if targets is None else centering.targets(targets)
@@ -146,8 +179,10 @@ def probe_hidden_states(
     *,
     T: int | None = None,  # the minimal time lag when the task is given by name
     inputs: Tensor | None = None,  # (cases, steps, n_in) instead of a task
-    targets: Tensor | None = None,  # (cases, steps, n_out), NaN where no target; needed for the errors ∂L/∂h_t
-    sequences: int | None = None,  # sequences to probe: cases drawn from the task (default 4), the first of the inputs (default all)
+    targets: Tensor
+    | None = None,  # (cases, steps, n_out), NaN where no target; needed for the errors ∂L/∂h_t
+    sequences: int
+    | None = None,  # sequences to probe: cases drawn from the task (default 4), the first of the inputs (default all)
     seed: int = 0,  # of the task batch
     threshold: float = 0.95,  # |h| > threshold counts as saturated; in (0, 1)
     loss: str | MatchingLoss | None = None,  # default: the task's loss
@@ -166,23 +201,53 @@ def probe_hidden_states(
             _, hidden = _unrolled(model, x, None)
     else:
         with torch.enable_grad():
-            probes = torch.zeros(model.n_layers, steps, B, model.n_hidden, dtype=x.dtype, device=x.device, requires_grad=True)
+            probes = torch.zeros(
+                model.n_layers,
+                steps,
+                B,
+                model.n_hidden,
+                dtype=x.dtype,
+                device=x.device,
+                requires_grad=True,
+            )
             z, hidden = _unrolled(model, x, probes)
-            total = loss_fn.value(z, t) * B  # the sum of the sequences' losses: its gradient is each sequence's own
+            total = (
+                loss_fn.value(z, t) * B
+            )  # the sum of the sequences' losses: its gradient is each sequence's own
             (grads,) = torch.autograd.grad(total, probes)
         hidden, loss_value = hidden.detach(), total.detach() / B
         grads = grads.permute(2, 0, 1, 3).cpu()
     saturation = (hidden.abs() > threshold).to(hidden.dtype).mean(dim=(2, 3))  # (layers, steps)
-    settings = {"loss": None if loss_fn is None else loss_fn.name, "dtype": str(x.dtype), "device": str(x.device),
-                "n_in": model.n_in, "n_hidden": model.n_hidden, "n_out": model.n_out, "n_layers": model.n_layers,
-                "centering": centering is not None}
-    return HiddenStates(hidden.permute(2, 0, 1, 3).cpu(), saturation.cpu(), x.cpu(), None if t is None else t.cpu(), grads,
-                        None if loss_value is None else float(loss_value), threshold, None if task is None else task.name,
-                        None if task is None else task.T, seed if task is not None else None, label, settings)
+    settings = {
+        "loss": None if loss_fn is None else loss_fn.name,
+        "dtype": str(x.dtype),
+        "device": str(x.device),
+        "n_in": model.n_in,
+        "n_hidden": model.n_hidden,
+        "n_out": model.n_out,
+        "n_layers": model.n_layers,
+        "centering": centering is not None,
+    }
+    return HiddenStates(
+        hidden.permute(2, 0, 1, 3).cpu(),
+        saturation.cpu(),
+        x.cpu(),
+        None if t is None else t.cpu(),
+        grads,
+        None if loss_value is None else float(loss_value),
+        threshold,
+        None if task is None else task.name,
+        None if task is None else task.T,
+        seed if task is not None else None,
+        label,
+        settings,
+    )
 
 # %% ../../nbs/84_hidden_states.ipynb #8890f1f2
 def _pick_sequences(probe: HiddenStates, sequences) -> list[int]:
-    picked = list(range(min(probe.sequences, 3))) if sequences is None else [int(s) for s in sequences]
+    picked = (
+        list(range(min(probe.sequences, 3))) if sequences is None else [int(s) for s in sequences]
+    )
     if not picked or any(not 0 <= s < probe.sequences for s in picked):
         raise ValueError(f"sequences: need indices in [0, {probe.sequences}), got {sequences!r}")
     return picked
@@ -195,8 +260,13 @@ def _check_layer(probe: HiddenStates, layer: int) -> int:
 
 
 def _heatmap(go, z: Tensor, name: str, **options):
-    return go.Heatmap(z=z.tolist(), colorscale="RdBu_r", name=name,
-                      hovertemplate="step %{y}, unit %{x}<br>h = %{z:.4f}<extra>" + name + "</extra>", **options)
+    return go.Heatmap(
+        z=z.tolist(),
+        colorscale="RdBu_r",
+        name=name,
+        hovertemplate="step %{y}, unit %{x}<br>h = %{z:.4f}<extra>" + name + "</extra>",
+        **options,
+    )
 
 
 def _title(probe: HiddenStates) -> str:
@@ -205,7 +275,8 @@ def _title(probe: HiddenStates) -> str:
 # %% ../../nbs/84_hidden_states.ipynb #e75508d2
 def hidden_heatmap_figure(
     probe: HiddenStates,
-    sequences: Sequence[int] | None = None,  # indices of the probed sequences to draw (default: the first three)
+    sequences: Sequence[int]
+    | None = None,  # indices of the probed sequences to draw (default: the first three)
     layers: Sequence[int] | None = None,  # layers offered by the selector (default: all)
 ):
     """Heatmaps of the hidden states, time down and units across (Sutskever et al. 2013, Figure 3), one per sequence; a layer selector."""
@@ -213,29 +284,67 @@ def hidden_heatmap_figure(
     from plotly.subplots import make_subplots
 
     picked = _pick_sequences(probe, sequences)
-    layers = list(range(probe.n_layers)) if layers is None else [_check_layer(probe, l) for l in layers]
+    layers = (
+        list(range(probe.n_layers)) if layers is None else [_check_layer(probe, l) for l in layers]
+    )
     if not layers:
         raise ValueError("layers: need at least one layer")
-    figure = make_subplots(rows=1, cols=len(picked), shared_yaxes=True, subplot_titles=[f"sequence {s}" for s in picked],
-                           horizontal_spacing=0.03)
+    figure = make_subplots(
+        rows=1,
+        cols=len(picked),
+        shared_yaxes=True,
+        subplot_titles=[f"sequence {s}" for s in picked],
+        horizontal_spacing=0.03,
+    )
     for layer in layers:
         for col, s in enumerate(picked, 1):
-            figure.add_trace(_heatmap(go, probe.hidden[s, layer], f"sequence {s}, layer {layer}", zmin=-1, zmax=1,
-                                      visible=layer == layers[0], showscale=col == len(picked),
-                                      colorbar={"title": {"text": "h"}}), row=1, col=col)
+            figure.add_trace(
+                _heatmap(
+                    go,
+                    probe.hidden[s, layer],
+                    f"sequence {s}, layer {layer}",
+                    zmin=-1,
+                    zmax=1,
+                    visible=layer == layers[0],
+                    showscale=col == len(picked),
+                    colorbar={"title": {"text": "h"}},
+                ),
+                row=1,
+                col=col,
+            )
     if len(layers) > 1:
         n = len(picked)
-        buttons = [{"label": f"layer {layer}", "method": "update",
-                    "args": [{"visible": [j // n == i for j in range(n * len(layers))]},
-                             {"title": {"text": f"{_title(probe)}: hidden states of layer {layer}"}}]}
-                   for i, layer in enumerate(layers)]
-        figure.update_layout(updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right",
-                                           "y": 1.15, "yanchor": "top"}])
+        buttons = [
+            {
+                "label": f"layer {layer}",
+                "method": "update",
+                "args": [
+                    {"visible": [j // n == i for j in range(n * len(layers))]},
+                    {"title": {"text": f"{_title(probe)}: hidden states of layer {layer}"}},
+                ],
+            }
+            for i, layer in enumerate(layers)
+        ]
+        figure.update_layout(
+            updatemenus=[
+                {
+                    "buttons": buttons,
+                    "direction": "down",
+                    "x": 1.0,
+                    "xanchor": "right",
+                    "y": 1.15,
+                    "yanchor": "top",
+                }
+            ]
+        )
     figure.update_yaxes(autorange="reversed")
     figure.update_yaxes(title_text="time step", row=1, col=1)
     figure.update_xaxes(title_text="unit")
-    figure.update_layout(title=f"{_title(probe)}: hidden states of layer {layers[0]}", template="plotly_white",
-                         height=max(350, min(900, 6 * probe.steps + 150)))
+    figure.update_layout(
+        title=f"{_title(probe)}: hidden states of layer {layers[0]}",
+        template="plotly_white",
+        height=max(350, min(900, 6 * probe.steps + 150)),
+    )
     return figure
 
 # %% ../../nbs/84_hidden_states.ipynb #ec6ead9f
@@ -254,12 +363,20 @@ def saturation_figure(*probes: HiddenStates):
     for probe in probes:
         for layer in range(probe.n_layers):
             name = _legend(probe, layer)
-            figure.add_scatter(y=probe.saturation[layer].tolist(), mode="lines", name=name,
-                               hovertemplate="step %{x}<br>saturated %{y:.1%}<extra>" + name + "</extra>")
+            figure.add_scatter(
+                y=probe.saturation[layer].tolist(),
+                mode="lines",
+                name=name,
+                hovertemplate="step %{x}<br>saturated %{y:.1%}<extra>" + name + "</extra>",
+            )
     thresholds = sorted({p.threshold for p in probes})
-    figure.update_layout(title=f"Saturated units (|h| > {', '.join(f'{t:g}' for t in thresholds)}): {_title(probes[0])}",
-                         xaxis_title="time step", yaxis_title="fraction of units saturated", yaxis_range=[0, 1],
-                         template="plotly_white")
+    figure.update_layout(
+        title=f"Saturated units (|h| > {', '.join(f'{t:g}' for t in thresholds)}): {_title(probes[0])}",
+        xaxis_title="time step",
+        yaxis_title="fraction of units saturated",
+        yaxis_range=[0, 1],
+        template="plotly_white",
+    )
     return figure
 
 # %% ../../nbs/84_hidden_states.ipynb #1f0aa613
@@ -273,26 +390,51 @@ def gradient_norm_figure(*probes: HiddenStates, per_sequence: bool = False):
     for probe in probes:
         norms = probe.grad_norms
         if norms is None:
-            raise ValueError(f"probes: {probe.label or 'a probe'} has no targets, hence no errors ∂L/∂h_t")
+            raise ValueError(
+                f"probes: {probe.label or 'a probe'} has no targets, hence no errors ∂L/∂h_t"
+            )
         for layer in range(probe.n_layers):
             name = _legend(probe, layer)
-            mean, low, high = norms[:, layer].mean(0), norms[:, layer].amin(0), norms[:, layer].amax(0)
-            figure.add_scatter(y=mean.tolist(), mode="lines", name=name, customdata=torch.stack([low, high], 1).tolist(),
-                               hovertemplate="step %{x}<br>mean ‖∂L/∂h‖ %{y:.3g}<br>min %{customdata[0]:.3g}, "
-                                             "max %{customdata[1]:.3g}<extra>" + name + "</extra>")
+            mean, low, high = (
+                norms[:, layer].mean(0),
+                norms[:, layer].amin(0),
+                norms[:, layer].amax(0),
+            )
+            figure.add_scatter(
+                y=mean.tolist(),
+                mode="lines",
+                name=name,
+                customdata=torch.stack([low, high], 1).tolist(),
+                hovertemplate="step %{x}<br>mean ‖∂L/∂h‖ %{y:.3g}<br>min %{customdata[0]:.3g}, "
+                "max %{customdata[1]:.3g}<extra>" + name + "</extra>",
+            )
             if per_sequence:
                 for s in range(probe.sequences):
-                    figure.add_scatter(y=norms[s, layer].tolist(), mode="lines", line={"width": 0.5}, opacity=0.5,
-                                       name=f"{name}, sequence {s}", showlegend=False,
-                                       hovertemplate="step %{x}<br>‖∂L/∂h‖ %{y:.3g}<extra>" + f"{name}, sequence {s}</extra>")
-    figure.update_layout(title=f"Back-propagated errors: {_title(probes[0])}", xaxis_title="time step t",
-                         yaxis_title="‖∂L_b/∂h_t‖ (per sequence)", yaxis_type="log", template="plotly_white")
+                    figure.add_scatter(
+                        y=norms[s, layer].tolist(),
+                        mode="lines",
+                        line={"width": 0.5},
+                        opacity=0.5,
+                        name=f"{name}, sequence {s}",
+                        showlegend=False,
+                        hovertemplate="step %{x}<br>‖∂L/∂h‖ %{y:.3g}<extra>"
+                        + f"{name}, sequence {s}</extra>",
+                    )
+    figure.update_layout(
+        title=f"Back-propagated errors: {_title(probes[0])}",
+        xaxis_title="time step t",
+        yaxis_title="‖∂L_b/∂h_t‖ (per sequence)",
+        yaxis_type="log",
+        template="plotly_white",
+    )
     return figure
 
 # %% ../../nbs/84_hidden_states.ipynb #965c62b7
 def compare_hidden_states(
     model: TanhRNN,  # the network whose parameters are set in turn (and restored)
-    first: Mapping[str, Tensor] | TanhRNN | None,  # a state dict, a TanhRNN of the same shape, or None (the model as it is)
+    first: Mapping[str, Tensor]
+    | TanhRNN
+    | None,  # a state dict, a TanhRNN of the same shape, or None (the model as it is)
     second: Mapping[str, Tensor] | TanhRNN | None,
     task: Task | str | None = None,
     *,
@@ -310,11 +452,15 @@ def compare_hidden_states(
         for name, setting, label in (("first", first, labels[0]), ("second", second, labels[1])):
             if isinstance(setting, TanhRNN):
                 if setting.extra_repr() != model.extra_repr():
-                    raise ValueError(f"{name}: a TanhRNN({setting.extra_repr()}), the model is TanhRNN({model.extra_repr()})")
+                    raise ValueError(
+                        f"{name}: a TanhRNN({setting.extra_repr()}), the model is TanhRNN({model.extra_repr()})"
+                    )
                 setting = setting.state_dict()
             if setting is not None:
                 if not isinstance(setting, Mapping):
-                    raise TypeError(f"{name}: expected a state dict, a TanhRNN or None, got {type(setting).__name__}")
+                    raise TypeError(
+                        f"{name}: expected a state dict, a TanhRNN or None, got {type(setting).__name__}"
+                    )
                 model.load_state_dict(setting)
             results.append(probe_hidden_states(model, task, label=label, **options))
             model.load_state_dict(saved)
@@ -334,38 +480,87 @@ def comparison_figure(
     from plotly.subplots import make_subplots
 
     if first.hidden.shape != second.hidden.shape or not torch.equal(first.inputs, second.inputs):
-        raise ValueError("first / second: the probes must be of the same sequences with the same network shape")
+        raise ValueError(
+            "first / second: the probes must be of the same sequences with the same network shape"
+        )
     (s,), layer = _pick_sequences(first, [sequence]), _check_layer(first, layer)
     names = [p.label or default for p, default in ((first, "first"), (second, "second"))]
     has_grads = first.grads is not None and second.grads is not None
-    figure = make_subplots(rows=2, cols=3, row_heights=[0.62, 0.38], vertical_spacing=0.12, horizontal_spacing=0.06,
-                           specs=[[{}, {}, {}], [{}, {"colspan": 2}, None]],
-                           subplot_titles=[names[0], names[1], f"{names[1]} − {names[0]}", "saturated units",
-                                           "‖∂L_b/∂h_t‖ (mean over sequences)" if has_grads else "no targets: no errors"])
+    figure = make_subplots(
+        rows=2,
+        cols=3,
+        row_heights=[0.62, 0.38],
+        vertical_spacing=0.12,
+        horizontal_spacing=0.06,
+        specs=[[{}, {}, {}], [{}, {"colspan": 2}, None]],
+        subplot_titles=[
+            names[0],
+            names[1],
+            f"{names[1]} − {names[0]}",
+            "saturated units",
+            "‖∂L_b/∂h_t‖ (mean over sequences)" if has_grads else "no targets: no errors",
+        ],
+    )
     difference = second.hidden[s, layer] - first.hidden[s, layer]
     bound = float(difference.abs().max()) or 1.0
-    for col, (z, name, scale) in enumerate(((first.hidden[s, layer], names[0], (-1, 1)),
-                                            (second.hidden[s, layer], names[1], (-1, 1)),
-                                            (difference, f"{names[1]} − {names[0]}", (-bound, bound))), 1):
-        figure.add_trace(_heatmap(go, z, name, zmin=scale[0], zmax=scale[1], showscale=col in (2, 3),
-                                  colorbar={"x": 0.64 if col == 2 else 1.0, "len": 0.55, "y": 0.75}), row=1, col=col)
+    for col, (z, name, scale) in enumerate(
+        (
+            (first.hidden[s, layer], names[0], (-1, 1)),
+            (second.hidden[s, layer], names[1], (-1, 1)),
+            (difference, f"{names[1]} − {names[0]}", (-bound, bound)),
+        ),
+        1,
+    ):
+        figure.add_trace(
+            _heatmap(
+                go,
+                z,
+                name,
+                zmin=scale[0],
+                zmax=scale[1],
+                showscale=col in (2, 3),
+                colorbar={"x": 0.64 if col == 2 else 1.0, "len": 0.55, "y": 0.75},
+            ),
+            row=1,
+            col=col,
+        )
         figure.update_yaxes(autorange="reversed", row=1, col=col)
         figure.update_xaxes(title_text="unit", row=1, col=col)
     figure.update_yaxes(title_text="time step", row=1, col=1)
     for probe, dash in ((first, "solid"), (second, "dash")):
         for l in range(probe.n_layers):
             name = _legend(probe, l) or names[probe is second]
-            figure.add_trace(go.Scatter(y=probe.saturation[l].tolist(), mode="lines", name=f"saturated: {name}",
-                                        line={"dash": dash}, hovertemplate="step %{x}<br>%{y:.1%}<extra>" + name + "</extra>"),
-                             row=2, col=1)
+            figure.add_trace(
+                go.Scatter(
+                    y=probe.saturation[l].tolist(),
+                    mode="lines",
+                    name=f"saturated: {name}",
+                    line={"dash": dash},
+                    hovertemplate="step %{x}<br>%{y:.1%}<extra>" + name + "</extra>",
+                ),
+                row=2,
+                col=1,
+            )
             if has_grads:
                 mean = probe.grad_norms[:, l].mean(0)
-                figure.add_trace(go.Scatter(y=mean.tolist(), mode="lines", name=f"‖∂L/∂h‖: {name}", line={"dash": dash},
-                                            hovertemplate="step %{x}<br>%{y:.3g}<extra>" + name + "</extra>"), row=2, col=2)
+                figure.add_trace(
+                    go.Scatter(
+                        y=mean.tolist(),
+                        mode="lines",
+                        name=f"‖∂L/∂h‖: {name}",
+                        line={"dash": dash},
+                        hovertemplate="step %{x}<br>%{y:.3g}<extra>" + name + "</extra>",
+                    ),
+                    row=2,
+                    col=2,
+                )
     figure.update_yaxes(title_text="fraction", range=[0, 1], row=2, col=1)
     figure.update_yaxes(title_text="‖∂L/∂h_t‖", type="log", row=2, col=2)
     figure.update_xaxes(title_text="time step", row=2, col=1)
     figure.update_xaxes(title_text="time step", row=2, col=2)
-    figure.update_layout(title=f"{names[0]} vs {names[1]}: {first.describe()}; sequence {s}, layer {layer}",
-                         template="plotly_white", height=850)
+    figure.update_layout(
+        title=f"{names[0]} vs {names[1]}: {first.describe()}; sequence {s}, layer {layer}",
+        template="plotly_white",
+        height=850,
+    )
     return figure

@@ -14,8 +14,17 @@ from torch import Tensor
 
 from ..core import check_number, check_positive_int
 from ..curvature import GGN, EmpiricalFisher, Hessian
-from ..lanczos import (WHICH, _checked_product, _like, lanczos, matvec, operator_size, random_unit_vector, random_vector,
-                          relative_residuals)
+from qnwb.lanczos import (
+    WHICH,
+    _checked_product,
+    _like,
+    lanczos,
+    matvec,
+    operator_size,
+    random_unit_vector,
+    random_vector,
+    relative_residuals,
+)
 
 # %% auto #0
 __all__ = ['OPERATOR_KINDS', 'curvature_operators', 'describe_operator', 'SpectrumRun', 'SpectrumProbe', 'spectrum_probe',
@@ -60,7 +69,11 @@ def describe_operator(A, n: int | None = None) -> dict:
     batch = getattr(A, "batch_size", None) or getattr(A, "cases", None)
     if batch is None and isinstance(A, GGN):
         batch = int(A.outputs.shape[0])
-    record = {"kind": kind, "n": operator_size(A, n), "batch_size": None if batch is None else int(batch)}
+    record = {
+        "kind": kind,
+        "n": operator_size(A, n),
+        "batch_size": None if batch is None else int(batch),
+    }
     if isinstance(A, GGN) and A.structural_distance:
         record["structural_weight"] = A.structural_weight
     return record
@@ -100,7 +113,9 @@ class SpectrumRun:
     alpha: Tensor  # diagonal of the tridiagonal T_m
     beta: Tensor  # its off-diagonal
     beta_last: float  # β_m: the residual coefficient (0 on an invariant subspace)
-    history: list[tuple[Tensor, Tensor]]  # per iteration: (all Ritz values ascending, their residuals)
+    history: list[
+        tuple[Tensor, Tensor]
+    ]  # per iteration: (all Ritz values ascending, their residuals)
     products: int  # operator products
     stop: str  # "converged", "iterations" or "invariant"
 
@@ -141,25 +156,34 @@ class SpectrumProbe:
         count = (~e.isnan()).sum(0)
         mean = e.nansum(0) / count
         var = ((e - mean).nan_to_num(0) ** 2).sum(0) / (count - 1).clamp_min(1)
-        return {"mean": mean, "std": var.sqrt(), "min": e.nan_to_num(math.inf).amin(0), "max": e.nan_to_num(-math.inf).amax(0),
-                "count": count}
+        return {
+            "mean": mean,
+            "std": var.sqrt(),
+            "min": e.nan_to_num(math.inf).amin(0),
+            "max": e.nan_to_num(-math.inf).amax(0),
+            "count": count,
+        }
 
     def describe(self) -> str:
         "One line for a figure title: operator kind, size, batches, seeds."
         kinds = sorted({o["kind"] for o in self.operators})
         sizes = sorted({o["batch_size"] for o in self.operators if o["batch_size"] is not None})
         batch = f", batch {'/'.join(map(str, sizes))}" if sizes else ""
-        return (f"{'/'.join(kinds)} (n = {self.n}{batch}), {len(self.operators)} operator{'s' * (len(self.operators) > 1)} × "
-                f"{len(self.seeds)} seed{'s' * (len(self.seeds) > 1)}")
+        return (
+            f"{'/'.join(kinds)} (n = {self.n}{batch}), {len(self.operators)} operator{'s' * (len(self.operators) > 1)} × "
+            f"{len(self.seeds)} seed{'s' * (len(self.seeds) > 1)}"
+        )
 
 # %% ../../nbs/81_spectrum.ipynb #71bc8acc
 def _wanted(values: Tensor, residuals: Tensor, k: int, which: str) -> tuple[Tensor, Tensor]:
     "The k wanted values (and residuals) in label order, NaN-padded when there are fewer than k."
+
     def take(v, r, from_top):
         v, r = (v.flip(0), r.flip(0)) if from_top else (v, r)
         pad = k - min(k, v.numel())
         nan = torch.full((pad,), math.nan, dtype=torch.float64)
         return torch.cat([v[:k], nan]), torch.cat([r[:k], nan])
+
     if which == "largest":
         return take(values, residuals, True)
     if which == "smallest":
@@ -174,7 +198,8 @@ def spectrum_probe(
     *,
     which: str = "largest",  # "largest", "smallest" or "both"
     iterations: int = 100,  # the most Lanczos steps (= products) per run; capped at the dimension
-    tolerance: float | None = 1e-3,  # stop a run when the wanted values have relative residual ≤ this; None: all steps
+    tolerance: float
+    | None = 1e-3,  # stop a run when the wanted values have relative residual ≤ this; None: all steps
     seeds: int | Sequence[int] = 0,  # start-vector seeds: one run per operator and seed
     n: int | None = None,  # the dimension, for function operators
     check_every: int = 1,  # test the tolerance every this many steps
@@ -190,25 +215,62 @@ def spectrum_probe(
         raise ValueError(f"which: expected one of {WHICH}, got {which!r}")
     wanted = 2 * k if which == "both" else k
     if wanted > size:
-        raise ValueError(f"k: {k} eigenvalues {'at each end ' if which == 'both' else ''}exceed the dimension {size}")
+        raise ValueError(
+            f"k: {k} eigenvalues {'at each end ' if which == 'both' else ''}exceed the dimension {size}"
+        )
     if min(iterations, size) < wanted:
-        raise ValueError(f"iterations: {iterations} steps give fewer than the {wanted} wanted Ritz values")
+        raise ValueError(
+            f"iterations: {iterations} steps give fewer than the {wanted} wanted Ritz values"
+        )
     runs, used_dtype, used_device = [], None, None
     for index, A in enumerate(ops):
         for seed in seeds:
-            r = lanczos(A, iterations, n=n, seed=seed, k=k, which=which, tolerance=tolerance, check_every=check_every,
-                        dtype=dtype, device=device)
+            r = lanczos(
+                A,
+                iterations,
+                n=n,
+                seed=seed,
+                k=k,
+                which=which,
+                tolerance=tolerance,
+                check_every=check_every,
+                dtype=dtype,
+                device=device,
+            )
             used_dtype, used_device = r.alpha.dtype, r.alpha.device
             values, residuals = (t.detach().to("cpu", torch.float64) for t in r.ritz())
             v, res = _wanted(values, residuals, k, which)
-            runs.append(SpectrumRun(operator=index, seed=seed, values=v, residuals=res, alpha=r.alpha.detach().cpu(),
-                                    beta=r.beta.detach().cpu(), beta_last=float(r.beta_last), history=r.history,
-                                    products=r.products, stop=r.stop))
-    return SpectrumProbe(runs=runs, k=k, which=which, iterations=iterations, tolerance=tolerance, seeds=seeds, operators=records,
-                         n=size, dtype=str(used_dtype).removeprefix("torch."), device=str(used_device))
+            runs.append(
+                SpectrumRun(
+                    operator=index,
+                    seed=seed,
+                    values=v,
+                    residuals=res,
+                    alpha=r.alpha.detach().cpu(),
+                    beta=r.beta.detach().cpu(),
+                    beta_last=float(r.beta_last),
+                    history=r.history,
+                    products=r.products,
+                    stop=r.stop,
+                )
+            )
+    return SpectrumProbe(
+        runs=runs,
+        k=k,
+        which=which,
+        iterations=iterations,
+        tolerance=tolerance,
+        seeds=seeds,
+        operators=records,
+        n=size,
+        dtype=str(used_dtype).removeprefix("torch."),
+        device=str(used_device),
+    )
 
 # %% ../../nbs/81_spectrum.ipynb #21f04a62
-def _track(run: SpectrumRun, label: str, dtype: torch.dtype = torch.float64) -> tuple[list[int], list[float], list[float], list[float]]:
+def _track(
+    run: SpectrumRun, label: str, dtype: torch.dtype = torch.float64
+) -> tuple[list[int], list[float], list[float], list[float]]:
     "Iterations, Ritz values, residuals and relative residuals (`qnwb.lanczos.relative_residuals`) of one labelled Ritz value."
     end, position = label.split()
     i = int(position)
@@ -226,7 +288,8 @@ def _track(run: SpectrumRun, label: str, dtype: torch.dtype = torch.float64) -> 
 def ritz_figure(
     probe: SpectrumProbe,
     run: int = 0,  # which run of the probe
-    exact: Tensor | None = None,  # the exact eigenvalues (ascending, e.g. torch.linalg.eigvalsh), drawn dotted
+    exact: Tensor
+    | None = None,  # the exact eigenvalues (ascending, e.g. torch.linalg.eigvalsh), drawn dotted
 ):
     """Ritz values of one run against the iteration (top) and their relative residuals (bottom, log scale)."""
     from plotly.colors import qualitative
@@ -237,32 +300,73 @@ def ritz_figure(
     r = probe.runs[run]
     if not r.history:
         raise ValueError("probe: this run kept no history (lanczos(history=False))")
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.6, 0.4])
+    figure = make_subplots(
+        rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.6, 0.4]
+    )
     for c, label in enumerate(probe.labels):
         colour = qualitative.Plotly[c % len(qualitative.Plotly)]
-        steps, values, residuals, relative = _track(r, label, getattr(torch, probe.dtype.removeprefix("torch.")))
-        figure.add_scatter(x=steps, y=values, customdata=residuals, mode="lines+markers", name=label, legendgroup=label,
-                           line_color=colour, row=1, col=1,
-                           hovertemplate="iteration %{x}<br>Ritz value %{y:.6g}<br>residual %{customdata:.2e}<extra>" + label + "</extra>")
-        figure.add_scatter(x=steps, y=relative, mode="lines", name=f"{label} residual", legendgroup=label, showlegend=False,
-                           line_color=colour, row=2, col=1,
-                           hovertemplate="iteration %{x}<br>relative residual %{y:.2e}<extra>" + label + "</extra>")
+        steps, values, residuals, relative = _track(
+            r, label, getattr(torch, probe.dtype.removeprefix("torch."))
+        )
+        figure.add_scatter(
+            x=steps,
+            y=values,
+            customdata=residuals,
+            mode="lines+markers",
+            name=label,
+            legendgroup=label,
+            line_color=colour,
+            row=1,
+            col=1,
+            hovertemplate="iteration %{x}<br>Ritz value %{y:.6g}<br>residual %{customdata:.2e}<extra>"
+            + label
+            + "</extra>",
+        )
+        figure.add_scatter(
+            x=steps,
+            y=relative,
+            mode="lines",
+            name=f"{label} residual",
+            legendgroup=label,
+            showlegend=False,
+            line_color=colour,
+            row=2,
+            col=1,
+            hovertemplate="iteration %{x}<br>relative residual %{y:.2e}<extra>"
+            + label
+            + "</extra>",
+        )
         if exact is not None:
             e = exact.detach().to("cpu", torch.float64)
             end, i = label.split()[0], int(label.split()[1])
             value = float(e[-i] if end == "largest" else e[i - 1])
-            figure.add_scatter(x=[1, len(r.history)], y=[value, value], mode="lines", name=f"{label} exact", legendgroup=label,
-                               showlegend=False, line=dict(color=colour, dash="dot", width=1), row=1, col=1,
-                               hovertemplate="exact %{y:.6g}<extra>" + label + "</extra>")
+            figure.add_scatter(
+                x=[1, len(r.history)],
+                y=[value, value],
+                mode="lines",
+                name=f"{label} exact",
+                legendgroup=label,
+                showlegend=False,
+                line=dict(color=colour, dash="dot", width=1),
+                row=1,
+                col=1,
+                hovertemplate="exact %{y:.6g}<extra>" + label + "</extra>",
+            )
     if probe.tolerance is not None:
         figure.add_hline(y=probe.tolerance, line_dash="dash", line_color="grey", row=2, col=1)
     o = probe.operators[r.operator]
     batch = f", batch {o['batch_size']}" if o["batch_size"] is not None else ""
-    figure.update_layout(title=f"Ritz values of {o['kind']} (n = {o['n']}{batch}), operator {r.operator}, seed {r.seed}: "
-                               f"{r.products} products, stop: {r.stop}", template="plotly_white", hovermode="closest")
+    figure.update_layout(
+        title=f"Ritz values of {o['kind']} (n = {o['n']}{batch}), operator {r.operator}, seed {r.seed}: "
+        f"{r.products} products, stop: {r.stop}",
+        template="plotly_white",
+        hovermode="closest",
+    )
     figure.update_xaxes(title_text="Lanczos iteration", row=2, col=1)
     figure.update_yaxes(title_text="Ritz value θ", row=1, col=1)
-    figure.update_yaxes(title_text="‖Ay − θy‖ / |θ|", type="log", exponentformat="power", row=2, col=1)
+    figure.update_yaxes(
+        title_text="‖Ay − θy‖ / |θ|", type="log", exponentformat="power", row=2, col=1
+    )
     return figure
 
 # %% ../../nbs/81_spectrum.ipynb #35010fde
@@ -284,22 +388,42 @@ def extremes_figure(
         for label, value in zip(labels, row.tolist()):
             xs.append(label)
             ys.append(value)
-            text.append(f"operator {run.operator} (batch {o['batch_size']}), seed {run.seed}, {run.products} products, {run.stop}")
-    figure.add_scatter(x=xs, y=ys, text=text, mode="markers", name="runs", marker=dict(size=6, opacity=0.5, color="grey"),
-                       hovertemplate="%{x}: %{y:.6g}<br>%{text}<extra></extra>")
+            text.append(
+                f"operator {run.operator} (batch {o['batch_size']}), seed {run.seed}, {run.products} products, {run.stop}"
+            )
+    figure.add_scatter(
+        x=xs,
+        y=ys,
+        text=text,
+        mode="markers",
+        name="runs",
+        marker=dict(size=6, opacity=0.5, color="grey"),
+        hovertemplate="%{x}: %{y:.6g}<br>%{text}<extra></extra>",
+    )
     mean = s["mean"]
     if band == "range":
         upper, lower, band_name = (s["max"] - mean), (mean - s["min"]), "min–max"
     else:
         upper = lower = s["std"]
         band_name = "±1 sd"
-    figure.add_scatter(x=labels, y=mean.tolist(), mode="markers", name=f"mean ({band_name})", marker=dict(size=11, symbol="diamond"),
-                       error_y=dict(type="data", array=upper.tolist(), arrayminus=lower.tolist(), visible=True),
-                       customdata=torch.stack([s["min"], s["max"], s["std"]], dim=1).tolist(),
-                       hovertemplate="%{x}: mean %{y:.6g}<br>min %{customdata[0]:.6g}, max %{customdata[1]:.6g}, "
-                                     "sd %{customdata[2]:.3g}<extra></extra>")
-    figure.update_layout(title=f"Extreme eigenvalues of {probe.describe()}", xaxis_title="eigenvalue",
-                         yaxis_title="eigenvalue estimate", yaxis_type="log" if log_y else "linear", template="plotly_white")
+    figure.add_scatter(
+        x=labels,
+        y=mean.tolist(),
+        mode="markers",
+        name=f"mean ({band_name})",
+        marker=dict(size=11, symbol="diamond"),
+        error_y=dict(type="data", array=upper.tolist(), arrayminus=lower.tolist(), visible=True),
+        customdata=torch.stack([s["min"], s["max"], s["std"]], dim=1).tolist(),
+        hovertemplate="%{x}: mean %{y:.6g}<br>min %{customdata[0]:.6g}, max %{customdata[1]:.6g}, "
+        "sd %{customdata[2]:.3g}<extra></extra>",
+    )
+    figure.update_layout(
+        title=f"Extreme eigenvalues of {probe.describe()}",
+        xaxis_title="eigenvalue",
+        yaxis_title="eigenvalue estimate",
+        yaxis_type="log" if log_y else "linear",
+        template="plotly_white",
+    )
     return figure
 
 # %% ../../nbs/81_spectrum.ipynb #cba44281
@@ -331,13 +455,20 @@ class SpectralDensity:
         spread = float(allnodes.max() - allnodes.min())
         return 0.01 * spread if spread > 0 else (1e-3 * float(allnodes.abs().max()) or 1.0)
 
-    def density(self, grid: Tensor | None = None, sigma: float | None = None, points: int = 512) -> tuple[Tensor, Tensor]:
+    def density(
+        self, grid: Tensor | None = None, sigma: float | None = None, points: int = 512
+    ) -> tuple[Tensor, Tensor]:
         "`(grid, φ(grid))`: `φ(t) = mean_v Σ_i w_i N(t; θ_i, σ²)`; default grid: `points` from the nodes' range ± 6σ."
         sigma = self.sigma() if sigma is None else check_number("sigma", sigma, 0.0, low_open=True)
         allnodes, allweights = torch.cat(self.nodes), torch.cat(self.weights) / self.probes
         if grid is None:
             check_positive_int("points", points)
-            grid = torch.linspace(float(allnodes.min()) - 6 * sigma, float(allnodes.max()) + 6 * sigma, points, dtype=torch.float64)
+            grid = torch.linspace(
+                float(allnodes.min()) - 6 * sigma,
+                float(allnodes.max()) + 6 * sigma,
+                points,
+                dtype=torch.float64,
+            )
         grid = torch.as_tensor(grid, dtype=torch.float64)
         z = (grid[:, None] - allnodes[None, :]) / sigma
         return grid, (torch.exp(-0.5 * z**2) * allweights).sum(1) / (sigma * math.sqrt(2 * math.pi))
@@ -350,7 +481,8 @@ def slq(
     *,
     seed: int = 0,  # probe j uses seed + j
     distribution: str = "rademacher",  # the probe vectors before normalising: "rademacher" or "gaussian"
-    start_vectors: Tensor | None = None,  # (probes, n) explicit probe vectors instead (normalised here)
+    start_vectors: Tensor
+    | None = None,  # (probes, n) explicit probe vectors instead (normalised here)
     n: int | None = None,
     dtype: torch.dtype | None = None,
     device=None,
@@ -361,9 +493,15 @@ def slq(
     if distribution not in ("rademacher", "gaussian"):
         raise ValueError(f"distribution: expected 'rademacher' or 'gaussian', got {distribution!r}")
     if start_vectors is not None:
-        if not isinstance(start_vectors, Tensor) or start_vectors.dim() != 2 or start_vectors.shape[1] != size:
-            raise ValueError(f"start_vectors: expected a (probes, {size}) tensor, got "
-                             f"{tuple(start_vectors.shape) if isinstance(start_vectors, Tensor) else type(start_vectors).__name__}")
+        if (
+            not isinstance(start_vectors, Tensor)
+            or start_vectors.dim() != 2
+            or start_vectors.shape[1] != size
+        ):
+            raise ValueError(
+                f"start_vectors: expected a (probes, {size}) tensor, got "
+                f"{tuple(start_vectors.shape) if isinstance(start_vectors, Tensor) else type(start_vectors).__name__}"
+            )
         if start_vectors.shape[0] == 0:
             raise ValueError("start_vectors: need at least one probe vector")
     else:
@@ -374,7 +512,12 @@ def slq(
         like, where = _like(A, size, dtype, device)
         for j in range(count):
             if start_vectors is None:
-                start, used = random_unit_vector(size, seed=seed + j, dtype=like, device=where, kind=distribution), seed + j
+                start, used = (
+                    random_unit_vector(
+                        size, seed=seed + j, dtype=like, device=where, kind=distribution
+                    ),
+                    seed + j,
+                )
             else:
                 start, used = start_vectors[j], None
             r = lanczos(A, iterations, n=n, start=start, dtype=dtype, device=device, history=False)
@@ -384,8 +527,17 @@ def slq(
             operator.append(index)
             seeds.append(used)
             products += r.products
-    return SpectralDensity(nodes=nodes, weights=weights, operator=operator, seeds=seeds, iterations=iterations,
-                           distribution=distribution if start_vectors is None else "given", operators=records, n=size, products=products)
+    return SpectralDensity(
+        nodes=nodes,
+        weights=weights,
+        operator=operator,
+        seeds=seeds,
+        iterations=iterations,
+        distribution=distribution if start_vectors is None else "given",
+        operators=records,
+        n=size,
+        products=products,
+    )
 
 # %% ../../nbs/81_spectrum.ipynb #5939d6ea
 def density_figure(
@@ -400,19 +552,37 @@ def density_figure(
     sigma = density.sigma() if sigma is None else sigma
     grid, phi = density.density(sigma=sigma, points=points)
     figure = go.Figure()
-    shown = phi.clamp_min(float(phi.max()) * 1e-12) if log_y else phi  # a log axis cannot show zeros
-    figure.add_scatter(x=grid.tolist(), y=shown.tolist(), mode="lines", name="density",
-                       hovertemplate="λ %{x:.4g}<br>density %{y:.3g}<extra></extra>")
+    shown = (
+        phi.clamp_min(float(phi.max()) * 1e-12) if log_y else phi
+    )  # a log axis cannot show zeros
+    figure.add_scatter(
+        x=grid.tolist(),
+        y=shown.tolist(),
+        mode="lines",
+        name="density",
+        hovertemplate="λ %{x:.4g}<br>density %{y:.3g}<extra></extra>",
+    )
     nodes, weights = torch.cat(density.nodes), torch.cat(density.weights) / density.probes
-    figure.add_scatter(x=nodes.tolist(), y=weights.tolist(), mode="markers", name="nodes (weight / probes)", visible="legendonly",
-                       marker=dict(size=5, opacity=0.6), hovertemplate="node %{x:.6g}<br>weight %{y:.3g}<extra></extra>")
+    figure.add_scatter(
+        x=nodes.tolist(),
+        y=weights.tolist(),
+        mode="markers",
+        name="nodes (weight / probes)",
+        visible="legendonly",
+        marker=dict(size=5, opacity=0.6),
+        hovertemplate="node %{x:.6g}<br>weight %{y:.3g}<extra></extra>",
+    )
     kinds = "/".join(sorted({o["kind"] for o in density.operators}))
     sizes = sorted({o["batch_size"] for o in density.operators if o["batch_size"] is not None})
     batch = f", batch {'/'.join(map(str, sizes))}" if sizes else ""
-    figure.update_layout(title=f"Spectral density of {kinds} (n = {density.n}{batch}): {density.probes} {density.distribution} probes × "
-                               f"{density.iterations} Lanczos steps, σ = {sigma:.3g}",
-                         xaxis_title="eigenvalue λ", yaxis_title="density", yaxis_type="log" if log_y else "linear",
-                         template="plotly_white")
+    figure.update_layout(
+        title=f"Spectral density of {kinds} (n = {density.n}{batch}): {density.probes} {density.distribution} probes × "
+        f"{density.iterations} Lanczos steps, σ = {sigma:.3g}",
+        xaxis_title="eigenvalue λ",
+        yaxis_title="density",
+        yaxis_type="log" if log_y else "linear",
+        template="plotly_white",
+    )
     return figure
 
 # %% ../../nbs/81_spectrum.ipynb #b0252335
@@ -469,8 +639,10 @@ def hutchinson(
         raise ValueError(f"distribution: expected 'rademacher' or 'gaussian', got {distribution!r}")
     if vectors is not None:
         if not isinstance(vectors, Tensor) or vectors.dim() != 2 or vectors.shape[1] != size:
-            raise ValueError(f"vectors: expected a (probes, {size}) tensor, got "
-                             f"{tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__}")
+            raise ValueError(
+                f"vectors: expected a (probes, {size}) tensor, got "
+                f"{tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__}"
+            )
         if vectors.shape[0] == 0:
             raise ValueError("vectors: need at least one probe vector")
     else:
@@ -482,13 +654,23 @@ def hutchinson(
         count = probes if vectors is None else vectors.shape[0]
         values = torch.empty(count, dtype=like, device=where)
         for j in range(count):  # no host reads in the loop
-            z = random_vector(size, seed=seed + j, dtype=like, device=where, kind=distribution) if vectors is None else vectors[j].to(like).to(where)
+            z = (
+                random_vector(size, seed=seed + j, dtype=like, device=where, kind=distribution)
+                if vectors is None
+                else vectors[j].to(like).to(where)
+            )
             values[j] = z @ _checked_product(mv, z).to(like)
             operator.append(index)
             seeds.append(seed + j if vectors is None else None)
         results.append(values.detach().to("cpu", torch.float64))
-    return TraceEstimate(estimates=torch.cat(results), operator=operator, seeds=seeds,
-                         distribution=distribution if vectors is None else "given", operators=records, n=size)
+    return TraceEstimate(
+        estimates=torch.cat(results),
+        operator=operator,
+        seeds=seeds,
+        distribution=distribution if vectors is None else "given",
+        operators=records,
+        n=size,
+    )
 
 # %% ../../nbs/81_spectrum.ipynb #7b475a30
 def trace_figure(
@@ -503,19 +685,57 @@ def trace_figure(
     mean, stderr = estimate.running()
     steps = list(range(1, estimate.probes + 1))
     figure = go.Figure()
-    figure.add_scatter(x=steps, y=estimate.estimates.tolist(), mode="markers", name="per-probe zᵀAz",
-                       marker=dict(size=4, opacity=0.35, color="grey"), hovertemplate="probe %{x}<br>zᵀAz %{y:.4g}<extra></extra>")
-    figure.add_scatter(x=steps[1:], y=(mean + z * stderr)[1:].tolist(), mode="lines", name=f"mean + {z:g} se", line=dict(width=0),
-                       showlegend=False, hovertemplate="probe %{x}<br>upper %{y:.4g}<extra></extra>")
-    figure.add_scatter(x=steps[1:], y=(mean - z * stderr)[1:].tolist(), mode="lines", name=f"mean − {z:g} se", line=dict(width=0),
-                       fill="tonexty", fillcolor="rgba(99, 110, 250, 0.2)", hovertemplate="probe %{x}<br>lower %{y:.4g}<extra></extra>")
-    figure.add_scatter(x=steps, y=mean.tolist(), mode="lines", name="running mean", line_color="rgb(99, 110, 250)",
-                       customdata=stderr.tolist(), hovertemplate="probe %{x}<br>mean %{y:.5g} ± %{customdata:.2g} (se)<extra></extra>")
+    figure.add_scatter(
+        x=steps,
+        y=estimate.estimates.tolist(),
+        mode="markers",
+        name="per-probe zᵀAz",
+        marker=dict(size=4, opacity=0.35, color="grey"),
+        hovertemplate="probe %{x}<br>zᵀAz %{y:.4g}<extra></extra>",
+    )
+    figure.add_scatter(
+        x=steps[1:],
+        y=(mean + z * stderr)[1:].tolist(),
+        mode="lines",
+        name=f"mean + {z:g} se",
+        line=dict(width=0),
+        showlegend=False,
+        hovertemplate="probe %{x}<br>upper %{y:.4g}<extra></extra>",
+    )
+    figure.add_scatter(
+        x=steps[1:],
+        y=(mean - z * stderr)[1:].tolist(),
+        mode="lines",
+        name=f"mean − {z:g} se",
+        line=dict(width=0),
+        fill="tonexty",
+        fillcolor="rgba(99, 110, 250, 0.2)",
+        hovertemplate="probe %{x}<br>lower %{y:.4g}<extra></extra>",
+    )
+    figure.add_scatter(
+        x=steps,
+        y=mean.tolist(),
+        mode="lines",
+        name="running mean",
+        line_color="rgb(99, 110, 250)",
+        customdata=stderr.tolist(),
+        hovertemplate="probe %{x}<br>mean %{y:.5g} ± %{customdata:.2g} (se)<extra></extra>",
+    )
     if exact is not None:
-        figure.add_scatter(x=[1, estimate.probes], y=[float(exact)] * 2, mode="lines", name="exact trace",
-                           line=dict(color="black", dash="dash"), hovertemplate="tr(A) = %{y:.6g}<extra></extra>")
+        figure.add_scatter(
+            x=[1, estimate.probes],
+            y=[float(exact)] * 2,
+            mode="lines",
+            name="exact trace",
+            line=dict(color="black", dash="dash"),
+            hovertemplate="tr(A) = %{y:.6g}<extra></extra>",
+        )
     kinds = "/".join(sorted({o["kind"] for o in estimate.operators}))
-    figure.update_layout(title=f"Hutchinson trace of {kinds} (n = {estimate.n}): {estimate.mean:.5g} ± {estimate.stderr:.2g} "
-                               f"after {estimate.probes} {estimate.distribution} probes",
-                         xaxis_title="probes", yaxis_title="trace estimate", template="plotly_white")
+    figure.update_layout(
+        title=f"Hutchinson trace of {kinds} (n = {estimate.n}): {estimate.mean:.5g} ± {estimate.stderr:.2g} "
+        f"after {estimate.probes} {estimate.distribution} probes",
+        xaxis_title="probes",
+        yaxis_title="trace estimate",
+        template="plotly_white",
+    )
     return figure

@@ -14,14 +14,13 @@ import torch
 from torch import Tensor
 
 from ..core import check_positive_int, patch
-from ..curvature import GGN  # the notebook's dense checks
 from ..lanczos import lanczos, matvec, operator_size
 from ..optim.adaqn import AdaQN
-from ..optim.sqn import SQN
 from ..optim.hessian_free import HessianFree, curvature_operator
 from ..optim.lbfgs import LBFGS
 from ..optim.lsr1 import LSR1
 from ..optim.memory import CompactForm, PairMemory, bfgs_compact, sr1_compact
+from ..optim.sqn import SQN
 
 # %% auto #0
 __all__ = ['HF_FIELDS', 'MEMORY_FIELDS', 'HFTrace', 'extreme_eigenvalues', 'HFTraceRecorder', 'hf_trace', 'hf_trace_figure',
@@ -30,10 +29,21 @@ __all__ = ['HF_FIELDS', 'MEMORY_FIELDS', 'HFTrace', 'extreme_eigenvalues', 'HFTr
 
 # %% ../../nbs/83_traces.ipynb #b5c983bd
 HF_FIELDS = {  # stats key ↦ numpy dtype of the HFTrace field of the same name
-    "step": np.int64, "loss": np.float64, "loss_after": np.float64, "rho": np.float64, "damping": np.float64,
-    "next_damping": np.float64, "structural_weight": np.float64, "lr": np.float64, "cg_iterations": np.int64,
-    "chosen_iterate": np.int64, "step_size": np.float64, "line_search_tries": np.int64,
-    "model_reduction_undamped": np.float64, "model_reduction_damped": np.float64, "curvature_products": np.int64,
+    "step": np.int64,
+    "loss": np.float64,
+    "loss_after": np.float64,
+    "rho": np.float64,
+    "damping": np.float64,
+    "next_damping": np.float64,
+    "structural_weight": np.float64,
+    "lr": np.float64,
+    "cg_iterations": np.int64,
+    "chosen_iterate": np.int64,
+    "step_size": np.float64,
+    "line_search_tries": np.int64,
+    "model_reduction_undamped": np.float64,
+    "model_reduction_damped": np.float64,
+    "curvature_products": np.int64,
 }
 
 
@@ -43,7 +53,9 @@ class HFTrace:
 
     step: np.ndarray  # the optimizer's step number k (1, 2, …)
     loss: np.ndarray  # f(θ_{k−1}) on the step's batch
-    loss_after: np.ndarray  # f at the accepted point (f(θ_{k−1}) again when the line search rejected the step)
+    loss_after: (
+        np.ndarray
+    )  # f at the accepted point (f(θ_{k−1}) again when the line search rejected the step)
     rho: np.ndarray  # ρ of eq. 10 (−inf: f went up; NaN: no prediction)
     damping: np.ndarray  # λ the step used
     next_damping: np.ndarray  # λ after the Levenberg–Marquardt rule (§8.5)
@@ -59,13 +71,17 @@ class HFTrace:
     curvature_products: np.ndarray  # curvature-vector products of the step
     batch_size: np.ndarray  # cases in the gradient batch (−1: not given)
     curvature_batch_size: np.ndarray  # cases in the curvature batch (−1: not given)
-    spectrum_step: np.ndarray  # the steps k whose curvature (at θ_{k−1}, on the curvature batch) was estimated
+    spectrum_step: (
+        np.ndarray
+    )  # the steps k whose curvature (at θ_{k−1}, on the curvature batch) was estimated
     lambda_max: np.ndarray  # the largest Ritz value there
     lambda_min: np.ndarray  # the smallest Ritz value there
     lambda_max_residual: np.ndarray  # ‖Bu − θu‖ of that Ritz pair
     lambda_min_residual: np.ndarray
     lanczos_products: np.ndarray  # operator products each estimate cost
-    settings: dict = field(default_factory=dict)  # the optimizer's hyperparameters, the probe's settings and seeds
+    settings: dict = field(
+        default_factory=dict
+    )  # the optimizer's hyperparameters, the probe's settings and seeds
 
     def __len__(self) -> int:
         return len(self.step)
@@ -74,8 +90,14 @@ class HFTrace:
 def _hf_operator(optimizer: HessianFree, batch):
     "The optimizer's undamped curvature (GGN or Hessian, no structural term) on `batch` at the current parameters."
     with torch.enable_grad():
-        return curvature_operator(optimizer.model, optimizer.loss, batch, optimizer.options["curvature"], structural_damping=0.0,
-                                  route=optimizer.options["route"])
+        return curvature_operator(
+            optimizer.model,
+            optimizer.loss,
+            batch,
+            optimizer.options["curvature"],
+            structural_damping=0.0,
+            route=optimizer.options["route"],
+        )
 
 
 def extreme_eigenvalues(
@@ -88,8 +110,14 @@ def extreme_eigenvalues(
     """The smallest and largest Ritz values of `A` after `iterations` Lanczos steps, with their residual norms and the cost."""
     result = lanczos(A, iterations, n=n, seed=seed, which="both", history=False)
     values, residuals = (t.detach().to("cpu", torch.float64) for t in result.ritz())
-    return {"lambda_min": float(values[0]), "lambda_max": float(values[-1]), "lambda_min_residual": float(residuals[0]),
-            "lambda_max_residual": float(residuals[-1]), "products": result.products, "seed": seed}
+    return {
+        "lambda_min": float(values[0]),
+        "lambda_max": float(values[-1]),
+        "lambda_min_residual": float(residuals[0]),
+        "lambda_max_residual": float(residuals[-1]),
+        "products": result.products,
+        "seed": seed,
+    }
 
 # %% ../../nbs/83_traces.ipynb #7c85d9a7
 def _cases(batch) -> int:
@@ -106,24 +134,41 @@ class HFTraceRecorder:
         self,
         optimizer: HessianFree,  # the optimizer to watch
         *,
-        spectrum_every: int | None = None,  # estimate λ_min, λ_max before steps 1, 1 + s, 1 + 2s, …; None: never
+        spectrum_every: int
+        | None = None,  # estimate λ_min, λ_max before steps 1, 1 + s, 1 + 2s, …; None: never
         lanczos_iterations: int = 20,  # Lanczos steps per estimate
         seed: int = 0,  # Lanczos' start vector for step k has seed `seed + k`
     ):
         if not isinstance(optimizer, HessianFree):
-            raise TypeError(f"optimizer: expected a qnwb.optim.HessianFree, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer: expected a qnwb.optim.HessianFree, got {type(optimizer).__name__}"
+            )
         if spectrum_every is not None:
             check_positive_int("spectrum_every", spectrum_every)
         check_positive_int("lanczos_iterations", lanczos_iterations)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {seed!r}")
-        self.optimizer, self.spectrum_every, self.lanczos_iterations, self.seed = optimizer, spectrum_every, lanczos_iterations, seed
+        self.optimizer, self.spectrum_every, self.lanczos_iterations, self.seed = (
+            optimizer,
+            spectrum_every,
+            lanczos_iterations,
+            seed,
+        )
         group = optimizer.param_groups[0]
-        self.settings = {"optimizer": "HessianFree", "initial_damping": group["damping"],
-                         "structural_damping": group["structural_damping"], "cg_max_iterations": group["cg_max_iterations"],
-                         "cg_min_iterations": group["cg_min_iterations"], "cg_tolerance": group["cg_tolerance"],
-                         "warm_start": group["warm_start"], "lr": group["lr"], **optimizer.options,
-                         "spectrum_every": spectrum_every, "lanczos_iterations": lanczos_iterations, "lanczos_seed": seed}
+        self.settings = {
+            "optimizer": "HessianFree",
+            "initial_damping": group["damping"],
+            "structural_damping": group["structural_damping"],
+            "cg_max_iterations": group["cg_max_iterations"],
+            "cg_min_iterations": group["cg_min_iterations"],
+            "cg_tolerance": group["cg_tolerance"],
+            "warm_start": group["warm_start"],
+            "lr": group["lr"],
+            **optimizer.options,
+            "spectrum_every": spectrum_every,
+            "lanczos_iterations": lanczos_iterations,
+            "lanczos_seed": seed,
+        }
         self.rows: list[dict] = []
         self.spectra: list[dict] = []
         self._pending: dict | None = None
@@ -142,7 +187,9 @@ def before_step(self: HFTraceRecorder, curvature_batch) -> None:
     if self.spectrum_every is None or (k - 1) % self.spectrum_every:
         self._pending = None
         return
-    estimate = extreme_eigenvalues(_hf_operator(self.optimizer, curvature_batch), self.lanczos_iterations, seed=self.seed + k)
+    estimate = extreme_eigenvalues(
+        _hf_operator(self.optimizer, curvature_batch), self.lanczos_iterations, seed=self.seed + k
+    )
     self._pending = {"step": k, **estimate}
 
 # %% ../../nbs/83_traces.ipynb #6fc8bb1e
@@ -151,11 +198,17 @@ def after_step(self: HFTraceRecorder, batch=None, curvature_batch=None) -> dict:
     """Record the optimizer's `stats` of the step just taken (and the batch sizes, when given); returns them."""
     stats = dict(self.optimizer.stats)
     if not stats:
-        raise ValueError("optimizer: has published no stats yet; call after_step after optimizer.step")
+        raise ValueError(
+            "optimizer: has published no stats yet; call after_step after optimizer.step"
+        )
     if self.rows and stats["step"] == self.rows[-1]["step"]:
-        raise ValueError(f"optimizer: step {stats['step']} is recorded already; call after_step once per step")
+        raise ValueError(
+            f"optimizer: step {stats['step']} is recorded already; call after_step once per step"
+        )
     stats["batch_size"] = _cases(batch)
-    stats["curvature_batch_size"] = _cases(curvature_batch if curvature_batch is not None else batch)
+    stats["curvature_batch_size"] = _cases(
+        curvature_batch if curvature_batch is not None else batch
+    )
     self.rows.append(stats)
     if self._pending is not None and self._pending["step"] == stats["step"]:
         self.spectra.append(self._pending)
@@ -175,22 +228,42 @@ def step(self: HFTraceRecorder, batch, curvature_batch=None, selection_batch=Non
 @patch
 def trace(self: HFTraceRecorder) -> HFTrace:
     """The records so far as an `HFTrace`."""
-    columns = {name: np.array([row[name] for row in self.rows], dtype=dtype) for name, dtype in HF_FIELDS.items()}
-    spectra = {name: np.array([s[key] for s in self.spectra], dtype=dtype) for name, key, dtype in (
-        ("spectrum_step", "step", np.int64), ("lambda_max", "lambda_max", np.float64), ("lambda_min", "lambda_min", np.float64),
-        ("lambda_max_residual", "lambda_max_residual", np.float64), ("lambda_min_residual", "lambda_min_residual", np.float64),
-        ("lanczos_products", "products", np.int64))}
-    return HFTrace(**columns, cg_stop=np.array([row["cg_stop"] for row in self.rows], dtype=str),
-                   batch_size=np.array([row["batch_size"] for row in self.rows], dtype=np.int64),
-                   curvature_batch_size=np.array([row["curvature_batch_size"] for row in self.rows], dtype=np.int64),
-                   **spectra, settings=dict(self.settings))
+    columns = {
+        name: np.array([row[name] for row in self.rows], dtype=dtype)
+        for name, dtype in HF_FIELDS.items()
+    }
+    spectra = {
+        name: np.array([s[key] for s in self.spectra], dtype=dtype)
+        for name, key, dtype in (
+            ("spectrum_step", "step", np.int64),
+            ("lambda_max", "lambda_max", np.float64),
+            ("lambda_min", "lambda_min", np.float64),
+            ("lambda_max_residual", "lambda_max_residual", np.float64),
+            ("lambda_min_residual", "lambda_min_residual", np.float64),
+            ("lanczos_products", "products", np.int64),
+        )
+    }
+    return HFTrace(
+        **columns,
+        cg_stop=np.array([row["cg_stop"] for row in self.rows], dtype=str),
+        batch_size=np.array([row["batch_size"] for row in self.rows], dtype=np.int64),
+        curvature_batch_size=np.array(
+            [row["curvature_batch_size"] for row in self.rows], dtype=np.int64
+        ),
+        **spectra,
+        settings=dict(self.settings),
+    )
 
 # %% ../../nbs/83_traces.ipynb #c35992ef
 def _batch_source(batches, steps: int | None, name: str) -> Callable[[int], object]:
     "`k ↦ batch` (k = 0, 1, …) for a function, one (inputs, targets) pair, or a sequence/iterable of batches."
     if callable(batches):
         return batches
-    if isinstance(batches, tuple) and len(batches) == 2 and all(isinstance(t, Tensor) for t in batches):
+    if (
+        isinstance(batches, tuple)
+        and len(batches) == 2
+        and all(isinstance(t, Tensor) for t in batches)
+    ):
         return lambda k: batches
     if isinstance(batches, Iterable):
         it, cache = iter(batches), []
@@ -200,10 +273,15 @@ def _batch_source(batches, steps: int | None, name: str) -> Callable[[int], obje
                 try:
                     cache.append(next(it))
                 except StopIteration:
-                    raise ValueError(f"{name}: ran out after {len(cache)} batches, {steps} steps asked") from None
+                    raise ValueError(
+                        f"{name}: ran out after {len(cache)} batches, {steps} steps asked"
+                    ) from None
             return cache[k]
+
         return source
-    raise TypeError(f"{name}: expected batches (a list or iterable), a function k ↦ batch, or one (inputs, targets) pair")
+    raise TypeError(
+        f"{name}: expected batches (a list or iterable), a function k ↦ batch, or one (inputs, targets) pair"
+    )
 
 
 def hf_trace(
@@ -212,19 +290,30 @@ def hf_trace(
     steps: int | None = None,  # steps to take (default: the length of the `batches` list)
     *,
     curvature_batches=None,  # likewise for the curvature products (§12.1); None: each step's batch
-    spectrum_every: int | None = None,  # Lanczos estimates of λ_min, λ_max every this many steps; None: none
+    spectrum_every: int
+    | None = None,  # Lanczos estimates of λ_min, λ_max every this many steps; None: none
     lanczos_iterations: int = 20,
     seed: int = 0,  # Lanczos' start vector of step k has seed `seed + k`
 ) -> HFTrace:
     """Take `steps` HF steps over `batches` and return their trace."""
     if steps is None:
-        if not hasattr(batches, "__len__") or (isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor)):
-            raise ValueError("steps: give the number of steps for a function, an iterator or a single batch")
+        if not hasattr(batches, "__len__") or (
+            isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor)
+        ):
+            raise ValueError(
+                "steps: give the number of steps for a function, an iterator or a single batch"
+            )
         steps = len(batches)
     check_positive_int("steps", steps)
-    recorder = HFTraceRecorder(optimizer, spectrum_every=spectrum_every, lanczos_iterations=lanczos_iterations, seed=seed)
+    recorder = HFTraceRecorder(
+        optimizer, spectrum_every=spectrum_every, lanczos_iterations=lanczos_iterations, seed=seed
+    )
     batch_at = _batch_source(batches, steps, "batches")
-    curvature_at = None if curvature_batches is None else _batch_source(curvature_batches, steps, "curvature_batches")
+    curvature_at = (
+        None
+        if curvature_batches is None
+        else _batch_source(curvature_batches, steps, "curvature_batches")
+    )
     for k in range(steps):
         recorder.step(batch_at(k), None if curvature_at is None else curvature_at(k))
     return recorder.trace()
@@ -232,7 +321,10 @@ def hf_trace(
 # %% ../../nbs/83_traces.ipynb #5a1aee77
 def _finite_or_none(values, positive: bool = False) -> list:
     "A list for plotly with gaps (None) where a value is not finite (or, for a log axis, not positive)."
-    return [float(v) if math.isfinite(v) and (v > 0 or not positive) else None for v in np.asarray(values, dtype=np.float64)]
+    return [
+        float(v) if math.isfinite(v) and (v > 0 or not positive) else None
+        for v in np.asarray(values, dtype=np.float64)
+    ]
 
 
 def hf_trace_figure(trace: HFTrace, title: str = "Hessian-free: ρ, λ and CG per step"):
@@ -244,36 +336,113 @@ def hf_trace_figure(trace: HFTrace, title: str = "Hessian-free: ρ, λ and CG pe
         raise TypeError(f"trace: expected an HFTrace, got {type(trace).__name__}")
     if len(trace) == 0:
         raise ValueError("trace: has no steps to draw")
-    figure = make_subplots(rows=5, cols=1, shared_xaxes=True, vertical_spacing=0.03,
-                           subplot_titles=("loss", "reduction ratio ρ (eq. 10)", "damping λ and curvature extremes",
-                                           "CG iterations by stop reason", "chosen CG iterate (§8.7)"))
+    figure = make_subplots(
+        rows=5,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.03,
+        subplot_titles=(
+            "loss",
+            "reduction ratio ρ (eq. 10)",
+            "damping λ and curvature extremes",
+            "CG iterations by stop reason",
+            "chosen CG iterate (§8.7)",
+        ),
+    )
     x = trace.step.tolist()
-    figure.add_trace(go.Scatter(x=x, y=_finite_or_none(trace.loss, True), mode="lines+markers", name="loss f(θ_{k−1})",
-                                hovertemplate="step %{x}<br>f %{y:.4g}<extra>loss</extra>"), row=1, col=1)
-    figure.add_trace(go.Scatter(x=x, y=_finite_or_none(trace.loss_after, True), mode="lines+markers", name="loss after the step",
-                                hovertemplate="step %{x}<br>f %{y:.4g}<extra>loss after</extra>"), row=1, col=1)
-    figure.add_trace(go.Scatter(x=x, y=_finite_or_none(trace.rho), mode="lines+markers", name="ρ", customdata=trace.rho.astype(str),
-                                hovertemplate="step %{x}<br>ρ %{customdata}<extra>ρ</extra>"), row=2, col=1)
+    figure.add_trace(
+        go.Scatter(
+            x=x,
+            y=_finite_or_none(trace.loss, True),
+            mode="lines+markers",
+            name="loss f(θ_{k−1})",
+            hovertemplate="step %{x}<br>f %{y:.4g}<extra>loss</extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    figure.add_trace(
+        go.Scatter(
+            x=x,
+            y=_finite_or_none(trace.loss_after, True),
+            mode="lines+markers",
+            name="loss after the step",
+            hovertemplate="step %{x}<br>f %{y:.4g}<extra>loss after</extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    figure.add_trace(
+        go.Scatter(
+            x=x,
+            y=_finite_or_none(trace.rho),
+            mode="lines+markers",
+            name="ρ",
+            customdata=trace.rho.astype(str),
+            hovertemplate="step %{x}<br>ρ %{customdata}<extra>ρ</extra>",
+        ),
+        row=2,
+        col=1,
+    )
     for level in (0.25, 0.75):
         figure.add_hline(y=level, line_dash="dot", line_color="grey", row=2, col=1)
-    lines = [("λ", trace.step, trace.damping, "lines+markers"), ("λμ", trace.step, trace.structural_weight, "lines+markers"),
-             ("λ_max estimate", trace.spectrum_step, trace.lambda_max, "markers"),
-             ("λ_min estimate", trace.spectrum_step, trace.lambda_min, "markers")]
+    lines = [
+        ("λ", trace.step, trace.damping, "lines+markers"),
+        ("λμ", trace.step, trace.structural_weight, "lines+markers"),
+        ("λ_max estimate", trace.spectrum_step, trace.lambda_max, "markers"),
+        ("λ_min estimate", trace.spectrum_step, trace.lambda_min, "markers"),
+    ]
     for name, steps, values, mode in lines:
         if name == "λμ" and not (trace.structural_weight > 0).any():
             continue
-        figure.add_trace(go.Scatter(x=steps.tolist(), y=_finite_or_none(values, True), mode=mode, name=name,
-                                    customdata=np.asarray(values, dtype=np.float64).astype(str),
-                                    hovertemplate="step %{x}<br>" + name + " %{customdata}<extra></extra>"), row=3, col=1)
+        figure.add_trace(
+            go.Scatter(
+                x=steps.tolist(),
+                y=_finite_or_none(values, True),
+                mode=mode,
+                name=name,
+                customdata=np.asarray(values, dtype=np.float64).astype(str),
+                hovertemplate="step %{x}<br>" + name + " %{customdata}<extra></extra>",
+            ),
+            row=3,
+            col=1,
+        )
     for stop in dict.fromkeys(trace.cg_stop.tolist()):  # in order of first appearance
         where = trace.cg_stop == stop
-        figure.add_trace(go.Bar(x=trace.step[where].tolist(), y=trace.cg_iterations[where].tolist(), name=f"CG: {stop}",
-                                hovertemplate="step %{x}<br>%{y} CG steps<extra>" + stop + "</extra>"), row=4, col=1)
-    figure.add_trace(go.Scatter(x=x, y=trace.cg_iterations.tolist(), mode="markers", name="last CG iterate",
-                                marker_symbol="line-ew-open", hovertemplate="step %{x}<br>last iterate %{y}<extra></extra>"), row=5, col=1)
-    figure.add_trace(go.Scatter(x=x, y=trace.chosen_iterate.tolist(), mode="lines+markers", name="chosen iterate",
-                                customdata=trace.step_size, hovertemplate="step %{x}<br>chosen iterate %{y}<br>step size α %{customdata:.3g}<extra></extra>"),
-                     row=5, col=1)
+        figure.add_trace(
+            go.Bar(
+                x=trace.step[where].tolist(),
+                y=trace.cg_iterations[where].tolist(),
+                name=f"CG: {stop}",
+                hovertemplate="step %{x}<br>%{y} CG steps<extra>" + stop + "</extra>",
+            ),
+            row=4,
+            col=1,
+        )
+    figure.add_trace(
+        go.Scatter(
+            x=x,
+            y=trace.cg_iterations.tolist(),
+            mode="markers",
+            name="last CG iterate",
+            marker_symbol="line-ew-open",
+            hovertemplate="step %{x}<br>last iterate %{y}<extra></extra>",
+        ),
+        row=5,
+        col=1,
+    )
+    figure.add_trace(
+        go.Scatter(
+            x=x,
+            y=trace.chosen_iterate.tolist(),
+            mode="lines+markers",
+            name="chosen iterate",
+            customdata=trace.step_size,
+            hovertemplate="step %{x}<br>chosen iterate %{y}<br>step size α %{customdata:.3g}<extra></extra>",
+        ),
+        row=5,
+        col=1,
+    )
     figure.update_yaxes(type="log", row=1, col=1)
     figure.update_yaxes(type="log", row=3, col=1)
     figure.update_xaxes(title_text="HF step k", row=5, col=1)
@@ -286,11 +455,13 @@ def hf_trace_figure(trace: HFTrace, title: str = "Hessian-free: ρ, λ and CG pe
 def memory_optimizers() -> list[str]:
     "The class names of the registered optimizers whose trace is their pair memory (registry entries with recorder 'memory')."
     from qnwb.optim import OPTIMIZERS
+
     return [entry.cls.__name__ for entry in OPTIMIZERS.values() if entry.recorder == "memory"]
 
 
 def _records_memory(optimizer) -> bool:
     from qnwb.optim import entry_for
+
     try:
         return entry_for(optimizer)[1].recorder == "memory"
     except ValueError:  # not registered
@@ -299,11 +470,19 @@ def _records_memory(optimizer) -> bool:
 # %% ../../nbs/83_traces.ipynb #abdd0c4d
 _INT, _FLOAT, _BOOL = np.int64, np.float64, bool
 MEMORY_FIELDS = {  # stats key ↦ (MemoryTrace field, dtype, value when the optimizer does not publish it)
-    "step": ("step", _INT, 0), "loss": ("loss", _FLOAT, math.nan), "memory_size": ("memory_size", _INT, 0),
-    "pair_stored": ("pair_stored", _BOOL, False), "pair_skipped": ("pair_skipped", _BOOL, False),
-    "pairs_stored": ("pairs_stored", _INT, 0), "pairs_skipped": ("pairs_skipped", _INT, 0),
-    "pairs_dropped": ("pairs_dropped", _INT, 0), "sy": ("sy", _FLOAT, math.nan), "step_size": ("step_size", _FLOAT, math.nan),
-    "radius": ("radius", _FLOAT, math.nan), "radius_after": ("radius_after", _FLOAT, math.nan), "rho": ("rho", _FLOAT, math.nan),
+    "step": ("step", _INT, 0),
+    "loss": ("loss", _FLOAT, math.nan),
+    "memory_size": ("memory_size", _INT, 0),
+    "pair_stored": ("pair_stored", _BOOL, False),
+    "pair_skipped": ("pair_skipped", _BOOL, False),
+    "pairs_stored": ("pairs_stored", _INT, 0),
+    "pairs_skipped": ("pairs_skipped", _INT, 0),
+    "pairs_dropped": ("pairs_dropped", _INT, 0),
+    "sy": ("sy", _FLOAT, math.nan),
+    "step_size": ("step_size", _FLOAT, math.nan),
+    "radius": ("radius", _FLOAT, math.nan),
+    "radius_after": ("radius_after", _FLOAT, math.nan),
+    "rho": ("rho", _FLOAT, math.nan),
     "forgot": ("forgot", _BOOL, False),
 }
 
@@ -317,25 +496,33 @@ class MemoryTrace:
     step: np.ndarray  # the optimizer's step number
     epoch: np.ndarray  # the epoch each step belongs to (0, 1, …)
     loss: np.ndarray  # the loss the step's closure returned
-    memory_used: np.ndarray  # pairs held at the start of the step (after any forgetting): what its direction used
+    memory_used: (
+        np.ndarray
+    )  # pairs held at the start of the step (after any forgetting): what its direction used
     memory_size: np.ndarray  # pairs held after the step
     pair_formed: np.ndarray  # a pair was offered to the memory
     pair_stored: np.ndarray
     pair_skipped: np.ndarray
     pairs_stored: np.ndarray  # cumulative
     pairs_skipped: np.ndarray  # cumulative
-    pairs_dropped: np.ndarray  # cumulative: L-SR1's removals of the oldest pairs (singular compact form)
+    pairs_dropped: (
+        np.ndarray
+    )  # cumulative: L-SR1's removals of the oldest pairs (singular compact form)
     rejected: np.ndarray  # adaQN: the cycle's step was rejected (Algorithm 1 line 12); L-SR1: the trial was rejected (ρ ≤ η)
     rejections: np.ndarray  # cumulative rejections
     forgot: np.ndarray  # the memory was cleared by `forget_every` at the start of the step
     sy: np.ndarray  # sᵀy of the pair offered this step (NaN: none)
     new_pair_curvature: np.ndarray  # sᵀy/sᵀs of the pair stored this step (NaN: none stored)
-    held_curvature: np.ndarray  # (T, capacity): sᵀy/sᵀs of each pair held after the step, oldest first, NaN-padded
+    held_curvature: (
+        np.ndarray
+    )  # (T, capacity): sᵀy/sᵀs of each pair held after the step, oldest first, NaN-padded
     step_size: np.ndarray  # the step length (L-BFGS, SQN, adaQN, L-SR1 line search; NaN where none)
     radius: np.ndarray  # L-SR1 trust region: Δ_k the step used (NaN otherwise)
     radius_after: np.ndarray  # Δ_{k+1}
     rho: np.ndarray  # L-SR1 trust region: ared/pred
-    settings: dict = field(default_factory=dict)  # the optimizer's hyperparameters and the probe's settings
+    settings: dict = field(
+        default_factory=dict
+    )  # the optimizer's hyperparameters and the probe's settings
 
     def __len__(self) -> int:
         return len(self.step)
@@ -349,13 +536,17 @@ class MemoryTrace:
     def average_memory(self) -> tuple[np.ndarray, np.ndarray]:
         """`(epochs, averages)`: the mean of `memory_used` over each epoch's steps (Keskar & Berahas §4.2, Fig. 2)."""
         epochs = np.unique(self.epoch)
-        return epochs, np.array([self.memory_used[self.epoch == e].mean() for e in epochs], dtype=np.float64)
+        return epochs, np.array(
+            [self.memory_used[self.epoch == e].mean() for e in epochs], dtype=np.float64
+        )
 
 # %% ../../nbs/83_traces.ipynb #212852d2
 def pair_curvatures(memory: PairMemory) -> np.ndarray:
     """`sᵢᵀyᵢ / sᵢᵀsᵢ` of each pair held, oldest first, in float64 on the host."""
     if not isinstance(memory, PairMemory):
-        raise TypeError(f"memory: expected a qnwb.optim.memory.PairMemory, got {type(memory).__name__}")
+        raise TypeError(
+            f"memory: expected a qnwb.optim.memory.PairMemory, got {type(memory).__name__}"
+        )
     S, Y = memory.pairs()
     S, Y = S.double(), Y.double()
     ss = (S * S).sum(1)
@@ -369,15 +560,22 @@ class MemoryRecorder:
         self,
         optimizer,  # an LBFGS, SQN, AdaQN or LSR1
         *,
-        steps_per_epoch: int | None = None,  # start a new epoch after this many recorded steps; None: only at `new_epoch()`
+        steps_per_epoch: int
+        | None = None,  # start a new epoch after this many recorded steps; None: only at `new_epoch()`
     ):
         if not _records_memory(optimizer):
-            raise TypeError(f"optimizer: expected one of {memory_optimizers()}, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer: expected one of {memory_optimizers()}, got {type(optimizer).__name__}"
+            )
         if steps_per_epoch is not None:
             check_positive_int("steps_per_epoch", steps_per_epoch)
         self.optimizer, self.steps_per_epoch = optimizer, steps_per_epoch
         group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-        self.settings = {"optimizer": type(optimizer).__name__, **group, "steps_per_epoch": steps_per_epoch}
+        self.settings = {
+            "optimizer": type(optimizer).__name__,
+            **group,
+            "steps_per_epoch": steps_per_epoch,
+        }
         self.rows: list[dict] = []
         self.epoch, self._in_epoch = 0, 0
         self._held = len(optimizer.memory)  # pairs held before the next step
@@ -396,19 +594,37 @@ class MemoryRecorder:
     def trace(self) -> MemoryTrace:
         """The records so far as a `MemoryTrace`."""
         rows = self.rows
-        columns = {name: np.array([row[name] for row in rows], dtype=dtype) for name, dtype, _ in MEMORY_FIELDS.values()}
+        columns = {
+            name: np.array([row[name] for row in rows], dtype=dtype)
+            for name, dtype, _ in MEMORY_FIELDS.values()
+        }
         rejected = np.array([row["rejected"] for row in rows], dtype=bool)
-        capacity = max([self.optimizer.memory.size] + [len(row["held_curvature"]) for row in rows])  # memory may be steered
-        held = [np.pad(row["held_curvature"], (0, capacity - len(row["held_curvature"])), constant_values=np.nan) for row in rows]
+        capacity = max(
+            [self.optimizer.memory.size] + [len(row["held_curvature"]) for row in rows]
+        )  # memory may be steered
+        held = [
+            np.pad(
+                row["held_curvature"],
+                (0, capacity - len(row["held_curvature"])),
+                constant_values=np.nan,
+            )
+            for row in rows
+        ]
         return MemoryTrace(
-            optimizer=type(self.optimizer).__name__, capacity=capacity, **columns,
+            optimizer=type(self.optimizer).__name__,
+            capacity=capacity,
+            **columns,
             epoch=np.array([row["epoch"] for row in rows], dtype=np.int64),
             memory_used=np.array([row["memory_used"] for row in rows], dtype=np.int64),
-            pair_formed=np.array([row["pair_formed"] for row in rows], dtype=bool), rejected=rejected,
+            pair_formed=np.array([row["pair_formed"] for row in rows], dtype=bool),
+            rejected=rejected,
             rejections=np.cumsum(rejected).astype(np.int64),
-            new_pair_curvature=np.array([row["new_pair_curvature"] for row in rows], dtype=np.float64),
+            new_pair_curvature=np.array(
+                [row["new_pair_curvature"] for row in rows], dtype=np.float64
+            ),
             held_curvature=np.stack(held) if rows else np.zeros((0, capacity)),
-            settings=dict(self.settings))
+            settings=dict(self.settings),
+        )
 
 # %% ../../nbs/83_traces.ipynb #fd0782a5
 @patch
@@ -418,19 +634,27 @@ def observe(self: MemoryRecorder) -> dict:
     if not stats:
         raise ValueError("optimizer: has published no stats yet; call observe after optimizer.step")
     if self.rows and stats["step"] == self.rows[-1]["step"]:
-        raise ValueError(f"optimizer: step {stats['step']} is recorded already; call observe once per step")
+        raise ValueError(
+            f"optimizer: step {stats['step']} is recorded already; call observe once per step"
+        )
     if self.steps_per_epoch is not None and self._in_epoch == self.steps_per_epoch:
         self.new_epoch()
     row = {field_: stats.get(key, default) for key, (field_, _, default) in MEMORY_FIELDS.items()}
     row["pair_formed"] = bool(stats.get("pair_formed", row["pair_stored"] or row["pair_skipped"]))
-    row["rejected"] = bool(stats["rejected"]) if "rejected" in stats else ("accepted" in stats and not stats["accepted"])
+    row["rejected"] = (
+        bool(stats["rejected"])
+        if "rejected" in stats
+        else ("accepted" in stats and not stats["accepted"])
+    )
     row["memory_used"] = 0 if row["forgot"] else self._held
     row["epoch"] = self.epoch
     curvatures = pair_curvatures(self.optimizer.memory)
     held = np.full(self.optimizer.memory.size, np.nan)
     held[: len(curvatures)] = curvatures
     row["held_curvature"] = held
-    row["new_pair_curvature"] = float(curvatures[-1]) if row["pair_stored"] and len(curvatures) else math.nan
+    row["new_pair_curvature"] = (
+        float(curvatures[-1]) if row["pair_stored"] and len(curvatures) else math.nan
+    )
     self.rows.append(row)
     self._held = int(row["memory_size"])
     self._in_epoch += 1
@@ -453,44 +677,126 @@ def memory_figure(trace: MemoryTrace, title: str | None = None):
         titles.append("skipped SR1 updates (fraction)")
     if has_radius:
         titles.append("trust radius Δ")
-    figure = make_subplots(rows=len(titles), cols=1, shared_xaxes=True, vertical_spacing=0.04, subplot_titles=titles)
+    figure = make_subplots(
+        rows=len(titles), cols=1, shared_xaxes=True, vertical_spacing=0.04, subplot_titles=titles
+    )
     x = trace.step.tolist()
-    figure.add_trace(go.Scatter(x=x, y=trace.memory_used.tolist(), mode="lines", line_shape="hv", name="pairs used by the step",
-                                hovertemplate="step %{x}<br>%{y} pairs used<extra></extra>"), row=1, col=1)
-    figure.add_trace(go.Scatter(x=x, y=trace.memory_size.tolist(), mode="lines", line_shape="hv", name="pairs held after",
-                                hovertemplate="step %{x}<br>%{y} pairs held<extra></extra>"), row=1, col=1)
-    figure.add_hline(y=trace.capacity, line_dash="dot", line_color="grey", annotation_text=f"m = {trace.capacity}", row=1, col=1)
+    figure.add_trace(
+        go.Scatter(
+            x=x,
+            y=trace.memory_used.tolist(),
+            mode="lines",
+            line_shape="hv",
+            name="pairs used by the step",
+            hovertemplate="step %{x}<br>%{y} pairs used<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    figure.add_trace(
+        go.Scatter(
+            x=x,
+            y=trace.memory_size.tolist(),
+            mode="lines",
+            line_shape="hv",
+            name="pairs held after",
+            hovertemplate="step %{x}<br>%{y} pairs held<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    figure.add_hline(
+        y=trace.capacity,
+        line_dash="dot",
+        line_color="grey",
+        annotation_text=f"m = {trace.capacity}",
+        row=1,
+        col=1,
+    )
     counters = [("stored", trace.pairs_stored), ("skipped", trace.pairs_skipped)]
     if trace.rejections.any() or trace.optimizer in ("AdaQN", "LSR1"):
         counters.append(("rejected", trace.rejections))
     if trace.pairs_dropped.any() or sr1:
         counters.append(("dropped", trace.pairs_dropped))
     for name, values in counters:
-        figure.add_trace(go.Scatter(x=x, y=values.tolist(), mode="lines", line_shape="hv", name=f"pairs {name}",
-                                    hovertemplate="step %{x}<br>%{y} " + name + "<extra></extra>"), row=2, col=1)
+        figure.add_trace(
+            go.Scatter(
+                x=x,
+                y=values.tolist(),
+                mode="lines",
+                line_shape="hv",
+                name=f"pairs {name}",
+                hovertemplate="step %{x}<br>%{y} " + name + "<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
     steps, slots = np.nonzero(np.isfinite(trace.held_curvature))
-    figure.add_trace(go.Scatter(x=trace.step[steps].tolist(), y=trace.held_curvature[steps, slots].tolist(), mode="markers",
-                                marker=dict(color="lightgrey", size=5), name="pairs held", customdata=slots.tolist(),
-                                hovertemplate="step %{x}<br>sᵀy/sᵀs %{y:.4g}<br>pair %{customdata} (0 = oldest)<extra></extra>"), row=3, col=1)
+    figure.add_trace(
+        go.Scatter(
+            x=trace.step[steps].tolist(),
+            y=trace.held_curvature[steps, slots].tolist(),
+            mode="markers",
+            marker=dict(color="lightgrey", size=5),
+            name="pairs held",
+            customdata=slots.tolist(),
+            hovertemplate="step %{x}<br>sᵀy/sᵀs %{y:.4g}<br>pair %{customdata} (0 = oldest)<extra></extra>",
+        ),
+        row=3,
+        col=1,
+    )
     new = np.isfinite(trace.new_pair_curvature)
-    figure.add_trace(go.Scatter(x=trace.step[new].tolist(), y=trace.new_pair_curvature[new].tolist(), mode="markers",
-                                name="new pair", hovertemplate="step %{x}<br>sᵀy/sᵀs %{y:.4g}<extra>new pair</extra>"), row=3, col=1)
+    figure.add_trace(
+        go.Scatter(
+            x=trace.step[new].tolist(),
+            y=trace.new_pair_curvature[new].tolist(),
+            mode="markers",
+            name="new pair",
+            hovertemplate="step %{x}<br>sᵀy/sᵀs %{y:.4g}<extra>new pair</extra>",
+        ),
+        row=3,
+        col=1,
+    )
     row = 4
     if sr1:
-        figure.add_trace(go.Scatter(x=x, y=_finite_or_none(trace.skipped_ratio()), mode="lines", name="skipped fraction",
-                                    hovertemplate="step %{x}<br>%{y:.1%} of the pairs skipped<extra></extra>"), row=row, col=1)
+        figure.add_trace(
+            go.Scatter(
+                x=x,
+                y=_finite_or_none(trace.skipped_ratio()),
+                mode="lines",
+                name="skipped fraction",
+                hovertemplate="step %{x}<br>%{y:.1%} of the pairs skipped<extra></extra>",
+            ),
+            row=row,
+            col=1,
+        )
         row += 1
     if has_radius:
-        figure.add_trace(go.Scatter(x=x, y=_finite_or_none(trace.radius, True), mode="lines+markers", name="Δ",
-                                    customdata=trace.rho.astype(str), hovertemplate="step %{x}<br>Δ %{y:.4g}<br>ρ %{customdata}<extra></extra>"),
-                         row=row, col=1)
+        figure.add_trace(
+            go.Scatter(
+                x=x,
+                y=_finite_or_none(trace.radius, True),
+                mode="lines+markers",
+                name="Δ",
+                customdata=trace.rho.astype(str),
+                hovertemplate="step %{x}<br>Δ %{y:.4g}<br>ρ %{customdata}<extra></extra>",
+            ),
+            row=row,
+            col=1,
+        )
         figure.update_yaxes(type="log", row=row, col=1)
     figure.update_xaxes(title_text="step", row=len(titles), col=1)
-    figure.update_layout(title=title or f"{trace.optimizer}: the pair memory", height=260 * len(titles), template="plotly_white")
+    figure.update_layout(
+        title=title or f"{trace.optimizer}: the pair memory",
+        height=260 * len(titles),
+        template="plotly_white",
+    )
     return figure
 
 # %% ../../nbs/83_traces.ipynb #8514aa55
-def average_memory_figure(traces, title: str = "Average L-BFGS memory per epoch (Keskar & Berahas Fig. 2)"):
+def average_memory_figure(
+    traces, title: str = "Average L-BFGS memory per epoch (Keskar & Berahas Fig. 2)"
+):
     """One line per run (a MemoryTrace, or a dict label ↦ MemoryTrace) of the average memory per epoch."""
     import plotly.graph_objects as go
 
@@ -503,9 +809,19 @@ def average_memory_figure(traces, title: str = "Average L-BFGS memory per epoch 
         if not isinstance(trace, MemoryTrace) or len(trace) == 0:
             raise ValueError(f"traces[{label!r}]: expected a MemoryTrace with at least one step")
         epochs, averages = trace.average_memory()
-        figure.add_scatter(x=(epochs + 1).tolist(), y=averages.tolist(), mode="lines+markers", name=str(label),
-                           hovertemplate="epoch %{x}<br>average memory %{y:.3g}<extra>" + str(label) + "</extra>")
-    figure.update_layout(title=title, xaxis_title="epoch", yaxis_title="average pairs in memory", template="plotly_white")
+        figure.add_scatter(
+            x=(epochs + 1).tolist(),
+            y=averages.tolist(),
+            mode="lines+markers",
+            name=str(label),
+            hovertemplate="epoch %{x}<br>average memory %{y:.3g}<extra>" + str(label) + "</extra>",
+        )
+    figure.update_layout(
+        title=title,
+        xaxis_title="epoch",
+        yaxis_title="average pairs in memory",
+        template="plotly_white",
+    )
     return figure
 
 # %% ../../nbs/83_traces.ipynb #0a7b225d
@@ -516,12 +832,18 @@ class MemorySpectrum:
     kind: str  # "bfgs" or "sr1"
     n: int  # the dimension
     pairs: int  # the pairs the matrix is made of
-    values: np.ndarray  # B's eigenvalues on the span of its pairs, ascending (with a diagonal B₀: all n of them)
+    values: (
+        np.ndarray
+    )  # B's eigenvalues on the span of its pairs, ascending (with a diagonal B₀: all n of them)
     gamma: float  # B's eigenvalue on the rest (B₀ = γI; NaN with a diagonal B₀)
     multiplicity: int  # how often γ occurs: n − len(values)
-    curvature_values: np.ndarray  # Lanczos Ritz values of the true curvature, ascending (empty without it)
+    curvature_values: (
+        np.ndarray
+    )  # Lanczos Ritz values of the true curvature, ascending (empty without it)
     curvature_residuals: np.ndarray  # their residual norms ‖Au − θu‖
-    curvature_along: np.ndarray  # uᵢᵀ A uᵢ along B's eigenvectors uᵢ (aligned with `values`; empty without it)
+    curvature_along: (
+        np.ndarray
+    )  # uᵢᵀ A uᵢ along B's eigenvectors uᵢ (aligned with `values`; empty without it)
     settings: dict = field(default_factory=dict)
 
     def eigenvalues(self) -> np.ndarray:
@@ -547,7 +869,9 @@ def _compact_of(source, kind: str | None, h0, gamma) -> tuple[CompactForm, str, 
         raise ValueError(f"kind: a PairMemory needs kind='bfgs' or 'sr1', got {kind!r}")
     if isinstance(source, CompactForm):
         return source, kind or "compact", False
-    raise TypeError(f"source: expected an LBFGS, SQN, AdaQN or LSR1 optimizer, a PairMemory or a CompactForm, got {type(source).__name__}")
+    raise TypeError(
+        f"source: expected an LBFGS, SQN, AdaQN or LSR1 optimizer, a PairMemory or a CompactForm, got {type(source).__name__}"
+    )
 
 # %% ../../nbs/83_traces.ipynb #03c98e3c
 def memory_spectrum(
@@ -555,7 +879,9 @@ def memory_spectrum(
     curvature=None,  # the true curvature at the same θ (a qnwb.curvature operator, a matrix or a function); None: B only
     *,
     kind: str | None = None,  # for a PairMemory: "bfgs" or "sr1"
-    h0: str | float | Tensor = "scaling",  # a PairMemory with kind="bfgs": the H₀ of `two_loop` (B₀ = H₀⁻¹)
+    h0: str
+    | float
+    | Tensor = "scaling",  # a PairMemory with kind="bfgs": the H₀ of `two_loop` (B₀ = H₀⁻¹)
     gamma: float = 1.0,  # a PairMemory with kind="sr1": B₀ = γI
     lanczos_iterations: int = 20,  # Lanczos steps on the true curvature
     seed: int = 0,  # Lanczos' start vector
@@ -568,7 +894,9 @@ def memory_spectrum(
     n = form.n
     if form.gamma.dim():  # a diagonal B₀: no cheap spectrum
         if n > dense_limit:
-            raise ValueError(f"dense_limit: a diagonal B0 needs the dense {n} × {n} matrix, above dense_limit = {dense_limit}")
+            raise ValueError(
+                f"dense_limit: a diagonal B0 needs the dense {n} × {n} matrix, above dense_limit = {dense_limit}"
+            )
         values, vectors = torch.linalg.eigh(form.dense())
         gamma_value, multiplicity = math.nan, 0
     else:
@@ -578,64 +906,161 @@ def memory_spectrum(
         values, gamma_value = 1.0 / values, 1.0 / gamma_value
         order = torch.argsort(values)
         values, vectors = values[order], vectors[:, order]
-    settings = {"kind": kind, "inverse_form": inverse, "lanczos_iterations": lanczos_iterations, "lanczos_seed": seed,
-                "source": type(source).__name__}
+    settings = {
+        "kind": kind,
+        "inverse_form": inverse,
+        "lanczos_iterations": lanczos_iterations,
+        "lanczos_seed": seed,
+        "source": type(source).__name__,
+    }
     empty = np.zeros(0)
     ritz, residuals, along = empty, empty, empty
     if curvature is not None:
-        size = operator_size(curvature, n if not hasattr(curvature, "n") and not isinstance(curvature, Tensor) else None)
+        size = operator_size(
+            curvature,
+            n if not hasattr(curvature, "n") and not isinstance(curvature, Tensor) else None,
+        )
         if size != n:
-            raise ValueError(f"curvature: the operator has dimension {size}, the memory's matrix {n}")
+            raise ValueError(
+                f"curvature: the operator has dimension {size}, the memory's matrix {n}"
+            )
         function = not hasattr(curvature, "n") and not isinstance(curvature, Tensor)
-        result = lanczos(curvature, lanczos_iterations, n=n if function else None, seed=seed, which="both", history=False,
-                         dtype=form.Psi.dtype if function else None)  # a function has no dtype: work in the memory's
+        result = lanczos(
+            curvature,
+            lanczos_iterations,
+            n=n if function else None,
+            seed=seed,
+            which="both",
+            history=False,
+            dtype=form.Psi.dtype if function else None,
+        )  # a function has no dtype: work in the memory's
         ritz, residuals = (t.detach().to("cpu", torch.float64).numpy() for t in result.ritz())
-        if multiplicity or not form.gamma.dim():  # Rayleigh quotients along B's eigenvectors (not for a dense diagonal-B₀ fallback)
+        if (
+            multiplicity or not form.gamma.dim()
+        ):  # Rayleigh quotients along B's eigenvectors (not for a dense diagonal-B₀ fallback)
             mv = matvec(curvature)
             dtype = getattr(curvature, "dtype", None) or vectors.dtype
-            along = np.array([float(u.double() @ mv(u.to(dtype)).double()) for u in vectors.T], dtype=np.float64)
-    return MemorySpectrum(kind=kind, n=n, pairs=form.k if kind != "bfgs" else form.k // 2, values=values.detach().to("cpu", torch.float64).numpy(),
-                          gamma=gamma_value, multiplicity=multiplicity, curvature_values=ritz, curvature_residuals=residuals,
-                          curvature_along=along, settings=settings)
+            along = np.array(
+                [float(u.double() @ mv(u.to(dtype)).double()) for u in vectors.T], dtype=np.float64
+            )
+    return MemorySpectrum(
+        kind=kind,
+        n=n,
+        pairs=form.k if kind != "bfgs" else form.k // 2,
+        values=values.detach().to("cpu", torch.float64).numpy(),
+        gamma=gamma_value,
+        multiplicity=multiplicity,
+        curvature_values=ritz,
+        curvature_residuals=residuals,
+        curvature_along=along,
+        settings=settings,
+    )
 
 # %% ../../nbs/83_traces.ipynb #f4245225
-def memory_spectrum_figure(spectrum: MemorySpectrum, title: str | None = None, log: bool | None = None):
+def memory_spectrum_figure(
+    spectrum: MemorySpectrum, title: str | None = None, log: bool | None = None
+):
     """Strips of B's eigenvalues and the true curvature's Ritz values, and B's eigenvalue against uᵀAu along its eigenvectors."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     if not isinstance(spectrum, MemorySpectrum):
         raise TypeError(f"spectrum: expected a MemorySpectrum, got {type(spectrum).__name__}")
-    everything = np.concatenate([spectrum.values, spectrum.curvature_values, [spectrum.gamma] if spectrum.multiplicity else []])
+    everything = np.concatenate(
+        [
+            spectrum.values,
+            spectrum.curvature_values,
+            [spectrum.gamma] if spectrum.multiplicity else [],
+        ]
+    )
     if log is None:
         log = bool(everything.size) and bool((everything > 0).all())
     elif log and not (everything > 0).all():
         raise ValueError("log: the spectra have eigenvalues ≤ 0, which a log axis cannot show")
     pair = spectrum.curvature_along.size > 0
-    figure = make_subplots(rows=1, cols=2 if pair else 1, column_widths=[0.6, 0.4] if pair else None,
-                           subplot_titles=("eigenvalues", "B against the true curvature along B's eigenvectors") if pair else None)
+    figure = make_subplots(
+        rows=1,
+        cols=2 if pair else 1,
+        column_widths=[0.6, 0.4] if pair else None,
+        subplot_titles=("eigenvalues", "B against the true curvature along B's eigenvectors")
+        if pair
+        else None,
+    )
     label = f"B ({spectrum.kind}, {spectrum.pairs} pairs)"
-    figure.add_trace(go.Scatter(x=spectrum.values.tolist(), y=[label] * len(spectrum.values), mode="markers", name="memory B",
-                                hovertemplate="eigenvalue %{x:.4g}<extra>memory B</extra>"), row=1, col=1)
+    figure.add_trace(
+        go.Scatter(
+            x=spectrum.values.tolist(),
+            y=[label] * len(spectrum.values),
+            mode="markers",
+            name="memory B",
+            hovertemplate="eigenvalue %{x:.4g}<extra>memory B</extra>",
+        ),
+        row=1,
+        col=1,
+    )
     if spectrum.multiplicity:
-        figure.add_trace(go.Scatter(x=[spectrum.gamma], y=[label], mode="markers", marker_symbol="diamond-open", marker_size=12,
-                                    name=f"γ (× {spectrum.multiplicity})",
-                                    hovertemplate=f"γ = %{{x:.4g}}, {spectrum.multiplicity} times<extra></extra>"), row=1, col=1)
+        figure.add_trace(
+            go.Scatter(
+                x=[spectrum.gamma],
+                y=[label],
+                mode="markers",
+                marker_symbol="diamond-open",
+                marker_size=12,
+                name=f"γ (× {spectrum.multiplicity})",
+                hovertemplate=f"γ = %{{x:.4g}}, {spectrum.multiplicity} times<extra></extra>",
+            ),
+            row=1,
+            col=1,
+        )
     if spectrum.curvature_values.size:
-        figure.add_trace(go.Scatter(x=spectrum.curvature_values.tolist(), y=["true curvature (Lanczos)"] * spectrum.curvature_values.size,
-                                    mode="markers", name="true curvature (Ritz values)", customdata=spectrum.curvature_residuals.tolist(),
-                                    hovertemplate="Ritz value %{x:.4g}<br>residual %{customdata:.2g}<extra></extra>"), row=1, col=1)
+        figure.add_trace(
+            go.Scatter(
+                x=spectrum.curvature_values.tolist(),
+                y=["true curvature (Lanczos)"] * spectrum.curvature_values.size,
+                mode="markers",
+                name="true curvature (Ritz values)",
+                customdata=spectrum.curvature_residuals.tolist(),
+                hovertemplate="Ritz value %{x:.4g}<br>residual %{customdata:.2g}<extra></extra>",
+            ),
+            row=1,
+            col=1,
+        )
     figure.update_xaxes(title_text="eigenvalue", type="log" if log else "linear", row=1, col=1)
     if pair:
-        figure.add_trace(go.Scatter(x=spectrum.values.tolist(), y=spectrum.curvature_along.tolist(), mode="markers",
-                                    name="uᵢᵀAuᵢ vs B's eigenvalue", hovertemplate="B: %{x:.4g}<br>uᵀAu: %{y:.4g}<extra></extra>"),
-                         row=1, col=2)
+        figure.add_trace(
+            go.Scatter(
+                x=spectrum.values.tolist(),
+                y=spectrum.curvature_along.tolist(),
+                mode="markers",
+                name="uᵢᵀAuᵢ vs B's eigenvalue",
+                hovertemplate="B: %{x:.4g}<br>uᵀAu: %{y:.4g}<extra></extra>",
+            ),
+            row=1,
+            col=2,
+        )
         ends = np.concatenate([spectrum.values, spectrum.curvature_along])
         low, high = float(ends.min()), float(ends.max())
-        figure.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", line=dict(dash="dot", color="grey"),
-                                    name="uᵀAu = eigenvalue", hoverinfo="skip"), row=1, col=2)
-        figure.update_xaxes(title_text="eigenvalue of B", type="log" if log and low > 0 else "linear", row=1, col=2)
-        figure.update_yaxes(title_text="uᵀ A u", type="log" if log and low > 0 else "linear", row=1, col=2)
-    figure.update_layout(title=title or f"The {spectrum.kind.upper()} memory's spectrum beside the true curvature",
-                         template="plotly_white", height=420)
+        figure.add_trace(
+            go.Scatter(
+                x=[low, high],
+                y=[low, high],
+                mode="lines",
+                line=dict(dash="dot", color="grey"),
+                name="uᵀAu = eigenvalue",
+                hoverinfo="skip",
+            ),
+            row=1,
+            col=2,
+        )
+        figure.update_xaxes(
+            title_text="eigenvalue of B", type="log" if log and low > 0 else "linear", row=1, col=2
+        )
+        figure.update_yaxes(
+            title_text="uᵀ A u", type="log" if log and low > 0 else "linear", row=1, col=2
+        )
+    figure.update_layout(
+        title=title or f"The {spectrum.kind.upper()} memory's spectrum beside the true curvature",
+        template="plotly_white",
+        height=420,
+    )
     return figure

@@ -11,8 +11,16 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..core import (check_param_groups, check_setting, check_state_entries, check_state_tag, flat_grads, param_list,
-                       patch, tag_state)
+from qnwb.core import (
+    check_param_groups,
+    check_setting,
+    check_state_entries,
+    check_state_tag,
+    flat_grads,
+    param_list,
+    patch,
+    tag_state,
+)
 
 # %% auto #0
 __all__ = ['FlatOptimizer']
@@ -21,7 +29,11 @@ __all__ = ['FlatOptimizer']
 def _number(value):
     "A statistic as a Python number (a device tensor is read here, once)."
     if isinstance(value, Tensor):
-        return bool(value) if value.dtype == torch.bool else (int(value) if not value.is_floating_point() else float(value))
+        return (
+            bool(value)
+            if value.dtype == torch.bool
+            else (int(value) if not value.is_floating_point() else float(value))
+        )
     return value
 
 # %% ../../nbs/41_base.ipynb #41b20008
@@ -31,7 +43,9 @@ def _one_group(params) -> list[Tensor]:
         return param_list(params)
     params = list(params)
     if sum(isinstance(item, Mapping) for item in params) > 1:
-        raise ValueError("params: L-BFGS works on one flat vector; pass one parameter group, not several")
+        raise ValueError(
+            "params: L-BFGS works on one flat vector; pass one parameter group, not several"
+        )
     return param_list(params)
 
 # %% ../../nbs/41_base.ipynb #41b2000b
@@ -42,12 +56,24 @@ class FlatOptimizer(torch.optim.Optimizer):
     buffer sizes that follow the parameter group: set `param_groups[0]["memory"]` between steps and the next step resizes.
     `load_state_dict` checks a whole saved state (whose it is, its settings, parts and entries) before it changes anything."""
 
-    _same: tuple[str, ...] = ()  # settings a saved state must share with the optimizer that loads it
-    _sized: dict[str, str] = {"memory": "memory"}  # a setting of the group ↦ the part (`_parts()`) whose number of slots it is
-    _counts: tuple[str, ...] = ()  # further positive-int settings a step reads (SQN, adaQN: the aggregation length "L")
-    _bounded: dict[str, str] = {}  # further settings a step checks against qnwb.core.SETTING_BOUNDS: name ↦ kind ("lr": "step_size")
-    _entries: dict[str, str] = {}  # the per-parameter state a first step makes: key ↦ kind (qnwb.core.check_state_entries)
-    _optional_entries: dict[str, str] = {}  # entries that appear later or with some settings (cached evaluations, ...)
+    _same: tuple[
+        str, ...
+    ] = ()  # settings a saved state must share with the optimizer that loads it
+    _sized: dict[str, str] = {
+        "memory": "memory"
+    }  # a setting of the group ↦ the part (`_parts()`) whose number of slots it is
+    _counts: tuple[
+        str, ...
+    ] = ()  # further positive-int settings a step reads (SQN, adaQN: the aggregation length "L")
+    _bounded: dict[
+        str, str
+    ] = {}  # further settings a step checks against qnwb.core.SETTING_BOUNDS: name ↦ kind ("lr": "step_size")
+    _entries: dict[
+        str, str
+    ] = {}  # the per-parameter state a first step makes: key ↦ kind (qnwb.core.check_state_entries)
+    _optional_entries: dict[
+        str, str
+    ] = {}  # entries that appear later or with some settings (cached evaluations, ...)
 
     def __init__(self, params, defaults: dict):
         super().__init__(params, defaults)
@@ -75,7 +101,9 @@ def _evaluate(self: FlatOptimizer, closure) -> tuple[Tensor, Tensor]:
     if not isinstance(loss, Tensor):
         loss = torch.as_tensor(loss, dtype=params[0].dtype, device=params[0].device)
     if loss.numel() != 1:
-        raise ValueError(f"closure: must return the scalar loss, got a tensor of shape {tuple(loss.shape)}")
+        raise ValueError(
+            f"closure: must return the scalar loss, got a tensor of shape {tuple(loss.shape)}"
+        )
     return loss.detach().reshape(()), flat_grads(params).clone()
 
 # %% ../../nbs/41_base.ipynb #41b20014
@@ -85,12 +113,18 @@ def _sync_sizes(self: FlatOptimizer) -> bool:
     here, naming it, before anything changes), then resize each buffer whose size differs from its setting. True if one
     was resized."""
     group, parts = self.param_groups[0], self._parts()
-    checks = {**{name: "slots" for name in self._sized}, **{name: "iterations" for name in self._counts}, **self._bounded}
+    checks = {
+        **{name: "slots" for name in self._sized},
+        **{name: "iterations" for name in self._counts},
+        **self._bounded,
+    }
     for name, kind in checks.items():
         try:
             check_setting(name, group[name], kind)
         except ValueError as e:
-            raise ValueError(f"{e} (param_groups[0][{name!r}]; the step is refused, nothing changed)") from None
+            raise ValueError(
+                f"{e} (param_groups[0][{name!r}]; the step is refused, nothing changed)"
+            ) from None
     resized = False
     for name, part in self._sized.items():
         if parts[part].size != group[name]:
@@ -102,8 +136,12 @@ def _sync_sizes(self: FlatOptimizer) -> bool:
 @patch
 def state_dict(self: FlatOptimizer) -> dict:
     "A snapshot (later steps do not change it) of torch's optimizer state plus each of `_parts()`, tagged with the class name."
-    saved = copy.deepcopy(super(FlatOptimizer, self).state_dict())  # torch's holds the live per-parameter state dict
-    saved.update({name: part.state_dict() for name, part in self._parts().items() if part is not None})
+    saved = copy.deepcopy(
+        super(FlatOptimizer, self).state_dict()
+    )  # torch's holds the live per-parameter state dict
+    saved.update(
+        {name: part.state_dict() for name, part in self._parts().items() if part is not None}
+    )
     return tag_state(self, saved)
 
 # %% ../../nbs/41_base.ipynb #41b2001b
@@ -120,18 +158,34 @@ def _check_state(self: FlatOptimizer, state_dict) -> tuple[dict, dict]:
     name, group, parts = type(self).__name__, self.param_groups[0], self._parts()
     settings = sorted(set(self.defaults))
     groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
-    saved_group = groups[0] if isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], Mapping) else None
+    saved_group = (
+        groups[0]
+        if isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], Mapping)
+        else None
+    )
     # untagged: provably this optimizer's when its group holds all of this class's settings (no other qnwb optimizer's does)
-    state_dict = check_state_tag(self, state_dict, saved_group is not None and set(settings) <= set(saved_group),
-                                 f"its parameter group lacks some of {name}'s settings {settings}")
+    state_dict = check_state_tag(
+        self,
+        state_dict,
+        saved_group is not None and set(settings) <= set(saved_group),
+        f"its parameter group lacks some of {name}'s settings {settings}",
+    )
     check_param_groups(self, groups)
     missing = [key for key in settings if key not in saved_group]
     if missing:
-        raise ValueError(f"state_dict['param_groups'][0]: no {missing} entries (a {name} has {settings})")
+        raise ValueError(
+            f"state_dict['param_groups'][0]: no {missing} entries (a {name} has {settings})"
+        )
     for key in self._same:
         if saved_group[key] != group[key]:
-            raise ValueError(f"state_dict: saved with {key}={saved_group[key]!r}, this optimizer has {key}={group[key]!r}")
-    unknown = set(state_dict) - {"state", "param_groups", *(part for part in parts if parts[part] is not None)}
+            raise ValueError(
+                f"state_dict: saved with {key}={saved_group[key]!r}, this optimizer has {key}={group[key]!r}"
+            )
+    unknown = set(state_dict) - {
+        "state",
+        "param_groups",
+        *(part for part in parts if parts[part] is not None),
+    }
     if unknown:
         raise ValueError(f"state_dict: unknown entries {sorted(unknown)} for a {name}")
     try:
@@ -143,7 +197,9 @@ def _check_state(self: FlatOptimizer, state_dict) -> tuple[dict, dict]:
         if part is None:
             continue
         if part_name not in state_dict:
-            raise ValueError(f"state_dict: no {part_name!r} entry: not the state of a {name} optimizer")
+            raise ValueError(
+                f"state_dict: no {part_name!r} entry: not the state of a {name} optimizer"
+            )
         try:
             size = part.check_state(state_dict[part_name])
         except ValueError as e:
@@ -152,11 +208,18 @@ def _check_state(self: FlatOptimizer, state_dict) -> tuple[dict, dict]:
             sizes[part_name] = size
     saved_state = state_dict.get("state")
     if not isinstance(saved_state, Mapping) or set(saved_state) - {0}:
-        raise ValueError(f"state_dict['state']: expected a dict with at most the entry 0 (the flat vector's state), got "
-                         f"{sorted(saved_state) if isinstance(saved_state, Mapping) else type(saved_state).__name__}")
+        raise ValueError(
+            f"state_dict['state']: expected a dict with at most the entry 0 (the flat vector's state), got "
+            f"{sorted(saved_state) if isinstance(saved_state, Mapping) else type(saved_state).__name__}"
+        )
     if 0 in saved_state and saved_state[0]:
-        check_state_entries("state_dict['state'][0]", saved_state[0], self._entries, self._optional_entries,
-                            sum(p.numel() for p in group["params"]))
+        check_state_entries(
+            "state_dict['state'][0]",
+            saved_state[0],
+            self._entries,
+            self._optional_entries,
+            sum(p.numel() for p in group["params"]),
+        )
     return state_dict, sizes
 
 # %% ../../nbs/41_base.ipynb #41b2001f
@@ -168,12 +231,21 @@ def load_state_dict(self: FlatOptimizer, state_dict: dict) -> None:
     with the constructor's sizes, and the group's sizes become the saved ones)."""
     state_dict, sizes = self._check_state(state_dict)
     parts, params = self._parts(), self.param_groups[0]["params"]
-    for name, size in sizes.items():  # the only step that allocates; each part's resize is all or nothing
+    for (
+        name,
+        size,
+    ) in sizes.items():  # the only step that allocates; each part's resize is all or nothing
         parts[name].resize(size)
     saved_state = state_dict["state"].get(0, {})
-    super(FlatOptimizer, self).load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
-    self.state[params[0]] = {key: value.to(params[0].device, copy=True) if isinstance(value, Tensor) else copy.deepcopy(value)
-                             for key, value in saved_state.items()}
+    super(FlatOptimizer, self).load_state_dict(
+        {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}
+    )
+    self.state[params[0]] = {
+        key: value.to(params[0].device, copy=True)
+        if isinstance(value, Tensor)
+        else copy.deepcopy(value)
+        for key, value in saved_state.items()
+    }
     for name, part in parts.items():
         if part is not None:
             part.load_state_dict(state_dict[name])

@@ -14,9 +14,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import (SETTING_BOUNDS, _flatten, assign_flat_, check_number, check_param_groups, check_setting,
-                       check_state_entries, check_state_tag, flat_params, make_generator, patch, tag_state)
-from ..curvature import GGN, STRUCTURAL_DISTANCES, Hessian, empirical_fisher_diagonal, ggn_diagonal_estimate
+from qnwb.core import (
+    SETTING_BOUNDS,
+    _flatten,
+    assign_flat_,
+    check_number,
+    check_param_groups,
+    check_setting,
+    check_state_entries,
+    check_state_tag,
+    flat_params,
+    make_generator,
+    patch,
+    tag_state,
+)
+from qnwb.curvature import (
+    GGN,
+    STRUCTURAL_DISTANCES,
+    Hessian,
+    empirical_fisher_diagonal,
+    ggn_diagonal_estimate,
+)
 from ..losses import MatchingLoss, matching_loss
 from .line_search import armijo_backtracking
 from .schedules import evaluate_schedule
@@ -26,8 +44,14 @@ from ..solvers import conjugate_gradient
 __all__ = ['PRESETS', 'levenberg_marquardt', 'curvature_operator', 'HessianFree', 'hessian_free_preset']
 
 # %% ../../nbs/48_hessian_free.ipynb #70db14c4
-def levenberg_marquardt(damping: float, rho: float, decrease: float = 2 / 3, increase: float = 3 / 2,
-                        low: float = 0.25, high: float = 0.75) -> float:
+def levenberg_marquardt(
+    damping: float,
+    rho: float,
+    decrease: float = 2 / 3,
+    increase: float = 3 / 2,
+    low: float = 0.25,
+    high: float = 0.75,
+) -> float:
     """The next λ by the Levenberg–Marquardt heuristic of M&S 2012 §8.5 (a non-finite ρ counts as a bad step), at most
     qnwb.core.SETTING_BOUNDS["scale"]: a run of bad steps stalls there instead of growing λ until λv overflows."""
     if not math.isfinite(rho) or rho < low:
@@ -42,17 +66,28 @@ def _recurrent(model: nn.Module) -> bool:
     return any(isinstance(m, nn.RNNBase) or hasattr(m, "W_hh") for m in model.modules())
 
 
-def curvature_operator(model: nn.Module, loss, batch,
-                       curvature: str = "ggn",  # "ggn" or "hessian"
-                       damping: float = 1.0,  # λ: the structural term's weight is λμ
-                       structural_damping: float = 0.0,  # μ; 0: no structural term
-                       structural_distance: str = "tanh", route: str = "auto"):
+def curvature_operator(
+    model: nn.Module,
+    loss,
+    batch,
+    curvature: str = "ggn",  # "ggn" or "hessian"
+    damping: float = 1.0,  # λ: the structural term's weight is λμ
+    structural_damping: float = 0.0,  # μ; 0: no structural term
+    structural_distance: str = "tanh",
+    route: str = "auto",
+):
     """The curvature HessianFree's CG solves with on `batch`: the Hessian, or the GGN plus λμ·G_S (M&S 2011 §3.2). One
     definition for the optimizer and the diagnostics that reproduce or probe its steps."""
     if curvature == "hessian":
         return Hessian(model, loss, batch)
-    return GGN(model, loss, batch, structural_distance=structural_distance if structural_damping > 0 else None,
-               structural_weight=damping * structural_damping, route=route)
+    return GGN(
+        model,
+        loss,
+        batch,
+        structural_distance=structural_distance if structural_damping > 0 else None,
+        structural_weight=damping * structural_damping,
+        route=route,
+    )
 
 # %% ../../nbs/48_hessian_free.ipynb #48e50004
 class HessianFree(torch.optim.Optimizer):
@@ -66,30 +101,63 @@ class HessianFree(torch.optim.Optimizer):
         return evaluate_schedule(name, value, t, 0.0, low_open=True, kind="step_size")
 
 # %% ../../nbs/48_hessian_free.ipynb #48e50007
-def _check_options(*, route, line_search, cg_tolerance, armijo, line_search_factor, cg_max_iterations,
-                   line_search_tries, preconditioner_samples, cg_objective_every, cg_min_iterations,
-                   structural_distance, curvature, structural_damping, iterate_selection, warm_start_from,
-                   cg_objective_window, cg_objective_tolerance, rho, preconditioner, preconditioner_exponent,
-                   preconditioner_shift) -> None:
+def _check_options(
+    *,
+    route,
+    line_search,
+    cg_tolerance,
+    armijo,
+    line_search_factor,
+    cg_max_iterations,
+    line_search_tries,
+    preconditioner_samples,
+    cg_objective_every,
+    cg_min_iterations,
+    structural_distance,
+    curvature,
+    structural_damping,
+    iterate_selection,
+    warm_start_from,
+    cg_objective_window,
+    cg_objective_tolerance,
+    rho,
+    preconditioner,
+    preconditioner_exponent,
+    preconditioner_shift,
+) -> None:
     "The options of HessianFree's step, checked in the constructor's order (`route` and `line_search` take any value)."
     check_number("cg_tolerance", cg_tolerance, 0.0, 1.0, low_open=True, high_open=True)
     check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
     check_number("line_search_factor", line_search_factor, 0.0, 1.0, low_open=True, high_open=True)
-    for name, value in (("cg_max_iterations", cg_max_iterations), ("line_search_tries", line_search_tries),
-                        ("preconditioner_samples", preconditioner_samples), ("cg_objective_every", cg_objective_every)):
+    for name, value in (
+        ("cg_max_iterations", cg_max_iterations),
+        ("line_search_tries", line_search_tries),
+        ("preconditioner_samples", preconditioner_samples),
+        ("cg_objective_every", cg_objective_every),
+    ):
         check_setting(name, value, "iterations")  # one step must end: SETTING_BOUNDS (notebook 00)
-    if isinstance(cg_min_iterations, bool) or not isinstance(cg_min_iterations, int) or cg_min_iterations < 0:
+    if (
+        isinstance(cg_min_iterations, bool)
+        or not isinstance(cg_min_iterations, int)
+        or cg_min_iterations < 0
+    ):
         raise ValueError(f"cg_min_iterations: must be an int ≥ 0, got {cg_min_iterations!r}")
     if cg_min_iterations > cg_max_iterations:
-        raise ValueError(f"cg_min_iterations: {cg_min_iterations} exceeds cg_max_iterations {cg_max_iterations}")
+        raise ValueError(
+            f"cg_min_iterations: {cg_min_iterations} exceeds cg_max_iterations {cg_max_iterations}"
+        )
     if structural_distance not in STRUCTURAL_DISTANCES:
-        raise ValueError(f"structural_distance: {structural_distance!r} is not one of {STRUCTURAL_DISTANCES}")
+        raise ValueError(
+            f"structural_distance: {structural_distance!r} is not one of {STRUCTURAL_DISTANCES}"
+        )
     if curvature not in ("ggn", "hessian"):
         raise ValueError(f"curvature: {curvature!r} is not 'ggn' or 'hessian'")
     if curvature == "hessian" and structural_damping > 0:
         raise ValueError("structural_damping: needs curvature='ggn' (it is a Gauss-Newton term)")
     if iterate_selection not in ("backtracking", "minimum", "last"):
-        raise ValueError(f"iterate_selection: {iterate_selection!r} is not 'backtracking', 'minimum' or 'last'")
+        raise ValueError(
+            f"iterate_selection: {iterate_selection!r} is not 'backtracking', 'minimum' or 'last'"
+        )
     if warm_start_from not in ("chosen", "last"):
         raise ValueError(f"warm_start_from: {warm_start_from!r} is not 'chosen' or 'last'")
     if cg_objective_window is not None:
@@ -98,7 +166,9 @@ def _check_options(*, route, line_search, cg_tolerance, armijo, line_search_fact
     if rho not in ("undamped", "damped"):
         raise ValueError(f"rho: {rho!r} is not 'undamped' or 'damped'")
     if preconditioner not in (None, "auto", "fisher", "chapelle_erhan"):
-        raise ValueError(f"preconditioner: {preconditioner!r} is not None, 'auto', 'fisher' or 'chapelle_erhan'")
+        raise ValueError(
+            f"preconditioner: {preconditioner!r} is not None, 'auto', 'fisher' or 'chapelle_erhan'"
+        )
     check_number("preconditioner_exponent", preconditioner_exponent, 0.0, 1.0, low_open=True)
     check_setting("preconditioner_shift", preconditioner_shift, "scale", low_open=False)
 
@@ -115,11 +185,14 @@ def __init__(
     cg_max_iterations: int = 250,  # §8.7
     cg_min_iterations: int = 1,
     cg_tolerance: float = 1e-4,  # eq. 2
-    warm_start: float | Callable[[int], float] = 0.95,  # ζ: CG starts from ζ·δ_{k−1} (§10); or a schedule t ↦ ζ
-    lr: float | Callable[[int], float] = 1.0,  # ε: θ ← θ + εδ (the line search starts there); or t ↦ ε (A.6)
+    warm_start: float
+    | Callable[[int], float] = 0.95,  # ζ: CG starts from ζ·δ_{k−1} (§10); or a schedule t ↦ ζ
+    lr: float
+    | Callable[[int], float] = 1.0,  # ε: θ ← θ + εδ (the line search starts there); or t ↦ ε (A.6)
     iterate_selection: str = "backtracking",  # "backtracking" (§8.7), "minimum" (least f of the kept iterates, §13) or "last"
     warm_start_from: str = "chosen",  # "chosen": the update taken (§10); "last": CG's last iterate (Martens' code, §13)
-    cg_objective_window: int | None = None,  # §13's second recipe: stop CG when f on the curvature batch is worse than
+    cg_objective_window: int
+    | None = None,  # §13's second recipe: stop CG when f on the curvature batch is worse than
     cg_objective_every: int = 5,  # ... its value this many CG steps earlier (read every cg_objective_every steps)
     cg_objective_tolerance: float = 1e-3,  # ... by more than this fraction of its magnitude
     line_search: bool = True,  # backtracking Armijo search on the chosen update (§8.8)
@@ -127,34 +200,68 @@ def __init__(
     line_search_factor: float = 0.8,  # α ← α·factor
     line_search_tries: int = 60,
     rho: str = "undamped",  # "undamped" (eq. 10) or "damped" (CG's q)
-    preconditioner: str | None = "auto",  # None, "fisher" (§11.3), "chapelle_erhan" (§11.4); "auto": off for RNNs
+    preconditioner: str
+    | None = "auto",  # None, "fisher" (§11.3), "chapelle_erhan" (§11.4); "auto": off for RNNs
     preconditioner_exponent: float = 0.75,  # ξ in P = (diag(d) + κI)^ξ (§11.2, §13)
     preconditioner_shift: float = 0.0,  # κ
     preconditioner_samples: int = 1,  # Chapelle–Erhan draws per step
     route: str = "auto",  # the curvature engine's linearisation route
-    seed: int | None = None,  # the Chapelle–Erhan draws come from a generator seeded with this (saved in state_dict)
+    seed: int
+    | None = None,  # the Chapelle–Erhan draws come from a generator seeded with this (saved in state_dict)
 ):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    check_setting("damping", damping, "scale")  # the LM rule is multiplicative: λ = 0 could never rise
+    check_setting(
+        "damping", damping, "scale"
+    )  # the LM rule is multiplicative: λ = 0 could never rise
     check_setting("structural_damping", structural_damping, "scale", low_open=False)
-    self.schedules = {name: value for name, value in (("warm_start", warm_start), ("lr", lr)) if callable(value)}
-    warm_start, lr = (self._hyperparameter(name, value, 0) for name, value in (("warm_start", warm_start), ("lr", lr)))
-    options = dict(structural_distance=structural_distance, curvature=curvature, iterate_selection=iterate_selection,
-                   warm_start_from=warm_start_from, cg_objective_window=cg_objective_window,
-                   cg_objective_every=cg_objective_every, cg_objective_tolerance=cg_objective_tolerance,
-                   line_search=line_search, armijo=armijo, line_search_factor=line_search_factor,
-                   line_search_tries=line_search_tries, rho=rho, route=route, preconditioner=preconditioner,
-                   preconditioner_exponent=preconditioner_exponent, preconditioner_shift=preconditioner_shift,
-                   preconditioner_samples=preconditioner_samples)
-    _check_options(**options, cg_tolerance=cg_tolerance, cg_max_iterations=cg_max_iterations, cg_min_iterations=cg_min_iterations,
-                   structural_damping=structural_damping)  # in the order of the arguments
-    if preconditioner == "auto":  # M&S 2011 §3: no diagonal preconditioning for RNNs; §13: on for feed-forward nets
+    self.schedules = {
+        name: value for name, value in (("warm_start", warm_start), ("lr", lr)) if callable(value)
+    }
+    warm_start, lr = (
+        self._hyperparameter(name, value, 0)
+        for name, value in (("warm_start", warm_start), ("lr", lr))
+    )
+    options = dict(
+        structural_distance=structural_distance,
+        curvature=curvature,
+        iterate_selection=iterate_selection,
+        warm_start_from=warm_start_from,
+        cg_objective_window=cg_objective_window,
+        cg_objective_every=cg_objective_every,
+        cg_objective_tolerance=cg_objective_tolerance,
+        line_search=line_search,
+        armijo=armijo,
+        line_search_factor=line_search_factor,
+        line_search_tries=line_search_tries,
+        rho=rho,
+        route=route,
+        preconditioner=preconditioner,
+        preconditioner_exponent=preconditioner_exponent,
+        preconditioner_shift=preconditioner_shift,
+        preconditioner_samples=preconditioner_samples,
+    )
+    _check_options(
+        **options,
+        cg_tolerance=cg_tolerance,
+        cg_max_iterations=cg_max_iterations,
+        cg_min_iterations=cg_min_iterations,
+        structural_damping=structural_damping,
+    )  # in the order of the arguments
+    if (
+        preconditioner == "auto"
+    ):  # M&S 2011 §3: no diagonal preconditioning for RNNs; §13: on for feed-forward nets
         options["preconditioner"] = None if _recurrent(model) else "fisher"
     self.model, self.loss = model, matching_loss(loss)
-    defaults = dict(damping=float(damping), structural_damping=float(structural_damping), warm_start=float(warm_start),
-                    lr=float(lr),
-                    cg_max_iterations=cg_max_iterations, cg_min_iterations=cg_min_iterations, cg_tolerance=cg_tolerance)
+    defaults = dict(
+        damping=float(damping),
+        structural_damping=float(structural_damping),
+        warm_start=float(warm_start),
+        lr=float(lr),
+        cg_max_iterations=cg_max_iterations,
+        cg_min_iterations=cg_min_iterations,
+        cg_tolerance=cg_tolerance,
+    )
     super(HessianFree, self).__init__(model.parameters(), defaults)
     self.options = options
     if seed is not None:
@@ -173,8 +280,16 @@ def _objective(self: HessianFree, batch) -> float:
 
 @patch
 def _curvature(self: HessianFree, batch, group):
-    return curvature_operator(self.model, self.loss, batch, self.options["curvature"], group["damping"], group["structural_damping"],
-                              self.options["structural_distance"], self.options["route"])
+    return curvature_operator(
+        self.model,
+        self.loss,
+        batch,
+        self.options["curvature"],
+        group["damping"],
+        group["structural_damping"],
+        self.options["structural_distance"],
+        self.options["route"],
+    )
 
 
 @patch
@@ -188,9 +303,18 @@ def _preconditioner(self: HessianFree, batch, group) -> Tensor | None:
         diagonal = empirical_fisher_diagonal(self.model, self.loss, batch)
     else:
         distance = self.options["structural_distance"] if μ > 0 else None
-        diagonal = ggn_diagonal_estimate(self.model, self.loss, batch, samples=self.options["preconditioner_samples"],
-                                         structural_distance=distance, structural_weight=λ * μ, generator=self.generator)
-    return (diagonal + λ + self.options["preconditioner_shift"]).pow(self.options["preconditioner_exponent"])
+        diagonal = ggn_diagonal_estimate(
+            self.model,
+            self.loss,
+            batch,
+            samples=self.options["preconditioner_samples"],
+            structural_distance=distance,
+            structural_weight=λ * μ,
+            generator=self.generator,
+        )
+    return (diagonal + λ + self.options["preconditioner_shift"]).pow(
+        self.options["preconditioner_exponent"]
+    )
 
 # %% ../../nbs/48_hessian_free.ipynb #48e5000e
 @dataclass
@@ -198,7 +322,9 @@ class _Solved:
     "What the first half of a step (gradient, curvature, CG) hands to the second (`_finish`)."
 
     batch: tuple[Tensor, Tensor]  # the gradient batch: ρ and the line search measure f on it
-    selection_batch: tuple[Tensor, Tensor] | None  # data that chooses among CG's iterates (§13); None: the gradient batch
+    selection_batch: (
+        tuple[Tensor, Tensor] | None
+    )  # data that chooses among CG's iterates (§13); None: the gradient batch
     theta: Tensor  # θ at the start of the step, flat
     f0: float  # f(θ) on the gradient batch
     g: Tensor  # ∇f(θ), flat
@@ -213,14 +339,19 @@ class _Solved:
 def step(
     self: HessianFree,
     batch: tuple[Tensor, Tensor],  # (inputs, targets) for the gradient, ρ and the line search
-    curvature_batch: tuple[Tensor, Tensor] | None = None,  # for the curvature products (§12.1); default: batch
-    selection_batch: tuple[Tensor, Tensor] | None = None,  # data that chooses among CG's iterates (§13); default: batch
+    curvature_batch: tuple[Tensor, Tensor]
+    | None = None,  # for the curvature products (§12.1); default: batch
+    selection_batch: tuple[Tensor, Tensor]
+    | None = None,  # data that chooses among CG's iterates (§13); default: batch
 ) -> float:
     """One HF step; returns the loss on `batch` before it."""
     group = self.param_groups[0]
     params: list[Tensor] = group["params"]
     state = self.state[params[0]]
-    for name, schedule in self.schedules.items():  # the schedules see t = the number of steps taken so far
+    for (
+        name,
+        schedule,
+    ) in self.schedules.items():  # the schedules see t = the number of steps taken so far
         group[name] = self._hyperparameter(name, schedule, state.get("step", 0))
     λ, ζ = group["damping"], group["warm_start"]
     clock = time.perf_counter()
@@ -232,7 +363,9 @@ def step(
     theta = flat_params(params).clone()
     gradient_s = time.perf_counter() - clock
     if not math.isfinite(f0) or not bool(torch.isfinite(g).all()):
-        raise FloatingPointError(f"HessianFree: the loss or its gradient is not finite at the current parameters (loss {f0})")
+        raise FloatingPointError(
+            f"HessianFree: the loss or its gradient is not finite at the current parameters (loss {f0})"
+        )
 
     try:
         clock = time.perf_counter()
@@ -242,19 +375,42 @@ def step(
         previous = state.get("previous_update")
         x0 = ζ * previous if previous is not None and ζ > 0 else None
         monitor = None
-        if self.options["cg_objective_window"] is not None:  # §13's second recipe: f(θ + x) on the curvature batch
+        if (
+            self.options["cg_objective_window"] is not None
+        ):  # §13's second recipe: f(θ + x) on the curvature batch
+
             def monitor(x: Tensor) -> float:
                 assign_flat_(params, theta + x)
                 return self._objective(curvature_batch)
-        cg = conjugate_gradient(lambda v: op.mv(v) + λ * v, -g, x0, preconditioner=P, max_iterations=group["cg_max_iterations"],
-                                min_iterations=min(group["cg_min_iterations"], group["cg_max_iterations"]),
-                                tolerance=group["cg_tolerance"], monitor=monitor,
-                                monitor_every=self.options["cg_objective_every"],
-                                monitor_window=self.options["cg_objective_window"] or 10,
-                                monitor_tolerance=self.options["cg_objective_tolerance"])
+
+        cg = conjugate_gradient(
+            lambda v: op.mv(v) + λ * v,
+            -g,
+            x0,
+            preconditioner=P,
+            max_iterations=group["cg_max_iterations"],
+            min_iterations=min(group["cg_min_iterations"], group["cg_max_iterations"]),
+            tolerance=group["cg_tolerance"],
+            monitor=monitor,
+            monitor_every=self.options["cg_objective_every"],
+            monitor_window=self.options["cg_objective_window"] or 10,
+            monitor_tolerance=self.options["cg_objective_tolerance"],
+        )
         cg_s = time.perf_counter() - clock
-        return self._finish(_Solved(batch=batch, selection_batch=selection_batch, theta=theta, f0=f0, g=g, op=op, cg=cg,
-                                    damping=λ, gradient_s=gradient_s, cg_s=cg_s))
+        return self._finish(
+            _Solved(
+                batch=batch,
+                selection_batch=selection_batch,
+                theta=theta,
+                f0=f0,
+                g=g,
+                op=op,
+                cg=cg,
+                damping=λ,
+                gradient_s=gradient_s,
+                cg_s=cg_s,
+            )
+        )
     except BaseException:
         assign_flat_(params, theta)  # never leave the model at a trial point
         raise
@@ -280,11 +436,15 @@ def _choose(self: HessianFree, cg, f_at, selection_batch) -> tuple[int, Tensor, 
 
 # %% ../../nbs/48_hessian_free.ipynb #48e50014
 @patch
-def _reduction_ratio(self: HessianFree, solved: _Solved, chosen_step: int, delta: Tensor, f_new: float) -> tuple[float, float, float, float]:
+def _reduction_ratio(
+    self: HessianFree, solved: _Solved, chosen_step: int, delta: Tensor, f_new: float
+) -> tuple[float, float, float, float]:
     "(ρ, M(δ) undamped, q(δ) damped, the structural weight): the reduction ratio of eq. 10 for the update δ with f(θ + δ) = f_new."
     op, cg, g, f0 = solved.op, solved.cg, solved.g, solved.f0
     weight = getattr(op, "structural_weight", 0.0)
-    curvature = op.mv(delta, structural=False) if isinstance(op, GGN) else op.mv(delta)  # B without λμ G_S (eq. 10)
+    curvature = (
+        op.mv(delta, structural=False) if isinstance(op, GGN) else op.mv(delta)
+    )  # B without λμ G_S (eq. 10)
     undamped = float(g @ delta + 0.5 * delta @ curvature)
     damped = float(cg.q[chosen_step])
     reduction = undamped if self.options["rho"] == "undamped" else damped
@@ -298,19 +458,40 @@ def _reduction_ratio(self: HessianFree, solved: _Solved, chosen_step: int, delta
 
 # %% ../../nbs/48_hessian_free.ipynb #48e50016
 @patch
-def _backtrack(self: HessianFree, f_at: Callable, solved: _Solved, delta: Tensor, f_new: float) -> tuple[float, float, int]:
+def _backtrack(
+    self: HessianFree, f_at: Callable, solved: _Solved, delta: Tensor, f_new: float
+) -> tuple[float, float, int]:
     "(α, f(θ + αδ), tries): the step εδ if it decreases f enough (§8.8), else the shared Armijo backtracking from 0.8ε; α = 0 if none does."
     group, g, f0 = self.param_groups[0], solved.g, solved.f0
     alpha, slope, tries = group["lr"], float(g @ delta), 0
-    sufficient = min(slope, 0.0) if math.isfinite(slope) else math.nan  # an ascent direction must not raise f at all
+    sufficient = (
+        min(slope, 0.0) if math.isfinite(slope) else math.nan
+    )  # an ascent direction must not raise f at all
     if alpha != 1.0:
         f_new = f_at(alpha * delta)
-    if not math.isfinite(f_new) or (self.options["line_search"] and not f_new <= f0 + self.options["armijo"] * alpha * sufficient):
-        factor = self.options["line_search_factor"]  # §8.8: α ← 0.8α while f(θ + αδ) > f(θ) + cα∇fᵀδ
-        search = armijo_backtracking(lambda a: (f_at(a * delta), math.nan, None), f0, slope, alpha * factor,
-                                     c1=self.options["armijo"], factor=factor, max_evaluations=self.options["line_search_tries"],
-                                     resolution=None, infinite_slope=True)
-        alpha, f_new, tries = search.alpha, search.value, search.evaluations  # rejected: α = 0, f(θ): θ stays, λ rises
+    if not math.isfinite(f_new) or (
+        self.options["line_search"]
+        and not f_new <= f0 + self.options["armijo"] * alpha * sufficient
+    ):
+        factor = self.options[
+            "line_search_factor"
+        ]  # §8.8: α ← 0.8α while f(θ + αδ) > f(θ) + cα∇fᵀδ
+        search = armijo_backtracking(
+            lambda a: (f_at(a * delta), math.nan, None),
+            f0,
+            slope,
+            alpha * factor,
+            c1=self.options["armijo"],
+            factor=factor,
+            max_evaluations=self.options["line_search_tries"],
+            resolution=None,
+            infinite_slope=True,
+        )
+        alpha, f_new, tries = (
+            search.alpha,
+            search.value,
+            search.evaluations,
+        )  # rejected: α = 0, f(θ): θ stays, λ rises
     return alpha, f_new, tries
 
 # %% ../../nbs/48_hessian_free.ipynb #48e5001a
@@ -335,17 +516,37 @@ def _finish(self: HessianFree, solved: _Solved) -> float:
     rho, undamped, damped, weight = self._reduction_ratio(solved, chosen_step, delta, f_new)
     alpha, f_new, tries = self._backtrack(f_at, solved, delta, f_new)
     assign_flat_(params, theta + alpha * delta if alpha > 0 else theta)
-    group["damping"] = levenberg_marquardt(λ, rho)  # after the search: an interrupted step leaves λ as it was
+    group["damping"] = levenberg_marquardt(
+        λ, rho
+    )  # after the search: an interrupted step leaves λ as it was
     start = delta if self.options["warm_start_from"] == "chosen" else cg.x
-    state["previous_update"] = start.clone() if bool(torch.isfinite(start).all()) else torch.zeros_like(start)
+    state["previous_update"] = (
+        start.clone() if bool(torch.isfinite(start).all()) else torch.zeros_like(start)
+    )
     state["step"] = state.get("step", 0) + 1
     self.stats = {
-        "step": state["step"], "loss": f0, "loss_after": f_new, "rho": rho, "damping": λ, "next_damping": group["damping"],
-        "structural_weight": weight, "lr": group["lr"], "warm_start": group["warm_start"],
-        "cg_iterations": cg.iterations, "cg_stop": cg.stop, "chosen_iterate": chosen_step,
-        "step_size": alpha, "line_search_tries": tries, "model_reduction_undamped": undamped, "model_reduction_damped": damped,
-        "gradient_evaluations": 1, "loss_evaluations": evaluations, "curvature_products": cg.products + cg.discarded + 1,
-        "gradient_s": solved.gradient_s, "cg_s": solved.cg_s, "evaluation_s": time.perf_counter() - clock,
+        "step": state["step"],
+        "loss": f0,
+        "loss_after": f_new,
+        "rho": rho,
+        "damping": λ,
+        "next_damping": group["damping"],
+        "structural_weight": weight,
+        "lr": group["lr"],
+        "warm_start": group["warm_start"],
+        "cg_iterations": cg.iterations,
+        "cg_stop": cg.stop,
+        "chosen_iterate": chosen_step,
+        "step_size": alpha,
+        "line_search_tries": tries,
+        "model_reduction_undamped": undamped,
+        "model_reduction_damped": damped,
+        "gradient_evaluations": 1,
+        "loss_evaluations": evaluations,
+        "curvature_products": cg.products + cg.discarded + 1,
+        "gradient_s": solved.gradient_s,
+        "cg_s": solved.cg_s,
+        "evaluation_s": time.perf_counter() - clock,
     }
     return f0
 
@@ -354,8 +555,12 @@ def _finish(self: HessianFree, solved: _Solved) -> float:
 def state_dict(self: HessianFree) -> dict:
     """torch's optimizer state plus the options and the Chapelle–Erhan generator, so a resumed run continues identically;
     tagged with the class name."""
-    saved = copy.deepcopy(super(HessianFree, self).state_dict())  # a snapshot: torch's holds the live per-parameter state dict
-    return tag_state(self, {**saved, "options": dict(self.options), "generator": self.generator.get_state()})
+    saved = copy.deepcopy(
+        super(HessianFree, self).state_dict()
+    )  # a snapshot: torch's holds the live per-parameter state dict
+    return tag_state(
+        self, {**saved, "options": dict(self.options), "generator": self.generator.get_state()}
+    )
 
 
 @patch
@@ -363,35 +568,64 @@ def _check_state(self: HessianFree, state_dict) -> dict:
     "Everything `load_state_dict` checks before it changes anything; returns the state without its tag."
     settings, n = sorted(self.defaults), sum(p.numel() for p in self.param_groups[0]["params"])
     groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
-    saved_group = groups[0] if isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], Mapping) else None
+    saved_group = (
+        groups[0]
+        if isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], Mapping)
+        else None
+    )
     # untagged: provably HF's when its group holds all of HF's settings (no other qnwb optimizer's does) beside its options
-    state_dict = check_state_tag(self, state_dict, saved_group is not None and set(settings) <= set(saved_group)
-                                 and "options" in state_dict, f"it lacks HessianFree's settings {settings} or its options")
+    state_dict = check_state_tag(
+        self,
+        state_dict,
+        saved_group is not None and set(settings) <= set(saved_group) and "options" in state_dict,
+        f"it lacks HessianFree's settings {settings} or its options",
+    )
     expected = {"state", "param_groups", "options", "generator"}
     if set(state_dict) != expected:
-        raise ValueError(f"state_dict: expected the entries {sorted(expected)} of a HessianFree, got {sorted(state_dict)}")
+        raise ValueError(
+            f"state_dict: expected the entries {sorted(expected)} of a HessianFree, got {sorted(state_dict)}"
+        )
     check_param_groups(self, groups)
     missing = [key for key in settings if key not in saved_group]
     if missing:
-        raise ValueError(f"state_dict['param_groups'][0]: no {missing} entries (a HessianFree has {settings})")
+        raise ValueError(
+            f"state_dict['param_groups'][0]: no {missing} entries (a HessianFree has {settings})"
+        )
     options = state_dict["options"]
     if not isinstance(options, Mapping) or set(options) != set(self.options):
-        raise ValueError(f"state_dict['options']: expected the options {sorted(self.options)}, got "
-                         f"{sorted(options) if isinstance(options, Mapping) else type(options).__name__}")
+        raise ValueError(
+            f"state_dict['options']: expected the options {sorted(self.options)}, got "
+            f"{sorted(options) if isinstance(options, Mapping) else type(options).__name__}"
+        )
     try:  # the constructor's own checks, on the saved settings and options (seed 0: no draw from the global stream)
-        HessianFree(self.model, self.loss, **{key: saved_group[key] for key in settings}, **options, seed=0)
+        HessianFree(
+            self.model, self.loss, **{key: saved_group[key] for key in settings}, **options, seed=0
+        )
     except (ValueError, TypeError) as e:
         raise ValueError(f"state_dict: its settings are refused: {e}") from None
     generator, current = state_dict["generator"], self.generator.get_state()
-    if not isinstance(generator, Tensor) or generator.dtype != current.dtype or generator.shape != current.shape:
-        raise ValueError(f"state_dict['generator']: expected a {current.dtype} tensor of shape {tuple(current.shape)} "
-                         "(torch.Generator.get_state())")
+    if (
+        not isinstance(generator, Tensor)
+        or generator.dtype != current.dtype
+        or generator.shape != current.shape
+    ):
+        raise ValueError(
+            f"state_dict['generator']: expected a {current.dtype} tensor of shape {tuple(current.shape)} "
+            "(torch.Generator.get_state())"
+        )
     saved_state = state_dict["state"]
     if not isinstance(saved_state, Mapping) or set(saved_state) - {0}:
-        raise ValueError(f"state_dict['state']: expected a dict with at most the entry 0 (the first parameter's), got "
-                         f"{sorted(saved_state) if isinstance(saved_state, Mapping) else type(saved_state).__name__}")
+        raise ValueError(
+            f"state_dict['state']: expected a dict with at most the entry 0 (the first parameter's), got "
+            f"{sorted(saved_state) if isinstance(saved_state, Mapping) else type(saved_state).__name__}"
+        )
     if saved_state.get(0):  # empty before the first step
-        check_state_entries("state_dict['state'][0]", saved_state[0], {"step": "int", "previous_update": "vector"}, n=n)
+        check_state_entries(
+            "state_dict['state'][0]",
+            saved_state[0],
+            {"step": "int", "previous_update": "vector"},
+            n=n,
+        )
     return state_dict
 
 # %% ../../nbs/48_hessian_free.ipynb #48e5001d
@@ -400,20 +634,49 @@ def load_state_dict(self: HessianFree, state_dict: dict) -> None:
     """Restore `state_dict()`'s contents (options included; schedules are code and come from the constructor). Another
     optimizer's state, or one with a missing or malformed entry or setting, is refused (ValueError) with nothing changed."""
     state_dict = self._check_state(state_dict)
-    super(HessianFree, self).load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+    super(HessianFree, self).load_state_dict(
+        {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}
+    )
     self.options = dict(state_dict["options"])
     self.generator.set_state(state_dict["generator"])
 
 # %% ../../nbs/48_hessian_free.ipynb #aa92b3b5
 PRESETS = {
-    "martens2010": dict(iterate_selection="backtracking", line_search=True, cg_max_iterations=250, preconditioner="fisher",
-                        preconditioner_exponent=0.75, preconditioner_shift=0.0, warm_start=0.95),
-    "rnn2011": dict(iterate_selection="backtracking", line_search=True, cg_max_iterations=250, preconditioner=None,
-                    structural_damping=1 / 30, warm_start=0.95),
-    "objective2012": dict(iterate_selection="minimum", warm_start_from="last", cg_objective_window=10, cg_objective_every=5,
-                          line_search=True, cg_max_iterations=250, preconditioner="fisher", warm_start=0.95),
-    "hybrid2013": dict(iterate_selection="last", line_search=False, lr=1.0, cg_max_iterations=50, warm_start=0.95,
-                       preconditioner="fisher"),
+    "martens2010": dict(
+        iterate_selection="backtracking",
+        line_search=True,
+        cg_max_iterations=250,
+        preconditioner="fisher",
+        preconditioner_exponent=0.75,
+        preconditioner_shift=0.0,
+        warm_start=0.95,
+    ),
+    "rnn2011": dict(
+        iterate_selection="backtracking",
+        line_search=True,
+        cg_max_iterations=250,
+        preconditioner=None,
+        structural_damping=1 / 30,
+        warm_start=0.95,
+    ),
+    "objective2012": dict(
+        iterate_selection="minimum",
+        warm_start_from="last",
+        cg_objective_window=10,
+        cg_objective_every=5,
+        line_search=True,
+        cg_max_iterations=250,
+        preconditioner="fisher",
+        warm_start=0.95,
+    ),
+    "hybrid2013": dict(
+        iterate_selection="last",
+        line_search=False,
+        lr=1.0,
+        cg_max_iterations=50,
+        warm_start=0.95,
+        preconditioner="fisher",
+    ),
 }
 
 

@@ -13,7 +13,15 @@ from torch import Tensor
 from ..core import assign_flat_, check_number, check_setting, flat_params, patch
 from .base import FlatOptimizer, _one_group
 from .line_search import armijo_backtracking, strong_wolfe
-from .memory import CURVATURE_RULES, DIAGONAL_KINDS, DiagonalScaling, PairMemory, curvature_condition, powell_damping, two_loop
+from qnwb.optim.memory import (
+    CURVATURE_RULES,
+    DIAGONAL_KINDS,
+    DiagonalScaling,
+    PairMemory,
+    curvature_condition,
+    powell_damping,
+    two_loop,
+)
 
 # %% auto #0
 __all__ = ['LINE_SEARCHES', 'LBFGS_H0', 'LBFGS']
@@ -29,8 +37,16 @@ class LBFGS(FlatOptimizer):
 
     _same = ("h0",)
     _bounded = {"lr": "step_size"}
-    _entries = {"step": "int", "gradient_evaluations": "int", **{name: "count" for name in _COUNTERS}}
-    _optional_entries = {"cached_theta": "vector", "cached_loss": "scalar", "cached_grad": "vector"}  # full_batch
+    _entries = {
+        "step": "int",
+        "gradient_evaluations": "int",
+        **{name: "count" for name in _COUNTERS},
+    }
+    _optional_entries = {
+        "cached_theta": "vector",
+        "cached_loss": "scalar",
+        "cached_grad": "vector",
+    }  # full_batch
 
     def __init__(
         self,
@@ -38,7 +54,8 @@ class LBFGS(FlatOptimizer):
         lr: float = 1.0,  # the step length (no line search) or the first trial step of the line search
         memory: int = 10,  # m: pairs kept
         line_search: str | None = None,  # None (fixed step lr), "armijo" or "strong_wolfe"
-        forget_every: int | None = None,  # clear the memory every this many steps (the L-SR1 paper's baseline uses 5)
+        forget_every: int
+        | None = None,  # clear the memory every this many steps (the L-SR1 paper's baseline uses 5)
         h0: str = "scaling",  # "scaling" (adaQN eq. 8), "identity", "adagrad" (adaQN eq. 9) or "rmsprop"
         curvature_skip: float = 1e-8,  # ε of the skip rule (≥ 0; 0 keeps every pair with sᵀy > 0)
         curvature_rule: str = "cosine",  # "cosine": sᵀy > ε‖s‖‖y‖; "adaqn": sᵀy > ε sᵀs
@@ -69,19 +86,44 @@ class LBFGS(FlatOptimizer):
         check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
         check_number("wolfe", wolfe, armijo, 1.0, low_open=True, high_open=True)
         check_number("backtrack", backtrack, 0.0, 1.0, low_open=True, high_open=True)
-        check_setting("max_evaluations", max_evaluations, "iterations")  # one step must end (SETTING_BOUNDS)
+        check_setting(
+            "max_evaluations", max_evaluations, "iterations"
+        )  # one step must end (SETTING_BOUNDS)
         check_number("h0_epsilon", h0_epsilon, 0.0, low_open=True)
         check_number("rmsprop_decay", rmsprop_decay, 0.0, 1.0, low_open=True, high_open=True)
-        defaults = dict(lr=float(lr), memory=memory, line_search=line_search, forget_every=forget_every, h0=h0,
-                        curvature_skip=float(curvature_skip), curvature_rule=curvature_rule, powell_damping=powell_damping,
-                        armijo=float(armijo), wolfe=float(wolfe), backtrack=float(backtrack), max_evaluations=max_evaluations,
-                        h0_epsilon=float(h0_epsilon), rmsprop_decay=float(rmsprop_decay), full_batch=full_batch)
+        defaults = dict(
+            lr=float(lr),
+            memory=memory,
+            line_search=line_search,
+            forget_every=forget_every,
+            h0=h0,
+            curvature_skip=float(curvature_skip),
+            curvature_rule=curvature_rule,
+            powell_damping=powell_damping,
+            armijo=float(armijo),
+            wolfe=float(wolfe),
+            backtrack=float(backtrack),
+            max_evaluations=max_evaluations,
+            h0_epsilon=float(h0_epsilon),
+            rmsprop_decay=float(rmsprop_decay),
+            full_batch=full_batch,
+        )
         super().__init__(tensors, defaults)
         first = tensors[0]
         n = sum(t.numel() for t in tensors)
         self.memory = PairMemory(memory, n, device=first.device, dtype=first.dtype)
-        self.scaling = (DiagonalScaling(n, h0, epsilon=h0_epsilon, decay=rmsprop_decay, device=first.device, dtype=first.dtype)
-                        if h0 in DIAGONAL_KINDS else None)
+        self.scaling = (
+            DiagonalScaling(
+                n,
+                h0,
+                epsilon=h0_epsilon,
+                decay=rmsprop_decay,
+                device=first.device,
+                dtype=first.dtype,
+            )
+            if h0 in DIAGONAL_KINDS
+            else None
+        )
 
 # %% ../../nbs/43_lbfgs.ipynb #43c30004
 @patch
@@ -113,7 +155,9 @@ def _h0(self: LBFGS):
 def step(self: LBFGS, closure: Callable[[], Tensor]) -> Tensor:
     """One L-BFGS iteration; `closure` zeroes the gradients, computes the loss, calls backward and returns the loss."""
     if not callable(closure):
-        raise TypeError("closure: LBFGS needs a closure that re-evaluates the loss and its gradients")
+        raise TypeError(
+            "closure: LBFGS needs a closure that re-evaluates the loss and its gradients"
+        )
     self._sync_sizes()  # a `memory` changed since the last step
     group = self.param_groups[0]
     params: list[Tensor] = group["params"]
@@ -124,7 +168,11 @@ def step(self: LBFGS, closure: Callable[[], Tensor]) -> Tensor:
         memory.clear()
         state["resets"] += 1
     theta = flat_params(params).clone()
-    cached = group["full_batch"] and "cached_theta" in state and torch.equal(state["cached_theta"], theta)
+    cached = (
+        group["full_batch"]
+        and "cached_theta" in state
+        and torch.equal(state["cached_theta"], theta)
+    )
     if cached:
         f, g = state["cached_loss"], state["cached_grad"]
     else:
@@ -133,11 +181,15 @@ def step(self: LBFGS, closure: Callable[[], Tensor]) -> Tensor:
     finite = torch.isfinite(f) & torch.isfinite(g).all()
     p, gtp, fallback = self._direction(state, g, finite)
     if group["line_search"] is None:
-        theta_new, f_new, g_new, alpha, ok = self._fixed_step(closure, group, params, theta, f, g, p, finite)
+        theta_new, f_new, g_new, alpha, ok = self._fixed_step(
+            closure, group, params, theta, f, g, p, finite
+        )
         evaluations += 1
         search = None
     else:
-        theta_new, f_new, g_new, alpha, ok, search = self._search(closure, group, params, theta, f, g, p, gtp, finite)
+        theta_new, f_new, g_new, alpha, ok, search = self._search(
+            closure, group, params, theta, f, g, p, gtp, finite
+        )
         evaluations += search.evaluations if search is not None else 0
         if search is not None and search.stop == "failed":
             memory.clear()  # restart from H0 after a failed search
@@ -146,17 +198,32 @@ def step(self: LBFGS, closure: Callable[[], Tensor]) -> Tensor:
     state["step"] = k + 1
     state["gradient_evaluations"] += evaluations
     if group["full_batch"]:
-        state["cached_theta"], state["cached_loss"], state["cached_grad"] = theta_new, f_new.to(theta.dtype), g_new
+        state["cached_theta"], state["cached_loss"], state["cached_grad"] = (
+            theta_new,
+            f_new.to(theta.dtype),
+            g_new,
+        )
 
     self._raw_stats = {
-        "step": k + 1, "loss": f, "loss_after": f_new, "step_size": alpha,
+        "step": k + 1,
+        "loss": f,
+        "loss_after": f_new,
+        "step_size": alpha,
         "line_search_evaluations": search.evaluations if search is not None else 0,
         "line_search_stop": search.stop if search is not None else "",
-        "pair_stored": accept, "pair_skipped": ok & ~accept, "pair_damped": damped,
-        "pairs_stored": state["pairs_stored"].clone(), "pairs_skipped": state["pairs_skipped"].clone(),
-        "pairs_damped": state["pairs_damped"].clone(), "memory_size": memory.count.clone(), "memory_capacity": memory.size,
-        "sy": torch.dot(s.double(), y.double()), "forgot": int(forgot), "direction_fallback": fallback,
-        "non_finite": ~(finite & ok) if search is None else ~finite, "resets": state["resets"].clone(),
+        "pair_stored": accept,
+        "pair_skipped": ok & ~accept,
+        "pair_damped": damped,
+        "pairs_stored": state["pairs_stored"].clone(),
+        "pairs_skipped": state["pairs_skipped"].clone(),
+        "pairs_damped": state["pairs_damped"].clone(),
+        "memory_size": memory.count.clone(),
+        "memory_capacity": memory.size,
+        "sy": torch.dot(s.double(), y.double()),
+        "forgot": int(forgot),
+        "direction_fallback": fallback,
+        "non_finite": ~(finite & ok) if search is None else ~finite,
+        "resets": state["resets"].clone(),
         "gradient_evaluations": evaluations,
         "total_gradient_evaluations": state["gradient_evaluations"],
     }
@@ -165,14 +232,18 @@ def step(self: LBFGS, closure: Callable[[], Tensor]) -> Tensor:
 
 # %% ../../nbs/43_lbfgs.ipynb #43c30009
 @patch
-def _direction(self: LBFGS, state: dict, g: Tensor, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _direction(
+    self: LBFGS, state: dict, g: Tensor, finite: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     "(p, gᵀp, fallback): p = −Hg by the two-loop recursion, or −H0 g (the memory cleared) where that is no descent direction."
     memory = self.memory
     if self.scaling is not None:  # eq. 9 sums every gradient seen, whatever becomes of the step
         self.scaling.update(g, finite)
     p = -two_loop(memory, g, self._h0(), check=False)
     gtp = torch.dot(g, p)
-    fallback = finite & ~(gtp < 0) & (g != 0).any()  # round-off made −Hg useless: clear, and use −H0 g
+    fallback = (
+        finite & ~(gtp < 0) & (g != 0).any()
+    )  # round-off made −Hg useless: clear, and use −H0 g
     p = torch.where(fallback, -g if self.scaling is None else -self.scaling.diagonal() * g, p)
     memory.clear(fallback)
     state["resets"] += fallback.long()
@@ -187,10 +258,21 @@ def _fixed_step(self: LBFGS, closure, group, params, theta, f, g, p, finite):
     theta_new = torch.add(theta, p, alpha=group["lr"])
     assign_flat_(params, theta_new)
     f_new, g_new = self._evaluate(closure)
-    ok = finite & torch.isfinite(f_new) & torch.isfinite(g_new).all() & torch.isfinite(theta_new).all()
-    theta_new = torch.where(ok, theta_new, theta)  # a non-finite trial never stays in the parameters
+    ok = (
+        finite
+        & torch.isfinite(f_new)
+        & torch.isfinite(g_new).all()
+        & torch.isfinite(theta_new).all()
+    )
+    theta_new = torch.where(
+        ok, theta_new, theta
+    )  # a non-finite trial never stays in the parameters
     assign_flat_(params, theta_new)
-    f_new, g_new, alpha = torch.where(ok, f_new, f), torch.where(ok, g_new, g), torch.where(ok, alpha, 0.0)
+    f_new, g_new, alpha = (
+        torch.where(ok, f_new, f),
+        torch.where(ok, g_new, g),
+        torch.where(ok, alpha, 0.0),
+    )
     return theta_new, f_new, g_new, alpha, ok
 
 # %% ../../nbs/43_lbfgs.ipynb #30fffca3
@@ -209,22 +291,39 @@ def _search(self: LBFGS, closure, group, params, theta, f, g, p, gtp, finite):
         f_a, g_a = self._evaluate(closure)
         return float(f_a), float(torch.dot(g_a, p)), (f_a, g_a)
 
-    options = dict(c1=group["armijo"], max_evaluations=group["max_evaluations"], resolution=torch.finfo(theta.dtype).eps)
+    options = dict(
+        c1=group["armijo"],
+        max_evaluations=group["max_evaluations"],
+        resolution=torch.finfo(theta.dtype).eps,
+    )
     if group["line_search"] == "strong_wolfe":
         result = strong_wolfe(phi, float(f), float(gtp), alpha0, c2=group["wolfe"], **options)
     else:
-        result = armijo_backtracking(phi, float(f), float(gtp), alpha0, factor=group["backtrack"], **options)
+        result = armijo_backtracking(
+            phi, float(f), float(gtp), alpha0, factor=group["backtrack"], **options
+        )
     if not result.success:
         assign_flat_(params, theta)  # bit for bit: the saved copy
         return theta, f, g, torch.zeros((), dtype=theta.dtype, device=theta.device), false, result
-    theta_new = torch.add(theta, p, alpha=result.alpha)  # the same expression as the trial: the same bits
+    theta_new = torch.add(
+        theta, p, alpha=result.alpha
+    )  # the same expression as the trial: the same bits
     assign_flat_(params, theta_new)
     f_new, g_new = result.payload
-    return theta_new, f_new, g_new, torch.tensor(result.alpha, dtype=theta.dtype, device=theta.device), ~false, result
+    return (
+        theta_new,
+        f_new,
+        g_new,
+        torch.tensor(result.alpha, dtype=theta.dtype, device=theta.device),
+        ~false,
+        result,
+    )
 
 # %% ../../nbs/43_lbfgs.ipynb #43c30014
 @patch
-def _pair(self: LBFGS, group, state, theta, theta_new, g, g_new, alpha, ok) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _pair(
+    self: LBFGS, group, state, theta, theta_new, g, g_new, alpha, ok
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     "(s, y, accept, damped): the candidate pair, optionally Powell-damped, pushed where it passes the skip rule; the counters."
     s = theta_new - theta
     y = g_new - g

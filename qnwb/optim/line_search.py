@@ -70,21 +70,32 @@ def strong_wolfe(
         evaluations += 1
         current = (alpha, f, d, payload)
         if not _finite(f, d) or f > f0 + c1 * alpha * d0 or (evaluations > 1 and f >= previous[1]):
-            return _zoom(phi, previous, current, f0, d0, c1, c2, max_evaluations, evaluations, resolution)
+            return _zoom(
+                phi, previous, current, f0, d0, c1, c2, max_evaluations, evaluations, resolution
+            )
         if abs(d) <= -c2 * d0:
             return result(current, "wolfe")
         if d >= 0:
-            return _zoom(phi, current, previous, f0, d0, c1, c2, max_evaluations, evaluations, resolution)
+            return _zoom(
+                phi, current, previous, f0, d0, c1, c2, max_evaluations, evaluations, resolution
+            )
         gap = alpha - previous[0]
         trial = cubic_minimizer(*previous[:3], *current[:3])
         low, high = alpha + 0.1 * gap, alpha + 9.0 * gap
-        previous, alpha = current, (high if not math.isfinite(trial) else min(max(trial, low), high))
-    if previous[0] > 0:  # out of budget while still descending: the last point has sufficient decrease
+        previous, alpha = (
+            current,
+            (high if not math.isfinite(trial) else min(max(trial, low), high)),
+        )
+    if (
+        previous[0] > 0
+    ):  # out of budget while still descending: the last point has sufficient decrease
         return result(previous, "sufficient_decrease")
     return LineSearchResult(0.0, f0, d0, None, evaluations, False, "failed")
 
 # %% ../../nbs/40_line_search.ipynb #40a1000d
-def _zoom(phi, lo, hi, f0, d0, c1, c2, max_evaluations, evaluations, resolution) -> LineSearchResult:
+def _zoom(
+    phi, lo, hi, f0, d0, c1, c2, max_evaluations, evaluations, resolution
+) -> LineSearchResult:
     "N&W Algorithm 3.6: `lo` has sufficient decrease and the lowest φ so far; the minimiser lies between lo and hi."
     near_end, stop = False, "failed"
     while evaluations < max_evaluations:
@@ -115,7 +126,9 @@ def _zoom(phi, lo, hi, f0, d0, c1, c2, max_evaluations, evaluations, resolution)
                 hi = lo
             lo = current
     if lo[0] > 0:
-        return LineSearchResult(lo[0], lo[1], lo[2], lo[3], evaluations, True, "sufficient_decrease")
+        return LineSearchResult(
+            lo[0], lo[1], lo[2], lo[3], evaluations, True, "sufficient_decrease"
+        )
     return LineSearchResult(0.0, f0, d0, None, evaluations, False, stop)
 
 # %% ../../nbs/40_line_search.ipynb #40a10011
@@ -128,7 +141,8 @@ def armijo_backtracking(
     c1: float = 1e-4,  # sufficient decrease
     factor: float = 0.5,  # α ← factor·α after a rejected trial
     max_evaluations: int = 25,
-    resolution: float | None = 2.2e-16,  # relative resolution of φ: stop once α|φ'(0)| ≤ resolution·|φ(0)|; None: never
+    resolution: float
+    | None = 2.2e-16,  # relative resolution of φ: stop once α|φ'(0)| ≤ resolution·|φ(0)|; None: never
     infinite_slope: bool = False,  # search along a φ'(0) of −∞ too (no trial passes the bound) instead of refusing it
 ) -> LineSearchResult:
     """The first α = alpha·factorʲ with φ(α) ≤ φ(0) + c₁αφ'(0) (N&W Algorithm 3.1)."""

@@ -24,13 +24,16 @@ __all__ = ['LSR1_METHODS', 'LSR1_EMPTY_STEPS', 'LSR1_LINE_SEARCHES', 'trust_regi
 def trust_region_ratio(
     ared: Tensor,  # f(x) − f(x + s), a 0-dim tensor
     pred: Tensor,  # −(gᵀs + ½sᵀBs), a 0-dim tensor
-    finite: Tensor | bool = True,  # whether the trial's loss and gradient are finite (a 0-dim device bool or a bool)
+    finite: Tensor
+    | bool = True,  # whether the trial's loss and gradient are finite (a 0-dim device bool or a bool)
 ) -> Tensor:
     """ρ = ared/pred as a 0-dim float64 tensor: NaN where pred ≤ 0 (reject, keep Δ), −∞ where the trial is not finite (reject, shrink Δ)."""
     ared, pred = ared.double(), pred.double()
     valid = pred > 0
     rho = torch.where(valid, ared / torch.where(valid, pred, 1.0), math.nan)
-    return torch.where(torch.as_tensor(finite, device=rho.device) & torch.isfinite(ared), rho, -math.inf)
+    return torch.where(
+        torch.as_tensor(finite, device=rho.device) & torch.isfinite(ared), rho, -math.inf
+    )
 
 
 def update_radius(
@@ -51,7 +54,11 @@ def update_radius(
     check_number("good", good, 0.0, 1.0, low_open=True, high_open=True)
     check_number("bad", bad, 0.0, good, low_open=True, high_open=True)
     check_number("near_boundary", near_boundary, 0.0, 1.0, low_open=True, high_open=True)
-    top = torch.finfo(torch.float64).max if max_radius is None else check_number("max_radius", max_radius, 0.0, low_open=True)
+    top = (
+        torch.finfo(torch.float64).max
+        if max_radius is None
+        else check_number("max_radius", max_radius, 0.0, low_open=True)
+    )
     radius = radius.double()
     grow = (rho > good) & (step_norm.double() > near_boundary * radius)
     new = torch.where(grow, radius * increase, torch.where(rho < bad, radius * decrease, radius))
@@ -61,19 +68,37 @@ def update_radius(
 LSR1_METHODS = ("trust_region", "line_search")
 LSR1_EMPTY_STEPS = ("gradient", "trust_region")
 LSR1_LINE_SEARCHES = ("armijo", "strong_wolfe")
-_COUNTERS = ("pairs_stored", "pairs_skipped", "pairs_dropped", "rejections", "descent_fallbacks", "resets")
+_COUNTERS = (
+    "pairs_stored",
+    "pairs_skipped",
+    "pairs_dropped",
+    "rejections",
+    "descent_fallbacks",
+    "resets",
+)
 
 
 class LSR1(FlatOptimizer):
     """L-SR1 (Ramamurthy & Duffy 2017), one iteration of the appendix's Algorithm 1 (trust region) or 2 (line search) per `step(closure)`."""
 
     _same = ("method", "gamma")
-    _entries = {"step": "int", "gradient_evaluations": "int", "radius": "scalar_or_none", "step_length": "number_or_none",
-                **{name: "count" for name in _COUNTERS}}
-    _optional_entries = {"cached_theta": "vector", "cached_loss": "scalar", "cached_grad": "vector"}  # full_batch
+    _entries = {
+        "step": "int",
+        "gradient_evaluations": "int",
+        "radius": "scalar_or_none",
+        "step_length": "number_or_none",
+        **{name: "count" for name in _COUNTERS},
+    }
+    _optional_entries = {
+        "cached_theta": "vector",
+        "cached_loss": "scalar",
+        "cached_grad": "vector",
+    }  # full_batch
 
 # %% ../../nbs/46_lsr1.ipynb #45d40002
-def _check_algorithm1(radius, eta, r, increase, decrease, good, bad, near_boundary, max_radius) -> None:
+def _check_algorithm1(
+    radius, eta, r, increase, decrease, good, bad, near_boundary, max_radius
+) -> None:
     "The constants of Algorithm 1's Require line and the radius rules (a ValueError naming the first one out of range)."
     if radius is not None:
         check_setting("radius", radius, "scale")
@@ -85,7 +110,13 @@ def _check_algorithm1(radius, eta, r, increase, decrease, good, bad, near_bounda
     check_number("bad", bad, eta, good, low_open=True, high_open=True)
     check_number("near_boundary", near_boundary, 0.0, 1.0, low_open=True, high_open=True)
     if max_radius is not None:
-        check_setting("max_radius", max_radius, "scale", 0.0 if radius is None else radius, low_open=radius is None)
+        check_setting(
+            "max_radius",
+            max_radius,
+            "scale",
+            0.0 if radius is None else radius,
+            low_open=radius is None,
+        )
 
 # %% ../../nbs/46_lsr1.ipynb #45d40003
 @patch
@@ -95,7 +126,8 @@ def __init__(
     memory: int = 10,  # m: pairs kept (the paper's experiments use 5); the group's value is read at every step
     method: str = "trust_region",  # "trust_region" (Algorithm 1) or "line_search" (Algorithm 2)
     gamma: float = 1.0,  # B0 = γI, γ ≠ 0; the line search uses H0 = I/γ and needs γ > 0. Fixed for the run
-    radius: float | None = None,  # Δ0 > 0; None: ‖∇f(x0)‖ at the first step (Algorithm 1), 1 if that is 0
+    radius: float
+    | None = None,  # Δ0 > 0; None: ‖∇f(x0)‖ at the first step (Algorithm 1), 1 if that is 0
     eta: float = 1e-4,  # η ∈ (0, 10⁻³): accept the trial iff ρ = ared/pred > η
     r: float = 1e-8,  # r ∈ (0, 1) of the skip rule |sᵀ(y − Bs)| ≥ r‖s‖‖y − Bs‖
     increase: float = 2.0,  # Δ ← increase·Δ after a good step near the boundary (> 1)
@@ -111,7 +143,8 @@ def __init__(
     wolfe: float = 0.9,  # c₂ of the strong Wolfe condition, c₁ < c₂ < 1
     backtrack: float = 0.5,  # Armijo backtracking's factor
     max_evaluations: int = 25,  # closure calls per line search
-    rcond: float | None = None,  # relative singularity tolerance of the pair removal (None: √ε of the dtype)
+    rcond: float
+    | None = None,  # relative singularity tolerance of the pair removal (None: √ε of the dtype)
     full_batch: bool = False,  # the closure is deterministic: reuse the evaluation at the current point
 ):
     tensors = _one_group(params)
@@ -122,7 +155,9 @@ def __init__(
     if gamma == 0:
         raise ValueError("gamma: B0 = γI needs γ ≠ 0 (Algorithm 1), got 0")
     if method == "line_search" and gamma < 0:
-        raise ValueError(f"gamma: the line-search method uses H0 = I/γ and needs γ > 0 for a descent fallback, got {gamma!r}")
+        raise ValueError(
+            f"gamma: the line-search method uses H0 = I/γ and needs γ > 0 for a descent fallback, got {gamma!r}"
+        )
     check_setting("|gamma|", abs(gamma), "scale")
     if method == "line_search":  # its first steps are −g/γ: 1/γ is a step size
         check_setting("1/gamma (the line search's H0 = I/γ)", 1.0 / gamma, "step_size")
@@ -136,21 +171,44 @@ def __init__(
     check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
     check_number("wolfe", wolfe, armijo, 1.0, low_open=True, high_open=True)
     check_number("backtrack", backtrack, 0.0, 1.0, low_open=True, high_open=True)
-    check_setting("max_evaluations", max_evaluations, "iterations")  # one step must end (SETTING_BOUNDS)
+    check_setting(
+        "max_evaluations", max_evaluations, "iterations"
+    )  # one step must end (SETTING_BOUNDS)
     if rcond is not None:
         check_number("rcond", rcond, 0.0, 1.0, high_open=True)
     if not isinstance(full_batch, bool):
         raise TypeError(f"full_batch: expected a bool, got {full_batch!r}")
-    defaults = dict(memory=memory, method=method, gamma=float(gamma), radius=None if radius is None else float(radius),
-                    eta=float(eta), r=float(r), increase=float(increase), decrease=float(decrease), good=float(good),
-                    bad=float(bad), near_boundary=float(near_boundary), max_radius=None if max_radius is None else float(max_radius),
-                    forget_every=forget_every, empty_step=empty_step, line_search=line_search, armijo=float(armijo),
-                    wolfe=float(wolfe), backtrack=float(backtrack), max_evaluations=max_evaluations,
-                    rcond=None if rcond is None else float(rcond), full_batch=full_batch)
+    defaults = dict(
+        memory=memory,
+        method=method,
+        gamma=float(gamma),
+        radius=None if radius is None else float(radius),
+        eta=float(eta),
+        r=float(r),
+        increase=float(increase),
+        decrease=float(decrease),
+        good=float(good),
+        bad=float(bad),
+        near_boundary=float(near_boundary),
+        max_radius=None if max_radius is None else float(max_radius),
+        forget_every=forget_every,
+        empty_step=empty_step,
+        line_search=line_search,
+        armijo=float(armijo),
+        wolfe=float(wolfe),
+        backtrack=float(backtrack),
+        max_evaluations=max_evaluations,
+        rcond=None if rcond is None else float(rcond),
+        full_batch=full_batch,
+    )
     super(LSR1, self).__init__(tensors, defaults)
     first = tensors[0]
-    self.memory = PairMemory(memory, sum(t.numel() for t in tensors), device=first.device, dtype=first.dtype)
-    self._form: CompactForm | None = None  # the compact form of `memory`, made at the end of the last step
+    self.memory = PairMemory(
+        memory, sum(t.numel() for t in tensors), device=first.device, dtype=first.dtype
+    )
+    self._form: CompactForm | None = (
+        None  # the compact form of `memory`, made at the end of the last step
+    )
 
 # %% ../../nbs/46_lsr1.ipynb #45d40007
 @patch
@@ -202,8 +260,12 @@ def compact_form(self: LSR1) -> CompactForm:
 def step(self: LSR1, closure: Callable[[], Tensor]) -> Tensor:
     """One L-SR1 iteration; `closure` zeroes the gradients, computes the loss, calls backward and returns the loss."""
     if not callable(closure):
-        raise TypeError("closure: LSR1 needs a closure that re-evaluates the loss and its gradients")
-    if self._sync_sizes():  # a `memory` changed since the last step: the compact form of the kept pairs is made anew
+        raise TypeError(
+            "closure: LSR1 needs a closure that re-evaluates the loss and its gradients"
+        )
+    if (
+        self._sync_sizes()
+    ):  # a `memory` changed since the last step: the compact form of the kept pairs is made anew
         self._form = None
     group = self.param_groups[0]
     params: list[Tensor] = group["params"]
@@ -215,20 +277,28 @@ def step(self: LSR1, closure: Callable[[], Tensor]) -> Tensor:
         self._form = None
         state["resets"] += 1
     theta = flat_params(params).clone()
-    cached = group["full_batch"] and "cached_theta" in state and torch.equal(state["cached_theta"], theta)
+    cached = (
+        group["full_batch"]
+        and "cached_theta" in state
+        and torch.equal(state["cached_theta"], theta)
+    )
     if cached:
         f, g, evaluations = state["cached_loss"], state["cached_grad"], 0
     else:
         (f, g), evaluations = self._evaluate(closure), 1
     form, dropped = self._compact()
     common = {"step": k + 1, "method": group["method"], "loss": f, "forgot": int(forgot)}
-    finite = bool(torch.isfinite(f) & torch.isfinite(g).all())  # a host read: the solver refuses non-finite input
+    finite = bool(
+        torch.isfinite(f) & torch.isfinite(g).all()
+    )  # a host read: the solver refuses non-finite input
     if group["method"] == "trust_region":
-        raw, theta_new, f_new, g_new, evaluations = self._trust_region(closure, group, params, state, theta, f, g, form,
-                                                                       finite, evaluations)
+        raw, theta_new, f_new, g_new, evaluations = self._trust_region(
+            closure, group, params, state, theta, f, g, form, finite, evaluations
+        )
     else:
-        raw, theta_new, f_new, g_new, evaluations = self._line_search(closure, group, params, state, theta, f, g, form,
-                                                                      finite, evaluations)
+        raw, theta_new, f_new, g_new, evaluations = self._line_search(
+            closure, group, params, state, theta, f, g, form, finite, evaluations
+        )
     self._form = None
     dropped += self._compact()[1]  # the removal of lines 30–39 after this step's push
     state["pairs_dropped"] += dropped
@@ -237,9 +307,14 @@ def step(self: LSR1, closure: Callable[[], Tensor]) -> Tensor:
     if group["full_batch"]:
         state["cached_theta"], state["cached_loss"], state["cached_grad"] = theta_new, f_new, g_new
     self._raw_stats = {
-        **common, **raw, "dropped": dropped,
-        "pairs_stored": state["pairs_stored"].clone(), "pairs_skipped": state["pairs_skipped"].clone(),
-        "pairs_dropped": state["pairs_dropped"].clone(), "memory_size": self.memory.count.clone(), "memory_capacity": self.memory.size,
+        **common,
+        **raw,
+        "dropped": dropped,
+        "pairs_stored": state["pairs_stored"].clone(),
+        "pairs_skipped": state["pairs_skipped"].clone(),
+        "pairs_dropped": state["pairs_dropped"].clone(),
+        "memory_size": self.memory.count.clone(),
+        "memory_capacity": self.memory.size,
         "resets": state["resets"].clone(),
         "gradient_evaluations": evaluations,
         "total_gradient_evaluations": state["gradient_evaluations"],
@@ -257,8 +332,12 @@ def _push(self: LSR1, state, s, y, Bs, finite, dual: bool) -> dict:
     state["pairs_stored"] += accept.long()
     state["pairs_skipped"] += (finite & ~accept).long()
     a, b, w = (y, s, s.double() - Bs.double()) if dual else (s, y, y.double() - Bs.double())
-    return {"pair_stored": accept, "pair_skipped": finite & ~accept, "sy": torch.dot(s.double(), y.double()),
-            "sr1_denominator": torch.dot(a.double(), w)}
+    return {
+        "pair_stored": accept,
+        "pair_skipped": finite & ~accept,
+        "sy": torch.dot(s.double(), y.double()),
+        "sr1_denominator": torch.dot(a.double(), w),
+    }
 
 # %% ../../nbs/46_lsr1.ipynb #45d40014
 @patch
@@ -274,21 +353,44 @@ def _trial_step(self: LSR1, group, g, form, radius):
 
 # %% ../../nbs/46_lsr1.ipynb #45d40018
 @patch
-def _trust_region(self: LSR1, closure, group, params, state, theta, f, g, form, finite, evaluations):
+def _trust_region(
+    self: LSR1, closure, group, params, state, theta, f, g, form, finite, evaluations
+):
     "Algorithm 1, lines 3–40: the trial, ρ, acceptance, the radius and the memory."
     false = torch.zeros((), dtype=torch.bool, device=theta.device)
     if state["radius"] is None and finite:  # Δ₀ = ‖∇f(x₀)‖ (Require line), or the given radius
         norm = torch.linalg.vector_norm(g.double())
-        state["radius"] = (torch.tensor(group["radius"], dtype=torch.float64, device=theta.device) if group["radius"] is not None
-                           else torch.where(norm > 0, norm, 1.0))
+        state["radius"] = (
+            torch.tensor(group["radius"], dtype=torch.float64, device=theta.device)
+            if group["radius"] is not None
+            else torch.where(norm > 0, norm, 1.0)
+        )
     radius = state["radius"]
     nan = torch.tensor(math.nan, dtype=torch.float64, device=theta.device)
     if not finite:  # nothing can be trusted at xₖ: stay, store nothing
-        raw = {"trial_loss": nan, "loss_after": f, "ared": nan, "pred": nan, "rho": nan, "accepted": false,
-               "rejections": state["rejections"].clone(), "radius": radius if radius is not None else nan,
-               "radius_after": radius if radius is not None else nan, "step_norm": nan, "gradient_step": False,
-               "on_boundary": False, "hard_case": False, "sigma": math.nan, "lambda_min": math.nan, "subproblem_iterations": 0,
-               "pair_stored": false, "pair_skipped": false, "sy": nan, "sr1_denominator": nan, "non_finite": True}
+        raw = {
+            "trial_loss": nan,
+            "loss_after": f,
+            "ared": nan,
+            "pred": nan,
+            "rho": nan,
+            "accepted": false,
+            "rejections": state["rejections"].clone(),
+            "radius": radius if radius is not None else nan,
+            "radius_after": radius if radius is not None else nan,
+            "step_norm": nan,
+            "gradient_step": False,
+            "on_boundary": False,
+            "hard_case": False,
+            "sigma": math.nan,
+            "lambda_min": math.nan,
+            "subproblem_iterations": 0,
+            "pair_stored": false,
+            "pair_skipped": false,
+            "sy": nan,
+            "sr1_denominator": nan,
+            "non_finite": True,
+        }
         return raw, theta, f, g, evaluations
     p, solved, gradient_step = self._trial_step(group, g, form, radius)  # lines 3–7
     theta_trial = theta + p
@@ -307,19 +409,41 @@ def _trust_region(self: LSR1, closure, group, params, state, theta, f, g, form, 
     theta_new = torch.where(accepted, theta_trial, theta)  # a rejected trial leaves θ's own bits
     assign_flat_(params, theta_new)
     step_norm = torch.linalg.vector_norm(s64)
-    radius_after = update_radius(radius, rho, step_norm, increase=group["increase"], decrease=group["decrease"],
-                                 good=group["good"], bad=group["bad"], near_boundary=group["near_boundary"],
-                                 max_radius=group["max_radius"])  # lines 18–25
+    radius_after = update_radius(
+        radius,
+        rho,
+        step_norm,
+        increase=group["increase"],
+        decrease=group["decrease"],
+        good=group["good"],
+        bad=group["bad"],
+        near_boundary=group["near_boundary"],
+        max_radius=group["max_radius"],
+    )  # lines 18–25
     state["radius"] = radius_after
     state["rejections"] += (~accepted).long()
     pair = self._push(state, s, y, Bs, trial_finite, dual=False)  # lines 26–29, for every trial
     f_new, g_new = torch.where(accepted, f_trial, f), torch.where(accepted, g_trial, g)
-    raw = {"trial_loss": f_trial, "loss_after": f_new, "ared": ared, "pred": pred, "rho": rho, "accepted": accepted,
-           "rejections": state["rejections"].clone(), "radius": radius, "radius_after": radius_after, "step_norm": step_norm,
-           "gradient_step": gradient_step, "on_boundary": bool(solved and solved.on_boundary),
-           "hard_case": bool(solved and solved.hard_case), "sigma": solved.sigma if solved else math.nan,
-           "lambda_min": solved.lambda_min if solved else group["gamma"],
-           "subproblem_iterations": solved.iterations if solved else 0, "non_finite": ~trial_finite, **pair}
+    raw = {
+        "trial_loss": f_trial,
+        "loss_after": f_new,
+        "ared": ared,
+        "pred": pred,
+        "rho": rho,
+        "accepted": accepted,
+        "rejections": state["rejections"].clone(),
+        "radius": radius,
+        "radius_after": radius_after,
+        "step_norm": step_norm,
+        "gradient_step": gradient_step,
+        "on_boundary": bool(solved and solved.on_boundary),
+        "hard_case": bool(solved and solved.hard_case),
+        "sigma": solved.sigma if solved else math.nan,
+        "lambda_min": solved.lambda_min if solved else group["gamma"],
+        "subproblem_iterations": solved.iterations if solved else 0,
+        "non_finite": ~trial_finite,
+        **pair,
+    }
     return raw, theta_new, f_new, g_new, evaluations
 
 # %% ../../nbs/46_lsr1.ipynb #45d4001a
@@ -330,7 +454,9 @@ def _direction(self: LSR1, group, state, g, form):
     gradient_step = form.k == 0
     d = -g if gradient_step else -form.mv(g)  # lines 4 and 7
     gtd = torch.dot(g.double(), d.double())
-    fallback = ~(gtd < 0) & (g != 0).any() & torch.isfinite(gtd)  # not a descent direction: −H₀g instead
+    fallback = (
+        ~(gtd < 0) & (g != 0).any() & torch.isfinite(gtd)
+    )  # not a descent direction: −H₀g instead
     d = torch.where(fallback, -delta * g, d)
     gtd = torch.where(fallback, torch.dot(g.double(), d.double()), gtd)
     state["descent_fallbacks"] += fallback.long()
@@ -343,23 +469,34 @@ def _line_search(self: LSR1, closure, group, params, state, theta, f, g, form, f
     false = torch.zeros((), dtype=torch.bool, device=theta.device)
     delta = 1.0 / group["gamma"]  # H₀ = δI
     d, gtd, fallback, gradient_step = self._direction(group, state, g, form)  # lines 4–7
-    alpha0 = 1.0 if state["step_length"] is None else min(1.0, 2.0 * state["step_length"])  # lines 9–11
+    alpha0 = (
+        1.0 if state["step_length"] is None else min(1.0, 2.0 * state["step_length"])
+    )  # lines 9–11
     result = None
     if finite:
+
         def phi(alpha: float):
             assign_flat_(params, torch.add(theta, d, alpha=alpha))
             f_a, g_a = self._evaluate(closure)
             return float(f_a), float(torch.dot(g_a.double(), d.double())), (f_a, g_a)
 
-        options = dict(c1=group["armijo"], max_evaluations=group["max_evaluations"], resolution=torch.finfo(theta.dtype).eps)
+        options = dict(
+            c1=group["armijo"],
+            max_evaluations=group["max_evaluations"],
+            resolution=torch.finfo(theta.dtype).eps,
+        )
         if group["line_search"] == "strong_wolfe":
             result = strong_wolfe(phi, float(f), float(gtd), alpha0, c2=group["wolfe"], **options)
         else:
-            result = armijo_backtracking(phi, float(f), float(gtd), alpha0, factor=group["backtrack"], **options)
+            result = armijo_backtracking(
+                phi, float(f), float(gtd), alpha0, factor=group["backtrack"], **options
+            )
         evaluations += result.evaluations
     if result is not None and result.success:
         alpha = result.alpha
-        theta_new = torch.add(theta, d, alpha=alpha)  # the same expression as the trial: the same bits
+        theta_new = torch.add(
+            theta, d, alpha=alpha
+        )  # the same expression as the trial: the same bits
         assign_flat_(params, theta_new)
         (f_new, g_new), ok = result.payload, ~false
         state["step_length"] = alpha
@@ -374,9 +511,17 @@ def _line_search(self: LSR1, closure, group, params, state, theta, f, g, form, f
     s, y = theta_new - theta, g_new - g  # lines 13–15
     Hy = delta * y if gradient_step else form.mv(y)  # lines 16–18
     pair = self._push(state, s, y, Hy, ok, dual=True)  # lines 19–23
-    raw = {"loss_after": f_new, "step_size": alpha, "initial_step_size": alpha0,
-           "line_search_evaluations": result.evaluations if result is not None else 0,
-           "line_search_stop": result.stop if result is not None else "", "descent_fallback": fallback,
-           "descent_fallbacks": state["descent_fallbacks"].clone(), "step_norm": torch.linalg.vector_norm(s.double()),
-           "gradient_step": gradient_step, "non_finite": not finite, **pair}
+    raw = {
+        "loss_after": f_new,
+        "step_size": alpha,
+        "initial_step_size": alpha0,
+        "line_search_evaluations": result.evaluations if result is not None else 0,
+        "line_search_stop": result.stop if result is not None else "",
+        "descent_fallback": fallback,
+        "descent_fallbacks": state["descent_fallbacks"].clone(),
+        "step_norm": torch.linalg.vector_norm(s.double()),
+        "gradient_step": gradient_step,
+        "non_finite": not finite,
+        **pair,
+    }
     return raw, theta_new, f_new, g_new, evaluations

@@ -22,16 +22,24 @@ class _Momentum(torch.optim.Optimizer):
     "What CM and NAG share: hyperparameters that may be schedules, the velocity state, the step count and `stats`."
 
     def __init__(self, params, lr, momentum: float = 0.9):
-        self.schedules = {name: value for name, value in (("lr", lr), ("momentum", momentum)) if callable(value)}
-        defaults = dict(lr=self._checked("lr", lr, 0), momentum=self._checked("momentum", momentum, 0))
+        self.schedules = {
+            name: value for name, value in (("lr", lr), ("momentum", momentum)) if callable(value)
+        }
+        defaults = dict(
+            lr=self._checked("lr", lr, 0), momentum=self._checked("momentum", momentum, 0)
+        )
         super().__init__(params, defaults)
         # a schedule given inside a parameter group is that group's own; the group holds its current value
-        self.group_schedules = [{name: group[name] for name in ("lr", "momentum") if callable(group[name])}
-                                for group in self.param_groups]
+        self.group_schedules = [
+            {name: group[name] for name in ("lr", "momentum") if callable(group[name])}
+            for group in self.param_groups
+        ]
         for group, own in zip(self.param_groups, self.group_schedules):
             for name, schedule in own.items():
                 group[name] = self._checked(name, schedule, 0)
-        self.updates = 0  # t: the number of updates taken (saved in state_dict; a rejected step takes none)
+        self.updates = (
+            0  # t: the number of updates taken (saved in state_dict; a rejected step takes none)
+        )
         self.stats: dict[str, float | int] = {}
 
     @staticmethod
@@ -46,15 +54,20 @@ class _Momentum(torch.optim.Optimizer):
             own = self.group_schedules[i] if i < len(self.group_schedules) else {}
             for name in ("lr", "momentum"):
                 schedule = own.get(name, self.schedules.get(name))
-                group[name] = self._checked(name, schedule if schedule is not None else group[name], self.updates)
+                group[name] = self._checked(
+                    name, schedule if schedule is not None else group[name], self.updates
+                )
 
 # %% ../../nbs/47_momentum.ipynb #decb0d3d
 class CM(_Momentum):
     """Classical momentum, Sutskever et al. 2013 eqs. 1–2: `v ← μv − ε∇f(θ)`, `θ ← θ + v`."""
 
-    def __init__(self, params,  # parameters or parameter groups, as for torch.optim.SGD
-                 lr,  # ε ∈ (0, 1e4]: a number, a schedule or a function t ↦ ε
-                 momentum=0.9):  # μ ∈ [0, 1): a number, a schedule (e.g. SutskeverMomentum) or t ↦ μ
+    def __init__(
+        self,
+        params,  # parameters or parameter groups, as for torch.optim.SGD
+        lr,  # ε ∈ (0, 1e4]: a number, a schedule or a function t ↦ ε
+        momentum=0.9,
+    ):  # μ ∈ [0, 1): a number, a schedule (e.g. SutskeverMomentum) or t ↦ μ
         super().__init__(params, lr, momentum)
 
     @torch.no_grad()
@@ -76,9 +89,12 @@ class CM(_Momentum):
 class NAG(_Momentum):
     """Nesterov's accelerated gradient, Sutskever et al. 2013 eqs. 3–4: `v ← μv − ε∇f(θ + μv)`, `θ ← θ + v`."""
 
-    def __init__(self, params,  # parameters or parameter groups, as for torch.optim.SGD
-                 lr,  # ε ∈ (0, 1e4]: a number, a schedule or t ↦ ε
-                 momentum=0.9):  # μ ∈ [0, 1): a number, a schedule or t ↦ μ
+    def __init__(
+        self,
+        params,  # parameters or parameter groups, as for torch.optim.SGD
+        lr,  # ε ∈ (0, 1e4]: a number, a schedule or t ↦ ε
+        momentum=0.9,
+    ):  # μ ∈ [0, 1): a number, a schedule or t ↦ μ
         super().__init__(params, lr, momentum)
 
     @torch.no_grad()
@@ -87,8 +103,10 @@ class NAG(_Momentum):
         call backward), then sets θ ← θ + v with the new v. Returns the loss at θ + μv. A non-finite loss or gradient
         there is rejected: θ comes back (bit for bit), v and the update count stay, and `stats["non_finite"]` says so."""
         if closure is None:
-            raise ValueError("closure: NAG needs a closure that recomputes the loss and gradients at θ + μv "
-                             "(see the notebook: the parameters hold θ between updates)")
+            raise ValueError(
+                "closure: NAG needs a closure that recomputes the loss and gradients at θ + μv "
+                "(see the notebook: the parameters hold θ between updates)"
+            )
         self._begin()
         for group in self.param_groups:
             for p in group["params"]:
@@ -103,7 +121,9 @@ class NAG(_Momentum):
                 for p in group["params"]:
                     p.copy_(self.state[p].pop("_theta"))
             raise
-        for group in self.param_groups:  # parameters the closure gave no gradient (all of them, when rejected) go back to θ
+        for group in (
+            self.param_groups
+        ):  # parameters the closure gave no gradient (all of them, when rejected) go back to θ
             for p in group["params"]:
                 if p.grad is None or not finite:
                     p.copy_(self.state[p].pop("_theta"))
@@ -118,7 +138,9 @@ class NAG(_Momentum):
 def _finite(self: _Momentum, loss) -> bool:
     """Whether the closure's loss and every gradient are finite: one ∞-norm per tensor (NaN and ±∞ propagate into it and
     a finite tensor cannot overflow it), fused by `torch._foreach_norm`, then one host read per device (one in practice)."""
-    if loss is not None and not isinstance(loss, Tensor) and not math.isfinite(float(loss)):  # a Python number: no sync
+    if (
+        loss is not None and not isinstance(loss, Tensor) and not math.isfinite(float(loss))
+    ):  # a Python number: no sync
         return False
     by_device: dict[torch.device, list[Tensor]] = {}
     tensors = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -128,7 +150,10 @@ def _finite(self: _Momentum, loss) -> bool:
         t = t.coalesce().values() if t.is_sparse else t
         if t.numel():
             by_device.setdefault(t.device, []).append(t)
-    return all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf))).all()) for ts in by_device.values())
+    return all(
+        bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, ord=math.inf))).all())
+        for ts in by_device.values()
+    )
 
 # %% ../../nbs/47_momentum.ipynb #21bc57c7
 @patch
@@ -161,8 +186,13 @@ def _update(self: _Momentum, gradients_at: str) -> None:
 @patch
 def _publish(self: _Momentum, gradients_at: str, non_finite: bool) -> None:
     group = self.param_groups[0]
-    self.stats = {"step": self.updates, "lr": group["lr"], "momentum": group["momentum"],
-                  "gradients_at": gradients_at, "non_finite": non_finite}
+    self.stats = {
+        "step": self.updates,
+        "lr": group["lr"],
+        "momentum": group["momentum"],
+        "gradients_at": gradients_at,
+        "non_finite": non_finite,
+    }
 
 # %% ../../nbs/47_momentum.ipynb #dff6be9c
 @patch
@@ -177,7 +207,9 @@ def load_state_dict(self: _Momentum, state_dict: dict) -> None:
     """Restore `state_dict()` of this class; another optimizer's state, or one with a missing or malformed entry, is refused
     (ValueError) with nothing changed."""
     state_dict = self._check_state(state_dict)
-    super(_Momentum, self).load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+    super(_Momentum, self).load_state_dict(
+        {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}
+    )
     self.updates = state_dict["updates"]
 
 # %% ../../nbs/47_momentum.ipynb #58ac2f10
@@ -185,11 +217,18 @@ def load_state_dict(self: _Momentum, state_dict: dict) -> None:
 def _check_state(self: _Momentum, state_dict) -> dict:
     "Everything `load_state_dict` checks before it changes anything; returns the state without its tag."
     name = type(self).__name__
-    state_dict = check_state_tag(self, state_dict, False, "CM's and NAG's states look alike, so one without a name is "
-                                 "refused; add the entry 'optimizer': 'CM' or 'NAG' if you know which optimizer saved it")
+    state_dict = check_state_tag(
+        self,
+        state_dict,
+        False,
+        "CM's and NAG's states look alike, so one without a name is "
+        "refused; add the entry 'optimizer': 'CM' or 'NAG' if you know which optimizer saved it",
+    )
     expected = {"state", "param_groups", "updates"}
     if set(state_dict) != expected:
-        raise ValueError(f"state_dict: expected the entries {sorted(expected)} of a {name}, got {sorted(state_dict)}")
+        raise ValueError(
+            f"state_dict: expected the entries {sorted(expected)} of a {name}, got {sorted(state_dict)}"
+        )
     updates = state_dict["updates"]
     if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
         raise ValueError(f"state_dict['updates']: expected an int ≥ 0, got {updates!r}")
@@ -205,18 +244,33 @@ def _check_state(self: _Momentum, state_dict) -> dict:
                 self._checked(key, saved[key], updates)
             except ValueError as e:
                 raise ValueError(f"state_dict['param_groups'][{i}]: {e}") from None
-    params = dict(zip((index for g in groups for index in g["params"]), (p for g in self.param_groups for p in g["params"])))
+    params = dict(
+        zip(
+            (index for g in groups for index in g["params"]),
+            (p for g in self.param_groups for p in g["params"]),
+        )
+    )
     saved_state = state_dict["state"]
     if not isinstance(saved_state, Mapping):
         raise ValueError(f"state_dict['state']: expected a dict, got {type(saved_state).__name__}")
     for index, entry in saved_state.items():
         if index not in params:
-            raise ValueError(f"state_dict['state']: {index!r} is not one of the saved parameter indices")
+            raise ValueError(
+                f"state_dict['state']: {index!r} is not one of the saved parameter indices"
+            )
         if not isinstance(entry, Mapping) or set(entry) != {"velocity"}:
-            raise ValueError(f"state_dict['state'][{index!r}]: expected {{'velocity': tensor}}, got "
-                             f"{sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__}")
+            raise ValueError(
+                f"state_dict['state'][{index!r}]: expected {{'velocity': tensor}}, got "
+                f"{sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__}"
+            )
         velocity, p = entry["velocity"], params[index]
-        if not isinstance(velocity, Tensor) or not velocity.is_floating_point() or velocity.shape != p.shape:
-            raise ValueError(f"state_dict['state'][{index!r}]['velocity']: expected a floating-point tensor of shape "
-                             f"{tuple(p.shape)}, got {f'{velocity.dtype} {tuple(velocity.shape)}' if isinstance(velocity, Tensor) else type(velocity).__name__}")
+        if (
+            not isinstance(velocity, Tensor)
+            or not velocity.is_floating_point()
+            or velocity.shape != p.shape
+        ):
+            raise ValueError(
+                f"state_dict['state'][{index!r}]['velocity']: expected a floating-point tensor of shape "
+                f"{tuple(p.shape)}, got {f'{velocity.dtype} {tuple(velocity.shape)}' if isinstance(velocity, Tensor) else type(velocity).__name__}"
+            )
     return state_dict

@@ -50,8 +50,11 @@ class Constant(Schedule):
 class SutskeverMomentum(Schedule):
     """Eq. 5 of Sutskever et al. 2013: `min(1 − 2^{−1 − log₂(⌊t/period⌋ + 1)}, mu_max)`."""
 
-    def __init__(self, mu_max: float = 0.999,  # the paper tries 0.999, 0.995, 0.99, 0.9 and 0
-                 period: int = 250):  # updates per doubling step of ⌊t/period⌋ (250 in the paper)
+    def __init__(
+        self,
+        mu_max: float = 0.999,  # the paper tries 0.999, 0.995, 0.99, 0.9 and 0
+        period: int = 250,
+    ):  # updates per doubling step of ⌊t/period⌋ (250 in the paper)
         self.mu_max = check_number("mu_max", mu_max, 0.0, 1.0, high_open=True)
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"period: must be an int ≥ 1, got {period!r}")
@@ -76,8 +79,12 @@ class NesterovMomentum(Schedule):
 class RNNMomentum(Schedule):
     """The RNN schedule of Sutskever et al. 2013 §4.2: `initial` for the first `switch` updates, then `mu0`."""
 
-    def __init__(self, mu0: float = 0.995,  # the paper tries 0, 0.9, 0.98 and 0.995
-                 switch: int = 1000, initial: float = 0.9):
+    def __init__(
+        self,
+        mu0: float = 0.995,  # the paper tries 0, 0.9, 0.98 and 0.995
+        switch: int = 1000,
+        initial: float = 0.9,
+    ):
         self.mu0 = check_number("mu0", mu0, 0.0, 1.0, high_open=True)
         self.initial = check_number("initial", initial, 0.0, 1.0, high_open=True)
         if isinstance(switch, bool) or not isinstance(switch, int) or switch < 0:
@@ -91,12 +98,17 @@ class RNNMomentum(Schedule):
 class FineTuning(Schedule):
     """Table 2 of Sutskever et al. 2013: `base` until the last `last` of `total` updates, then at most `value`."""
 
-    def __init__(self, base: Callable[[int], float],  # the schedule of the main phase
-                 total: int,  # the number of updates of the whole run
-                 last: int = 1000,  # the length of the fine-tuning phase
-                 value: float = 0.9):  # its momentum; a base value below it (e.g. μ = 0) is kept
+    def __init__(
+        self,
+        base: Callable[[int], float],  # the schedule of the main phase
+        total: int,  # the number of updates of the whole run
+        last: int = 1000,  # the length of the fine-tuning phase
+        value: float = 0.9,
+    ):  # its momentum; a base value below it (e.g. μ = 0) is kept
         if not callable(base):
-            raise TypeError(f"base: expected a schedule (a function of t), got {type(base).__name__}")
+            raise TypeError(
+                f"base: expected a schedule (a function of t), got {type(base).__name__}"
+            )
         for name, number in (("total", total), ("last", last)):
             if isinstance(number, bool) or not isinstance(number, int) or number < 0:
                 raise ValueError(f"{name}: must be an int ≥ 0, got {number!r}")
@@ -111,8 +123,12 @@ class FineTuning(Schedule):
 class AnnealedRate(Schedule):
     """A learning rate `initial` until update `start`, then `min(initial, c/(t − start))` (Sutskever et al. 2013 A.6)."""
 
-    def __init__(self, c: float,  # the numerator: 500 for CURVES (start 4000), 250 for MNIST (start 0)
-                 start: int = 0, initial: float = 1.0):
+    def __init__(
+        self,
+        c: float,  # the numerator: 500 for CURVES (start 4000), 250 for MNIST (start 0)
+        start: int = 0,
+        initial: float = 1.0,
+    ):
         self.c = check_number("c", c, 0.0, low_open=True)
         self.initial = check_number("initial", initial, 0.0, low_open=True)
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
@@ -124,10 +140,17 @@ class AnnealedRate(Schedule):
         return self.initial if t <= self.start else min(self.initial, self.c / (t - self.start))
 
 
-def evaluate_schedule(name: str, value, t: int, low: float = -math.inf, high: float = math.inf,
-                      low_open: bool = False, high_open: bool = False,
-                      kind: str | None = None,  # a kind of qnwb.core.SETTING_BOUNDS ("step_size"): its bound replaces `high`
-                      ) -> float:
+def evaluate_schedule(
+    name: str,
+    value,
+    t: int,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    kind: str
+    | None = None,  # a kind of qnwb.core.SETTING_BOUNDS ("step_size"): its bound replaces `high`
+) -> float:
     """The value of a hyperparameter that is a number or a schedule `t ↦ number`, checked against its range."""
     number = value(t) if callable(value) else value
     try:
@@ -139,9 +162,12 @@ def evaluate_schedule(name: str, value, t: int, low: float = -math.inf, high: fl
         raise ValueError(f"{error}{where}") from None
 
 # %% ../../nbs/39_schedules.ipynb #5b32c8a4
-def schedule_figure(schedules: dict[str, Callable[[int], float]],  # label ↦ schedule
-                    updates: int = 5000,  # plot updates 0 … updates − 1
-                    title: str = "Schedules", log_memory: bool = False):  # log_memory: plot 1/(1 − μ) on a log axis
+def schedule_figure(
+    schedules: dict[str, Callable[[int], float]],  # label ↦ schedule
+    updates: int = 5000,  # plot updates 0 … updates − 1
+    title: str = "Schedules",
+    log_memory: bool = False,
+):  # log_memory: plot 1/(1 − μ) on a log axis
     """A plotly figure of each schedule's values over `updates` updates."""
     import plotly.graph_objects as go
 
@@ -153,8 +179,18 @@ def schedule_figure(schedules: dict[str, Callable[[int], float]],  # label ↦ s
         values = [schedule(i) for i in t]
         if log_memory:
             values = [1.0 / (1.0 - v) if v < 1 else math.inf for v in values]
-        figure.add_scatter(x=t, y=values, mode="lines", name=label,
-                           hovertemplate="update %{x}<br>%{y:.5g}<extra>" + label + "</extra>")
-    figure.update_layout(title=title, xaxis_title="update t", yaxis_title="1/(1 − μ)" if log_memory else "value",
-                         yaxis_type="log" if log_memory else "linear", template="plotly_white")
+        figure.add_scatter(
+            x=t,
+            y=values,
+            mode="lines",
+            name=label,
+            hovertemplate="update %{x}<br>%{y:.5g}<extra>" + label + "</extra>",
+        )
+    figure.update_layout(
+        title=title,
+        xaxis_title="update t",
+        yaxis_title="1/(1 − μ)" if log_memory else "value",
+        yaxis_type="log" if log_memory else "linear",
+        template="plotly_white",
+    )
     return figure

@@ -65,18 +65,39 @@ class SQN(FlatOptimizer):
         if curvature_rule not in CURVATURE_RULES:
             raise ValueError(f"curvature_rule: {curvature_rule!r} is not one of {CURVATURE_RULES}")
         self.model, self.loss = model, matching_loss(loss)
-        defaults = dict(lr=float(lr), memory=memory, L=L, curvature=curvature, h0=h0, curvature_skip=float(curvature_skip),
-                        curvature_rule=curvature_rule, route=route)
+        defaults = dict(
+            lr=float(lr),
+            memory=memory,
+            L=L,
+            curvature=curvature,
+            h0=h0,
+            curvature_skip=float(curvature_skip),
+            curvature_rule=curvature_rule,
+            route=route,
+        )
         super().__init__(model.parameters(), defaults)
         params = self.param_groups[0]["params"]
-        self.memory = PairMemory(memory, sum(p.numel() for p in params), device=params[0].device, dtype=params[0].dtype)
+        self.memory = PairMemory(
+            memory, sum(p.numel() for p in params), device=params[0].device, dtype=params[0].dtype
+        )
 
     _counts = ("L",)
     _bounded = {"lr": "step_size"}
-    _entries = {"step": "int", "cycles": "int", "gradient_evaluations": "int", "curvature_products": "int", "iterate_sum": "vector",
-                "pairs_stored": "count", "pairs_skipped": "count", "non_finite": "count"}
-    _optional_entries = {"cycle_start": "int", "cycle_length": "int",  # absent from states saved before L could change
-                         "previous_average": "vector"}  # from the first cycle's end
+    _entries = {
+        "step": "int",
+        "cycles": "int",
+        "gradient_evaluations": "int",
+        "curvature_products": "int",
+        "iterate_sum": "vector",
+        "pairs_stored": "count",
+        "pairs_skipped": "count",
+        "non_finite": "count",
+    }
+    _optional_entries = {
+        "cycle_start": "int",
+        "cycle_length": "int",  # absent from states saved before L could change
+        "previous_average": "vector",
+    }  # from the first cycle's end
 
 # %% ../../nbs/44_sqn.ipynb #f2ba012d
 @patch
@@ -85,7 +106,9 @@ def _state(self: SQN) -> dict:
     state = self.state[params[0]]
     if not state:
         state.update(step=0, cycles=0, gradient_evaluations=0, curvature_products=0)
-        state["iterate_sum"] = torch.zeros(self.memory.n, dtype=params[0].dtype, device=params[0].device)
+        state["iterate_sum"] = torch.zeros(
+            self.memory.n, dtype=params[0].dtype, device=params[0].device
+        )
         for name in ("pairs_stored", "pairs_skipped", "non_finite"):
             state[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
     _cycle_state(state, self.param_groups[0]["L"])
@@ -102,8 +125,12 @@ def _stand_in(self: SQN, settings: dict) -> SQN:
 @torch.no_grad()
 def step(
     self: SQN,
-    closure: Callable[[], Tensor],  # zeroes the gradients, computes the loss on this step's batch, calls backward, returns it
-    curvature_batch: tuple[Tensor, Tensor] | Callable[[], tuple[Tensor, Tensor]] | None = None,  # 𝓗ₜ, needed when a pair is formed
+    closure: Callable[
+        [], Tensor
+    ],  # zeroes the gradients, computes the loss on this step's batch, calls backward, returns it
+    curvature_batch: tuple[Tensor, Tensor]
+    | Callable[[], tuple[Tensor, Tensor]]
+    | None = None,  # 𝓗ₜ, needed when a pair is formed
 ) -> Tensor:
     """One SQN iteration; every L-th also forms the pair (s, y) from the averages of the last two cycles."""
     if not callable(closure):
@@ -116,8 +143,10 @@ def step(
     L, cycle_ends = _cycle(state, group["L"])
     pair_due = cycle_ends and "previous_average" in state
     if pair_due and curvature_batch is None:
-        raise ValueError(f"curvature_batch: step {k + 1} forms a curvature pair (it ends a cycle of L = {L} steps) "
-                         "and needs a batch")
+        raise ValueError(
+            f"curvature_batch: step {k + 1} forms a curvature pair (it ends a cycle of L = {L} steps) "
+            "and needs a batch"
+        )
     state["cycle_length"] = L
 
     theta = flat_params(params).clone()
@@ -125,27 +154,46 @@ def step(
     state["iterate_sum"] += theta  # eq. 6: the iterates at which this cycle's gradients are taken
     theta_new = torch.add(theta, two_loop(memory, g, group["h0"], check=False), alpha=-group["lr"])
     ok = torch.isfinite(f) & torch.isfinite(g).all() & torch.isfinite(theta_new).all()
-    theta_new = torch.where(ok, theta_new, theta)  # a non-finite gradient never reaches the parameters
+    theta_new = torch.where(
+        ok, theta_new, theta
+    )  # a non-finite gradient never reaches the parameters
     assign_flat_(params, theta_new)
     state["non_finite"] += (~ok).long()
 
-    stats = {"step": k + 1, "loss": f, "step_size": torch.where(ok, group["lr"], 0.0), "non_finite": ~ok, "pair_formed": 0,
-             "pair_stored": False, "pair_skipped": False, "sy": float("nan"), "curvature_products": 0}
+    stats = {
+        "step": k + 1,
+        "loss": f,
+        "step_size": torch.where(ok, group["lr"], 0.0),
+        "non_finite": ~ok,
+        "pair_formed": 0,
+        "pair_stored": False,
+        "pair_skipped": False,
+        "sy": float("nan"),
+        "curvature_products": 0,
+    }
     if cycle_ends:
         average = state["iterate_sum"] / L
         state["iterate_sum"].zero_()
         if pair_due:  # eqs. 6–7: s from the last two averages, y on the curvature batch
             stats.update(self._form_pair(state, group, average, curvature_batch))
-        state["previous_average"] = average  # Byrd et al.: advances whether or not the pair is stored
+        state["previous_average"] = (
+            average  # Byrd et al.: advances whether or not the pair is stored
+        )
         state["cycles"] += 1
         state["cycle_start"] = k + 1
     state["step"] = k + 1
     state["gradient_evaluations"] += 1
-    stats.update(pairs_stored=state["pairs_stored"].clone(), pairs_skipped=state["pairs_skipped"].clone(),
-                 memory_size=memory.count.clone(), memory_capacity=memory.size, cycles=state["cycles"], cycle_length=L,
-                 gradient_evaluations=1,
-                 total_gradient_evaluations=state["gradient_evaluations"],
-                 total_curvature_products=state["curvature_products"])
+    stats.update(
+        pairs_stored=state["pairs_stored"].clone(),
+        pairs_skipped=state["pairs_skipped"].clone(),
+        memory_size=memory.count.clone(),
+        memory_capacity=memory.size,
+        cycles=state["cycles"],
+        cycle_length=L,
+        gradient_evaluations=1,
+        total_gradient_evaluations=state["gradient_evaluations"],
+        total_curvature_products=state["curvature_products"],
+    )
     self._raw_stats, self._stats = stats, None
     return f
 
@@ -162,7 +210,13 @@ def _form_pair(self: SQN, state: dict, group: dict, average: Tensor, curvature_b
     state["pairs_stored"] += accept.long()
     state["pairs_skipped"] += (~accept).long()
     state["curvature_products"] += 1
-    return dict(pair_formed=1, pair_stored=accept, pair_skipped=~accept, sy=torch.dot(s.double(), y.double()), curvature_products=1)
+    return dict(
+        pair_formed=1,
+        pair_stored=accept,
+        pair_skipped=~accept,
+        sy=torch.dot(s.double(), y.double()),
+        curvature_products=1,
+    )
 
 # %% ../../nbs/44_sqn.ipynb #24cedb4e
 @patch
