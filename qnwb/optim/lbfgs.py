@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..core import assign_flat_, check_number, check_setting, flat_params, patch
 from .base import FlatOptimizer, _one_group
-from .line_search import armijo_backtracking, strong_wolfe
+from .line_search import group_line_search
 from qnwb.optim.memory import (
     CURVATURE_RULES,
     DIAGONAL_KINDS,
@@ -291,17 +291,7 @@ def _search(self: LBFGS, closure, group, params, theta, f, g, p, gtp, finite):
         f_a, g_a = self._evaluate(closure)
         return float(f_a), float(torch.dot(g_a, p)), (f_a, g_a)
 
-    options = dict(
-        c1=group["armijo"],
-        max_evaluations=group["max_evaluations"],
-        resolution=torch.finfo(theta.dtype).eps,
-    )
-    if group["line_search"] == "strong_wolfe":
-        result = strong_wolfe(phi, float(f), float(gtp), alpha0, c2=group["wolfe"], **options)
-    else:
-        result = armijo_backtracking(
-            phi, float(f), float(gtp), alpha0, factor=group["backtrack"], **options
-        )
+    result = group_line_search(group, phi, float(f), float(gtp), alpha0, theta.dtype)
     if not result.success:
         assign_flat_(params, theta)  # bit for bit: the saved copy
         return theta, f, g, torch.zeros((), dtype=theta.dtype, device=theta.device), false, result

@@ -8,9 +8,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 # %% auto #0
-__all__ = ['LineSearchResult', 'cubic_minimizer', 'strong_wolfe', 'armijo_backtracking']
+__all__ = ['LineSearchResult', 'cubic_minimizer', 'strong_wolfe', 'armijo_backtracking', 'group_line_search']
 
 # %% ../../nbs/40_line_search.ipynb #40a10005
 @dataclass
@@ -156,3 +159,22 @@ def armijo_backtracking(
             return LineSearchResult(0.0, f0, d0, None, evaluations, False, "resolution")
         alpha *= factor
     return LineSearchResult(0.0, f0, d0, None, max_evaluations, False, "failed")
+
+# %% ../../nbs/40_line_search.ipynb #4eb196c7
+def group_line_search(
+    group: dict,  # a parameter group with line_search, armijo, wolfe, backtrack and max_evaluations
+    phi: Callable[[float], tuple[float, float, Any]],  # α ↦ (φ(α), φ'(α), extra)
+    f0: float,  # φ(0)
+    d0: float,  # φ'(0) < 0
+    alpha0: float,  # the first trial
+    dtype: torch.dtype,  # the parameters' floating-point type (its ε is the resolution)
+) -> LineSearchResult:
+    """The search `group["line_search"]` names ("strong_wolfe" or "armijo") with the group's constants."""
+    options = dict(
+        c1=group["armijo"],
+        max_evaluations=group["max_evaluations"],
+        resolution=torch.finfo(dtype).eps,
+    )
+    if group["line_search"] == "strong_wolfe":
+        return strong_wolfe(phi, f0, d0, alpha0, c2=group["wolfe"], **options)
+    return armijo_backtracking(phi, f0, d0, alpha0, factor=group["backtrack"], **options)

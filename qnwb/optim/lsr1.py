@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..core import assign_flat_, check_number, check_setting, flat_params, patch
 from .base import FlatOptimizer, _one_group
-from .line_search import armijo_backtracking, strong_wolfe
+from .line_search import group_line_search
 from .memory import CompactForm, PairMemory, sr1_compact, sr1_condition
 from ..trust_region import solve_trust_region_compact
 
@@ -480,17 +480,7 @@ def _line_search(self: LSR1, closure, group, params, state, theta, f, g, form, f
             f_a, g_a = self._evaluate(closure)
             return float(f_a), float(torch.dot(g_a.double(), d.double())), (f_a, g_a)
 
-        options = dict(
-            c1=group["armijo"],
-            max_evaluations=group["max_evaluations"],
-            resolution=torch.finfo(theta.dtype).eps,
-        )
-        if group["line_search"] == "strong_wolfe":
-            result = strong_wolfe(phi, float(f), float(gtd), alpha0, c2=group["wolfe"], **options)
-        else:
-            result = armijo_backtracking(
-                phi, float(f), float(gtd), alpha0, factor=group["backtrack"], **options
-            )
+        result = group_line_search(group, phi, float(f), float(gtd), alpha0, theta.dtype)
         evaluations += result.evaluations
     if result is not None and result.success:
         alpha = result.alpha
