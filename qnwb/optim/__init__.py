@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..core import check_setting
 from . import schedules
 from .adaqn import AdaQN
-from .hessian_free import HessianFree
+from .hessian_free import PRESETS, HessianFree, hessian_free_preset, levenberg_marquardt
 from .lbfgs import LBFGS
 from .lsr1 import LSR1
 from .momentum import CM, NAG
