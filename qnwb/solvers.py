@@ -15,7 +15,7 @@ from torch import Tensor
 from .core import check_positive_int
 
 # %% auto #0
-__all__ = ['backtracking_grid', 'CGResult', 'conjugate_gradient']
+__all__ = ['CG_TERMINATIONS', 'backtracking_grid', 'CGResult', 'conjugate_gradient']
 
 # %% ../nbs/30_solvers.ipynb #fe91f0ed
 def backtracking_grid(max_iterations: int, start: float = 5.0, factor: float = 1.3) -> list[int]:
@@ -187,14 +187,24 @@ def _cg_step(
     return x, r, p, ry_next, ok
 
 # %% ../nbs/30_solvers.ipynb #4a2ad2b8
+CG_TERMINATIONS = ("window", "average")  # eq. 2 read literally; Martens 2010's code (s_j < k·tol)
+
+
 def _stop_flag(
-    q: Tensor, j: int, ok: Tensor, ry: Tensor, min_iterations: int, tolerance: float | None
+    q: Tensor,
+    j: int,
+    ok: Tensor,
+    ry: Tensor,
+    min_iterations: int,
+    tolerance: float | None,
+    termination: str = "window",  # one of CG_TERMINATIONS
 ) -> Tensor:
     "A device bool: stop after step j (non-finite, non-positive curvature, an exact solution, or eq. 2's progress test)."
     flag = ~torch.isfinite(q[j]) | ~ok | (ry == 0)
     k = max(10, -(-j // 10))  # ⌈j/10⌉ as in Martens' code
     if tolerance is not None and j >= max(min_iterations, k):
-        flag = flag | ((q[j] < 0) & ((q[j] - q[j - k]) / q[j] < tolerance))
+        threshold = tolerance * k if termination == "average" else tolerance
+        flag = flag | ((q[j] < 0) & ((q[j] - q[j - k]) / q[j] < threshold))
     return flag
 
 
@@ -254,6 +264,7 @@ def conjugate_gradient(
     min_iterations: int = 0,  # the progress test is not applied before this step
     tolerance: float
     | None = 1e-4,  # eq. 2's threshold on s_j; None: no progress test (and no reads)
+    termination: str = "window",  # CG_TERMINATIONS: s_j < tolerance ("window", eq. 2) or s_j < k·tolerance ("average")
     radius: float | None = None,  # Steihaug–Toint trust region ‖x‖_P ≤ radius (x0 must be zero)
     save_iterates: bool = True,  # keep the iterates at the backtracking grid ⌈5·1.3^j⌉ (§8.7)
     monitor=None,  # a function x ↦ objective (HF: f(θ + x) on the curvature batch, §13's second recipe); None: off
@@ -279,6 +290,8 @@ def conjugate_gradient(
         monitor_tolerance,
         on_step,
     )
+    if termination not in CG_TERMINATIONS:
+        raise ValueError(f"termination: {termination!r} is not one of {CG_TERMINATIONS}")
     mv, solve, diagonal = _cg_operators(A, preconditioner, radius, x0)
     lagged = b.device.type == "cuda" if _lagged is None else _lagged
     x, r, p, ry, products = _cg_start(mv, solve, b, x0)
@@ -317,7 +330,8 @@ def conjugate_gradient(
             if steps >= min_iterations and _worse(monitored, monitor_window, monitor_tolerance):
                 stop = "objective"
                 break
-        state = (_stop_flag(q, steps, ok, ry, min_iterations, tolerance), q, steps, pAp, ry)
+        flag = _stop_flag(q, steps, ok, ry, min_iterations, tolerance, termination)
+        state = (flag, q, steps, pAp, ry)
         if lagged:
             previous = state
         elif bool(state[0]):

@@ -430,6 +430,36 @@ def test_presets_of_section_13():
     assert not hybrid.options["line_search"] and hybrid.param_groups[0]["cg_max_iterations"] == 20
     with pytest.raises(ValueError, match="preset"):
         HessianFree.preset("newton", model, "squared_error")
+    for name in (
+        "martens2010",
+        "rnn2011",
+    ):  # the recipes of Martens' code stop CG by its average progress
+        preset = HessianFree.preset(name, rnn, "squared_error")
+        assert (
+            preset.options["cg_termination"] == "average"
+            and preset.param_groups[0]["cg_tolerance"] == 5e-4
+        )
+
+
+def test_the_cg_termination_choice_reaches_cg():
+    iterations = {}
+    for termination in ("window", "average"):
+        rnn, batch = addition_rnn()
+        hf = HessianFree(
+            rnn,
+            "squared_error",
+            damping=1e-3,
+            cg_termination=termination,
+            cg_tolerance=5e-4,
+            seed=0,
+        )
+        hf.step(batch)
+        iterations[termination] = hf.stats["cg_iterations"]
+    assert (
+        iterations["average"] < iterations["window"]
+    )  # k times looser: CG stops sooner on the same step
+    with pytest.raises(ValueError, match="cg_termination: 'mean' is not one of"):
+        HessianFree(rnn, "squared_error", cg_termination="mean")
 
 
 def test_the_learning_rate_scales_the_update_when_there_is_no_line_search():

@@ -109,6 +109,29 @@ def test_progress_termination_fires_at_the_first_step_that_meets_eq_2(n, low, to
     assert result.products == j
 
 
+@pytest.mark.parametrize("n, low, epsilon", [(200, 1e-3, 5e-4), (600, 1e-6, 1e-5)])
+def test_the_average_reading_stops_where_the_window_s_average_progress_meets_epsilon(
+    n, low, epsilon
+):
+    # Martens 2010's code: s_j < k·ε; a step later than the literal window reading of eq. 2 can never be
+    A, b = spd(n, low, 1.0, seed=7 if n == 200 else 11)
+    result = conjugate_gradient(
+        lambda v: A @ v, b, tolerance=epsilon, termination="average", max_iterations=n
+    )
+    j = result.iterations
+
+    def average(i):
+        return relative_progress(result.q, i) / max(10, math.ceil(i / 10))
+
+    assert result.stop == "progress" and j >= 10
+    assert average(j) < epsilon
+    assert all(average(i) >= epsilon for i in range(10, j))
+    literal = conjugate_gradient(lambda v: A @ v, b, tolerance=epsilon, max_iterations=n)
+    assert literal.iterations > j  # the window reading asks k times more progress
+    with pytest.raises(ValueError, match="termination: 'mean' is not one of"):
+        conjugate_gradient(lambda v: A @ v, b, termination="mean")
+
+
 def exact_trust_region(A, b, radius):
     """argmin q(x) subject to ‖x‖ ≤ radius, by eigendecomposition and bisection on the multiplier (A positive definite)."""
     w, V = torch.linalg.eigh(A)

@@ -38,7 +38,7 @@ from qnwb.curvature import (
 from ..losses import MatchingLoss, matching_loss
 from .line_search import armijo_backtracking
 from .schedules import evaluate_schedule
-from ..solvers import conjugate_gradient
+from ..solvers import CG_TERMINATIONS, conjugate_gradient
 
 # %% auto #0
 __all__ = ['PRESETS', 'levenberg_marquardt', 'curvature_operator', 'HessianFree', 'hessian_free_preset']
@@ -106,6 +106,7 @@ def _check_options(
     route,
     line_search,
     cg_tolerance,
+    cg_termination,
     armijo,
     line_search_factor,
     cg_max_iterations,
@@ -127,6 +128,8 @@ def _check_options(
 ) -> None:
     "The options of HessianFree's step, checked in the constructor's order (`route` and `line_search` take any value)."
     check_number("cg_tolerance", cg_tolerance, 0.0, 1.0, low_open=True, high_open=True)
+    if cg_termination not in CG_TERMINATIONS:
+        raise ValueError(f"cg_termination: {cg_termination!r} is not one of {CG_TERMINATIONS}")
     check_number("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
     check_number("line_search_factor", line_search_factor, 0.0, 1.0, low_open=True, high_open=True)
     for name, value in (
@@ -185,6 +188,7 @@ def __init__(
     cg_max_iterations: int = 250,  # §8.7
     cg_min_iterations: int = 1,
     cg_tolerance: float = 1e-4,  # eq. 2
+    cg_termination: str = "window",  # s_j < cg_tolerance ("window", eq. 2) or s_j < k·cg_tolerance ("average", Martens 2010)
     warm_start: float
     | Callable[[int], float] = 0.95,  # ζ: CG starts from ζ·δ_{k−1} (§10); or a schedule t ↦ ζ
     lr: float
@@ -240,6 +244,7 @@ def __init__(
         preconditioner_exponent=preconditioner_exponent,
         preconditioner_shift=preconditioner_shift,
         preconditioner_samples=preconditioner_samples,
+        cg_termination=cg_termination,
     )
     _check_options(
         **options,
@@ -391,6 +396,7 @@ def step(
             max_iterations=group["cg_max_iterations"],
             min_iterations=min(group["cg_min_iterations"], group["cg_max_iterations"]),
             tolerance=group["cg_tolerance"],
+            termination=self.options["cg_termination"],
             monitor=monitor,
             monitor_every=self.options["cg_objective_every"],
             monitor_window=self.options["cg_objective_window"] or 10,
@@ -646,6 +652,8 @@ PRESETS = {
         iterate_selection="backtracking",
         line_search=True,
         cg_max_iterations=250,
+        cg_termination="average",  # Martens' code: the window's average progress below ε = 5e-4
+        cg_tolerance=5e-4,
         preconditioner="fisher",
         preconditioner_exponent=0.75,
         preconditioner_shift=0.0,
@@ -655,6 +663,8 @@ PRESETS = {
         iterate_selection="backtracking",
         line_search=True,
         cg_max_iterations=250,
+        cg_termination="average",  # M&S 2011 ran Martens' code
+        cg_tolerance=5e-4,
         preconditioner=None,
         structural_damping=1 / 30,
         warm_start=0.95,
