@@ -82,6 +82,7 @@ def _check_cg_arguments(
     monitor_window,
     monitor_tolerance,
     on_step,
+    termination,
 ):
     if not isinstance(b, Tensor) or b.dim() != 1 or not b.is_floating_point():
         raise TypeError("b: expected a 1-D floating-point tensor")
@@ -103,6 +104,8 @@ def _check_cg_arguments(
         )
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
         raise ValueError(f"tolerance: must be None or in (0, 1), got {tolerance!r}")
+    if termination not in CG_TERMINATIONS:
+        raise ValueError(f"termination: {termination!r} is not one of {CG_TERMINATIONS}")
     if radius is not None and not (
         isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0
     ):
@@ -289,9 +292,8 @@ def conjugate_gradient(
         monitor_window,
         monitor_tolerance,
         on_step,
+        termination,
     )
-    if termination not in CG_TERMINATIONS:
-        raise ValueError(f"termination: {termination!r} is not one of {CG_TERMINATIONS}")
     mv, solve, diagonal = _cg_operators(A, preconditioner, radius, x0)
     lagged = b.device.type == "cuda" if _lagged is None else _lagged
     x, r, p, ry, products = _cg_start(mv, solve, b, x0)

@@ -23,6 +23,8 @@ from qnwb.runs import Runner
 from qnwb.store import RunStore
 
 QNWB = Path(sys.executable).parent / "qnwb"
+# `qnwb run` of a tiny problem, before its step count
+QUICK_RUN = ("run", "--problem", "quadratic", "--optimizer", "adam", "-b", "steps")
 SMALL = {
     "problem": "quadratic",
     "problem_options": {"n": 6, "batch_size": 3},
@@ -510,19 +512,7 @@ def test_a_damaged_store_file_is_reported_before_anything_is_appended(tmp_path):
     pages = bytearray(path.read_bytes())
     pages[3 * 4096 : 4 * 4096] = b"\xa5" * 4096
     path.write_bytes(pages)
-    status, _, err = in_process(
-        "run",
-        "--problem",
-        "quadratic",
-        "--optimizer",
-        "adam",
-        "-b",
-        "steps",
-        "2",
-        "--store",
-        path,
-        "--quiet",
-    )
+    status, _, err = in_process(*QUICK_RUN, "2", "--store", path, "--quiet")
     assert status == 2 and "is damaged" in err and err.count("\n") == 1, err
     assert path.read_bytes() == bytes(pages)
 
@@ -624,13 +614,7 @@ def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_and_it_resumes(
     child = subprocess.Popen(
         [
             str(QNWB),
-            "run",
-            "--problem",
-            "quadratic",
-            "--optimizer",
-            "adam",
-            "-b",
-            "steps",
+            *QUICK_RUN,
             str(10**7),
             "--store",
             str(path),
@@ -827,19 +811,7 @@ def test_a_lock_name_planted_as_a_link_never_truncates_another_file(tmp_path):
     victim.write_text("precious")
     (tmp_path / "s.sqlite-runs").mkdir()
     (tmp_path / "s.sqlite-runs" / "run-1.lock").symlink_to(victim)
-    status, _, err = in_process(
-        "run",
-        "--problem",
-        "quadratic",
-        "--optimizer",
-        "adam",
-        "-b",
-        "steps",
-        3,
-        "--store",
-        tmp_path / "s.sqlite",
-        "--quiet",
-    )
+    status, _, err = in_process(*QUICK_RUN, 3, "--store", tmp_path / "s.sqlite", "--quiet")
     assert status == 2 and "not a lock file" in err and victim.read_text() == "precious", err
     assert (
         RunStore(tmp_path / "s.sqlite").run(1)["status"] == "failed"
@@ -847,33 +819,8 @@ def test_a_lock_name_planted_as_a_link_never_truncates_another_file(tmp_path):
     os.link(
         victim, tmp_path / "s.sqlite-runs" / "run-3.lock"
     )  # a hard link: the same file under the lock's name of run 3
-    assert (
-        in_process(
-            "run",
-            "--problem",
-            "quadratic",
-            "--optimizer",
-            "adam",
-            "-b",
-            "steps",
-            3,
-            "--store",
-            tmp_path / "s.sqlite",
-        )[0]
-        == 0
-    )
-    status, _, err = in_process(
-        "run",
-        "--problem",
-        "quadratic",
-        "--optimizer",
-        "adam",
-        "-b",
-        "steps",
-        3,
-        "--store",
-        tmp_path / "s.sqlite",
-    )
+    assert in_process(*QUICK_RUN, 3, "--store", tmp_path / "s.sqlite")[0] == 0
+    status, _, err = in_process(*QUICK_RUN, 3, "--store", tmp_path / "s.sqlite")
     assert status == 2 and "not a lock file" in err and victim.read_text() == "precious", err
 
 
@@ -923,19 +870,7 @@ def test_someone_elses_database_is_never_turned_into_a_store(tmp_path):
         db.execute("CREATE TABLE users (name TEXT)")
         db.execute("INSERT INTO users VALUES ('ada')")
     before = path.read_bytes()
-    status, _, err = in_process(
-        "run",
-        "--problem",
-        "quadratic",
-        "--optimizer",
-        "adam",
-        "-b",
-        "steps",
-        2,
-        "--store",
-        path,
-        "--quiet",
-    )
+    status, _, err = in_process(*QUICK_RUN, 2, "--store", path, "--quiet")
     assert status == 2 and "not a run store" in err, err
     assert path.read_bytes() == before and not Path(f"{path}-wal").exists()
 
