@@ -241,6 +241,11 @@ class GGN(CurvatureOperator):
         )
         return _flatten(self.linearization.vjp(self.loss_hessian.mv(jz), dt))
 
+    def quadratic_form(self, v: Tensor) -> float:
+        "`vᵀ G v` without the structural term, from one forward-mode product `(J_z v)ᵀ L'' (J_z v)`: no backward pass."
+        jz, _ = self.linearization.jvp(self._views(v))
+        return float((jz * self.loss_hessian.mv(jz)).sum())
+
 # %% ../nbs/20_curvature.ipynb #fd2cced4
 class Hessian(CurvatureOperator):
     """The Hessian of `loss(model(inputs), targets)` (mean over cases), by double backpropagation."""

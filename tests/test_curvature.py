@@ -102,6 +102,10 @@ def test_ggn_equals_explicit_jacobian_product(kind, loss_name, mask, route, devi
     torch.testing.assert_close(dense, reference, rtol=1e-9, atol=1e-12)
     v = torch.randn(ggn.n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(ggn.mv(v.to(device)).cpu(), reference @ v, rtol=1e-9, atol=1e-12)
+    quadratic = float(v @ reference @ v)  # from the forward-mode product alone
+    assert abs(ggn.quadratic_form(v.to(device)) - quadratic) <= 1e-9 * float(v @ v) * float(
+        reference.abs().max()
+    )
     torch.testing.assert_close(dense, dense.T, rtol=1e-10, atol=1e-13)  # symmetric
     assert torch.linalg.eigvalsh(reference).min() > -1e-10 * reference.abs().max()  # PSD
 
@@ -129,6 +133,10 @@ def test_structural_damping_adds_w_times_explicit_hidden_gauss_newton(route, dis
     torch.testing.assert_close(
         ggn.mv(v.to(ggn.params[0].device), structural=False).cpu(), G @ v, rtol=1e-9, atol=1e-12
     )  # ρ's B
+    scale = float(v @ v) * float(G.abs().max() + w * G_S.abs().max())
+    assert (
+        abs(ggn.quadratic_form(v.to(ggn.params[0].device)) - float(v @ G @ v)) <= 1e-9 * scale
+    )  # ρ's vᵀBv, no G_S
     ggn.structural_weight = 0.0
     torch.testing.assert_close(ggn.dense().cpu(), G, rtol=1e-9, atol=1e-12)
     assert torch.linalg.eigvalsh(G_S).min() > -1e-12  # the matching distance keeps G_S PSD

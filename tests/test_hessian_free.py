@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from references import explicit_ggn, explicit_structural
 from torch import nn
 
 from qnwb.core import assign_flat_, flat_params, make_generator
@@ -185,12 +186,11 @@ def test_a_smaller_curvature_batch_and_the_counts():
     hf = HessianFree(model, "squared_error", damping=1e-2)
     hf.step((X, Y), curvature_batch=(X[:50], Y[:50]))
     s = hf.stats
-    assert (
-        s["curvature_products"] == s["cg_iterations"] + 1
-    )  # CG's products plus one for the undamped ρ
+    assert s["curvature_products"] == s["cg_iterations"]  # CG's products only:
+    assert s["forward_products"] == 1  # the undamped ρ's δᵀGδ is one forward-mode product
     hf.step((X, Y), curvature_batch=(X[:50], Y[:50]))
     assert (
-        hf.stats["curvature_products"] == hf.stats["cg_iterations"] + 2
+        hf.stats["curvature_products"] == hf.stats["cg_iterations"] + 1
     )  # a warm start costs one product more
     assert set(s) >= {
         "loss",
@@ -223,6 +223,7 @@ def test_a_smaller_curvature_batch_and_the_counts():
         ({"curvature": "fisher"}, "curvature"),
         ({"curvature": "hessian", "structural_damping": 0.1}, "structural_damping"),
         ({"structural_distance": "cosine"}, "structural_distance"),
+        ({"structural_reduction": "median"}, "structural_reduction"),
         ({"cg_min_iterations": 300}, "cg_min_iterations"),
         ({"preconditioner": "jacobi"}, "preconditioner"),
         ({"preconditioner_exponent": 0.0}, "preconditioner_exponent"),
@@ -717,3 +718,36 @@ def test_the_undamped_model_of_rho_leaves_out_the_structural_term(monkeypatch):
     assert hf.stats["structural_weight"] == 0.25
     assert hf.stats["model_reduction_undamped"] == pytest.approx(expected, rel=1e-9)
     assert torch.equal(flat_params(model), theta + delta)
+
+
+@pytest.mark.parametrize("reduction, weight", [("sum", 0.25), ("mean", 0.025)])
+def test_structural_reduction_scales_the_structural_weight_by_the_time_steps(
+    monkeypatch, reduction, weight
+):
+    """ "sum": S sums D over a case's T = 10 steps (weight λμ); "mean" averages them (λμ/T): CG's operator is
+    G + weight·G_S on the explicit dense matrices."""
+    import qnwb.optim.hessian_free as module
+
+    model, batch = addition_rnn(T=10)
+    G = explicit_ggn(model, "squared_error", batch)
+    G_S = explicit_structural(model, batch, "tanh")
+    v = torch.randn(G.shape[0], dtype=G.dtype, generator=torch.Generator().manual_seed(5))
+    applied, original = [], module.conjugate_gradient
+
+    def probing(A, b, x0=None, **kwargs):  # CG's operator applied to v at θ, before any update
+        applied.append(A(v))
+        return original(A, b, x0, **kwargs)
+
+    monkeypatch.setattr(module, "conjugate_gradient", probing)
+    hf = HessianFree(
+        model,
+        "squared_error",
+        damping=0.5,
+        structural_damping=0.5,
+        structural_reduction=reduction,
+        cg_max_iterations=3,
+    )
+    hf.step(batch)
+    assert hf.stats["structural_weight"] == pytest.approx(weight, rel=1e-15)
+    expected = (G + weight * G_S) @ v + 0.5 * v
+    assert torch.allclose(applied[0], expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))

@@ -338,7 +338,9 @@ class StepResult:
     stats: dict  # the optimizer's `stats` (torch's optimizers: the first group's numeric hyperparameters)
     gradient_evaluations: int
     curvature_products: int
-    loss_evaluations: int  # evaluations without a gradient (line searches, ρ, a monitoring set)
+    loss_evaluations: (
+        int  # forward passes without a gradient (line searches, HF's ρ, a monitoring set)
+    )
 
 
 def _stats(optimizer: torch.optim.Optimizer) -> dict:
@@ -404,5 +406,6 @@ def take_step(
         else calls[0],
         curvature_products=int(stats.get("curvature_products", 0)),
         loss_evaluations=int(stats.get("loss_evaluations", 0))
-        + int(stats.get("monitor_evaluations", 0)),
+        + int(stats.get("monitor_evaluations", 0))
+        + int(stats.get("forward_products", 0)),  # HF's ρ: a forward-mode pass, no backward
     )

@@ -41,7 +41,8 @@ from .schedules import evaluate_schedule
 from ..solvers import CG_TERMINATIONS, conjugate_gradient
 
 # %% auto #0
-__all__ = ['PRESETS', 'levenberg_marquardt', 'curvature_operator', 'HessianFree', 'hessian_free_preset']
+__all__ = ['STRUCTURAL_REDUCTIONS', 'PRESETS', 'levenberg_marquardt', 'curvature_operator', 'structural_weight', 'HessianFree',
+           'hessian_free_preset']
 
 # %% ../../nbs/48_hessian_free.ipynb #70db14c4
 def levenberg_marquardt(
@@ -75,6 +76,7 @@ def curvature_operator(
     structural_damping: float = 0.0,  # μ; 0: no structural term
     structural_distance: str = "tanh",
     route: str = "auto",
+    structural_reduction: str = "sum",  # "sum" over a case's time steps, or their "mean"
 ):
     """The curvature HessianFree's CG solves with on `batch`: the Hessian, or the GGN plus λμ·G_S (M&S 2011 §3.2). One
     definition for the optimizer and the diagnostics that reproduce or probe its steps."""
@@ -85,9 +87,21 @@ def curvature_operator(
         loss,
         batch,
         structural_distance=structural_distance if structural_damping > 0 else None,
-        structural_weight=damping * structural_damping,
+        structural_weight=structural_weight(damping, structural_damping, structural_reduction, batch),
         route=route,
     )
+
+
+STRUCTURAL_REDUCTIONS = ("sum", "mean")
+
+
+def structural_weight(damping: float, structural_damping: float, reduction: str, batch) -> float:
+    """The weight of G_S: λμ when S sums D over a case's time steps ("sum"), λμ/T for their mean ("mean")."""
+    if reduction not in STRUCTURAL_REDUCTIONS:
+        raise ValueError(f"structural_reduction: {reduction!r} is not one of {STRUCTURAL_REDUCTIONS}")
+    inputs = batch[0]
+    steps = inputs.shape[1] if reduction == "mean" and inputs.dim() == 3 else 1
+    return damping * structural_damping / steps
 
 # %% ../../nbs/48_hessian_free.ipynb #48e50004
 class HessianFree(torch.optim.Optimizer):
@@ -117,6 +131,7 @@ def _check_options(
     structural_distance,
     curvature,
     structural_damping,
+    structural_reduction,
     iterate_selection,
     warm_start_from,
     cg_objective_window,
@@ -153,6 +168,10 @@ def _check_options(
         raise ValueError(
             f"structural_distance: {structural_distance!r} is not one of {STRUCTURAL_DISTANCES}"
         )
+    if structural_reduction not in STRUCTURAL_REDUCTIONS:
+        raise ValueError(
+            f"structural_reduction: {structural_reduction!r} is not one of {STRUCTURAL_REDUCTIONS}"
+        )
     if curvature not in ("ggn", "hessian"):
         raise ValueError(f"curvature: {curvature!r} is not 'ggn' or 'hessian'")
     if curvature == "hessian" and structural_damping > 0:
@@ -182,8 +201,9 @@ def __init__(
     model: nn.Module,  # the network: outputs z with cases along dimension 0
     loss: str | MatchingLoss,  # its matching loss (qnwb.losses)
     damping: float = 1.0,  # initial Tikhonov λ (§8.1), adapted by Levenberg–Marquardt (§8.5)
-    structural_damping: float = 0.0,  # μ (M&S 2011 §3.2; they use 1/30): the GGN gets λμ·G_S
+    structural_damping: float = 0.0,  # μ (M&S 2011 eq. 10, which gives no value): the GGN gets λμ·G_S
     structural_distance: str = "tanh",  # "tanh" (matching, block 1 − h²) or "squared" (on the states)
+    structural_reduction: str = "sum",  # S sums D over a case's time steps ("sum") or averages them ("mean": λμ/T)
     curvature: str = "ggn",  # "ggn" (§6) or "hessian" (§5)
     cg_max_iterations: int = 250,  # §8.7
     cg_min_iterations: int = 1,
@@ -228,6 +248,7 @@ def __init__(
     )
     options = dict(
         structural_distance=structural_distance,
+        structural_reduction=structural_reduction,
         curvature=curvature,
         iterate_selection=iterate_selection,
         warm_start_from=warm_start_from,
@@ -294,6 +315,7 @@ def _curvature(self: HessianFree, batch, group):
         group["structural_damping"],
         self.options["structural_distance"],
         self.options["route"],
+        self.options["structural_reduction"],
     )
 
 
@@ -314,7 +336,7 @@ def _preconditioner(self: HessianFree, batch, group) -> Tensor | None:
             batch,
             samples=self.options["preconditioner_samples"],
             structural_distance=distance,
-            structural_weight=λ * μ,
+            structural_weight=structural_weight(λ, μ, self.options["structural_reduction"], batch),
             generator=self.generator,
         )
     return (diagonal + λ + self.options["preconditioner_shift"]).pow(
@@ -448,10 +470,9 @@ def _reduction_ratio(
     "(ρ, M(δ) undamped, q(δ) damped, the structural weight): the reduction ratio of eq. 10 for the update δ with f(θ + δ) = f_new."
     op, cg, g, f0 = solved.op, solved.cg, solved.g, solved.f0
     weight = getattr(op, "structural_weight", 0.0)
-    curvature = (
-        op.mv(delta, structural=False) if isinstance(op, GGN) else op.mv(delta)
-    )  # B without λμ G_S (eq. 10)
-    undamped = float(g @ delta + 0.5 * delta @ curvature)
+    # δᵀBδ with B without λμ G_S (eq. 10): one forward-mode product for the GGN, a Hessian product otherwise
+    curvature = op.quadratic_form(delta) if isinstance(op, GGN) else float(delta @ op.mv(delta))
+    undamped = float(g @ delta) + 0.5 * curvature
     damped = float(cg.q[chosen_step])
     reduction = undamped if self.options["rho"] == "undamped" else damped
     # eq. 10; f went up: a bad step whatever the model said (with a warm start M(δ) may be > 0, §8.5, and
@@ -520,6 +541,7 @@ def _finish(self: HessianFree, solved: _Solved) -> float:
     if solved.selection_batch is not None and math.isfinite(f_new):
         f_new = f_at(delta)  # ρ and the line search measure f on the gradient batch
     rho, undamped, damped, weight = self._reduction_ratio(solved, chosen_step, delta, f_new)
+    forward = isinstance(solved.op, GGN)
     alpha, f_new, tries = self._backtrack(f_at, solved, delta, f_new)
     assign_flat_(params, theta + alpha * delta if alpha > 0 else theta)
     group["damping"] = levenberg_marquardt(
@@ -549,7 +571,8 @@ def _finish(self: HessianFree, solved: _Solved) -> float:
         "model_reduction_damped": damped,
         "gradient_evaluations": 1,
         "loss_evaluations": evaluations,
-        "curvature_products": cg.products + cg.discarded + 1,
+        "curvature_products": cg.products + cg.discarded + (0 if forward else 1),  # + ρ's Hessian product
+        "forward_products": int(forward),  # ρ's δᵀGδ from one forward-mode product
         "gradient_s": solved.gradient_s,
         "cg_s": solved.cg_s,
         "evaluation_s": time.perf_counter() - clock,
