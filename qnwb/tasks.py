@@ -16,8 +16,8 @@ from .core import check_positive_int, default_device, make_generator
 
 # %% auto #0
 __all__ = ['NOISE', 'X_SYMBOL', 'START', 'TRIGGER', 'TASKS', 'Task', 'task_figure', 'Addition', 'Multiplication', 'Xor',
-           'TemporalOrder', 'TemporalOrder3', 'RandomPermutation', 'Memorization', 'Memorization5Bit',
-           'Memorization20Bit', 'make_task', 'input_independent_outputs', 'input_independent_error']
+           'AdditionHS', 'MultiplicationHS', 'TemporalOrder', 'TemporalOrder3', 'RandomPermutation', 'Memorization',
+           'Memorization5Bit', 'Memorization20Bit', 'make_task', 'input_independent_outputs', 'input_independent_error']
 
 # %% ../nbs/70_tasks.ipynb #462d19cd
 class Task:
@@ -216,6 +216,68 @@ class Xor(_TwoMarked):
     def _combine(self, a, b):
         return (a != b).float()
 
+# %% ../nbs/70_tasks.ipynb #h5a1d002
+class _HochreiterSchmidhuber(Task):
+    """H&S 1997 experiments 4–5: (value, marker) pairs, −1 markers at both ends, lengths in T … T + T/10."""
+
+    n_in, n_out, min_T = (
+        2,
+        1,
+        20,
+    )  # X₂'s window (the first T/2 − 1 unmarked pairs) must hold X₁'s ten
+    loss, tolerance = "squared_error", 0.04
+    low: float = 0.0  # values are drawn from U[low, 1]
+    neutral: float = 0.0  # a marked first pair's value (H&S: X₁ = 0)
+
+    @property
+    def length(self) -> int:
+        "The longest sequence, T + T/10 steps: a batch's length."
+        return self.T + self.T // 10
+
+    def _combine(self, a: Tensor, b: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _generate(self, cases, g):
+        T, L, rows = self.T, self.length, torch.arange(cases)
+        last = (
+            _positions(cases, T, L, g) - 1
+        )  # each sequence's final step: lengths uniform on T … T + T/10
+        values = self.low + (1.0 - self.low) * torch.rand(cases, L, generator=g)
+        first = _positions(cases, 0, 9, g)  # one of the first ten pairs
+        second = _positions(cases, 0, T // 2 - 2, g)  # one of the first T/2 − 1 pairs ...
+        second = second + (second >= first)  # ... still unmarked
+        markers = torch.zeros(cases, L)
+        markers[:, 0] = -1.0
+        markers[rows, last] = -1.0
+        for marked in (first, second):
+            markers[rows, marked] = torch.where(
+                marked == 0, -1.0, 1.0
+            )  # the first pair keeps its −1
+            values[rows, marked] = torch.where(marked == 0, self.neutral, values[rows, marked])
+        silent = torch.arange(L) > last[:, None]  # after its end a sequence is all zeros
+        values[silent], markers[silent] = 0.0, 0.0
+        targets = torch.full((cases, L, 1), math.nan)
+        targets[rows, last, 0] = self._combine(values[rows, first], values[rows, second])
+        return torch.stack([values, markers], -1), targets
+
+
+class AdditionHS(_HochreiterSchmidhuber):
+    "Problem 1 as H&S 1997 experiment 4 defines it: values U[−1, 1], target 0.5 + (X₁ + X₂)/4."
+
+    name, low = "addition_hs", -1.0
+
+    def _combine(self, a, b):
+        return 0.5 + (a + b) / 4.0
+
+
+class MultiplicationHS(_HochreiterSchmidhuber):
+    "Problem 2 as H&S 1997 experiment 5 defines it: values U[0, 1], target X₁·X₂."
+
+    name, neutral = "multiplication_hs", 1.0
+
+    def _combine(self, a, b):
+        return a * b
+
 # %% ../nbs/70_tasks.ipynb #7288c3da
 NOISE, X_SYMBOL, START, TRIGGER = 4, 4, 6, 7  # a–d are 0–3, X = 4, Y = 5
 
@@ -316,6 +378,8 @@ TASKS = {
         RandomPermutation,
         Memorization5Bit,
         Memorization20Bit,
+        AdditionHS,  # problems 1–2 in Hochreiter & Schmidhuber's own format
+        MultiplicationHS,
     )
 }
 

@@ -134,7 +134,20 @@ def test_cuda_device():
 
 def test_bench_hf_reports_counts_and_says_whether_it_solved_the_task():
     done = subprocess.run(
-        [str(QNWB), "bench", "hf", "--task", "addition", "--T", "10", "--budget", "2", "--json"],
+        [
+            str(QNWB),
+            "bench",
+            "hf",
+            "--task",
+            "addition",
+            "--T",
+            "10",
+            "--hidden",
+            "8",
+            "--minibatches",
+            "3",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -143,9 +156,10 @@ def test_bench_hf_reports_counts_and_says_whether_it_solved_the_task():
     assert done.returncode == (0 if result["solved"] else 1)
     assert result["task"] == "addition" and result["T"] == 10 and result["steps"] >= 1
     assert (
-        result["gradient_evaluations"] == result["steps"]
-        and result["curvature_products"] > result["steps"]
+        result["gradient_evaluations"] == result["steps"] == result["forward_products"]
+        and result["curvature_products"] >= result["steps"]
     )
+    assert result["minibatches"] >= 3 and result["threads"] == 1 and result["cpu_seconds"] > 0
     bad = subprocess.run(
         [str(QNWB), "bench", "hf", "--task", "parity"], capture_output=True, text=True, timeout=300
     )
@@ -158,7 +172,7 @@ def test_hessian_free_with_structural_damping_solves_addition_at_T_30():
     products, ~30 minutes). The budget leaves room for a slower machine."""
     from qnwb.bench import bench_hf
 
-    result = bench_hf("addition", T=30, seed=0, budget_s=5400.0)
+    result = bench_hf("addition", T=30, seed=0, budget_s=5400.0, threads=2)
     assert result["solved"] and result["held_out_error"] == 0.0, result
 
 

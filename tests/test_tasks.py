@@ -263,3 +263,37 @@ def test_outputs_at_steps_without_a_target_never_count(name):
     )  # confident nonsense elsewhere
     assert task.error(perfect, targets) == 0.0
     assert task.error(noisy, targets) == 0.0 and task.success(noisy, targets)
+
+
+@pytest.mark.parametrize("name", ["addition_hs", "multiplication_hs"])
+@pytest.mark.parametrize("T", [20, 31, 100])
+def test_hochreiter_schmidhuber_variants_follow_their_definition(name, T):
+    """H&S 1997 experiments 4–5: lengths uniform on T … T + T/10, −1 markers at both ends, X₁ in the first
+    ten pairs, X₂ in the first T/2 − 1 unmarked ones, the target at each sequence's own end, 0.04 on it."""
+    task = make_task(name, T)
+    inputs, targets = task.batch(3000, make_generator(T), dtype=torch.float64)
+    cases, rows = inputs.shape[0], torch.arange(inputs.shape[0])
+    assert task.length == T + T // 10 and inputs.shape == (cases, task.length, 2)
+    present = ~torch.isnan(targets[..., 0])
+    assert bool((present.sum(1) == 1).all())
+    ends = present.float().argmax(1)
+    assert set(ends.tolist()) == set(range(T - 1, T + T // 10))  # every length occurs
+    values, markers = inputs[..., 0], inputs[..., 1]
+    assert bool((markers[:, 0] == -1).all() and (markers[rows, ends] == -1).all())
+    assert bool(((markers == -1).sum(1) == 2).all() or T // 10 == 0)
+    marked = markers == 1
+    positions = torch.arange(task.length).expand(cases, -1)
+    assert bool((positions[marked] <= T // 2 - 1).all())  # both within the first T/2 pairs
+    first = torch.where(marked, positions, task.length).amin(1)
+    assert bool(((first <= 9) | (marked.sum(1) < 2)).all())  # (pair 0 drawn: one +1 mark left)
+    assert bool((values[positions > ends[:, None]] == 0).all())  # silent after the end
+    hits = torch.where(marked, values, 0.0 if name == "addition_hs" else 1.0)
+    expected = 0.5 + hits.sum(1) / 4 if name == "addition_hs" else hits.prod(1)
+    torch.testing.assert_close(targets[rows, ends, 0], expected, rtol=0, atol=1e-6)
+    low = float(values[positions <= ends[:, None]].min())
+    assert (low < -0.99) if name == "addition_hs" else (low >= 0.0)
+    outputs = targets.clone()
+    outputs[rows, ends, 0] += 0.039
+    assert task.success(outputs, targets)  # within 0.04 of the scaled target: right
+    outputs[0, ends[0], 0] += 0.002
+    assert not task.success(outputs, targets) and task.error(outputs, targets) == 1 / cases

@@ -87,7 +87,9 @@ def curvature_operator(
         loss,
         batch,
         structural_distance=structural_distance if structural_damping > 0 else None,
-        structural_weight=structural_weight(damping, structural_damping, structural_reduction, batch),
+        structural_weight=structural_weight(
+            damping, structural_damping, structural_reduction, batch
+        ),
         route=route,
     )
 
@@ -98,7 +100,9 @@ STRUCTURAL_REDUCTIONS = ("sum", "mean")
 def structural_weight(damping: float, structural_damping: float, reduction: str, batch) -> float:
     """The weight of G_S: λμ when S sums D over a case's time steps ("sum"), λμ/T for their mean ("mean")."""
     if reduction not in STRUCTURAL_REDUCTIONS:
-        raise ValueError(f"structural_reduction: {reduction!r} is not one of {STRUCTURAL_REDUCTIONS}")
+        raise ValueError(
+            f"structural_reduction: {reduction!r} is not one of {STRUCTURAL_REDUCTIONS}"
+        )
     inputs = batch[0]
     steps = inputs.shape[1] if reduction == "mean" and inputs.dim() == 3 else 1
     return damping * structural_damping / steps
@@ -571,7 +575,9 @@ def _finish(self: HessianFree, solved: _Solved) -> float:
         "model_reduction_damped": damped,
         "gradient_evaluations": 1,
         "loss_evaluations": evaluations,
-        "curvature_products": cg.products + cg.discarded + (0 if forward else 1),  # + ρ's Hessian product
+        "curvature_products": cg.products
+        + cg.discarded
+        + (0 if forward else 1),  # + ρ's Hessian product
         "forward_products": int(forward),  # ρ's δᵀGδ from one forward-mode product
         "gradient_s": solved.gradient_s,
         "cg_s": solved.cg_s,
