@@ -55,7 +55,6 @@ def run(args) -> int:
     todo = [config for config in grid if _key(config) not in done]
     print(f"{len(grid)} configurations, {len(grid) - len(todo)} already in {path}", file=sys.stderr)
     for i, config in enumerate(todo, 1):
-        options = {} if config["tolerance"] is None else {"cg_tolerance": config["tolerance"]}
         result = bench_hf(
             config["task"],
             config["T"],
@@ -67,7 +66,7 @@ def run(args) -> int:
             threads=args.threads,
             cg_max_iterations=config["cap"],
             cg_termination=config["rule"],
-            **options,
+            cg_tolerance=config["tolerance"],
         )
         row = {
             **config,
@@ -129,7 +128,7 @@ def table(args) -> int:
             f"{r['strict']['minibatches']:,.0f}" if r["strict"] else f">{r['minibatches']:,.0f}"
             for r in sorted(runs, key=lambda r: r["seed"])
         )
-        eps = tolerance if tolerance is not None else ("1e-4" if rule == "window" else "1e-4")
+        eps = f"{tolerance:g}"
         mu_text = "0" if not mu else (f"{mu:.3g}" + ("/T" if reduction == "mean" else ""))
         print(
             f"| {task} | {T} | {hidden} | {mu_text} | {rule} | {eps} | {cap} | {len(runs)} | {cells[0]} | "
@@ -156,6 +155,12 @@ def main(argv=None) -> int:
         default=5e-4,
         help="ε of the 'average' rule (Martens 2010)",
     )
+    r.add_argument(
+        "--window-tolerance",
+        type=float,
+        default=1e-4,
+        help="ε of the 'window' rule (M&S 2012 eq. 2)",
+    )
     r.add_argument("--minibatches", type=float, default=15_000)
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--out", default="data/hf_ablation.jsonl")
@@ -163,7 +168,7 @@ def main(argv=None) -> int:
     t.add_argument("file")
     args = parser.parse_args(argv)
     if args.command == "run":
-        args.tolerance = {"average": args.average_tolerance}
+        args.tolerance = {"average": args.average_tolerance, "window": args.window_tolerance}
         return run(args)
     return table(args)
 
