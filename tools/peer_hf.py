@@ -25,6 +25,12 @@ Reproduce (from the repository root; each subcommand runs under the interpreter 
         --cg-iter 50
     python3 tools/peer_hf.py table                                        # markdown from data/peer_hf.jsonl
 
+    # the two further configurations in data/peer_hf.jsonl (per seed, same data file)
+    /work/main/.venv/bin/python tools/peer_hf.py qnwb --data /tmp/peer_hf_addition_T20_seed0.npz \
+        --structural-distance squared --option warm_start_from=last --label "qnwb squared SD, warm start from last"
+    /work/peer-venv/bin/python tools/peer_hf.py peer --data /tmp/peer_hf_addition_T20_seed0.npz --cg-iter 50 \
+        --label "peer CG_iter=50 unmasked (as shipped)"
+
     # the products side by side (float64, 100 sequences): gradient, Gv with and without --mask-curvature,
     # structural term against qnwb's "squared" and "tanh" forms, through the parameter map of difference 2
     /work/main/.venv/bin/python tools/peer_hf.py check --data /tmp/peer_hf_addition_T20_seed0.npz
