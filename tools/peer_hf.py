@@ -667,7 +667,9 @@ def table(rows: list[dict]) -> str:
             # a failure counts as above every success (its value: infinity) so the median stays honest
             values = [r[criterion][key] if r[criterion] else math.inf for r in group]
             m = statistics.median(values)
-            return f">{group[0]['budget_minibatches']:,.0f}" if m == math.inf else f"{m:,.0f}"
+            if m == math.inf:  # seconds of a failure: none to give
+                return f">{group[0]['budget_minibatches']:,.0f}" if key == "minibatches" else "–"
+            return f"{m:,.0f}"
 
         solved = sum(r["strict"] is not None for r in group)
         lines.append(
