@@ -223,6 +223,11 @@ def _minibatches(text: str) -> float:
         ) from None
 
 
+def _given(**options) -> dict:
+    "The options the command line set; the rest keep HessianFree's defaults."
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def _bench_hf(args: argparse.Namespace) -> int:
     result = bench_hf(
         args.task,
@@ -234,9 +239,11 @@ def _bench_hf(args: argparse.Namespace) -> int:
         budget_minibatches=args.minibatches,
         budget_s=args.seconds,
         threads=args.threads,
-        cg_max_iterations=args.cg_max,
-        cg_termination=args.cg_termination,
-        **({} if args.cg_tolerance is None else {"cg_tolerance": args.cg_tolerance}),
+        **_given(
+            cg_max_iterations=args.cg_max,
+            cg_termination=args.cg_termination,
+            cg_tolerance=args.cg_tolerance,
+        ),
         device=args.device,
         progress=True,
     )
@@ -274,9 +281,17 @@ def _add_bench_hf(benchmarks) -> None:
     )
     hf.add_argument("--structural-reduction", choices=STRUCTURAL_REDUCTIONS, default="sum")
     hf.add_argument(
-        "--cg-max", type=_positive_int, default=250, help="CG's cap on iterations (default 250)"
+        "--cg-max",
+        type=_positive_int,
+        default=None,
+        help="CG's cap on iterations (default: HessianFree's)",
     )
-    hf.add_argument("--cg-termination", choices=CG_TERMINATIONS, default="window")
+    hf.add_argument(
+        "--cg-termination",
+        choices=CG_TERMINATIONS,
+        default=None,
+        help="CG's stopping rule (default: HessianFree's)",
+    )
     hf.add_argument(
         "--cg-tolerance", type=_tolerance, default=None, help="CG's ε (default: HessianFree's)"
     )

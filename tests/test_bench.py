@@ -168,12 +168,15 @@ def test_bench_hf_reports_counts_and_says_whether_it_solved_the_task():
 
 @pytest.mark.slow
 def test_hessian_free_with_structural_damping_solves_addition_at_T_30():
-    """M&S 2011 §4.1: measured on this project's 2-core CPU — solved at step 105 (105 gradients, 25,687 curvature
-    products, ~30 minutes). The budget leaves room for a slower machine."""
+    """M&S 2011 §4.1 at HessianFree's defaults (Martens' average CG rule, ε = 5e-4, cap 50), measured on a
+    2-core AMD EPYC with one thread: seed 0 met the strict criterion at 3,431 minibatches (268 s), where
+    the former defaults (eq. 2 read literally, cap 250) had 73 % of the held-out set wrong after 10,244.
+    The budget is Figure 3's unit, not seconds: a slower machine takes longer but passes the same way."""
     from qnwb.bench import bench_hf
 
-    result = bench_hf("addition", T=30, seed=0, budget_s=5400.0, threads=2)
-    assert result["solved"] and result["held_out_error"] == 0.0, result
+    result = bench_hf("addition", T=30, seed=0, budget_minibatches=20_000, threads=1)
+    assert result["solved"] and result["held_out_wrong"] == 0.0, result
+    assert result["strict"]["minibatches"] <= 20_000
 
 
 LANCZOS_KEYS = {

@@ -3,11 +3,15 @@
     python tools/hf_ablation.py run --tasks addition --T 20 --hidden 50 --seeds 0 1 2 \
         --rules window average --caps 50 100 250 --out data/hf_ablation.jsonl
     python tools/hf_ablation.py table data/hf_ablation.jsonl
+    python tools/hf_ablation.py versus data/hf_ablation.jsonl --task addition --T 20 30
 
 `run` trains one HessianFree per configuration with `qnwb.bench.bench_hf` (one torch thread, the held-out
 set checked after every step) and appends each finished run to the JSON-lines file at once, so an
 interrupted ablation loses at most the run in progress and a rerun skips what is already there.
-`table` prints, per configuration, the runs that met each criterion and the median minibatches to it.
+`table` prints, per configuration, the runs that met each criterion and the median minibatches to it;
+`versus` puts qnwb's former CG settings (eq. 2 read literally, ε = 1e-4, cap 250) beside its defaults
+(Martens' average rule, ε = 5e-4, cap 50) seed by seed: curvature products and minibatches to each
+criterion, a run that missed one counted at the budget it spent.
 """
 
 import argparse
@@ -19,6 +23,20 @@ from pathlib import Path
 from qnwb.bench import bench_hf
 
 KEY = ("task", "T", "hidden", "mu", "reduction", "rule", "tolerance", "cap", "seed")
+
+
+def _machine() -> str:
+    "The CPU's model name and count (seconds compare only between runs on the same machine)."
+    models = (
+        [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        if Path("/proc/cpuinfo").exists()
+        else []
+    )
+    return f"{len(models)} × {models[0]}" if models else "unknown"
 
 
 def _key(row: dict) -> tuple:
@@ -71,6 +89,7 @@ def run(args) -> int:
         row = {
             **config,
             "budget_minibatches": args.minibatches,
+            "machine": _machine(),
             **{
                 k: result[k]
                 for k in (
@@ -137,6 +156,58 @@ def table(args) -> int:
     return 0
 
 
+BEFORE = {"rule": "window", "tolerance": 1e-4, "cap": 250}
+AFTER = {"rule": "average", "tolerance": 5e-4, "cap": 50}
+
+
+def _to(row: dict, criterion: str) -> tuple[str, str, float]:
+    "Curvature products and minibatches to the criterion (or '>' the run's totals) and the minibatches for medians."
+    hit = row[criterion]
+    if hit is None:
+        return f">{row['curvature_products']:,}", f">{row['minibatches']:,.0f}", row["minibatches"]
+    return f"{hit['curvature_products']:,}", f"{hit['minibatches']:,.0f}", hit["minibatches"]
+
+
+def versus(args) -> int:
+    rows = [json.loads(line) for line in Path(args.file).read_text().splitlines() if line.strip()]
+    mu = 1 / 30
+    print(
+        "| T | hidden | seed | before: loose products / minibatches | before: strict | "
+        "after: loose | after: strict |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for T in args.T:
+        pick = lambda setting: {  # noqa: E731
+            r["seed"]: r
+            for r in rows
+            if r["task"] == args.task
+            and r["T"] == T
+            and r["mu"] == mu
+            and all(r[k] == v for k, v in setting.items())
+        }
+        before, after = pick(BEFORE), pick(AFTER)
+        medians = {name: {"loose": [], "strict": []} for name in ("before", "after")}
+        for seed in sorted(set(before) | set(after)):
+            cells = []
+            for name, runs in (("before", before), ("after", after)):
+                for criterion in ("loose", "strict"):
+                    if seed not in runs:
+                        cells.append("not run")
+                        continue
+                    products, minibatches, value = _to(runs[seed], criterion)
+                    medians[name][criterion].append(value)
+                    cells.append(f"{products} / {minibatches}")
+            hidden = (after.get(seed) or before.get(seed))["hidden"]
+            print(f"| {T} | {hidden} | {seed} | " + " | ".join(cells) + " |")
+        summary = [
+            f"{statistics.median(v):,.0f}" if v else "—"
+            for name in ("before", "after")
+            for v in medians[name].values()
+        ]
+        print(f"| {T} | | median minibatches | " + " | ".join(summary) + " |")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -166,7 +237,15 @@ def main(argv=None) -> int:
     r.add_argument("--out", default="data/hf_ablation.jsonl")
     t = commands.add_parser("table", help="a markdown table of a results file")
     t.add_argument("file")
+    v = commands.add_parser(
+        "versus", help="the former CG settings beside the defaults, seed by seed"
+    )
+    v.add_argument("file")
+    v.add_argument("--task", default="addition")
+    v.add_argument("--T", nargs="+", type=int, default=[20, 30])
     args = parser.parse_args(argv)
+    if args.command == "versus":
+        return versus(args)
     if args.command == "run":
         args.tolerance = {"average": args.average_tolerance, "window": args.window_tolerance}
         return run(args)

@@ -9,31 +9,31 @@ criterion or when the budget (20,000 minibatches) is spent.
 
 The peer lives in its own virtual environment and is never a dependency of qnwb:
 
-    python3 -m venv /work/peer-venv
-    /work/peer-venv/bin/pip install hessianfree==0.4.0 numpy matplotlib
+    python3 -m venv ../peer-venv        # beside the checkout, or anywhere: set QNWB_PEER_PYTHON to its python
+    ../peer-venv/bin/pip install hessianfree==0.4.0 numpy matplotlib
 
 Reproduce (from the repository root; each subcommand runs under the interpreter named):
 
     # everything: data, qnwb and both peer configurations per seed, one run at a time, then the table
-    /work/main/.venv/bin/python tools/peer_hf.py compare --seeds 0 1 2
+    .venv/bin/python tools/peer_hf.py compare --seeds 0 1 2
 
     # or step by step, for one seed
-    /work/main/.venv/bin/python tools/peer_hf.py data --seed 0            # -> /tmp/peer_hf_addition_T20_seed0.npz
-    /work/main/.venv/bin/python tools/peer_hf.py qnwb --data /tmp/peer_hf_addition_T20_seed0.npz
-    /work/peer-venv/bin/python tools/peer_hf.py peer --data /tmp/peer_hf_addition_T20_seed0.npz --mask-curvature
-    /work/peer-venv/bin/python tools/peer_hf.py peer --data /tmp/peer_hf_addition_T20_seed0.npz --mask-curvature \
+    .venv/bin/python tools/peer_hf.py data --seed 0            # -> /tmp/peer_hf_addition_T20_seed0.npz
+    .venv/bin/python tools/peer_hf.py qnwb --data /tmp/peer_hf_addition_T20_seed0.npz
+    ../peer-venv/bin/python tools/peer_hf.py peer --data /tmp/peer_hf_addition_T20_seed0.npz --mask-curvature
+    ../peer-venv/bin/python tools/peer_hf.py peer --data /tmp/peer_hf_addition_T20_seed0.npz --mask-curvature \
         --cg-iter 50
     python3 tools/peer_hf.py table                                        # markdown from data/peer_hf.jsonl
 
     # the two further configurations in data/peer_hf.jsonl (per seed, same data file)
-    /work/main/.venv/bin/python tools/peer_hf.py qnwb --data /tmp/peer_hf_addition_T20_seed0.npz \
+    .venv/bin/python tools/peer_hf.py qnwb --data /tmp/peer_hf_addition_T20_seed0.npz \
         --structural-distance squared --option warm_start_from=last --label "qnwb squared SD, warm start from last"
-    /work/peer-venv/bin/python tools/peer_hf.py peer --data /tmp/peer_hf_addition_T20_seed0.npz --cg-iter 50 \
+    ../peer-venv/bin/python tools/peer_hf.py peer --data /tmp/peer_hf_addition_T20_seed0.npz --cg-iter 50 \
         --label "peer CG_iter=50 unmasked (as shipped)"
 
     # the products side by side (float64, 100 sequences): gradient, Gv with and without --mask-curvature,
     # structural term against qnwb's "squared" and "tanh" forms, through the parameter map of difference 2
-    /work/main/.venv/bin/python tools/peer_hf.py check --data /tmp/peer_hf_addition_T20_seed0.npz
+    .venv/bin/python tools/peer_hf.py check --data /tmp/peer_hf_addition_T20_seed0.npz
     python3 tools/peer_hf.py differences
 
 The shared stream: `data` draws the training batches exactly as `qnwb.bench.bench_hf` does (the task's `batch`
@@ -69,8 +69,8 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "data" / "peer_hf.jsonl"
-QNWB_PYTHON = "/work/main/.venv/bin/python"
-PEER_PYTHON = "/work/peer-venv/bin/python"
+QNWB_PYTHON = str(ROOT / ".venv" / "bin" / "python")  # the checkout's own environment (make setup)
+PEER_PYTHON = os.environ.get("QNWB_PEER_PYTHON", str(ROOT.parent / "peer-venv" / "bin" / "python"))
 TOLERANCE = 0.04  # qnwb.tasks.Addition.tolerance; checked against the file's own copy
 CRITERIA = {
     "loose": 0.01,

@@ -209,10 +209,10 @@ def __init__(
     structural_distance: str = "tanh",  # "tanh" (matching, block 1 − h²) or "squared" (on the states)
     structural_reduction: str = "sum",  # S sums D over a case's time steps ("sum") or averages them ("mean": λμ/T)
     curvature: str = "ggn",  # "ggn" (§6) or "hessian" (§5)
-    cg_max_iterations: int = 250,  # §8.7
+    cg_max_iterations: int = 50,  # §13: "around 50 – 250" (Martens 2010), "25 to 50" (the second recipe); measured below
     cg_min_iterations: int = 1,
-    cg_tolerance: float = 1e-4,  # eq. 2
-    cg_termination: str = "window",  # s_j < cg_tolerance ("window", eq. 2) or s_j < k·cg_tolerance ("average", Martens 2010)
+    cg_tolerance: float = 5e-4,  # ε of the stopping rule (Martens' code: 5e-4; eq. 2 with "window": 1e-4)
+    cg_termination: str = "average",  # s_j < k·cg_tolerance ("average", Martens 2010's code) or s_j < cg_tolerance ("window", eq. 2)
     warm_start: float
     | Callable[[int], float] = 0.95,  # ζ: CG starts from ζ·δ_{k−1} (§10); or a schedule t ↦ ζ
     lr: float
@@ -705,6 +705,8 @@ PRESETS = {
         cg_objective_every=5,
         line_search=True,
         cg_max_iterations=250,
+        cg_termination="window",  # the chapter's own recipe: its eq. 2 beside the objective test
+        cg_tolerance=1e-4,
         preconditioner="fisher",
         warm_start=0.95,
     ),
@@ -713,6 +715,8 @@ PRESETS = {
         line_search=False,
         lr=1.0,
         cg_max_iterations=50,
+        cg_termination="window",  # A.6 names only the 50-step cap; eq. 2 read literally
+        cg_tolerance=1e-4,
         warm_start=0.95,
         preconditioner="fisher",
     ),
