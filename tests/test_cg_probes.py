@@ -222,11 +222,26 @@ def test_a_step_cg_takes_back_on_negative_curvature_is_not_recorded():
     torch.testing.assert_close(trace.cg_q, trace.damped, rtol=1e-9, atol=1e-12)
 
 
-def test_the_backtracking_choice_and_cg_run_are_those_of_hessian_free():
+@pytest.mark.parametrize("termination, tolerance", [("window", 1e-4), ("average", 5e-4)])
+def test_the_backtracking_choice_and_cg_run_are_those_of_hessian_free(termination, tolerance):
     model, batch, _ = mlp_problem(1)
-    trace = cg_trace(model, "squared_error", batch, damping=1e-3, max_iterations=60, tolerance=1e-4)
+    trace = cg_trace(
+        model,
+        "squared_error",
+        batch,
+        damping=1e-3,
+        max_iterations=60,
+        tolerance=tolerance,
+        termination=termination,
+    )
     hf = HessianFree(
-        model, "squared_error", damping=1e-3, cg_max_iterations=60, preconditioner=None
+        model,
+        "squared_error",
+        damping=1e-3,
+        cg_max_iterations=60,
+        cg_tolerance=tolerance,
+        cg_termination=termination,
+        preconditioner=None,
     )
     hf.step(batch)
     assert hf.stats["cg_iterations"] == trace.iterations and hf.stats["cg_stop"] == trace.stop
@@ -258,6 +273,7 @@ def test_cg_trace_for_traces_the_quadratic_of_the_optimizer_s_next_step(precondi
     assert trace.settings["warm_start"] and trace.settings["preconditioner"] == (
         "given" if preconditioner else None
     )
+    assert trace.settings["termination"] == hf.options["cg_termination"] == "average"
     lam = hf.param_groups[0]["damping"]
     assert trace.settings["damping"] == lam
     previous = hf.state[hf.param_groups[0]["params"][0]]["previous_update"]

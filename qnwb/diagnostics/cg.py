@@ -229,6 +229,7 @@ def cg_trace(
     max_iterations: int = 250,  # §8.7's cap
     min_iterations: int = 1,
     tolerance: float | None = 1e-4,  # eq. 2; None: run all max_iterations steps
+    termination: str = "window",  # qnwb.solvers.CG_TERMINATIONS: s_j < tolerance ("window") or s_j < k·tolerance ("average")
     route: str = "auto",  # the GGN's linearisation route (qnwb.curvature.GGN)
     seed: int
     | None = None,  # recorded in settings: the seed that made the model and data (the probe draws nothing)
@@ -284,6 +285,7 @@ def cg_trace(
             max_iterations=max_iterations,
             min_iterations=min(min_iterations, max_iterations),
             tolerance=tolerance,
+            termination=termination,
             save_iterates=False,
             on_step=record,
         )
@@ -316,6 +318,7 @@ def cg_trace(
         max_iterations=max_iterations,
         min_iterations=min_iterations,
         tolerance=tolerance,
+        termination=termination,
         iterations=m,
         stop=cg.stop,
         products=cg.products,
@@ -439,6 +442,7 @@ def cg_trace_for(
         max_iterations=group["cg_max_iterations"],
         min_iterations=group["cg_min_iterations"],
         tolerance=group["cg_tolerance"],
+        termination=options["cg_termination"],
         route=options["route"],
     )
     return cg_trace(
