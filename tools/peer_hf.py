@@ -253,6 +253,13 @@ def _check_stream(data, meta) -> None:
     assert problem.tolerance == TOLERANCE == meta["tolerance"]
 
 
+def _run_head(meta: dict, args) -> dict:
+    "The fields every result row starts with: the shared data's settings and the budget."
+    return {k: meta[k] for k in ("task", "T", "seed", "hidden", "batch", "held_out")} | {
+        "budget_minibatches": args.budget
+    }
+
+
 def _qnwb_gv_seconds(data, meta, structural_distance: str, repeats: int = 20) -> float:
     "Seconds per curvature product (GGN + λμ·G_S) of qnwb at the initial weights on batch 0, one thread."
     import torch
@@ -320,13 +327,7 @@ def cmd_qnwb(args) -> int:
     row = dict(
         side="qnwb",
         config=args.label or "qnwb",
-        task=meta["task"],
-        T=meta["T"],
-        seed=meta["seed"],
-        hidden=meta["hidden"],
-        batch=meta["batch"],
-        held_out=meta["held_out"],
-        budget_minibatches=args.budget,
+        **_run_head(meta, args),
         options=dict(
             structural_damping=result["structural_damping"], damping=result["damping"], **options
         ),
@@ -462,13 +463,7 @@ def cmd_peer(args) -> int:
         side="peer",
         config=args.label
         or f"peer CG_iter={args.cg_iter}" + (" masked" if args.mask_curvature else ""),
-        task=meta["task"],
-        T=meta["T"],
-        seed=meta["seed"],
-        hidden=meta["hidden"],
-        batch=meta["batch"],
-        held_out=meta["held_out"],
-        budget_minibatches=args.budget,
+        **_run_head(meta, args),
         options=dict(
             CG_iter=args.cg_iter,
             init_damping=args.damping,
