@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['UNITS', 'esn_init_', 'sparse_init_', 'dense_init_', 'Centering']
+__all__ = ['UNITS', 'ADAQN_VARIANCE', 'esn_init_', 'sparse_init_', 'dense_init_', 'Centering']
 
 # %% ../nbs/65_init.ipynb #014b6712
 def _normal(shape, generator: torch.Generator | None) -> Tensor:
@@ -117,11 +117,26 @@ def sparse_init_(
     return module
 
 # %% ../nbs/65_init.ipynb #0670834e
+ADAQN_VARIANCE = 0.01  # "N(0, 0.01)" of Keskar & Berahas 2016 §4.1, read as the variance
+
+
 @torch.no_grad()
 def dense_init_(
-    module: nn.Module, std: float = 0.01, generator: torch.Generator | None = None
+    module: nn.Module,
+    std: float | None = None,  # the weights' standard deviation (give this or `variance`)
+    *,
+    variance: float | None = None,  # the weights' variance; neither given: ADAQN_VARIANCE (std 0.1)
+    generator: torch.Generator | None = None,
 ) -> nn.Module:
-    """Weight matrices from N(0, std²), biases and initial states zero (adaQN §4); returns the module."""
+    """Weight matrices from N(0, std²), biases and initial states zero (adaQN §4.1); returns the module."""
+    if std is not None and variance is not None:
+        raise ValueError(
+            f"std and variance: give one scale, not both (std={std!r}, variance={variance!r})"
+        )
+    if std is None:
+        variance = ADAQN_VARIANCE if variance is None else variance
+        _check_positive("variance", variance)
+        std = math.sqrt(variance)
     _check_positive("std", std)
     for param in module.parameters():
         param.copy_(

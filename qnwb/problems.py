@@ -258,11 +258,17 @@ def curves_problem(
     )
 
 # %% ../nbs/85_problems.ipynb #1c7f99cf
-@lru_cache(maxsize=1)
-def _corpus():
-    from qnwb.data import default_corpus
+@lru_cache(maxsize=2)
+def _corpus(path: str | None = None):
+    "The bundled corpus, or the text file `path` (read once per path; at most qnwb.data.TEXT_MAX_BYTES)."
+    from qnwb.data import CharCorpus, default_corpus
 
-    return default_corpus()
+    if path is None:
+        return default_corpus()
+    try:
+        return CharCorpus.from_file(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"corpus: cannot read {path!r} as UTF-8 text ({e})") from None
 
 
 def char_lm_problem(
@@ -274,22 +280,29 @@ def char_lm_problem(
     length: int = 20,  # characters per sequence
     batch_size: int = 32,  # sequences per batch
     held_out: int = 100,  # validation sequences
+    init_std: float = 0.1,  # the weights' std: adaQN §4.1's "N(0, 0.01)" read as a variance (0.01: as a std)
+    corpus: str
+    | None = None,  # a UTF-8 text file (None: qnwb.data.default_corpus(), bundled with Python)
 ) -> Problem:
-    """A character-level TanhRNN language model on qnwb.data.default_corpus()."""
+    """A character-level TanhRNN language model on a text corpus (the bundled one by default)."""
     from qnwb.init import dense_init_
     from qnwb.models import TanhRNN
 
     dtype = dtype or torch.float32
-    corpus = _corpus()
+    if corpus is not None and not isinstance(corpus, (str, os.PathLike)):
+        raise TypeError(
+            f"corpus: expected a path to a text file or None, got {type(corpus).__name__}"
+        )
+    path = None if corpus is None else os.fspath(Path(corpus).expanduser())
+    text = _corpus(path)
     for name, value in (("length", length), ("batch_size", batch_size), ("held_out", held_out)):
         check_positive_int(name, value)
-    model = TanhRNN.language_model(
-        len(corpus.vocabulary), hidden, layers, device=device, dtype=dtype
-    )
-    dense_init_(model, std=0.01, generator=make_generator(stream_seed("char_lm", "init", seed)))
+    check_number("init_std", init_std, 0.0, low_open=True)
+    model = TanhRNN.language_model(len(text.vocabulary), hidden, layers, device=device, dtype=dtype)
+    dense_init_(model, std=init_std, generator=make_generator(stream_seed("char_lm", "init", seed)))
 
     def windows(n, split, generator):
-        return corpus.batch(
+        return text.batch(
             n,
             length,
             split=split,
@@ -310,7 +323,7 @@ def char_lm_problem(
             lambda g: windows(batch_size, "train", g),
             stream_seed("char_lm", "train", seed),
             batch_size,
-            corpus.windows(length),
+            text.windows(length),
         ),
         windows(held_out, "validation", make_generator(stream_seed("char_lm", "held out"))),
         windows(held_out, "train", make_generator(stream_seed("char_lm", "train sample"))),
@@ -322,7 +335,15 @@ def char_lm_problem(
         ),
         mispredicted,
         "fraction of characters mispredicted",
-        dict(hidden=hidden, layers=layers, length=length, batch_size=batch_size, held_out=held_out),
+        dict(
+            hidden=hidden,
+            layers=layers,
+            length=length,
+            batch_size=batch_size,
+            held_out=held_out,
+            init_std=init_std,
+            corpus=path,
+        ),
     )
 
 # %% ../nbs/85_problems.ipynb #52c8509f

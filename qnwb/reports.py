@@ -12,14 +12,14 @@ import math
 import os
 import re
 import reprlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PARAMETER_DEPTH', 'reports_dir', 'report_names', 'template_path', 'template_parameters', 'parse_value',
-           'check_parameters', 'check_literal_assignments', 'injected_parameters', 'use_static_figures',
-           'report_output', 'Report', 'to_html', 'render_report', 'report_results', 'run_grid',
+__all__ = ['PARAMETER_DEPTH', 'TUNING_METRICS', 'reports_dir', 'report_names', 'template_path', 'template_parameters',
+           'parse_value', 'check_parameters', 'check_literal_assignments', 'injected_parameters', 'use_static_figures',
+           'report_output', 'Report', 'to_html', 'render_report', 'report_results', 'run_grid', 'Tuning', 'tune',
            'learning_curves_figure', 'SummaryTable', 'summary_table']
 
 # %% ../nbs/92_reports.ipynb #7122aa22
@@ -487,6 +487,99 @@ def run_grid(
                 continue
             print(f"{optimizer:>13} seed {seed}: {describe(summary)}")
     return runners, failed
+
+# %% ../nbs/92_reports.ipynb #414f45d0
+TUNING_METRICS = ("validation_loss", "validation_error", "train_loss", "train_error")
+
+
+@dataclass
+class Tuning:
+    """What the tuning protocol tried for one optimizer and what it chose."""
+
+    optimizer: str
+    seed: int  # the one seed every point was trained on
+    metric: str  # the final evaluation's column that was compared (smaller is better)
+    grid: dict[str, tuple]  # hyperparameter ↦ the values tried
+    points: list[dict]  # the hyperparameters of each run, in grid order
+    scores: list[float]  # the final metric of each run (inf: diverged)
+    chosen: dict  # the winning hyperparameters (the suggestion with the best point)
+
+    def rows(self) -> list[dict]:
+        "One row per point (its grid values, score, and whether it was chosen), for a table or report_results."
+        best = self.points.index(self.chosen)
+        return [
+            {
+                **{k: point[k] for k in self.grid},
+                self.metric: score,
+                "chosen": i == best,
+            }
+            for i, (point, score) in enumerate(zip(self.points, self.scores))
+        ]
+
+
+def tune(
+    optimizer: str,  # a name of qnwb.optim.OPTIMIZERS
+    config: Callable[[str, int], dict],  # (optimizer, seed) ↦ a run configuration, as for run_grid
+    seed: int = 0,  # the tuning seed
+    grid: Mapping[str, Sequence]
+    | None = None,  # hyperparameter ↦ values (None: tuning_grid for the problem's family)
+    metric: str = "validation_loss",  # a column of the final evaluation; smaller is better
+    store=None,  # as for run_grid
+    progress: bool = False,
+) -> Tuning:
+    """Train every point of `grid` on `seed` and choose the one with the smallest final `metric` (the protocol above)."""
+    import itertools
+
+    from qnwb.optim import suggested_hyperparameters, tuning_grid
+    from qnwb.problems import problem_family
+    from qnwb.runs import Runner
+
+    base = dict(config(optimizer, seed))
+    family = problem_family(base["problem"])
+    grid = tuning_grid(optimizer, family) if grid is None else dict(grid)
+    for name, values in grid.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise ValueError(
+                f"grid[{name!r}]: expected a non-empty sequence of values, got {values!r}"
+            )
+    grid = {name: tuple(values) for name, values in grid.items()}
+    if metric not in TUNING_METRICS:
+        raise ValueError(f"metric: {metric!r} is not one of {TUNING_METRICS}")
+    start = base.get("hyperparameters") or suggested_hyperparameters(optimizer, family)
+    if not grid:  # nothing to tune: the suggestion, not run here
+        return Tuning(optimizer, seed, metric, {}, [start], [math.nan], start)
+    points = [{**start, **dict(zip(grid, values))} for values in itertools.product(*grid.values())]
+    scores = []
+    for point in points:
+        runner = Runner(
+            {
+                **base,
+                "hyperparameters": point,
+                "name": f"tune {optimizer} {_describe_point(point, grid)}",
+            },
+            store=store,
+            progress=progress,
+        )
+        try:
+            runner.run()
+            last = runner.last_evaluation or {}
+            score = float(last.get(metric, math.inf))
+        except FloatingPointError:
+            score = math.inf
+        scores.append(score if math.isfinite(score) else math.inf)
+        print(f"{optimizer:>13} {_describe_point(point, grid)}: {metric} {score:.4g}")
+    return Tuning(optimizer, seed, metric, grid, points, scores, points[scores.index(min(scores))])
+
+
+def _describe_point(point: dict, grid: Mapping) -> str:
+    return (
+        ", ".join(
+            f"{k}={v.get('mu0', v.get('mu_max', v)) if isinstance(v, dict) else v}"
+            for k, v in point.items()
+            if k in grid
+        )
+        or "its suggestion"
+    )
 
 # %% ../nbs/92_reports.ipynb #7d4cf0be
 def _number(row: dict, key: str) -> float:

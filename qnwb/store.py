@@ -35,8 +35,8 @@ from .core import atomic_write, check_number, patch
 __all__ = ['DEFAULT_STORE', 'STATUSES', 'FINAL_STATUSES', 'SCHEMA', 'ADDED_COLUMNS', 'STEP_COLUMNS', 'EVALUATION_COLUMNS',
            'STORE_TABLES', 'SQLITE_MAGIC', 'RESERVED_NAME', 'KILLED_ERROR', 'ALGOPERF_COLUMNS', 'RUN_COLUMNS',
            'WORK_COLUMNS', 'FORMULA_STARTS', 'store_path', 'checkpoint_folder', 'git_revision', 'package_versions',
-           'pid_namespace', 'process_alive', 'jsonable', 'RunStore', 'is_sqlite_file', 'absolute_path', 'same_file',
-           'check_output_path', 'RunLock', 'csv_rows', 'csv_cell', 'export_csv', 'export_json']
+           'machine_name', 'pid_namespace', 'process_alive', 'jsonable', 'RunStore', 'is_sqlite_file', 'absolute_path',
+           'same_file', 'check_output_path', 'RunLock', 'csv_rows', 'csv_cell', 'export_csv', 'export_json']
 
 # %% ../nbs/86_store.ipynb #796c91bc
 DEFAULT_STORE = "data/qnwb.sqlite"
@@ -108,6 +108,20 @@ def package_versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "qnwb": getattr(qnwb, "__version__", "unknown"),
     }
+
+
+def machine_name() -> str:
+    """The CPU's model and count, e.g. '2 × AMD EPYC 7B13' (seconds compare only between runs on one machine)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        models = []
+    return (
+        f"{len(models)} × {models[0]}"
+        if models
+        else f"{os.cpu_count()} × {platform.processor() or 'unknown CPU'}"
+    )
 
 
 def pid_namespace() -> str | None:

@@ -85,6 +85,59 @@ def test_the_adagrad_accumulator_accumulates_on_every_step_even_across_a_rejecti
     torch.testing.assert_close(run.optimizer.scaling.accumulator, squares, rtol=floor(1), atol=0)
 
 
+def accumulator_at_the_last_move_of_the_old_average(run, steps):
+    "Step `run` `steps` times; the Adagrad accumulator right after the last step that moved w̄ₒ."
+    at_previous, previous = None, None
+    for _ in range(steps):
+        run.step()
+        now = run.state.get("previous_average")
+        if now is not None and (previous is None or not torch.equal(now, previous)):
+            at_previous = run.optimizer.scaling.accumulator.clone()
+        previous = None if now is None else now.clone()
+    return at_previous
+
+
+@pytest.mark.parametrize("epsilon, stored", [(1e-4, 2), (1e6, 0)])
+def test_the_accumulator_safeguard_returns_sum_g2_to_its_value_at_the_old_average_bit_for_bit(
+    epsilon, stored
+):
+    # L = 2: tests at steps 4 (accept), 6 (accept) and 8 (reject: 5 > 1.01·1); with ε = 1e6 every pair is skipped and
+    # w̄ₒ stays at step 2's average (line 21), so Σg² returns to its value at step 2
+    options = dict(lr=0.05, L=2, restore_accumulator_on_reject=True, epsilon=epsilon)
+    run = Driver(1, monitor_values=[1.0, 1.0, 1.0, 1.0, 5.0, 1.0], **options)
+    expected = accumulator_at_the_last_move_of_the_old_average(run, 7)
+    assert run.optimizer.stats["pairs_stored"] == stored
+    run.step()
+    assert run.optimizer.stats["rejected"] == 1
+    assert torch.equal(run.optimizer.scaling.accumulator, expected)
+    assert torch.equal(run.state["accumulator_at_previous"], expected)
+    # the literal Algorithm 1 keeps the excursion's gradients: the restored value is strictly smaller
+    literal = Driver(
+        1, monitor_values=[1.0, 1.0, 1.0, 1.0, 5.0, 1.0], lr=0.05, L=2, epsilon=epsilon
+    )
+    literal.step(8)
+    assert (literal.optimizer.scaling.accumulator > expected).all()
+
+
+def test_the_accumulator_safeguard_survives_a_checkpoint_between_the_old_average_and_the_rejection():
+    options = dict(lr=0.05, L=2, restore_accumulator_on_reject=True)
+    run = Driver(5, monitor_values=[1.0, 1.0, 1.0, 1.0, 5.0, 1.0], **options)
+    run.step(7)
+    saved_model = copy.deepcopy(run.model.state_dict())
+    saved_optimizer = copy.deepcopy(run.optimizer.state_dict())
+    saved_generator = run.generator.get_state()
+    run.step()
+    resumed = Driver(0, monitor_values=[5.0, 1.0], **options)
+    resumed.X, resumed.Y = run.X, run.Y
+    resumed.model.load_state_dict(saved_model)
+    resumed.optimizer.load_state_dict(saved_optimizer)
+    resumed.generator.set_state(saved_generator)
+    resumed.step()
+    assert resumed.optimizer.stats["rejected"] == run.optimizer.stats["rejected"] == 1
+    assert torch.equal(resumed.optimizer.scaling.accumulator, run.optimizer.scaling.accumulator)
+    assert torch.equal(flat_params(resumed.model), flat_params(run.model))
+
+
 def test_the_first_two_cycles_are_adagrad_steps_with_epsilon_inside_the_root():
     run = Driver(2, lr=0.1, L=3, adagrad_epsilon=1e-6)
     squares = torch.zeros(6, dtype=F64)
@@ -317,6 +370,7 @@ def test_state_dict_mid_cycle_continues_identically():
         (dict(relative_threshold=1.0), ValueError, "relative_threshold"),
         (dict(clear_fisher_on_reject=0), TypeError, "clear_fisher_on_reject"),
         (dict(advance_on_skip="no"), TypeError, "advance_on_skip"),
+        (dict(restore_accumulator_on_reject=1), TypeError, "restore_accumulator_on_reject"),
     ],
 )
 def test_bad_hyperparameters_name_the_parameter(options, error, name):

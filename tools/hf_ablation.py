@@ -21,22 +21,9 @@ import sys
 from pathlib import Path
 
 from qnwb.bench import bench_hf
+from qnwb.store import machine_name
 
 KEY = ("task", "T", "hidden", "mu", "reduction", "rule", "tolerance", "cap", "seed")
-
-
-def _machine() -> str:
-    "The CPU's model name and count (seconds compare only between runs on the same machine)."
-    models = (
-        [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        if Path("/proc/cpuinfo").exists()
-        else []
-    )
-    return f"{len(models)} × {models[0]}" if models else "unknown"
 
 
 def _key(row: dict) -> tuple:
@@ -89,7 +76,7 @@ def run(args) -> int:
         row = {
             **config,
             "budget_minibatches": args.minibatches,
-            "machine": _machine(),
+            "machine": machine_name(),
             **{
                 k: result[k]
                 for k in (

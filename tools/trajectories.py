@@ -13,12 +13,13 @@ import argparse
 import hashlib
 import json
 import math
-import platform
 import subprocess
 import sys
 import time
 
 import torch
+
+from qnwb.store import machine_name
 
 PROBLEMS = {  # small float64 instances: 25 steps of every optimizer take seconds
     "addition": {"T": 10, "hidden": 8, "batch_size": 50, "held_out": 100},
@@ -160,14 +161,7 @@ def main():
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip(),
-        "machine": next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in open("/proc/cpuinfo")
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        ),
+        "machine": machine_name(),
     }
     if args.action == "record":
         with open(args.path, "w") as f:

@@ -40,8 +40,8 @@ _all_ = [
 # %% auto #0
 __all__ = ['BUILDS_FROM', 'STEP_TAKES', 'CURVATURE_BATCHES', 'RECORDERS', 'FAMILIES', 'OPTIMIZERS', 'OptimizerEntry',
            'register_optimizer', 'optimizer_entry', 'optimizer_class', 'entry_for', 'make_schedule', 'make_optimizer',
-           'suggested_hyperparameters', 'StepResult', 'take_step', 'HessianFree', 'PRESETS', 'hessian_free_preset',
-           'levenberg_marquardt', 'LBFGS', 'SQN', 'AdaQN', 'LSR1', 'CM', 'NAG', 'schedules']
+           'suggested_hyperparameters', 'tuning_grid', 'StepResult', 'take_step', 'HessianFree', 'PRESETS',
+           'hessian_free_preset', 'levenberg_marquardt', 'LBFGS', 'SQN', 'AdaQN', 'LSR1', 'CM', 'NAG', 'schedules']
 
 # %% ../../nbs/49_optim.ipynb #991c365f
 BUILDS_FROM = ("params", "model")  # cls(model.parameters(), **h) or cls(model, loss, **h)
@@ -86,6 +86,9 @@ class OptimizerEntry:
     suggested: Mapping[str, Mapping[str, Any]] = field(
         default_factory=dict
     )  # family of FAMILIES ↦ hyperparameters
+    grid: Mapping[str, Mapping[str, tuple]] = field(
+        default_factory=dict
+    )  # family ↦ {hyperparameter ↦ the values the tuning protocol tries} (qnwb.reports.tune); none: nothing to tune
 
     def __post_init__(self):
         if not (isinstance(self.cls, type) and issubclass(self.cls, torch.optim.Optimizer)):
@@ -98,9 +101,10 @@ class OptimizerEntry:
         ):
             if value not in allowed:
                 raise ValueError(f"{name}: {value!r} is not one of {allowed}")
-        unknown = sorted(set(self.suggested) - set(FAMILIES))
-        if unknown:
-            raise ValueError(f"suggested: {unknown} are not problem families; use {FAMILIES}")
+        for name in ("suggested", "grid"):
+            unknown = sorted(set(getattr(self, name)) - set(FAMILIES))
+            if unknown:
+                raise ValueError(f"{name}: {unknown} are not problem families; use {FAMILIES}")
         taken = self.hyperparameters()
         for name in ("controls", "construction_only", "schedulable"):
             stray = sorted(set(getattr(self, name)) - set(taken))
@@ -108,8 +112,15 @@ class OptimizerEntry:
                 raise ValueError(
                     f"{name}: {stray} are not hyperparameters of {self.cls.__name__}; it takes {taken}"
                 )
+        for family, grid in self.grid.items():
+            for name, values in grid.items():
+                if not isinstance(values, tuple) or not values:
+                    raise ValueError(
+                        f"grid[{family!r}][{name!r}]: expected a non-empty tuple of values, got {values!r}"
+                    )
         for where, values in (
             ("defaults", self.defaults),
+            *((f"grid[{f!r}]", v) for f, v in self.grid.items()),
             *((f"suggested[{f!r}]", v) for f, v in self.suggested.items()),
         ):
             stray = sorted(set(values) - set(taken))
@@ -138,6 +149,21 @@ _SUTSKEVER = {
     "momentum": {"schedule": "SutskeverMomentum", "mu_max": 0.99},
 }  # the deep autoencoders (§3.1)
 
+# The tuning protocol's grids (qnwb.reports.tune): step sizes a factor ~3 apart around the suggestion, and for the momentum
+# methods μ as Sutskever et al. 2013 vary it (μ₀ after 1000 updates for RNNs, §4; μ_max of eq. 5 for autoencoders, §3)
+_RATES = (0.3, 0.1, 0.03, 0.01, 0.003)
+_RNN_MOMENTUM = tuple(
+    {"schedule": "RNNMomentum", "mu0": mu0, "switch": 1000, "initial": 0.9} for mu0 in (0.9, 0.99)
+)
+_MOMENTUM_GRIDS = {
+    "recurrent": {"lr": (0.01, 0.003, 0.001, 0.0003), "momentum": _RNN_MOMENTUM},
+    "autoencoder": {
+        "lr": (0.05, 0.01, 0.005),
+        "momentum": tuple({"schedule": "SutskeverMomentum", "mu_max": mu} for mu in (0.99, 0.999)),
+    },
+    "default": {"lr": (0.03, 0.01, 0.003, 0.001), "momentum": (0.9, 0.99)},
+}
+
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     "hessian_free": OptimizerEntry(
         HessianFree,
@@ -159,6 +185,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
         controls=("lr", "memory"),
         recorder="memory",
         construction_only=("h0_epsilon", "rmsprop_decay"),  # copied into the diagonal scaling
+        grid={"default": {"lr": (1.0, 0.5, 0.1, 0.05)}},
         suggested={"default": {"lr": 0.5}, "autoencoder": {"lr": 0.1}},
     ),
     "sqn": OptimizerEntry(
@@ -168,6 +195,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
         curvature_products=True,
         controls=("lr", "L", "memory"),
         recorder="memory",
+        grid={"default": {"lr": _RATES[:-1]}},
         suggested={"default": {"lr": 0.05}},
     ),
     "adaqn": OptimizerEntry(
@@ -176,6 +204,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
         controls=("lr", "L", "memory"),
         construction_only=("adagrad_epsilon",),  # copied into the diagonal scaling
         recorder="memory",
+        grid={"default": {"lr": _RATES}},
         suggested={"default": {"lr": 0.05}},
     ),
     "lsr1": OptimizerEntry(
@@ -189,6 +218,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
         controls=("lr", "momentum"),
         schedulable=("lr", "momentum"),
         defaults={"lr": 0.01},
+        grid=_MOMENTUM_GRIDS,
         suggested={"default": {"lr": 0.01, "momentum": 0.9}, "autoencoder": _SUTSKEVER},
     ),
     "nag": OptimizerEntry(
@@ -196,6 +226,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
         controls=("lr", "momentum"),
         schedulable=("lr", "momentum"),
         defaults={"lr": 0.01},
+        grid=_MOMENTUM_GRIDS,
         suggested={"default": _TOUR_NAG, "autoencoder": _SUTSKEVER},
     ),
     # torch's own baselines, not rewritten
@@ -203,6 +234,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
         torch.optim.SGD,
         controls=("lr", "momentum"),
         defaults={"lr": 0.01},
+        grid={"default": {"lr": _RATES[:-1]}},
         suggested={"default": {"lr": 0.05}},
     ),
     "adagrad": OptimizerEntry(
@@ -211,11 +243,13 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
         construction_only=(
             "initial_accumulator_value",
         ),  # torch fills the accumulator with it once
+        grid={"default": {"lr": _RATES}},
         suggested={"default": {"lr": 0.05}},
     ),
     "adam": OptimizerEntry(
         torch.optim.Adam,
         controls=("lr",),
+        grid={"default": {"lr": (0.03, 0.01, 0.003, 0.001)}},
         suggested={"default": {"lr": 0.01}, "autoencoder": {"lr": 0.001}},
     ),
 }
@@ -324,10 +358,21 @@ def suggested_hyperparameters(
     family: str = "default",  # one of FAMILIES
 ) -> dict[str, Any]:
     """A copy of the hyperparameters reports and the dashboard start `name` from on a problem of `family`."""
+    return _for_family(optimizer_entry(name).suggested, family)
+
+
+def _for_family(table: Mapping[str, Mapping], family: str) -> dict[str, Any]:
     if family not in FAMILIES:
         raise ValueError(f"family: {family!r} is not one of {FAMILIES}")
-    suggested = optimizer_entry(name).suggested
-    return copy.deepcopy(dict(suggested.get(family, suggested.get("default", {}))))
+    return copy.deepcopy(dict(table.get(family, table.get("default", {}))))
+
+
+def tuning_grid(
+    name: str,  # a key of OPTIMIZERS
+    family: str = "default",  # one of FAMILIES
+) -> dict[str, tuple]:
+    """A copy of the grid the tuning protocol searches for `name` on a problem of `family` ({}: nothing to tune)."""
+    return _for_family(optimizer_entry(name).grid, family)
 
 # %% ../../nbs/49_optim.ipynb #bd43192e
 @dataclass

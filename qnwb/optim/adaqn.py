@@ -123,8 +123,9 @@ class AdaQN(FlatOptimizer):
     _optional_entries = {
         "cycle_start": "int",
         "cycle_length": "int",  # absent from states saved before L could change
-        "previous_average": "vector",
-    }  # from the first cycle's end
+        "previous_average": "vector",  # from the first cycle's end
+        "accumulator_at_previous": "vector",  # with restore_accumulator_on_reject: Σg² when w̄ₒ was set
+    }
 
 # %% ../../nbs/45_adaqn.ipynb #6da5a001
 @patch
@@ -141,6 +142,7 @@ def __init__(
     curvature_rule: str = "adaqn",  # "adaqn": sᵀy > ε sᵀs (line 19); "cosine": sᵀy > ε‖s‖‖y‖
     fisher_normalization: str = "count",  # "count": y = F̃s/|F̃| (line 18); "none"
     clear_fisher_on_reject: bool = True,  # line 13 clears F̃ with the memory
+    restore_accumulator_on_reject: bool = False,  # a rejection also returns eq. 9's Σg² to its value at w̄ₒ (not in Algorithm 1)
     advance_on_skip: bool = False,  # False: w̄ₒ stays after a skipped pair (§3.2); True: SQN's rule
     acceptance: str = "ratio",  # "ratio": reject if f_M(w̄ₙ) > γ f_M(w̄ₒ); "relative": if the relative increase > γ̃
     relative_threshold: float = 0.01,  # γ̃ ∈ (0, 1) of acceptance="relative"
@@ -161,6 +163,7 @@ def __init__(
         )
     for name, flag in (
         ("clear_fisher_on_reject", clear_fisher_on_reject),
+        ("restore_accumulator_on_reject", restore_accumulator_on_reject),
         ("advance_on_skip", advance_on_skip),
     ):
         if not isinstance(flag, bool):
@@ -179,6 +182,7 @@ def __init__(
         curvature_rule=curvature_rule,
         fisher_normalization=fisher_normalization,
         clear_fisher_on_reject=clear_fisher_on_reject,
+        restore_accumulator_on_reject=restore_accumulator_on_reject,
         advance_on_skip=advance_on_skip,
         acceptance=acceptance,
         relative_threshold=float(relative_threshold),
@@ -274,7 +278,7 @@ def step(
             else:
                 stats.update(self._form_pair(state, group, average))  # lines 17–21
         else:
-            state["previous_average"] = average  # line 24
+            self._set_previous(state, group, average)  # line 24
             state["cycles"] += 1
         state["cycle_start"] = (
             k  # the next step opens a cycle (after a rejection too: line 15's `continue`)
@@ -355,12 +359,30 @@ def _monitor_test(
 
 # %% ../../nbs/45_adaqn.ipynb #a1bc83ac
 @patch
+def _set_previous(
+    self: AdaQN, state: dict, group: dict, average: Tensor, where: Tensor | bool = True
+) -> None:
+    "`w̄ₒ ← w̄ₙ` (lines 21, 24) where `where` holds, and with `restore_accumulator_on_reject` the Adagrad Σg² of that moment."
+    if isinstance(where, bool):
+        where = torch.tensor(where, device=average.device)
+    state["previous_average"] = torch.where(where, average, state.get("previous_average", average))
+    if group["restore_accumulator_on_reject"]:
+        now = self.scaling.accumulator
+        state["accumulator_at_previous"] = torch.where(
+            where, now, state.get("accumulator_at_previous", now)
+        )
+
+
+@patch
 def _reject(self: AdaQN, state: dict, group: dict) -> None:
-    "Lines 13–14: clear the L-BFGS memory (and F̃, line 13), and return the iterate to w̄ₒ; w̄ₒ stays."
+    """Lines 13–14: clear the L-BFGS memory (and F̃, line 13), and return the iterate to w̄ₒ; w̄ₒ stays. With
+    `restore_accumulator_on_reject` eq. 9's accumulator returns to its value at w̄ₒ too (when one was recorded)."""
     self.memory.clear()
     if group["clear_fisher_on_reject"]:
         self.fisher.clear()
     assign_flat_(group["params"], state["previous_average"])  # back to w̄ₒ
+    if group["restore_accumulator_on_reject"] and "accumulator_at_previous" in state:
+        self.scaling.accumulator.copy_(state["accumulator_at_previous"])
     state["rejections"] += 1
 
 # %% ../../nbs/45_adaqn.ipynb #68b75400
@@ -375,7 +397,7 @@ def _form_pair(self: AdaQN, state: dict, group: dict, average: Tensor) -> dict:
     state["pairs_stored"] += accept.long()
     state["pairs_skipped"] += (~accept).long()
     advance = accept | group["advance_on_skip"]
-    state["previous_average"] = torch.where(advance, average, state["previous_average"])  # line 21
+    self._set_previous(state, group, average, advance)  # line 21
     state["cycles"] += 1
     return dict(
         pair_formed=1,
