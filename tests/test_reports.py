@@ -179,12 +179,23 @@ def test_the_tour_runs_with_overridden_parameters_and_writes_store_json_and_html
     report = _small_tour(tmp_path)
     results = json.loads(report.results.read_text())
     assert results["parameters"]["budget"] == 300 and sorted(results["runs"]) == [
-        "hessian_free seed 0",
-        "nag seed 0",
+        "hessian_free seed 1",
+        "nag seed 1",
     ]
     assert [row["label"] for row in results["summary"]] == ["hessian_free", "nag"]
+    # the tuning protocol: NAG's 4 rates × 2 values of μ₀ on seed 0, the winner on seed 1; HF has nothing to tune
+    nag = results["tuning"]["nag"]
+    assert nag["seed"] == 0 and len(nag["points"]) == 8
+    (chosen,) = [p for p in nag["points"] if p["chosen"]]
+    assert {k: chosen[k] for k in ("lr", "momentum")} == {
+        k: results["hyperparameters"]["nag"][k] for k in ("lr", "momentum")
+    }
+    assert chosen["validation_loss"] == min(p["validation_loss"] for p in nag["points"])
+    assert len(results["tuning"]["hessian_free"]["points"]) == 1
     runs = RunStore(tmp_path / "tour.sqlite").runs()
-    assert [(r["optimizer"], r["status"]) for r in runs] == [
+    tuning_runs = [r for r in runs if r["name"].startswith("tune ")]
+    assert len(tuning_runs) == 8 and {r["optimizer"] for r in tuning_runs} == {"nag"}
+    assert [(r["optimizer"], r["status"]) for r in runs if r not in tuning_runs] == [
         ("hessian_free", "finished"),
         ("nag", "finished"),
     ]

@@ -94,7 +94,9 @@ def run(args) -> int:
         )
         seeds = {}
         for seed in args.seeds:
-            runner = Runner(config(args.problem, optimizer, seed, tuning.chosen), store=False)
+            runner = Runner(
+                config(args.problem, optimizer, seed, tuning.chosen), store=False, progress=False
+            )
             try:
                 runner.run()
                 seeds[seed] = final(runner)
@@ -158,6 +160,7 @@ def init(args) -> int:
                         "evaluate_every": args.steps,
                     },
                     store=False,
+                    progress=False,
                 )
                 runner.run()
                 loss = runner.last_evaluation["validation_loss"] / options["length"]
