@@ -26,10 +26,11 @@ from torch import Tensor
 from .core import atomic_write, default_device, make_generator, patch
 
 # %% auto #0
-__all__ = ['IDX_MAX_BYTES', 'MNIST_FILES', 'CIFAR10_FILES', 'CIFAR10_CLASSES', 'TEXT_MAX_BYTES', 'BOX', 'read_idx', 'write_idx',
-           'load_mnist', 'load_cifar10', 'write_cifar10_batch', 'pixel_sequences', 'CharCorpus', 'default_corpus',
-           'WordCorpus', 'make_curves', 'curves_dataset', 'curves_figure', 'ball_trajectories', 'render_balls',
-           'bouncing_balls', 'next_frame_batch', 'bouncing_balls_figure']
+__all__ = ['IDX_MAX_BYTES', 'MNIST_FILES', 'CIFAR10_FILES', 'CIFAR10_CLASSES', 'DIGITS_TEST_FRACTION', 'TEXT_MAX_BYTES', 'BOX',
+           'read_idx', 'write_idx', 'load_mnist', 'load_cifar10', 'write_cifar10_batch', 'load_digits',
+           'pixel_sequences', 'CharCorpus', 'default_corpus', 'WordCorpus', 'make_curves', 'curves_dataset',
+           'curves_figure', 'ball_trajectories', 'render_balls', 'bouncing_balls', 'next_frame_batch',
+           'bouncing_balls_figure']
 
 # %% ../nbs/75_data.ipynb #f4700798
 def _positive_int(value, name: str) -> int:
@@ -519,6 +520,41 @@ def write_cifar10_batch(
     with open(path, "wb") as f:
         pickle.dump(batch, f, protocol=2)  # the protocol of the official (Python 2) files
     return path
+
+# %% ../nbs/75_data.ipynb #6f630a7f
+DIGITS_TEST_FRACTION = 0.2
+
+
+def load_digits(
+    split: str = "train",  # "train" (1,438 images) or "test" (359)
+    size: int = 28,  # the side of the returned images (8: as bundled; 28: MNIST's, by bilinear interpolation)
+    device=None,  # where the tensors go (None: the CPU)
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """`(images, labels)`: scikit-learn's bundled digits in [0, 1] of shape `(N, size, size)`, labels int64 in 0..9."""
+    _check_split(split)
+    size = _positive_int(size, "size")
+    if not 8 <= size <= 64:
+        raise ValueError(f"size: from 8 (as bundled) to 64 pixels, got {size}")
+    try:
+        from sklearn.datasets import load_digits as bundled
+    except ImportError as e:
+        raise ImportError(
+            "load_digits: needs scikit-learn, whose package carries the digits (pip install scikit-learn)"
+        ) from e
+    digits = bundled()
+    images = torch.from_numpy(digits.images).to(torch.float64).div_(16.0)
+    labels = torch.from_numpy(digits.target).to(torch.int64)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    cut = len(images) - round(len(images) * DIGITS_TEST_FRACTION)
+    index = order[:cut] if split == "train" else order[cut:]
+    images, labels = images[index], labels[index]
+    if size != 8:
+        images = torch.nn.functional.interpolate(
+            images[:, None], size=(size, size), mode="bilinear", align_corners=False
+        )[:, 0]
+    device = _device(device)
+    return images.clamp_(0.0, 1.0).to(device, _float_dtype(dtype)), labels.to(device)
 
 # %% ../nbs/75_data.ipynb #5dbbb9bc
 def pixel_sequences(

@@ -23,9 +23,9 @@ from .core import check_number, check_positive_int, default_device, make_generat
 from .losses import MatchingLoss, matching_loss
 
 # %% auto #0
-__all__ = ['DTYPES', 'PROBLEMS', 'PROBLEM_LIMITS', 'ELEMENTS_LIMIT', 'stream_seed', 'SampleStream', 'EpochStream', 'Problem',
-           'curves_problem', 'char_lm_problem', 'QuadraticModel', 'quadratic_problem', 'problem_options',
-           'make_problem', 'problem_family']
+__all__ = ['DTYPES', 'IMAGE_DATASETS', 'PROBLEMS', 'PROBLEM_LIMITS', 'ELEMENTS_LIMIT', 'stream_seed', 'SampleStream',
+           'EpochStream', 'Problem', 'curves_problem', 'char_lm_problem', 'lenet_problem', 'pixel_mnist_problem',
+           'QuadraticModel', 'quadratic_problem', 'problem_options', 'make_problem', 'problem_family']
 
 # %% ../nbs/85_problems.ipynb #700021b2
 def stream_seed(*parts) -> int:
@@ -346,6 +346,167 @@ def char_lm_problem(
         ),
     )
 
+# %% ../nbs/85_problems.ipynb #e66fcd15
+IMAGE_DATASETS = ("digits", "mnist", "cifar10")
+
+
+def _image_splits(
+    dataset: str, root: str | None, size: int, device, dtype, train: int | None, test: int | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    "`(train images, train labels, test images, test labels)`, images with a channel axis, the first `train` / `test`."
+    from qnwb.data import load_cifar10, load_digits, load_mnist
+
+    if dataset not in IMAGE_DATASETS:
+        raise ValueError(f"dataset: {dataset!r} is not one of {IMAGE_DATASETS}")
+    for name, value in (("train", train), ("test", test)):
+        if value is not None:
+            check_positive_int(name, value)
+    options = dict(device=device, dtype=dtype)
+    if dataset == "digits":
+        splits = [load_digits(split, size=size, **options) for split in ("train", "test")]
+    elif dataset == "mnist":
+        splits = [load_mnist(root or "data/mnist", split, **options) for split in ("train", "test")]
+    else:
+        splits = [
+            load_cifar10(root or "data/cifar-10-batches-py", split, **options)
+            for split in ("train", "test")
+        ]
+    (x, y), (tx, ty) = splits
+    if x.dim() == 3:  # greyscale: one channel
+        x, tx = x[:, None], tx[:, None]
+    return x[:train], y[:train], tx[:test], ty[:test]
+
+
+def _misclassified(outputs: Tensor, labels: Tensor) -> float:
+    return float((outputs.argmax(-1) != labels).double().mean())
+
+
+def _classification(
+    name, seed, model, train_x, train_y, held, batch_size, error, error_name, options
+):
+    "A Problem over a fixed training set: epochs of shuffled batches, a fixed monitoring batch and training sample."
+    check_positive_int("batch_size", batch_size)
+    cases = len(train_y)
+    pick = torch.randperm(cases, generator=make_generator(stream_seed(name, "monitor", seed)))
+    monitor = pick[: min(batch_size, cases)].to(train_x.device)
+    sample = slice(0, min(len(held[1]), cases))
+    return Problem(
+        name,
+        model,
+        matching_loss("softmax_cross_entropy"),
+        EpochStream((train_x, train_y), stream_seed(name, "train", seed), batch_size),
+        held,
+        (train_x[sample], train_y[sample]),
+        (train_x[monitor], train_y[monitor]),
+        EpochStream((train_x, train_y), stream_seed(name, "curvature", seed), batch_size),
+        error,
+        error_name,
+        options,
+    )
+
+
+def lenet_problem(
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    dataset: str = "digits",  # one of IMAGE_DATASETS
+    batch_norm: bool = False,  # a batch-normalisation layer after every convolution and the hidden layer
+    batch_size: int = 400,  # the paper's for L-SR1 and L-BFGS (20 for first-order methods)
+    train: int | None = None,  # the first this many training images (None: all)
+    test: int | None = None,  # the first this many test images (None: all)
+    root: str
+    | None = None,  # the folder of MNIST's or CIFAR-10's files (None: data/mnist, data/cifar-10-batches-py)
+) -> Problem:
+    """The L-SR1 paper's LeNet on scikit-learn's digits (enlarged to 28 × 28), MNIST or CIFAR-10."""
+    from qnwb.models import LeNet
+
+    dtype = dtype or torch.float32
+    if not isinstance(batch_norm, bool):
+        raise TypeError(f"batch_norm: expected a bool, got {batch_norm!r}")
+    x, y, tx, ty = _image_splits(dataset, root, 28, device, dtype, train, test)
+    model = LeNet(
+        "cifar10" if dataset == "cifar10" else "mnist",
+        batch_norm,
+        generator=make_generator(stream_seed("lenet", "init", seed)),
+        device=device,
+        dtype=dtype,
+    )
+    options = dict(
+        dataset=dataset,
+        batch_norm=batch_norm,
+        batch_size=batch_size,
+        train=train,
+        test=test,
+        root=root,
+    )
+    return _classification(
+        "lenet",
+        seed,
+        model,
+        x,
+        y,
+        (tx, ty),
+        batch_size,
+        _misclassified,
+        "fraction of test images misclassified",
+        options,
+    )
+
+
+def pixel_mnist_problem(
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    dataset: str = "digits",  # "digits" (8 × 8: 64 steps) or "mnist" (28 × 28: 784 steps)
+    hidden: int = 100,  # tanh units (Le et al. 2015, adaQN §4.3)
+    batch_size: int = 32,
+    train: int | None = None,
+    test: int | None = None,
+    init_std: float = 0.1,  # dense weights' std: adaQN's "N(0, 0.01)" read as a variance
+    root: str | None = None,  # the folder of MNIST's IDX files (None: data/mnist)
+) -> Problem:
+    """adaQN's pixel-by-pixel classification (§4.3): a tanh RNN reads one pixel per step and names the class at the end."""
+    from qnwb.data import pixel_sequences
+    from qnwb.init import dense_init_
+    from qnwb.models import TanhRNN
+
+    dtype = dtype or torch.float32
+    if dataset not in ("digits", "mnist"):
+        raise ValueError(f"dataset: {dataset!r} is not 'digits' or 'mnist'")
+    check_number("init_std", init_std, 0.0, low_open=True)
+    x, y, tx, ty = _image_splits(dataset, root, 8, device, dtype, train, test)
+    inputs, targets = pixel_sequences(x[:, 0], y)
+    held = pixel_sequences(tx[:, 0], ty)
+    model = TanhRNN(1, hidden, 10, device=device, dtype=dtype)
+    dense_init_(
+        model, std=init_std, generator=make_generator(stream_seed("pixel_mnist", "init", seed))
+    )
+
+    def last_step_error(outputs: Tensor, targets: Tensor) -> float:
+        return _misclassified(outputs[:, -1], targets[:, -1].argmax(-1))
+
+    options = dict(
+        dataset=dataset,
+        hidden=hidden,
+        batch_size=batch_size,
+        train=train,
+        test=test,
+        init_std=init_std,
+        root=root,
+    )
+    return _classification(
+        "pixel_mnist",
+        seed,
+        model,
+        inputs,
+        targets,
+        held,
+        batch_size,
+        last_step_error,
+        "fraction of test images misclassified after the last pixel",
+        options,
+    )
+
 # %% ../nbs/85_problems.ipynb #52c8509f
 class QuadraticModel(nn.Module):
     """`z = x θ` for rows `x`: one parameter vector θ; with squared error, a least-squares problem."""
@@ -416,6 +577,8 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     **{name: _pathological(name) for name in _pathological_names()},
     "curves": curves_problem,
     "char_lm": char_lm_problem,
+    "lenet": lenet_problem,
+    "pixel_mnist": pixel_mnist_problem,
     "quadratic": quadratic_problem,
 }
 
@@ -512,6 +675,6 @@ def problem_family(name: str) -> str:
     """The family (of qnwb.optim.FAMILIES) of the problem `name`: whose suggested hyperparameters fit it."""
     if name not in PROBLEMS:
         raise ValueError(f"problem: {name!r} is not one of {sorted(PROBLEMS)}")
-    if name in _pathological_names() or name == "char_lm":
+    if name in _pathological_names() or name in ("char_lm", "pixel_mnist"):
         return "recurrent"
     return "autoencoder" if name == "curves" else "default"

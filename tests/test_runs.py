@@ -23,6 +23,8 @@ TINY = {
     "curves": {"size": 8, "sizes": [12, 4], "train": 60, "test": 20, "batch_size": 25},
     "char_lm": {"hidden": 8, "length": 6, "batch_size": 8, "held_out": 10},
     "quadratic": {"n": 6, "batch_size": 3},
+    "lenet": {"train": 40, "test": 10, "batch_size": 20},
+    "pixel_mnist": {"hidden": 6, "train": 40, "test": 10, "batch_size": 20},
 }
 HYPER = {
     "hessian_free": {"cg_max_iterations": 5},
@@ -74,7 +76,17 @@ def stop_at(k):
 
 @pytest.mark.parametrize(
     "name",
-    ["addition", "xor", "temporal_order", "memorization_5bit", "curves", "char_lm", "quadratic"],
+    [
+        "addition",
+        "xor",
+        "temporal_order",
+        "memorization_5bit",
+        "curves",
+        "char_lm",
+        "quadratic",
+        "lenet",
+        "pixel_mnist",
+    ],
 )
 def test_every_problem_builds_and_evaluates(name):
     options = TINY.get(name, {"T": 10, "hidden": 5, "batch_size": 10, "held_out": 20})
@@ -87,10 +99,10 @@ def test_every_problem_builds_and_evaluates(name):
         assert math.isfinite(value) and math.isfinite(error) and error >= 0
 
 
-def test_the_registry_covers_the_pathological_tasks_the_autoencoder_the_char_lm_and_quadratics():
+def test_the_registry_covers_the_pathological_tasks_the_autoencoder_the_char_lm_images_and_quadratics():
     from qnwb.tasks import TASKS
 
-    assert set(TASKS) | {"curves", "char_lm", "quadratic"} == set(PROBLEMS)
+    assert set(TASKS) | {"curves", "char_lm", "lenet", "pixel_mnist", "quadratic"} == set(PROBLEMS)
     assert problem_options("addition")["T"] == 20
 
 
@@ -819,3 +831,39 @@ def test_a_schedule_is_checked_at_the_optimizers_current_update():
         ValueError, match="momentum"
     ):  # fine at t = 0 … 1, negative from t = 2: refused now, at t = 4
         runner.steer("momentum", late)
+
+
+def test_the_image_problems_read_mnist_and_cifar_files_written_in_their_formats(tmp_path):
+    from qnwb.core import make_generator
+    from qnwb.data import MNIST_FILES, write_cifar10_batch, write_idx
+
+    g = make_generator(0)
+    for split, count in (("train", 30), ("test", 12)):
+        images = torch.randint(0, 256, (count, 28, 28), generator=g, dtype=torch.uint8)
+        labels = torch.arange(count, dtype=torch.uint8) % 10
+        write_idx(tmp_path / "mnist" / f"{MNIST_FILES[split][0]}.gz", images)
+        write_idx(tmp_path / "mnist" / MNIST_FILES[split][1], labels)
+    lenet = make_problem("lenet", dataset="mnist", root=str(tmp_path / "mnist"), batch_size=10)
+    assert lenet.held_out[0].shape == (12, 1, 28, 28) and lenet.held_out[1].tolist() == [
+        k % 10 for k in range(12)
+    ]
+    pixels = make_problem(
+        "pixel_mnist", dataset="mnist", root=str(tmp_path / "mnist"), hidden=4, batch_size=10
+    )
+    assert pixels.held_out[0].shape == (12, 784, 1)
+    assert pixels.held_out[1][:, -1].argmax(-1).tolist() == [k % 10 for k in range(12)]
+    cifar = tmp_path / "cifar"
+    for name, count in [(f"data_batch_{i}", 4) for i in range(1, 6)] + [("test_batch", 6)]:
+        write_cifar10_batch(
+            cifar / name,
+            torch.randint(0, 256, (count, 3, 32, 32), generator=g, dtype=torch.uint8),
+            [1] * count,
+        )
+    colour = make_problem("lenet", dataset="cifar10", root=str(cifar), batch_size=5, test=4)
+    assert colour.held_out[0].shape == (4, 3, 32, 32) and colour.model(
+        colour.held_out[0]
+    ).shape == (4, 10)
+    for name in ("lenet", "pixel_mnist"):
+        p = make_problem(name, dataset="mnist", root=str(tmp_path / "mnist"), batch_size=10)
+        value, error = p.evaluate(p.held_out)
+        assert math.isfinite(value) and 0.0 <= error <= 1.0
