@@ -192,3 +192,33 @@ def test_a_step_that_needs_curvature_batches_says_so():
     optimizer = make_optimizer("sqn", net, loss)
     with pytest.raises(ValueError, match="curvature_batches: 'sqn'"):
         take_step(optimizer, net, loss, (torch.randn(4, 2), torch.randn(4, 1)))
+
+
+@pytest.mark.parametrize("optimizer", ["lsr1", "nag", "cm"])
+def test_a_step_that_leaves_theta_leaves_batch_norms_running_statistics_bit_for_bit(optimizer):
+    import math
+
+    from qnwb.losses import matching_loss
+    from qnwb.models import LeNet
+    from qnwb.optim import make_optimizer, take_step
+
+    net = LeNet("mnist", batch_norm=True, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(8)
+    loss = matching_loss("softmax_cross_entropy")
+    hyper = {"lsr1": {"radius": 1e3}}.get(optimizer, {"lr": 0.01})
+    built = make_optimizer(optimizer, net, loss, hyper)
+    before = [b.clone() for b in net.buffers()]
+    if optimizer == "lsr1":  # a first trial 1000 long is rejected (ρ ≤ η)
+        assert take_step(built, net, loss, (images, labels)).stats["accepted"] is False
+    else:  # a batch with NaN pixels: the step is refused
+        take_step(built, net, loss, (images.masked_fill(images > 0.5, math.nan), labels))
+    assert all(torch.equal(b, c) for b, c in zip(net.buffers(), before))
+    take_step(
+        built, net, loss, (images, labels)
+    )  # an accepted step (for L-SR1: the next, shorter trial, or later)
+    for _ in range(5):
+        if not all(torch.equal(b, c) for b, c in zip(net.buffers(), before)):
+            break
+        take_step(built, net, loss, (images, labels))
+    assert not all(torch.equal(b, c) for b, c in zip(net.buffers(), before))

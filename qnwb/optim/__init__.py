@@ -399,6 +399,31 @@ def _stats(optimizer: torch.optim.Optimizer) -> dict:
     return stats
 
 
+def _buffers_before(model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]] | None:
+    "`(buffers, their copies, the parameters' copies)` of a model with buffers (batch norm's running statistics), else None."
+    buffers = list(model.buffers())
+    if not buffers:
+        return None
+    with torch.no_grad():
+        return (
+            buffers,
+            [b.clone() for b in buffers],
+            [p.detach().clone() for p in model.parameters()],
+        )
+
+
+@torch.no_grad()
+def _restore_if_rejected(model: nn.Module, kept) -> None:
+    """A step that left every parameter as it was (a rejected trial point, a non-finite step) leaves the buffers as they
+    were too: the forward passes at the points it tried must not move batch norm's running statistics."""
+    if kept is None:
+        return
+    buffers, saved, parameters = kept
+    if all(torch.equal(p, q) for p, q in zip(model.parameters(), parameters)):
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)
+
+
 def take_step(
     optimizer: torch.optim.Optimizer,  # a registered optimizer of `model`'s parameters
     model: nn.Module,
@@ -437,11 +462,13 @@ def take_step(
         extra["monitor"] = wrap(
             torch.no_grad()(lambda: loss(model(monitor_batch[0]), monitor_batch[1]))
         )
+    kept = _buffers_before(model)
     value = (
         optimizer.step(batch, **extra)
         if entry.step_takes == "batch"
         else optimizer.step(wrap(closure), **extra)
     )
+    _restore_if_rejected(model, kept)
     stats = _stats(optimizer)
     return StepResult(
         loss=float(value.detach() if isinstance(value, Tensor) else value),
