@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PARAMETER_DEPTH', 'TUNING_METRICS', 'reports_dir', 'report_names', 'template_path', 'template_parameters',
-           'parse_value', 'check_parameters', 'check_literal_assignments', 'injected_parameters', 'use_static_figures',
-           'report_output', 'Report', 'to_html', 'render_report', 'report_results', 'run_grid', 'Tuning', 'tune',
+__all__ = ['PARAMETER_DEPTH', 'CLAIM_STATUSES', 'RESULTS_MAX_BYTES', 'TUNING_METRICS', 'reports_dir', 'report_names',
+           'template_path', 'template_parameters', 'parse_value', 'check_parameters', 'check_literal_assignments',
+           'injected_parameters', 'use_static_figures', 'report_output', 'Report', 'to_html', 'render_report',
+           'report_results', 'claim', 'ordering_status', 'claims_table', 'latest_results', 'run_grid', 'Tuning', 'tune',
            'learning_curves_figure', 'SummaryTable', 'summary_table']
 
 # %% ../nbs/92_reports.ipynb #7122aa22
@@ -442,6 +443,90 @@ def report_results(results: dict) -> Path | None:
     path = report_output(f"{stem}.json")
     path.write_text(text, encoding="utf-8")
     return path
+
+# %% ../nbs/92_reports.ipynb #64e66031
+CLAIM_STATUSES = ("reproduced", "same ordering", "not reproduced")
+
+
+def claim(
+    statement: str,  # what the paper says, with its figure, table or section
+    paper: str,  # the paper's number or words
+    qnwb: str,  # qnwb's measured counterpart
+    status: str,  # one of CLAIM_STATUSES
+    reason: str,  # why that status: the spread, the scale, what differs
+) -> dict[str, str]:
+    """One row of a reproduction report's claims table."""
+    if status not in CLAIM_STATUSES:
+        raise ValueError(f"status: {status!r} is not one of {CLAIM_STATUSES}")
+    for name, value in (
+        ("statement", statement),
+        ("paper", paper),
+        ("qnwb", qnwb),
+        ("reason", reason),
+    ):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name}: a claim needs a non-empty text, got {value!r}")
+    return {"claim": statement, "paper": paper, "qnwb": qnwb, "status": status, "reason": reason}
+
+
+def ordering_status(
+    values: dict[
+        str, tuple[float, float, float]
+    ],  # method ↦ (median, min, max) over seeds; smaller is better
+    order: Sequence[str],  # the paper's ranking, best first
+) -> str:
+    """ "reproduced" when the medians rank as `order` and neighbours' ranges over seeds do not overlap, "same ordering"
+    when only the medians do, else "not reproduced"."""
+    missing = [m for m in order if m not in values]
+    if missing:
+        raise ValueError(f"values: no result for {missing}")
+    ranked = [values[m] for m in order]
+    if not all(a[0] < b[0] for a, b in zip(ranked, ranked[1:])):
+        return "not reproduced"
+    return "reproduced" if all(a[2] < b[1] for a, b in zip(ranked, ranked[1:])) else "same ordering"
+
+
+def claims_table(claims: Sequence[dict], link: str | None = None):
+    """The claims as a Markdown table for a rendered report (`link`: a column of links to each claim's report)."""
+    from IPython.display import Markdown
+
+    columns = ("claim", "paper", "qnwb", "status", "reason") + (("report",) if link else ())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in claims:
+        cells = [str(row.get(k, "")).replace("|", "\\|").replace("\n", " ") for k in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return Markdown("\n".join(lines))
+
+# %% ../nbs/92_reports.ipynb #04e0e1c6
+RESULTS_MAX_BYTES = 16 << 20  # a results file larger than this is not a report's
+
+
+def latest_results(
+    folder: str | os.PathLike,  # searched with its subfolders, e.g. data/reports
+) -> dict[str, tuple[Path, dict]]:
+    """Report name ↦ `(path, results)` of the newest results JSON of every template found under `folder` (by the
+    timestamp in its name); files that are not a template's results, or not JSON, are passed over."""
+    pattern = re.compile(r"(?P<name>[A-Za-z0-9_]+)-(?P<stamp>\d{8}-\d{6})(?:-(?P<count>\d+))?")
+    found: dict[str, tuple[tuple, Path]] = {}
+    names = set(report_names())
+    for path in Path(folder).rglob("*.json"):
+        match = pattern.fullmatch(path.stem)
+        if not match or match["name"] not in names or not path.is_file():
+            continue
+        key = (match["stamp"], int(match["count"] or 0))
+        if match["name"] not in found or key > found[match["name"]][0]:
+            found[match["name"]] = (key, path)
+    latest = {}
+    for name, (_, path) in sorted(found.items()):
+        if path.stat().st_size > RESULTS_MAX_BYTES:
+            continue
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(results, dict):
+            latest[name] = (path, results)
+    return latest
 
 # %% ../nbs/92_reports.ipynb #9152f29e
 def run_grid(

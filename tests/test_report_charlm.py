@@ -18,6 +18,9 @@ SMALL = {
     "L": 3,
     "optimizers": ["adaqn", "adagrad", "adam"],
     "target_bpc": 6.0,
+    "seeds": [0],
+    "tune_step_sizes": False,  # the given learning rates (the tuned path: below)
+    "init_std": 0.01,  # the std reading: a network this small still starts at the uniform prediction
 }
 
 
@@ -40,11 +43,13 @@ def test_each_optimizer_runs_the_same_budget_through_the_store(report):
             "layers": 1,
             "length": 10,
             "batch_size": 8,
+            "init_std": 0.01,
         }
     assert runs[0]["config"]["hyperparameters"] == {
         "lr": 0.1,
         "L": 3,
-    }  # adaQN: Adagrad's step size and the given L
+        "restore_accumulator_on_reject": False,
+    }  # adaQN: Adagrad's step size, the given L, Algorithm 1 as written
     assert (
         results["runs"]["adaqn seed 0"]["loss_evaluations"]
         > 0
@@ -119,3 +124,36 @@ def test_an_optimizer_without_a_step_size_is_refused(tmp_path):
             out=tmp_path / "reports",
             progress=False,
         )
+
+
+def test_tuned_step_sizes_come_from_the_grid_on_the_tuning_seed_and_the_claims_have_a_status(
+    tmp_path,
+):
+    from qnwb.reports import CLAIM_STATUSES
+
+    _, results, store = render_with_store(
+        "charlm",
+        SMALL | {"tune_step_sizes": True, "seeds": [1], "budget": 30, "evaluate_every": 10},
+        tmp_path,
+    )
+    for optimizer in SMALL["optimizers"]:
+        tuning = results["tuning"][optimizer]
+        assert tuning["seed"] == 0 and [p["lr"] for p in tuning["points"]] == [
+            0.3,
+            0.1,
+            0.03,
+            0.01,
+            0.003,
+        ]
+        (chosen,) = [p for p in tuning["points"] if p["chosen"]]
+        assert results["step_sizes"][optimizer] == chosen["lr"]
+        assert chosen["validation_loss"] == min(p["validation_loss"] for p in tuning["points"])
+    reported = [r for r in store.runs() if not r["name"].startswith("tune ")]
+    assert sorted((r["optimizer"], r["seed"]) for r in reported) == [
+        ("adagrad", 1),
+        ("adam", 1),
+        ("adaqn", 1),
+    ]
+    assert len(store.runs()) == 3 + 3 * 5
+    assert [c["claim"][:12] for c in results["claims"]] == ["adaQN improv", "adaQN's step"]
+    assert all(c["status"] in CLAIM_STATUSES and c["reason"] for c in results["claims"])
