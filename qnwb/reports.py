@@ -411,7 +411,7 @@ def render_report(
             parameters=merged,
             kernel_name=kernel,
             progress_bar=progress,
-            cwd=str(template.parent),
+            cwd=os.getcwd(),  # relative paths in parameters (store, corpus, root) mean what they mean to the caller
             execution_timeout=timeout,
         )
     finally:

@@ -29,3 +29,14 @@ def test_the_summary_lists_the_newest_claims_of_each_report_with_links(tmp_path)
     assert rows[1]["report"] == "[table5](../rendered/table5-20260102-000000.html)"
     assert results["sources"]["figure3"]["html"] is None
     assert "NAG beats CM" in report.html.read_text()
+
+
+def test_relative_paths_in_parameters_mean_the_callers_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    mine = [claim("found from the caller's folder", "1", "1", "reproduced", "same value")]
+    (tmp_path / "mine" / "table5-20260102-000000.json").write_text(json.dumps({"claims": mine}))
+    report = render_report("summary", {"folder": "mine"}, out="out", progress=False)
+    assert [r["claim"] for r in json.loads(report.results.read_text())["claims_found"]] == [
+        "found from the caller's folder"
+    ]
