@@ -192,6 +192,17 @@ def test_the_tour_runs_with_overridden_parameters_and_writes_store_json_and_html
     }
     assert chosen["validation_loss"] == min(p["validation_loss"] for p in nag["points"])
     assert len(results["tuning"]["hessian_free"]["points"]) == 1
+    from qnwb.tasks import input_independent_error, make_task
+
+    assert results["input_independent"]["validation_error"] == input_independent_error(
+        make_task("addition", 20)
+    )
+    for optimizer, standing in results["standing"].items():
+        final = results["runs"][f"{optimizer} seed 1"]["last_evaluation"]
+        assert standing["worst_loss"] == final["validation_loss"]
+        assert standing["below_loss"] == (
+            final["validation_loss"] < results["input_independent"]["validation_loss"]
+        )
     runs = RunStore(tmp_path / "tour.sqlite").runs()
     tuning_runs = [r for r in runs if r["name"].startswith("tune ")]
     assert len(tuning_runs) == 8 and {r["optimizer"] for r in tuning_runs} == {"nag"}
