@@ -44,6 +44,20 @@ def test_summary_means_and_failure_rates_are_those_of_the_runs_and_a_rerun_reuse
                     assert r["minibatches"] >= SMALL["budget_minibatches"]
     html = report.html.read_text()
     assert "Plotly.newPlot" in html and "minibatches to success" in html
+    from qnwb.reports import CLAIM_STATUSES
+
+    solved = [c for c in results["claims"] if "solves it" in c["claim"]]
+    assert len(solved) == len(SMALL["problems"]) * len(SMALL["T_values"])
+    for c in (
+        solved
+    ):  # "reproduced" exactly when every seed of the structural cell met the strict criterion
+        problem = c["claim"].split(",")[0]
+        (cell,) = [
+            s for s in results["summary"] if (s["problem"], s["damping"]) == (problem, "structural")
+        ]
+        every = cell["strict"]["successes"] == cell["strict"]["runs"]
+        assert c["status"] == ("reproduced" if every else "not reproduced")
+    assert all(c["status"] in CLAIM_STATUSES and c["reason"] for c in results["claims"])
     ledger = tmp_path / "figure3-runs.jsonl"
     assert len(ledger.read_text().splitlines()) == 8
     again = render_report("figure3", SMALL, out=tmp_path, progress=False)
