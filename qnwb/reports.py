@@ -338,7 +338,10 @@ def to_html(notebook: str | os.PathLike, html: str | os.PathLike) -> Path:
     from nbconvert import HTMLExporter
 
     exporter = HTMLExporter(
-        template_name="lab", exclude_input_prompt=True, exclude_output_prompt=True
+        template_name="lab",
+        exclude_input_prompt=True,
+        exclude_output_prompt=True,
+        exclude_raw=True,  # a template's nbdev front matter (skip_exec) is not for readers
     )
     exporter.mathjax_url = ""  # no MathJax from a CDN: the reports' formulas are plain text
     exporter.require_js_url = ""
