@@ -74,6 +74,22 @@ def test_dense_init_draws_matrices_and_zeroes_vectors():
     assert all((p == 0).all() for p in (rnn.b_h, rnn.h0, rnn.b_z))
 
 
+def test_dense_init_takes_the_scale_as_a_std_or_a_variance_and_defaults_to_adaqns_variance_reading():
+    def weights(**scale):
+        return dense_init_(
+            TanhRNN(10, 300, 10, dtype=torch.float64), generator=make_generator(0), **scale
+        ).W_hh
+
+    # the same draw scaled by the same number, whichever name the scale comes under
+    assert torch.equal(weights(variance=0.01), weights(std=0.1))
+    assert torch.equal(weights(), weights(variance=0.01))  # "N(0, 0.01)" read as a variance
+    torch.testing.assert_close(weights(std=0.01), weights(std=0.1) / 10, rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        weights(std=0.1, variance=0.01)
+    with pytest.raises(ValueError, match="variance"):
+        weights(variance=-0.01)
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="spectral_radius"):
         esn_init_(TanhRNN(2, 20, 1), spectral_radius=0)
