@@ -313,11 +313,22 @@ def use_static_figures() -> None:
     pio.renderers.default = "notebook"
 
 
+# this process's folder for the outputs of a template run outside render_report
+_SCRATCH: list[Path] = []
+
+
 def report_output(name: str) -> Path:
-    "The path for a template's output file `name`: in the report's folder when run by `render_report`, else here."
-    folder = Path(os.environ.get("QNWB_REPORT_DIR", "."))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / name
+    """The path for a template's output file `name`: in the report's folder when run by `render_report`, else in a
+    temporary folder of this process (a template opened in Jupyter or run by nbdev_test writes nothing into the tree)."""
+    if "QNWB_REPORT_DIR" in os.environ:
+        folder = Path(os.environ["QNWB_REPORT_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+    if not _SCRATCH:
+        import tempfile
+
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="qnwb-report-")))
+    return _SCRATCH[0] / name
 
 # %% ../nbs/92_reports.ipynb #8e398926
 @dataclass

@@ -265,3 +265,17 @@ def test_two_renderings_in_one_second_do_not_overwrite_each_other(templates, tmp
         and second.html.name == "demo-20261122-120000-2.html"
     )
     assert json.loads(first.results.read_text()) == json.loads(second.results.read_text())
+
+
+def test_outside_render_report_a_templates_outputs_go_to_a_temporary_folder_not_the_working_one(
+    tmp_path, monkeypatch
+):
+    from qnwb.reports import report_output
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("QNWB_REPORT_DIR", raising=False)
+    ledger = report_output("figure3-runs.jsonl").resolve()
+    assert not ledger.is_relative_to(tmp_path.resolve())
+    assert ledger.parent.is_dir() and report_output("other.json").resolve().parent == ledger.parent
+    monkeypatch.setenv("QNWB_REPORT_DIR", str(tmp_path / "rendered"))
+    assert report_output("x.json") == tmp_path / "rendered" / "x.json"
