@@ -129,22 +129,27 @@ def test_an_optimizer_without_a_step_size_is_refused(tmp_path):
 def test_tuned_step_sizes_come_from_the_grid_on_the_tuning_seed_and_the_claims_have_a_status(
     tmp_path,
 ):
+    from qnwb.optim import tuning_grid
     from qnwb.reports import CLAIM_STATUSES
 
     _, results, store = render_with_store(
         "charlm",
-        SMALL | {"tune_step_sizes": True, "seeds": [1], "budget": 30, "evaluate_every": 10},
+        SMALL
+        | {
+            "tune_step_sizes": True,
+            "seeds": [1],
+            "budget": 30,
+            "evaluate_every": 10,
+            "average_every": 0,
+        },
         tmp_path,
     )
     for optimizer in SMALL["optimizers"]:
         tuning = results["tuning"][optimizer]
-        assert tuning["seed"] == 0 and [p["lr"] for p in tuning["points"]] == [
-            0.3,
-            0.1,
-            0.03,
-            0.01,
-            0.003,
-        ]
+        assert (
+            tuning["seed"] == 0
+            and tuple(p["lr"] for p in tuning["points"]) == tuning_grid(optimizer)["lr"]
+        )  # each optimizer's own documented grid
         (chosen,) = [p for p in tuning["points"] if p["chosen"]]
         assert results["step_sizes"][optimizer] == chosen["lr"]
         assert chosen["validation_loss"] == min(p["validation_loss"] for p in tuning["points"])
@@ -154,6 +159,10 @@ def test_tuned_step_sizes_come_from_the_grid_on_the_tuning_seed_and_the_claims_h
         ("adam", 1),
         ("adaqn", 1),
     ]
-    assert len(store.runs()) == 3 + 3 * 5
+    assert len(store.runs()) == 3 + 5 + 5 + 4  # Adam's grid has four step sizes
+    assert results["runs"]["adaqn seed 1"]["epochs"] < 1
+    assert (
+        len(results["memory"]["adaqn seed 1"]["average_memory"]) == 1
+    )  # average_every 0: windows of one epoch, and 30 steps lie within the first
     assert [c["claim"][:12] for c in results["claims"]] == ["adaQN improv", "adaQN's step"]
     assert all(c["status"] in CLAIM_STATUSES and c["reason"] for c in results["claims"])
