@@ -26,7 +26,7 @@ from .models import TanhRNN
 __all__ = ['ROUTES', 'DTYPES', 'SETUP_CAP', 'SLOW_SETUP_S', 'HF_CRITERIA', 'DEFAULT_LRS', 'timed', 'median_seconds',
            'setup_bytes', 'reference_problem', 'bench_curvature', 'summary', 'bench_hf', 'bench_optimizers',
            'optimizers_summary', 'optimizers_figure', 'bench_lanczos', 'lanczos_summary', 'bench_dashboard',
-           'dashboard_summary']
+           'dashboard_summary', 'bench_distributed', 'distributed_summary']
 
 # %% ../nbs/96_bench.ipynb #219d5632
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
@@ -788,3 +788,115 @@ def dashboard_summary(rows: list[dict]) -> str:
         for r in rows
     ]
     return "\n".join(lines)
+
+# %% ../nbs/96_bench.ipynb #9f63ba82
+def _distributed_step_seconds(
+    batch: int, steps: int, hidden: int, cg_iterations: int, repeat: int, seed: int
+) -> dict:
+    "On each rank of a launched group: the seconds of `repeat` HF steps (after one warm-up) and of one all-reduce of θ's size."
+    import torch.distributed as dist
+
+    from qnwb.optim import HessianFree
+    from qnwb.parallel import shard, world
+
+    model, x, y = reference_problem(batch, steps, hidden, torch.device("cpu"), torch.float32, seed)
+    part = shard((x, y))
+    hf = HessianFree(
+        model,
+        "squared_error",
+        structural_damping=1 / 30,
+        cg_max_iterations=cg_iterations,
+        cg_min_iterations=cg_iterations,
+    )
+    seconds = []
+    for k in range(repeat + 1):
+        dist.barrier()
+        elapsed, _ = timed(lambda: hf.step(part), torch.device("cpu"))
+        slowest = torch.tensor([elapsed])
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        if k:
+            seconds.append(float(slowest))
+    vector = torch.zeros(sum(p.numel() for p in model.parameters()))
+    reduce_s = []
+    for _ in range(20):
+        dist.barrier()
+        reduce_s.append(timed(lambda: dist.all_reduce(vector), torch.device("cpu"))[0])
+    return {
+        "rank": world()[0],
+        "step_s": seconds,
+        "all_reduce_s": statistics.median(reduce_s),
+        "parameters": vector.numel(),
+        "curvature_products": int(hf.stats["curvature_products"]),
+        "cases": len(part[0]),
+    }
+
+# %% ../nbs/96_bench.ipynb #4292627e
+def bench_distributed(
+    processes: int = 2,  # ranks of the data-parallel run
+    threads: int = 2,  # torch threads in all: the one process gets them all, each rank threads // processes
+    batch: int = 1000,  # sequences in the batch (split across the ranks)
+    steps: int = 100,  # time steps per sequence
+    hidden: int = 100,
+    cg_iterations: int = 10,  # CG iterations in every step (its minimum and its cap)
+    repeat: int = 5,  # timed steps after one warm-up
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One HF step on one process against `processes` data-parallel ranks, at the same total of threads: medians, speed-up, communication."""
+    from qnwb.parallel import launch
+
+    for name, value in (
+        ("processes", processes),
+        ("threads", threads),
+        ("batch", batch),
+        ("steps", steps),
+        ("hidden", hidden),
+        ("cg_iterations", cg_iterations),
+        ("repeat", repeat),
+    ):
+        check_positive_int(name, value)
+    if threads % processes:
+        raise ValueError(
+            f"threads: {threads} threads do not divide among {processes} processes; give a multiple"
+        )
+    if batch < processes:
+        raise ValueError(f"batch: {batch} sequences cannot be shared by {processes} processes")
+    args = (batch, steps, hidden, cg_iterations, repeat, seed)
+    one = launch(_distributed_step_seconds, 1, *args, threads=threads, timeout=600)[0]
+    ranks = launch(
+        _distributed_step_seconds, processes, *args, threads=threads // processes, timeout=600
+    )
+    one_s, many_s = statistics.median(one["step_s"]), statistics.median(ranks[0]["step_s"])
+    return {
+        "problem": f"TanhRNN(2, {hidden}, 1), {batch} sequences of {steps} steps, float32",
+        "threads": threads,
+        "processes": processes,
+        "cg_iterations": cg_iterations,
+        "curvature_products_per_step": one["curvature_products"],
+        "parameters": one["parameters"],
+        "one_process": {"threads": threads, "step_s": one["step_s"], "median_s": one_s},
+        "data_parallel": {
+            "threads_per_rank": threads // processes,
+            "cases_per_rank": [r["cases"] for r in ranks],
+            "step_s": ranks[0]["step_s"],
+            "median_s": many_s,
+            "all_reduce_s": statistics.median(r["all_reduce_s"] for r in ranks),
+        },
+        "speed_up": one_s / many_s,
+        "torch": torch.__version__,
+    }
+
+
+def distributed_summary(result: dict[str, Any]) -> str:
+    "The table `qnwb bench distributed` prints."
+    d = result["data_parallel"]
+    return "\n".join(
+        [
+            f"one HF step, {result['problem']}, {result['cg_iterations']} CG iterations "
+            f"({result['curvature_products_per_step']} curvature products), {result['threads']} threads in all",
+            f"{'configuration':<28}{'median s':>10}{'speed-up':>10}",
+            f"{'1 process × ' + str(result['threads']) + ' threads':<28}{result['one_process']['median_s']:>10.3f}{1.0:>10.2f}",
+            f"{str(result['processes']) + ' processes × ' + str(d['threads_per_rank']) + ' thread(s)':<28}{d['median_s']:>10.3f}{result['speed_up']:>10.2f}",
+            f"all-reduce of {result['parameters']} parameters: {d['all_reduce_s'] * 1e3:.3f} ms per curvature product "
+            f"({d['all_reduce_s'] * result['curvature_products_per_step'] / d['median_s'] * 100:.1f} % of the step)",
+        ]
+    )

@@ -8,6 +8,7 @@ __all__ = ['USER_MISTAKES', 'PAPER_BIASES', 'environment_info', 'printable', 'as
 # %% ../nbs/98_cli.ipynb #4e79f1ce
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -147,6 +148,7 @@ def _add_bench(commands) -> None:
     _add_bench_optimizers(benchmarks)
     _add_bench_lanczos(benchmarks)
     _add_bench_dashboard(benchmarks)
+    _add_bench_distributed(benchmarks)
 
 # %% ../nbs/98_cli.ipynb #f8cdf405
 def _bench_curvature(args: argparse.Namespace) -> int:
@@ -489,6 +491,59 @@ def _add_bench_dashboard(benchmarks) -> None:
     )
     dashboard.set_defaults(handler=_bench_dashboard)
 
+# %% ../nbs/98_cli.ipynb #cab43efd
+def _bench_distributed(args: argparse.Namespace) -> int:
+    from qnwb.bench import bench_distributed, distributed_summary
+
+    result = bench_distributed(
+        processes=args.processes,
+        threads=args.threads,
+        batch=args.batch,
+        steps=args.steps,
+        hidden=args.hidden,
+        cg_iterations=args.cg_iterations,
+        repeat=args.repeat,
+        seed=args.seed,
+    )
+    print(as_json(result, None) if args.json else distributed_summary(result))
+    return 0
+
+
+def _add_bench_distributed(benchmarks) -> None:
+    distributed = benchmarks.add_parser(
+        "distributed",
+        help="one HF step on one process against several data-parallel processes",
+        description="Median seconds of one Hessian-free step on the reference problem on one process with all the "
+        "threads and on several gloo ranks sharing them, the speed-up, and the all-reduce time per curvature product.",
+    )
+    distributed.add_argument(
+        "--processes", type=_positive_int, default=2, help="data-parallel ranks (default 2)"
+    )
+    distributed.add_argument(
+        "--threads", type=_positive_int, default=2, help="torch threads in all (default 2)"
+    )
+    distributed.add_argument(
+        "--batch", type=_positive_int, default=1000, help="sequences (default 1000)"
+    )
+    distributed.add_argument(
+        "--steps", type=_positive_int, default=100, help="time steps per sequence (default 100)"
+    )
+    distributed.add_argument(
+        "--hidden", type=_positive_int, default=100, help="hidden units (default 100)"
+    )
+    distributed.add_argument(
+        "--cg-iterations",
+        type=_positive_int,
+        default=10,
+        help="CG iterations per step (default 10)",
+    )
+    distributed.add_argument(
+        "--repeat", type=_positive_int, default=5, help="timed steps (default 5)"
+    )
+    distributed.add_argument("--seed", type=int, default=0)
+    distributed.add_argument("--json", action="store_true", help="print the result as JSON")
+    distributed.set_defaults(handler=_bench_distributed)
+
 # %% ../nbs/98_cli.ipynb #a596dc8c
 # Sutskever et al. 2013, Table 5, "biases" column: (task, T) -> error
 PAPER_BIASES = {
@@ -720,6 +775,10 @@ def _train(runner, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    from qnwb.parallel import world
+
+    if world()[0] != 0:  # data parallel: rank 0 speaks for the run
+        return 0 if summary["status"] in ("finished", "stopped") else 1
     if args.json:
         print(as_json(summary))
     else:
@@ -771,9 +830,78 @@ def _run(args: argparse.Namespace) -> int:
                 "name": args.name,
             }
         )
-    return _train(
-        Runner(config, store=args.store, progress=not args.quiet, overwrite=args.force), args
+    return _data_parallel(
+        args,
+        config["device"],
+        lambda rank: _train(
+            Runner(
+                config,
+                store=args.store,
+                progress=not args.quiet and rank == 0,
+                overwrite=args.force,
+            ),
+            args,
+        ),
     )
+
+
+def _data_parallel(args: argparse.Namespace, device, train) -> int:
+    """`train(rank)` on this process, or, with `--processes N`, this command again as N ranks under torchrun; under
+    torchrun (or a launcher like it) the process joins its group first and leaves it after."""
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _under_torchrun(args.processes)
+    from qnwb.parallel import join_from_environment
+
+    rank, _ = join_from_environment(default_device(device), args.collective_timeout)
+    try:
+        return train(rank)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _add_parallel_options(parser: argparse.ArgumentParser) -> None:
+    "`--processes` and `--collective-timeout`, for the commands that train."
+    parser.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=1,
+        help="train data-parallel on this many processes of this machine (torchrun; see the distributed tutorial)",
+    )
+    parser.add_argument(
+        "--collective-timeout",
+        type=_seconds,
+        default=300.0,
+        help="data parallel: seconds a rank waits for the others before the run fails (default 300)",
+    )
+
+
+def _under_torchrun(processes: int) -> int:
+    """Run this command again as `processes` ranks of one machine under torchrun (`--processes` dropped);
+    its exit status."""
+    import subprocess
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            argv.append(arg)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "qnwb",
+        *argv,
+    ]
+    return subprocess.run(command).returncode
 
 # %% ../nbs/98_cli.ipynb #bf807b28
 def _add_run(commands) -> None:
@@ -843,6 +971,7 @@ def _add_run(commands) -> None:
         action="store_true",
         help="replace an existing file at the configuration's checkpoint path",
     )
+    _add_parallel_options(run)
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
@@ -989,11 +1118,19 @@ def _runs_resume(args: argparse.Namespace) -> int:
             f"run {args.id}: no checkpoint to resume from ({printable(checkpoint or 'none recorded')})"
         )
     budget = check_budget(_pairs(args.budget, "budget")) if args.budget else None
-    return _train(
-        Runner.resume(
-            checkpoint, store=store, budget=budget, progress=not args.quiet, force=args.force
-        ),
+    return _data_parallel(
         args,
+        store.run(args.id)["config"]["device"],
+        lambda rank: _train(
+            Runner.resume(
+                checkpoint,
+                store=store,
+                budget=budget,
+                progress=not args.quiet and rank == 0,
+                force=args.force,
+            ),
+            args,
+        ),
     )
 
 # %% ../nbs/98_cli.ipynb #22dd8ab8
@@ -1060,6 +1197,7 @@ def _add_runs(commands) -> None:
         action="store_true",
         help="resume a run marked running by a process of another host or container, which qnwb cannot check",
     )
+    _add_parallel_options(resuming)
     resuming.add_argument("--json", action="store_true", help="print the summary as JSON")
     resuming.add_argument("--quiet", action="store_true", help="no progress bar")
     resuming.set_defaults(handler=_runs_resume)

@@ -23,6 +23,7 @@ from qnwb.core import (
     unflatten,
 )
 from .losses import MatchingLoss, matching_loss
+from .parallel import combine_, combine_loss, rows_of, whole_cases
 
 # %% auto #0
 __all__ = ['STRUCTURAL_DISTANCES', 'Linearization', 'FuncLinearization', 'CurvatureOperator', 'hidden_block_mv', 'GGN', 'Hessian',
@@ -214,6 +215,7 @@ class GGN(CurvatureOperator):
         self._bind(model)
         self.loss = matching_loss(loss)
         inputs, targets = _split_batch(batch)
+        self.batch = batch  # a qnwb.parallel.Shard: every product is summed across the ranks
         self.structural_distance = structural_distance
         self.structural_weight = structural_weight
         self.linearization = _linearize(
@@ -239,12 +241,12 @@ class GGN(CurvatureOperator):
             if use
             else None
         )
-        return _flatten(self.linearization.vjp(self.loss_hessian.mv(jz), dt))
+        return combine_(_flatten(self.linearization.vjp(self.loss_hessian.mv(jz), dt)), self.batch)
 
     def quadratic_form(self, v: Tensor) -> float:
         "`vᵀ G v` without the structural term, from one forward-mode product `(J_z v)ᵀ L'' (J_z v)`: no backward pass."
         jz, _ = self.linearization.jvp(self._views(v))
-        return float((jz * self.loss_hessian.mv(jz)).sum())
+        return float(combine_loss((jz * self.loss_hessian.mv(jz)).sum(), self.batch))
 
 # %% ../nbs/20_curvature.ipynb #fd2cced4
 class Hessian(CurvatureOperator):
@@ -254,6 +256,7 @@ class Hessian(CurvatureOperator):
         self._bind(model)
         self.loss = matching_loss(loss)
         inputs, targets = _split_batch(batch)
+        self.batch = batch  # a qnwb.parallel.Shard: every product is summed across the ranks
         self._leaves = [p.requires_grad_() for p in self.params]
         self.value = self.loss(
             functional_call(model, _state(model, self._leaves), (inputs,)), targets
@@ -267,7 +270,7 @@ class Hessian(CurvatureOperator):
         hv = torch.autograd.grad(
             self._grads, self._leaves, self._views(v), retain_graph=True, materialize_grads=True
         )
-        return _flatten(list(hv))
+        return combine_(_flatten(list(hv)), self.batch)
 
 
 def _case_function(model: nn.Module, preactivations: bool = False):
@@ -309,24 +312,25 @@ class EmpiricalFisher(CurvatureOperator):
     def __init__(self, model: nn.Module, loss: str | MatchingLoss, batch: tuple[Tensor, Tensor]):
         self._bind(model)
         self.loss = matching_loss(loss)
+        self.batch = batch  # a qnwb.parallel.Shard: products, diagonal and matrix are summed across the ranks
         self.case_gradients = next(_case_gradients(model, self.loss, self.params, batch))  # B × n
         self.cases = self.case_gradients.shape[0]
 
     def mv(self, v: Tensor) -> Tensor:
         "`F v` for a flat `v`."
         _check_vector(v, self.params, "v")
-        return self.case_gradients.T @ (self.case_gradients @ v) / self.cases
+        return combine_(self.case_gradients.T @ (self.case_gradients @ v) / self.cases, self.batch)
 
     def diagonal(self) -> Tensor:
         "`diag(F) = (1/B) Σ_i sq(g_i)`, exactly."
-        return self.case_gradients.square().sum(0) / self.cases
+        return combine_(self.case_gradients.square().sum(0) / self.cases, self.batch)
 
     def dense(self) -> Tensor:
         if self.n > 20_000:
             raise ValueError(
                 f"dense: {self.n} parameters make a {self.n}×{self.n} matrix; use mv on small models"
             )
-        return self.case_gradients.T @ self.case_gradients / self.cases
+        return combine_(self.case_gradients.T @ self.case_gradients / self.cases, self.batch)
 
 # %% ../nbs/20_curvature.ipynb #1ab5db7c
 def empirical_fisher_diagonal(
@@ -339,18 +343,21 @@ def empirical_fisher_diagonal(
     for gradients in _case_gradients(model, matching_loss(loss), params, batch, chunk):
         squares = gradients.square().sum(0)
         total = squares if total is None else total.add_(squares)
-    return total / len(batch[0])
+    return combine_(total / len(batch[0]), batch)
 
 # %% ../nbs/20_curvature.ipynb #aa90ac2a
-def _rademacher(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    "±1 with equal probability, shaped like `like`, drawn on the generator's device (CPU by default) and moved to `like`'s."
+def _rademacher(like: Tensor, generator: torch.Generator | None, batch=None) -> Tensor:
+    """±1 with equal probability, shaped like `like`, drawn on the generator's device (CPU by default) and moved to `like`'s;
+    for a qnwb.parallel.Shard `batch`, drawn for the whole batch and cut to its rows, as one process draws them."""
     signs = torch.randint(
         0,
         2,
-        like.shape,
+        (whole_cases(batch), *like.shape[1:]) if batch is not None else like.shape,
         generator=generator,
         device=generator.device if generator is not None else like.device,
     )
+    if batch is not None:
+        signs = rows_of(signs, batch)
     return (2 * signs - 1).to(like.device, like.dtype)
 
 
@@ -394,14 +401,14 @@ def ggn_diagonal_estimate(
 
     estimate = torch.zeros(sum(p.numel() for p in params), dtype=z.dtype, device=z.device)
     for _ in range(samples):
-        cz = loss_hessian.sqrt_mv(_rademacher(z, generator))
+        cz = loss_hessian.sqrt_mv(_rademacher(z, generator, batch))
         ct = (
-            root_hidden * _rademacher(root_hidden, generator)
+            root_hidden * _rademacher(root_hidden, generator, batch)
             if with_t
             else torch.zeros(len(z), dtype=z.dtype, device=z.device)
         )
         estimate += vmap(case_square, in_dims=(None, 0, 0, 0))(tuple(params), inputs, cz, ct).sum(0)
-    return estimate / samples
+    return combine_(estimate / samples, batch)
 
 # %% ../nbs/20_curvature.ipynb #1d9afac8
 def _relative_error(ours: Tensor, reference: Tensor) -> float:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .core import check_number, check_positive_int, default_device, make_generator
 from .losses import MatchingLoss, matching_loss
+from .parallel import combine_scalars
 
 # %% auto #0
 __all__ = ['DTYPES', 'IMAGE_DATASETS', 'PROBLEMS', 'PROBLEM_LIMITS', 'ELEMENTS_LIMIT', 'stream_seed', 'SampleStream',
@@ -109,9 +110,12 @@ class Problem:
 
     @torch.no_grad()
     def evaluate(self, data: tuple[Tensor, Tensor]) -> tuple[float, float]:
-        "(loss, error) of the model on `data`."
+        "(loss, error) of the model on `data`; on a qnwb.parallel.Shard, the whole set's (both are means over its cases)."
         outputs = self.model(data[0])
-        return float(self.loss(outputs, data[1])), float(self.error(outputs, data[1]))
+        loss, error = combine_scalars(
+            self.loss(outputs, data[1]), self.error(outputs, data[1]), batch=data
+        ).tolist()
+        return loss, error
 
 # %% ../nbs/85_problems.ipynb #eeb47c4c
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

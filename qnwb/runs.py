@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +35,7 @@ from qnwb.core import (
     set_rng_state,
 )
 from .optim import OPTIMIZERS, make_optimizer, make_schedule, optimizer_entry, take_step
+from .parallel import agreed, shard, world
 from .problems import DTYPES, PROBLEMS, EpochStream, make_problem
 from .store import RunLock, RunStore, absolute_path, check_output_path, same_file, store_path
 
@@ -301,6 +303,14 @@ class Runner:
         self._use_curvature_batches(entry)
         self._check_curvature_units(entry)
         self.model, self.loss = self.problem.model, self.problem.loss
+        if world()[1] > 1 and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
+        ):
+            warnings.warn(
+                "data parallel: batch norm normalises each rank's cases with their own statistics, so the model is "
+                "not the one a single process trains on the whole batch",
+                stacklevel=2,
+            )
         self.optimizer = make_optimizer(
             c["optimizer"], self.model, self.loss, c["hyperparameters"], c["seed"]
         )
@@ -407,6 +417,9 @@ def _record_run(
 ) -> None:
     "Open the store, record the run (or take the resumed `run_id`) and settle its checkpoint path."
     c = self.config
+    if world()[0] != 0:  # data parallel: rank 0 alone records the run and writes its checkpoints
+        self.store, self.run_id, self.checkpoint_path = None, None, None
+        return
     self.store = (
         None
         if store is False
@@ -453,7 +466,9 @@ def _record_run(
 @patch
 def _step(self: Runner) -> tuple[float, dict]:
     "One optimizer step on the next training batch: (the batch loss before the step, the step's stats)."
-    batch = self.problem.stream.next()
+    batch = shard(
+        self.problem.stream.next()
+    )  # data parallel: this rank's cases of the batch every rank drew
     draws = (
         self.entry.curvature_batches == "source" or self.config["curvature_batch_size"] is not None
     )
@@ -462,8 +477,8 @@ def _step(self: Runner) -> tuple[float, dict]:
         self.model,
         self.loss,
         batch,
-        curvature_batches=self.problem.curvature_stream.next if draws else None,
-        monitor_batch=self.problem.monitor,
+        curvature_batches=(lambda: shard(self.problem.curvature_stream.next())) if draws else None,
+        monitor_batch=None if self.problem.monitor is None else shard(self.problem.monitor),
     )
     self.counts["gradient_evaluations"] += result.gradient_evaluations
     self.counts["curvature_products"] += result.curvature_products
@@ -495,8 +510,8 @@ def budget_reached(self: Runner) -> bool:
 def evaluate(self: Runner) -> dict:
     """Evaluate on the held-out set and the training sample now; store and return the evaluation."""
     start = time.perf_counter()
-    train_loss, train_error = self.problem.evaluate(self.problem.train_sample)
-    validation_loss, validation_error = self.problem.evaluate(self.problem.held_out)
+    train_loss, train_error = self.problem.evaluate(shard(self.problem.train_sample))
+    validation_loss, validation_error = self.problem.evaluate(shard(self.problem.held_out))
     if self.device.type == "cuda":
         torch.cuda.synchronize(self.device)
     self.eval_time += time.perf_counter() - start
@@ -996,10 +1011,16 @@ def _loop(self: Runner, bar) -> str:
     status = "finished"
     while True:
         self._apply_steering()
-        if self.stop_event.is_set():
+        stop, done = (
+            agreed(  # data parallel: a signal on one rank, or one rank's clock, stops every rank
+                self.stop_event.is_set(), self.reached_target or self.budget_reached()
+            )
+        )
+        if stop:
+            self.stop_event.set()
             status = "stopped"
             break
-        if self.reached_target or self.budget_reached():
+        if done:
             break
         before, start = self.counter(bar_unit), time.perf_counter()
         self._in_step = True  # from here until the step is counted, an interrupted step leaves no consistent state
@@ -1022,7 +1043,8 @@ def _loop(self: Runner, bar) -> str:
         if self.store is not None:
             self.store.log_step(self.run_id, self.step, row, stats)
         evaluation = None
-        if self.counter(unit) >= self.next_evaluation:
+        (due,) = agreed(self.counter(unit) >= self.next_evaluation)
+        if due:
             evaluation = self.evaluate()
             self.next_evaluation = (math.floor(self.counter(unit) / every) + 1) * every
         if not math.isfinite(value):
@@ -1256,6 +1278,8 @@ def resume(
     """A runner that continues the run saved in `checkpoint` exactly where it stopped (nothing runs until `run()`)."""
     path = Path(checkpoint).expanduser()
     saved = read_checkpoint(path)
+    if world()[0] != 0:  # data parallel: rank 0 alone continues the run in its store
+        store = False
     opened = _checkpoint_store(saved, path, store)
     run_id = saved["run_id"] if opened is not None else None
     lock = None

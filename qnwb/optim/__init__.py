@@ -22,6 +22,7 @@ from .lbfgs import LBFGS
 from .lsr1 import LSR1
 from .momentum import CM, NAG
 from .sqn import SQN
+from ..parallel import combine_grads_, combine_loss
 
 _all_ = [
     "HessianFree",
@@ -447,7 +448,7 @@ def take_step(
         optimizer.zero_grad()
         value = loss(model(inputs), targets)
         value.backward()
-        return value
+        return combine_grads_(model.parameters(), batch, value)  # a Shard: the whole batch's
 
     extra = {}
     if entry.curvature_batches == "source":
@@ -460,7 +461,9 @@ def take_step(
         extra["curvature_batch"] = curvature_batches()
     if entry.monitor and monitor_batch is not None:
         extra["monitor"] = wrap(
-            torch.no_grad()(lambda: loss(model(monitor_batch[0]), monitor_batch[1]))
+            torch.no_grad()(
+                lambda: combine_loss(loss(model(monitor_batch[0]), monitor_batch[1]), monitor_batch)
+            )
         )
     kept = _buffers_before(model)
     value = (

@@ -38,6 +38,7 @@ from qnwb.curvature import (
 from ..losses import MatchingLoss, matching_loss
 from .line_search import armijo_backtracking
 from .schedules import evaluate_schedule
+from ..parallel import combine_loss, combine_with_loss
 from ..solvers import CG_TERMINATIONS, conjugate_gradient
 
 # %% auto #0
@@ -305,7 +306,7 @@ def __init__(
 @patch
 @torch.no_grad()
 def _objective(self: HessianFree, batch) -> float:
-    return float(self.loss(self.model(batch[0]), batch[1]))
+    return float(combine_loss(self.loss(self.model(batch[0]), batch[1]), batch))
 
 
 @patch
@@ -389,8 +390,8 @@ def step(
     with torch.enable_grad():
         value = self.loss(self.model(batch[0]), batch[1])
         grads = torch.autograd.grad(value, params, materialize_grads=True)
-    f0 = float(value.detach())
-    g = _flatten(list(grads))
+    value, g = combine_with_loss(value.detach(), _flatten(list(grads)), batch)
+    f0 = float(value)
     theta = flat_params(params).clone()
     gradient_s = time.perf_counter() - clock
     if not math.isfinite(f0) or not bool(torch.isfinite(g).all()):
