@@ -793,34 +793,29 @@ def dashboard_summary(rows: list[dict]) -> str:
 def _distributed_step_seconds(
     batch: int, steps: int, hidden: int, cg_iterations: int, repeat: int, seed: int
 ) -> dict:
-    "On each rank of a launched group: the seconds of `repeat` HF steps (after one warm-up) and of one all-reduce of θ's size."
+    "On each rank of a launched group: the seconds of `repeat` HF steps on its shard (after one warm-up) and of one all-reduce of θ's size."
     import torch.distributed as dist
 
     from qnwb.optim import HessianFree
     from qnwb.parallel import shard, world
 
-    model, x, y = reference_problem(batch, steps, hidden, torch.device("cpu"), torch.float32, seed)
+    cpu = torch.device("cpu")
+    model, x, y = reference_problem(batch, steps, hidden, cpu, torch.float32, seed)
     part = shard((x, y))
-    hf = HessianFree(
-        model,
-        "squared_error",
-        structural_damping=1 / 30,
-        cg_max_iterations=cg_iterations,
-        cg_min_iterations=cg_iterations,
-    )
+    options = {"cg_max_iterations": cg_iterations, "cg_min_iterations": cg_iterations}
+    hf = HessianFree(model, "squared_error", structural_damping=1 / 30, **options)
     seconds = []
     for k in range(repeat + 1):
         dist.barrier()
-        elapsed, _ = timed(lambda: hf.step(part), torch.device("cpu"))
-        slowest = torch.tensor([elapsed])
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        slowest = torch.tensor([timed(lambda: hf.step(part), cpu)[0]])
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a step takes as long as its slowest rank
         if k:
             seconds.append(float(slowest))
     vector = torch.zeros(sum(p.numel() for p in model.parameters()))
     reduce_s = []
     for _ in range(20):
         dist.barrier()
-        reduce_s.append(timed(lambda: dist.all_reduce(vector), torch.device("cpu"))[0])
+        reduce_s.append(timed(lambda: dist.all_reduce(vector), cpu)[0])
     return {
         "rank": world()[0],
         "step_s": seconds,
@@ -838,7 +833,8 @@ def bench_distributed(
     steps: int = 100,  # time steps per sequence
     hidden: int = 100,
     cg_iterations: int = 10,  # CG iterations in every step (its minimum and its cap)
-    repeat: int = 5,  # timed steps after one warm-up
+    repeat: int = 3,  # timed steps per round, after one warm-up
+    rounds: int = 3,  # rounds of one group of each kind, alternating, so that a load that comes and goes weighs on both
     seed: int = 0,
 ) -> dict[str, Any]:
     """One HF step on one process against `processes` data-parallel ranks, at the same total of threads: medians, speed-up, communication."""
@@ -852,6 +848,7 @@ def bench_distributed(
         ("hidden", hidden),
         ("cg_iterations", cg_iterations),
         ("repeat", repeat),
+        ("rounds", rounds),
     ):
         check_positive_int(name, value)
     if threads % processes:
@@ -861,25 +858,37 @@ def bench_distributed(
     if batch < processes:
         raise ValueError(f"batch: {batch} sequences cannot be shared by {processes} processes")
     args = (batch, steps, hidden, cg_iterations, repeat, seed)
-    one = launch(_distributed_step_seconds, 1, *args, threads=threads, timeout=600)[0]
-    ranks = launch(
-        _distributed_step_seconds, processes, *args, threads=threads // processes, timeout=600
-    )
-    one_s, many_s = statistics.median(one["step_s"]), statistics.median(ranks[0]["step_s"])
+    one, many = [], []
+    for _ in range(rounds):
+        one.append(launch(_distributed_step_seconds, 1, *args, threads=threads, timeout=600)[0])
+        many.append(
+            launch(
+                _distributed_step_seconds,
+                processes,
+                *args,
+                threads=threads // processes,
+                timeout=600,
+            )
+        )
+    one_steps = [s for r in one for s in r["step_s"]]
+    many_steps = [s for ranks in many for s in ranks[0]["step_s"]]
+    one_s, many_s = statistics.median(one_steps), statistics.median(many_steps)
+    first = many[0][0]
     return {
         "problem": f"TanhRNN(2, {hidden}, 1), {batch} sequences of {steps} steps, float32",
         "threads": threads,
         "processes": processes,
         "cg_iterations": cg_iterations,
-        "curvature_products_per_step": one["curvature_products"],
-        "parameters": one["parameters"],
-        "one_process": {"threads": threads, "step_s": one["step_s"], "median_s": one_s},
+        "rounds": rounds,
+        "curvature_products_per_step": first["curvature_products"],
+        "parameters": first["parameters"],
+        "one_process": {"threads": threads, "step_s": one_steps, "median_s": one_s},
         "data_parallel": {
             "threads_per_rank": threads // processes,
-            "cases_per_rank": [r["cases"] for r in ranks],
-            "step_s": ranks[0]["step_s"],
+            "cases_per_rank": [r["cases"] for r in many[0]],
+            "step_s": many_steps,
             "median_s": many_s,
-            "all_reduce_s": statistics.median(r["all_reduce_s"] for r in ranks),
+            "all_reduce_s": statistics.median(r["all_reduce_s"] for ranks in many for r in ranks),
         },
         "speed_up": one_s / many_s,
         "torch": torch.__version__,

@@ -503,6 +503,7 @@ def _bench_distributed(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         cg_iterations=args.cg_iterations,
         repeat=args.repeat,
+        rounds=args.rounds,
         seed=args.seed,
     )
     print(as_json(result, None) if args.json else distributed_summary(result))
@@ -538,7 +539,13 @@ def _add_bench_distributed(benchmarks) -> None:
         help="CG iterations per step (default 10)",
     )
     distributed.add_argument(
-        "--repeat", type=_positive_int, default=5, help="timed steps (default 5)"
+        "--repeat", type=_positive_int, default=3, help="timed steps per round (default 3)"
+    )
+    distributed.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=3,
+        help="alternating rounds of each configuration (default 3)",
     )
     distributed.add_argument("--seed", type=int, default=0)
     distributed.add_argument("--json", action="store_true", help="print the result as JSON")
