@@ -4,6 +4,7 @@
     python tools/adaqn_evidence.py run char_lm --out data/adaqn_safeguard.json
     python tools/adaqn_evidence.py table data/adaqn_safeguard.json
     python tools/adaqn_evidence.py init --out data/init_reading.json
+    python tools/adaqn_evidence.py paper --seeds 1 --out data/adaqn_5x100.json
 
 `run`: each variant against Adagrad on one problem at its tuned step size.
 Every variant follows the reports' tuning protocol (`qnwb.reports.tune`): its learning rate chosen from
@@ -20,6 +21,7 @@ for the same number of steps on two seeds: the held-out loss in nats per charact
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -128,6 +130,77 @@ def run(args) -> int:
     return table(argparse.Namespace(path=args.out))
 
 
+PAPER_ARCHITECTURE = (
+    dict(  # the character report at the paper's 5 × 100 architecture (data/charlm_5x100_cpu.json)
+        problem="char_lm",
+        problem_options={
+            "hidden": 100,
+            "layers": 5,
+            "length": 50,
+            "batch_size": 32,
+            "init_std": 0.1,
+        },
+        budget={"gradient_evaluations": 2100},
+        evaluate_every=262,
+        evaluate_unit="gradient_evaluations",
+    )
+)
+
+
+def paper(args) -> int:
+    "adaQN's variants on the 5 × 100 character model at the report's tuned step size, the held-out bits/char per epoch."
+    torch.set_num_threads(1)
+    rows = []
+    for name, (optimizer, fixed) in VARIANTS.items():
+        if optimizer != "adaqn":
+            continue
+        for seed in args.seeds:
+            hyperparameters = {"lr": args.lr, "L": 5, **fixed}
+            cfg = {
+                **PAPER_ARCHITECTURE,
+                "name": f"{name} seed {seed}",
+                "optimizer": optimizer,
+                "hyperparameters": hyperparameters,
+                "seed": seed,
+            }
+            runner = Runner(cfg, store=False, progress=False)
+            runner.run()
+            bits = [
+                e["validation_loss"] / (50 * math.log(2)) for e in runner.history["evaluations"]
+            ]
+            rows.append(
+                {
+                    "variant": name,
+                    "seed": seed,
+                    "hyperparameters": hyperparameters,
+                    "bits_per_char": bits,
+                    **final(runner),
+                }
+            )
+            print(
+                f"{name} seed {seed}: {bits[-1]:.3f} bits/char, {rows[-1]['rejections']} rejections",
+                flush=True,
+            )
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "setting": PAPER_ARCHITECTURE,
+                "date": time.strftime("%Y-%m-%d"),
+                "commit": subprocess.run(
+                    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+                ).stdout.strip(),
+                "machine": machine_name(),
+                "threads": 1,
+                "torch": torch.__version__,
+                "runs": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    return 0
+
+
 INIT_RATES = {
     "adam": 0.001,
     "adagrad": 0.01,
@@ -226,6 +299,14 @@ def main(argv=None) -> int:
     i.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     i.add_argument("--out", default="data/init_reading.json")
     i.set_defaults(action=init)
+    p = commands.add_parser(
+        "paper",
+        help="adaQN's variants on the paper's 5 × 100 character model at the report's step size",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[1])
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--out", default="data/adaqn_5x100.json")
+    p.set_defaults(action=paper)
     t = commands.add_parser("table", help="print the saved results as markdown tables")
     t.add_argument("path", nargs="?", default="data/adaqn_safeguard.json")
     t.set_defaults(action=table)
