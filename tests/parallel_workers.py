@@ -141,7 +141,12 @@ def warnings_of_lenet() -> list[str]:
 
     from qnwb.runs import Runner
 
-    config = {"problem": "lenet", "problem_options": {"batch_norm": True}, "optimizer": "nag", "budget": {"steps": 1}}
+    config = {
+        "problem": "lenet",
+        "problem_options": {"batch_norm": True},
+        "optimizer": "nag",
+        "budget": {"steps": 1},
+    }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         Runner(config, store=False, progress=False)

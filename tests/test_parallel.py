@@ -195,4 +195,6 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_process_on_the_same_trajectory
 def test_batch_norm_under_data_parallel_is_warned_about(tmp_path):
     ranks = launch(workers.warnings_of_lenet, 2)
     assert all(any("batch norm normalises each rank" in w for w in r) for r in ranks)
-    assert not any("batch norm" in w for w in workers.warnings_of_lenet())  # one process: nothing to warn about
+    assert not any(
+        "batch norm" in w for w in workers.warnings_of_lenet()
+    )  # one process: nothing to warn about
