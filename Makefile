@@ -21,7 +21,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 # nbdev_test runs `#| cuda` cells when the kernel sees a GPU; `#| slow` cells only in test-slow.
 CUDA_FLAG = $$($(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else '')")
 
-.PHONY: help setup test test-generic test-slow report lab sync format readme clean-venv
+.PHONY: help setup test test-generic test-slow report lab sync format readme clean-venv dist
 
 help:
 	@echo "make report     set up .venv if needed and render the tour report to data/reports/tour-*.html (REPORT=name, REPORT_ARGS=\"-p key value\")"
@@ -32,6 +32,7 @@ help:
 	@echo "make sync       nbdev_export + nbdev_clean + make readme, in place"
 	@echo "make format     ruff's fixes and formatting on the notebooks, tests and tools, then make sync"
 	@echo "make readme     regenerate README.md from nbs/index.ipynb"
+	@echo "make dist       build the sdist and the wheel into dist/ (report templates inside) and check them with twine"
 	@echo "make clean-venv remove .venv"
 
 setup: $(STAMP)
@@ -93,3 +94,9 @@ readme: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The sdist and the wheel, from settings.ini; the wheel carries the report templates (setup.py copies nbs/reports).
+dist: $(STAMP)
+	rm -rf dist build
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*

@@ -3,6 +3,7 @@ from configparser import ConfigParser
 from pathlib import Path
 
 import setuptools
+from setuptools.command.build_py import build_py
 
 here = Path(__file__).parent
 cfg = ConfigParser(delimiters=["="])
@@ -14,7 +15,22 @@ statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Produ
 min_python = cfg["min_python"]
 lic = licenses[cfg["license"]]
 
+
+
+class BuildWithTemplates(build_py):
+    """The report templates (nbs/reports/*.ipynb) travel in the wheel as qnwb/report_templates, where an installed
+    qnwb finds them (qnwb.reports.reports_dir); in a checkout they stay only in nbs/reports."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / cfg["lib_path"] / "report_templates"
+        target.mkdir(parents=True, exist_ok=True)
+        for template in sorted((here / "nbs" / "reports").glob("*.ipynb")):
+            self.copy_file(str(template), str(target / template.name))
+
+
 setuptools.setup(
+    cmdclass={"build_py": BuildWithTemplates},
     name=cfg["lib_name"],
     version=cfg["version"],
     description=cfg["description"],

@@ -706,7 +706,7 @@ def _report(args: argparse.Namespace) -> int:
         report = render_report(
             args.name,
             _pairs(args.parameter, "parameter"),
-            out=Path(args.out).expanduser(),
+            out=None if args.out is None else Path(args.out).expanduser(),
             progress=not args.quiet,
         )
     except (
@@ -714,7 +714,7 @@ def _report(args: argparse.Namespace) -> int:
     ) as e:  # the template itself failed: say where, keep the executed notebook
         print(
             f"qnwb report: the template {args.name} failed in cell {e.exec_count}: {e.ename}: {printable(e.evalue)} "
-            f"(the executed notebook is in {args.out})",
+            f"(the executed notebook is in {args.out or 'the reports folder'})",
             file=sys.stderr,
         )
         return 1
@@ -740,8 +740,9 @@ def _add_report(commands) -> None:
     )
     report.add_argument(
         "--out",
-        default="data/reports",
-        help="the folder for the HTML, the executed notebook and the JSON results",
+        default=None,
+        help="the folder for the HTML, the executed notebook and the JSON results (default: data/reports of the "
+        "checkout, or reports in the user's data folder for an installed qnwb)",
     )
     report.add_argument("--list", action="store_true", help="list the reports and their parameters")
     report.add_argument("--quiet", action="store_true", help="no progress bar")

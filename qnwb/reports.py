@@ -25,15 +25,18 @@ __all__ = ['PARAMETER_DEPTH', 'CLAIM_STATUSES', 'RESULTS_MAX_BYTES', 'TUNING_MET
 
 # %% ../nbs/92_reports.ipynb #7122aa22
 def reports_dir() -> Path:
-    "The folder of report templates: `$QNWB_REPORTS`, or the checkout's `nbs/reports`."
+    """The folder of report templates: `$QNWB_REPORTS`, else the checkout's `nbs/reports`, else the templates installed
+    with the package (`qnwb/report_templates`, copied there when the wheel is built)."""
     configured = os.environ.get("QNWB_REPORTS")
     import qnwb
 
-    folder = (
-        Path(configured)
-        if configured
-        else Path(qnwb.__file__).resolve().parent.parent / "nbs" / "reports"
-    )
+    package = Path(qnwb.__file__).resolve().parent
+    if configured:
+        folder = Path(configured)
+    elif (package.parent / "nbs" / "reports").is_dir():
+        folder = package.parent / "nbs" / "reports"
+    else:
+        folder = package / "report_templates"
     if not folder.is_dir():
         raise FileNotFoundError(
             f"report templates: {folder} is not a folder (set QNWB_REPORTS to the folder of templates)"
@@ -386,7 +389,9 @@ def _free_stem(folder: Path, name: str) -> str:
 def render_report(
     name: str,  # a template of nbs/reports (report_names())
     parameters: dict | None = None,  # overrides of the template's defaults (checked before running)
-    out: str | os.PathLike = "data/reports",  # the folder for the notebook, HTML and JSON
+    out: str
+    | os.PathLike
+    | None = None,  # the folder for the notebook, HTML and JSON (None: `reports` in qnwb.store.data_folder())
     *,
     kernel: str = "python3",  # the Jupyter kernel (python3: the Python running this function)
     progress: bool = True,  # papermill's progress bar
@@ -397,12 +402,14 @@ def render_report(
 
     import papermill
 
+    from qnwb.store import data_folder
+
     template = template_path(name)
     merged = check_parameters(template_parameters(template), parameters)
     injected_parameters(
         template, merged, kernel
     )  # what the kernel will receive: the checked literals, nothing else
-    folder = Path(out)
+    folder = Path(out) if out is not None else data_folder() / "reports"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

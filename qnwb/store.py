@@ -34,9 +34,10 @@ from .core import atomic_write, check_number, patch
 # %% auto #0
 __all__ = ['DEFAULT_STORE', 'STATUSES', 'FINAL_STATUSES', 'SCHEMA', 'ADDED_COLUMNS', 'STEP_COLUMNS', 'EVALUATION_COLUMNS',
            'STORE_TABLES', 'SQLITE_MAGIC', 'RESERVED_NAME', 'KILLED_ERROR', 'ALGOPERF_COLUMNS', 'RUN_COLUMNS',
-           'WORK_COLUMNS', 'FORMULA_STARTS', 'store_path', 'checkpoint_folder', 'git_revision', 'package_versions',
-           'machine_name', 'pid_namespace', 'process_alive', 'jsonable', 'RunStore', 'is_sqlite_file', 'absolute_path',
-           'same_file', 'check_output_path', 'RunLock', 'csv_rows', 'csv_cell', 'export_csv', 'export_json']
+           'WORK_COLUMNS', 'FORMULA_STARTS', 'data_folder', 'store_path', 'checkpoint_folder', 'git_revision',
+           'package_versions', 'machine_name', 'pid_namespace', 'process_alive', 'jsonable', 'RunStore',
+           'is_sqlite_file', 'absolute_path', 'same_file', 'check_output_path', 'RunLock', 'csv_rows', 'csv_cell',
+           'export_csv', 'export_json']
 
 # %% ../nbs/86_store.ipynb #796c91bc
 DEFAULT_STORE = "data/qnwb.sqlite"
@@ -45,17 +46,24 @@ STATUSES = ("created", "running", "finished", "stopped", "failed", "killed")
 FINAL_STATUSES = ("finished", "stopped", "failed", "killed")
 
 
-def store_path(path: str | os.PathLike | None = None) -> Path:
-    """The store's file: `path` if given, else `$QNWB_STORE`, else `data/qnwb.sqlite` of the checkout qnwb is imported
-    from (so notebooks in nbs/ and nbs/tutorials/ share one store), or of the current folder for an installed package.
-    `~` is expanded."""
-    if path is None:
-        import qnwb
+def data_folder() -> Path:
+    """Where qnwb keeps its run store and rendered reports: the `data/` folder of the checkout qnwb is imported from (so
+    notebooks in nbs/ and nbs/tutorials/ share one store), or, for an installed package, the user's data folder for
+    qnwb (platformdirs: `~/.local/share/qnwb` on Linux)."""
+    import qnwb
 
-        checkout = Path(qnwb.__file__).resolve().parent.parent
-        path = os.environ.get("QNWB_STORE") or (
-            checkout / DEFAULT_STORE if (checkout / "settings.ini").is_file() else DEFAULT_STORE
-        )
+    checkout = Path(qnwb.__file__).resolve().parent.parent
+    if (checkout / "settings.ini").is_file() and (checkout / "nbs").is_dir():
+        return checkout / "data"
+    import platformdirs
+
+    return platformdirs.user_data_path("qnwb")
+
+
+def store_path(path: str | os.PathLike | None = None) -> Path:
+    """The store's file: `path` if given, else `$QNWB_STORE`, else `qnwb.sqlite` in `data_folder()`. `~` is expanded."""
+    if path is None:
+        path = os.environ.get("QNWB_STORE") or data_folder() / Path(DEFAULT_STORE).name
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise TypeError(f"store: expected a file path (str or os.PathLike), got {path!r}")
     return Path(path).expanduser()

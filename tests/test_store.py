@@ -372,3 +372,19 @@ def test_two_processes_write_one_store_at_once(tmp_path):
         assert max(a for a, _ in spans) < min(
             b for _, b in spans
         )  # the two runs wrote at the same time
+
+
+def test_outside_a_checkout_the_store_and_reports_live_in_the_users_data_folder(monkeypatch, tmp_path):
+    import qnwb
+    from qnwb.reports import reports_dir
+    from qnwb.store import data_folder
+
+    installed = tmp_path / "site-packages" / "qnwb"
+    (installed / "report_templates").mkdir(parents=True)
+    monkeypatch.setattr(qnwb, "__file__", str(installed / "__init__.py"))  # as pip installs it
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("QNWB_STORE", raising=False)
+    monkeypatch.delenv("QNWB_REPORTS", raising=False)
+    assert data_folder() == tmp_path / "xdg" / "qnwb"
+    assert store_path() == tmp_path / "xdg" / "qnwb" / "qnwb.sqlite"
+    assert reports_dir() == installed / "report_templates"
