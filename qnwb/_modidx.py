@@ -1144,5 +1144,6 @@ d = { 'settings': { 'branch': 'main',
                               'qnwb.widgets.momentum_choice': ('widgets.html#momentum_choice', 'qnwb/widgets.py'),
                               'qnwb.widgets.momentum_spec': ('widgets.html#momentum_spec', 'qnwb/widgets.py'),
                               'qnwb.widgets.progress_figure': ('widgets.html#progress_figure', 'qnwb/widgets.py'),
+                              'qnwb.widgets.readable': ('widgets.html#readable', 'qnwb/widgets.py'),
                               'qnwb.widgets.starting_hyperparameters': ('widgets.html#starting_hyperparameters', 'qnwb/widgets.py'),
                               'qnwb.widgets.sync_figure': ('widgets.html#sync_figure', 'qnwb/widgets.py')}}}

@@ -452,18 +452,17 @@ def render_report(
     )
 
 # %% ../nbs/92_reports.ipynb #f796c668
-def report_results(results: dict) -> Path | None:
-    """Write a template's results as JSON beside its HTML (`STEM.json`) and return the path; outside `render_report`
-    (a template opened in Jupyter, or run by nbdev_test) only check that they are JSON and write nothing."""
+def report_results(results: dict) -> None:
+    """Write a template's results as JSON beside its HTML (`STEM.json`); outside `render_report` (a template opened in
+    Jupyter, or run by nbdev_test) only check that they are JSON and write nothing. It returns nothing, so a report's
+    last cell shows no path: the report ends on its results."""
     from qnwb.store import jsonable
 
     text = json.dumps(jsonable(results, strict=True), indent=2)
     stem = os.environ.get("QNWB_REPORT_STEM")
     if stem is None or "QNWB_REPORT_DIR" not in os.environ:
-        return None
-    path = report_output(f"{stem}.json")
-    path.write_text(text, encoding="utf-8")
-    return path
+        return
+    report_output(f"{stem}.json").write_text(text, encoding="utf-8")
 
 # %% ../nbs/92_reports.ipynb #64e66031
 CLAIM_STATUSES = ("reproduced", "same ordering", "not reproduced")

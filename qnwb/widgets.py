@@ -23,7 +23,7 @@ from .runs import Runner
 # %% auto #0
 __all__ = ['RUN_DEFAULTS', 'DEFAULT_CONFIG', 'INTEGER_SETTINGS', 'LABELS', 'MOMENTUM_SCHEDULES', 'DRAW_SHARE',
            'starting_hyperparameters', 'momentum_spec', 'momentum_choice', 'sync_figure', 'progress_figure',
-           'hyperparameter_figure', 'Dashboard']
+           'hyperparameter_figure', 'Dashboard', 'readable']
 
 # %% ../nbs/95_widgets.ipynb #963d4495
 RUN_DEFAULTS = {
@@ -457,7 +457,7 @@ def _build_controls(self: Dashboard) -> None:
         kind = (
             widgets.IntText if name in INTEGER_SETTINGS else widgets.FloatText
         )  # torch's SGD has an int momentum 0
-        self.controls[name] = kind(value=group[name], description=LABELS.get(name, name))
+        self.controls[name] = kind(value=readable(group[name]), description=LABELS.get(name, name))
     for name, control in self.controls.items():
         control.observe(lambda change, name=name: self._changed(name, change), names="value")
     for control in self.controls.values():
@@ -491,10 +491,15 @@ def _changed(self: Dashboard, name: str, change) -> None:
         self._show(name, change["old"])
 
 
+def readable(value):
+    "A float rounded to four significant digits for a numeric box (λ = 0.0015224388403474423 shows as 0.001522); ints as they are."
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
 @patch
 def _show(self: Dashboard, name: str, value) -> None:
-    "Put `value` in control `name` without steering."
-    control = self.controls[name]
+    "Put `value` in control `name`, at a readable precision, without steering."
+    control, value = self.controls[name], readable(value)
     if control.value != value:
         self._echo[name] = value
         control.value = value

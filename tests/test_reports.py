@@ -123,6 +123,9 @@ def test_render_runs_papermill_with_the_given_parameters(templates, tmp_path):
         html.count("Plotly.newPlot") >= 2
         and report.html.stem == report.notebook.stem == report.results.stem
     )
+    assert (
+        "PosixPath" not in html and str(report.results) not in html
+    )  # it ends on its results, not a path
 
 
 def test_bad_parameters_fail_before_anything_is_written(templates, tmp_path):

@@ -456,3 +456,23 @@ def test_probes_on_the_device(device, rnn_problem):
 def test_bad_input_is_a_clear_error(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call(symmetric(20, seed=10))
+
+
+@pytest.mark.parametrize(
+    "eigenvalues, axis",
+    [
+        (
+            [1e5, 3.0, 2.0, 1.0],
+            "log",
+        ),  # a positive spectrum over five decades: the small values would draw as 0
+        ([2.0, 1.5, 1.2, 1.0], "linear"),  # within a decade
+        ([1e5, 3.0, 2.0, -1.0], "linear"),  # a negative value has no place on a log axis
+    ],
+)
+def test_the_extremes_figure_takes_a_log_axis_when_the_values_span_decades(eigenvalues, axis):
+    A = torch.diag(torch.tensor(eigenvalues, dtype=torch.float64))
+    probe = spectrum_probe(A, k=2, which="both", seeds=[0])
+    assert extremes_figure(probe).layout.yaxis.type == axis
+    assert (
+        extremes_figure(probe, log_y=False).layout.yaxis.type == "linear"
+    )  # the caller's choice stands

@@ -374,7 +374,9 @@ def test_two_processes_write_one_store_at_once(tmp_path):
         )  # the two runs wrote at the same time
 
 
-def test_outside_a_checkout_the_store_and_reports_live_in_the_users_data_folder(monkeypatch, tmp_path):
+def test_outside_a_checkout_the_store_and_reports_live_in_the_users_data_folder(
+    monkeypatch, tmp_path
+):
     import qnwb
     from qnwb.reports import reports_dir
     from qnwb.store import data_folder

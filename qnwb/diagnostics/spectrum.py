@@ -373,7 +373,8 @@ def ritz_figure(
 def extremes_figure(
     probe: SpectrumProbe,
     band: str = "range",  # "range" (min–max over runs) or "std" (mean ± one standard deviation)
-    log_y: bool = False,  # a log value axis (positive spectra spanning decades)
+    log_y: bool
+    | None = None,  # a log value axis; None: when every estimate is positive and they span two decades or more
 ):
     """The wanted eigenvalues of every run, and their mean with a min–max or ±sd interval, per eigenvalue."""
     import plotly.graph_objects as go
@@ -417,6 +418,9 @@ def extremes_figure(
         hovertemplate="%{x}: mean %{y:.6g}<br>min %{customdata[0]:.6g}, max %{customdata[1]:.6g}, "
         "sd %{customdata[2]:.3g}<extra></extra>",
     )
+    if log_y is None:  # 131k beside values of order 1 draws the small ones as 0 on a linear axis
+        positive = e[e > 0]
+        log_y = bool((e > 0).all()) and float(positive.max() / positive.min()) >= 100
     figure.update_layout(
         title=f"Extreme eigenvalues of {probe.describe()}",
         xaxis_title="eigenvalue",
