@@ -21,7 +21,7 @@ from .problems import PROBLEM_LIMITS, PROBLEMS, problem_family, problem_options
 from .runs import Runner
 
 # %% auto #0
-__all__ = ['RUN_DEFAULTS', 'DEFAULT_CONFIG', 'INTEGER_SETTINGS', 'LABELS', 'MOMENTUM_SCHEDULES', 'DRAW_SHARE',
+__all__ = ['RUN_DEFAULTS', 'DEFAULT_CONFIG', 'INTEGER_SETTINGS', 'LABELS', 'LOG_SCALE', 'MOMENTUM_SCHEDULES', 'DRAW_SHARE',
            'starting_hyperparameters', 'momentum_spec', 'momentum_choice', 'sync_figure', 'progress_figure',
            'hyperparameter_figure', 'Dashboard', 'readable']
 
@@ -67,6 +67,11 @@ LABELS = {
     "decrease": "radius ÷ (factor)",
     "momentum": "μ",
 }
+
+LOG_SCALE = {
+    "lr": (-5, 1),
+    "damping": (-6, 3),
+}  # settings that span decades get a log-scale slider beside their box: the exponents of its ends (base 10)
 
 MOMENTUM_SCHEDULES = {  # the momentum-schedule choices for CM and NAG: label ↦ (schedule, name of its μ_max argument)
     "constant μ": (None, None),
@@ -441,7 +446,9 @@ def _build_controls(self: Dashboard) -> None:
     names = [n for n in runner.entry.controls if n in runner.steerable()]
     for control in self.controls.values():  # the previous run's
         control.close()
-    self.controls, self._echo = {}, {}
+    for slider in getattr(self, "sliders", {}).values():
+        slider.close()
+    self.controls, self._echo, self.sliders = {}, {}, {}
     for name in names:
         if (
             name in runner.schedulable()
@@ -462,7 +469,49 @@ def _build_controls(self: Dashboard) -> None:
         control.observe(lambda change, name=name: self._changed(name, change), names="value")
     for control in self.controls.values():
         control.style.description_width = "initial"  # "μ (structural)" in full
-    self.controls_box.children = list(self.controls.values())
+    for name in [n for n in self.controls if n in LOG_SCALE]:
+        self._add_slider(name)
+    self.controls_box.children = [
+        widgets.VBox([control, self.sliders[name]]) if name in self.sliders else control
+        for name, control in self.controls.items()
+    ]
+
+
+@patch
+def _add_slider(self: Dashboard, name: str) -> None:
+    """A log-scale slider under the box of `name`: moving it types its value (four digits) into the box, which steers as
+    typing does; the box's value, typed or followed, moves the slider without steering."""
+    import ipywidgets as widgets
+
+    low, high = LOG_SCALE[name]
+    box = self.controls[name]
+    slider = self.sliders[name] = widgets.FloatLogSlider(
+        value=min(max(box.value, 10.0**low), 10.0**high) if box.value > 0 else 10.0**low,
+        base=10,
+        min=low,
+        max=high,
+        step=0.05,
+        readout=False,
+        continuous_update=False,
+        description="log",
+        layout=dict(width="260px"),
+    )
+    syncing = [False]
+
+    def typed(change):  # the slider moved by hand: type its value into the box
+        if not syncing[0]:
+            box.value = readable(change["new"])
+
+    def follow(change):  # the box changed: move the slider, silently
+        if change["new"] > 0:
+            syncing[0] = True
+            try:
+                slider.value = min(max(change["new"], 10.0**low), 10.0**high)
+            finally:
+                syncing[0] = False
+
+    slider.observe(typed, names="value")
+    box.observe(follow, names="value")
 
 # %% ../nbs/95_widgets.ipynb #61542f18
 @patch
@@ -722,6 +771,7 @@ def close(self: Dashboard) -> None:
         *self.pickers.values(),
         *self.buttons.values(),
         *self.controls.values(),
+        *getattr(self, "sliders", {}).values(),
         *self.figures.values(),
         self.message,
         self.controls_box,

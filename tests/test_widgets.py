@@ -410,3 +410,44 @@ def test_a_spectrum_asked_for_during_the_last_step_is_still_taken_and_reset_clos
     assert board.spectrum_snapshot is None and all(
         c.comm is None for c in old_controls
     )  # closed widgets drop their comm
+
+
+def test_a_log_slider_steers_the_step_size_and_follows_hfs_damping(tmp_path):
+    store = RunStore(tmp_path / "s.sqlite")
+    board = Dashboard(
+        {
+            **SMALL,
+            "optimizer": "hessian_free",
+            "hyperparameters": {"cg_max_iterations": 5},
+            "budget": {"steps": 20},
+        },
+        store=store,
+    )
+    assert list(board.sliders) == ["damping"]  # λ spans decades; μ and CG's cap do not get one
+    board.sliders["damping"].value = (
+        10.0**-2.5
+    )  # moved by hand: the box shows it at four digits and steers
+    assert board.controls["damping"].value == readable(10.0**-2.5) == 0.003162
+    board.buttons["step"].click()
+    assert board.runner.history["steps"][0]["stats"]["damping"] == 0.003162
+    steered = len(store.steering_events(board.runner.run_id))
+    while board.runner.optimizer.param_groups[0]["damping"] == 0.003162 and board.runner.step < 20:
+        board.buttons["step"].click()  # until ρ moves λ
+    followed = board.runner.optimizer.param_groups[0]["damping"]
+    assert board.sliders["damping"].value == pytest.approx(
+        readable(followed)
+    )  # the slider follows the box
+    assert (
+        len(store.steering_events(board.runner.run_id)) == steered == 1
+    )  # following is not steering
+    board.close()
+    assert all(s.comm is None for s in board.sliders.values())  # closed with the rest
+
+
+def test_a_slider_for_the_step_size_of_a_first_order_method():
+    board = Dashboard({**SMALL, "optimizer": "nag", "budget": {"steps": 2}}, store=False)
+    assert "lr" in board.sliders
+    board.sliders["lr"].value = 0.001
+    board.buttons["step"].click()
+    assert board.runner.optimizer.param_groups[0]["lr"] == 0.001
+    board.close()
