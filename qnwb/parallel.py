@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .core import param_list
+from .core import flat_grads, param_list, unflatten
 
 # %% auto #0
 __all__ = ['world', 'Shard', 'shard_sizes', 'shard', 'rows_of', 'whole_cases', 'RankLost', 'all_reduce_', 'combine_',
@@ -169,13 +169,14 @@ def combine_grads_(
     if not isinstance(batch, Shard):
         return value
     tensors = param_list(params)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
-    value, flat = combine_with_loss(value, torch.cat([g.reshape(-1) for g in grads]), batch)
-    for p, chunk in zip(tensors, flat.split([p.numel() for p in tensors])):
+    value, flat = combine_with_loss(
+        value, flat_grads(tensors), batch
+    )  # a fresh vector: the loss goes in front
+    for p, whole in zip(tensors, unflatten(flat, tensors)):
         if p.grad is None:
-            p.grad = chunk.view(p.shape).clone()
+            p.grad = whole.clone()
         else:
-            p.grad.copy_(chunk.view(p.shape))
+            p.grad.copy_(whole)
     return value
 
 # %% ../nbs/05_parallel.ipynb #98005b1a

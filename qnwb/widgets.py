@@ -241,7 +241,7 @@ class Dashboard:
             False,
             False,
         )
-        self._one_step, self._spectrum_requested, self.controls = False, False, {}
+        self._one_step, self._spectrum_requested, self.controls, self.sliders = False, False, {}, {}
         self._lock = (
             threading.RLock()
         )  # one redraw at a time (the training thread's, or one asked for while paused)
@@ -446,7 +446,7 @@ def _build_controls(self: Dashboard) -> None:
     names = [n for n in runner.entry.controls if n in runner.steerable()]
     for control in self.controls.values():  # the previous run's
         control.close()
-    for slider in getattr(self, "sliders", {}).values():
+    for slider in self.sliders.values():
         slider.close()
     self.controls, self._echo, self.sliders = {}, {}, {}
     for name in names:
@@ -486,7 +486,7 @@ def _add_slider(self: Dashboard, name: str) -> None:
     low, high = LOG_SCALE[name]
     box = self.controls[name]
     slider = self.sliders[name] = widgets.FloatLogSlider(
-        value=min(max(box.value, 10.0**low), 10.0**high) if box.value > 0 else 10.0**low,
+        value=10.0**low,
         base=10,
         min=low,
         max=high,
@@ -498,6 +498,9 @@ def _add_slider(self: Dashboard, name: str) -> None:
     )
     syncing = [False]
 
+    def clamped(value: float) -> float:
+        return min(max(value, 10.0**low), 10.0**high)
+
     def typed(change):  # the slider moved by hand: type its value into the box
         if not syncing[0]:
             box.value = readable(change["new"])
@@ -506,10 +509,11 @@ def _add_slider(self: Dashboard, name: str) -> None:
         if change["new"] > 0:
             syncing[0] = True
             try:
-                slider.value = min(max(change["new"], 10.0**low), 10.0**high)
+                slider.value = clamped(change["new"])
             finally:
                 syncing[0] = False
 
+    follow({"new": box.value})  # start where the box is
     slider.observe(typed, names="value")
     box.observe(follow, names="value")
 
@@ -771,7 +775,7 @@ def close(self: Dashboard) -> None:
         *self.pickers.values(),
         *self.buttons.values(),
         *self.controls.values(),
-        *getattr(self, "sliders", {}).values(),
+        *self.sliders.values(),
         *self.figures.values(),
         self.message,
         self.controls_box,

@@ -72,6 +72,18 @@ def config(problem: str, optimizer: str, seed: int, hyperparameters: dict) -> di
     }
 
 
+def provenance() -> dict:
+    "When, from which commit, where and how the results were measured (every run pins one torch thread)."
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit.stdout.strip(),
+        "machine": machine_name(),
+        "threads": 1,
+        "torch": torch.__version__,
+    }
+
+
 def final(runner: Runner) -> dict:
     last = runner.last_evaluation or {}
     stats = getattr(runner.optimizer, "stats", {}) or {}
@@ -116,13 +128,7 @@ def run(args) -> int:
     saved = json.loads(path.read_text()) if path.exists() else {}
     saved[args.problem] = {
         "setting": PROBLEMS[args.problem],
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
-        "machine": machine_name(),
-        "threads": 1,
-        "torch": torch.__version__,
+        **provenance(),
         "tuning_seed": 0,
         "variants": results,
     }
@@ -185,13 +191,7 @@ def paper(args) -> int:
         json.dumps(
             {
                 "setting": PAPER_ARCHITECTURE,
-                "date": time.strftime("%Y-%m-%d"),
-                "commit": subprocess.run(
-                    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-                ).stdout.strip(),
-                "machine": machine_name(),
-                "threads": 1,
-                "torch": torch.__version__,
+                **provenance(),
                 "runs": rows,
             },
             indent=1,
@@ -214,13 +214,7 @@ def init(args) -> int:
     for std in (0.01, 0.1):
         for optimizer, lr in INIT_RATES.items():
             for seed in args.seeds:
-                options = {
-                    "hidden": 100,
-                    "layers": 5,
-                    "length": 50,
-                    "batch_size": 32,
-                    "init_std": std,
-                }
+                options = {**PAPER_ARCHITECTURE["problem_options"], "init_std": std}
                 runner = Runner(
                     {
                         "name": f"init std {std} {optimizer} seed {seed}",

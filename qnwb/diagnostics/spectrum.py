@@ -419,8 +419,7 @@ def extremes_figure(
         "sd %{customdata[2]:.3g}<extra></extra>",
     )
     if log_y is None:  # 131k beside values of order 1 draws the small ones as 0 on a linear axis
-        positive = e[e > 0]
-        log_y = bool((e > 0).all()) and float(positive.max() / positive.min()) >= 100
+        log_y = bool((e > 0).all()) and float(e.max() / e.min()) >= 100
     figure.update_layout(
         title=f"Extreme eigenvalues of {probe.describe()}",
         xaxis_title="eigenvalue",
