@@ -21,7 +21,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 # nbdev_test runs `#| cuda` cells when the kernel sees a GPU; `#| slow` cells only in test-slow.
 CUDA_FLAG = $$($(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else '')")
 
-.PHONY: help setup test test-generic test-slow report lab sync format readme clean-venv dist
+.PHONY: help setup test test-generic test-slow report lab sync format readme clean-venv dist docs
 
 help:
 	@echo "make report     set up .venv if needed and render the tour report to data/reports/tour-*.html (REPORT=name, REPORT_ARGS=\"-p key value\")"
@@ -33,6 +33,7 @@ help:
 	@echo "make format     ruff's fixes and formatting on the notebooks, tests and tools, then make sync"
 	@echo "make readme     regenerate README.md from nbs/index.ipynb"
 	@echo "make dist       build the sdist and the wheel into dist/ (report templates inside) and check them with twine"
+	@echo "make docs       build the documentation site into docs/_build/html from the notebooks (run and cached as they build)"
 	@echo "make clean-venv remove .venv"
 
 setup: $(STAMP)
@@ -52,8 +53,9 @@ TEST_STORE = QNWB_STORE=$$(mktemp -d)/test.sqlite
 report: $(STAMP)
 	$(BIN)/qnwb report $(REPORT) $(REPORT_ARGS)
 
-# ruff lints and format-checks the sources: the notebooks (qnwb/ is exported from them), the tests and the tools.
-LINTED = nbs/[0-9]*.ipynb tests tools
+# ruff lints and format-checks the sources: the notebooks (qnwb/ is exported from them), the tests, the tools and the
+# documentation's configuration.
+LINTED = nbs/[0-9]*.ipynb tests tools docs/*.py
 
 define RUN_TESTS
 	$(BIN)/python tools/nbsync.py check
@@ -94,6 +96,15 @@ readme: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The documentation site: docs/pages.py makes its pages from the notebooks into $(DOCS)/source, myst-nb runs them
+# (jupyter-cache in $(DOCS)/.jupyter_cache re-runs only a notebook whose code changed) and the build stops at a cell
+# that raises. Open $(DOCS)/html/index.html, or serve it: python -m http.server -d $(DOCS)/html
+DOCS ?= docs/_build
+docs: $(STAMP)
+	mkdir -p $(DOCS)/source
+	$(BIN)/python -m sphinx -b html -j 2 -q -d $(DOCS)/doctrees -c docs $(DOCS)/source $(DOCS)/html
+	@echo "The site is in $(DOCS)/html: open $(DOCS)/html/index.html"
 
 # The sdist and the wheel, from settings.ini; the wheel carries the report templates (setup.py copies nbs/reports).
 dist: $(STAMP)

@@ -310,10 +310,13 @@ def injected_parameters(
 
 # %% ../nbs/92_reports.ipynb #8993da1f
 def use_static_figures() -> None:
-    "Make plotly figures self-contained HTML in this kernel (plotly.js inlined once, no CDN)."
+    """Make plotly figures self-contained HTML in this kernel (plotly.js inlined once, no CDN), unless the
+    `PLOTLY_RENDERER` variable chose plotly's renderer (the documentation site asks for the figures' JSON, which its
+    pages draw with their own plotly.js)."""
     import plotly.io as pio
 
-    pio.renderers.default = "notebook"
+    if not os.environ.get("PLOTLY_RENDERER"):
+        pio.renderers.default = "notebook"
 
 
 # this process's folder for the outputs of a template run outside render_report

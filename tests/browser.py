@@ -34,7 +34,9 @@ def chromium() -> str | None:
 
 
 def open_in_chromium(path, wait_ms: int = 15000) -> tuple[str, list[str]]:
-    """(the DOM after scripts ran, console messages) for the HTML file at `path`, offline."""
+    """(the DOM after scripts ran, console messages) for the HTML file at `path` (or an http:// URL on this machine),
+    offline."""
+    target = str(path) if str(path).startswith("http://") else f"file://{path}"
     result = subprocess.run(
         [
             chromium(),
@@ -46,7 +48,7 @@ def open_in_chromium(path, wait_ms: int = 15000) -> tuple[str, list[str]]:
             f"--virtual-time-budget={wait_ms}",
             "--proxy-server=127.0.0.1:9",
             "--dump-dom",
-            f"file://{path}",
+            target,
         ],
         capture_output=True,
         text=True,

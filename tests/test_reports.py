@@ -282,3 +282,21 @@ def test_outside_render_report_a_templates_outputs_go_to_a_temporary_folder_not_
     assert ledger.parent.is_dir() and report_output("other.json").resolve().parent == ledger.parent
     monkeypatch.setenv("QNWB_REPORT_DIR", str(tmp_path / "rendered"))
     assert report_output("x.json") == tmp_path / "rendered" / "x.json"
+
+
+def test_static_figures_leave_a_renderer_chosen_by_plotly_renderer(monkeypatch):
+    import plotly.io as pio
+
+    from qnwb.reports import use_static_figures
+
+    before = pio.renderers.default
+    try:
+        monkeypatch.setenv("PLOTLY_RENDERER", "plotly_mimetype")
+        pio.renderers.default = "plotly_mimetype"
+        use_static_figures()
+        assert pio.renderers.default == "plotly_mimetype"
+        monkeypatch.delenv("PLOTLY_RENDERER")
+        use_static_figures()
+        assert pio.renderers.default == "notebook"
+    finally:
+        pio.renderers.default = before
