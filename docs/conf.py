@@ -3,6 +3,7 @@ made from the notebooks into SOURCE when the build starts (docs/pages.py), execu
 (a notebook re-runs only when its code changed), and the build fails when a notebook raises. Everything the site
 loads is in it: plotly.js and MathJax are copied from their Python packages, so pages work offline."""
 
+import inspect
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 import plotly
 from docutils import nodes
 from fastcore.docments import docments
+from jupyter_cache import get_cache
 from myst_nb.core import render
 from sphinx.errors import ExtensionError
 
@@ -103,6 +105,8 @@ def _make_pages(app, config) -> None:
     srcdir = Path(app.srcdir)
     only = os.environ.get("QNWB_DOCS_ONLY")
     pages.prepare(srcdir, set(only.split(",")) if only else None)
+    # jupyter-cache's database made here, once: two parallel readers would both create its tables and one would fail
+    get_cache(Path(app.outdir).parent / ".jupyter_cache").list_cache_records()
     os.environ["QNWB_STORE"] = str(
         Path(app.outdir).parent / "runs.sqlite"
     )  # the kernels inherit it
@@ -130,11 +134,30 @@ def _as_text(line: str) -> str:
     return _MARKUP.sub(lambda match: match[1] or "\\" + match[2], line)
 
 
+def _trailing_comment(name: str) -> str | None:
+    """The comment after a module constant's assignment (`NAME = value  # what it is`), nbdev's way to document one;
+    autodoc would show the docstring of the value's type (a tuple's, a dict's) instead."""
+    module, _, attribute = name.rpartition(".")
+    try:
+        source = inspect.getsource(sys.modules[module])
+    except (KeyError, TypeError, OSError):
+        return None
+    match = re.search(
+        rf"^(?:{attribute}\b[^=\n]*=|.*,\s*{attribute}\s*[,=]).*?#\s*(.+)$", source, re.M
+    )
+    return match[1].strip() if match else None
+
+
 def _docstring(app, what, name, obj, options, lines) -> None:
     """A docstring as reST: its markup characters escaped, its indented continuation lines joined, and the comments
     on each parameter (nbdev's docments: `x: int,  # what x is`) as a parameter list."""
     text = [_as_text(line.strip()) if line.strip() else "" for line in lines]
     lines[:] = text
+    if what in ("data", "attribute"):
+        lines[:] = [_as_text(comment), ""] if (comment := _trailing_comment(name)) else []
+        value = repr(obj)
+        lines += [f"Value: ``{value}``"] if len(value) <= 100 and "`" not in value else []
+        return
     if what not in ("function", "method", "class"):
         return
     try:

@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "docs"))
 import pages  # noqa: E402
 
-# The pages of the site built in `make test`: an API page with figures, one with a displayed equation, a tutorial
-# with widgets and a report of the gallery (the whole site is built and opened by the slow test).
-SAMPLE = ("05_parallel", "80_quadratic", "dashboard", "tour")
+# The pages of the site built in `make test`, besides the landing and getting-started pages (equations): an API
+# page with figures, one with widgets, a report of the gallery (the slow test builds and opens the whole site).
+SAMPLE = ("80_quadratic", "95_widgets", "curvature")
 
 
 def public_modules() -> list[str]:
@@ -278,12 +278,22 @@ needs_chromium = pytest.mark.skipif(
 def test_a_sample_of_the_site_builds_and_every_page_works_in_chromium(tmp_path):
     html = build_site(tmp_path, SAMPLE)
     names = {path.relative_to(html).as_posix() for path in site_pages(html)}
-    assert {"index.html", "getting_started.html", "api/parallel.html", "reports/tour.html"} <= names
+    assert {
+        "index.html",
+        "getting_started.html",
+        "api/widgets.html",
+        "reports/curvature.html",
+    } <= names
     assert "api/core.html" not in names
+    assert (
+        'class="math' in (html / "getting_started.html").read_text()
+    )  # MathJax typesets it: check_page
     drawn = check_site(
-        html, ["parallel", "quadratic"], {"all-reduce": "api/parallel", "tour": "reports/tour"}
+        html,
+        ["quadratic", "widgets"],
+        {"eigendirection": "api/quadratic", "checkpoints": "reports/curvature"},
     )
-    assert drawn["api/quadratic.html"] >= 3 and drawn["reports/tour.html"] >= 3, drawn
+    assert drawn["api/quadratic.html"] >= 3 and drawn["reports/curvature.html"] >= 3, drawn
 
 
 @needs_chromium

@@ -80,6 +80,7 @@ def test_a_figure_widget_and_a_slider_render_and_the_figure_follows_python(noteb
     assert result.exceptions == [] and result.console_errors == [], result.summary()
 
 
+@pytest.mark.slow  # the checker's own test: it does not change when the notebooks do
 def test_the_check_fails_on_a_raising_cell_and_tells_a_static_figure_from_a_widget_and_cleans_up(
     notebooks,
 ):

@@ -166,20 +166,23 @@ def test_rendered_html_draws_every_figure_offline_in_chromium(templates, tmp_pat
     assert script_errors(console) == []
 
 
-def _small_tour(tmp_path):
+@pytest.fixture(scope="module")
+def small_tour(tmp_path_factory):
+    "The tour rendered once at a small budget for the tests that read it: (report, its folder)."
+    folder = tmp_path_factory.mktemp("tour")
     parameters = {
         "budget": 300,
         "evaluate_every": 100,
         "optimizers": ["hessian_free", "nag"],
-        "store": str(tmp_path / "tour.sqlite"),
+        "store": str(folder / "tour.sqlite"),
     }
-    return render_report("tour", parameters, out=tmp_path / "reports", progress=False)
+    return render_report("tour", parameters, out=folder / "reports", progress=False), folder
 
 
-def test_the_tour_runs_with_overridden_parameters_and_writes_store_json_and_html(tmp_path):
+def test_the_tour_runs_with_overridden_parameters_and_writes_store_json_and_html(small_tour):
     from qnwb.store import RunStore
 
-    report = _small_tour(tmp_path)
+    report, tmp_path = small_tour
     results = json.loads(report.results.read_text())
     assert results["parameters"]["budget"] == 300 and sorted(results["runs"]) == [
         "hessian_free seed 1",
@@ -220,10 +223,10 @@ def test_the_tour_runs_with_overridden_parameters_and_writes_store_json_and_html
 
 
 @pytest.mark.browser
-def test_the_tour_html_draws_every_figure_offline_in_chromium(tmp_path):
+def test_the_tour_html_draws_every_figure_offline_in_chromium(small_tour):
     from browser import drawn_plots, open_in_chromium, script_errors
 
-    report = _small_tour(tmp_path)
+    report, _ = small_tour
     dom, console = open_in_chromium(report.html)
     assert drawn_plots(dom) == 5, (
         console
