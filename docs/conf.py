@@ -52,8 +52,21 @@ nb_ipywidgets_js = {}  # the widget manager would come from a CDN: a widget's pl
 os.environ["PLOTLY_RENDERER"] = "plotly_mimetype"
 
 # MathJax 2 from jupyter-server-mathjax (copied into the site), for the papers' equations.
+# myst marks every page "ignore" and each equation "math"; MathJax 2 needs that said in its own configuration (myst's
+# is MathJax 3's, so it is turned off).
 mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
 mathjax_options = {"async": "async"}
+myst_update_mathjax = False
+mathjax2_config = {
+    "tex2jax": {
+        "inlineMath": [["\\(", "\\)"]],
+        "displayMath": [["\\[", "\\]"]],
+        "processEscapes": True,
+        "ignoreClass": "tex2jax_ignore|mathjax_ignore",
+        "processClass": "tex2jax_process|mathjax_process|math|output_area",
+    },
+    "messageStyle": "none",
+}
 
 PLOTLY = "application/vnd.plotly.v1+json"
 WIDGET = "application/vnd.jupyter.widget-view+json"

@@ -215,8 +215,12 @@ def check_page(html: Path, base: str, path: Path) -> tuple[list[str], int]:
     figures = source.count('class="qnwb-plotly"')
     if drawn_plots(dom) != figures:
         problems.append(f"{drawn_plots(dom)} of {figures} figures drawn")
-    if 'class="math' in source and "MathJax" not in dom:
-        problems.append("equations not typeset by MathJax")
+    equations, typeset = (
+        source.count('class="math'),
+        len(re.findall(r'class="MathJax(?:_Display|_CHTML)?"', dom)),
+    )
+    if equations and not typeset:
+        problems.append(f"{equations} equations, none typeset by MathJax")
     return [f"{path.name}: {problem}" for problem in problems], drawn_plots(dom)
 
 
