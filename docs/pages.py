@@ -172,9 +172,8 @@ def module_of(notebook) -> str | None:
     "The module a notebook exports to (its `#| default_exp`), if any."
     for cell in notebook.cells:
         if cell.cell_type == "code" and "default_exp" in (found := directives(cell.source)[0]):
-            return (
-                found["default_exp"].split()[0].removesuffix(".__init__")
-            )  # a package's own module
+            module = found["default_exp"].split()[0]
+            return module.removesuffix(".__init__")  # a package's own module is the package
     return None
 
 
@@ -289,8 +288,9 @@ def prepare(source: Path, only: set[str] | None = None) -> list[str]:
     for path in sorted(NBS.glob("[0-9]*.ipynb")):
         if not selected(path.stem, only):
             continue
-        name = module_of(read(path))
-        notebook = page(read(path), NBS)
+        notebook = read(path)
+        name = module_of(notebook)
+        notebook = page(notebook, NBS)
         stem = name or path.stem
         pages[f"api/{stem}.ipynb"] = notebook
         modules.append(
