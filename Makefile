@@ -98,8 +98,8 @@ clean-venv:
 	rm -rf $(VENV)
 
 # The documentation site: docs/pages.py makes its pages from the notebooks into $(DOCS)/source, myst-nb runs them
-# (jupyter-cache in $(DOCS)/.jupyter_cache re-runs only a notebook whose code changed) and the build stops at a cell
-# that raises. Open $(DOCS)/html/index.html, or serve it: python -m http.server -d $(DOCS)/html
+# (jupyter-cache in $(DOCS)/.jupyter_cache re-runs a notebook when its code or the library changed) and the build
+# stops at a cell that raises. Open $(DOCS)/html/index.html, or serve it: python -m http.server -d $(DOCS)/html
 DOCS ?= docs/_build
 docs: $(STAMP)
 	mkdir -p $(DOCS)/source

@@ -1,14 +1,18 @@
 """Sphinx configuration of qnwb's documentation site: `make docs` (sphinx-build -c docs SOURCE OUT). The pages are
 made from the notebooks into SOURCE when the build starts (docs/pages.py), executed by myst-nb with jupyter-cache
-(a notebook re-runs only when its code changed), and the build fails when a notebook raises. Everything the site
+(a notebook re-runs when its code or the library changed), and the build fails when a notebook raises. Everything the site
 loads is in it: plotly.js and MathJax are copied from their Python packages, so pages work offline."""
 
+import ast
 import inspect
+import io
 import json
 import os
 import re
 import shutil
 import sys
+import tokenize
+from importlib import metadata
 from pathlib import Path
 
 import plotly
@@ -101,16 +105,24 @@ render.load_mime_renders = lambda: [FiguresAndWidgets, *_plugins()]
 
 
 def _static(srcdir: Path) -> Path:
-    "SOURCE/_static with plotly.js and MathJax, copied once."
+    "SOURCE/_static with plotly.js and MathJax, copied again only when their packages changed."
     static = srcdir / "_static"
     static.mkdir(parents=True, exist_ok=True)
     plotly_js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-    if not (static / "plotly.min.js").exists():
-        shutil.copy(plotly_js, static / "plotly.min.js")
-    if not (static / "mathjax").exists():
-        import jupyter_server_mathjax
+    if (
+        not (static / "plotly.min.js").exists()
+        or (static / "plotly.min.js").read_bytes() != plotly_js.read_bytes()
+    ):
+        shutil.copy(
+            plotly_js, static / "plotly.min.js"
+        )  # the plotly.js of the plotly that wrote the figures
+    import jupyter_server_mathjax
 
+    done = static / "mathjax" / f".copied-{metadata.version('jupyter-server-mathjax')}"
+    if not done.exists():  # a copy cut short, or another version's, is made again
+        shutil.rmtree(static / "mathjax", ignore_errors=True)
         shutil.copytree(Path(jupyter_server_mathjax.__file__).parent / "static", static / "mathjax")
+        done.touch()
     return static
 
 
@@ -148,17 +160,32 @@ def _as_text(line: str) -> str:
 
 
 def _trailing_comment(name: str) -> str | None:
-    """The comment after a module constant's assignment (`NAME = value  # what it is`), nbdev's way to document one;
-    autodoc would show the docstring of the value's type (a tuple's, a dict's) instead."""
+    """The comment on the line of a module constant's assignment (`NAME = value  # what it is`), nbdev's way to
+    document one; autodoc would show the docstring of the value's type (a tuple's, a dict's) instead."""
     module, _, attribute = name.rpartition(".")
     try:
         source = inspect.getsource(sys.modules[module])
     except (KeyError, TypeError, OSError):
         return None
-    match = re.search(
-        rf"^(?:{attribute}\b[^=\n]*=|.*,\s*{attribute}\s*[,=]).*?#\s*(.+)$", source, re.M
-    )
-    return match[1].strip() if match else None
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        names = {
+            leaf.id
+            for target in targets
+            if target
+            for leaf in ast.walk(target)
+            if isinstance(leaf, ast.Name)
+        }
+        if isinstance(node, ast.Assign | ast.AnnAssign) and attribute in names:
+            line = source.splitlines()[node.lineno - 1]
+            comments = []
+            try:  # the first line alone: `X = {` ends inside the statement
+                for token in tokenize.generate_tokens(io.StringIO(line + "\n").readline):
+                    comments += [token.string] if token.type == tokenize.COMMENT else []
+            except tokenize.TokenError:
+                pass
+            return comments[0].lstrip("# ").strip() if comments else None
+    return None
 
 
 def _docstring(app, what, name, obj, options, lines) -> None:
@@ -166,10 +193,11 @@ def _docstring(app, what, name, obj, options, lines) -> None:
     on each parameter (nbdev's docments: `x: int,  # what x is`) as a parameter list."""
     text = [_as_text(line.strip()) if line.strip() else "" for line in lines]
     lines[:] = text
-    if what in ("data", "attribute"):
+    if what == "data":
         lines[:] = [_as_text(comment), ""] if (comment := _trailing_comment(name)) else []
         value = repr(obj)
-        lines += [f"Value: ``{value}``"] if len(value) <= 100 and "`" not in value else []
+        plain = len(value) <= 100 and "`" not in value and " at 0x" not in value
+        lines += [f"Value: ``{value}``"] if plain else []
         return
     if what not in ("function", "method", "class"):
         return

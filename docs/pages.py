@@ -3,6 +3,7 @@ executes during the build (nbdev's directives read as myst-nb's tags, the API of
 each report template a gallery page rendered at small parameters."""
 
 import ast
+import hashlib
 import importlib
 import inspect
 import json
@@ -14,6 +15,7 @@ import nbformat
 REPO = Path(__file__).resolve().parents[1]
 NBS = REPO / "nbs"
 DOCS = REPO / "docs"
+MANIFEST = ".qnwb-pages"  # in the site's source folder: the pages the last build wrote
 
 # nbdev's tst_flags: cells that nbdev_test runs only when asked (`make test-slow`, a GPU); the site never runs them.
 SKIPPED_FLAGS = {"slow", "cuda", "notest"}
@@ -91,9 +93,11 @@ GALLERY = {
 def directives(source: str) -> tuple[dict[str, str], str]:
     """nbdev's `#| name [value]` lines at the top of a cell's source, as {name: value}, and the source without them."""
     lines, found = source.splitlines(), {}
-    while lines and (match := re.match(r"#\|\s*([\w-]+):?\s*(.*)$", lines[0].strip())):
-        found[match[1]] = match[2].strip()
-        lines.pop(0)
+    while lines and (
+        not lines[0].strip() or (match := re.match(r"#\|\s*([\w-]+):?\s*(.*)$", lines[0].strip()))
+    ):
+        if lines.pop(0).strip():  # nbdev allows blank lines among them
+            found[match[1]] = match[2].strip()
     return found, "\n".join(lines)
 
 
@@ -158,7 +162,7 @@ def page_cells(cell, module=None) -> list:
         _tagged(cell, "remove-input")
     if found.get("output") == "false":
         _tagged(cell, "remove-output")
-    if "export" in found and module is not None:
+    if found.keys() & {"export", "exporti", "exports"} and module is not None:
         names = exported_names(source, module)
         _tagged(cell, "remove-input")
         api = nbformat.v4.new_markdown_cell(
@@ -177,12 +181,19 @@ def module_of(notebook) -> str | None:
     return None
 
 
+def library_digest() -> str:
+    "A digest of the library's sources: jupyter-cache keys a page on its own code, and every page runs qnwb."
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "qnwb").rglob("*.py")):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def setup_cell(folder: Path):
-    "A hidden first cell: the kernel works in `folder`, as nbdev_test and `qnwb report` run it."
-    return _tagged(
-        nbformat.v4.new_code_cell(f"import os\nos.chdir({str(folder)!r})", id="qnwb-setup"),
-        "remove-cell",
-    )
+    """A hidden first cell: the kernel works in `folder`, as nbdev_test and `qnwb report` run it; it names the
+    library's digest, so that a change to qnwb runs every page again instead of showing outputs of the old code."""
+    source = f"# qnwb {library_digest()}\nimport os\nos.chdir({str(folder)!r})"
+    return _tagged(nbformat.v4.new_code_cell(source, id="qnwb-setup"), "remove-cell")
 
 
 def page(notebook, workdir: Path):
@@ -211,9 +222,13 @@ def report_page(name: str, parameters: dict, workdir: Path):
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    from qnwb.reports import reports_dir
+    from qnwb.reports import check_parameters, reports_dir, template_parameters
 
-    template = load_notebook_node(str(reports_dir() / f"{name}.ipynb"))
+    path = reports_dir() / f"{name}.ipynb"
+    check_parameters(
+        template_parameters(path), parameters
+    )  # a misspelled key would leave the default scale
+    template = load_notebook_node(str(path))
     notebook = parameterize_notebook(template, parameters) if parameters else template
     for cell in notebook.cells:
         if "injected-parameters" in cell.metadata.get("tags", []):
@@ -252,14 +267,14 @@ def _listing(heading: str, intro: str, rows: list[tuple[str, str, str]]) -> str:
 
 
 def _summary_line(notebook) -> str:
-    "A notebook's one-line summary: nbdev's `> ...` line under the title, else its first paragraph's first sentence."
+    "A notebook's one-line summary: the first paragraph under its title, cut at a word near 200 characters."
     for cell in notebook.cells:
         if cell.cell_type != "markdown":
             continue
         text = re.sub(r"^#.*$", "", cell.source, flags=re.M).strip()
         if text:
             first = text.split("\n\n")[0].lstrip("> ").replace("\n", " ").replace("|", "\\|")
-            return first if len(first) <= 200 else first[: first.rfind(" ", 0, 200)] + " …"
+            return first if len(first) <= 200 else first[: first.rfind(" ", 0, 200) % 200] + " …"
     return ""
 
 
@@ -270,8 +285,14 @@ def selected(stem: str, only: set[str] | None) -> bool:
 def prepare(source: Path, only: set[str] | None = None) -> list[str]:
     """Write the site's pages into the folder `source`: the landing page, the getting-started page, the API pages,
     the tutorials, the report gallery and their index pages; `only`, if given, keeps just those notebooks (by file
-    stem) of the API, tutorials and gallery. Pages left from an earlier build that are no longer made are removed.
+    stem) of the API, tutorials and gallery. Pages an earlier build wrote (its manifest) that are no longer made are
+    removed; nothing else is. `source` may not lie in the notebooks' folder, nor hold it or docs/.
     Returns the pages written (relative to `source`)."""
+    source = Path(source).resolve()
+    if source.is_relative_to(NBS) or any(folder.is_relative_to(source) for folder in (NBS, DOCS)):
+        raise ValueError(
+            f"{source}: the site's pages go to a folder of their own (make docs: docs/_build/source)"
+        )
     pages = {"getting_started.md": (DOCS / "getting_started.md").read_text()}
     landing = page(read(NBS / "index.ipynb"), NBS)
     landing.cells.append(
@@ -294,7 +315,7 @@ def prepare(source: Path, only: set[str] | None = None) -> list[str]:
         stem = name or path.stem
         pages[f"api/{stem}.ipynb"] = notebook
         modules.append(
-            (stem, f"qnwb.{name}" if name else title_of(notebook), _summary_line(notebook))
+            (stem, f"`qnwb.{name}`" if name else title_of(notebook), _summary_line(notebook))
         )
     pages["api/index.md"] = _listing(
         "API",
@@ -333,12 +354,10 @@ def prepare(source: Path, only: set[str] | None = None) -> list[str]:
     for relative, content in pages.items():
         text = content if isinstance(content, str) else nbformat.writes(content) + "\n"
         write_if_changed(source / relative, text)
-    for stale in [
-        *source.glob("*.ipynb"),
-        *source.glob("*.md"),
-        *source.glob("*/*.ipynb"),
-        *source.glob("*/*.md"),
-    ]:
-        if stale.relative_to(source).as_posix() not in pages:
-            stale.unlink()
+    manifest = source / MANIFEST  # what the last build wrote: only those pages may be removed
+    for stale in set(manifest.read_text().splitlines() if manifest.exists() else []) - set(pages):
+        path = (source / stale).resolve()
+        if path.is_relative_to(source) and path.suffix in (".ipynb", ".md"):
+            path.unlink(missing_ok=True)
+    manifest.write_text("\n".join(pages) + "\n")
     return list(pages)

@@ -310,12 +310,12 @@ def injected_parameters(
 
 # %% ../nbs/92_reports.ipynb #8993da1f
 def use_static_figures() -> None:
-    """Make plotly figures self-contained HTML in this kernel (plotly.js inlined once, no CDN), unless the
-    `PLOTLY_RENDERER` variable chose plotly's renderer (the documentation site asks for the figures' JSON, which its
-    pages draw with their own plotly.js)."""
+    """Make plotly figures self-contained HTML in this kernel (plotly.js inlined once, no CDN), unless
+    `PLOTLY_RENDERER=plotly_mimetype` asks for the figures' JSON (the documentation site, whose pages draw it with
+    their own plotly.js)."""
     import plotly.io as pio
 
-    if not os.environ.get("PLOTLY_RENDERER"):
+    if os.environ.get("PLOTLY_RENDERER") != "plotly_mimetype":
         pio.renderers.default = "notebook"
 
 

@@ -102,30 +102,54 @@ def test_a_module_page_names_its_module_and_enters_the_notebooks_folder():
     assert not any(cell.source.lstrip().startswith("#|") for cell in notebook.cells)
 
 
-def test_prepare_writes_the_selected_pages_and_removes_stale_ones(tmp_path):
+def test_prepare_writes_the_selected_pages_and_removes_only_its_own_stale_ones(tmp_path):
     (tmp_path / "api").mkdir()
     (tmp_path / "api" / "gone.ipynb").write_text("{}")
-    written = pages.prepare(tmp_path, {"00_core", "distributed", "summary"})
+    (tmp_path / pages.MANIFEST).write_text("api/gone.ipynb\n../outside.md\n")
+    (tmp_path.parent / "outside.md").write_text("not the site's")
+    written = set(pages.prepare(tmp_path, {"00_core", "distributed", "summary"}))
     assert {
         "index.ipynb",
         "getting_started.md",
         "api/core.ipynb",
         "tutorials/distributed.ipynb",
-    } <= set(written)
+    } <= written
     assert "reports/summary.ipynb" in written and "api/losses.ipynb" not in written
-    assert not (tmp_path / "api" / "gone.ipynb").exists()
-    assert "[qnwb.core](core.ipynb)" in (tmp_path / "api" / "index.md").read_text()
-    before = (tmp_path / "api" / "core.ipynb").stat().st_mtime_ns
+    assert not (tmp_path / "api" / "gone.ipynb").exists()  # the last build's, not made now
+    assert (tmp_path.parent / "outside.md").exists()  # a manifest never reaches outside the folder
+    assert "[`qnwb.core`](core.ipynb)" in (tmp_path / "api" / "index.md").read_text()
+    os.utime(tmp_path / "api" / "core.ipynb", ns=(1, 1))
+    (tmp_path / "mine.md").write_text("a page nobody made")
     pages.prepare(tmp_path, {"00_core"})
     assert (
         tmp_path / "api" / "core.ipynb"
-    ).stat().st_mtime_ns == before  # unchanged pages are not rewritten
+    ).stat().st_mtime_ns == 1  # unchanged pages are not rewritten
+    assert not (tmp_path / "tutorials" / "distributed.ipynb").exists()
+    assert (tmp_path / "mine.md").exists()  # never written by a build: never removed
 
 
-def test_every_report_template_has_a_gallery_entry():
+def test_prepare_refuses_the_notebooks_or_a_folder_holding_them():
+    for folder in (pages.REPO, pages.NBS, pages.NBS / "tutorials", pages.DOCS, pages.REPO.parent):
+        with pytest.raises(ValueError, match="a folder of their own"):
+            pages.prepare(folder, {"00_core"})
+    assert (pages.NBS / "00_core.ipynb").exists() and (pages.REPO / "README.md").exists()
+
+
+def test_every_report_template_has_a_gallery_entry_with_parameters_it_takes():
     from qnwb.reports import reports_dir
 
     assert set(pages.GALLERY) == {path.stem for path in reports_dir().glob("*.ipynb")}
+    for name, parameters in pages.GALLERY.items():
+        pages.report_page(
+            name, parameters, pages.REPO
+        )  # checks names and types as `qnwb report` does
+    with pytest.raises(ValueError, match="budgett"):
+        pages.report_page("tour", {"budgett": 10}, pages.REPO)
+
+
+def test_directives_may_have_blank_lines_among_them():
+    found, source = pages.directives("\n#| hide\n\n#| exporti\nx = 1")
+    assert found == {"hide": "", "exporti": ""} and source == "x = 1"
 
 
 # --- the built site, in headless Chromium ---
@@ -172,7 +196,9 @@ def test_a_notebook_cell_that_raises_stops_the_build(tmp_path):
     nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata=kernel), broken)
     result = sphinx(tmp_path, ("no notebook",))
     assert result.returncode != 0
-    assert "stop the build" in result.stdout + result.stderr
+    shown = result.stdout + result.stderr
+    assert "stop the build" in shown  # the cell's error, and the notebook named at the end
+    assert "notebook(s) raised while the site was built: more/pages/broken" in shown
     assert not (tmp_path / "html" / "index.html").exists()
 
 
@@ -312,7 +338,11 @@ def test_make_docs_builds_the_whole_site_and_every_page_works_in_chromium(tmp_pa
     drawn = check_site(
         html,
         modules,
-        {"conjugate": "api/solvers", "structural": "api/curvature", "dashboard": "tutorials"},
+        {
+            "conjugate": "api/solvers",
+            "structural": "api/curvature",
+            "dashboard": "tutorials/dashboard",
+        },
     )
     assert all(drawn[f"reports/{name}.html"] >= 1 for name in pages.GALLERY if name != "summary"), (
         drawn

@@ -287,7 +287,7 @@ def test_outside_render_report_a_templates_outputs_go_to_a_temporary_folder_not_
     assert report_output("x.json") == tmp_path / "rendered" / "x.json"
 
 
-def test_static_figures_leave_a_renderer_chosen_by_plotly_renderer(monkeypatch):
+def test_static_figures_leave_plotly_json_to_a_page_that_asks_for_it(monkeypatch):
     import plotly.io as pio
 
     from qnwb.reports import use_static_figures
@@ -298,6 +298,12 @@ def test_static_figures_leave_a_renderer_chosen_by_plotly_renderer(monkeypatch):
         pio.renderers.default = "plotly_mimetype"
         use_static_figures()
         assert pio.renderers.default == "plotly_mimetype"
+        monkeypatch.setenv(
+            "PLOTLY_RENDERER", "browser"
+        )  # would open tabs and leave the report without figures
+        use_static_figures()
+        assert pio.renderers.default == "notebook"
+        pio.renderers.default = "plotly_mimetype"
         monkeypatch.delenv("PLOTLY_RENDERER")
         use_static_figures()
         assert pio.renderers.default == "notebook"
